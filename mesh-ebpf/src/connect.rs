@@ -1,0 +1,194 @@
+//! connect4/connect6: rewrite a connect to a service VIP:port into one to a backend
+//! drawn by weight from the service's slot table.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst, ServiceKey, SlotKey, global_stat,
+};
+
+use crate::{
+    maps::{REVNAT, SERVICES, SLOTS},
+    stats::{bump, bump_backend},
+};
+
+/// Let the syscall go on (rewritten or not).
+const ALLOW: i32 = 1;
+/// Fail the syscall; the errno is the one set with `bpf_set_retval`.
+const REJECT: i32 = 0;
+const EHOSTUNREACH: i32 = 113;
+
+/// `::ffff:0:0/96` prefix word, network byte order.
+const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
+/// What a lookup decided for one connect.
+enum Verdict {
+    /// Not a mesh service: leave the connect alone.
+    Untouched,
+    /// A mesh service with no backend to offer: refuse.
+    NoBackend,
+    /// Go to this backend.
+    To(Backend),
+}
+
+pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
+    // loads as the verifier requires.
+    let (ip, port, proto) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sa).user_ip4),
+            core::ptr::read_volatile(&(*sa).user_port),
+            core::ptr::read_volatile(&(*sa).protocol),
+        )
+    };
+    let key = ServiceKey {
+        addr: [ip, 0, 0, 0],
+        port: port as u16,
+        proto: proto as u8,
+        family: FAMILY_V4,
+    };
+    match choose(&key) {
+        Verdict::Untouched => ALLOW,
+        Verdict::NoBackend => refuse(),
+        Verdict::To(backend) if backend.family == FAMILY_V4 => {
+            remember(ctx, &key);
+            // SAFETY: as above; user_ip4/user_port are writable in connect4.
+            unsafe {
+                core::ptr::write_volatile(&mut (*sa).user_ip4, backend.addr[0]);
+                core::ptr::write_volatile(&mut (*sa).user_port, u32::from(backend.port));
+            }
+            rewritten(&backend)
+        }
+        // The agent never puts another family in an IPv4 table.
+        Verdict::To(_) => ALLOW,
+    }
+}
+
+pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = read_ip6(sa);
+    // SAFETY: valid context, 4-byte loads.
+    let (port, proto) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sa).user_port),
+            core::ptr::read_volatile(&(*sa).protocol),
+        )
+    };
+    // A dual-stack socket dialling ::ffff:a.b.c.d is an IPv4 connect in disguise:
+    // route it by the IPv4 table and answer in the same disguise.
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
+    let key = if mapped {
+        ServiceKey { addr: [ip[3], 0, 0, 0], port: port as u16, proto: proto as u8, family: FAMILY_V4 }
+    } else {
+        ServiceKey { addr: ip, port: port as u16, proto: proto as u8, family: FAMILY_V6 }
+    };
+    match choose(&key) {
+        Verdict::Untouched => ALLOW,
+        Verdict::NoBackend => refuse(),
+        Verdict::To(backend) => {
+            let new_ip = match (mapped, backend.family) {
+                (false, FAMILY_V6) => backend.addr,
+                (true, FAMILY_V4) => [0, 0, V4_MAPPED_WORD, backend.addr[0]],
+                _ => return ALLOW,
+            };
+            // Remember what was dialled, in the form it was dialled.
+            let dialled = ServiceKey { addr: ip, port: key.port, proto: key.proto, family: FAMILY_V6 };
+            remember(ctx, &dialled);
+            write_ip6(sa, &new_ip);
+            // SAFETY: valid context; user_port is writable in connect6.
+            unsafe { core::ptr::write_volatile(&mut (*sa).user_port, u32::from(backend.port)) };
+            rewritten(&backend)
+        }
+    }
+}
+
+/// Looks the service up and draws a slot: `random % slot_count`, O(1) whatever the
+/// number of services or backends.
+#[inline(always)]
+fn choose(key: &ServiceKey) -> Verdict {
+    // Two tries: if the agent flipped the service to a new table between our two
+    // lookups and already freed the old one, the second read sees the new table.
+    for attempt in 0..2u32 {
+        // SAFETY: SERVICES is BPF_F_NO_PREALLOC, so the value is RCU-protected and
+        // cannot be recycled under us; we copy it at once.
+        let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+            if attempt == 0 {
+                bump(global_stat::NOT_SERVICE);
+                return Verdict::Untouched;
+            }
+            // The service was deleted while we looked: it is gone, let it be.
+            return Verdict::Untouched;
+        };
+        if svc.slot_count == 0 {
+            return Verdict::NoBackend;
+        }
+        // SAFETY: helper without preconditions.
+        let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
+        let slot_key = SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+        // SAFETY: as for SERVICES.
+        if let Some(backend) = (unsafe { SLOTS.get(&slot_key) }).copied() {
+            if backend.family == FAMILY_NONE {
+                return Verdict::NoBackend;
+            }
+            return Verdict::To(backend);
+        }
+        bump(global_stat::TABLE_RETRY);
+    }
+    Verdict::Untouched
+}
+
+/// Fails the connect with `EHOSTUNREACH`, as Cilium does for a service without
+/// backends: the application gets an immediate, explicit error instead of a hang.
+#[inline(always)]
+fn refuse() -> i32 {
+    bump(global_stat::NO_BACKEND);
+    // SAFETY: helper allowed for connect hooks; a negative errno is the contract.
+    unsafe { bpf_set_retval(-EHOSTUNREACH) };
+    REJECT
+}
+
+#[inline(always)]
+fn rewritten(backend: &Backend) -> i32 {
+    bump(global_stat::REWRITTEN);
+    bump_backend(backend.backend_id);
+    ALLOW
+}
+
+/// Records socket cookie -> dialled VIP:port for `getpeername`.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, dialled: &ServiceKey) {
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst { addr: dialled.addr, port: dialled.port, family: dialled.family, _pad: 0 };
+    // A full LRU evicts an old entry; an error here only costs the VIP in getpeername.
+    let _ = REVNAT.insert(&cookie, &orig, 0);
+}
+
+#[inline(always)]
+pub fn read_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: valid context; user_ip6 must be read one 4-byte word at a time.
+    unsafe {
+        [
+            core::ptr::read_volatile(&(*sa).user_ip6[0]),
+            core::ptr::read_volatile(&(*sa).user_ip6[1]),
+            core::ptr::read_volatile(&(*sa).user_ip6[2]),
+            core::ptr::read_volatile(&(*sa).user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+pub fn write_ip6(sa: *mut bpf_sock_addr, ip: &[u32; 4]) {
+    // SAFETY: valid context; user_ip6 must be written one 4-byte word at a time.
+    unsafe {
+        core::ptr::write_volatile(&mut (*sa).user_ip6[0], ip[0]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[1], ip[1]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[2], ip[2]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[3], ip[3]);
+    }
+}

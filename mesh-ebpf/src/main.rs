@@ -1,0 +1,49 @@
+//! Kernel programs of the mesh data plane.
+//!
+//! Entry points are thin: each calls a `try_*` function in the module that owns the
+//! logic. The agent (`mesh-agent`) is the only writer of the maps in [`maps`] except
+//! where a map's doc says otherwise.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod peer;
+mod stats;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// `connect()` of an IPv4 socket (TCP or UDP) in the attached cgroup.
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect::try_connect4(&ctx)
+}
+
+/// `connect()` of an IPv6 socket, including IPv4-mapped destinations of dual-stack
+/// sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    connect::try_connect6(&ctx)
+}
+
+/// `getpeername()` of an IPv4 socket: answer with the VIP the application dialled.
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    peer::try_getpeername4(&ctx)
+}
+
+/// `getpeername()` of an IPv6 socket.
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    peer::try_getpeername6(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,39 @@
+//! The maps, one static each. Names carry the layout version (see `mesh-common`).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use mesh_common::{
+    Backend, BackendStats, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, OrigDst,
+    ServiceKey, ServiceValue, SlotKey, global_stat,
+};
+
+/// (VIP, port, protocol) -> live table of that service port.
+/// Writer: agent. `BPF_F_NO_PREALLOC` so that replacing a value is RCU-safe: a
+/// concurrent reader sees the old value or the new one, never a recycled element.
+#[map(name = "SERVICES_V1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// (service id, revision, slot) -> backend. Writer: agent, which fills a whole new
+/// revision before flipping `SERVICES_V1` to it and frees the old one after a grace
+/// period.
+#[map(name = "SLOTS_V1")]
+pub static SLOTS: HashMap<SlotKey, Backend> = HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> the VIP:port the application dialled. Writer: `connect4/6`;
+/// reader: `getpeername4/6`. LRU: entries of closed sockets age out.
+#[map(name = "REVNAT_V1")]
+pub static REVNAT: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_REVNAT, 0);
+
+/// Backend id -> per-CPU counters. The agent creates (zeroed) entries; the kernel
+/// only increments existing ones.
+#[map(name = "BACKEND_STATS_V1")]
+pub static BACKEND_STATS: PerCpuHashMap<u32, BackendStats> =
+    PerCpuHashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Per-CPU global counters, indexed by `mesh_common::global_stat`. Writer: kernel.
+#[map(name = "GLOBAL_STATS_V1")]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global_stat::COUNT, 0);

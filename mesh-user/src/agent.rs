@@ -1,0 +1,134 @@
+//! The agent's main loop: source -> index -> compile -> apply, again on every change.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    apply::Applier,
+    compile::{self, Compiled},
+    diag::{Diagnostic, Severity},
+    index::Index,
+    loader,
+    model::ObjectRef,
+    source::{SourceSpec, file::FileSource},
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: SourceSpec,
+    pub cgroup: PathBuf,
+    pub compile: compile::Config,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
+    #[error("cannot watch {path}: {source}")]
+    Watch { path: PathBuf, source: notify::Error },
+}
+
+/// Loads the programs, then keeps the kernel in step with the source until
+/// `shutdown` resolves. Dropping the loaded object on return detaches the programs.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let SourceSpec::File(dir) = &config.source;
+    let (loaded, maps) = loader::load_and_attach(&config.cgroup)?;
+    info!(cgroup = %loaded.cgroup.display(), "programs attached");
+    let mut applier = Applier::new(maps)?;
+    let mut source = FileSource::new(dir.clone());
+    let (tx, mut changes) = mpsc::channel::<()>(1);
+    let _watcher = watch(dir, tx)?;
+
+    let mut index = Index::default();
+    let mut reported = BTreeSet::new();
+    let mut generation = 0u64;
+    let mut gc = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        let started = Instant::now();
+        generation += 1;
+        let snapshot = source.load();
+        sync_index(&mut index, &snapshot.objects);
+        let mut diagnostics = snapshot.diagnostics;
+        diagnostics.extend(index.revalidate(&config.compile.cluster_domain));
+        let Compiled { services, diagnostics: compiled } = compile::compile(&index, &config.compile);
+        diagnostics.extend(compiled);
+        report(&diagnostics, &mut reported);
+        let result = applier.apply(&services);
+        for e in &result.errors {
+            error!("{e}");
+        }
+        info!(
+            generation,
+            services = applier.live_services(),
+            written = result.written,
+            removed = result.removed,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "config applied"
+        );
+
+        // Wait for a change, collecting bursts (an editor writes a file in steps).
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutting down; detaching programs");
+                    drop(loaded);
+                    return Ok(());
+                }
+                _ = gc.tick() => applier.collect_garbage(),
+                Some(()) = changes.recv() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while changes.try_recv().is_ok() {}
+                    debug!("source changed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Makes the index hold exactly `objects`.
+fn sync_index(index: &mut Index, objects: &[(String, crate::model::Resource)]) {
+    let present: BTreeSet<ObjectRef> = objects.iter().map(|(_, o)| o.object_ref()).collect();
+    for gone in index.object_refs().into_iter().filter(|r| !present.contains(r)) {
+        index.delete(&gone);
+    }
+    for (origin, object) in objects {
+        index.apply(origin, object.clone());
+    }
+}
+
+/// Logs diagnostics that are new since the last round (each once, not every round).
+fn report(diagnostics: &[Diagnostic], reported: &mut BTreeSet<Diagnostic>) {
+    let now: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
+    for d in now.difference(reported) {
+        match d.severity {
+            Severity::Error => error!("{d}"),
+            Severity::Warning => warn!("{d}"),
+        }
+    }
+    *reported = now;
+}
+
+fn watch(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, AgentError> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // A full channel already means "reload pending".
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|source| AgentError::Watch { path: dir.to_owned(), source })?;
+    watcher
+        .watch(dir, notify::RecursiveMode::Recursive)
+        .map_err(|source| AgentError::Watch { path: dir.to_owned(), source })?;
+    Ok(watcher)
+}

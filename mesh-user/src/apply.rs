@@ -1,0 +1,327 @@
+//! apply: the only writer of the BPF maps. Diffs the desired tables against what
+//! the kernel holds and writes the difference, one service at a time, atomically:
+//! a new table is written under a new revision, then the service entry is flipped
+//! to it, and the old revision is freed after a grace period. A connect in flight
+//! sees the old table or the new one, never a mix.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapError, PerCpuValues};
+use mesh_common::{
+    Backend, BackendStats, FAMILY_NONE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, SlotKey,
+};
+
+use crate::{
+    compile::{BackendAddr, Proto, ServiceAddr, ServicePlan},
+    loader::Maps,
+};
+
+/// How long a replaced table stays readable: far longer than any connect takes
+/// between reading the service entry and reading its slot.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("service {service} ({addr}): writing the kernel maps failed: {source}")]
+    Write { service: String, addr: ServiceAddr, source: MapError },
+    #[error("service {service} ({addr}): out of {what} ids")]
+    Exhausted { service: String, addr: ServiceAddr, what: &'static str },
+    #[error("reading per-CPU counters: {0}")]
+    Cpus(std::io::Error),
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub written: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    /// Services whose write failed: their previous table (if any) stays live.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Live {
+    service_id: u32,
+    revision: u32,
+    service: String,
+    slots: Vec<Option<BackendAddr>>,
+}
+
+#[derive(Debug)]
+struct Retired {
+    service_id: u32,
+    revision: u32,
+    len: u32,
+    since: Instant,
+}
+
+type BackendKey = (BackendAddr, Proto);
+
+#[derive(Debug)]
+pub struct Applier {
+    maps: Maps,
+    nr_cpus: usize,
+    live: BTreeMap<ServiceAddr, Live>,
+    retired: Vec<Retired>,
+    service_ids: IdPool,
+    backend_ids: BTreeMap<BackendKey, u32>,
+    backend_pool: IdPool,
+}
+
+impl Applier {
+    pub fn new(maps: Maps) -> Result<Self, ApplyError> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| ApplyError::Cpus(e))?;
+        Ok(Self {
+            maps,
+            nr_cpus,
+            live: BTreeMap::new(),
+            retired: Vec::new(),
+            service_ids: IdPool::new(mesh_common::MAX_SERVICES),
+            backend_ids: BTreeMap::new(),
+            backend_pool: IdPool::new(mesh_common::MAX_BACKENDS),
+        })
+    }
+
+    /// Makes the kernel hold exactly `desired`. A service whose write fails keeps its
+    /// previous table and is reported; the others are applied regardless.
+    pub fn apply(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>) -> Report {
+        let mut report = Report::default();
+        for (addr, plan) in desired {
+            if self.live.get(addr).is_some_and(|l| l.slots == plan.slots) {
+                report.unchanged += 1;
+                continue;
+            }
+            match self.write_service(*addr, plan) {
+                Ok(()) => report.written += 1,
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+        let gone: Vec<ServiceAddr> = self.live.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+        for addr in gone {
+            match self.remove_service(addr) {
+                Ok(()) => report.removed += 1,
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+        self.collect_garbage();
+        report
+    }
+
+    fn write_service(&mut self, addr: ServiceAddr, plan: &ServicePlan) -> Result<(), ApplyError> {
+        let err = |source| ApplyError::Write { service: plan.service.clone(), addr, source };
+        let exhausted = |what| ApplyError::Exhausted { service: plan.service.clone(), addr, what };
+        let (service_id, revision) = match self.live.get(&addr) {
+            Some(live) => (live.service_id, live.revision.wrapping_add(1)),
+            None => (self.service_ids.take().ok_or_else(|| exhausted("service"))?, 1),
+        };
+        let mut written = 0u32;
+        let result = (|| {
+            for (slot, target) in plan.slots.iter().enumerate() {
+                let backend = match target {
+                    Some(b) => {
+                        let id = self.backend_id(*b, addr.proto).ok_or_else(|| exhausted("backend"))?;
+                        backend_value(*b, id)
+                    }
+                    None => Backend { family: FAMILY_NONE, ..bytemuck::Zeroable::zeroed() },
+                };
+                let key = SlotKey { service_id, revision, slot: slot as u32 };
+                self.maps.slots.insert(key, backend, 0).map_err(err)?;
+                written += 1;
+            }
+            // The flip: from here on new connects draw from the new revision.
+            let value = ServiceValue { service_id, revision, slot_count: plan.slots.len() as u32, flags: 0 };
+            self.maps.services.insert(service_key(addr), value, 0).map_err(err)
+        })();
+        if let Err(e) = result {
+            // Undo the partial table; the live one (if any) is untouched.
+            // (A new service's id goes back to the pool when that table is freed.)
+            self.retired.push(Retired { service_id, revision, len: written, since: Instant::now() - GRACE });
+            return Err(e);
+        }
+        let previous = self.live.insert(addr, Live { service_id, revision, service: plan.service.clone(), slots: plan.slots.clone() });
+        if let Some(old) = previous {
+            self.retired.push(Retired { service_id, revision: old.revision, len: old.slots.len() as u32, since: Instant::now() });
+        }
+        Ok(())
+    }
+
+    fn remove_service(&mut self, addr: ServiceAddr) -> Result<(), ApplyError> {
+        let Some(live) = self.live.get(&addr) else { return Ok(()) };
+        match self.maps.services.remove(&service_key(addr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(ApplyError::Write { service: live.service.clone(), addr, source }),
+        }
+        if let Some(live) = self.live.remove(&addr) {
+            self.retired.push(Retired { service_id: live.service_id, revision: live.revision, len: live.slots.len() as u32, since: Instant::now() });
+            // The id is reused only once its last table is freed (see collect_garbage).
+        }
+        Ok(())
+    }
+
+    /// Frees tables retired more than [`GRACE`] ago, then service and backend ids
+    /// nothing refers to any more. Call it now and then (the agent does each second).
+    pub fn collect_garbage(&mut self) {
+        let now = Instant::now();
+        let (due, keep): (Vec<Retired>, Vec<Retired>) =
+            std::mem::take(&mut self.retired).into_iter().partition(|r| now.duration_since(r.since) >= GRACE);
+        self.retired = keep;
+        for r in due {
+            for slot in 0..r.len {
+                let _ = self.maps.slots.remove(&SlotKey { service_id: r.service_id, revision: r.revision, slot });
+            }
+            let in_use = self.live.values().any(|l| l.service_id == r.service_id)
+                || self.retired.iter().any(|o| o.service_id == r.service_id);
+            if !in_use {
+                self.service_ids.give(r.service_id);
+            }
+        }
+        if self.retired.is_empty() {
+            let used: BTreeSet<BackendKey> = self
+                .live
+                .iter()
+                .flat_map(|(addr, l)| l.slots.iter().flatten().map(move |b| (*b, addr.proto)))
+                .collect();
+            let stale: Vec<BackendKey> = self.backend_ids.keys().filter(|k| !used.contains(k)).copied().collect();
+            for k in stale {
+                if let Some(id) = self.backend_ids.remove(&k) {
+                    let _ = self.maps.backend_stats.remove(&id);
+                    self.backend_pool.give(id);
+                }
+            }
+        }
+    }
+
+    /// Whether replaced tables are still waiting for their grace period.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    fn backend_id(&mut self, backend: BackendAddr, proto: Proto) -> Option<u32> {
+        if let Some(id) = self.backend_ids.get(&(backend, proto)) {
+            return Some(*id);
+        }
+        let id = self.backend_pool.take()?;
+        let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus]).ok()?;
+        if self.maps.backend_stats.insert(id, zero, 0).is_err() {
+            self.backend_pool.give(id);
+            return None;
+        }
+        self.backend_ids.insert((backend, proto), id);
+        Some(id)
+    }
+
+    /// Connects the kernel has sent to each backend since it got its id, summed over
+    /// CPUs.
+    pub fn backend_connects(&self) -> BTreeMap<(BackendAddr, Proto), u64> {
+        self.backend_ids
+            .iter()
+            .filter_map(|(k, id)| {
+                let values = self.maps.backend_stats.get(id, 0).ok()?;
+                Some((*k, values.iter().map(|v| v.connects).sum()))
+            })
+            .collect()
+    }
+
+    /// The global per-CPU counters summed (index: `mesh_common::global_stat`).
+    pub fn global_stats(&self) -> Vec<u64> {
+        (0..mesh_common::global_stat::COUNT)
+            .map(|i| self.maps.global_stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect()
+    }
+
+    /// Service ports the kernel holds now.
+    pub fn live_services(&self) -> usize {
+        self.live.len()
+    }
+}
+
+/// Conversions at the boundary: network byte order, as the kernel reads them.
+pub fn service_key(addr: ServiceAddr) -> ServiceKey {
+    let (words, family) = ip_words(addr.vip);
+    ServiceKey {
+        addr: words,
+        port: addr.port.to_be(),
+        proto: match addr.proto {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        },
+        family,
+    }
+}
+
+fn backend_value(b: BackendAddr, backend_id: u32) -> Backend {
+    let (addr, family) = ip_words(b.ip);
+    Backend { addr, port: b.port.to_be(), family, _pad: 0, backend_id }
+}
+
+/// An address as the kernel's `__u32` words hold it (bytes in network order).
+fn ip_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
+    }
+}
+
+/// Small ids, reused after release.
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    max: u32,
+    free: Vec<u32>,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        Self { next: 0, max, free: Vec::new() }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        (self.next < self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn give(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn keys_are_in_network_byte_order() {
+        let key = service_key(ServiceAddr { vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), port: 80, proto: Proto::Tcp });
+        assert_eq!(bytemuck::bytes_of(&key.addr[0]), &[10, 96, 0, 1]);
+        assert_eq!(bytemuck::bytes_of(&key.port), &[0, 80]);
+        assert_eq!((key.proto, key.family), (PROTO_TCP, FAMILY_V4));
+        let v6: Ipv6Addr = "fd00::1:2".parse().unwrap_or(Ipv6Addr::LOCALHOST);
+        let key = service_key(ServiceAddr { vip: IpAddr::V6(v6), port: 443, proto: Proto::Udp });
+        assert_eq!(bytemuck::bytes_of(&key.addr), &v6.octets());
+        assert_eq!(key.family, FAMILY_V6);
+    }
+
+    #[test]
+    fn ids_are_reused() {
+        let mut pool = IdPool::new(2);
+        assert_eq!((pool.take(), pool.take(), pool.take()), (Some(0), Some(1), None));
+        pool.give(0);
+        assert_eq!(pool.take(), Some(0));
+    }
+}

@@ -1,0 +1,139 @@
+//! The ready endpoints of one Service port: from its EndpointSlices when it has any
+//! (as kube-proxy does), else from the ready Pods its selector matches (for a
+//! folder of manifests with no endpoints controller behind it).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, Service, ServicePort},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::index::Index;
+
+/// The label an EndpointSlice names its Service with.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One ready endpoint of a Service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The pod behind it, if known: its name and labels (for subsets).
+    pub pod: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+fn protocol(p: Option<&String>) -> &str {
+    p.map_or("TCP", String::as_str)
+}
+
+/// The ready endpoints of `port` of the Service `namespace/name`, sorted.
+pub fn ready_endpoints(index: &Index, namespace: &str, name: &str, service: &Service, port: &ServicePort) -> Vec<Endpoint> {
+    let slices: Vec<_> = index
+        .endpoint_slices
+        .iter()
+        .filter(|((ns, _), e)| {
+            ns == namespace
+                && e.object.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == Some(name)
+        })
+        .map(|(_, e)| &e.object)
+        .collect();
+    let mut out = if slices.is_empty() {
+        from_pods(index, namespace, service, port)
+    } else {
+        let mut out = Vec::new();
+        for slice in slices {
+            let want_name = port.name.as_deref().unwrap_or("");
+            let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+                p.name.as_deref().unwrap_or("") == want_name
+                    && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref())
+            }) else {
+                continue;
+            };
+            let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else { continue };
+            for ep in slice.endpoints.iter().flatten() {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                let pod = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
+                    let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
+                    let name = r.name.clone()?;
+                    Some((ns, name))
+                });
+                let labels = pod
+                    .as_ref()
+                    .and_then(|k| index.pods.get(k))
+                    .and_then(|p| p.object.metadata.labels.clone())
+                    .unwrap_or_default();
+                for address in &ep.addresses {
+                    if let Ok(ip) = address.parse::<IpAddr>() {
+                        out.push(Endpoint { ip, port: target, pod: pod.as_ref().map(|(_, n)| n.clone()), labels: labels.clone() });
+                    }
+                }
+            }
+        }
+        out
+    };
+    out.sort();
+    out.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+    out
+}
+
+fn from_pods(index: &Index, namespace: &str, service: &Service, port: &ServicePort) -> Vec<Endpoint> {
+    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ((ns, name), entry) in &index.pods {
+        let pod = &entry.object;
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if ns != namespace || !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || !is_ready(pod) {
+            continue;
+        }
+        let Some(target) = target_port(pod, port) else { continue };
+        for ip in pod_ips(pod) {
+            out.push(Endpoint { ip, port: target, pod: Some(name.clone()), labels: labels.clone() });
+        }
+    }
+    out
+}
+
+/// Ready condition true, and not being deleted.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else { return Vec::new() };
+    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+/// A Service port's target on this pod: a number, a named container port, or the
+/// service port itself when unset.
+fn target_port(pod: &Pod, port: &ServicePort) -> Option<u16> {
+    match &port.target_port {
+        None => u16::try_from(port.port).ok(),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        Some(IntOrString::String(name)) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()) && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}

@@ -1,0 +1,217 @@
+//! Which VirtualService governs a Service port, and which of its routes applies at
+//! connect time. Istio's rules, restricted to what is knowable at `connect()`:
+//! the destination port. L7 conditions (uri, headers, ...) and source conditions are
+//! reported and the route is skipped, never guessed.
+
+use k8s_openapi::api::core::v1::ServicePort;
+
+use crate::{
+    compile::hosts,
+    diag::Diagnostic,
+    index::{Entry, Index},
+    model::{
+        DEFAULT_NAMESPACE, Kind, ObjectRef, VirtualService,
+        istio::{HttpRoute, RouteDestination, TcpRoute},
+    },
+};
+
+/// The gateway name Istio uses for sidecar (mesh) traffic.
+pub const MESH_GATEWAY: &str = "mesh";
+
+pub fn vs_ref(vs: &VirtualService) -> ObjectRef {
+    ObjectRef {
+        kind: Kind::VirtualService,
+        namespace: vs.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        name: vs.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Empty gateways, or `mesh` among them: the rule applies to mesh traffic.
+fn applies_to_mesh(gateways: &[String]) -> bool {
+    gateways.is_empty() || gateways.iter().any(|g| g == MESH_GATEWAY)
+}
+
+/// The accepted VirtualService for `fqdn`: the best host match among those bound
+/// to the mesh; ties go to the oldest (then by namespace/name), as Istio does,
+/// with a warning for each one that loses.
+pub fn governing_vs<'a>(
+    index: &'a Index,
+    fqdn: &str,
+    domain: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<&'a Entry<VirtualService>> {
+    let mut candidates: Vec<(usize, &Entry<VirtualService>)> = index
+        .virtual_services()
+        .filter(|e| applies_to_mesh(&e.object.spec.gateways))
+        .filter_map(|e| {
+            let ns = e.object.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+            let rank = e.object.spec.hosts.iter().filter_map(|h| hosts::match_rank(&hosts::qualify(h, ns, domain), fqdn)).max()?;
+            Some((rank, e))
+        })
+        .collect();
+    candidates.sort_by(|(ra, a), (rb, b)| {
+        rb.cmp(ra)
+            .then_with(|| a.object.metadata.creation_timestamp.cmp(&b.object.metadata.creation_timestamp))
+            .then_with(|| vs_ref(&a.object).cmp(&vs_ref(&b.object)))
+    });
+    let (best_rank, best) = *candidates.first()?;
+    for (rank, other) in &candidates[1..] {
+        if *rank == best_rank {
+            diags.push(
+                Diagnostic::warning(
+                    &vs_ref(&other.object),
+                    "spec.hosts",
+                    format!("{} is already routed by {}; this VirtualService is ignored for it", fqdn, vs_ref(&best.object)),
+                )
+                .with_origin(&other.origin),
+            );
+        }
+    }
+    Some(best)
+}
+
+/// Whether a port carries HTTP by Istio's protocol selection (appProtocol, or the
+/// port name `http`, `http2`, `grpc`, ... with an optional `-suffix`).
+fn declared_protocol(port: &ServicePort) -> Option<bool> {
+    const HTTP: [&str; 5] = ["http", "http2", "grpc", "grpc-web", "h2c"];
+    let named = port.app_protocol.as_deref().or(port.name.as_deref())?;
+    let prefix = named.split('-').next().unwrap_or(named).to_ascii_lowercase();
+    if HTTP.contains(&named.to_ascii_lowercase().as_str()) || HTTP.contains(&prefix.as_str()) {
+        return Some(true);
+    }
+    const OTHER: [&str; 8] = ["tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "thrift"];
+    OTHER.contains(&prefix.as_str()).then_some(false)
+}
+
+/// The route that applies, with its field path, or `None` (balance evenly).
+#[derive(Debug)]
+pub struct Chosen<'a> {
+    pub field: String,
+    pub destinations: &'a [RouteDestination],
+}
+
+pub fn choose_route<'a>(
+    entry: &'a Entry<VirtualService>,
+    port: &ServicePort,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Chosen<'a>> {
+    let vs = &entry.object;
+    let me = vs_ref(vs);
+    let number = u32::try_from(port.port).unwrap_or(0);
+    let warn = |diags: &mut Vec<Diagnostic>, field: String, message: String| {
+        diags.push(Diagnostic::warning(&me, field, message).with_origin(&entry.origin));
+    };
+    if !vs.spec.tls.is_empty() {
+        warn(diags, "spec.tls".into(), "TLS routes match on SNI, which is not visible at connect time; ignored".into());
+    }
+    let use_http = match declared_protocol(port) {
+        Some(http) => http,
+        // Undeclared: Istio sniffs the protocol; we cannot, and take the http
+        // routes when there are any.
+        None => !vs.spec.http.is_empty() || vs.spec.tcp.is_empty(),
+    };
+    let chosen = if use_http { first_http(&vs.spec.http, number, &me, &entry.origin, diags) } else { first_tcp(&vs.spec.tcp, number, &me, &entry.origin, diags) };
+    if chosen.is_none() && (!vs.spec.http.is_empty() || !vs.spec.tcp.is_empty()) {
+        warn(
+            diags,
+            if use_http { "spec.http" } else { "spec.tcp" }.into(),
+            format!("no route applies to port {number} at connect time; connections are balanced evenly over all endpoints"),
+        );
+    }
+    chosen
+}
+
+fn first_http<'a>(routes: &'a [HttpRoute], port: u32, me: &ObjectRef, origin: &str, diags: &mut Vec<Diagnostic>) -> Option<Chosen<'a>> {
+    for (i, route) in routes.iter().enumerate() {
+        let field = format!("spec.http[{i}]");
+        let mut unsupported: Vec<String> = Vec::new();
+        let mut matched = route.matches.is_empty();
+        for (j, m) in route.matches.iter().enumerate() {
+            if !applies_to_mesh(&m.gateways) {
+                continue;
+            }
+            let mut fields: Vec<&str> = m.l7.keys().map(String::as_str).collect();
+            if !m.source_labels.is_empty() {
+                fields.push("sourceLabels");
+            }
+            if m.source_namespace.is_some() {
+                fields.push("sourceNamespace");
+            }
+            if !fields.is_empty() {
+                unsupported.push(format!("match[{j}]: {}", fields.join(", ")));
+            } else if m.port.is_none_or(|p| p == port) {
+                matched = true;
+            }
+        }
+        for action in ["redirect", "directResponse"] {
+            if route.other.contains_key(action) {
+                unsupported.push(action.to_owned());
+            }
+        }
+        if !unsupported.is_empty() {
+            diags.push(
+                Diagnostic::warning(
+                    me,
+                    field,
+                    format!(
+                        "L7 conditions or actions cannot be decided at connect time ({}); this route is skipped",
+                        unsupported.join("; ")
+                    ),
+                )
+                .with_origin(origin),
+            );
+            continue;
+        }
+        if matched {
+            let ignored: Vec<&str> = route.other.keys().map(String::as_str).collect();
+            if !ignored.is_empty() {
+                diags.push(
+                    Diagnostic::warning(me, field.clone(), format!("not enforced at L4, ignored: {}", ignored.join(", ")))
+                        .with_origin(origin),
+                );
+            }
+            return Some(Chosen { field, destinations: &route.route });
+        }
+    }
+    None
+}
+
+fn first_tcp<'a>(routes: &'a [TcpRoute], port: u32, me: &ObjectRef, origin: &str, diags: &mut Vec<Diagnostic>) -> Option<Chosen<'a>> {
+    for (i, route) in routes.iter().enumerate() {
+        let field = format!("spec.tcp[{i}]");
+        let mut unsupported: Vec<String> = Vec::new();
+        let mut matched = route.matches.is_empty();
+        for (j, m) in route.matches.iter().enumerate() {
+            if !applies_to_mesh(&m.gateways) {
+                continue;
+            }
+            let mut fields: Vec<&str> = m.other.keys().map(String::as_str).collect();
+            if !m.source_labels.is_empty() {
+                fields.push("sourceLabels");
+            }
+            if m.source_namespace.is_some() {
+                fields.push("sourceNamespace");
+            }
+            if !fields.is_empty() {
+                unsupported.push(format!("match[{j}]: {}", fields.join(", ")));
+            } else if m.port.is_none_or(|p| p == port) {
+                matched = true;
+            }
+        }
+        if !unsupported.is_empty() {
+            diags.push(
+                Diagnostic::warning(
+                    me,
+                    field,
+                    format!("conditions not decidable at connect time ({}); this route is skipped", unsupported.join("; ")),
+                )
+                .with_origin(origin),
+            );
+            continue;
+        }
+        if matched {
+            return Some(Chosen { field, destinations: &route.route });
+        }
+    }
+    None
+}

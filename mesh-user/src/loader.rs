@@ -1,0 +1,103 @@
+//! Loads the embedded kernel object and attaches its programs to a cgroup v2.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
+use mesh_common::{Backend, BackendStats, ServiceKey, ServiceValue, SlotKey, map_names, program_names};
+
+/// The kernel object, built by `build.rs` (aya-build) from `mesh-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+/// cgroup2's filesystem magic (`CGROUP2_SUPER_MAGIC`).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is not a cgroup v2 directory (on hybrid systems cgroup2 is often at /sys/fs/cgroup/unified)"
+    )]
+    NotCgroup2 { path: PathBuf },
+    #[error("loading the kernel object failed (needs root or CAP_BPF + CAP_NET_ADMIN): {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("kernel object has no program {0} (built from another version?)")]
+    MissingProgram(&'static str),
+    #[error("kernel object has no map {0} (built from another version?)")]
+    MissingMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+}
+
+/// Handles to the maps the agent writes and reads.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, Backend>,
+    pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maps").finish_non_exhaustive()
+    }
+}
+
+/// The loaded object. Dropping it detaches the programs (links are owned here).
+#[derive(Debug)]
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub cgroup: PathBuf,
+}
+
+const PROGRAMS: [&str; 4] =
+    [program_names::CONNECT4, program_names::CONNECT6, program_names::GETPEERNAME4, program_names::GETPEERNAME6];
+
+/// Loads the programs and attaches them to the cgroup v2 at `cgroup` (and so to
+/// every process in it and below it). Returns the object and its maps.
+pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
+    let fd = File::open(cgroup).map_err(|source| LoadError::Cgroup { path: cgroup.to_owned(), source })?;
+    let fs = nix::sys::statfs::fstatfs(&fd)
+        .map_err(|e| LoadError::Cgroup { path: cgroup.to_owned(), source: e.into() })?;
+    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(LoadError::NotCgroup2 { path: cgroup.to_owned() });
+    }
+    let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+    for name in PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        program.load().map_err(|source| LoadError::Program { name, source })?;
+        // AllowMultiple: coexist with other programs on the same cgroup (systemd's,
+        // another tool's) instead of failing or replacing them.
+        program
+            .attach(&fd, CgroupAttachMode::AllowMultiple)
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    let maps = Maps {
+        services: take(&mut ebpf, map_names::SERVICES)?,
+        slots: take(&mut ebpf, map_names::SLOTS)?,
+        backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
+        global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
+    };
+    Ok((Loaded { ebpf, cgroup: cgroup.to_owned() }, maps))
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}

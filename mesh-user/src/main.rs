@@ -1,0 +1,135 @@
+//! `mesh-agent`: command line. anyhow lives here, at the edge.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mesh_user::{
+    agent,
+    compile::{self, BackendAddr},
+    diag::Severity,
+    index::Index,
+    source::{SourceSpec, file::FileSource},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-agent", version, about = "eBPF service-mesh data plane node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the kernel programs into a cgroup and keep their maps in step with the source.
+    Run {
+        /// Where objects come from: file:DIR (a folder of YAML manifests, watched).
+        #[arg(long, env = "MESH_SOURCE")]
+        source: SourceSpec,
+        /// The cgroup v2 directory to attach to (every process in it and below is meshed).
+        #[arg(long, env = "MESH_CGROUP")]
+        cgroup: PathBuf,
+        #[command(flatten)]
+        compile: CompileArgs,
+        /// Log format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Validate a source and print the tables it compiles to, without touching the kernel.
+    Check {
+        #[arg(long)]
+        source: SourceSpec,
+        #[command(flatten)]
+        compile: CompileArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CompileArgs {
+    /// The cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+}
+
+impl CompileArgs {
+    fn config(&self) -> compile::Config {
+        compile::Config { cluster_domain: self.cluster_domain.clone(), ..Default::default() }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { source, cgroup, compile, log_format } => {
+            init_logging(&log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
+            runtime.block_on(async {
+                let config = agent::Config { source, cgroup, compile: compile.config() };
+                agent::run(config, shutdown_signal()).await.context("mesh-agent run")
+            })
+        }
+        Command::Check { source, compile } => check(source, &compile.config()),
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `check`: diagnostics, then each service port's table as shares per backend.
+fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
+    let SourceSpec::File(dir) = source;
+    let snapshot = FileSource::new(&dir).load();
+    let mut index = Index::default();
+    for (origin, object) in snapshot.objects {
+        index.apply(&origin, object);
+    }
+    let mut diagnostics = snapshot.diagnostics;
+    diagnostics.extend(index.revalidate(&config.cluster_domain));
+    let compiled = compile::compile(&index, config);
+    diagnostics.extend(compiled.diagnostics);
+    for d in &diagnostics {
+        let level = if d.severity == Severity::Error { "error" } else { "warning" };
+        println!("{level}: {d}");
+    }
+    for (addr, plan) in &compiled.services {
+        println!("{addr}  {}  [{}]", plan.service, plan.route);
+        let mut shares: std::collections::BTreeMap<Option<BackendAddr>, usize> = Default::default();
+        for slot in &plan.slots {
+            *shares.entry(*slot).or_default() += 1;
+        }
+        if shares.is_empty() {
+            println!("    no backend: connects fail with EHOSTUNREACH");
+        }
+        for (backend, n) in shares {
+            let pct = 100.0 * n as f64 / plan.slots.len() as f64;
+            match backend {
+                Some(b) => println!("    {b:<24} {pct:6.2}%  ({n}/{} slots)", plan.slots.len()),
+                None => println!("    {:<24} {pct:6.2}%  (no ready endpoint: EHOSTUNREACH)", "-"),
+            }
+        }
+    }
+    if diagnostics.iter().any(|d| d.severity == Severity::Error) {
+        anyhow::bail!("{} contains errors", dir.display());
+    }
+    Ok(())
+}

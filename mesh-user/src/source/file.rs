@@ -1,0 +1,208 @@
+//! The file source: a folder of the YAML manifests a cluster would hold (several
+//! documents per file, `kind: List` too). Objects of kinds we do not read
+//! (Deployments, Namespaces, ...) are passed over, so a folder of real manifests
+//! works as it is.
+//!
+//! Bad input never loses good state: a file that no longer parses keeps the
+//! objects last read from it, and an object that no longer converts keeps its
+//! last good version; both are reported with file, object and field.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize as _;
+use serde_json::Value;
+
+use crate::{
+    diag::{Diagnostic, Severity},
+    model::{DEFAULT_NAMESPACE, Kind, ObjectRef, Resource},
+};
+
+/// Everything the folder holds now.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// (origin, object); origin is the file path.
+    pub objects: Vec<(String, Resource)>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+#[derive(Debug)]
+pub struct FileSource {
+    dir: PathBuf,
+    /// Objects last read successfully, per file.
+    last_good: BTreeMap<PathBuf, Vec<Resource>>,
+}
+
+impl FileSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), last_good: BTreeMap::new() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the whole folder.
+    pub fn load(&mut self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let mut files = Vec::new();
+        if let Err(e) = collect_files(&self.dir, &mut files) {
+            snapshot.diagnostics.push(file_error(&self.dir, format!("cannot read directory: {e}")));
+            // Keep everything we had: an unreadable folder is not an empty one.
+            for (file, objects) in &self.last_good {
+                let origin = file.display().to_string();
+                snapshot.objects.extend(objects.iter().map(|o| (origin.clone(), o.clone())));
+            }
+            return snapshot;
+        }
+        files.sort();
+        let mut next_good = BTreeMap::new();
+        for file in files {
+            let origin = file.display().to_string();
+            let previous = self.last_good.remove(&file).unwrap_or_default();
+            let objects = match std::fs::read_to_string(&file) {
+                Err(e) => {
+                    snapshot.diagnostics.push(file_error(&file, format!("cannot read: {e}; keeping {} objects last read from it", previous.len())));
+                    previous
+                }
+                Ok(text) => parse_file(&file, &text, &previous, &mut snapshot.diagnostics),
+            };
+            snapshot.objects.extend(objects.iter().map(|o| (origin.clone(), o.clone())));
+            next_good.insert(file, objects);
+        }
+        self.last_good = next_good;
+        dedup(&mut snapshot);
+        snapshot
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') {
+            continue; // editor swap files, hidden folders
+        }
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn file_error(path: &Path, message: String) -> Diagnostic {
+    Diagnostic { severity: Severity::Error, origin: path.display().to_string(), object: None, field: String::new(), message }
+}
+
+/// Parses one file. On a YAML syntax error the file's previous objects stand.
+fn parse_file(file: &Path, text: &str, previous: &[Resource], diags: &mut Vec<Diagnostic>) -> Vec<Resource> {
+    let mut documents = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        match Value::deserialize(document) {
+            Ok(value) => documents.push(value),
+            Err(e) => {
+                diags.push(file_error(
+                    file,
+                    format!("invalid YAML: {e}; keeping the {} objects last read from this file", previous.len()),
+                ));
+                return previous.to_vec();
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, document) in documents.into_iter().enumerate() {
+        convert_document(file, i, document, previous, &mut out, diags);
+    }
+    out
+}
+
+fn convert_document(file: &Path, i: usize, document: Value, previous: &[Resource], out: &mut Vec<Resource>, diags: &mut Vec<Diagnostic>) {
+    let origin = file.display().to_string();
+    let Value::Object(map) = &document else {
+        if !document.is_null() {
+            diags.push(file_error(file, format!("document {i}: not a Kubernetes object (expected a mapping)")));
+        }
+        return;
+    };
+    let text = |key: &str| map.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
+    let (api_version, kind_name) = (text("apiVersion"), text("kind"));
+    if kind_name == "List" {
+        if let Some(Value::Array(items)) = map.get("items") {
+            for item in items.clone() {
+                convert_document(file, i, item, previous, out, diags);
+            }
+        }
+        return;
+    }
+    let Some(kind) = Kind::from_manifest(&api_version, &kind_name) else {
+        if api_version.is_empty() || kind_name.is_empty() {
+            diags.push(file_error(file, format!("document {i}: apiVersion and kind are required")));
+        }
+        return; // a kind we do not read
+    };
+    let meta = map.get("metadata");
+    let object = ObjectRef {
+        kind,
+        namespace: meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(DEFAULT_NAMESPACE).to_owned(),
+        name: meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("").to_owned(),
+    };
+    if object.name.is_empty() {
+        diags.push(Diagnostic::error(&object, "metadata.name", "required").with_origin(&origin));
+        return;
+    }
+    match convert(kind, document) {
+        Ok(resource) => out.push(resource),
+        Err((field, message)) => {
+            let last = previous.iter().find(|r| r.object_ref() == object).cloned();
+            let keeping = if last.is_some() { "keeping its last good version" } else { "skipped" };
+            diags.push(Diagnostic::error(&object, field, format!("{message}; {keeping}")).with_origin(&origin));
+            out.extend(last);
+        }
+    }
+}
+
+/// Typed conversion, reporting the path of the field that failed.
+fn convert(kind: Kind, mut document: Value) -> Result<Resource, (String, String)> {
+    // Fill in the namespace as `kubectl apply` would, so every object has one.
+    if let Some(meta) = document.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.entry("namespace").or_insert_with(|| Value::String(DEFAULT_NAMESPACE.to_owned()));
+    }
+    fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<Box<T>, (String, String)> {
+        serde_path_to_error::deserialize::<_, T>(value)
+            .map(Box::new)
+            .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+    }
+    Ok(match kind {
+        Kind::Service => Resource::Service(typed(document)?),
+        Kind::Pod => Resource::Pod(typed(document)?),
+        Kind::EndpointSlice => Resource::EndpointSlice(typed(document)?),
+        Kind::VirtualService => Resource::VirtualService(typed(document)?),
+        Kind::DestinationRule => Resource::DestinationRule(typed(document)?),
+    })
+}
+
+/// Later definitions of the same object (by kind, namespace, name) win, with a
+/// warning naming both files.
+fn dedup(snapshot: &mut Snapshot) {
+    let mut seen: BTreeMap<ObjectRef, usize> = BTreeMap::new();
+    let mut keep = vec![true; snapshot.objects.len()];
+    for (i, (origin, object)) in snapshot.objects.iter().enumerate() {
+        let r = object.object_ref();
+        if let Some(prev) = seen.insert(r.clone(), i) {
+            keep[prev] = false;
+            snapshot.diagnostics.push(
+                Diagnostic::warning(&r, "", format!("also defined in {}; this definition wins", snapshot.objects[prev].0))
+                    .with_origin(origin),
+            );
+        }
+    }
+    let mut i = 0;
+    snapshot.objects.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+}
