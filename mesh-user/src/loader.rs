@@ -79,10 +79,11 @@ pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
             .try_into()
             .map_err(|source| LoadError::Program { name, source })?;
         program.load().map_err(|source| LoadError::Program { name, source })?;
-        // AllowMultiple: coexist with other programs on the same cgroup (systemd's,
-        // another tool's) instead of failing or replacing them.
+        // On kernels with bpf_link (5.7+) aya attaches through a link, which always
+        // coexists with other programs on the cgroup; the mode must then be the
+        // default (flags 0), or link_create answers EINVAL.
         program
-            .attach(&fd, CgroupAttachMode::AllowMultiple)
+            .attach(&fd, CgroupAttachMode::Single)
             .map_err(|source| LoadError::Program { name, source })?;
     }
     let maps = Maps {

@@ -1,1 +1,39 @@
-//! Test harness.
+//! Harness for the privileged tests and the demo: network namespaces as pods, a
+//! cgroup v2 as the mesh scope, HTTP backends inside pods, a probe client, and the
+//! real `mesh-agent`. Every resource is an RAII guard that removes what it made,
+//! also when a test panics.
+
+pub mod agent;
+pub mod backend;
+pub mod cgroup;
+pub mod manifests;
+pub mod netns;
+pub mod probe;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Runs a command, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("spawning {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A name prefix unique to this process and call, so parallel tests never collide.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Whether this process may do what the privileged tests need.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "these tests need root (BPF, cgroups, network namespaces): run them with sudo or as root, as CI does"
+    );
+}

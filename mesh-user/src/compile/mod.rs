@@ -204,7 +204,7 @@ fn weighted_groups(
             groups.push(problem(format!("{field}.port"), format!("cannot tell which port of {fqdn} to use")));
             continue;
         };
-        let (t_ns, t_name) = hosts::split_service_fqdn(&fqdn, domain).unwrap_or_default();
+        let (t_name, t_ns) = hosts::split_service_fqdn(&fqdn, domain).unwrap_or_default();
         let mut members = endpoints::ready_endpoints(index, t_ns, t_name, &target.object, port);
         if let Some(subset) = &dest.destination.subset {
             let labels = index

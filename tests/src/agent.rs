@@ -1,0 +1,126 @@
+//! The real `mesh-agent` binary as a child process, with its JSON log captured so
+//! tests can wait for "config applied" and read its diagnostics.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// A binary of this workspace, found next to the running executable (tests run
+/// from `target/<profile>/deps`, binaries live in `target/<profile>`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let candidates = exe.ancestors().skip(1).take(2).map(|d| d.join(name)).collect::<Vec<_>>();
+    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+        format!("{name} not found in {candidates:?}: build it first (`cargo xtask test` builds everything)")
+    })
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Agent {
+    /// `mesh-agent run --source file:<dir> --cgroup <cgroup> --log-format json`.
+    pub fn start(dir: &Path, cgroup: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(sibling_binary("mesh-agent")?)
+            .args(["run", "--log-format", "json", "--source"])
+            .arg(format!("file:{}", dir.display()))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning mesh-agent")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        std::thread::spawn({
+            let log = log.clone();
+            move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                    if let Ok(mut log) = log.lock() {
+                        log.push(value);
+                    }
+                }
+            }
+        });
+        let mut agent = Agent { child, log };
+        agent.wait_applied(1, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// The newest generation applied.
+    pub fn generation(&self) -> u64 {
+        self.log.lock().map_or(0, |log| {
+            log.iter().filter(|v| message(v) == "config applied").filter_map(|v| v["fields"]["generation"].as_u64()).max().unwrap_or(0)
+        })
+    }
+
+    /// Waits until generation `at_least` is applied.
+    pub fn wait_applied(&mut self, at_least: u64, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.generation() >= at_least {
+                return Ok(started.elapsed());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("mesh-agent exited ({status}); log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("mesh-agent did not apply generation {at_least} within {timeout:?}; log:\n{}", self.log_text())
+    }
+
+    /// Log messages at `level` (ERROR, WARN, INFO).
+    pub fn messages(&self, level: &str) -> Vec<String> {
+        self.log.lock().map_or_else(
+            |_| Vec::new(),
+            |log| log.iter().filter(|v| v["level"] == level).map(|v| message(v).to_owned()).collect(),
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().map_or_else(|_| String::new(), |log| log.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n"))
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child.kill()?;
+        bail!("mesh-agent ignored SIGTERM for 10 s")
+    }
+}
+
+fn message(v: &Value) -> &str {
+    v["fields"]["message"].as_str().unwrap_or("")
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate();
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The probe: a client that opens real TCP connections to a target, one HTTP
+//! request each, and reports what a user would observe: which pod answered, which
+//! peer address `getpeername` showed, and which errors occurred. The `mesh-probe`
+//! binary runs it; tests start that binary inside a pod's namespace and, when it is
+//! meant to be meshed, inside the mesh cgroup.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{cgroup::Cgroup, netns::Netns};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Connections that got a full answer.
+    pub ok: u64,
+    /// Failures by errno name (`EHOSTUNREACH`, ...) or `bad-response`.
+    pub errors: BTreeMap<String, u64>,
+    /// Answers per pod name.
+    pub backends: BTreeMap<String, u64>,
+    /// `getpeername` results.
+    pub peers: BTreeMap<String, u64>,
+    pub elapsed_ms: u64,
+    /// Set on the periodic lines of `--interval-ms`; the last line is the total.
+    #[serde(default)]
+    pub interval: bool,
+}
+
+impl Summary {
+    pub fn failed(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Share of answers from pods whose name starts with `prefix`.
+    pub fn share(&self, prefix: &str) -> f64 {
+        let n: u64 = self.backends.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum();
+        n as f64 / self.ok.max(1) as f64
+    }
+
+    fn merge(&mut self, other: &Summary) {
+        self.ok += other.ok;
+        for (map, from) in [(&mut self.errors, &other.errors), (&mut self.backends, &other.backends), (&mut self.peers, &other.peers)] {
+            for (k, v) in from {
+                *map.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+}
+
+/// What the probe does.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub target: SocketAddr,
+    /// Stop after this many connections in all...
+    pub count: Option<u64>,
+    /// ...or after this long.
+    pub duration: Option<Duration>,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    /// Print a summary of each interval (the demo's live view).
+    pub interval: Option<Duration>,
+}
+
+/// One connection: connect, request, read the answer.
+fn one(target: SocketAddr, timeout: Duration, into: &mut Summary) {
+    let result = (|| -> std::io::Result<(String, String)> {
+        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+        let peer = stream.peer_addr()?.to_string();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok((peer, answer))
+    })();
+    match result {
+        Ok((peer, answer)) => match answer.split("Hello World by ").nth(1).and_then(|r| r.split_whitespace().next()) {
+            Some(pod) => {
+                into.ok += 1;
+                *into.backends.entry(pod.to_owned()).or_default() += 1;
+                *into.peers.entry(peer).or_default() += 1;
+            }
+            None => *into.errors.entry("bad-response".to_owned()).or_default() += 1,
+        },
+        Err(e) => {
+            let name = e.raw_os_error().map_or_else(|| e.kind().to_string(), |n| format!("{:?}", nix::errno::Errno::from_raw(n)));
+            *into.errors.entry(name).or_default() += 1;
+        }
+    }
+}
+
+/// Runs the plan in this process; `on_interval` sees each interval's summary.
+pub fn run(plan: &Plan, mut on_interval: impl FnMut(&Summary)) -> Summary {
+    let started = Instant::now();
+    let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let window = Arc::new(Mutex::new(Summary::default()));
+    let workers: Vec<_> = (0..plan.concurrency.max(1))
+        .map(|_| {
+            let (plan, issued, window) = (plan.clone(), issued.clone(), window.clone());
+            std::thread::spawn(move || {
+                let mut total = Summary::default();
+                loop {
+                    if let Some(count) = plan.count
+                        && issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= count
+                    {
+                        break;
+                    }
+                    if plan.duration.is_some_and(|d| started.elapsed() >= d) {
+                        break;
+                    }
+                    let mut one_result = Summary::default();
+                    one(plan.target, plan.timeout, &mut one_result);
+                    total.merge(&one_result);
+                    if let Ok(mut w) = window.lock() {
+                        w.merge(&one_result);
+                    }
+                }
+                total
+            })
+        })
+        .collect();
+    if let Some(interval) = plan.interval {
+        while !workers.iter().all(|w| w.is_finished()) {
+            std::thread::sleep(interval);
+            if let Ok(mut w) = window.lock() {
+                let mut s = std::mem::take(&mut *w);
+                s.interval = true;
+                s.elapsed_ms = started.elapsed().as_millis() as u64;
+                on_interval(&s);
+            }
+        }
+    }
+    let mut total = Summary::default();
+    for w in workers {
+        if let Ok(s) = w.join() {
+            total.merge(&s);
+        }
+    }
+    total.elapsed_ms = started.elapsed().as_millis() as u64;
+    total
+}
+
+/// Path of the `mesh-probe` binary (next to the test executable's directory).
+pub fn binary() -> anyhow::Result<std::path::PathBuf> {
+    crate::agent::sibling_binary("mesh-probe")
+}
+
+/// Starts `mesh-probe ARGS` inside `ns`, and inside `cgroup` when given (the
+/// child joins it before exec, so its first connect is already meshed).
+pub fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[String]) -> anyhow::Result<Child> {
+    let ns_file = ns.open()?;
+    let procs = cgroup.map(Cgroup::procs).transpose()?;
+    let (ns_fd, procs_fd) = (ns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
+    let mut cmd = Command::new(binary()?);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = procs_fd
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("spawning mesh-probe")?;
+    drop((ns_file, procs));
+    Ok(child)
+}
+
+/// Runs `mesh-probe` to completion and returns its total.
+pub fn probe(ns: &Netns, cgroup: Option<&Cgroup>, target: &str, count: u64, concurrency: usize) -> anyhow::Result<Summary> {
+    let args = ["--target", target, "--count", &count.to_string(), "--concurrency", &concurrency.to_string()];
+    finish(spawn(ns, cgroup, &args.map(str::to_owned))?)
+}
+
+/// Waits for a spawned probe and parses its last line.
+pub fn finish(child: Child) -> anyhow::Result<Summary> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("mesh-probe failed: {}", out.status);
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let last = text.lines().last().context("mesh-probe printed nothing")?;
+    Ok(serde_json::from_str(last)?)
+}
