@@ -29,6 +29,8 @@ pub const V2: &str = "flaskapp-v2-0";
 pub struct Canary {
     pub agent: Agent,
     pub backends: Vec<Backend>,
+    /// (name, version, addresses, ready) of each flaskapp pod, as pods.yaml says.
+    pub pods: Vec<(String, String, Vec<IpAddr>, bool)>,
     pub cgroup: Cgroup,
     pub node: Node,
     pub dir: ManifestDir,
@@ -49,16 +51,37 @@ impl Canary {
             let version = if name.contains("v2") { "v2" } else { "v1" };
             let pod = node.add_pod(name, 11 + i as u8)?;
             backends.push(Backend::spawn(&pod.ns, name, version, TARGET_PORT)?);
-            pods.push(manifests::pod(name, "flaskapp", version, &[pod.ipv4, pod.ipv6], true));
+            pods.push((name.to_string(), version.to_owned(), vec![pod.ipv4, pod.ipv6], true));
         }
-        dir.write("pods.yaml", &pods.join("---\n"))?;
+        write_pods(&dir, &pods)?;
         dir.write("destinationrule.yaml", &manifests::destination_rule("flaskapp", &["v1", "v2"]))?;
         if let Some((v1, v2)) = weights {
             dir.write("virtualservice.yaml", &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]))?;
         }
         let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
         let agent = Agent::start(dir.path(), cgroup.path())?;
-        Ok(Canary { agent, backends, cgroup, node, dir })
+        Ok(Canary { agent, backends, pods, cgroup, node, dir })
+    }
+
+    /// Marks a pod ready or not (as its readiness probe would) and waits for the
+    /// agent to apply it.
+    pub fn set_ready(&mut self, name: &str, ready: bool) -> anyhow::Result<()> {
+        for pod in &mut self.pods {
+            if pod.0 == name {
+                pod.3 = ready;
+            }
+        }
+        let next = self.agent.generation() + 1;
+        write_pods(&self.dir, &self.pods)?;
+        self.agent.wait_applied(next, Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// Writes a file into the manifest folder and waits until the agent applied it.
+    pub fn write(&mut self, file: &str, content: &str) -> anyhow::Result<Duration> {
+        let next = self.agent.generation() + 1;
+        self.dir.write(file, content)?;
+        self.agent.wait_applied(next, Duration::from_secs(10))
     }
 
     /// `count` connections from the client pod inside the mesh cgroup.
@@ -73,10 +96,13 @@ impl Canary {
 
     /// Rewrites the VirtualService and waits until the agent has applied it.
     pub fn set_weights(&mut self, v1: i64, v2: i64) -> anyhow::Result<Duration> {
-        let next = self.agent.generation() + 1;
-        self.dir.write("virtualservice.yaml", &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]))?;
-        self.agent.wait_applied(next, Duration::from_secs(10))
+        self.write("virtualservice.yaml", &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]))
     }
+}
+
+fn write_pods(dir: &ManifestDir, pods: &[(String, String, Vec<IpAddr>, bool)]) -> anyhow::Result<()> {
+    let docs: Vec<String> = pods.iter().map(|(name, version, ips, ready)| manifests::pod(name, "flaskapp", version, ips, *ready)).collect();
+    dir.write("pods.yaml", &docs.join("---\n"))
 }
 
 pub fn vip4() -> String {

@@ -1,0 +1,155 @@
+//! What a user sees when things go wrong: no backend, live weight flips under load,
+//! bad input, the agent going away, and the harness cleaning up after a failure.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Canary, V1, V2, VIP4, assert_share, vip4};
+use mesh_tests::{cgroup::Cgroup, manifests, netns::Node, probe};
+
+const N: u64 = 2000;
+
+#[test]
+fn a_service_without_ready_backends_fails_at_once_with_ehostunreach() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    // A Service whose selector matches no pod.
+    canary.write(
+        "empty.yaml",
+        &manifests::service("empty", &["10.96.0.81".parse()?], 80, 8080),
+    )?;
+    let empty = canary.probe("10.96.0.81:80", 20)?;
+    assert_eq!(empty.errors.get("EHOSTUNREACH"), Some(&20), "{empty:?}");
+
+    // v2's only pod goes not-ready: its 20% share has no backend; as Envoy answers
+    // 503 for a weighted cluster with no healthy host, those connects are refused.
+    canary.set_ready(V2, false)?;
+    let summary = canary.probe(&vip4(), N)?;
+    assert_eq!(summary.backends.get(V2), None, "{summary:?}");
+    let refused = *summary.errors.get("EHOSTUNREACH").unwrap_or(&0);
+    assert_eq!(summary.failed(), refused, "only EHOSTUNREACH: {summary:?}");
+    assert_share(refused as f64 / N as f64, 0.20, N, "refused share");
+
+    // Back to ready: the pod is back in the table.
+    canary.set_ready(V2, true)?;
+    let summary = canary.probe(&vip4(), N)?;
+    assert_eq!(summary.failed(), 0, "{summary:?}");
+    assert_share(summary.share(V2), 0.20, N, "v2 back");
+    Ok(())
+}
+
+#[test]
+fn a_v1_pod_going_not_ready_leaves_the_table() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    canary.set_ready(V1[2], false)?;
+    let summary = canary.probe(&vip4(), N)?;
+    assert_eq!(summary.failed(), 0, "{summary:?}");
+    assert_eq!(summary.backends.get(V1[2]), None, "{summary:?}");
+    assert_share(summary.share(V1[0]), 0.40, N, "v1-0 takes half of v1's 80%");
+    assert_share(summary.share(V2), 0.20, N, "v2 keeps 20%");
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_connections_during_repeated_weight_flips_never_fails() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    let args: Vec<String> =
+        ["--target", &vip4(), "--duration-ms", "4000", "--concurrency", "4"].iter().map(|s| s.to_string()).collect();
+    let client = probe::spawn(&canary.node.pod("client").ns, Some(&canary.cgroup), &args)?;
+    let mut flips = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        let (v1, v2) = if flips % 2 == 0 { (20, 80) } else { (80, 20) };
+        canary.set_weights(v1, v2)?;
+        flips += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let summary = probe::finish(client)?;
+    eprintln!("{flips} weight flips under {} connections", summary.ok);
+    assert!(flips >= 10, "only {flips} flips");
+    assert_eq!(summary.failed(), 0, "{summary:?}");
+    assert!(summary.ok > 500, "{summary:?}");
+    assert!(summary.backends.contains_key(V2) && summary.backends.contains_key(V1[0]), "{summary:?}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_reported_by_file_object_and_field_and_the_last_good_state_stays() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    // Another service, to prove it keeps working while flaskapp's rule is bad.
+    canary.write("stable.yaml", &manifests::service("stable", &["10.96.0.82".parse()?], 80, 5000).replace(
+        "    app: stable\n",
+        "    app: flaskapp\n    version: v1\n",
+    ))?;
+
+    let cases = [
+        ("negative weight", manifests::virtual_service("flaskapp", &[("v1", 120), ("v2", -20)]), "spec.http[0].route[1].weight"),
+        ("unknown subset", manifests::virtual_service("flaskapp", &[("v1", 50), ("v3", 50)]), "spec.http[0].route[1].destination.subset"),
+        ("unparsable YAML", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nspec: [unclosed\n".to_owned(), "invalid YAML"),
+        ("wrong type", manifests::virtual_service("flaskapp", &[("v1", 50), ("v2", 50)]).replace("weight: 50", "weight: half"), "spec.http[0].route[0].weight"),
+    ];
+    for (what, content, field) in cases {
+        canary.write("virtualservice.yaml", &content)?;
+        let errors = canary.agent.messages("ERROR");
+        assert!(
+            errors.iter().any(|e| e.contains("virtualservice.yaml") && e.contains(field)),
+            "{what}: no error naming the file and {field}: {errors:#?}"
+        );
+        let summary = canary.probe(&vip4(), N)?;
+        assert_eq!(summary.failed(), 0, "{what}: {summary:?}");
+        assert_share(summary.share(V2), 0.20, N, &format!("{what}: last good 80/20"));
+        let stable = canary.probe("10.96.0.82:80", 100)?;
+        assert_eq!(stable.failed(), 0, "{what}: {stable:?}");
+        assert!(stable.backends.keys().all(|k| k.contains("v1")), "{what}: {stable:?}");
+    }
+    // The error names the object too.
+    assert!(canary.agent.messages("ERROR").iter().any(|e| e.contains("VirtualService default/flaskapp")));
+
+    // While the rule is bad, other changes still apply: a v1 pod leaves.
+    canary.set_ready(V1[2], false)?;
+    let summary = canary.probe(&vip4(), N)?;
+    assert_eq!(summary.backends.get(V1[2]), None, "{summary:?}");
+    assert_share(summary.share(V2), 0.20, N, "still the last good 80/20");
+
+    // Fixed: the new version applies.
+    canary.set_weights(50, 50)?;
+    let summary = canary.probe(&vip4(), N)?;
+    assert_share(summary.share(V2), 0.50, N, "fixed rule");
+    Ok(())
+}
+
+#[test]
+fn stopping_the_agent_detaches_the_programs() -> anyhow::Result<()> {
+    let canary = Canary::start(Some((80, 20)))?;
+    assert_eq!(canary.probe(&vip4(), 10)?.ok, 10);
+    let Canary { agent, node, cgroup, backends, dir, .. } = canary;
+    let status = agent.stop()?;
+    assert!(status.success(), "agent exit: {status}");
+    // Nothing rewrites the VIP any more: it is unreachable, as without a mesh.
+    let after = probe::probe(&node.pod("client").ns, Some(&cgroup), &format!("{VIP4}:80"), 5, 1)?;
+    assert_eq!(after.errors.get("ENETUNREACH"), Some(&5), "{after:?}");
+    drop((backends, dir));
+    Ok(())
+}
+
+#[test]
+fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyhow::Result<()> {
+    mesh_tests::require_root();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::panic::catch_unwind(move || {
+        let mut node = Node::new().expect("node");
+        node.add_pod("a", 3).expect("pod");
+        let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-")).expect("cgroup");
+        let names: Vec<String> = node.pods.iter().map(|p| p.ns.name.clone()).chain([node.bridge.name.clone()]).collect();
+        tx.send((names, cgroup.path.clone())).expect("send");
+        panic!("a failing test");
+    });
+    assert!(result.is_err());
+    let (names, cgroup) = rx.recv()?;
+    let listed = mesh_tests::sh("ip", &["netns", "list"])?;
+    for name in names {
+        assert!(!listed.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())), "{name} left behind");
+    }
+    mesh_tests::cgroup::assert_gone(&cgroup)?;
+    Ok(())
+}
