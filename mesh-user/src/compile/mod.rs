@@ -5,6 +5,8 @@ pub mod endpoints;
 pub mod hosts;
 pub mod routes;
 pub mod slots;
+#[cfg(test)]
+mod tests;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 

@@ -98,6 +98,13 @@ fn file_error(path: &Path, message: String) -> Diagnostic {
     Diagnostic { severity: Severity::Error, origin: path.display().to_string(), object: None, field: String::new(), message }
 }
 
+/// Parses manifests text (one or more YAML documents) as if read from `file`.
+pub fn parse(file: &Path, text: &str) -> (Vec<Resource>, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let objects = parse_file(file, text, &[], &mut diags);
+    (objects, diags)
+}
+
 /// Parses one file. On a YAML syntax error the file's previous objects stand.
 fn parse_file(file: &Path, text: &str, previous: &[Resource], diags: &mut Vec<Diagnostic>) -> Vec<Resource> {
     let mut documents = Vec::new();
