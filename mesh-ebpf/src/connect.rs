@@ -83,9 +83,19 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
     // route it by the IPv4 table and answer in the same disguise.
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
     let key = if mapped {
-        ServiceKey { addr: [ip[3], 0, 0, 0], port: port as u16, proto: proto as u8, family: FAMILY_V4 }
+        ServiceKey {
+            addr: [ip[3], 0, 0, 0],
+            port: port as u16,
+            proto: proto as u8,
+            family: FAMILY_V4,
+        }
     } else {
-        ServiceKey { addr: ip, port: port as u16, proto: proto as u8, family: FAMILY_V6 }
+        ServiceKey {
+            addr: ip,
+            port: port as u16,
+            proto: proto as u8,
+            family: FAMILY_V6,
+        }
     };
     match choose(&key) {
         Verdict::Untouched => ALLOW,
@@ -97,7 +107,12 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
                 _ => return ALLOW,
             };
             // Remember what was dialled, in the form it was dialled.
-            let dialled = ServiceKey { addr: ip, port: key.port, proto: key.proto, family: FAMILY_V6 };
+            let dialled = ServiceKey {
+                addr: ip,
+                port: key.port,
+                proto: key.proto,
+                family: FAMILY_V6,
+            };
             remember(ctx, &dialled);
             write_ip6(sa, &new_ip);
             // SAFETY: valid context; user_port is writable in connect6.
@@ -129,9 +144,13 @@ fn choose(key: &ServiceKey) -> Verdict {
         }
         // SAFETY: helper without preconditions.
         let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
-        let slot_key = SlotKey { service_id: svc.service_id, revision: svc.revision, slot };
+        let slot_key = SlotKey {
+            service_id: svc.service_id,
+            revision: svc.revision,
+            slot,
+        };
         // SAFETY: as for SERVICES.
-        if let Some(backend) = (unsafe { SLOTS.get(&slot_key) }).copied() {
+        if let Some(backend) = (unsafe { SLOTS.get(slot_key) }).copied() {
             if backend.family == FAMILY_NONE {
                 return Verdict::NoBackend;
             }
@@ -164,9 +183,14 @@ fn rewritten(backend: &Backend) -> i32 {
 fn remember(ctx: &SockAddrContext, dialled: &ServiceKey) {
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { addr: dialled.addr, port: dialled.port, family: dialled.family, _pad: 0 };
+    let orig = OrigDst {
+        addr: dialled.addr,
+        port: dialled.port,
+        family: dialled.family,
+        _pad: 0,
+    };
     // A full LRU evicts an old entry; an error here only costs the VIP in getpeername.
-    let _ = REVNAT.insert(&cookie, &orig, 0);
+    let _ = REVNAT.insert(cookie, orig, 0);
 }
 
 #[inline(always)]

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use mesh_common::{
-    Backend, BackendStats, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, OrigDst,
-    ServiceKey, ServiceValue, SlotKey, global_stat,
+    Backend, BackendStats, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, OrigDst, ServiceKey,
+    ServiceValue, SlotKey, global_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -21,7 +21,8 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// revision before flipping `SERVICES_V1` to it and frees the old one after a grace
 /// period.
 #[map(name = "SLOTS_V1")]
-pub static SLOTS: HashMap<SlotKey, Backend> = HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
+pub static SLOTS: HashMap<SlotKey, Backend> =
+    HashMap::with_max_entries(MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 /// Socket cookie -> the VIP:port the application dialled. Writer: `connect4/6`;
 /// reader: `getpeername4/6`. LRU: entries of closed sockets age out.

@@ -12,16 +12,16 @@ pub fn try_getpeername4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: LRU value copied at once.
-    if let Some(orig) = unsafe { REVNAT.get(&cookie) }.copied() {
-        if orig.family == FAMILY_V4 {
-            let sa = ctx.sock_addr;
-            // SAFETY: user_ip4/user_port are writable in getpeername4.
-            unsafe {
-                core::ptr::write_volatile(&mut (*sa).user_ip4, orig.addr[0]);
-                core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port));
-            }
-            bump(global_stat::PEER_REWRITTEN);
+    if let Some(orig) = unsafe { REVNAT.get(cookie) }.copied()
+        && orig.family == FAMILY_V4
+    {
+        let sa = ctx.sock_addr;
+        // SAFETY: user_ip4/user_port are writable in getpeername4.
+        unsafe {
+            core::ptr::write_volatile(&mut (*sa).user_ip4, orig.addr[0]);
+            core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port));
         }
+        bump(global_stat::PEER_REWRITTEN);
     }
     OK
 }
@@ -30,14 +30,14 @@ pub fn try_getpeername6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: as above.
-    if let Some(orig) = unsafe { REVNAT.get(&cookie) }.copied() {
-        if orig.family == FAMILY_V6 {
-            let sa = ctx.sock_addr;
-            write_ip6(sa, &orig.addr);
-            // SAFETY: user_port is writable in getpeername6.
-            unsafe { core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port)) };
-            bump(global_stat::PEER_REWRITTEN);
-        }
+    if let Some(orig) = unsafe { REVNAT.get(cookie) }.copied()
+        && orig.family == FAMILY_V6
+    {
+        let sa = ctx.sock_addr;
+        write_ip6(sa, &orig.addr);
+        // SAFETY: user_port is writable in getpeername6.
+        unsafe { core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port)) };
+        bump(global_stat::PEER_REWRITTEN);
     }
     OK
 }

@@ -30,15 +30,21 @@ pub struct Config {
 pub enum AgentError {
     #[error(transparent)]
     Load(#[from] loader::LoadError),
-    #[error(transparent)]
-    Apply(#[from] crate::apply::ApplyError),
+    #[error("reading the number of possible CPUs: {0}")]
+    Cpus(#[from] std::io::Error),
     #[error("cannot watch {path}: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
 }
 
 /// Loads the programs, then keeps the kernel in step with the source until
 /// `shutdown` resolves. Dropping the loaded object on return detaches the programs.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     let SourceSpec::File(dir) = &config.source;
     let (loaded, maps) = loader::load_and_attach(&config.cgroup)?;
     info!(cgroup = %loaded.cgroup.display(), "programs attached");
@@ -59,7 +65,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         sync_index(&mut index, &snapshot.objects);
         let mut diagnostics = snapshot.diagnostics;
         diagnostics.extend(index.revalidate(&config.compile.cluster_domain));
-        let Compiled { services, diagnostics: compiled } = compile::compile(&index, &config.compile);
+        let Compiled {
+            services,
+            diagnostics: compiled,
+        } = compile::compile(&index, &config.compile);
         diagnostics.extend(compiled);
         report(&diagnostics, &mut reported);
         let result = applier.apply(&services);
@@ -98,7 +107,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 /// Makes the index hold exactly `objects`.
 fn sync_index(index: &mut Index, objects: &[(String, crate::model::Resource)]) {
     let present: BTreeSet<ObjectRef> = objects.iter().map(|(_, o)| o.object_ref()).collect();
-    for gone in index.object_refs().into_iter().filter(|r| !present.contains(r)) {
+    for gone in index
+        .object_refs()
+        .into_iter()
+        .filter(|r| !present.contains(r))
+    {
         index.delete(&gone);
     }
     for (origin, object) in objects {
@@ -118,7 +131,10 @@ fn report(diagnostics: &[Diagnostic], reported: &mut BTreeSet<Diagnostic>) {
     *reported = now;
 }
 
-fn watch(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, AgentError> {
+fn watch(
+    dir: &std::path::Path,
+    tx: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, AgentError> {
     use notify::Watcher as _;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {
@@ -126,9 +142,15 @@ fn watch(dir: &std::path::Path, tx: mpsc::Sender<()>) -> Result<notify::Recommen
             let _ = tx.try_send(());
         }
     })
-    .map_err(|source| AgentError::Watch { path: dir.to_owned(), source })?;
+    .map_err(|source| AgentError::Watch {
+        path: dir.to_owned(),
+        source,
+    })?;
     watcher
         .watch(dir, notify::RecursiveMode::Recursive)
-        .map_err(|source| AgentError::Watch { path: dir.to_owned(), source })?;
+        .map_err(|source| AgentError::Watch {
+            path: dir.to_owned(),
+            source,
+        })?;
     Ok(watcher)
 }

@@ -12,7 +12,8 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use mesh_common::{
-    Backend, BackendStats, FAMILY_NONE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, SlotKey,
+    Backend, BackendStats, FAMILY_NONE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey,
+    ServiceValue, SlotKey,
 };
 
 use crate::{
@@ -27,11 +28,17 @@ pub const GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("service {service} ({addr}): writing the kernel maps failed: {source}")]
-    Write { service: String, addr: ServiceAddr, source: MapError },
+    Write {
+        service: String,
+        addr: ServiceAddr,
+        source: MapError,
+    },
     #[error("service {service} ({addr}): out of {what} ids")]
-    Exhausted { service: String, addr: ServiceAddr, what: &'static str },
-    #[error("reading per-CPU counters: {0}")]
-    Cpus(std::io::Error),
+    Exhausted {
+        service: String,
+        addr: ServiceAddr,
+        what: &'static str,
+    },
 }
 
 /// What one `apply` changed.
@@ -74,8 +81,8 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(maps: Maps) -> Result<Self, ApplyError> {
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| ApplyError::Cpus(e))?;
+    pub fn new(maps: Maps) -> Result<Self, std::io::Error> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         Ok(Self {
             maps,
             nr_cpus,
@@ -101,7 +108,12 @@ impl Applier {
                 Err(e) => report.errors.push(e.to_string()),
             }
         }
-        let gone: Vec<ServiceAddr> = self.live.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+        let gone: Vec<ServiceAddr> = self
+            .live
+            .keys()
+            .filter(|a| !desired.contains_key(a))
+            .copied()
+            .collect();
         for addr in gone {
             match self.remove_service(addr) {
                 Ok(()) => report.removed += 1,
@@ -113,51 +125,112 @@ impl Applier {
     }
 
     fn write_service(&mut self, addr: ServiceAddr, plan: &ServicePlan) -> Result<(), ApplyError> {
-        let err = |source| ApplyError::Write { service: plan.service.clone(), addr, source };
-        let exhausted = |what| ApplyError::Exhausted { service: plan.service.clone(), addr, what };
+        let err = |source| ApplyError::Write {
+            service: plan.service.clone(),
+            addr,
+            source,
+        };
+        let exhausted = |what| ApplyError::Exhausted {
+            service: plan.service.clone(),
+            addr,
+            what,
+        };
         let (service_id, revision) = match self.live.get(&addr) {
             Some(live) => (live.service_id, live.revision.wrapping_add(1)),
-            None => (self.service_ids.take().ok_or_else(|| exhausted("service"))?, 1),
+            None => (
+                self.service_ids
+                    .take()
+                    .ok_or_else(|| exhausted("service"))?,
+                1,
+            ),
         };
         let mut written = 0u32;
         let result = (|| {
             for (slot, target) in plan.slots.iter().enumerate() {
                 let backend = match target {
                     Some(b) => {
-                        let id = self.backend_id(*b, addr.proto).ok_or_else(|| exhausted("backend"))?;
+                        let id = self
+                            .backend_id(*b, addr.proto)
+                            .ok_or_else(|| exhausted("backend"))?;
                         backend_value(*b, id)
                     }
-                    None => Backend { family: FAMILY_NONE, ..bytemuck::Zeroable::zeroed() },
+                    None => Backend {
+                        family: FAMILY_NONE,
+                        ..bytemuck::Zeroable::zeroed()
+                    },
                 };
-                let key = SlotKey { service_id, revision, slot: slot as u32 };
+                let key = SlotKey {
+                    service_id,
+                    revision,
+                    slot: slot as u32,
+                };
                 self.maps.slots.insert(key, backend, 0).map_err(err)?;
                 written += 1;
             }
             // The flip: from here on new connects draw from the new revision.
-            let value = ServiceValue { service_id, revision, slot_count: plan.slots.len() as u32, flags: 0 };
-            self.maps.services.insert(service_key(addr), value, 0).map_err(err)
+            let value = ServiceValue {
+                service_id,
+                revision,
+                slot_count: plan.slots.len() as u32,
+                flags: 0,
+            };
+            self.maps
+                .services
+                .insert(service_key(addr), value, 0)
+                .map_err(err)
         })();
         if let Err(e) = result {
             // Undo the partial table; the live one (if any) is untouched.
             // (A new service's id goes back to the pool when that table is freed.)
-            self.retired.push(Retired { service_id, revision, len: written, since: Instant::now() - GRACE });
+            self.retired.push(Retired {
+                service_id,
+                revision,
+                len: written,
+                since: Instant::now() - GRACE,
+            });
             return Err(e);
         }
-        let previous = self.live.insert(addr, Live { service_id, revision, service: plan.service.clone(), slots: plan.slots.clone() });
+        let previous = self.live.insert(
+            addr,
+            Live {
+                service_id,
+                revision,
+                service: plan.service.clone(),
+                slots: plan.slots.clone(),
+            },
+        );
         if let Some(old) = previous {
-            self.retired.push(Retired { service_id, revision: old.revision, len: old.slots.len() as u32, since: Instant::now() });
+            self.retired.push(Retired {
+                service_id,
+                revision: old.revision,
+                len: old.slots.len() as u32,
+                since: Instant::now(),
+            });
         }
         Ok(())
     }
 
     fn remove_service(&mut self, addr: ServiceAddr) -> Result<(), ApplyError> {
-        let Some(live) = self.live.get(&addr) else { return Ok(()) };
+        let Some(live) = self.live.get(&addr) else {
+            return Ok(());
+        };
         match self.maps.services.remove(&service_key(addr)) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(ApplyError::Write { service: live.service.clone(), addr, source }),
+            Err(source) => {
+                return Err(ApplyError::Write {
+                    service: live.service.clone(),
+                    addr,
+                    source,
+                });
+            }
         }
         if let Some(live) = self.live.remove(&addr) {
-            self.retired.push(Retired { service_id: live.service_id, revision: live.revision, len: live.slots.len() as u32, since: Instant::now() });
+            self.retired.push(Retired {
+                service_id: live.service_id,
+                revision: live.revision,
+                len: live.slots.len() as u32,
+                since: Instant::now(),
+            });
             // The id is reused only once its last table is freed (see collect_garbage).
         }
         Ok(())
@@ -167,12 +240,17 @@ impl Applier {
     /// nothing refers to any more. Call it now and then (the agent does each second).
     pub fn collect_garbage(&mut self) {
         let now = Instant::now();
-        let (due, keep): (Vec<Retired>, Vec<Retired>) =
-            std::mem::take(&mut self.retired).into_iter().partition(|r| now.duration_since(r.since) >= GRACE);
+        let (due, keep): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|r| now.duration_since(r.since) >= GRACE);
         self.retired = keep;
         for r in due {
             for slot in 0..r.len {
-                let _ = self.maps.slots.remove(&SlotKey { service_id: r.service_id, revision: r.revision, slot });
+                let _ = self.maps.slots.remove(&SlotKey {
+                    service_id: r.service_id,
+                    revision: r.revision,
+                    slot,
+                });
             }
             let in_use = self.live.values().any(|l| l.service_id == r.service_id)
                 || self.retired.iter().any(|o| o.service_id == r.service_id);
@@ -186,7 +264,12 @@ impl Applier {
                 .iter()
                 .flat_map(|(addr, l)| l.slots.iter().flatten().map(move |b| (*b, addr.proto)))
                 .collect();
-            let stale: Vec<BackendKey> = self.backend_ids.keys().filter(|k| !used.contains(k)).copied().collect();
+            let stale: Vec<BackendKey> = self
+                .backend_ids
+                .keys()
+                .filter(|k| !used.contains(k))
+                .copied()
+                .collect();
             for k in stale {
                 if let Some(id) = self.backend_ids.remove(&k) {
                     let _ = self.maps.backend_stats.remove(&id);
@@ -230,7 +313,13 @@ impl Applier {
     /// The global per-CPU counters summed (index: `mesh_common::global_stat`).
     pub fn global_stats(&self) -> Vec<u64> {
         (0..mesh_common::global_stat::COUNT)
-            .map(|i| self.maps.global_stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .map(|i| {
+                self.maps
+                    .global_stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
             .collect()
     }
 
@@ -256,7 +345,13 @@ pub fn service_key(addr: ServiceAddr) -> ServiceKey {
 
 fn backend_value(b: BackendAddr, backend_id: u32) -> Backend {
     let (addr, family) = ip_words(b.ip);
-    Backend { addr, port: b.port.to_be(), family, _pad: 0, backend_id }
+    Backend {
+        addr,
+        port: b.port.to_be(),
+        family,
+        _pad: 0,
+        backend_id,
+    }
 }
 
 /// An address as the kernel's `__u32` words hold it (bytes in network order).
@@ -281,7 +376,11 @@ struct IdPool {
 
 impl IdPool {
     fn new(max: u32) -> Self {
-        Self { next: 0, max, free: Vec::new() }
+        Self {
+            next: 0,
+            max,
+            free: Vec::new(),
+        }
     }
 
     fn take(&mut self) -> Option<u32> {
@@ -307,12 +406,20 @@ mod tests {
 
     #[test]
     fn keys_are_in_network_byte_order() {
-        let key = service_key(ServiceAddr { vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)), port: 80, proto: Proto::Tcp });
+        let key = service_key(ServiceAddr {
+            vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
+            port: 80,
+            proto: Proto::Tcp,
+        });
         assert_eq!(bytemuck::bytes_of(&key.addr[0]), &[10, 96, 0, 1]);
         assert_eq!(bytemuck::bytes_of(&key.port), &[0, 80]);
         assert_eq!((key.proto, key.family), (PROTO_TCP, FAMILY_V4));
         let v6: Ipv6Addr = "fd00::1:2".parse().unwrap_or(Ipv6Addr::LOCALHOST);
-        let key = service_key(ServiceAddr { vip: IpAddr::V6(v6), port: 443, proto: Proto::Udp });
+        let key = service_key(ServiceAddr {
+            vip: IpAddr::V6(v6),
+            port: 443,
+            proto: Proto::Udp,
+        });
         assert_eq!(bytemuck::bytes_of(&key.addr), &v6.octets());
         assert_eq!(key.family, FAMILY_V6);
     }
@@ -320,7 +427,10 @@ mod tests {
     #[test]
     fn ids_are_reused() {
         let mut pool = IdPool::new(2);
-        assert_eq!((pool.take(), pool.take(), pool.take()), (Some(0), Some(1), None));
+        assert_eq!(
+            (pool.take(), pool.take(), pool.take()),
+            (Some(0), Some(1), None)
+        );
         pool.give(0);
         assert_eq!(pool.take(), Some(0));
     }

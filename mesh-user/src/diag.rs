@@ -30,11 +30,20 @@ impl Diagnostic {
         Self::new(Severity::Error, object, field, message)
     }
 
-    pub fn warning(object: &ObjectRef, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn warning(
+        object: &ObjectRef,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::new(Severity::Warning, object, field, message)
     }
 
-    fn new(severity: Severity, object: &ObjectRef, field: impl Into<String>, message: impl Into<String>) -> Self {
+    fn new(
+        severity: Severity,
+        object: &ObjectRef,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             severity,
             origin: String::new(),

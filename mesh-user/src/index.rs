@@ -57,8 +57,16 @@ impl Index {
     pub fn apply(&mut self, origin: &str, resource: Resource) -> bool {
         let object = resource.object_ref();
         let k = key(&object);
-        fn put<T: PartialEq>(map: &mut BTreeMap<NsName, Entry<T>>, k: NsName, origin: &str, object: T) -> bool {
-            let entry = Entry { origin: origin.to_owned(), object };
+        fn put<T: PartialEq>(
+            map: &mut BTreeMap<NsName, Entry<T>>,
+            k: NsName,
+            origin: &str,
+            object: T,
+        ) -> bool {
+            let entry = Entry {
+                origin: origin.to_owned(),
+                object,
+            };
             if map.get(&k) == Some(&entry) {
                 return false;
             }
@@ -71,7 +79,10 @@ impl Index {
             origin: &str,
             object: T,
         ) -> bool {
-            let latest = Entry { origin: origin.to_owned(), object };
+            let latest = Entry {
+                origin: origin.to_owned(),
+                object,
+            };
             match map.get_mut(&k) {
                 Some(v) if v.latest == latest => false,
                 Some(v) => {
@@ -79,7 +90,14 @@ impl Index {
                     true
                 }
                 None => {
-                    map.insert(k, Validated { latest, accepted: None, rejection: Vec::new() });
+                    map.insert(
+                        k,
+                        Validated {
+                            latest,
+                            accepted: None,
+                            rejection: Vec::new(),
+                        },
+                    );
                     true
                 }
             }
@@ -89,7 +107,9 @@ impl Index {
             Resource::Pod(o) => put(&mut self.pods, k, origin, *o),
             Resource::EndpointSlice(o) => put(&mut self.endpoint_slices, k, origin, *o),
             Resource::VirtualService(o) => put_validated(&mut self.virtual_services, k, origin, *o),
-            Resource::DestinationRule(o) => put_validated(&mut self.destination_rules, k, origin, *o),
+            Resource::DestinationRule(o) => {
+                put_validated(&mut self.destination_rules, k, origin, *o)
+            }
         }
     }
 
@@ -108,7 +128,11 @@ impl Index {
     /// Every object the index holds, by reference.
     pub fn object_refs(&self) -> Vec<ObjectRef> {
         fn refs<V>(kind: Kind, map: &BTreeMap<NsName, V>) -> impl Iterator<Item = ObjectRef> + '_ {
-            map.keys().map(move |(namespace, name)| ObjectRef { kind, namespace: namespace.clone(), name: name.clone() })
+            map.keys().map(move |(namespace, name)| ObjectRef {
+                kind,
+                namespace: namespace.clone(),
+                name: name.clone(),
+            })
         }
         refs(Kind::Service, &self.services)
             .chain(refs(Kind::Pod, &self.pods))
@@ -133,7 +157,9 @@ impl Index {
         }
         let keys: Vec<NsName> = self.virtual_services.keys().cloned().collect();
         for k in keys {
-            let Some(v) = self.virtual_services.get(&k) else { continue };
+            let Some(v) = self.virtual_services.get(&k) else {
+                continue;
+            };
             if v.accepted.as_ref() == Some(&v.latest) {
                 continue;
             }
@@ -147,21 +173,33 @@ impl Index {
 
     /// Accepted VirtualServices.
     pub fn virtual_services(&self) -> impl Iterator<Item = &Entry<VirtualService>> {
-        self.virtual_services.values().filter_map(|v| v.accepted.as_ref())
+        self.virtual_services
+            .values()
+            .filter_map(|v| v.accepted.as_ref())
     }
 
     /// Accepted DestinationRules.
     pub fn destination_rules(&self) -> impl Iterator<Item = &Entry<DestinationRule>> {
-        self.destination_rules.values().filter_map(|v| v.accepted.as_ref())
+        self.destination_rules
+            .values()
+            .filter_map(|v| v.accepted.as_ref())
     }
 }
 
-fn settle<T: Clone>(v: &mut Validated<T>, problems: Vec<Diagnostic>, rejections: &mut Vec<Diagnostic>) {
+fn settle<T: Clone>(
+    v: &mut Validated<T>,
+    problems: Vec<Diagnostic>,
+    rejections: &mut Vec<Diagnostic>,
+) {
     if problems.is_empty() {
         v.accepted = Some(v.latest.clone());
         v.rejection.clear();
     } else {
-        let keeping = if v.accepted.is_some() { "the last accepted version stays in effect" } else { "not applied" };
+        let keeping = if v.accepted.is_some() {
+            "the last accepted version stays in effect"
+        } else {
+            "not applied"
+        };
         v.rejection = problems
             .into_iter()
             .map(|d| {
@@ -183,13 +221,22 @@ impl Index {
 
     /// The accepted DestinationRule for a Service FQDN: the best host match, a rule in
     /// the Service's own namespace winning ties (Istio looks there before elsewhere).
-    pub fn destination_rule_for(&self, fqdn: &str, cluster_domain: &str) -> Option<&Entry<DestinationRule>> {
-        let service_ns = crate::compile::hosts::split_service_fqdn(fqdn, cluster_domain).map(|(_, ns)| ns);
+    pub fn destination_rule_for(
+        &self,
+        fqdn: &str,
+        cluster_domain: &str,
+    ) -> Option<&Entry<DestinationRule>> {
+        let service_ns =
+            crate::compile::hosts::split_service_fqdn(fqdn, cluster_domain).map(|(_, ns)| ns);
         self.destination_rules()
             .filter_map(|entry| {
                 let meta = &entry.object.metadata;
-                let ns = meta.namespace.as_deref().unwrap_or(crate::model::DEFAULT_NAMESPACE);
-                let pattern = crate::compile::hosts::qualify(&entry.object.spec.host, ns, cluster_domain);
+                let ns = meta
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(crate::model::DEFAULT_NAMESPACE);
+                let pattern =
+                    crate::compile::hosts::qualify(&entry.object.spec.host, ns, cluster_domain);
                 let rank = crate::compile::hosts::match_rank(&pattern, fqdn)?;
                 Some(((rank, Some(ns) == service_ns), entry))
             })

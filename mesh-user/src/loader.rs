@@ -10,7 +10,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
-use mesh_common::{Backend, BackendStats, ServiceKey, ServiceValue, SlotKey, map_names, program_names};
+use mesh_common::{
+    Backend, BackendStats, ServiceKey, ServiceValue, SlotKey, map_names, program_names,
+};
 
 /// The kernel object, built by `build.rs` (aya-build) from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -21,7 +23,10 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot open cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "{path} is not a cgroup v2 directory (on hybrid systems cgroup2 is often at /sys/fs/cgroup/unified)"
     )]
@@ -33,9 +38,15 @@ pub enum LoadError {
     #[error("kernel object has no map {0} (built from another version?)")]
     MissingMap(&'static str),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 /// Handles to the maps the agent writes and reads.
@@ -59,17 +70,28 @@ pub struct Loaded {
     pub cgroup: PathBuf,
 }
 
-const PROGRAMS: [&str; 4] =
-    [program_names::CONNECT4, program_names::CONNECT6, program_names::GETPEERNAME4, program_names::GETPEERNAME6];
+const PROGRAMS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::GETPEERNAME4,
+    program_names::GETPEERNAME6,
+];
 
 /// Loads the programs and attaches them to the cgroup v2 at `cgroup` (and so to
 /// every process in it and below it). Returns the object and its maps.
 pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
-    let fd = File::open(cgroup).map_err(|source| LoadError::Cgroup { path: cgroup.to_owned(), source })?;
-    let fs = nix::sys::statfs::fstatfs(&fd)
-        .map_err(|e| LoadError::Cgroup { path: cgroup.to_owned(), source: e.into() })?;
+    let fd = File::open(cgroup).map_err(|source| LoadError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let fs = nix::sys::statfs::fstatfs(&fd).map_err(|e| LoadError::Cgroup {
+        path: cgroup.to_owned(),
+        source: e.into(),
+    })?;
     if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
-        return Err(LoadError::NotCgroup2 { path: cgroup.to_owned() });
+        return Err(LoadError::NotCgroup2 {
+            path: cgroup.to_owned(),
+        });
     }
     let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
     for name in PROGRAMS {
@@ -78,7 +100,9 @@ pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
             .ok_or(LoadError::MissingProgram(name))?
             .try_into()
             .map_err(|source| LoadError::Program { name, source })?;
-        program.load().map_err(|source| LoadError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
         // On kernels with bpf_link (5.7+) aya attaches through a link, which always
         // coexists with other programs on the cgroup; the mode must then be the
         // default (flags 0), or link_create answers EINVAL.
@@ -92,7 +116,13 @@ pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
         backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
         global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
     };
-    Ok((Loaded { ebpf, cgroup: cgroup.to_owned() }, maps))
+    Ok((
+        Loaded {
+            ebpf,
+            cgroup: cgroup.to_owned(),
+        },
+        maps,
+    ))
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -13,7 +13,11 @@ use mesh_user::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "mesh-agent", version, about = "eBPF service-mesh data plane node agent")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "eBPF service-mesh data plane node agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,19 +57,36 @@ struct CompileArgs {
 
 impl CompileArgs {
     fn config(&self) -> compile::Config {
-        compile::Config { cluster_domain: self.cluster_domain.clone(), ..Default::default() }
+        compile::Config {
+            cluster_domain: self.cluster_domain.clone(),
+            ..Default::default()
+        }
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { source, cgroup, compile, log_format } => {
+        Command::Run {
+            source,
+            cgroup,
+            compile,
+            log_format,
+        } => {
             init_logging(&log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .worker_threads(2)
+                .build()?;
             runtime.block_on(async {
-                let config = agent::Config { source, cgroup, compile: compile.config() };
-                agent::run(config, shutdown_signal()).await.context("mesh-agent run")
+                let config = agent::Config {
+                    source,
+                    cgroup,
+                    compile: compile.config(),
+                };
+                agent::run(config, shutdown_signal())
+                    .await
+                    .context("mesh-agent run")
             })
         }
         Command::Check { source, compile } => check(source, &compile.config()),
@@ -75,7 +96,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -85,7 +108,10 @@ fn init_logging(format: &str) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, run until killed.
         return std::future::pending().await;
     };
@@ -108,7 +134,11 @@ fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
     let compiled = compile::compile(&index, config);
     diagnostics.extend(compiled.diagnostics);
     for d in &diagnostics {
-        let level = if d.severity == Severity::Error { "error" } else { "warning" };
+        let level = if d.severity == Severity::Error {
+            "error"
+        } else {
+            "warning"
+        };
         println!("{level}: {d}");
     }
     for (addr, plan) in &compiled.services {
@@ -124,7 +154,10 @@ fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
             let pct = 100.0 * n as f64 / plan.slots.len() as f64;
             match backend {
                 Some(b) => println!("    {b:<24} {pct:6.2}%  ({n}/{} slots)", plan.slots.len()),
-                None => println!("    {:<24} {pct:6.2}%  (no ready endpoint: EHOSTUNREACH)", "-"),
+                None => println!(
+                    "    {:<24} {pct:6.2}%  (no ready endpoint: EHOSTUNREACH)",
+                    "-"
+                ),
             }
         }
     }

@@ -8,13 +8,22 @@ use crate::{
     compile::hosts,
     diag::Diagnostic,
     index::Index,
-    model::{DEFAULT_NAMESPACE, DestinationRule, Kind, ObjectRef, VirtualService, istio::RouteDestination},
+    model::{
+        DEFAULT_NAMESPACE, DestinationRule, Kind, ObjectRef, VirtualService,
+        istio::RouteDestination,
+    },
 };
 
-fn object_ref(kind: Kind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+fn object_ref(
+    kind: Kind,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectRef {
     ObjectRef {
         kind,
-        namespace: meta.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         name: meta.name.clone().unwrap_or_default(),
     }
 }
@@ -30,7 +39,11 @@ pub fn destination_rule(dr: &DestinationRule) -> Vec<Diagnostic> {
     }
     for (i, subset) in dr.spec.subsets.iter().enumerate() {
         if subset.name.is_empty() {
-            out.push(Diagnostic::error(&me, format!("spec.subsets[{i}].name"), "required"));
+            out.push(Diagnostic::error(
+                &me,
+                format!("spec.subsets[{i}].name"),
+                "required",
+            ));
         } else if dr.spec.subsets[..i].iter().any(|s| s.name == subset.name) {
             out.push(Diagnostic::error(
                 &me,
@@ -49,17 +62,32 @@ pub fn virtual_service(vs: &VirtualService, index: &Index, domain: &str) -> Vec<
         out.push(Diagnostic::error(&me, "metadata.name", "required"));
     }
     if vs.spec.hosts.is_empty() {
-        out.push(Diagnostic::error(&me, "spec.hosts", "at least one host is required"));
+        out.push(Diagnostic::error(
+            &me,
+            "spec.hosts",
+            "at least one host is required",
+        ));
     }
     for (i, host) in vs.spec.hosts.iter().enumerate() {
         if host.trim().is_empty() {
-            out.push(Diagnostic::error(&me, format!("spec.hosts[{i}]"), "empty host"));
+            out.push(Diagnostic::error(
+                &me,
+                format!("spec.hosts[{i}]"),
+                "empty host",
+            ));
         }
     }
     for (i, route) in vs.spec.http.iter().enumerate() {
         let field = format!("spec.http[{i}]");
-        if route.route.is_empty() && !route.other.contains_key("redirect") && !route.other.contains_key("directResponse") {
-            out.push(Diagnostic::error(&me, format!("{field}.route"), "a route needs at least one destination"));
+        if route.route.is_empty()
+            && !route.other.contains_key("redirect")
+            && !route.other.contains_key("directResponse")
+        {
+            out.push(Diagnostic::error(
+                &me,
+                format!("{field}.route"),
+                "a route needs at least one destination",
+            ));
         }
         for (j, m) in route.matches.iter().enumerate() {
             check_port(&me, &format!("{field}.match[{j}].port"), m.port, &mut out);
@@ -69,7 +97,11 @@ pub fn virtual_service(vs: &VirtualService, index: &Index, domain: &str) -> Vec<
     for (i, route) in vs.spec.tcp.iter().enumerate() {
         let field = format!("spec.tcp[{i}]");
         if route.route.is_empty() {
-            out.push(Diagnostic::error(&me, format!("{field}.route"), "a route needs at least one destination"));
+            out.push(Diagnostic::error(
+                &me,
+                format!("{field}.route"),
+                "a route needs at least one destination",
+            ));
         }
         for (j, m) in route.matches.iter().enumerate() {
             check_port(&me, &format!("{field}.match[{j}].port"), m.port, &mut out);
@@ -83,7 +115,11 @@ fn check_port(me: &ObjectRef, field: &str, port: Option<u32>, out: &mut Vec<Diag
     if let Some(port) = port
         && !(1..=65535).contains(&port)
     {
-        out.push(Diagnostic::error(me, field, format!("port {port} is not in 1..65535")));
+        out.push(Diagnostic::error(
+            me,
+            field,
+            format!("port {port} is not in 1..65535"),
+        ));
     }
 }
 
@@ -100,15 +136,27 @@ fn destinations(
         let field = format!("{field}.route[{j}]");
         let weight = dest.weight.unwrap_or(0);
         if weight < 0 {
-            out.push(Diagnostic::error(me, format!("{field}.weight"), format!("weight {weight} is negative")));
+            out.push(Diagnostic::error(
+                me,
+                format!("{field}.weight"),
+                format!("weight {weight} is negative"),
+            ));
         } else if weight > i64::from(u32::MAX) {
-            out.push(Diagnostic::error(me, format!("{field}.weight"), format!("weight {weight} is too large")));
+            out.push(Diagnostic::error(
+                me,
+                format!("{field}.weight"),
+                format!("weight {weight} is too large"),
+            ));
         } else {
             total += weight;
         }
         let host = dest.destination.host.trim();
         if host.is_empty() {
-            out.push(Diagnostic::error(me, format!("{field}.destination.host"), "required"));
+            out.push(Diagnostic::error(
+                me,
+                format!("{field}.destination.host"),
+                "required",
+            ));
             continue;
         }
         let fqdn = hosts::qualify(host, &me.namespace, domain);
@@ -116,22 +164,33 @@ fn destinations(
             out.push(Diagnostic::error(
                 me,
                 format!("{field}.destination.host"),
-                format!("unknown host {host:?}: no Service {fqdn} (external hosts are not supported)"),
+                format!(
+                    "unknown host {host:?}: no Service {fqdn} (external hosts are not supported)"
+                ),
             ));
             continue;
         };
-        if let Some(port) = dest.destination.port.as_ref().and_then(|p| p.number) {
-            if !service_ports(&service.object).any(|p| p == port) {
-                out.push(Diagnostic::error(
-                    me,
-                    format!("{field}.destination.port.number"),
-                    format!("Service {fqdn} has no port {port}"),
-                ));
-            }
+        if let Some(port) = dest.destination.port.as_ref().and_then(|p| p.number)
+            && !service_ports(&service.object).any(|p| p == port)
+        {
+            out.push(Diagnostic::error(
+                me,
+                format!("{field}.destination.port.number"),
+                format!("Service {fqdn} has no port {port}"),
+            ));
         }
         if let Some(subset) = &dest.destination.subset {
             let rule = index.destination_rule_for(&fqdn, domain);
-            let known: Vec<&str> = rule.map(|r| r.object.spec.subsets.iter().map(|s| s.name.as_str()).collect()).unwrap_or_default();
+            let known: Vec<&str> = rule
+                .map(|r| {
+                    r.object
+                        .spec
+                        .subsets
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
             if !known.contains(&subset.as_str()) {
                 let why = match rule {
                     None => format!("no DestinationRule defines subsets for {fqdn}"),
@@ -155,5 +214,9 @@ fn destinations(
 }
 
 fn service_ports(service: &Service) -> impl Iterator<Item = u32> + '_ {
-    service.spec.iter().flat_map(|s| s.ports.iter().flatten()).filter_map(|p| u32::try_from(p.port).ok())
+    service
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| u32::try_from(p.port).ok())
 }

@@ -16,7 +16,12 @@ use serde_json::Value;
 /// from `target/<profile>/deps`, binaries live in `target/<profile>`).
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let candidates = exe.ancestors().skip(1).take(2).map(|d| d.join(name)).collect::<Vec<_>>();
+    let candidates = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .collect::<Vec<_>>();
     candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
         format!("{name} not found in {candidates:?}: build it first (`cargo xtask test` builds everything)")
     })
@@ -62,7 +67,11 @@ impl Agent {
     /// The newest generation applied.
     pub fn generation(&self) -> u64 {
         self.log.lock().map_or(0, |log| {
-            log.iter().filter(|v| message(v) == "config applied").filter_map(|v| v["fields"]["generation"].as_u64()).max().unwrap_or(0)
+            log.iter()
+                .filter(|v| message(v) == "config applied")
+                .filter_map(|v| v["fields"]["generation"].as_u64())
+                .max()
+                .unwrap_or(0)
         })
     }
 
@@ -78,19 +87,35 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        bail!("mesh-agent did not apply generation {at_least} within {timeout:?}; log:\n{}", self.log_text())
+        bail!(
+            "mesh-agent did not apply generation {at_least} within {timeout:?}; log:\n{}",
+            self.log_text()
+        )
     }
 
     /// Log messages at `level` (ERROR, WARN, INFO).
     pub fn messages(&self, level: &str) -> Vec<String> {
         self.log.lock().map_or_else(
             |_| Vec::new(),
-            |log| log.iter().filter(|v| v["level"] == level).map(|v| message(v).to_owned()).collect(),
+            |log| {
+                log.iter()
+                    .filter(|v| v["level"] == level)
+                    .map(|v| message(v).to_owned())
+                    .collect()
+            },
         )
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().map_or_else(|_| String::new(), |log| log.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n"))
+        self.log.lock().map_or_else(
+            |_| String::new(),
+            |log| {
+                log.iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            },
+        )
     }
 
     /// SIGTERM, and wait for a clean exit.

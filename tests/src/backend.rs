@@ -40,36 +40,43 @@ impl Backend {
         let served = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let body = greeting(pod, version);
-        let thread = std::thread::Builder::new().name(format!("backend-{pod}")).spawn({
-            let (stop, served) = (stop.clone(), served.clone());
-            move || {
-                let listener = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| Ok(TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?));
-                let listener = match listener {
-                    Ok(l) => {
-                        let _ = tx.send(Ok(()));
-                        l
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                    if !matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
-                        continue;
-                    }
-                    if let Ok((stream, _)) = listener.accept() {
-                        served.fetch_add(1, Ordering::Relaxed);
-                        let _ = answer(stream, &body);
+        let thread = std::thread::Builder::new()
+            .name(format!("backend-{pod}"))
+            .spawn({
+                let (stop, served) = (stop.clone(), served.clone());
+                move || {
+                    let listener = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| Ok(TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?));
+                    let listener = match listener {
+                        Ok(l) => {
+                            let _ = tx.send(Ok(()));
+                            l
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                        if !matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
+                            continue;
+                        }
+                        if let Ok((stream, _)) = listener.accept() {
+                            served.fetch_add(1, Ordering::Relaxed);
+                            let _ = answer(stream, &body);
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         rx.recv()??;
-        Ok(Backend { pod: pod.to_owned(), stop, served, thread: Some(thread) })
+        Ok(Backend {
+            pod: pod.to_owned(),
+            stop,
+            served,
+            thread: Some(thread),
+        })
     }
 
     /// Connections accepted so far.

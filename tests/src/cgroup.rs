@@ -37,7 +37,10 @@ impl Cgroup {
 
     /// `cgroup.procs`, opened for writing: a child writes "0" to it to join.
     pub fn procs(&self) -> anyhow::Result<File> {
-        fs::OpenOptions::new().write(true).open(self.path.join("cgroup.procs")).context("opening cgroup.procs")
+        fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .context("opening cgroup.procs")
     }
 
     pub fn path(&self) -> &Path {

@@ -62,7 +62,11 @@ pub fn pod(name: &str, app: &str, version: &str, ips: &[IpAddr], ready: bool) ->
     for ip in ips {
         let _ = writeln!(s, "    - ip: {ip}");
     }
-    let _ = write!(s, "  conditions:\n    - type: Ready\n      status: \"{}\"\n", if ready { "True" } else { "False" });
+    let _ = write!(
+        s,
+        "  conditions:\n    - type: Ready\n      status: \"{}\"\n",
+        if ready { "True" } else { "False" }
+    );
     s
 }
 
@@ -83,7 +87,10 @@ pub fn virtual_service(host: &str, weights: &[(&str, i64)]) -> String {
         "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata:\n  name: {host}\n  namespace: default\nspec:\n  hosts:\n    - {host}\n  http:\n    - route:\n"
     );
     for (subset, weight) in weights {
-        let _ = write!(s, "        - destination:\n            host: {host}\n            subset: {subset}\n          weight: {weight}\n");
+        let _ = write!(
+            s,
+            "        - destination:\n            host: {host}\n            subset: {subset}\n          weight: {weight}\n"
+        );
     }
     s
 }

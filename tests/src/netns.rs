@@ -23,7 +23,9 @@ pub struct Netns {
 impl Netns {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         sh("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_owned() };
+        let ns = Netns {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -53,11 +55,27 @@ impl Netns {
 
     /// A counter from `/proc/net/snmp` (e.g. `Tcp` `OutSegs`) inside this namespace.
     pub fn snmp(&self, group: &str, field: &str) -> anyhow::Result<u64> {
-        let out = sh("ip", &["netns", "exec", &self.name, "cat", "/proc/net/snmp"])?;
-        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("{group}:"))).collect();
-        let (names, values) = (lines.first().context("no header")?, lines.get(1).context("no values")?);
-        let i = names.split_whitespace().position(|n| n == field).context("no such field")?;
-        Ok(values.split_whitespace().nth(i).context("short line")?.parse()?)
+        let out = sh(
+            "ip",
+            &["netns", "exec", &self.name, "cat", "/proc/net/snmp"],
+        )?;
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{group}:")))
+            .collect();
+        let (names, values) = (
+            lines.first().context("no header")?,
+            lines.get(1).context("no values")?,
+        );
+        let i = names
+            .split_whitespace()
+            .position(|n| n == field)
+            .context("no such field")?;
+        Ok(values
+            .split_whitespace()
+            .nth(i)
+            .context("short line")?
+            .parse()?)
     }
 }
 
@@ -91,7 +109,11 @@ impl Node {
         let bridge = Netns::create(&format!("{prefix}-node"))?;
         bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
         bridge.ip(&["link", "set", "br0", "up"])?;
-        Ok(Node { prefix, bridge, pods: Vec::new() })
+        Ok(Node {
+            prefix,
+            bridge,
+            pods: Vec::new(),
+        })
     }
 
     /// Adds a pod with host number `host` (1..=254): `10.244.0.<host>` and
@@ -99,18 +121,37 @@ impl Node {
     pub fn add_pod(&mut self, name: &str, host: u8) -> anyhow::Result<&Pod> {
         let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
         let veth = format!("v{host}");
-        self.bridge.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.bridge.ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        self.bridge.ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.bridge
+            .ip(&["link", "set", &veth, "master", "br0", "up"])?;
         let ipv4 = format!("{POD_NET4}.{host}");
         let ipv6 = format!("{POD_NET6}::{host}");
         ns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-        ns.ip(&["-6", "addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ipv6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        self.pods.push(Pod { name: name.to_owned(), ns, ipv4: ipv4.parse()?, ipv6: ipv6.parse()? });
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            ns,
+            ipv4: ipv4.parse()?,
+            ipv6: ipv6.parse()?,
+        });
         Ok(self.pods.last().expect("just pushed"))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 }

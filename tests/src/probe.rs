@@ -42,13 +42,22 @@ impl Summary {
 
     /// Share of answers from pods whose name starts with `prefix`.
     pub fn share(&self, prefix: &str) -> f64 {
-        let n: u64 = self.backends.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum();
+        let n: u64 = self
+            .backends
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum();
         n as f64 / self.ok.max(1) as f64
     }
 
     fn merge(&mut self, other: &Summary) {
         self.ok += other.ok;
-        for (map, from) in [(&mut self.errors, &other.errors), (&mut self.backends, &other.backends), (&mut self.peers, &other.peers)] {
+        for (map, from) in [
+            (&mut self.errors, &other.errors),
+            (&mut self.backends, &other.backends),
+            (&mut self.peers, &other.peers),
+        ] {
             for (k, v) in from {
                 *map.entry(k.clone()).or_default() += v;
             }
@@ -76,13 +85,19 @@ fn one(target: SocketAddr, timeout: Duration, into: &mut Summary) {
         let mut stream = TcpStream::connect_timeout(&target, timeout)?;
         let peer = stream.peer_addr()?.to_string();
         stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes())?;
+        stream.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer)?;
         Ok((peer, answer))
     })();
     match result {
-        Ok((peer, answer)) => match answer.split("Hello World by ").nth(1).and_then(|r| r.split_whitespace().next()) {
+        Ok((peer, answer)) => match answer
+            .split("Hello World by ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+        {
             Some(pod) => {
                 into.ok += 1;
                 *into.backends.entry(pod.to_owned()).or_default() += 1;
@@ -91,7 +106,10 @@ fn one(target: SocketAddr, timeout: Duration, into: &mut Summary) {
             None => *into.errors.entry("bad-response".to_owned()).or_default() += 1,
         },
         Err(e) => {
-            let name = e.raw_os_error().map_or_else(|| e.kind().to_string(), |n| format!("{:?}", nix::errno::Errno::from_raw(n)));
+            let name = e.raw_os_error().map_or_else(
+                || e.kind().to_string(),
+                |n| format!("{:?}", nix::errno::Errno::from_raw(n)),
+            );
             *into.errors.entry(name).or_default() += 1;
         }
     }
@@ -160,7 +178,9 @@ pub fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[String]) -> anyhow::Re
     let procs = cgroup.map(Cgroup::procs).transpose()?;
     let (ns_fd, procs_fd) = (ns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
     let mut cmd = Command::new(binary()?);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -181,8 +201,21 @@ pub fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[String]) -> anyhow::Re
 }
 
 /// Runs `mesh-probe` to completion and returns its total.
-pub fn probe(ns: &Netns, cgroup: Option<&Cgroup>, target: &str, count: u64, concurrency: usize) -> anyhow::Result<Summary> {
-    let args = ["--target", target, "--count", &count.to_string(), "--concurrency", &concurrency.to_string()];
+pub fn probe(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    target: &str,
+    count: u64,
+    concurrency: usize,
+) -> anyhow::Result<Summary> {
+    let args = [
+        "--target",
+        target,
+        "--count",
+        &count.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+    ];
     finish(spawn(ns, cgroup, &args.map(str::to_owned))?)
 }
 

@@ -53,8 +53,17 @@ fn a_v1_pod_going_not_ready_leaves_the_table() -> anyhow::Result<()> {
 #[test]
 fn a_burst_of_connections_during_repeated_weight_flips_never_fails() -> anyhow::Result<()> {
     let mut canary = Canary::start(Some((80, 20)))?;
-    let args: Vec<String> =
-        ["--target", &vip4(), "--duration-ms", "4000", "--concurrency", "4"].iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> = [
+        "--target",
+        &vip4(),
+        "--duration-ms",
+        "4000",
+        "--concurrency",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let client = probe::spawn(&canary.node.pod("client").ns, Some(&canary.cgroup), &args)?;
     let mut flips = 0;
     let started = std::time::Instant::now();
@@ -69,41 +78,80 @@ fn a_burst_of_connections_during_repeated_weight_flips_never_fails() -> anyhow::
     assert!(flips >= 10, "only {flips} flips");
     assert_eq!(summary.failed(), 0, "{summary:?}");
     assert!(summary.ok > 500, "{summary:?}");
-    assert!(summary.backends.contains_key(V2) && summary.backends.contains_key(V1[0]), "{summary:?}");
+    assert!(
+        summary.backends.contains_key(V2) && summary.backends.contains_key(V1[0]),
+        "{summary:?}"
+    );
     Ok(())
 }
 
 #[test]
-fn bad_input_is_reported_by_file_object_and_field_and_the_last_good_state_stays() -> anyhow::Result<()> {
+fn bad_input_is_reported_by_file_object_and_field_and_the_last_good_state_stays()
+-> anyhow::Result<()> {
     let mut canary = Canary::start(Some((80, 20)))?;
     // Another service, to prove it keeps working while flaskapp's rule is bad.
-    canary.write("stable.yaml", &manifests::service("stable", &["10.96.0.82".parse()?], 80, 5000).replace(
-        "    app: stable\n",
-        "    app: flaskapp\n    version: v1\n",
-    ))?;
+    canary.write(
+        "stable.yaml",
+        &manifests::service("stable", &["10.96.0.82".parse()?], 80, 5000)
+            .replace("    app: stable\n", "    app: flaskapp\n    version: v1\n"),
+    )?;
 
     let cases = [
-        ("negative weight", manifests::virtual_service("flaskapp", &[("v1", 120), ("v2", -20)]), "spec.http[0].route[1].weight"),
-        ("unknown subset", manifests::virtual_service("flaskapp", &[("v1", 50), ("v3", 50)]), "spec.http[0].route[1].destination.subset"),
-        ("unparsable YAML", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nspec: [unclosed\n".to_owned(), "invalid YAML"),
-        ("wrong type", manifests::virtual_service("flaskapp", &[("v1", 50), ("v2", 50)]).replace("weight: 50", "weight: half"), "spec.http[0].route[0].weight"),
+        (
+            "negative weight",
+            manifests::virtual_service("flaskapp", &[("v1", 120), ("v2", -20)]),
+            "spec.http[0].route[1].weight",
+        ),
+        (
+            "unknown subset",
+            manifests::virtual_service("flaskapp", &[("v1", 50), ("v3", 50)]),
+            "spec.http[0].route[1].destination.subset",
+        ),
+        (
+            "unparsable YAML",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nspec: [unclosed\n"
+                .to_owned(),
+            "invalid YAML",
+        ),
+        (
+            "wrong type",
+            manifests::virtual_service("flaskapp", &[("v1", 50), ("v2", 50)])
+                .replace("weight: 50", "weight: half"),
+            "spec.http[0].route[0].weight",
+        ),
     ];
     for (what, content, field) in cases {
         canary.write("virtualservice.yaml", &content)?;
         let errors = canary.agent.messages("ERROR");
         assert!(
-            errors.iter().any(|e| e.contains("virtualservice.yaml") && e.contains(field)),
+            errors
+                .iter()
+                .any(|e| e.contains("virtualservice.yaml") && e.contains(field)),
             "{what}: no error naming the file and {field}: {errors:#?}"
         );
         let summary = canary.probe(&vip4(), N)?;
         assert_eq!(summary.failed(), 0, "{what}: {summary:?}");
-        assert_share(summary.share(V2), 0.20, N, &format!("{what}: last good 80/20"));
+        assert_share(
+            summary.share(V2),
+            0.20,
+            N,
+            &format!("{what}: last good 80/20"),
+        );
         let stable = canary.probe("10.96.0.82:80", 100)?;
         assert_eq!(stable.failed(), 0, "{what}: {stable:?}");
-        assert!(stable.backends.keys().all(|k| k.contains("v1")), "{what}: {stable:?}");
+        assert!(
+            stable.backends.keys().all(|k| k.contains("v1")),
+            "{what}: {stable:?}"
+        );
     }
     // The error names the object too.
-    assert!(canary.agent.messages("ERROR").iter().any(|e| e.contains("VirtualService default/flaskapp")));
+    assert!(
+        canary
+            .agent
+            .messages("ERROR")
+            .iter()
+            .any(|e| e.contains("VirtualService default/flaskapp"))
+    );
 
     // While the rule is bad, other changes still apply: a v1 pod leaves.
     canary.set_ready(V1[2], false)?;
@@ -122,11 +170,24 @@ fn bad_input_is_reported_by_file_object_and_field_and_the_last_good_state_stays(
 fn stopping_the_agent_detaches_the_programs() -> anyhow::Result<()> {
     let canary = Canary::start(Some((80, 20)))?;
     assert_eq!(canary.probe(&vip4(), 10)?.ok, 10);
-    let Canary { agent, node, cgroup, backends, dir, .. } = canary;
+    let Canary {
+        agent,
+        node,
+        cgroup,
+        backends,
+        dir,
+        ..
+    } = canary;
     let status = agent.stop()?;
     assert!(status.success(), "agent exit: {status}");
     // Nothing rewrites the VIP any more: it is unreachable, as without a mesh.
-    let after = probe::probe(&node.pod("client").ns, Some(&cgroup), &format!("{VIP4}:80"), 5, 1)?;
+    let after = probe::probe(
+        &node.pod("client").ns,
+        Some(&cgroup),
+        &format!("{VIP4}:80"),
+        5,
+        1,
+    )?;
     assert_eq!(after.errors.get("ENETUNREACH"), Some(&5), "{after:?}");
     drop((backends, dir));
     Ok(())
@@ -140,7 +201,12 @@ fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyho
         let mut node = Node::new().expect("node");
         node.add_pod("a", 3).expect("pod");
         let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-")).expect("cgroup");
-        let names: Vec<String> = node.pods.iter().map(|p| p.ns.name.clone()).chain([node.bridge.name.clone()]).collect();
+        let names: Vec<String> = node
+            .pods
+            .iter()
+            .map(|p| p.ns.name.clone())
+            .chain([node.bridge.name.clone()])
+            .collect();
         tx.send((names, cgroup.path.clone())).expect("send");
         panic!("a failing test");
     });
@@ -148,7 +214,12 @@ fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyho
     let (names, cgroup) = rx.recv()?;
     let listed = mesh_tests::sh("ip", &["netns", "list"])?;
     for name in names {
-        assert!(!listed.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())), "{name} left behind");
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name.as_str())),
+            "{name} left behind"
+        );
     }
     mesh_tests::cgroup::assert_gone(&cgroup)?;
     Ok(())

@@ -21,7 +21,11 @@ fn canary_split_follows_the_virtualservice_and_moves_when_edited() -> anyhow::Re
         assert_share(before.share(pod), 0.80 / 3.0, N, pod);
     }
     // getpeername shows the VIP the application dialled, on every connection.
-    assert_eq!(before.peers.keys().collect::<Vec<_>>(), vec![&vip4()], "{before:?}");
+    assert_eq!(
+        before.peers.keys().collect::<Vec<_>>(),
+        vec![&vip4()],
+        "{before:?}"
+    );
 
     let took = canary.set_weights(50, 50)?;
     eprintln!("weight change applied {took:?} after the file was written");
@@ -36,7 +40,8 @@ fn canary_split_follows_the_virtualservice_and_moves_when_edited() -> anyhow::Re
 }
 
 #[test]
-fn without_a_virtualservice_connections_balance_evenly_and_backends_see_them() -> anyhow::Result<()> {
+fn without_a_virtualservice_connections_balance_evenly_and_backends_see_them() -> anyhow::Result<()>
+{
     let canary = Canary::start(None)?;
     let summary = canary.probe(&vip4(), N)?;
     assert_eq!(summary.failed(), 0, "{summary:?}");
@@ -74,12 +79,19 @@ fn non_mesh_destinations_and_processes_outside_the_cgroup_are_untouched() -> any
     let v2 = canary.node.pod(V2);
     let direct = canary.probe(&format!("{}:5000", v2.ipv4), 200)?;
     assert_eq!(direct.backends.get(V2), Some(&200), "{direct:?}");
-    assert_eq!(direct.peers.keys().collect::<Vec<_>>(), vec![&format!("{}:5000", v2.ipv4)]);
+    assert_eq!(
+        direct.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{}:5000", v2.ipv4)]
+    );
 
     // The VIP on a port the Service does not have is not a service either: left
     // alone, it has nowhere to go (no route off the node).
     let other_port = canary.probe(&format!("{VIP4}:81"), 5)?;
-    assert_eq!(other_port.errors.get("ENETUNREACH"), Some(&5), "{other_port:?}");
+    assert_eq!(
+        other_port.errors.get("ENETUNREACH"),
+        Some(&5),
+        "{other_port:?}"
+    );
 
     // A process outside the mesh cgroup dialling the VIP is not rewritten.
     let outside = canary.probe_unmeshed(&vip4(), 5)?;

@@ -1,1 +1,141 @@
-fn main() {}
+//! Developer workflows. Each installs what it needs that is missing (or says the
+//! exact command when it cannot), then does its job:
+//!
+//! - `cargo xtask setup`      toolchain pieces and packages (idempotent)
+//! - `cargo xtask build-ebpf` the kernel object alone
+//! - `cargo xtask demo`       the seed's 80/20 canary, observed live (root)
+//! - `cargo xtask test`       every test: unit, property, and privileged (root)
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what building and testing need: LLVM 22 dev files, nightly rust-src, bpf-linker, iproute2.
+    Setup,
+    /// Build the kernel object (target/bpfel-unknown-none/release/mesh-ebpf).
+    BuildEbpf,
+    /// Run the canary demo: 80/20, then 50/50 after a live edit.
+    Demo {
+        /// Seconds to show each split.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
+    /// Run all tests (the privileged ones need root, BPF, cgroup v2 and netns).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::ensure_all(),
+        Cmd::BuildEbpf => {
+            setup::ensure_all()?;
+            build_ebpf()
+        }
+        Cmd::Demo { seconds } => {
+            setup::ensure_all()?;
+            require_root("the demo creates network namespaces and cgroups and loads BPF programs")?;
+            cargo(&["build", "--release", "--bins"])?;
+            run(Command::new(workspace().join("target/release/mesh-demo"))
+                .args(["--seconds", &seconds.to_string()])
+                .current_dir(workspace()))
+        }
+        Cmd::Test { args } => {
+            setup::ensure_all()?;
+            require_root(
+                "the integration tests load BPF programs into cgroups and create network namespaces",
+            )?;
+            // The privileged tests run the real binaries; build them first.
+            cargo(&["build", "--workspace", "--bins"])?;
+            let mut all = vec!["test", "--workspace"];
+            if !args.is_empty() {
+                all.push("--");
+                all.extend(args.iter().map(String::as_str));
+            }
+            cargo(&all)
+        }
+    }
+}
+
+/// The kernel object on its own, built exactly as mesh-user's build script does.
+fn build_ebpf() -> anyhow::Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "+nightly",
+        "build",
+        "--package",
+        "mesh-ebpf",
+        "--bins",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ])
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!(
+            "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+            std::env::consts::ARCH
+        ),
+    )
+    .current_dir(workspace());
+    run(&mut cmd)?;
+    println!(
+        "kernel object: {}",
+        workspace()
+            .join("target/bpfel-unknown-none/release/mesh-ebpf")
+            .display()
+    );
+    Ok(())
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(workspace()),
+    )
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions. (xtask keeps its dependencies minimal.)
+    if unsafe { geteuid() } != 0 {
+        bail!("this needs root: {why}. Run it as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}

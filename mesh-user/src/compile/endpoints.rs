@@ -29,13 +29,25 @@ fn protocol(p: Option<&String>) -> &str {
 }
 
 /// The ready endpoints of `port` of the Service `namespace/name`, sorted.
-pub fn ready_endpoints(index: &Index, namespace: &str, name: &str, service: &Service, port: &ServicePort) -> Vec<Endpoint> {
+pub fn ready_endpoints(
+    index: &Index,
+    namespace: &str,
+    name: &str,
+    service: &Service,
+    port: &ServicePort,
+) -> Vec<Endpoint> {
     let slices: Vec<_> = index
         .endpoint_slices
         .iter()
         .filter(|((ns, _), e)| {
             ns == namespace
-                && e.object.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) == Some(name)
+                && e.object
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .map(String::as_str)
+                    == Some(name)
         })
         .map(|(_, e)| &e.object)
         .collect();
@@ -51,17 +63,23 @@ pub fn ready_endpoints(index: &Index, namespace: &str, name: &str, service: &Ser
             }) else {
                 continue;
             };
-            let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else { continue };
+            let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+                continue;
+            };
             for ep in slice.endpoints.iter().flatten() {
                 let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
                 if !ready {
                     continue;
                 }
-                let pod = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
-                    let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
-                    let name = r.name.clone()?;
-                    Some((ns, name))
-                });
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
+                        let name = r.name.clone()?;
+                        Some((ns, name))
+                    });
                 let labels = pod
                     .as_ref()
                     .and_then(|k| index.pods.get(k))
@@ -69,7 +87,12 @@ pub fn ready_endpoints(index: &Index, namespace: &str, name: &str, service: &Ser
                     .unwrap_or_default();
                 for address in &ep.addresses {
                     if let Ok(ip) = address.parse::<IpAddr>() {
-                        out.push(Endpoint { ip, port: target, pod: pod.as_ref().map(|(_, n)| n.clone()), labels: labels.clone() });
+                        out.push(Endpoint {
+                            ip,
+                            port: target,
+                            pod: pod.as_ref().map(|(_, n)| n.clone()),
+                            labels: labels.clone(),
+                        });
                     }
                 }
             }
@@ -81,20 +104,40 @@ pub fn ready_endpoints(index: &Index, namespace: &str, name: &str, service: &Ser
     out
 }
 
-fn from_pods(index: &Index, namespace: &str, service: &Service, port: &ServicePort) -> Vec<Endpoint> {
-    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) else {
+fn from_pods(
+    index: &Index,
+    namespace: &str,
+    service: &Service,
+    port: &ServicePort,
+) -> Vec<Endpoint> {
+    let Some(selector) = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for ((ns, name), entry) in &index.pods {
         let pod = &entry.object;
         let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if ns != namespace || !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || !is_ready(pod) {
+        if ns != namespace
+            || !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            || !is_ready(pod)
+        {
             continue;
         }
-        let Some(target) = target_port(pod, port) else { continue };
+        let Some(target) = target_port(pod, port) else {
+            continue;
+        };
         for ip in pod_ips(pod) {
-            out.push(Endpoint { ip, port: target, pod: Some(name.clone()), labels: labels.clone() });
+            out.push(Endpoint {
+                ip,
+                port: target,
+                pod: Some(name.clone()),
+                labels: labels.clone(),
+            });
         }
     }
     out
@@ -111,8 +154,15 @@ pub fn is_ready(pod: &Pod) -> bool {
 }
 
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = &pod.status else { return Vec::new() };
-    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
     if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
         && !ips.contains(&ip)
     {
@@ -133,7 +183,10 @@ fn target_port(pod: &Pod, port: &ServicePort) -> Option<u16> {
             .containers
             .iter()
             .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name.as_str()) && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref()))
+            .find(|p| {
+                p.name.as_deref() == Some(name.as_str())
+                    && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref())
+            })
             .and_then(|p| u16::try_from(p.container_port).ok()),
     }
 }

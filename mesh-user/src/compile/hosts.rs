@@ -51,14 +51,26 @@ mod tests {
 
     #[test]
     fn short_names_resolve_in_the_writers_namespace() {
-        assert_eq!(qualify("flaskapp", "prod", D), "flaskapp.prod.svc.cluster.local");
-        assert_eq!(qualify("flaskapp.other", "prod", D), "flaskapp.other.svc.cluster.local");
-        assert_eq!(qualify("flaskapp.other.svc", "prod", D), "flaskapp.other.svc.cluster.local");
+        assert_eq!(
+            qualify("flaskapp", "prod", D),
+            "flaskapp.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            qualify("flaskapp.other", "prod", D),
+            "flaskapp.other.svc.cluster.local"
+        );
+        assert_eq!(
+            qualify("flaskapp.other.svc", "prod", D),
+            "flaskapp.other.svc.cluster.local"
+        );
         assert_eq!(
             qualify("flaskapp.other.svc.cluster.local", "prod", D),
             "flaskapp.other.svc.cluster.local"
         );
-        assert_eq!(qualify("flaskapp.other.svc.cluster.local.", "prod", D), "flaskapp.other.svc.cluster.local");
+        assert_eq!(
+            qualify("flaskapp.other.svc.cluster.local.", "prod", D),
+            "flaskapp.other.svc.cluster.local"
+        );
         assert_eq!(qualify("api.example.com", "prod", D), "api.example.com");
     }
 
@@ -75,7 +87,10 @@ mod tests {
 
     #[test]
     fn splits_service_names() {
-        assert_eq!(split_service_fqdn("a.prod.svc.cluster.local", D), Some(("a", "prod")));
+        assert_eq!(
+            split_service_fqdn("a.prod.svc.cluster.local", D),
+            Some(("a", "prod"))
+        );
         assert_eq!(split_service_fqdn("a.prod.svc.example.org", D), None);
         assert_eq!(split_service_fqdn("api.example.com", D), None);
     }

@@ -28,7 +28,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { cluster_domain: "cluster.local".to_owned(), max_slots: mesh_common::MAX_SLOTS_PER_SERVICE as usize }
+        Self {
+            cluster_domain: "cluster.local".to_owned(),
+            max_slots: mesh_common::MAX_SLOTS_PER_SERVICE as usize,
+        }
     }
 }
 
@@ -57,7 +60,12 @@ pub struct ServiceAddr {
 
 impl fmt::Display for ServiceAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", std::net::SocketAddr::new(self.vip, self.port), self.proto)
+        write!(
+            f,
+            "{}/{}",
+            std::net::SocketAddr::new(self.vip, self.port),
+            self.proto
+        )
     }
 }
 
@@ -95,7 +103,9 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
     let mut out = Compiled::default();
     let domain = config.cluster_domain.as_str();
     for ((namespace, name), entry) in &index.services {
-        let Some(spec) = &entry.object.spec else { continue };
+        let Some(spec) = &entry.object.spec else {
+            continue;
+        };
         let vips = service_vips(&entry.object);
         if vips.is_empty() {
             continue; // headless or ExternalName: nothing to translate
@@ -108,15 +118,34 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 "UDP" => Proto::Udp,
                 _ => continue, // SCTP: not handled by the sock_addr hooks we attach
             };
-            let Ok(number) = u16::try_from(port.port) else { continue };
-            let (route, groups) = match vs.and_then(|vs| Some((vs, routes::choose_route(vs, port, &mut out.diagnostics)?))) {
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            let (route, groups) = match vs
+                .and_then(|vs| Some((vs, routes::choose_route(vs, port, &mut out.diagnostics)?)))
+            {
                 Some((vs, chosen)) => (
                     format!("{} {}", routes::vs_ref(&vs.object), chosen.field),
-                    weighted_groups(index, vs, &chosen, entry, port, config, &mut out.diagnostics),
+                    weighted_groups(
+                        index,
+                        vs,
+                        &chosen,
+                        entry,
+                        port,
+                        config,
+                        &mut out.diagnostics,
+                    ),
                 ),
                 None => {
-                    let all = endpoints::ready_endpoints(index, namespace, name, &entry.object, port);
-                    ("no VirtualService route: even balancing".to_owned(), vec![Group { weight: 1, members: all }])
+                    let all =
+                        endpoints::ready_endpoints(index, namespace, name, &entry.object, port);
+                    (
+                        "no VirtualService route: even balancing".to_owned(),
+                        vec![Group {
+                            weight: 1,
+                            members: all,
+                        }],
+                    )
                 }
             };
             for vip in &vips {
@@ -128,12 +157,19 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                             .members
                             .iter()
                             .filter(|e| e.ip.is_ipv4() == vip.is_ipv4())
-                            .map(|e| BackendAddr { ip: e.ip, port: e.port })
+                            .map(|e| BackendAddr {
+                                ip: e.ip,
+                                port: e.port,
+                            })
                             .collect(),
                     })
                     .collect();
                 out.services.insert(
-                    ServiceAddr { vip: *vip, port: number, proto },
+                    ServiceAddr {
+                        vip: *vip,
+                        port: number,
+                        proto,
+                    },
                     ServicePlan {
                         service: format!("{namespace}/{name}"),
                         route: route.clone(),
@@ -152,8 +188,15 @@ type Group = slots::Group<endpoints::Endpoint>;
 
 /// The cluster IPs of a Service (both families when dual-stack).
 fn service_vips(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = &service.spec else { return Vec::new() };
-    let mut ips: Vec<IpAddr> = spec.cluster_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
     if let Some(ip) = spec.cluster_ip.as_deref().and_then(|ip| ip.parse().ok())
         && !ips.contains(&ip)
     {
@@ -173,37 +216,70 @@ fn weighted_groups(
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Group> {
     let domain = config.cluster_domain.as_str();
-    let vs_ns = vs.object.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    let vs_ns = vs
+        .object
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or(DEFAULT_NAMESPACE);
     let me = routes::vs_ref(&vs.object);
     let single = chosen.destinations.len() == 1;
     let mut groups = Vec::new();
     for (j, dest) in chosen.destinations.iter().enumerate() {
         let field = format!("{}.route[{j}].destination", chosen.field);
         // One destination takes all the traffic whatever its weight (Istio).
-        let weight = if single { 1 } else { u64::try_from(dest.weight.unwrap_or(0)).unwrap_or(0) };
+        let weight = if single {
+            1
+        } else {
+            u64::try_from(dest.weight.unwrap_or(0)).unwrap_or(0)
+        };
         let mut problem = |field: String, message: String| {
             diags.push(
-                Diagnostic::error(&me, field, format!("{message}; its share of connections fails with EHOSTUNREACH"))
-                    .with_origin(&vs.origin),
+                Diagnostic::error(
+                    &me,
+                    field,
+                    format!("{message}; its share of connections fails with EHOSTUNREACH"),
+                )
+                .with_origin(&vs.origin),
             );
-            Group { weight, members: Vec::new() }
+            Group {
+                weight,
+                members: Vec::new(),
+            }
         };
         let fqdn = hosts::qualify(&dest.destination.host, vs_ns, domain);
         let Some(target) = index.service_by_fqdn(&fqdn, domain) else {
-            groups.push(problem(format!("{field}.host"), format!("no Service {fqdn}")));
+            groups.push(problem(
+                format!("{field}.host"),
+                format!("no Service {fqdn}"),
+            ));
             continue;
         };
-        let target_ports: Vec<&ServicePort> = target.object.spec.iter().flat_map(|s| s.ports.iter().flatten()).collect();
+        let target_ports: Vec<&ServicePort> = target
+            .object
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .collect();
         let wanted = dest.destination.port.as_ref().and_then(|p| p.number);
         let same_service = std::ptr::eq(target, this_service);
         let port = match wanted {
-            Some(n) => target_ports.iter().find(|p| u32::try_from(p.port).ok() == Some(n)).copied(),
+            Some(n) => target_ports
+                .iter()
+                .find(|p| u32::try_from(p.port).ok() == Some(n))
+                .copied(),
             None if same_service => Some(this_port),
             None if target_ports.len() == 1 => Some(target_ports[0]),
-            None => target_ports.iter().find(|p| p.port == this_port.port).copied(),
+            None => target_ports
+                .iter()
+                .find(|p| p.port == this_port.port)
+                .copied(),
         };
         let Some(port) = port else {
-            groups.push(problem(format!("{field}.port"), format!("cannot tell which port of {fqdn} to use")));
+            groups.push(problem(
+                format!("{field}.port"),
+                format!("cannot tell which port of {fqdn} to use"),
+            ));
             continue;
         };
         let (t_name, t_ns) = hosts::split_service_fqdn(&fqdn, domain).unwrap_or_default();
@@ -214,7 +290,10 @@ fn weighted_groups(
                 .and_then(|dr| dr.object.spec.subsets.iter().find(|s| &s.name == subset))
                 .map(|s| s.labels.clone());
             let Some(labels) = labels else {
-                groups.push(problem(format!("{field}.subset"), format!("subset {subset:?} of {fqdn} is no longer defined")));
+                groups.push(problem(
+                    format!("{field}.subset"),
+                    format!("subset {subset:?} of {fqdn} is no longer defined"),
+                ));
                 continue;
             };
             members.retain(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)));

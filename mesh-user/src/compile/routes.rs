@@ -21,7 +21,11 @@ pub const MESH_GATEWAY: &str = "mesh";
 pub fn vs_ref(vs: &VirtualService) -> ObjectRef {
     ObjectRef {
         kind: Kind::VirtualService,
-        namespace: vs.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+        namespace: vs
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
         name: vs.metadata.name.clone().unwrap_or_default(),
     }
 }
@@ -44,14 +48,30 @@ pub fn governing_vs<'a>(
         .virtual_services()
         .filter(|e| applies_to_mesh(&e.object.spec.gateways))
         .filter_map(|e| {
-            let ns = e.object.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-            let rank = e.object.spec.hosts.iter().filter_map(|h| hosts::match_rank(&hosts::qualify(h, ns, domain), fqdn)).max()?;
+            let ns = e
+                .object
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(DEFAULT_NAMESPACE);
+            let rank = e
+                .object
+                .spec
+                .hosts
+                .iter()
+                .filter_map(|h| hosts::match_rank(&hosts::qualify(h, ns, domain), fqdn))
+                .max()?;
             Some((rank, e))
         })
         .collect();
     candidates.sort_by(|(ra, a), (rb, b)| {
         rb.cmp(ra)
-            .then_with(|| a.object.metadata.creation_timestamp.cmp(&b.object.metadata.creation_timestamp))
+            .then_with(|| {
+                a.object
+                    .metadata
+                    .creation_timestamp
+                    .cmp(&b.object.metadata.creation_timestamp)
+            })
             .then_with(|| vs_ref(&a.object).cmp(&vs_ref(&b.object)))
     });
     let (best_rank, best) = *candidates.first()?;
@@ -61,7 +81,11 @@ pub fn governing_vs<'a>(
                 Diagnostic::warning(
                     &vs_ref(&other.object),
                     "spec.hosts",
-                    format!("{} is already routed by {}; this VirtualService is ignored for it", fqdn, vs_ref(&best.object)),
+                    format!(
+                        "{} is already routed by {}; this VirtualService is ignored for it",
+                        fqdn,
+                        vs_ref(&best.object)
+                    ),
                 )
                 .with_origin(&other.origin),
             );
@@ -75,11 +99,17 @@ pub fn governing_vs<'a>(
 fn declared_protocol(port: &ServicePort) -> Option<bool> {
     const HTTP: [&str; 5] = ["http", "http2", "grpc", "grpc-web", "h2c"];
     let named = port.app_protocol.as_deref().or(port.name.as_deref())?;
-    let prefix = named.split('-').next().unwrap_or(named).to_ascii_lowercase();
+    let prefix = named
+        .split('-')
+        .next()
+        .unwrap_or(named)
+        .to_ascii_lowercase();
     if HTTP.contains(&named.to_ascii_lowercase().as_str()) || HTTP.contains(&prefix.as_str()) {
         return Some(true);
     }
-    const OTHER: [&str; 8] = ["tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "thrift"];
+    const OTHER: [&str; 8] = [
+        "tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "thrift",
+    ];
     OTHER.contains(&prefix.as_str()).then_some(false)
 }
 
@@ -102,7 +132,11 @@ pub fn choose_route<'a>(
         diags.push(Diagnostic::warning(&me, field, message).with_origin(&entry.origin));
     };
     if !vs.spec.tls.is_empty() {
-        warn(diags, "spec.tls".into(), "TLS routes match on SNI, which is not visible at connect time; ignored".into());
+        warn(
+            diags,
+            "spec.tls".into(),
+            "TLS routes match on SNI, which is not visible at connect time; ignored".into(),
+        );
     }
     let use_http = match declared_protocol(port) {
         Some(http) => http,
@@ -110,18 +144,30 @@ pub fn choose_route<'a>(
         // routes when there are any.
         None => !vs.spec.http.is_empty() || vs.spec.tcp.is_empty(),
     };
-    let chosen = if use_http { first_http(&vs.spec.http, number, &me, &entry.origin, diags) } else { first_tcp(&vs.spec.tcp, number, &me, &entry.origin, diags) };
+    let chosen = if use_http {
+        first_http(&vs.spec.http, number, &me, &entry.origin, diags)
+    } else {
+        first_tcp(&vs.spec.tcp, number, &me, &entry.origin, diags)
+    };
     if chosen.is_none() && (!vs.spec.http.is_empty() || !vs.spec.tcp.is_empty()) {
         warn(
             diags,
             if use_http { "spec.http" } else { "spec.tcp" }.into(),
-            format!("no route applies to port {number} at connect time; connections are balanced evenly over all endpoints"),
+            format!(
+                "no route applies to port {number} at connect time; connections are balanced evenly over all endpoints"
+            ),
         );
     }
     chosen
 }
 
-fn first_http<'a>(routes: &'a [HttpRoute], port: u32, me: &ObjectRef, origin: &str, diags: &mut Vec<Diagnostic>) -> Option<Chosen<'a>> {
+fn first_http<'a>(
+    routes: &'a [HttpRoute],
+    port: u32,
+    me: &ObjectRef,
+    origin: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Chosen<'a>> {
     for (i, route) in routes.iter().enumerate() {
         let field = format!("spec.http[{i}]");
         let mut unsupported: Vec<String> = Vec::new();
@@ -166,17 +212,30 @@ fn first_http<'a>(routes: &'a [HttpRoute], port: u32, me: &ObjectRef, origin: &s
             let ignored: Vec<&str> = route.other.keys().map(String::as_str).collect();
             if !ignored.is_empty() {
                 diags.push(
-                    Diagnostic::warning(me, field.clone(), format!("not enforced at L4, ignored: {}", ignored.join(", ")))
-                        .with_origin(origin),
+                    Diagnostic::warning(
+                        me,
+                        field.clone(),
+                        format!("not enforced at L4, ignored: {}", ignored.join(", ")),
+                    )
+                    .with_origin(origin),
                 );
             }
-            return Some(Chosen { field, destinations: &route.route });
+            return Some(Chosen {
+                field,
+                destinations: &route.route,
+            });
         }
     }
     None
 }
 
-fn first_tcp<'a>(routes: &'a [TcpRoute], port: u32, me: &ObjectRef, origin: &str, diags: &mut Vec<Diagnostic>) -> Option<Chosen<'a>> {
+fn first_tcp<'a>(
+    routes: &'a [TcpRoute],
+    port: u32,
+    me: &ObjectRef,
+    origin: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Chosen<'a>> {
     for (i, route) in routes.iter().enumerate() {
         let field = format!("spec.tcp[{i}]");
         let mut unsupported: Vec<String> = Vec::new();
@@ -203,14 +262,20 @@ fn first_tcp<'a>(routes: &'a [TcpRoute], port: u32, me: &ObjectRef, origin: &str
                 Diagnostic::warning(
                     me,
                     field,
-                    format!("conditions not decidable at connect time ({}); this route is skipped", unsupported.join("; ")),
+                    format!(
+                        "conditions not decidable at connect time ({}); this route is skipped",
+                        unsupported.join("; ")
+                    ),
                 )
                 .with_origin(origin),
             );
             continue;
         }
         if matched {
-            return Some(Chosen { field, destinations: &route.route });
+            return Some(Chosen {
+                field,
+                destinations: &route.route,
+            });
         }
     }
     None

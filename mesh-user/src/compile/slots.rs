@@ -28,7 +28,11 @@ pub fn build<T: Clone>(groups: &[Group<T>], max: usize) -> Vec<Option<T>> {
         .iter()
         .filter(|g| g.weight > 0)
         .map(|g| {
-            let members = if g.members.is_empty() { vec![None] } else { g.members.iter().cloned().map(Some).collect() };
+            let members = if g.members.is_empty() {
+                vec![None]
+            } else {
+                g.members.iter().cloned().map(Some).collect()
+            };
             (g.weight, members)
         })
         .collect();
@@ -124,7 +128,10 @@ mod tests {
     use super::*;
 
     fn g(weight: u64, members: &[&'static str]) -> Group<&'static str> {
-        Group { weight, members: members.to_vec() }
+        Group {
+            weight,
+            members: members.to_vec(),
+        }
     }
 
     fn counts(table: &[Option<&'static str>]) -> BTreeMap<Option<&'static str>, usize> {
@@ -183,11 +190,18 @@ mod tests {
         let table = build(&[g(1, &["a", "b", "c"])], 2);
         assert_eq!(table.len(), 2);
         // 7 coprime-sized groups: the exact table is huge; 64 slots apportioned.
-        let groups: Vec<Group<&'static str>> =
-            [("a", 13), ("b", 17), ("c", 19), ("d", 23), ("e", 29), ("f", 31), ("g", 37)]
-                .iter()
-                .map(|(m, w)| g(*w, &[*m]))
-                .collect();
+        let groups: Vec<Group<&'static str>> = [
+            ("a", 13),
+            ("b", 17),
+            ("c", 19),
+            ("d", 23),
+            ("e", 29),
+            ("f", 31),
+            ("g", 37),
+        ]
+        .iter()
+        .map(|(m, w)| g(*w, &[*m]))
+        .collect();
         let table = build(&groups, 64);
         assert_eq!(table.len(), 64);
     }

@@ -75,8 +75,15 @@ fn build(docs: &[&str]) -> Compiled {
 
 /// Share of each backend IP in the table of `vip:port`.
 fn shares(c: &Compiled, vip: &str, port: u16) -> BTreeMap<String, f64> {
-    let addr = ServiceAddr { vip: vip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), port, proto: Proto::Tcp };
-    let plan = c.services.get(&addr).unwrap_or_else(|| panic!("no table for {addr}: {:?}", c.services.keys()));
+    let addr = ServiceAddr {
+        vip: vip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        port,
+        proto: Proto::Tcp,
+    };
+    let plan = c
+        .services
+        .get(&addr)
+        .unwrap_or_else(|| panic!("no table for {addr}: {:?}", c.services.keys()));
     let mut out = BTreeMap::new();
     for slot in &plan.slots {
         let key = slot.map_or("none".to_owned(), |b: BackendAddr| b.ip.to_string());
@@ -90,15 +97,25 @@ fn approx(map: &BTreeMap<String, f64>, key: &str) -> f64 {
 }
 
 fn errors(c: &Compiled) -> Vec<String> {
-    c.diagnostics.iter().filter(|d| d.severity == Severity::Error).map(ToString::to_string).collect()
+    c.diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn warnings(c: &Compiled) -> Vec<String> {
-    c.diagnostics.iter().filter(|d| d.severity == Severity::Warning).map(ToString::to_string).collect()
+    c.diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn vs(body: &str) -> String {
-    format!("apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: web, namespace: prod}}\nspec:\n{body}")
+    format!(
+        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: web, namespace: prod}}\nspec:\n{body}"
+    )
 }
 
 const SPLIT_80_20: &str = "  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v1}, weight: 80}\n        - {destination: {host: web, subset: v2}, weight: 20}\n";
@@ -109,7 +126,11 @@ fn no_virtualservice_balances_evenly_over_ready_endpoints_at_the_target_port() {
     let s = shares(&c, "10.96.1.1", 80);
     assert_eq!(s.len(), 3);
     assert_eq!(approx(&s, "10.244.1.1"), 0.333);
-    let plan = &c.services[&ServiceAddr { vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0; 4])), port: 80, proto: Proto::Tcp }];
+    let plan = &c.services[&ServiceAddr {
+        vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0; 4])),
+        port: 80,
+        proto: Proto::Tcp,
+    }];
     assert!(plan.slots.iter().flatten().all(|b| b.port == 8080));
 }
 
@@ -118,7 +139,14 @@ fn weights_split_subsets_and_endpoints_share_their_subset_evenly() {
     let c = build(&[BASE, &pods(), &vs(SPLIT_80_20)]);
     assert!(errors(&c).is_empty(), "{:?}", errors(&c));
     let s = shares(&c, "10.96.1.1", 80);
-    assert_eq!((approx(&s, "10.244.1.1"), approx(&s, "10.244.1.2"), approx(&s, "10.244.1.3")), (0.4, 0.4, 0.2));
+    assert_eq!(
+        (
+            approx(&s, "10.244.1.1"),
+            approx(&s, "10.244.1.2"),
+            approx(&s, "10.244.1.3")
+        ),
+        (0.4, 0.4, 0.2)
+    );
 }
 
 #[test]
@@ -139,22 +167,53 @@ fn a_single_destination_takes_everything_whatever_its_weight() {
 fn short_hosts_resolve_in_the_virtualservice_namespace() {
     // The same VirtualService in namespace `other` names other's `web`, which does
     // not exist: it is rejected and prod/web stays evenly balanced.
-    let c = build(&[BASE, &pods(), &vs(SPLIT_80_20).replace("namespace: prod", "namespace: other")]);
-    assert!(errors(&c).iter().any(|e| e.contains("web.other.svc.cluster.local")), "{:?}", errors(&c));
+    let c = build(&[
+        BASE,
+        &pods(),
+        &vs(SPLIT_80_20).replace("namespace: prod", "namespace: other"),
+    ]);
+    assert!(
+        errors(&c)
+            .iter()
+            .any(|e| e.contains("web.other.svc.cluster.local")),
+        "{:?}",
+        errors(&c)
+    );
     assert_eq!(shares(&c, "10.96.1.1", 80).len(), 3);
     // With fully qualified names it governs prod/web from anywhere.
-    let fqdn = SPLIT_80_20.replace("host: web", "host: web.prod.svc.cluster.local").replace("[web]", "[web.prod.svc.cluster.local]");
-    let c = build(&[BASE, &pods(), &vs(&fqdn).replace("namespace: prod", "namespace: other")]);
+    let fqdn = SPLIT_80_20
+        .replace("host: web", "host: web.prod.svc.cluster.local")
+        .replace("[web]", "[web.prod.svc.cluster.local]");
+    let c = build(&[
+        BASE,
+        &pods(),
+        &vs(&fqdn).replace("namespace: prod", "namespace: other"),
+    ]);
     assert!(errors(&c).is_empty(), "{:?}", errors(&c));
     assert_eq!(approx(&shares(&c, "10.96.1.1", 80), "10.244.1.3"), 0.2);
 }
 
 #[test]
 fn a_virtualservice_bound_only_to_a_gateway_leaves_mesh_traffic_alone() {
-    let gw = SPLIT_80_20.replace("  hosts: [web]\n", "  hosts: [web]\n  gateways: [ingress]\n");
-    assert_eq!(shares(&build(&[BASE, &pods(), &vs(&gw)]), "10.96.1.1", 80).len(), 3);
-    let both = SPLIT_80_20.replace("  hosts: [web]\n", "  hosts: [web]\n  gateways: [ingress, mesh]\n");
-    assert_eq!(approx(&shares(&build(&[BASE, &pods(), &vs(&both)]), "10.96.1.1", 80), "10.244.1.3"), 0.2);
+    let gw = SPLIT_80_20.replace(
+        "  hosts: [web]\n",
+        "  hosts: [web]\n  gateways: [ingress]\n",
+    );
+    assert_eq!(
+        shares(&build(&[BASE, &pods(), &vs(&gw)]), "10.96.1.1", 80).len(),
+        3
+    );
+    let both = SPLIT_80_20.replace(
+        "  hosts: [web]\n",
+        "  hosts: [web]\n  gateways: [ingress, mesh]\n",
+    );
+    assert_eq!(
+        approx(
+            &shares(&build(&[BASE, &pods(), &vs(&both)]), "10.96.1.1", 80),
+            "10.244.1.3"
+        ),
+        0.2
+    );
 }
 
 #[test]
@@ -162,9 +221,17 @@ fn routes_are_tried_in_order_and_port_matches_are_honoured() {
     let body = "  hosts: [web]\n  http:\n    - match: [{port: 9000}]\n      route: [{destination: {host: web, subset: v2}}]\n    - route: [{destination: {host: web, subset: v1}}]\n    - route: [{destination: {host: web, subset: v2}}]\n";
     let c = build(&[BASE, &pods(), &vs(body)]);
     let admin = shares(&c, "10.96.1.1", 9000);
-    assert_eq!(approx(&admin, "10.244.1.3"), 1.0, "port 9000 takes the first route");
+    assert_eq!(
+        approx(&admin, "10.244.1.3"),
+        1.0,
+        "port 9000 takes the first route"
+    );
     let main = shares(&c, "10.96.1.1", 80);
-    assert_eq!((approx(&main, "10.244.1.1"), approx(&main, "10.244.1.3")), (0.5, 0.0), "port 80 takes the second");
+    assert_eq!(
+        (approx(&main, "10.244.1.1"), approx(&main, "10.244.1.3")),
+        (0.5, 0.0),
+        "port 80 takes the second"
+    );
 }
 
 #[test]
@@ -172,7 +239,9 @@ fn l7_matches_are_reported_and_skipped_never_applied_as_something_else() {
     let body = "  hosts: [web]\n  http:\n    - match: [{uri: {prefix: /v2}}]\n      route: [{destination: {host: web, subset: v2}}]\n    - route: [{destination: {host: web, subset: v1}}]\n";
     let c = build(&[BASE, &pods(), &vs(body)]);
     assert!(
-        warnings(&c).iter().any(|w| w.contains("spec.http[0]") && w.contains("uri") && w.contains("skipped")),
+        warnings(&c)
+            .iter()
+            .any(|w| w.contains("spec.http[0]") && w.contains("uri") && w.contains("skipped")),
         "{:?}",
         warnings(&c)
     );
@@ -192,16 +261,35 @@ fn tcp_routes_serve_tcp_ports() {
 #[test]
 fn bad_virtualservices_are_rejected_with_the_field_named() {
     let cases = [
-        ("  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v1}, weight: -5}\n        - {destination: {host: web, subset: v2}, weight: 20}\n", "spec.http[0].route[0].weight"),
-        ("  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v9}, weight: 50}\n        - {destination: {host: web, subset: v2}, weight: 50}\n", "spec.http[0].route[0].destination.subset"),
-        ("  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: nowhere}}\n", "spec.http[0].route[0].destination.host"),
-        ("  http:\n    - route:\n        - {destination: {host: web}}\n", "spec.hosts"),
-        ("  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v1}, weight: 0}\n        - {destination: {host: web, subset: v2}, weight: 0}\n", "spec.http[0].route"),
+        (
+            "  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v1}, weight: -5}\n        - {destination: {host: web, subset: v2}, weight: 20}\n",
+            "spec.http[0].route[0].weight",
+        ),
+        (
+            "  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v9}, weight: 50}\n        - {destination: {host: web, subset: v2}, weight: 50}\n",
+            "spec.http[0].route[0].destination.subset",
+        ),
+        (
+            "  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: nowhere}}\n",
+            "spec.http[0].route[0].destination.host",
+        ),
+        (
+            "  http:\n    - route:\n        - {destination: {host: web}}\n",
+            "spec.hosts",
+        ),
+        (
+            "  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v1}, weight: 0}\n        - {destination: {host: web, subset: v2}, weight: 0}\n",
+            "spec.http[0].route",
+        ),
     ];
     for (body, field) in cases {
         let c = build(&[BASE, &pods(), &vs(body)]);
         let errs = errors(&c);
-        assert!(errs.iter().any(|e| e.contains("VirtualService prod/web") && e.contains(field)), "{field}: {errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("VirtualService prod/web") && e.contains(field)),
+            "{field}: {errs:?}"
+        );
         // Never applied: prod/web stays evenly balanced.
         assert_eq!(shares(&c, "10.96.1.1", 80).len(), 3, "{field}");
     }
@@ -210,21 +298,37 @@ fn bad_virtualservices_are_rejected_with_the_field_named() {
 #[test]
 fn a_rejected_update_keeps_the_last_accepted_version() {
     let (mut index, _) = index_of(&[BASE, &pods(), &vs(SPLIT_80_20)]);
-    let (bad, _) = parse(Path::new("vs.yaml"), &vs(&SPLIT_80_20.replace("weight: 20", "weight: -20")));
+    let (bad, _) = parse(
+        Path::new("vs.yaml"),
+        &vs(&SPLIT_80_20.replace("weight: 20", "weight: -20")),
+    );
     for o in bad {
         index.apply("vs.yaml", o);
     }
     let rejections = index.revalidate("cluster.local");
-    assert!(rejections.iter().any(|d| d.message.contains("last accepted version stays")), "{rejections:?}");
+    assert!(
+        rejections
+            .iter()
+            .any(|d| d.message.contains("last accepted version stays")),
+        "{rejections:?}"
+    );
     let c = compile(&index, &Config::default());
     assert_eq!(approx(&shares(&c, "10.96.1.1", 80), "10.244.1.3"), 0.2);
 }
 
 #[test]
 fn a_virtualservice_waiting_for_its_destinationrule_is_accepted_once_it_arrives() {
-    let base_without_dr = BASE.split("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule").next().unwrap_or(BASE);
+    let base_without_dr = BASE
+        .split("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule")
+        .next()
+        .unwrap_or(BASE);
     let (mut index, diags) = index_of(&[base_without_dr, &pods(), &vs(SPLIT_80_20)]);
-    assert!(diags.iter().any(|d| d.message.contains("no DestinationRule")), "{diags:?}");
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.message.contains("no DestinationRule")),
+        "{diags:?}"
+    );
     let dr = BASE.split("---\n").nth(2).unwrap_or("");
     for o in parse(Path::new("dr.yaml"), dr).0 {
         index.apply("dr.yaml", o);
@@ -257,7 +361,11 @@ endpoints:
     let s = shares(&c, "10.96.1.1", 80);
     // 10.244.1.2 has a ready pod but is not in the slice; .3 is not ready; .7 has
     // no condition, which means ready. Subsets still come from pod labels.
-    assert_eq!((approx(&s, "10.244.1.1"), approx(&s, "10.244.1.7")), (0.8, 0.2), "{s:?}");
+    assert_eq!(
+        (approx(&s, "10.244.1.1"), approx(&s, "10.244.1.7")),
+        (0.8, 0.2),
+        "{s:?}"
+    );
 }
 
 #[test]

@@ -104,7 +104,10 @@ impl Resource {
         let meta = self.metadata();
         ObjectRef {
             kind: self.kind(),
-            namespace: meta.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
             name: meta.name.clone().unwrap_or_default(),
         }
     }

@@ -37,7 +37,10 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), last_good: BTreeMap::new() }
+        Self {
+            dir: dir.into(),
+            last_good: BTreeMap::new(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -49,11 +52,15 @@ impl FileSource {
         let mut snapshot = Snapshot::default();
         let mut files = Vec::new();
         if let Err(e) = collect_files(&self.dir, &mut files) {
-            snapshot.diagnostics.push(file_error(&self.dir, format!("cannot read directory: {e}")));
+            snapshot
+                .diagnostics
+                .push(file_error(&self.dir, format!("cannot read directory: {e}")));
             // Keep everything we had: an unreadable folder is not an empty one.
             for (file, objects) in &self.last_good {
                 let origin = file.display().to_string();
-                snapshot.objects.extend(objects.iter().map(|o| (origin.clone(), o.clone())));
+                snapshot
+                    .objects
+                    .extend(objects.iter().map(|o| (origin.clone(), o.clone())));
             }
             return snapshot;
         }
@@ -64,12 +71,20 @@ impl FileSource {
             let previous = self.last_good.remove(&file).unwrap_or_default();
             let objects = match std::fs::read_to_string(&file) {
                 Err(e) => {
-                    snapshot.diagnostics.push(file_error(&file, format!("cannot read: {e}; keeping {} objects last read from it", previous.len())));
+                    snapshot.diagnostics.push(file_error(
+                        &file,
+                        format!(
+                            "cannot read: {e}; keeping {} objects last read from it",
+                            previous.len()
+                        ),
+                    ));
                     previous
                 }
                 Ok(text) => parse_file(&file, &text, &previous, &mut snapshot.diagnostics),
             };
-            snapshot.objects.extend(objects.iter().map(|o| (origin.clone(), o.clone())));
+            snapshot
+                .objects
+                .extend(objects.iter().map(|o| (origin.clone(), o.clone())));
             next_good.insert(file, objects);
         }
         self.last_good = next_good;
@@ -87,7 +102,10 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
             out.push(path);
         }
     }
@@ -95,7 +113,13 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 fn file_error(path: &Path, message: String) -> Diagnostic {
-    Diagnostic { severity: Severity::Error, origin: path.display().to_string(), object: None, field: String::new(), message }
+    Diagnostic {
+        severity: Severity::Error,
+        origin: path.display().to_string(),
+        object: None,
+        field: String::new(),
+        message,
+    }
 }
 
 /// Parses manifests text (one or more YAML documents) as if read from `file`.
@@ -106,7 +130,12 @@ pub fn parse(file: &Path, text: &str) -> (Vec<Resource>, Vec<Diagnostic>) {
 }
 
 /// Parses one file. On a YAML syntax error the file's previous objects stand.
-fn parse_file(file: &Path, text: &str, previous: &[Resource], diags: &mut Vec<Diagnostic>) -> Vec<Resource> {
+fn parse_file(
+    file: &Path,
+    text: &str,
+    previous: &[Resource],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Resource> {
     let mut documents = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         match Value::deserialize(document) {
@@ -114,7 +143,10 @@ fn parse_file(file: &Path, text: &str, previous: &[Resource], diags: &mut Vec<Di
             Err(e) => {
                 diags.push(file_error(
                     file,
-                    format!("invalid YAML: {e}; keeping the {} objects last read from this file", previous.len()),
+                    format!(
+                        "invalid YAML: {e}; keeping the {} objects last read from this file",
+                        previous.len()
+                    ),
                 ));
                 return previous.to_vec();
             }
@@ -127,15 +159,30 @@ fn parse_file(file: &Path, text: &str, previous: &[Resource], diags: &mut Vec<Di
     out
 }
 
-fn convert_document(file: &Path, i: usize, document: Value, previous: &[Resource], out: &mut Vec<Resource>, diags: &mut Vec<Diagnostic>) {
+fn convert_document(
+    file: &Path,
+    i: usize,
+    document: Value,
+    previous: &[Resource],
+    out: &mut Vec<Resource>,
+    diags: &mut Vec<Diagnostic>,
+) {
     let origin = file.display().to_string();
     let Value::Object(map) = &document else {
         if !document.is_null() {
-            diags.push(file_error(file, format!("document {i}: not a Kubernetes object (expected a mapping)")));
+            diags.push(file_error(
+                file,
+                format!("document {i}: not a Kubernetes object (expected a mapping)"),
+            ));
         }
         return;
     };
-    let text = |key: &str| map.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
+    let text = |key: &str| {
+        map.get(key)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
     let (api_version, kind_name) = (text("apiVersion"), text("kind"));
     if kind_name == "List" {
         if let Some(Value::Array(items)) = map.get("items") {
@@ -147,15 +194,26 @@ fn convert_document(file: &Path, i: usize, document: Value, previous: &[Resource
     }
     let Some(kind) = Kind::from_manifest(&api_version, &kind_name) else {
         if api_version.is_empty() || kind_name.is_empty() {
-            diags.push(file_error(file, format!("document {i}: apiVersion and kind are required")));
+            diags.push(file_error(
+                file,
+                format!("document {i}: apiVersion and kind are required"),
+            ));
         }
         return; // a kind we do not read
     };
     let meta = map.get("metadata");
     let object = ObjectRef {
         kind,
-        namespace: meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(DEFAULT_NAMESPACE).to_owned(),
-        name: meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("").to_owned(),
+        namespace: meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_owned(),
+        name: meta
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
     };
     if object.name.is_empty() {
         diags.push(Diagnostic::error(&object, "metadata.name", "required").with_origin(&origin));
@@ -165,8 +223,15 @@ fn convert_document(file: &Path, i: usize, document: Value, previous: &[Resource
         Ok(resource) => out.push(resource),
         Err((field, message)) => {
             let last = previous.iter().find(|r| r.object_ref() == object).cloned();
-            let keeping = if last.is_some() { "keeping its last good version" } else { "skipped" };
-            diags.push(Diagnostic::error(&object, field, format!("{message}; {keeping}")).with_origin(&origin));
+            let keeping = if last.is_some() {
+                "keeping its last good version"
+            } else {
+                "skipped"
+            };
+            diags.push(
+                Diagnostic::error(&object, field, format!("{message}; {keeping}"))
+                    .with_origin(&origin),
+            );
             out.extend(last);
         }
     }
@@ -176,7 +241,8 @@ fn convert_document(file: &Path, i: usize, document: Value, previous: &[Resource
 fn convert(kind: Kind, mut document: Value) -> Result<Resource, (String, String)> {
     // Fill in the namespace as `kubectl apply` would, so every object has one.
     if let Some(meta) = document.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.entry("namespace").or_insert_with(|| Value::String(DEFAULT_NAMESPACE.to_owned()));
+        meta.entry("namespace")
+            .or_insert_with(|| Value::String(DEFAULT_NAMESPACE.to_owned()));
     }
     fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<Box<T>, (String, String)> {
         serde_path_to_error::deserialize::<_, T>(value)
@@ -202,8 +268,15 @@ fn dedup(snapshot: &mut Snapshot) {
         if let Some(prev) = seen.insert(r.clone(), i) {
             keep[prev] = false;
             snapshot.diagnostics.push(
-                Diagnostic::warning(&r, "", format!("also defined in {}; this definition wins", snapshot.objects[prev].0))
-                    .with_origin(origin),
+                Diagnostic::warning(
+                    &r,
+                    "",
+                    format!(
+                        "also defined in {}; this definition wins",
+                        snapshot.objects[prev].0
+                    ),
+                )
+                .with_origin(origin),
             );
         }
     }

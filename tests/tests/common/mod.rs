@@ -45,22 +45,43 @@ impl Canary {
         let mut backends = Vec::new();
         let dir = ManifestDir::new()?;
         let vips: Vec<IpAddr> = vec![VIP4.parse()?, VIP6.parse()?];
-        dir.write("service.yaml", &manifests::service("flaskapp", &vips, PORT, TARGET_PORT))?;
+        dir.write(
+            "service.yaml",
+            &manifests::service("flaskapp", &vips, PORT, TARGET_PORT),
+        )?;
         let mut pods = Vec::new();
         for (i, name) in V1.iter().chain([&V2]).enumerate() {
             let version = if name.contains("v2") { "v2" } else { "v1" };
             let pod = node.add_pod(name, 11 + i as u8)?;
             backends.push(Backend::spawn(&pod.ns, name, version, TARGET_PORT)?);
-            pods.push((name.to_string(), version.to_owned(), vec![pod.ipv4, pod.ipv6], true));
+            pods.push((
+                name.to_string(),
+                version.to_owned(),
+                vec![pod.ipv4, pod.ipv6],
+                true,
+            ));
         }
         write_pods(&dir, &pods)?;
-        dir.write("destinationrule.yaml", &manifests::destination_rule("flaskapp", &["v1", "v2"]))?;
+        dir.write(
+            "destinationrule.yaml",
+            &manifests::destination_rule("flaskapp", &["v1", "v2"]),
+        )?;
         if let Some((v1, v2)) = weights {
-            dir.write("virtualservice.yaml", &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]))?;
+            dir.write(
+                "virtualservice.yaml",
+                &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]),
+            )?;
         }
         let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
         let agent = Agent::start(dir.path(), cgroup.path())?;
-        Ok(Canary { agent, backends, pods, cgroup, node, dir })
+        Ok(Canary {
+            agent,
+            backends,
+            pods,
+            cgroup,
+            node,
+            dir,
+        })
     }
 
     /// Marks a pod ready or not (as its readiness probe would) and waits for the
@@ -86,7 +107,13 @@ impl Canary {
 
     /// `count` connections from the client pod inside the mesh cgroup.
     pub fn probe(&self, target: &str, count: u64) -> anyhow::Result<Summary> {
-        probe::probe(&self.node.pod("client").ns, Some(&self.cgroup), target, count, 4)
+        probe::probe(
+            &self.node.pod("client").ns,
+            Some(&self.cgroup),
+            target,
+            count,
+            4,
+        )
     }
 
     /// The same, from a process of the client pod that is not in the mesh cgroup.
@@ -96,12 +123,21 @@ impl Canary {
 
     /// Rewrites the VirtualService and waits until the agent has applied it.
     pub fn set_weights(&mut self, v1: i64, v2: i64) -> anyhow::Result<Duration> {
-        self.write("virtualservice.yaml", &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]))
+        self.write(
+            "virtualservice.yaml",
+            &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]),
+        )
     }
 }
 
-fn write_pods(dir: &ManifestDir, pods: &[(String, String, Vec<IpAddr>, bool)]) -> anyhow::Result<()> {
-    let docs: Vec<String> = pods.iter().map(|(name, version, ips, ready)| manifests::pod(name, "flaskapp", version, ips, *ready)).collect();
+fn write_pods(
+    dir: &ManifestDir,
+    pods: &[(String, String, Vec<IpAddr>, bool)],
+) -> anyhow::Result<()> {
+    let docs: Vec<String> = pods
+        .iter()
+        .map(|(name, version, ips, ready)| manifests::pod(name, "flaskapp", version, ips, *ready))
+        .collect();
     dir.write("pods.yaml", &docs.join("---\n"))
 }
 
