@@ -60,9 +60,11 @@ fn main() -> anyhow::Result<()> {
             require_root(
                 "the integration tests load BPF programs into cgroups and create network namespaces",
             )?;
-            // The privileged tests run the real binaries; build them first.
-            cargo(&["build", "--workspace", "--bins"])?;
-            let mut all = vec!["test", "--workspace"];
+            // The privileged tests run the real binaries; build them first. (The
+            // default members: mesh-ebpf only builds for the BPF target, through
+            // mesh-user's build script.)
+            cargo(&["build", "--bins"])?;
+            let mut all = vec!["test"];
             if !args.is_empty() {
                 all.push("--");
                 all.extend(args.iter().map(String::as_str));

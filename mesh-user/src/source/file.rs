@@ -286,3 +286,126 @@ fn dedup(snapshot: &mut Snapshot) {
         keep[i - 1]
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web}, weight: 100}\n";
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir() -> Dir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "mesh-file-source-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("tempdir");
+        Dir(path)
+    }
+
+    fn names(snapshot: &Snapshot) -> Vec<String> {
+        let mut out: Vec<String> = snapshot
+            .objects
+            .iter()
+            .map(|(_, o)| o.object_ref().to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn reads_several_documents_lists_and_skips_other_kinds() {
+        let d = dir();
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n  - {}\n",
+            serde_json::to_string(&serde_yaml_ng::from_str::<Value>(SVC).expect("yaml"))
+                .expect("json")
+        );
+        std::fs::write(
+            d.0.join("a.yaml"),
+            format!("{VS}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n"),
+        )
+        .expect("write");
+        std::fs::write(d.0.join("b.yml"), list).expect("write");
+        std::fs::write(d.0.join(".swap.yaml"), "not: [yaml").expect("write");
+        let snapshot = FileSource::new(&d.0).load();
+        assert!(
+            snapshot.diagnostics.is_empty(),
+            "{:?}",
+            snapshot.diagnostics
+        );
+        assert_eq!(
+            names(&snapshot),
+            vec!["Service default/web", "VirtualService default/web"]
+        );
+    }
+
+    #[test]
+    fn a_file_that_stops_parsing_keeps_its_last_good_objects() {
+        let d = dir();
+        let file = d.0.join("vs.yaml");
+        std::fs::write(&file, VS).expect("write");
+        let mut source = FileSource::new(&d.0);
+        assert_eq!(names(&source.load()), vec!["VirtualService default/web"]);
+        std::fs::write(&file, "spec: [unclosed").expect("write");
+        let snapshot = source.load();
+        assert_eq!(names(&snapshot), vec!["VirtualService default/web"]);
+        assert!(
+            snapshot.diagnostics[0]
+                .to_string()
+                .contains("vs.yaml: invalid YAML"),
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn an_object_of_the_wrong_shape_keeps_its_last_good_version_and_names_the_field() {
+        let d = dir();
+        let file = d.0.join("vs.yaml");
+        std::fs::write(&file, VS).expect("write");
+        let mut source = FileSource::new(&d.0);
+        let good = source.load().objects;
+        std::fs::write(&file, VS.replace("weight: 100", "weight: lots")).expect("write");
+        let snapshot = source.load();
+        assert_eq!(snapshot.objects, good);
+        let message = snapshot.diagnostics[0].to_string();
+        assert!(
+            message.contains("VirtualService default/web")
+                && message.contains("spec.http[0].route[0].weight")
+                && message.contains("last good"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_deleted_file_deletes_its_objects_and_duplicates_are_reported() {
+        let d = dir();
+        std::fs::write(d.0.join("a.yaml"), SVC).expect("write");
+        std::fs::write(d.0.join("b.yaml"), SVC).expect("write");
+        let mut source = FileSource::new(&d.0);
+        let snapshot = source.load();
+        assert_eq!(names(&snapshot), vec!["Service default/web"]);
+        assert!(
+            snapshot
+                .diagnostics
+                .iter()
+                .any(|d| d.message.contains("also defined in")),
+            "{:?}",
+            snapshot.diagnostics
+        );
+        std::fs::remove_file(d.0.join("a.yaml")).expect("rm");
+        std::fs::remove_file(d.0.join("b.yaml")).expect("rm");
+        assert!(source.load().objects.is_empty());
+    }
+}
