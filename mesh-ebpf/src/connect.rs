@@ -158,7 +158,8 @@ fn choose(key: &ServiceKey) -> Verdict {
         }
         bump(global_stat::TABLE_RETRY);
     }
-    Verdict::Untouched
+    // Two misses in a row: never send a mesh connect to the bare VIP.
+    Verdict::NoBackend
 }
 
 /// Fails the connect with `EHOSTUNREACH`, as Cilium does for a service without

@@ -71,18 +71,7 @@ pub async fn run(
         } = compile::compile(&index, &config.compile);
         diagnostics.extend(compiled);
         report(&diagnostics, &mut reported);
-        let result = applier.apply(&services);
-        for e in &result.errors {
-            error!("{e}");
-        }
-        info!(
-            generation,
-            services = applier.live_services(),
-            written = result.written,
-            removed = result.removed,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "config applied"
-        );
+        let mut failed = apply_logged(&mut applier, &services, generation, started);
 
         // Wait for a change, collecting bursts (an editor writes a file in steps).
         loop {
@@ -92,7 +81,14 @@ pub async fn run(
                     drop(loaded);
                     return Ok(());
                 }
-                _ = gc.tick() => applier.collect_garbage(),
+                _ = gc.tick() => {
+                    applier.collect_garbage();
+                    // A write that failed (a full map, say) is tried again once
+                    // the collection has made room, without waiting for a change.
+                    if failed {
+                        failed = apply_logged(&mut applier, &services, generation, Instant::now());
+                    }
+                }
                 Some(()) = changes.recv() => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     while changes.try_recv().is_ok() {}
@@ -102,6 +98,29 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Applies and logs; returns whether any service failed to apply.
+fn apply_logged(
+    applier: &mut Applier,
+    services: &std::collections::BTreeMap<compile::ServiceAddr, compile::ServicePlan>,
+    generation: u64,
+    started: Instant,
+) -> bool {
+    let result = applier.apply(services);
+    for e in &result.errors {
+        error!("{e}");
+    }
+    info!(
+        generation,
+        services = applier.live_services(),
+        written = result.written,
+        removed = result.removed,
+        failed = result.errors.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "config applied"
+    );
+    !result.errors.is_empty()
 }
 
 /// Makes the index hold exactly `objects`.

@@ -63,7 +63,9 @@ struct Live {
 struct Retired {
     service_id: u32,
     revision: u32,
-    len: u32,
+    /// Slots written under this revision (all of them, or as far as a failed write got).
+    slots: Vec<Option<BackendAddr>>,
+    proto: Proto,
     since: Instant,
 }
 
@@ -180,13 +182,17 @@ impl Applier {
                 .map_err(err)
         })();
         if let Err(e) = result {
-            // Undo the partial table; the live one (if any) is untouched.
-            // (A new service's id goes back to the pool when that table is freed.)
+            // Free the partial table at the next collection (nothing reads it: the
+            // entry was not flipped); the live one, if any, is untouched. A new
+            // service's id goes back to the pool then.
             self.retired.push(Retired {
                 service_id,
                 revision,
-                len: written,
-                since: Instant::now() - GRACE,
+                slots: plan.slots[..written as usize].to_vec(),
+                proto: addr.proto,
+                since: Instant::now()
+                    .checked_sub(GRACE)
+                    .unwrap_or_else(Instant::now),
             });
             return Err(e);
         }
@@ -203,7 +209,8 @@ impl Applier {
             self.retired.push(Retired {
                 service_id,
                 revision: old.revision,
-                len: old.slots.len() as u32,
+                slots: old.slots,
+                proto: addr.proto,
                 since: Instant::now(),
             });
         }
@@ -228,7 +235,8 @@ impl Applier {
             self.retired.push(Retired {
                 service_id: live.service_id,
                 revision: live.revision,
-                len: live.slots.len() as u32,
+                slots: live.slots,
+                proto: addr.proto,
                 since: Instant::now(),
             });
             // The id is reused only once its last table is freed (see collect_garbage).
@@ -236,45 +244,57 @@ impl Applier {
         Ok(())
     }
 
-    /// Frees tables retired more than [`GRACE`] ago, then service and backend ids
-    /// nothing refers to any more. Call it now and then (the agent does each second).
+    /// Frees tables retired more than [`GRACE`] ago, then the service and backend
+    /// ids that no live or waiting table refers to any more. Call it now and then
+    /// (the agent does each second).
     pub fn collect_garbage(&mut self) {
         let now = Instant::now();
         let (due, keep): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut self.retired)
             .into_iter()
             .partition(|r| now.duration_since(r.since) >= GRACE);
         self.retired = keep;
-        for r in due {
-            for slot in 0..r.len {
+        if due.is_empty() {
+            return;
+        }
+        for r in &due {
+            for slot in 0..r.slots.len() as u32 {
                 let _ = self.maps.slots.remove(&SlotKey {
                     service_id: r.service_id,
                     revision: r.revision,
                     slot,
                 });
             }
-            let in_use = self.live.values().any(|l| l.service_id == r.service_id)
-                || self.retired.iter().any(|o| o.service_id == r.service_id);
+        }
+        // Ids go back only after every due table is freed, once each, and only if
+        // nothing live or still waiting uses them.
+        let due_ids: BTreeSet<u32> = due.iter().map(|r| r.service_id).collect();
+        for id in due_ids {
+            let in_use = self.live.values().any(|l| l.service_id == id)
+                || self.retired.iter().any(|r| r.service_id == id);
             if !in_use {
-                self.service_ids.give(r.service_id);
+                self.service_ids.give(id);
             }
         }
-        if self.retired.is_empty() {
-            let used: BTreeSet<BackendKey> = self
-                .live
-                .iter()
-                .flat_map(|(addr, l)| l.slots.iter().flatten().map(move |b| (*b, addr.proto)))
-                .collect();
-            let stale: Vec<BackendKey> = self
-                .backend_ids
-                .keys()
-                .filter(|k| !used.contains(k))
-                .copied()
-                .collect();
-            for k in stale {
-                if let Some(id) = self.backend_ids.remove(&k) {
-                    let _ = self.maps.backend_stats.remove(&id);
-                    self.backend_pool.give(id);
-                }
+        let used: BTreeSet<BackendKey> = self
+            .live
+            .iter()
+            .flat_map(|(addr, l)| l.slots.iter().flatten().map(move |b| (*b, addr.proto)))
+            .chain(
+                self.retired
+                    .iter()
+                    .flat_map(|r| r.slots.iter().flatten().map(move |b| (*b, r.proto))),
+            )
+            .collect();
+        let stale: Vec<BackendKey> = self
+            .backend_ids
+            .keys()
+            .filter(|k| !used.contains(k))
+            .copied()
+            .collect();
+        for k in stale {
+            if let Some(id) = self.backend_ids.remove(&k) {
+                let _ = self.maps.backend_stats.remove(&id);
+                self.backend_pool.give(id);
             }
         }
     }
@@ -289,13 +309,16 @@ impl Applier {
             return Some(*id);
         }
         let id = self.backend_pool.take()?;
-        let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus]).ok()?;
-        if self.maps.backend_stats.insert(id, zero, 0).is_err() {
-            self.backend_pool.give(id);
-            return None;
+        let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus]);
+        if zero
+            .map(|zero| self.maps.backend_stats.insert(id, zero, 0))
+            .is_ok_and(|r| r.is_ok())
+        {
+            self.backend_ids.insert((backend, proto), id);
+            return Some(id);
         }
-        self.backend_ids.insert((backend, proto), id);
-        Some(id)
+        self.backend_pool.give(id);
+        None
     }
 
     /// Connects the kernel has sent to each backend since it got its id, summed over
@@ -371,7 +394,7 @@ fn ip_words(ip: IpAddr) -> ([u32; 4], u8) {
 struct IdPool {
     next: u32,
     max: u32,
-    free: Vec<u32>,
+    free: BTreeSet<u32>,
 }
 
 impl IdPool {
@@ -379,12 +402,12 @@ impl IdPool {
         Self {
             next: 0,
             max,
-            free: Vec::new(),
+            free: BTreeSet::new(),
         }
     }
 
     fn take(&mut self) -> Option<u32> {
-        if let Some(id) = self.free.pop() {
+        if let Some(id) = self.free.pop_first() {
             return Some(id);
         }
         (self.next < self.max).then(|| {
@@ -393,8 +416,11 @@ impl IdPool {
         })
     }
 
+    /// Returns an id; giving one twice is harmless (it is handed out once).
     fn give(&mut self, id: u32) {
-        self.free.push(id);
+        if id < self.next {
+            self.free.insert(id);
+        }
     }
 }
 
@@ -432,6 +458,7 @@ mod tests {
             (Some(0), Some(1), None)
         );
         pool.give(0);
-        assert_eq!(pool.take(), Some(0));
+        pool.give(0);
+        assert_eq!((pool.take(), pool.take()), (Some(0), None));
     }
 }

@@ -68,12 +68,20 @@ pub fn virtual_service(vs: &VirtualService, index: &Index, domain: &str) -> Vec<
             "at least one host is required",
         ));
     }
+    let mesh_bound = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
     for (i, host) in vs.spec.hosts.iter().enumerate() {
         if host.trim().is_empty() {
             out.push(Diagnostic::error(
                 &me,
                 format!("spec.hosts[{i}]"),
                 "empty host",
+            ));
+        } else if host.trim() == "*" && mesh_bound {
+            // As Istio: a catch-all for the mesh would capture every service.
+            out.push(Diagnostic::error(
+                &me,
+                format!("spec.hosts[{i}]"),
+                "wildcard host * is not allowed for the mesh",
             ));
         }
     }
@@ -204,7 +212,8 @@ fn destinations(
             }
         }
     }
-    if route.len() > 1 && total == 0 && !out.iter().any(|d| d.field.starts_with(field)) {
+    let inside = format!("{field}.");
+    if route.len() > 1 && total == 0 && !out.iter().any(|d| d.field.starts_with(&inside)) {
         out.push(Diagnostic::error(
             me,
             format!("{field}.route"),

@@ -36,16 +36,27 @@ pub struct Agent {
 impl Agent {
     /// `mesh-agent run --source file:<dir> --cgroup <cgroup> --log-format json`.
     pub fn start(dir: &Path, cgroup: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(sibling_binary("mesh-agent")?)
+        let mut command = Command::new(sibling_binary("mesh-agent")?);
+        command
             .args(["run", "--log-format", "json", "--source"])
             .arg(format!("file:{}", dir.display()))
             .arg("--cgroup")
             .arg(cgroup)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning mesh-agent")?;
+            .stderr(Stdio::piped());
+        // If the test process dies without unwinding (SIGKILL), the agent goes too,
+        // and with it the programs it attached.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().context("spawning mesh-agent")?;
         let stderr = child.stderr.take().context("no stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         std::thread::spawn({
@@ -134,6 +145,7 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.child.kill()?;
+        let _ = self.child.wait();
         bail!("mesh-agent ignored SIGTERM for 10 s")
     }
 }

@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
                 all.push("--");
                 all.extend(args.iter().map(String::as_str));
             }
-            cargo(&all)
+            cargo_test(&all)
         }
     }
 }
@@ -120,6 +120,47 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
             .args(args)
             .current_dir(workspace()),
     )
+}
+
+/// `cargo test`, streamed, then one closing line that totals every test binary's
+/// `test result:` line (cargo's own last line is often a crate with no doc-tests).
+fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';').find_map(|part| {
+                    part.trim()
+                        .strip_suffix(word)?
+                        .trim()
+                        .rsplit(' ')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            passed += count(" passed").unwrap_or(0);
+            failed += count(" failed").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {

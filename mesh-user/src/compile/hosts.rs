@@ -1,6 +1,7 @@
-//! Istio host names: short names resolve in the namespace of the object that wrote
-//! them; `name.ns`, `name.ns.svc` and the full `name.ns.svc.<cluster domain>` all
-//! name the same Service; `*.suffix` wildcards match by suffix.
+//! Istio host names: a short name (no dot) resolves in the namespace of the object
+//! that wrote it; anything with a dot is taken as written, as Istio does (so use
+//! `name.ns.svc.<cluster domain>` across namespaces); `*.suffix` wildcards match by
+//! suffix.
 
 /// The fully qualified name of a Service.
 pub fn service_fqdn(name: &str, namespace: &str, domain: &str) -> String {
@@ -11,16 +12,10 @@ pub fn service_fqdn(name: &str, namespace: &str, domain: &str) -> String {
 /// (wildcards keep their `*.` prefix).
 pub fn qualify(host: &str, namespace: &str, domain: &str) -> String {
     let host = host.trim_end_matches('.');
-    if host == "*" || host.ends_with(&format!(".svc.{domain}")) {
+    if host == "*" || host.contains('.') {
         return host.to_owned();
     }
-    match host.split('.').count() {
-        1 => service_fqdn(host, namespace, domain),
-        2 => format!("{host}.svc.{domain}"),
-        3 if host.ends_with(".svc") => format!("{host}.{domain}"),
-        // Anything else is an external name (e.g. a ServiceEntry host): as written.
-        _ => host.to_owned(),
-    }
+    service_fqdn(host, namespace, domain)
 }
 
 /// How well a (qualified) pattern matches a service FQDN: exact beats any wildcard,
@@ -55,14 +50,8 @@ mod tests {
             qualify("flaskapp", "prod", D),
             "flaskapp.prod.svc.cluster.local"
         );
-        assert_eq!(
-            qualify("flaskapp.other", "prod", D),
-            "flaskapp.other.svc.cluster.local"
-        );
-        assert_eq!(
-            qualify("flaskapp.other.svc", "prod", D),
-            "flaskapp.other.svc.cluster.local"
-        );
+        // Istio expands dot-less names only: `name.ns` is taken as written.
+        assert_eq!(qualify("flaskapp.other", "prod", D), "flaskapp.other");
         assert_eq!(
             qualify("flaskapp.other.svc.cluster.local", "prod", D),
             "flaskapp.other.svc.cluster.local"

@@ -121,6 +121,8 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
             let Ok(number) = u16::try_from(port.port) else {
                 continue;
             };
+            // Istio's sidecars route TCP only; UDP service ports balance evenly.
+            let vs = vs.filter(|_| proto == Proto::Tcp);
             let (route, groups) = match vs
                 .and_then(|vs| Some((vs, routes::choose_route(vs, port, &mut out.diagnostics)?)))
             {

@@ -170,45 +170,23 @@ fn first_http<'a>(
 ) -> Option<Chosen<'a>> {
     for (i, route) in routes.iter().enumerate() {
         let field = format!("spec.http[{i}]");
-        let mut unsupported: Vec<String> = Vec::new();
-        let mut matched = route.matches.is_empty();
-        for (j, m) in route.matches.iter().enumerate() {
-            if !applies_to_mesh(&m.gateways) {
-                continue;
-            }
-            let mut fields: Vec<&str> = m.l7.keys().map(String::as_str).collect();
-            if !m.source_labels.is_empty() {
-                fields.push("sourceLabels");
-            }
-            if m.source_namespace.is_some() {
-                fields.push("sourceNamespace");
-            }
-            if !fields.is_empty() {
-                unsupported.push(format!("match[{j}]: {}", fields.join(", ")));
-            } else if m.port.is_none_or(|p| p == port) {
-                matched = true;
-            }
-        }
-        for action in ["redirect", "directResponse"] {
-            if route.other.contains_key(action) {
-                unsupported.push(action.to_owned());
-            }
-        }
-        if !unsupported.is_empty() {
-            diags.push(
-                Diagnostic::warning(
-                    me,
-                    field,
-                    format!(
-                        "L7 conditions or actions cannot be decided at connect time ({}); this route is skipped",
-                        unsupported.join("; ")
-                    ),
-                )
-                .with_origin(origin),
-            );
-            continue;
-        }
-        if matched {
+        let (matched, mut undecided) = evaluate(
+            route.matches.iter().map(|m| Alternative {
+                port: m.port,
+                gateways: &m.gateways,
+                undecidable: undecidable(
+                    m.l7.keys(),
+                    &m.source_labels,
+                    m.source_namespace.as_ref(),
+                ),
+            }),
+            port,
+        );
+        let actions: Vec<&str> = ["redirect", "directResponse"]
+            .into_iter()
+            .filter(|a| route.other.contains_key(*a))
+            .collect();
+        if matched && actions.is_empty() {
             let ignored: Vec<&str> = route.other.keys().map(String::as_str).collect();
             if !ignored.is_empty() {
                 diags.push(
@@ -225,6 +203,22 @@ fn first_http<'a>(
                 destinations: &route.route,
             });
         }
+        if matched {
+            undecided.push(actions.join(", "));
+        }
+        if !undecided.is_empty() {
+            diags.push(
+                Diagnostic::warning(
+                    me,
+                    field,
+                    format!(
+                        "L7 conditions or actions cannot be decided at connect time ({}); this route is skipped",
+                        undecided.join("; ")
+                    ),
+                )
+                .with_origin(origin),
+            );
+        }
     }
     None
 }
@@ -238,45 +232,86 @@ fn first_tcp<'a>(
 ) -> Option<Chosen<'a>> {
     for (i, route) in routes.iter().enumerate() {
         let field = format!("spec.tcp[{i}]");
-        let mut unsupported: Vec<String> = Vec::new();
-        let mut matched = route.matches.is_empty();
-        for (j, m) in route.matches.iter().enumerate() {
-            if !applies_to_mesh(&m.gateways) {
-                continue;
-            }
-            let mut fields: Vec<&str> = m.other.keys().map(String::as_str).collect();
-            if !m.source_labels.is_empty() {
-                fields.push("sourceLabels");
-            }
-            if m.source_namespace.is_some() {
-                fields.push("sourceNamespace");
-            }
-            if !fields.is_empty() {
-                unsupported.push(format!("match[{j}]: {}", fields.join(", ")));
-            } else if m.port.is_none_or(|p| p == port) {
-                matched = true;
-            }
-        }
-        if !unsupported.is_empty() {
-            diags.push(
-                Diagnostic::warning(
-                    me,
-                    field,
-                    format!(
-                        "conditions not decidable at connect time ({}); this route is skipped",
-                        unsupported.join("; ")
-                    ),
-                )
-                .with_origin(origin),
-            );
-            continue;
-        }
+        let (matched, undecided) = evaluate(
+            route.matches.iter().map(|m| Alternative {
+                port: m.port,
+                gateways: &m.gateways,
+                undecidable: undecidable(
+                    m.other.keys(),
+                    &m.source_labels,
+                    m.source_namespace.as_ref(),
+                ),
+            }),
+            port,
+        );
         if matched {
             return Some(Chosen {
                 field,
                 destinations: &route.route,
             });
         }
+        if !undecided.is_empty() {
+            diags.push(
+                Diagnostic::warning(
+                    me,
+                    field,
+                    format!(
+                        "conditions not decidable at connect time ({}); this route is skipped",
+                        undecided.join("; ")
+                    ),
+                )
+                .with_origin(origin),
+            );
+        }
     }
     None
+}
+
+/// One match alternative of a route, reduced to what a connect can know.
+struct Alternative<'a> {
+    port: Option<u32>,
+    gateways: &'a [String],
+    /// Conditions a connect cannot decide (uri, headers, source...).
+    undecidable: Vec<String>,
+}
+
+fn undecidable<'a>(
+    fields: impl Iterator<Item = &'a String>,
+    source_labels: &std::collections::BTreeMap<String, String>,
+    source_namespace: Option<&String>,
+) -> Vec<String> {
+    let mut out: Vec<String> = fields.cloned().collect();
+    if !source_labels.is_empty() {
+        out.push("sourceLabels".into());
+    }
+    if source_namespace.is_some() {
+        out.push("sourceNamespace".into());
+    }
+    out
+}
+
+/// Istio ORs a route's match alternatives and ANDs the conditions inside one.
+/// Returns whether some decidable alternative matches `port` (the route then
+/// applies to every connection to it; no alternatives at all also match), and the
+/// undecidable alternatives that could match. Alternatives for another port, or
+/// bound to gateways only, never apply.
+fn evaluate<'a>(
+    alternatives: impl Iterator<Item = Alternative<'a>>,
+    port: u32,
+) -> (bool, Vec<String>) {
+    let mut any = false;
+    let mut matched = false;
+    let mut undecided = Vec::new();
+    for (j, alt) in alternatives.enumerate() {
+        any = true;
+        if !applies_to_mesh(alt.gateways) || alt.port.is_some_and(|p| p != port) {
+            continue;
+        }
+        if alt.undecidable.is_empty() {
+            matched = true;
+        } else {
+            undecided.push(format!("match[{j}]: {}", alt.undecidable.join(", ")));
+        }
+    }
+    (matched || !any, undecided)
 }

@@ -378,3 +378,49 @@ fn a_not_ready_pod_is_not_an_endpoint() {
     let s = shares(&build(&[BASE, &not_ready]), "10.96.1.1", 80);
     assert_eq!(s.keys().collect::<Vec<_>>(), vec!["10.244.1.1"]);
 }
+
+#[test]
+fn match_alternatives_are_ored_so_a_decidable_one_carries_the_route() {
+    // [{uri}, {port: 80}]: on port 80 the route takes every connection (Istio ORs
+    // alternatives); on port 9000 only uri requests would, which a connect cannot
+    // tell: skipped there, with a warning.
+    let body = "  hosts: [web]\n  http:\n    - match: [{uri: {prefix: /v2}}, {port: 80}]\n      route: [{destination: {host: web, subset: v2}}]\n    - route: [{destination: {host: web, subset: v1}}]\n";
+    let c = build(&[BASE, &pods(), &vs(body)]);
+    assert_eq!(approx(&shares(&c, "10.96.1.1", 80), "10.244.1.3"), 1.0);
+    assert_eq!(approx(&shares(&c, "10.96.1.1", 9000), "10.244.1.3"), 0.0);
+    assert!(
+        warnings(&c)
+            .iter()
+            .any(|w| w.contains("spec.http[0]") && w.contains("skipped")),
+        "{:?}",
+        warnings(&c)
+    );
+}
+
+#[test]
+fn a_mesh_wide_wildcard_host_is_rejected() {
+    let c = build(&[BASE, &pods(), &vs(&SPLIT_80_20.replace("[web]", "[\"*\"]"))]);
+    assert!(
+        errors(&c).iter().any(|e| e.contains("spec.hosts[0]")),
+        "{:?}",
+        errors(&c)
+    );
+    assert_eq!(shares(&c, "10.96.1.1", 80).len(), 3);
+}
+
+#[test]
+fn udp_ports_balance_evenly_as_sidecars_do_not_route_udp() {
+    let udp = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod}\nspec:\n  clusterIP: 10.96.1.1\n  selector: {app: web}\n  ports:\n    - {name: dns, port: 53, protocol: UDP}\n";
+    let c = build(&[
+        udp,
+        &pods(),
+        &vs(SPLIT_80_20),
+        BASE.split("---\n").nth(2).unwrap_or(""),
+    ]);
+    let addr = ServiceAddr {
+        vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0; 4])),
+        port: 53,
+        proto: Proto::Udp,
+    };
+    assert_eq!(c.services[&addr].slots.len(), 3);
+}
