@@ -85,36 +85,36 @@ pub fn virtual_service(vs: &VirtualService, index: &Index, domain: &str) -> Vec<
             ));
         }
     }
-    for (i, route) in vs.spec.http.iter().enumerate() {
-        let field = format!("spec.http[{i}]");
-        if route.route.is_empty()
-            && !route.other.contains_key("redirect")
-            && !route.other.contains_key("directResponse")
-        {
+    // (field, destinations, match ports, whether it answers without a destination)
+    let http = vs.spec.http.iter().enumerate().map(|(i, r)| {
+        let answers = r.other.contains_key("redirect") || r.other.contains_key("directResponse");
+        (
+            format!("spec.http[{i}]"),
+            &r.route,
+            r.matches.iter().map(|m| m.port).collect::<Vec<_>>(),
+            answers,
+        )
+    });
+    let tcp = vs.spec.tcp.iter().enumerate().map(|(i, r)| {
+        (
+            format!("spec.tcp[{i}]"),
+            &r.route,
+            r.matches.iter().map(|m| m.port).collect(),
+            false,
+        )
+    });
+    for (field, route, ports, answers) in http.chain(tcp) {
+        if route.is_empty() && !answers {
             out.push(Diagnostic::error(
                 &me,
                 format!("{field}.route"),
                 "a route needs at least one destination",
             ));
         }
-        for (j, m) in route.matches.iter().enumerate() {
-            check_port(&me, &format!("{field}.match[{j}].port"), m.port, &mut out);
+        for (j, port) in ports.into_iter().enumerate() {
+            check_port(&me, &format!("{field}.match[{j}].port"), port, &mut out);
         }
-        destinations(&me, &field, &route.route, index, domain, &mut out);
-    }
-    for (i, route) in vs.spec.tcp.iter().enumerate() {
-        let field = format!("spec.tcp[{i}]");
-        if route.route.is_empty() {
-            out.push(Diagnostic::error(
-                &me,
-                format!("{field}.route"),
-                "a route needs at least one destination",
-            ));
-        }
-        for (j, m) in route.matches.iter().enumerate() {
-            check_port(&me, &format!("{field}.match[{j}].port"), m.port, &mut out);
-        }
-        destinations(&me, &field, &route.route, index, domain, &mut out);
+        destinations(&me, &field, route, index, domain, &mut out);
     }
     out
 }
