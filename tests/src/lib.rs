@@ -48,3 +48,40 @@ pub fn require_root() {
         "these tests need root (BPF, cgroups, network namespaces): run them with sudo or as root, as CI does"
     );
 }
+
+/// Removes what an earlier run left behind when it was killed without unwinding
+/// (SIGKILL, OOM): network namespaces and cgroups named after a process that is no
+/// longer alive. Runs once per process, before the first namespace is made.
+pub fn sweep_stale() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Names are `<prefix><pid>x<n>...`; the pid tells whose they are.
+        let dead = |name: &str, prefix: &str| -> bool {
+            let Some(rest) = name.strip_prefix(prefix) else {
+                return false;
+            };
+            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            !pid.is_empty()
+                && rest[pid.len()..].starts_with('x')
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        };
+        if let Ok(list) = sh("ip", &["netns", "list"]) {
+            for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+                if dead(name, "mt") {
+                    let _ = sh("ip", &["netns", "del", name]);
+                }
+            }
+        }
+        if let Ok(root) = cgroup::cgroup2_root()
+            && let Ok(entries) = std::fs::read_dir(&root)
+        {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if dead(&name, "mesh-test-") || dead(&name, "mesh-demo-") {
+                    let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+    });
+}

@@ -105,6 +105,7 @@ pub struct Node {
 
 impl Node {
     pub fn new() -> anyhow::Result<Self> {
+        crate::sweep_stale();
         let prefix = crate::unique("mt");
         let bridge = Netns::create(&format!("{prefix}-node"))?;
         bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
