@@ -136,6 +136,22 @@ fn parse_file(
     previous: &[Resource],
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Resource> {
+    // An empty file that held objects is most likely being rewritten in place
+    // (truncate, then write): keep its objects until the content arrives. Deleting
+    // the file is how objects are removed.
+    if text.trim().is_empty() && !previous.is_empty() {
+        diags.push(Diagnostic {
+            severity: Severity::Warning,
+            ..file_error(
+                file,
+                format!(
+                    "empty; keeping the {} objects last read from it (delete the file to remove them)",
+                    previous.len()
+                ),
+            )
+        });
+        return previous.to_vec();
+    }
     let mut documents = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         match Value::deserialize(document) {
@@ -198,8 +214,17 @@ fn convert_document(
                 file,
                 format!("document {i}: apiVersion and kind are required"),
             ));
+        } else if api_version.starts_with("networking.istio.io/") {
+            // Gateway, ServiceEntry, Sidecar... or a typo: either way, say so.
+            diags.push(Diagnostic {
+                severity: Severity::Warning,
+                ..file_error(
+                    file,
+                    format!("document {i}: {kind_name} ({api_version}) is not supported by this data plane; ignored"),
+                )
+            });
         }
-        return; // a kind we do not read
+        return; // a kind we do not read (Deployment, Namespace, ...)
     };
     let meta = map.get("metadata");
     let object = ObjectRef {
@@ -385,6 +410,40 @@ mod tests {
                 && message.contains("spec.http[0].route[0].weight")
                 && message.contains("last good"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_file_emptied_in_place_keeps_its_objects_until_rewritten() {
+        let d = dir();
+        let file = d.0.join("vs.yaml");
+        std::fs::write(&file, VS).expect("write");
+        let mut source = FileSource::new(&d.0);
+        let good = source.load().objects;
+        std::fs::write(&file, "").expect("truncate");
+        let snapshot = source.load();
+        assert_eq!(snapshot.objects, good);
+        assert!(
+            snapshot.diagnostics[0].message.contains("empty; keeping"),
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn unsupported_istio_kinds_are_reported() {
+        let d = dir();
+        std::fs::write(
+            d.0.join("se.yaml"),
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\n",
+        )
+        .expect("write");
+        let snapshot = FileSource::new(&d.0).load();
+        assert!(snapshot.objects.is_empty());
+        assert!(
+            snapshot.diagnostics[0].message.contains("ServiceEntry"),
+            "{:?}",
+            snapshot.diagnostics
         );
     }
 
