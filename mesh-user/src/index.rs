@@ -219,8 +219,8 @@ impl Index {
         self.services.get(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// The accepted DestinationRule for a Service FQDN: the best host match, a rule in
-    /// the Service's own namespace winning ties (Istio looks there before elsewhere).
+    /// The accepted DestinationRule for a Service FQDN: a rule in the Service's own
+    /// namespace first (Istio looks there before elsewhere), then the best host match.
     pub fn destination_rule_for(
         &self,
         fqdn: &str,
@@ -238,7 +238,7 @@ impl Index {
                 let pattern =
                     crate::compile::hosts::qualify(&entry.object.spec.host, ns, cluster_domain);
                 let rank = crate::compile::hosts::match_rank(&pattern, fqdn)?;
-                Some(((rank, Some(ns) == service_ns), entry))
+                Some(((Some(ns) == service_ns, rank), entry))
             })
             .collect::<Vec<_>>()
             .into_iter()
