@@ -77,6 +77,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
+                    log_counters(&applier);
                     info!("shutting down; detaching programs");
                     drop(loaded);
                     return Ok(());
@@ -98,6 +99,24 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The kernel's counters, as the agent reads them (per-CPU values summed).
+fn log_counters(applier: &Applier) {
+    for ((backend, proto), connects) in applier.backend_connects() {
+        info!(backend = %backend, proto = %proto, connects, "backend connections");
+    }
+    let g = applier.global_stats();
+    let at = |i: u32| g.get(i as usize).copied().unwrap_or(0);
+    use mesh_common::global_stat as gs;
+    info!(
+        rewritten = at(gs::REWRITTEN),
+        no_backend = at(gs::NO_BACKEND),
+        not_service = at(gs::NOT_SERVICE),
+        table_retry = at(gs::TABLE_RETRY),
+        peer_rewritten = at(gs::PEER_REWRITTEN),
+        "connect counters"
+    );
 }
 
 /// Applies and logs; returns whether any service failed to apply.

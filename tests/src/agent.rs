@@ -130,8 +130,22 @@ impl Agent {
     }
 
     /// SIGTERM, and wait for a clean exit.
-    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         self.terminate()
+    }
+
+    /// The `fields` of every log line with this message (e.g. the counters the
+    /// agent logs when it stops).
+    pub fn records(&self, message_text: &str) -> Vec<Value> {
+        self.log.lock().map_or_else(
+            |_| Vec::new(),
+            |log| {
+                log.iter()
+                    .filter(|v| message(v) == message_text)
+                    .map(|v| v["fields"].clone())
+                    .collect()
+            },
+        )
     }
 
     fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {

@@ -167,11 +167,12 @@ fn bad_input_is_reported_by_file_object_and_field_and_the_last_good_state_stays(
 }
 
 #[test]
-fn stopping_the_agent_detaches_the_programs() -> anyhow::Result<()> {
+fn kernel_counters_agree_with_the_client_and_stopping_the_agent_detaches() -> anyhow::Result<()> {
     let canary = Canary::start(Some((80, 20)))?;
-    assert_eq!(canary.probe(&vip4(), 10)?.ok, 10);
+    let seen = canary.probe(&vip4(), 600)?;
+    assert_eq!(seen.ok, 600, "{seen:?}");
     let Canary {
-        agent,
+        mut agent,
         node,
         cgroup,
         backends,
@@ -180,6 +181,38 @@ fn stopping_the_agent_detaches_the_programs() -> anyhow::Result<()> {
     } = canary;
     let status = agent.stop()?;
     assert!(status.success(), "agent exit: {status}");
+
+    // The per-CPU counters the kernel kept, as the agent read them at exit, match
+    // what the client saw backend by backend.
+    let counters = agent.records("backend connections");
+    for (pod, n) in &seen.backends {
+        let ip = node.pod(pod).ipv4.to_string();
+        let kernel: u64 = counters
+            .iter()
+            .filter(|f| {
+                f["backend"]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with(&format!("{ip}:")))
+            })
+            .filter_map(|f| f["connects"].as_u64())
+            .sum();
+        assert_eq!(
+            kernel, *n,
+            "{pod}: kernel counted {kernel}, client saw {n}; {counters:?}"
+        );
+    }
+    let global = agent.records("connect counters");
+    assert_eq!(
+        global.first().and_then(|g| g["rewritten"].as_u64()),
+        Some(600),
+        "{global:?}"
+    );
+    assert_eq!(
+        global.first().and_then(|g| g["peer_rewritten"].as_u64()),
+        Some(600),
+        "{global:?}"
+    );
+
     // Nothing rewrites the VIP any more: it is unreachable, as without a mesh.
     let after = probe::probe(
         &node.pod("client").ns,

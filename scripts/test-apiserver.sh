@@ -1,0 +1,609 @@
+#!/usr/bin/env bash
+# Build, start and stop a REAL kube-apiserver (+ kube-controller-manager + etcd)
+# for tests, listening on 127.0.0.1 only.
+#
+# Usage:
+#   scripts/test-apiserver.sh build        # build + cache binaries (only if missing; needs root)
+#   scripts/test-apiserver.sh start DIR    # start etcd, kube-apiserver, kube-controller-manager;
+#                                          # state/logs/kubeconfig under DIR; prints kubeconfig path
+#   scripts/test-apiserver.sh stop DIR     # stop what `start DIR` started (safe to call twice)
+#   scripts/test-apiserver.sh env DIR      # prints: export KUBECONFIG=DIR/kubeconfig
+#
+# The Kubernetes binaries are built from Debian bookworm's `kubernetes` source
+# package (Kubernetes v1.20.2 with vendor/) with Debian's Go 1.19, fully
+# offline apart from the apt downloads, and cached (outside the repository) in
+#   ${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}/<debian-source-version>/
+#
+# Typical use in a test:
+#   scripts/test-apiserver.sh build
+#   export KUBECONFIG="$(scripts/test-apiserver.sh start /tmp/apitest)"
+#   kubectl get ns
+#   scripts/test-apiserver.sh stop /tmp/apitest
+set -euo pipefail
+
+CACHE_ROOT="${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}"
+SRC_PKG=kubernetes
+GO_BIN_DIR=/usr/lib/go-1.19/bin
+REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
+BUILD_DEPS=(golang-1.19-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl dpkg-dev)
+START_TIMEOUT="${MESH_TEST_APISERVER_TIMEOUT:-90}"
+
+PROG="$(basename "$0")"
+
+log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
+
+usage() {
+    cat >&2 <<EOF
+Usage: $PROG build | start DIR | stop DIR | env DIR
+
+  build       Build kube-apiserver and kube-controller-manager from Debian's
+              '$SRC_PKG' source package and cache them under
+              $CACHE_ROOT/<debian-version>/ (no-op when already cached; needs root).
+  start DIR   Start etcd + kube-apiserver + kube-controller-manager on 127.0.0.1
+              (free ports), state/logs/kubeconfig under DIR; waits until ready
+              and prints the kubeconfig path on stdout.
+  stop DIR    Stop the processes started by 'start DIR' (safe to call twice).
+  env DIR     Print 'export KUBECONFIG=DIR/kubeconfig'.
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# version / cache resolution
+# ---------------------------------------------------------------------------
+
+# Debian source version of the `kubernetes` package, from the binary package
+# `kubernetes-client` which is built from it (no deb-src entries needed).
+debian_src_version() {
+    local out src ver
+    out="$(apt-cache show --no-all-versions kubernetes-client 2>/dev/null || true)"
+    [[ -n "$out" ]] || return 1
+    ver="$(printf '%s\n' "$out" | sed -n 's/^Version: *//p' | head -n1)"
+    src="$(printf '%s\n' "$out" | sed -n 's/^Source: *//p' | head -n1)"
+    # "Source: kubernetes (X)" means the source version differs from the binary one.
+    if [[ "$src" =~ \((.*)\) ]]; then
+        ver="${BASH_REMATCH[1]}"
+    fi
+    [[ -n "$ver" ]] || return 1
+    printf '%s\n' "$ver"
+}
+
+# Directory holding cached binaries for `start`: the one for the current
+# Debian version if built, else the newest complete cache directory.
+find_bin_dir() {
+    local ver d best=""
+    if [[ -n "${MESH_TEST_APISERVER_BIN_DIR:-}" ]]; then
+        printf '%s\n' "$MESH_TEST_APISERVER_BIN_DIR"
+        return 0
+    fi
+    if ver="$(debian_src_version)" && [[ -x "$CACHE_ROOT/$ver/kube-apiserver" && -x "$CACHE_ROOT/$ver/kube-controller-manager" ]]; then
+        printf '%s\n' "$CACHE_ROOT/$ver"
+        return 0
+    fi
+    for d in "$CACHE_ROOT"/*/; do
+        d="${d%/}"
+        [[ -x "$d/kube-apiserver" && -x "$d/kube-controller-manager" ]] && best="$d"
+    done
+    [[ -n "$best" ]] || return 1
+    printf '%s\n' "$best"
+}
+
+# ---------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------
+
+pkg_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    log "installing missing Debian packages: ${missing[*]}"
+    # Never let package installation start system services (e.g. etcd on :2379).
+    local added_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    local rc=0
+    {
+        apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    } >&2 || rc=$?
+    [[ $added_policy -eq 1 ]] && rm -f /usr/sbin/policy-rc.d
+    [[ $rc -eq 0 ]] || die "apt-get install ${missing[*]} failed (rc=$rc)"
+}
+
+# Write deb-src variants of the machine's own apt sources into $1/sources.list
+# and $1/sources.list.d/*.sources (one-line and deb822 formats).
+derive_deb_src_sources() {
+    local out="$1" f n=0
+    mkdir -p "$out/sources.list.d"
+    : >"$out/sources.list"
+    local list_files=()
+    [[ -f /etc/apt/sources.list ]] && list_files+=(/etc/apt/sources.list)
+    for f in /etc/apt/sources.list.d/*.list; do
+        [[ -f "$f" ]] && list_files+=("$f")
+    done
+    for f in "${list_files[@]}"; do
+        # "deb [opts] uri suite comps" -> "deb-src [opts] uri suite comps"
+        sed -n -E 's/^[[:space:]]*deb[[:space:]]+/deb-src /p' "$f" >>"$out/sources.list"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f "$f" ]] || continue
+        n=$((n + 1))
+        # deb822: keep every stanza, but make its Types deb-src; drop disabled ones.
+        awk '
+            function flush() {
+                if (buf != "" && !disabled && hasdeb) printf "%s\n", buf
+                buf = ""; disabled = 0; hasdeb = 0
+            }
+            /^[[:space:]]*$/ { flush(); next }
+            /^[[:space:]]*#/ { next }
+            tolower($1) == "types:" {
+                for (i = 2; i <= NF; i++) if ($i == "deb") hasdeb = 1
+                buf = buf "Types: deb-src\n"; next
+            }
+            tolower($1) == "enabled:" && tolower($2) == "no" { disabled = 1 }
+            { buf = buf $0 "\n" }
+            END { flush() }
+        ' "$f" >"$out/sources.list.d/derived-$n.sources"
+    done
+    if ! grep -qs . "$out/sources.list" "$out"/sources.list.d/*.sources; then
+        die "could not derive any deb-src entry from /etc/apt/sources.list{,.d/*}"
+    fi
+}
+
+cmd_build() {
+    [[ $(id -u) -eq 0 ]] || die "build must run as root (it installs Debian packages and writes $CACHE_ROOT)"
+    local ver
+    if ! ver="$(debian_src_version)"; then
+        log "apt lists have no 'kubernetes-client'; running apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        ver="$(debian_src_version)" || die "Debian package 'kubernetes-client' (source '$SRC_PKG') not found in apt"
+    fi
+    local dest="$CACHE_ROOT/$ver"
+    if [[ -x "$dest/kube-apiserver" && -x "$dest/kube-controller-manager" ]]; then
+        log "binaries already cached in $dest (nothing to build)"
+        ensure_packages etcd-server openssl
+        return 0
+    fi
+
+    local t0=$SECONDS
+    log "building kube-apiserver + kube-controller-manager from Debian source '$SRC_PKG' $ver"
+    ensure_packages "${BUILD_DEPS[@]}"
+    [[ -x "$GO_BIN_DIR/go" ]] || die "$GO_BIN_DIR/go missing (package golang-1.19-go)"
+    [[ -f "$REFLECT2_SRC/reflect2.go" ]] || die "$REFLECT2_SRC missing (package golang-github-modern-go-reflect2-dev)"
+
+    local work
+    work="$(mktemp -d /var/tmp/mesh-test-apiserver-build.XXXXXX)"
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
+    chmod 755 "$work"
+
+    # --- source download with a private, derived deb-src configuration ------
+    local aptdir="$work/apt"
+    derive_deb_src_sources "$aptdir"
+    mkdir -p "$aptdir/lists/partial" "$work/src"
+    chown -R _apt:root "$aptdir/lists" "$work/src" 2>/dev/null || true
+    local aptopts=(
+        -o "Dir::Etc::SourceList=$aptdir/sources.list"
+        -o "Dir::Etc::SourceParts=$aptdir/sources.list.d"
+        -o "Dir::State::Lists=$aptdir/lists"
+        -o "Dir::Cache::pkgcache="
+        -o "Dir::Cache::srcpkgcache="
+    )
+    log "apt-get update (deb-src variants of this machine's sources, private lists dir)"
+    # Third-party repositories may lack deb-src; tolerate that, apt-get source decides.
+    apt-get "${aptopts[@]}" update -qq >&2 || log "warning: some deb-src indexes failed to download (continuing)"
+    log "downloading source package $SRC_PKG=$ver"
+    (cd "$work/src" && apt-get "${aptopts[@]}" source --download-only -qq "$SRC_PKG=$ver" >&2) ||
+        die "apt-get source $SRC_PKG=$ver failed"
+    local dsc
+    dsc="$(ls "$work/src"/"${SRC_PKG}"_*.dsc | head -n1)" || die "no .dsc downloaded"
+    log "unpacking $(basename "$dsc")"
+    dpkg-source --no-check -x "$dsc" "$work/tree" >/dev/null ||
+        die "dpkg-source -x failed"
+    local tree="$work/tree"
+    [[ -d "$tree/vendor" && -f "$tree/Makefile" ]] || die "unexpected source tree layout in $tree"
+
+    # --- replace vendored reflect2 1.0.1 (crashes under Go >= 1.18) ---------
+    local vr="$tree/vendor/github.com/modern-go/reflect2"
+    [[ -d "$vr" ]] || die "vendor/github.com/modern-go/reflect2 not found"
+    log "replacing vendored modern-go/reflect2 with Debian's $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev)"
+    rm -rf "$vr"
+    mkdir -p "$vr"
+    local f
+    for f in "$REFLECT2_SRC"/*; do
+        case "$(basename "$f")" in
+            *_test.go) ;;
+            *.go | *.s | LICENSE | go.mod) cp -L "$f" "$vr/" ;;
+        esac
+    done
+
+    # --- upstream version for ldflags ---------------------------------------
+    local up="${ver#*:}"
+    up="${up%-*}"
+    [[ "$up" == *really* ]] && up="${up##*really}"
+    up="${up%%+*}"
+    [[ "$up" =~ ^([0-9]+)\.([0-9]+)\.[0-9]+ ]] || die "cannot parse upstream version from '$ver'"
+    local major="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}"
+
+    # --- build (GOPATH mode, offline) ---------------------------------------
+    log "make WHAT=\"cmd/kube-apiserver cmd/kube-controller-manager\" (v$up, go $("$GO_BIN_DIR/go" env GOVERSION)); this takes a few minutes"
+    (
+        cd "$tree"
+        unset GOFLAGS GO111MODULE GOPATH GOROOT GOBIN
+        export PATH="$GO_BIN_DIR:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        export GOPROXY=off GOSUMDB=off CGO_ENABLED=0
+        export GOCACHE="$work/gocache" HOME="$work/home"
+        export KUBE_GIT_VERSION="v$up" KUBE_GIT_MAJOR="$major" KUBE_GIT_MINOR="$minor"
+        export KUBE_GIT_COMMIT="${KUBE_GIT_COMMIT:-0000000000000000000000000000000000000000}"
+        export KUBE_GIT_TREE_STATE=clean
+        export KUBE_VERBOSE=1
+        mkdir -p "$HOME"
+        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1
+    ) || {
+        tail -n 40 "$work/build.log" >&2 || true
+        die "kubernetes build failed (log tail above)"
+    }
+
+    local b out tmpdest
+    tmpdest="$(mktemp -d "$CACHE_ROOT.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$CACHE_ROOT" && mktemp -d "$CACHE_ROOT/.tmp.XXXXXX"; })"
+    for b in kube-apiserver kube-controller-manager; do
+        out=""
+        for f in "$tree/_output/bin/$b" "$tree/_output/local/bin/linux/amd64/$b" "$tree/_output/local/go/bin/$b"; do
+            [[ -x "$f" ]] && { out="$f"; break; }
+        done
+        [[ -n "$out" ]] || out="$(find "$tree/_output" -type f -name "$b" -perm -u+x | head -n1)"
+        [[ -n "$out" ]] || die "built binary $b not found under $tree/_output"
+        install -m 0755 "$out" "$tmpdest/$b"
+    done
+    printf '%s\n' "$ver" >"$tmpdest/DEBIAN_SOURCE_VERSION"
+    mkdir -p "$CACHE_ROOT"
+    rm -rf "$dest"
+    mv "$tmpdest" "$dest"
+    chmod 755 "$dest"
+
+    rm -rf "$work"
+    trap - EXIT
+    log "cached $dest/{kube-apiserver,kube-controller-manager} ($("$dest/kube-apiserver" --version 2>/dev/null)); build took $((SECONDS - t0))s"
+}
+
+# ---------------------------------------------------------------------------
+# start / stop
+# ---------------------------------------------------------------------------
+
+abs_dir() {
+    local d="$1"
+    mkdir -p "$d"
+    (cd "$d" && pwd -P)
+}
+
+# Is TCP port $1 free (nothing listening, IPv4 or IPv6)?
+port_free() {
+    local hex
+    hex="$(printf ':%04X' "$1")"
+    ! awk -v h="$hex" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+declare -a USED_PORTS=()
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 30000))
+        [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
+        if port_free "$p"; then
+            USED_PORTS+=("$p")
+            printf '%s\n' "$p"
+            return 0
+        fi
+    done
+    die "no free TCP port found"
+}
+
+# pid in pid file $1 alive and running binary whose name contains $2?
+pid_alive() {
+    local pidfile="$1" name="$2" pid
+    [[ -f "$pidfile" ]] || return 1
+    pid="$(cat "$pidfile" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"
+}
+
+# start_bg NAME PIDFILE LOG CMD...   (own session, survives this script)
+start_bg() {
+    local name="$1" pidfile="$2" logf="$3"
+    shift 3
+    setsid "$@" </dev/null >>"$logf" 2>&1 &
+    echo $! >"$pidfile"
+    log "started $name (pid $!, log $logf)"
+}
+
+stop_one() {
+    local name="$1" pidfile="$2" pid i
+    if ! pid_alive "$pidfile" "$name"; then
+        rm -f "$pidfile"
+        return 0
+    fi
+    pid="$(cat "$pidfile")"
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name did not exit after SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        for i in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    rm -f "$pidfile"
+}
+
+stop_all() {
+    local dir="$1"
+    stop_one kube-controller-manager "$dir/run/kube-controller-manager.pid"
+    stop_one kube-apiserver "$dir/run/kube-apiserver.pid"
+    stop_one etcd "$dir/run/etcd.pid"
+}
+
+fail_start() {
+    local dir="$1" msg="$2" f
+    log "ERROR: $msg"
+    for f in etcd kube-apiserver kube-controller-manager; do
+        if [[ -s "$dir/logs/$f.log" ]]; then
+            log "---- last lines of $dir/logs/$f.log ----"
+            tail -n 15 "$dir/logs/$f.log" >&2 || true
+        fi
+    done
+    stop_all "$dir"
+    exit 1
+}
+
+gen_certs() {
+    local c="$1"
+    mkdir -p "$c"
+    (
+        cd "$c"
+        umask 077
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=mesh-test-apiserver-ca" \
+            -keyout ca.key -out ca.crt 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+            -keyout apiserver.key -out apiserver.csr 2>/dev/null
+        cat >apiserver.ext <<'EOF'
+basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+EOF
+        openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+            -extfile apiserver.ext -out apiserver.crt 2>/dev/null
+        openssl genrsa -out sa.key 2048 2>/dev/null
+        openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+        rm -f apiserver.csr ca.srl
+    ) || die "certificate generation with openssl failed"
+}
+
+write_kubeconfig() {
+    local file="$1" server="$2" ca="$3" user="$4" token="$5"
+    (
+        umask 077
+        cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: mesh-test
+  cluster:
+    server: $server
+    certificate-authority: $ca
+users:
+- name: $user
+  user:
+    token: $token
+contexts:
+- name: mesh-test
+  context:
+    cluster: mesh-test
+    user: $user
+current-context: mesh-test
+EOF
+    )
+}
+
+rand_token() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
+
+cmd_start() {
+    local dir
+    dir="$(abs_dir "$1")"
+    local bindir
+    bindir="$(find_bin_dir)" || die "no cached binaries in $CACHE_ROOT; run '$PROG build' first"
+    local etcd_bin
+    etcd_bin="$(command -v etcd || true)"
+    [[ -x "$etcd_bin" ]] || die "etcd not found (install Debian package etcd-server, or run '$PROG build')"
+    command -v openssl >/dev/null || die "openssl not found"
+    command -v curl >/dev/null || die "curl not found"
+
+    if pid_alive "$dir/run/etcd.pid" etcd || pid_alive "$dir/run/kube-apiserver.pid" kube-apiserver ||
+        pid_alive "$dir/run/kube-controller-manager.pid" kube-controller-manager; then
+        die "processes from a previous 'start $dir' are still running; run '$PROG stop $dir' first"
+    fi
+
+    # fresh state every start
+    rm -rf "$dir/etcd" "$dir/certs" "$dir/run" "$dir/logs" "$dir/kubeconfig" "$dir/controller-manager.kubeconfig" "$dir/tokens.csv"
+    mkdir -p "$dir/run" "$dir/logs"
+
+    local etcd_port peer_port api_port kcm_port
+    etcd_port="$(free_port)"; USED_PORTS+=("$etcd_port")
+    peer_port="$(free_port)"; USED_PORTS+=("$peer_port")
+    api_port="$(free_port)"; USED_PORTS+=("$api_port")
+    kcm_port="$(free_port)"; USED_PORTS+=("$kcm_port")
+
+    log "generating certificates and service-account keys in $dir/certs"
+    gen_certs "$dir/certs"
+    local admin_token kcm_token
+    admin_token="$(rand_token)"
+    kcm_token="$(rand_token)"
+    (
+        umask 077
+        printf '%s,admin,admin,"system:masters"\n' "$admin_token" >"$dir/tokens.csv"
+        printf '%s,system:kube-controller-manager,system:kube-controller-manager\n' "$kcm_token" >>"$dir/tokens.csv"
+    )
+    local server="https://127.0.0.1:$api_port"
+    write_kubeconfig "$dir/kubeconfig" "$server" "$dir/certs/ca.crt" admin "$admin_token"
+    write_kubeconfig "$dir/controller-manager.kubeconfig" "$server" "$dir/certs/ca.crt" \
+        system:kube-controller-manager "$kcm_token"
+
+    # --- etcd ---------------------------------------------------------------
+    start_bg etcd "$dir/run/etcd.pid" "$dir/logs/etcd.log" \
+        "$etcd_bin" --name mesh-test --data-dir "$dir/etcd" \
+        --listen-client-urls "http://127.0.0.1:$etcd_port" \
+        --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+        --listen-peer-urls "http://127.0.0.1:$peer_port" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+        --initial-cluster "mesh-test=http://127.0.0.1:$peer_port" \
+        --initial-cluster-state new \
+        --unsafe-no-fsync
+    local i ok=0
+    for i in $(seq 1 $((START_TIMEOUT * 5))); do
+        pid_alive "$dir/run/etcd.pid" etcd || fail_start "$dir" "etcd exited during startup"
+        if curl -fsS --max-time 2 "http://127.0.0.1:$etcd_port/health" 2>/dev/null | grep -q '"health":"true"'; then
+            ok=1; break
+        fi
+        sleep 0.2
+    done
+    [[ $ok -eq 1 ]] || fail_start "$dir" "etcd not healthy after ${START_TIMEOUT}s"
+    log "etcd healthy on 127.0.0.1:$etcd_port"
+
+    # --- kube-apiserver -----------------------------------------------------
+    start_bg kube-apiserver "$dir/run/kube-apiserver.pid" "$dir/logs/kube-apiserver.log" \
+        "$bindir/kube-apiserver" \
+        --etcd-servers "http://127.0.0.1:$etcd_port" \
+        --bind-address 127.0.0.1 \
+        --advertise-address 127.0.0.1 \
+        --secure-port "$api_port" \
+        --insecure-port 0 \
+        --cert-dir "$dir/certs" \
+        --tls-cert-file "$dir/certs/apiserver.crt" \
+        --tls-private-key-file "$dir/certs/apiserver.key" \
+        --client-ca-file "$dir/certs/ca.crt" \
+        --token-auth-file "$dir/tokens.csv" \
+        --authorization-mode Node,RBAC \
+        --service-account-key-file "$dir/certs/sa.pub" \
+        --service-account-signing-key-file "$dir/certs/sa.key" \
+        --service-account-issuer https://kubernetes.default.svc.cluster.local \
+        --service-cluster-ip-range 10.96.0.0/16 \
+        --runtime-config discovery.k8s.io/v1beta1=false \
+        --endpoint-reconciler-type none \
+        --allow-privileged=true \
+        --profiling=false
+    ok=0
+    for i in $(seq 1 $((START_TIMEOUT * 5))); do
+        pid_alive "$dir/run/kube-apiserver.pid" kube-apiserver || fail_start "$dir" "kube-apiserver exited during startup"
+        if [[ "$(curl -sS --max-time 2 --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $admin_token" \
+            "$server/readyz" 2>/dev/null || true)" == ok ]]; then
+            ok=1; break
+        fi
+        sleep 0.2
+    done
+    [[ $ok -eq 1 ]] || fail_start "$dir" "kube-apiserver not ready after ${START_TIMEOUT}s"
+    log "kube-apiserver ready on $server"
+
+    # --- kube-controller-manager --------------------------------------------
+    start_bg kube-controller-manager "$dir/run/kube-controller-manager.pid" "$dir/logs/kube-controller-manager.log" \
+        "$bindir/kube-controller-manager" \
+        --kubeconfig "$dir/controller-manager.kubeconfig" \
+        --authentication-kubeconfig "$dir/controller-manager.kubeconfig" \
+        --authorization-kubeconfig "$dir/controller-manager.kubeconfig" \
+        --bind-address 127.0.0.1 \
+        --secure-port "$kcm_port" \
+        --port 0 \
+        --cert-dir "$dir/certs/kcm" \
+        --leader-elect=false \
+        --controllers '*,-endpointslice,-endpointslicemirroring' \
+        --service-account-private-key-file "$dir/certs/sa.key" \
+        --use-service-account-credentials \
+        --root-ca-file "$dir/certs/ca.crt" \
+        --cluster-signing-cert-file "$dir/certs/ca.crt" \
+        --cluster-signing-key-file "$dir/certs/ca.key" \
+        --service-cluster-ip-range 10.96.0.0/16 \
+        --profiling=false
+    ok=0
+    for i in $(seq 1 $((START_TIMEOUT * 5))); do
+        pid_alive "$dir/run/kube-controller-manager.pid" kube-controller-manager ||
+            fail_start "$dir" "kube-controller-manager exited during startup"
+        if [[ "$(curl -sk --max-time 2 "https://127.0.0.1:$kcm_port/healthz" 2>/dev/null || true)" == ok ]]; then
+            ok=1; break
+        fi
+        sleep 0.2
+    done
+    [[ $ok -eq 1 ]] || fail_start "$dir" "kube-controller-manager not healthy after ${START_TIMEOUT}s"
+    # The default service account appears once the controllers run.
+    ok=0
+    for i in $(seq 1 $((START_TIMEOUT * 5))); do
+        if curl -fsS --max-time 2 --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $admin_token" \
+            "$server/api/v1/namespaces/default/serviceaccounts/default" >/dev/null 2>&1; then
+            ok=1; break
+        fi
+        pid_alive "$dir/run/kube-controller-manager.pid" kube-controller-manager ||
+            fail_start "$dir" "kube-controller-manager exited during startup"
+        sleep 0.2
+    done
+    [[ $ok -eq 1 ]] || fail_start "$dir" "default service account not created after ${START_TIMEOUT}s"
+    log "kube-controller-manager healthy (127.0.0.1:$kcm_port)"
+
+    printf 'server=%s\netcd=http://127.0.0.1:%s\nkubeconfig=%s\nbin_dir=%s\n' \
+        "$server" "$etcd_port" "$dir/kubeconfig" "$bindir" >"$dir/info"
+    log "ready: export KUBECONFIG=$dir/kubeconfig   (stop with: $PROG stop $dir)"
+    printf '%s\n' "$dir/kubeconfig"
+}
+
+cmd_stop() {
+    local dir="$1"
+    if [[ ! -d "$dir" ]]; then
+        log "$dir does not exist; nothing to stop"
+        return 0
+    fi
+    dir="$(cd "$dir" && pwd -P)"
+    stop_all "$dir"
+    log "stopped (state kept in $dir)"
+}
+
+cmd_env() {
+    local dir
+    dir="$(abs_dir "$1")"
+    printf 'export KUBECONFIG=%q\n' "$dir/kubeconfig"
+}
+
+main() {
+    local cmd="${1:-}"
+    case "$cmd" in
+        build)
+            [[ $# -eq 1 ]] || { usage; exit 2; }
+            cmd_build
+            ;;
+        start | stop | env)
+            [[ $# -eq 2 && -n "$2" ]] || { usage; exit 2; }
+            "cmd_$cmd" "$2"
+            ;;
+        -h | --help | help)
+            usage
+            ;;
+        *)
+            usage
+            exit 2
+            ;;
+    esac
+}
+
+main "$@"
