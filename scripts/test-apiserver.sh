@@ -254,7 +254,8 @@ cmd_build() {
     }
 
     local b out tmpdest
-    tmpdest="$(mktemp -d "$CACHE_ROOT.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$CACHE_ROOT" && mktemp -d "$CACHE_ROOT/.tmp.XXXXXX"; })"
+    mkdir -p "$CACHE_ROOT"
+    tmpdest="$(mktemp -d "$CACHE_ROOT/.tmp.XXXXXX")"
     for b in kube-apiserver kube-controller-manager; do
         out=""
         for f in "$tree/_output/bin/$b" "$tree/_output/local/bin/linux/amd64/$b" "$tree/_output/local/go/bin/$b"; do
@@ -265,7 +266,6 @@ cmd_build() {
         install -m 0755 "$out" "$tmpdest/$b"
     done
     printf '%s\n' "$ver" >"$tmpdest/DEBIAN_SOURCE_VERSION"
-    mkdir -p "$CACHE_ROOT"
     rm -rf "$dest"
     mv "$tmpdest" "$dest"
     chmod 755 "$dest"
@@ -300,7 +300,6 @@ free_port() {
         p=$((20000 + RANDOM % 30000))
         [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
         if port_free "$p"; then
-            USED_PORTS+=("$p")
             printf '%s\n' "$p"
             return 0
         fi
@@ -308,13 +307,27 @@ free_port() {
     die "no free TCP port found"
 }
 
-# pid in pid file $1 alive and running binary whose name contains $2?
+# Set to 0 while `start` runs: its children may not have exec'ed yet, so
+# their command line cannot be checked (a fresh pid cannot be a reused one).
+NAME_CHECK=1
+
+# process $1 exists and is not a zombie
+pid_running() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ "$state" != Z ]]
+}
+
+# pid in pid file $1 alive (not a zombie) and, when NAME_CHECK=1, running a
+# command line that contains $2 (guards against reused pids)?
 pid_alive() {
     local pidfile="$1" name="$2" pid
     [[ -f "$pidfile" ]] || return 1
     pid="$(cat "$pidfile" 2>/dev/null || true)"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
+    pid_running "$pid" || return 1
+    [[ $NAME_CHECK -eq 0 ]] && return 0
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"
 }
 
@@ -337,14 +350,14 @@ stop_one() {
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
+        pid_running "$pid" || break
         sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_running "$pid"; then
         log "$name did not exit after SIGTERM; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
+            pid_running "$pid" || break
             sleep 0.1
         done
     fi
@@ -439,6 +452,7 @@ cmd_start() {
         die "processes from a previous 'start $dir' are still running; run '$PROG stop $dir' first"
     fi
 
+    NAME_CHECK=0
     # fresh state every start
     rm -rf "$dir/etcd" "$dir/certs" "$dir/run" "$dir/logs" "$dir/kubeconfig" "$dir/controller-manager.kubeconfig" "$dir/tokens.csv"
     mkdir -p "$dir/run" "$dir/logs"
