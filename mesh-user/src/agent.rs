@@ -32,6 +32,8 @@ pub enum AgentError {
     Load(#[from] loader::LoadError),
     #[error("reading the number of possible CPUs: {0}")]
     Cpus(#[from] std::io::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::source::kubernetes::KubeError),
     #[error("cannot watch {path}: {source}")]
     Watch {
         path: PathBuf,
@@ -45,52 +47,98 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let SourceSpec::File(dir) = &config.source;
     let (loaded, maps) = loader::load_and_attach(&config.cgroup)?;
     info!(cgroup = %loaded.cgroup.display(), "programs attached");
-    let mut applier = Applier::new(maps)?;
-    let mut source = FileSource::new(dir.clone());
-    let (tx, mut changes) = mpsc::channel::<()>(1);
-    let _watcher = watch(dir, tx)?;
+    let mut reconciler = Reconciler {
+        index: Index::default(),
+        applier: Applier::new(maps)?,
+        reported: BTreeSet::new(),
+        generation: 0,
+        compile: config.compile.clone(),
+        services: Default::default(),
+        failed: false,
+    };
+    let result = match &config.source {
+        SourceSpec::File(dir) => run_file(dir, &mut reconciler, shutdown).await,
+        SourceSpec::Kubernetes(options) => {
+            crate::source::kubernetes::run(options, &mut reconciler, shutdown).await
+        }
+    };
+    log_counters(&reconciler.applier);
+    info!("shutting down; detaching programs");
+    drop(loaded);
+    result
+}
 
-    let mut index = Index::default();
-    let mut reported = BTreeSet::new();
-    let mut generation = 0u64;
-    let mut gc = tokio::time::interval(Duration::from_secs(1));
-    tokio::pin!(shutdown);
-    loop {
-        let started = Instant::now();
-        generation += 1;
-        let snapshot = source.load();
-        sync_index(&mut index, &snapshot.objects);
-        let mut diagnostics = snapshot.diagnostics;
-        diagnostics.extend(index.revalidate(&config.compile.cluster_domain));
+/// index -> compile -> apply, and the bookkeeping around it; sources drive it.
+#[derive(Debug)]
+pub struct Reconciler {
+    pub index: Index,
+    applier: Applier,
+    reported: BTreeSet<Diagnostic>,
+    generation: u64,
+    compile: compile::Config,
+    services: std::collections::BTreeMap<compile::ServiceAddr, compile::ServicePlan>,
+    failed: bool,
+}
+
+impl Reconciler {
+    /// Validates, compiles and applies the index as it is now. `started` is when
+    /// the change that led here was seen (the propagation latency is measured from
+    /// it); `diagnostics` are the source's own.
+    pub fn reconcile(&mut self, mut diagnostics: Vec<Diagnostic>, started: Instant) {
+        self.generation += 1;
+        diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
         let Compiled {
             services,
             diagnostics: compiled,
-        } = compile::compile(&index, &config.compile);
+        } = compile::compile(&self.index, &self.compile);
         diagnostics.extend(compiled);
-        report(&diagnostics, &mut reported);
-        let mut failed = apply_logged(&mut applier, &services, generation, started);
+        report(&diagnostics, &mut self.reported);
+        self.services = services;
+        self.failed = apply_logged(&mut self.applier, &self.services, self.generation, started);
+    }
 
+    /// Once a second: free replaced tables, and retry writes that failed.
+    pub fn tick(&mut self) {
+        self.applier.collect_garbage();
+        if self.failed {
+            self.failed = apply_logged(
+                &mut self.applier,
+                &self.services,
+                self.generation,
+                Instant::now(),
+            );
+        }
+    }
+
+    pub fn cluster_domain(&self) -> &str {
+        &self.compile.cluster_domain
+    }
+}
+
+async fn run_file(
+    dir: &std::path::Path,
+    reconciler: &mut Reconciler,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let mut source = FileSource::new(dir);
+    let (tx, mut changes) = mpsc::channel::<()>(1);
+    let _watcher = watch(dir, tx)?;
+    let mut gc = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    let mut started = Instant::now();
+    loop {
+        let snapshot = source.load();
+        sync_index(&mut reconciler.index, &snapshot.objects);
+        reconciler.reconcile(snapshot.diagnostics, started);
         // Wait for a change, collecting bursts (an editor writes a file in steps).
         loop {
             tokio::select! {
-                _ = &mut shutdown => {
-                    log_counters(&applier);
-                    info!("shutting down; detaching programs");
-                    drop(loaded);
-                    return Ok(());
-                }
-                _ = gc.tick() => {
-                    applier.collect_garbage();
-                    // A write that failed (a full map, say) is tried again once
-                    // the collection has made room, without waiting for a change.
-                    if failed {
-                        failed = apply_logged(&mut applier, &services, generation, Instant::now());
-                    }
-                }
+                _ = &mut shutdown => return Ok(()),
+                _ = gc.tick() => reconciler.tick(),
                 Some(()) = changes.recv() => {
+                    started = Instant::now();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     while changes.try_recv().is_ok() {}
                     debug!("source changed");

@@ -46,6 +46,8 @@ pub struct Index {
     pub endpoint_slices: BTreeMap<NsName, Entry<EndpointSlice>>,
     virtual_services: BTreeMap<NsName, Validated<VirtualService>>,
     destination_rules: BTreeMap<NsName, Validated<DestinationRule>>,
+    /// Namespaces whose Services are meshed; `None`: all (the file source).
+    pub mesh_namespaces: Option<std::collections::BTreeSet<String>>,
 }
 
 fn key(object: &ObjectRef) -> NsName {
@@ -122,6 +124,22 @@ impl Index {
             Kind::EndpointSlice => self.endpoint_slices.remove(&k).is_some(),
             Kind::VirtualService => self.virtual_services.remove(&k).is_some(),
             Kind::DestinationRule => self.destination_rules.remove(&k).is_some(),
+        }
+    }
+
+    /// Makes the index hold exactly `objects` of `kind` (a relist).
+    pub fn replace_kind(&mut self, kind: Kind, origin: &str, objects: Vec<Resource>) {
+        let keep: std::collections::BTreeSet<ObjectRef> =
+            objects.iter().map(Resource::object_ref).collect();
+        for gone in self
+            .object_refs()
+            .into_iter()
+            .filter(|r| r.kind == kind && !keep.contains(r))
+        {
+            self.delete(&gone);
+        }
+        for object in objects {
+            self.apply(origin, object);
         }
     }
 

@@ -27,12 +27,18 @@ struct Cli {
 enum Command {
     /// Load the kernel programs into a cgroup and keep their maps in step with the source.
     Run {
-        /// Where objects come from: file:DIR (a folder of YAML manifests, watched).
+        /// Where objects come from: file:DIR (a folder of YAML manifests, watched) or kubernetes.
         #[arg(long, env = "MESH_SOURCE")]
         source: SourceSpec,
         /// The cgroup v2 directory to attach to (every process in it and below is meshed).
         #[arg(long, env = "MESH_CGROUP")]
         cgroup: PathBuf,
+        /// With --source kubernetes: a kubeconfig (else KUBECONFIG, ~/.kube/config, or in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// With --source kubernetes: label selector of the mesh's namespaces.
+        #[arg(long, default_value = "istio-injection=enabled")]
+        namespace_selector: String,
         #[command(flatten)]
         compile: CompileArgs,
         /// Log format.
@@ -68,12 +74,18 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run {
-            source,
+            mut source,
             cgroup,
+            kubeconfig,
+            namespace_selector,
             compile,
             log_format,
         } => {
             init_logging(&log_format);
+            if let SourceSpec::Kubernetes(options) = &mut source {
+                options.kubeconfig = kubeconfig;
+                options.namespace_selector = namespace_selector;
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .worker_threads(2)
@@ -123,7 +135,9 @@ async fn shutdown_signal() {
 
 /// `check`: diagnostics, then each service port's table as shares per backend.
 fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
-    let SourceSpec::File(dir) = source;
+    let SourceSpec::File(dir) = source else {
+        anyhow::bail!("check reads a folder: --source file:DIR");
+    };
     let snapshot = FileSource::new(&dir).load();
     let mut index = Index::default();
     for (origin, object) in snapshot.objects {

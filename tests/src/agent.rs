@@ -36,10 +36,26 @@ pub struct Agent {
 impl Agent {
     /// `mesh-agent run --source file:<dir> --cgroup <cgroup> --log-format json`.
     pub fn start(dir: &Path, cgroup: &Path) -> anyhow::Result<Self> {
+        Self::start_with(&[format!("file:{}", dir.display())], cgroup)
+    }
+
+    /// `mesh-agent run --source kubernetes --kubeconfig <path> ...`.
+    pub fn start_kubernetes(kubeconfig: &Path, cgroup: &Path) -> anyhow::Result<Self> {
+        Self::start_with(
+            &[
+                "kubernetes".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+            ],
+            cgroup,
+        )
+    }
+
+    fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
         let mut command = Command::new(sibling_binary("mesh-agent")?);
         command
             .args(["run", "--log-format", "json", "--source"])
-            .arg(format!("file:{}", dir.display()))
+            .args(source)
             .arg("--cgroup")
             .arg(cgroup)
             .env("RUST_LOG", "info")

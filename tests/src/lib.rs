@@ -4,6 +4,7 @@
 //! also when a test panics.
 
 pub mod agent;
+pub mod apiserver;
 pub mod backend;
 pub mod cgroup;
 pub mod manifests;

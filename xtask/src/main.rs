@@ -60,6 +60,11 @@ fn main() -> anyhow::Result<()> {
             require_root(
                 "the integration tests load BPF programs into cgroups and create network namespaces",
             )?;
+            // A real kube-apiserver for the Kubernetes tests: built once from
+            // Debian's sources and cached by version outside the repository.
+            run(Command::new("bash")
+                .arg(workspace().join("scripts/test-apiserver.sh"))
+                .arg("build"))?;
             // The privileged tests run the real binaries; build them first. (The
             // default members: mesh-ebpf only builds for the BPF target, through
             // mesh-user's build script.)

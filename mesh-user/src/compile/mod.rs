@@ -103,6 +103,13 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
     let mut out = Compiled::default();
     let domain = config.cluster_domain.as_str();
     for ((namespace, name), entry) in &index.services {
+        if index
+            .mesh_namespaces
+            .as_ref()
+            .is_some_and(|m| !m.contains(namespace))
+        {
+            continue; // not a mesh namespace
+        }
         let Some(spec) = &entry.object.spec else {
             continue;
         };

@@ -263,7 +263,7 @@ fn convert_document(
 }
 
 /// Typed conversion, reporting the path of the field that failed.
-fn convert(kind: Kind, mut document: Value) -> Result<Resource, (String, String)> {
+pub(crate) fn convert(kind: Kind, mut document: Value) -> Result<Resource, (String, String)> {
     // Fill in the namespace as `kubectl apply` would, so every object has one.
     if let Some(meta) = document.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.entry("namespace")

@@ -2,6 +2,7 @@
 //! at its boundary; the index never sees YAML or API types.
 
 pub mod file;
+pub mod kubernetes;
 
 use std::{path::PathBuf, str::FromStr};
 
@@ -10,15 +11,15 @@ use std::{path::PathBuf, str::FromStr};
 pub enum SourceSpec {
     /// `file:DIR`: a folder of YAML manifests, watched for changes.
     File(PathBuf),
+    /// `kubernetes`: watch an API server (in-cluster, `--kubeconfig` or `KUBECONFIG`).
+    Kubernetes(kubernetes::Options),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceSpecError {
     #[error("--source file: needs a directory, as in file:/etc/mesh/manifests")]
     EmptyPath,
-    #[error("--source kubernetes is not available in this build yet; use file:DIR")]
-    KubernetesUnavailable,
-    #[error("unknown --source {0:?}: expected file:DIR")]
+    #[error("unknown --source {0:?}: expected file:DIR or kubernetes")]
     Unknown(String),
 }
 
@@ -33,7 +34,7 @@ impl FromStr for SourceSpec {
             return Ok(SourceSpec::File(PathBuf::from(path)));
         }
         if s == "kubernetes" {
-            return Err(SourceSpecError::KubernetesUnavailable);
+            return Ok(SourceSpec::Kubernetes(kubernetes::Options::default()));
         }
         Err(SourceSpecError::Unknown(s.to_owned()))
     }

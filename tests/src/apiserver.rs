@@ -1,0 +1,102 @@
+//! A real kube-apiserver (with etcd and kube-controller-manager) on loopback, from
+//! `scripts/test-apiserver.sh`, stopped on drop; and kubectl against it.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-apiserver.sh")
+}
+
+#[derive(Debug)]
+pub struct ApiServer {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    /// Starts one (the binaries must be built: `scripts/test-apiserver.sh build`,
+    /// which `cargo xtask test` runs).
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(crate::unique("mesh-apiserver-"));
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(&dir)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            let _ = Command::new("bash")
+                .arg(script())
+                .arg("stop")
+                .arg(&dir)
+                .status();
+            bail!(
+                "test API server did not start (build it with `scripts/test-apiserver.sh build`)"
+            );
+        }
+        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        Ok(ApiServer { dir, kubeconfig })
+    }
+
+    /// `kubectl ARGS`, failing with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.kubectl_stdin(args, None)
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<String> {
+        self.kubectl_stdin(&["apply", "-f", "-"], Some(yaml))
+    }
+
+    /// `kubectl replace -f -` of `yaml` (for CRD-served built-in kinds, where
+    /// kubectl's strategic-merge apply is refused).
+    pub fn replace(&self, yaml: &str) -> anyhow::Result<String> {
+        self.kubectl_stdin(&["replace", "-f", "-"], Some(yaml))
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("kubectl")?;
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(text.as_bytes())?;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
