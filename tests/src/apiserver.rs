@@ -60,7 +60,8 @@ impl ApiServer {
         self.kubectl_stdin(&["replace", "-f", "-"], Some(yaml))
     }
 
-    fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    /// `kubectl ARGS` with `stdin` on its standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
         let mut child = Command::new("kubectl")
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)

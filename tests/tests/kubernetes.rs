@@ -43,6 +43,13 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> anyhow::Result<Self> {
+        Self::start_as(|api| Ok(api.kubeconfig.clone()))
+    }
+
+    /// The same, with the agent's kubeconfig chosen by `agent_kubeconfig`.
+    fn start_as(
+        agent_kubeconfig: impl Fn(&ApiServer) -> anyhow::Result<std::path::PathBuf>,
+    ) -> anyhow::Result<Self> {
         mesh_tests::require_root();
         let api = ApiServer::start()?;
         for crd in [
@@ -82,7 +89,7 @@ impl Cluster {
         }
         api.apply(&endpoint_slice(&pods))?;
         let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
-        let agent = Agent::start_kubernetes(&api.kubeconfig, cgroup.path())?;
+        let agent = Agent::start_kubernetes(&agent_kubeconfig(&api)?, cgroup.path())?;
         Ok(Cluster {
             agent,
             _backends: backends,
@@ -118,6 +125,28 @@ fn kubectl_changes_move_the_split_through_the_api_server() -> anyhow::Result<()>
     let s = c.probe()?;
     assert_eq!(s.failed(), 0, "{s:?}\n{}", c.agent.log_text());
     assert_share(s.share(V2), 0.20, N, "80/20 from the API server");
+
+    // `kubectl edit` as a user does it, with a scripted editor.
+    let editor = c.api.dir.join("editor.sh");
+    std::fs::write(
+        &editor,
+        "#!/bin/sh\nsed -i 's/weight: 80/weight: 30/; s/weight: 20/weight: 70/' \"$1\"\n",
+    )?;
+    std::fs::set_permissions(&editor, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let next = c.agent.generation() + 1;
+    let out = std::process::Command::new("kubectl")
+        .args(["edit", "virtualservice", "flaskapp"])
+        .env("KUBECONFIG", &c.api.kubeconfig)
+        .env("EDITOR", &editor)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "kubectl edit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.agent.wait_applied(next, Duration::from_secs(20))?;
+    let s = c.probe()?;
+    assert_share(s.share(V2), 0.70, N, "after kubectl edit 30/70");
 
     let patch = r#"{"spec":{"http":[{"route":[{"destination":{"host":"flaskapp","subset":"v1"},"weight":50},{"destination":{"host":"flaskapp","subset":"v2"},"weight":50}]}]}}"#;
     c.change(&[
@@ -168,5 +197,101 @@ fn kubectl_changes_move_the_split_through_the_api_server() -> anyhow::Result<()>
     for pod in V1 {
         assert_share(s.share(pod), 1.0 / 3.0, N, pod);
     }
+    Ok(())
+}
+
+/// A kubeconfig for the mesh-agent ServiceAccount of manifests/deploy (its RBAC
+/// applied for real), next to the admin one.
+fn service_account_kubeconfig(api: &ApiServer) -> anyhow::Result<std::path::PathBuf> {
+    for file in ["00-namespace.yaml", "10-rbac.yaml"] {
+        api.kubectl(&["apply", "-f", &format!("{ROOT}/manifests/deploy/{file}")])?;
+    }
+    let token = api.kubectl(&["create", "token", "mesh-agent", "-n", "mesh-system"])?;
+    let path = api.dir.join("mesh-agent.kubeconfig");
+    std::fs::copy(&api.kubeconfig, &path)?;
+    let kc = path.display().to_string();
+    api.kubectl(&[
+        "--kubeconfig",
+        &kc,
+        "config",
+        "set-credentials",
+        "mesh-agent",
+        &format!("--token={}", token.trim()),
+    ])?;
+    api.kubectl(&[
+        "--kubeconfig",
+        &kc,
+        "config",
+        "set-context",
+        "--current",
+        "--user=mesh-agent",
+    ])?;
+    Ok(path)
+}
+
+#[test]
+fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_account()
+-> anyhow::Result<()> {
+    let c = Cluster::start_as(service_account_kubeconfig)?;
+    // Every manifest we ship is accepted by a real API server.
+    for dir in [
+        "manifests/crds",
+        "manifests/deploy",
+        "manifests/examples/flaskapp",
+    ] {
+        c.api
+            .kubectl(&["apply", "--dry-run=server", "-f", &format!("{ROOT}/{dir}")])?;
+    }
+    // The cluster example names the same Service as the file-source one (which
+    // this cluster holds, with a fixed clusterIP): check it in a namespace of its own.
+    c.api.kubectl(&["create", "namespace", "dryrun"])?;
+    let example = std::fs::read_to_string(format!(
+        "{ROOT}/manifests/examples/kubernetes/flaskapp.yaml"
+    ))?;
+    let example = example.replace("namespace: default", "namespace: dryrun");
+    c.api
+        .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&example))?;
+    // The agent, with only its ServiceAccount's rights, follows the cluster.
+    let s = c.probe()?;
+    assert_eq!(s.failed(), 0, "{s:?}\n{}", c.agent.log_text());
+    assert_share(s.share(V2), 0.20, N, "80/20 with the ServiceAccount token");
+    // ... and those rights do not reach further than reading.
+    let kc = c
+        .api
+        .dir
+        .join("mesh-agent.kubeconfig")
+        .display()
+        .to_string();
+    // `kubectl auth can-i` prints yes (exit 0) or no (exit 1).
+    let can = |verb: &str, resource: &str| {
+        c.api
+            .kubectl(&["--kubeconfig", &kc, "auth", "can-i", verb, resource])
+            .is_ok_and(|a| a.trim() == "yes")
+    };
+    assert!(
+        can("watch", "virtualservices.networking.istio.io"),
+        "the agent's account must read what it watches"
+    );
+    assert!(
+        can("create", "events"),
+        "the agent's account must record events"
+    );
+    for verb in ["update", "patch", "delete", "create"] {
+        assert!(
+            !can(verb, "services"),
+            "the agent's account can {verb} services"
+        );
+        assert!(
+            !can(verb, "virtualservices.networking.istio.io"),
+            "the agent's account can {verb} virtualservices"
+        );
+    }
+    let patched = c
+        .api
+        .kubectl(&["--kubeconfig", &kc, "label", "service", "flaskapp", "x=y"]);
+    assert!(
+        patched.is_err_and(|e| e.to_string().contains("Forbidden")),
+        "the agent's account could modify a Service"
+    );
     Ok(())
 }
