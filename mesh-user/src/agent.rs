@@ -86,7 +86,12 @@ impl Reconciler {
     /// Validates, compiles and applies the index as it is now. `started` is when
     /// the change that led here was seen (the propagation latency is measured from
     /// it); `diagnostics` are the source's own.
-    pub fn reconcile(&mut self, mut diagnostics: Vec<Diagnostic>, started: Instant) {
+    /// Returns the diagnostics that are new since the last round.
+    pub fn reconcile(
+        &mut self,
+        mut diagnostics: Vec<Diagnostic>,
+        started: Instant,
+    ) -> Vec<Diagnostic> {
         self.generation += 1;
         diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
         let Compiled {
@@ -94,9 +99,10 @@ impl Reconciler {
             diagnostics: compiled,
         } = compile::compile(&self.index, &self.compile);
         diagnostics.extend(compiled);
-        report(&diagnostics, &mut self.reported);
+        let new = report(&diagnostics, &mut self.reported);
         self.services = services;
         self.failed = apply_logged(&mut self.applier, &self.services, self.generation, started);
+        new
     }
 
     /// Once a second: free replaced tables, and retry writes that failed.
@@ -205,16 +211,19 @@ fn sync_index(index: &mut Index, objects: &[(String, crate::model::Resource)]) {
     }
 }
 
-/// Logs diagnostics that are new since the last round (each once, not every round).
-fn report(diagnostics: &[Diagnostic], reported: &mut BTreeSet<Diagnostic>) {
+/// Logs diagnostics that are new since the last round (each once, not every
+/// round), and returns them.
+fn report(diagnostics: &[Diagnostic], reported: &mut BTreeSet<Diagnostic>) -> Vec<Diagnostic> {
     let now: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
-    for d in now.difference(reported) {
+    let new: Vec<Diagnostic> = now.difference(reported).cloned().collect();
+    for d in &new {
         match d.severity {
             Severity::Error => error!("{d}"),
             Severity::Warning => warn!("{d}"),
         }
     }
     *reported = now;
+    new
 }
 
 fn watch(

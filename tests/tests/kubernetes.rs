@@ -178,6 +178,21 @@ fn kubectl_changes_move_the_split_through_the_api_server() -> anyhow::Result<()>
             .iter()
             .any(|e| e.contains("VirtualService default/flaskapp") && e.contains("subset"))
     );
+    // ... and recorded as a Warning Event on the VirtualService, for `kubectl describe`.
+    let started = std::time::Instant::now();
+    loop {
+        let events = c
+            .api
+            .kubectl(&["get", "events", "-n", "default", "-o", "json"])?;
+        if events.contains("\"Rejected\"") && events.contains("v9") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no Rejected event: {events}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let s = c.probe()?;
     assert_eq!(s.failed(), 0, "{s:?}");
     assert_share(s.share(V2), 0.50, N, "last good 50/50");

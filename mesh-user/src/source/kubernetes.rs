@@ -21,7 +21,11 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -139,9 +143,20 @@ pub async fn run(
         tx.clone(),
         options.namespace_selector.clone(),
     ));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "mesh-agent".into(),
+            instance: std::env::var("NODE_NAME")
+                .ok()
+                .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
+        },
+    );
+    let mut istio_versions = BTreeMap::new();
     for kind in [Kind::VirtualService, Kind::DestinationRule] {
         match istio_resource(&client, kind).await {
             Some(resource) => {
+                istio_versions.insert(kind, resource.api_version.clone());
                 info!(kind = %kind, version = %resource.version, "watching {ISTIO_GROUP}");
                 tasks.spawn(watch_istio(client.clone(), tx.clone(), kind, resource));
             }
@@ -185,12 +200,60 @@ pub async fn run(
                     changed |= ingest(reconciler, &mut waiting, &mut invalid, update);
                 }
                 if waiting.is_empty() && changed {
-                    reconciler.reconcile(invalid.values().cloned().collect(), started);
+                    let new = reconciler.reconcile(invalid.values().cloned().collect(), started);
+                    record_events(&recorder, &istio_versions, new);
                 } else if !waiting.is_empty() {
                     info!(waiting = ?waiting, "waiting for the initial lists before the first write");
                 }
             }
         }
+    }
+}
+
+/// A Warning Event on each Istio object newly rejected (reason `Rejected`, the
+/// field and what is wrong in the note), so `kubectl describe` shows it. Published
+/// in the background: the data plane never waits on the API server.
+fn record_events(recorder: &Recorder, versions: &BTreeMap<Kind, String>, new: Vec<Diagnostic>) {
+    for d in new {
+        let Some(object) = d
+            .object
+            .as_ref()
+            .filter(|_| d.severity == crate::diag::Severity::Error)
+        else {
+            continue;
+        };
+        let Some(api_version) = versions.get(&object.kind) else {
+            continue;
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(api_version.clone()),
+            kind: Some(object.kind.to_string()),
+            name: Some(object.name.clone()),
+            namespace: Some(object.namespace.clone()),
+            ..Default::default()
+        };
+        let mut note = if d.field.is_empty() {
+            d.message.clone()
+        } else {
+            format!("{}: {}", d.field, d.message)
+        };
+        note.truncate(1000);
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "Rejected".into(),
+            note: Some(note),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(
+                    "recording an Event on {} failed: {e}",
+                    reference.name.as_deref().unwrap_or("")
+                );
+            }
+        });
     }
 }
 
