@@ -8,6 +8,8 @@
 #                                          # state/logs/kubeconfig under DIR; prints kubeconfig path
 #   scripts/test-apiserver.sh stop DIR     # stop what `start DIR` started (safe to call twice)
 #   scripts/test-apiserver.sh env DIR      # prints: export KUBECONFIG=DIR/kubeconfig
+#   scripts/test-apiserver.sh stop-apiserver DIR   # an outage: kube-apiserver alone goes away
+#   scripts/test-apiserver.sh start-apiserver DIR  # ... and comes back as it was
 #
 # The Kubernetes binaries are built from Debian bookworm's `kubernetes` source
 # package (Kubernetes v1.20.2 with vendor/) with Debian's Go 1.19, fully
@@ -35,7 +37,7 @@ die() { printf '[%s] ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<EOF
-Usage: $PROG build | start DIR | stop DIR | env DIR
+Usage: $PROG build | start DIR | stop DIR | env DIR | stop-apiserver DIR | start-apiserver DIR
 
   build       Build kube-apiserver and kube-controller-manager from Debian's
               '$SRC_PKG' source package and cache them under
@@ -335,6 +337,8 @@ pid_alive() {
 start_bg() {
     local name="$1" pidfile="$2" logf="$3"
     shift 3
+    # Remember the command, so one component can be restarted as it was.
+    printf '%s\0' "$@" >"$pidfile.cmd"
     setsid "$@" </dev/null >>"$logf" 2>&1 &
     echo $! >"$pidfile"
     log "started $name (pid $!, log $logf)"
@@ -593,6 +597,35 @@ cmd_stop() {
     log "stopped (state kept in $dir)"
 }
 
+# An API server outage, for tests: stop kube-apiserver alone (etcd and the
+# controller manager stay), then start it again exactly as it was (same port,
+# certificates and tokens, so clients reconnect to the same address).
+cmd_stop-apiserver() {
+    local dir
+    dir="$(abs_dir "$1")"
+    NAME_CHECK=1
+    stop_one kube-apiserver "$dir/run/kube-apiserver.pid"
+}
+
+cmd_start-apiserver() {
+    local dir
+    dir="$(abs_dir "$1")"
+    local pidfile="$dir/run/kube-apiserver.pid"
+    [[ -f "$pidfile.cmd" ]] || die "no kube-apiserver was started in $dir"
+    local -a argv
+    mapfile -d '' argv <"$pidfile.cmd"
+    start_bg kube-apiserver "$pidfile" "$dir/logs/kube-apiserver.log" "${argv[@]}"
+    local i
+    for ((i = 0; i < START_TIMEOUT * 5; i++)); do
+        if kubectl --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1; then
+            log "kube-apiserver ready again"
+            return 0
+        fi
+        sleep 0.2
+    done
+    die "kube-apiserver did not become ready again"
+}
+
 cmd_env() {
     local dir
     dir="$(abs_dir "$1")"
@@ -606,7 +639,7 @@ main() {
             [[ $# -eq 1 ]] || { usage; exit 2; }
             cmd_build
             ;;
-        start | stop | env)
+        start | stop | env | stop-apiserver | start-apiserver)
             [[ $# -eq 2 && -n "$2" ]] || { usage; exit 2; }
             "cmd_$cmd" "$2"
             ;;

@@ -44,6 +44,24 @@ impl ApiServer {
         Ok(ApiServer { dir, kubeconfig })
     }
 
+    /// An outage: kube-apiserver alone stops (`up: false`) or comes back as it was.
+    pub fn set_up(&self, up: bool) -> anyhow::Result<()> {
+        let verb = if up {
+            "start-apiserver"
+        } else {
+            "stop-apiserver"
+        };
+        let status = Command::new("bash")
+            .arg(script())
+            .arg(verb)
+            .arg(&self.dir)
+            .status()?;
+        if !status.success() {
+            bail!("{verb} failed");
+        }
+        Ok(())
+    }
+
     /// `kubectl ARGS`, failing with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         self.kubectl_stdin(args, None)

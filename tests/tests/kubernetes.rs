@@ -310,3 +310,49 @@ fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_ac
     );
     Ok(())
 }
+
+#[test]
+fn an_api_server_outage_fails_no_connection_and_changes_arrive_after_it() -> anyhow::Result<()> {
+    let mut c = Cluster::start()?;
+    let args: Vec<String> = [
+        "--target",
+        &vip4(),
+        "--duration-ms",
+        "6000",
+        "--concurrency",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let client = probe::spawn(&c.node.pod("client").ns, Some(&c.cgroup), &args)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    c.api.set_up(false)?;
+    std::thread::sleep(Duration::from_millis(3000));
+    c.api.set_up(true)?;
+    let during = probe::finish(client)?;
+    assert_eq!(during.failed(), 0, "{during:?}");
+    assert!(during.ok > 100, "{during:?}");
+    assert_share(
+        during.share(V2),
+        0.20,
+        during.ok,
+        "80/20 held through the outage",
+    );
+
+    // The watchers reconnect: a change made now reaches the kernel.
+    let patch =
+        r#"{"spec":{"http":[{"route":[{"destination":{"host":"flaskapp","subset":"v2"}}]}]}}"#;
+    c.change(&[
+        "patch",
+        "virtualservice",
+        "flaskapp",
+        "--type",
+        "merge",
+        "-p",
+        patch,
+    ])?;
+    let s = c.probe()?;
+    assert_eq!(s.backends.get(V2), Some(&N), "{s:?}");
+    Ok(())
+}
