@@ -24,6 +24,8 @@ pub struct Config {
     pub source: SourceSpec,
     pub cgroup: PathBuf,
     pub compile: compile::Config,
+    /// Where to serve /healthz, /readyz and /metrics; `None`: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,10 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let telemetry = crate::telemetry::Telemetry::new();
+    if let Some(addr) = config.metrics_addr {
+        crate::telemetry::serve(addr, telemetry.clone()).await?;
+    }
     let (loaded, maps) = loader::load_and_attach(&config.cgroup)?;
     info!(cgroup = %loaded.cgroup.display(), "programs attached");
     let mut reconciler = Reconciler {
@@ -57,6 +63,7 @@ pub async fn run(
         compile: config.compile.clone(),
         services: Default::default(),
         failed: false,
+        telemetry,
     };
     let result = match &config.source {
         SourceSpec::File(dir) => run_file(dir, &mut reconciler, shutdown).await,
@@ -80,6 +87,7 @@ pub struct Reconciler {
     compile: compile::Config,
     services: std::collections::BTreeMap<compile::ServiceAddr, compile::ServicePlan>,
     failed: bool,
+    telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 impl Reconciler {
@@ -102,6 +110,8 @@ impl Reconciler {
         let new = report(&diagnostics, &mut self.reported);
         self.services = services;
         self.failed = apply_logged(&mut self.applier, &self.services, self.generation, started);
+        self.telemetry
+            .applied(started.elapsed().as_secs_f64(), self.generation);
         new
     }
 

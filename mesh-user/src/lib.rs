@@ -12,4 +12,5 @@ pub mod index;
 pub mod loader;
 pub mod model;
 pub mod source;
+pub mod telemetry;
 pub mod validate;

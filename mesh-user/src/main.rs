@@ -41,6 +41,9 @@ enum Command {
         namespace_selector: String,
         #[command(flatten)]
         compile: CompileArgs,
+        /// Serve /healthz, /readyz and /metrics here ("off": nowhere).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        metrics_addr: String,
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             cgroup,
             kubeconfig,
             namespace_selector,
+            metrics_addr,
             compile,
             log_format,
         } => {
@@ -91,10 +95,17 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .build()?;
             runtime.block_on(async {
+                let metrics_addr = match metrics_addr.as_str() {
+                    "off" => None,
+                    addr => Some(addr.parse().with_context(|| {
+                        format!("--metrics-addr {addr:?}: expected IP:PORT or off")
+                    })?),
+                };
                 let config = agent::Config {
                     source,
                     cgroup,
                     compile: compile.config(),
+                    metrics_addr,
                 };
                 agent::run(config, shutdown_signal())
                     .await

@@ -54,7 +54,14 @@ impl Agent {
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
         let mut command = Command::new(sibling_binary("mesh-agent")?);
         command
-            .args(["run", "--log-format", "json", "--source"])
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--source",
+            ])
             .args(source)
             .arg("--cgroup")
             .arg(cgroup)
@@ -118,6 +125,33 @@ impl Agent {
             "mesh-agent did not apply generation {at_least} within {timeout:?}; log:\n{}",
             self.log_text()
         )
+    }
+
+    /// `GET path` from the agent's /healthz, /readyz, /metrics server: (status, body).
+    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let addr = self
+            .records("metrics listening")
+            .first()
+            .and_then(|f| f["addr"].as_str().map(str::to_owned))
+            .context("the agent logged no metrics address")?;
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no status")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
     }
 
     /// Log messages at `level` (ERROR, WARN, INFO).

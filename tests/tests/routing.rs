@@ -33,6 +33,24 @@ fn canary_split_follows_the_virtualservice_and_moves_when_edited() -> anyhow::Re
     assert_eq!(after.failed(), 0, "{after:?}");
     assert_share(after.share("flaskapp-v2"), 0.50, N, "v2 at 50/50");
 
+    // The agent reports itself healthy, ready, and how fast syncs reached the kernel.
+    assert_eq!(canary.agent.http_get("/healthz")?.0, 200);
+    assert_eq!(canary.agent.http_get("/readyz")?.0, 200);
+    let (status, metrics) = canary.agent.http_get("/metrics")?;
+    assert_eq!(status, 200);
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_config_sync_latency_seconds_count "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(count.is_some_and(|n| n >= 2), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "mesh_config_generation {}",
+            canary.agent.generation()
+        )),
+        "{metrics}"
+    );
+
     canary.set_weights(0, 100)?;
     let all_v2 = canary.probe(&vip4(), 200)?;
     assert_eq!(all_v2.backends.get(V2), Some(&200), "{all_v2:?}");
