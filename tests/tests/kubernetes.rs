@@ -77,6 +77,20 @@ impl Cluster {
             let p = node.add_pod(name, 11 + i as u8)?;
             backends.push(Backend::spawn(&p.ns, name, version, 5000)?);
             api.apply(&pod(name, version))?;
+            // Its IP and readiness, as the kubelet would report them (pods/status).
+            let status = format!(
+                r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#,
+                ip = p.ipv4
+            );
+            api.kubectl(&[
+                "patch",
+                "pod",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status,
+            ])?;
             pods.push((name.to_string(), p.ipv4, true));
         }
         let example = format!("{ROOT}/manifests/examples/flaskapp");
