@@ -8,28 +8,11 @@ use crate::{
     compile::hosts,
     diag::Diagnostic,
     index::Index,
-    model::{
-        DEFAULT_NAMESPACE, DestinationRule, Kind, ObjectRef, VirtualService,
-        istio::RouteDestination,
-    },
+    model::{DestinationRule, Kind, ObjectRef, VirtualService, istio::RouteDestination},
 };
 
-fn object_ref(
-    kind: Kind,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> ObjectRef {
-    ObjectRef {
-        kind,
-        namespace: meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        name: meta.name.clone().unwrap_or_default(),
-    }
-}
-
 pub fn destination_rule(dr: &DestinationRule) -> Vec<Diagnostic> {
-    let me = object_ref(Kind::DestinationRule, &dr.metadata);
+    let me = ObjectRef::from_meta(Kind::DestinationRule, &dr.metadata);
     let mut out = Vec::new();
     if me.name.is_empty() {
         out.push(Diagnostic::error(&me, "metadata.name", "required"));
@@ -56,7 +39,7 @@ pub fn destination_rule(dr: &DestinationRule) -> Vec<Diagnostic> {
 }
 
 pub fn virtual_service(vs: &VirtualService, index: &Index, domain: &str) -> Vec<Diagnostic> {
-    let me = object_ref(Kind::VirtualService, &vs.metadata);
+    let me = ObjectRef::from_meta(Kind::VirtualService, &vs.metadata);
     let mut out = Vec::new();
     if me.name.is_empty() {
         out.push(Diagnostic::error(&me, "metadata.name", "required"));

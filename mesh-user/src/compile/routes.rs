@@ -19,15 +19,7 @@ use crate::{
 pub const MESH_GATEWAY: &str = "mesh";
 
 pub fn vs_ref(vs: &VirtualService) -> ObjectRef {
-    ObjectRef {
-        kind: Kind::VirtualService,
-        namespace: vs
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        name: vs.metadata.name.clone().unwrap_or_default(),
-    }
+    ObjectRef::from_meta(Kind::VirtualService, &vs.metadata)
 }
 
 /// Empty gateways, or `mesh` among them: the rule applies to mesh traffic.

@@ -70,6 +70,23 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+impl ObjectRef {
+    /// The object `meta` describes; no namespace means `default`, as kubectl does.
+    pub fn from_meta(
+        kind: Kind,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Self {
+        ObjectRef {
+            kind,
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
@@ -101,14 +118,6 @@ impl Resource {
     }
 
     pub fn object_ref(&self) -> ObjectRef {
-        let meta = self.metadata();
-        ObjectRef {
-            kind: self.kind(),
-            namespace: meta
-                .namespace
-                .clone()
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-            name: meta.name.clone().unwrap_or_default(),
-        }
+        ObjectRef::from_meta(self.kind(), self.metadata())
     }
 }

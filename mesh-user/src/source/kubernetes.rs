@@ -332,25 +332,13 @@ async fn watch_events<K, F>(
                 Ok(resource) => Update::Apply(resource),
                 Err(bad) => Update::Invalid(bad.0, bad.1),
             },
-            Ok(watcher::Event::Delete(object)) => Update::Delete(object_ref(kind, object.meta())),
+            Ok(watcher::Event::Delete(object)) => {
+                Update::Delete(ObjectRef::from_meta(kind, object.meta()))
+            }
         };
         if tx.send(update).is_err() {
             return;
         }
-    }
-}
-
-fn object_ref(
-    kind: Kind,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> ObjectRef {
-    ObjectRef {
-        kind,
-        namespace: meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| crate::model::DEFAULT_NAMESPACE.to_owned()),
-        name: meta.name.clone().unwrap_or_default(),
     }
 }
 
@@ -391,7 +379,7 @@ async fn watch_istio(
         tx,
         kind,
         move |object: DynamicObject| {
-            let r = object_ref(kind, &object.metadata);
+            let r = ObjectRef::from_meta(kind, &object.metadata);
             let value = serde_json::to_value(&object).map_err(|e| {
                 Box::new((
                     r.clone(),
