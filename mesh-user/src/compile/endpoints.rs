@@ -157,13 +157,18 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+    parse_ips(
+        status.pod_ips.iter().flatten().map(|p| p.ip.as_str()),
+        status.pod_ip.as_deref(),
+    )
+}
+
+/// Parses a list of addresses and the primary one (Kubernetes keeps both: the
+/// plural field for dual-stack, the singular for compatibility), without repeats;
+/// unparsable entries are skipped.
+pub fn parse_ips<'a>(all: impl Iterator<Item = &'a str>, primary: Option<&str>) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = all.filter_map(|ip| ip.parse().ok()).collect();
+    if let Some(ip) = primary.and_then(|ip| ip.parse().ok())
         && !ips.contains(&ip)
     {
         ips.push(ip);

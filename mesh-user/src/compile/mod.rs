@@ -200,18 +200,10 @@ fn service_vips(service: &Service) -> Vec<IpAddr> {
     let Some(spec) = &service.spec else {
         return Vec::new();
     };
-    let mut ips: Vec<IpAddr> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    if let Some(ip) = spec.cluster_ip.as_deref().and_then(|ip| ip.parse().ok())
-        && !ips.contains(&ip)
-    {
-        ips.push(ip);
-    }
-    ips
+    endpoints::parse_ips(
+        spec.cluster_ips.iter().flatten().map(String::as_str),
+        spec.cluster_ip.as_deref(),
+    )
 }
 
 /// The route's destinations as weighted groups of ready endpoints.
