@@ -39,6 +39,10 @@ pub const MAX_BACKENDS: u32 = 262_144;
 /// Capacity of the reverse-translation LRU (socket cookie -> dialled VIP).
 pub const MAX_REVNAT: u32 = 262_144;
 
+/// Capacity of the same-node socket map and its per-socket decisions: established
+/// mesh TCP sockets on the node, both ends of each connection.
+pub const MAX_SOCKETS: u32 = 131_072;
+
 /// Map names, versioned with their layout.
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES_V1";
@@ -46,6 +50,9 @@ pub mod map_names {
     pub const REVNAT: &str = "REVNAT_V1";
     pub const BACKEND_STATS: &str = "BACKEND_STATS_V1";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS_V1";
+    pub const SOCKETS: &str = "SOCKETS_V1";
+    pub const SOCK_PATH: &str = "SOCK_PATH_V1";
+    pub const SOCK_STATS: &str = "SOCK_STATS_V1";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -54,6 +61,8 @@ pub mod program_names {
     pub const CONNECT6: &str = "mesh_connect6";
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_MSG: &str = "mesh_sk_msg";
 }
 
 /// Indexes into the per-CPU `GLOBAL_STATS_V1` array.
@@ -69,6 +78,130 @@ pub mod global_stat {
     /// `getpeername` calls answered with the dialled VIP.
     pub const PEER_REWRITTEN: u32 = 4;
     pub const COUNT: u32 = 5;
+}
+
+/// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).
+pub mod sock_stat {
+    /// Established mesh TCP sockets added to `SOCKETS_V1`.
+    pub const ADDED: u32 = 0;
+    /// Established mesh TCP sockets not added: their key was taken (two sockets
+    /// with one key; see [`SockKey`](crate::SockKey)) or the map was full. They
+    /// use plain TCP.
+    pub const ADD_FAILED: u32 = 1;
+    /// Messages handed straight to the peer socket, and their bytes.
+    pub const REDIRECTED_MSGS: u32 = 2;
+    pub const REDIRECTED_BYTES: u32 = 3;
+    /// Messages that went through TCP/IP because the peer is not a local mesh
+    /// socket (or was not yet when the connection sent its first message), and
+    /// their bytes.
+    pub const FALLBACK_MSGS: u32 = 4;
+    pub const FALLBACK_BYTES: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// `SOCK_PATH_V1` value: the path a socket's first message chose, kept for all its
+/// later messages so that bytes never overtake each other on two paths.
+pub mod sock_path {
+    pub const REDIRECT: u32 = 1;
+    pub const TCP: u32 = 2;
+}
+
+/// Key of `SOCKETS_V1` (a sockhash) and `SOCK_PATH_V1`: one established TCP
+/// socket, as seen from its own end. Written by `sockops` when the connection is
+/// established; read by `sk_msg`, which looks the peer up with [`SockKey::peer`].
+///
+/// Why `netns` is not always set: a socket cannot learn its peer's network
+/// namespace, so a key the peer must be able to build names it only by the
+/// 4-tuple. Between two pods that is enough, because pod IPs are unique on a node.
+/// Traffic inside one namespace (loopback, or a pod dialling its own IP) is
+/// different: every pod can produce the very same tuple, so those keys carry the
+/// namespace's cookie, which both ends share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct SockKey {
+    /// This end's address, network byte order; IPv4 (also IPv4-mapped IPv6) in
+    /// `local[0]`, rest zero.
+    pub local: [u32; 4],
+    /// The peer's address, same encoding.
+    pub remote: [u32; 4],
+    /// This end's port, network byte order.
+    pub local_port: u16,
+    /// The peer's port, network byte order.
+    pub remote_port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (of the connection, not the socket: a dual
+    /// stack socket talking IPv4 is `FAMILY_V4`, as its IPv4 peer sees it).
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// `bpf_get_netns_cookie` of the socket's namespace for namespace-local
+    /// connections (loopback, or both ends on one address), else 0.
+    pub netns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 48);
+
+/// `::ffff:0:0/96`'s third word, network byte order.
+const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
+impl SockKey {
+    /// An IPv4 connection; addresses and ports in network byte order.
+    pub fn v4(local: u32, remote: u32, local_port: u16, remote_port: u16, netns: u64) -> Self {
+        let ns_local = is_loopback4(local) || is_loopback4(remote) || local == remote;
+        Self {
+            local: [local, 0, 0, 0],
+            remote: [remote, 0, 0, 0],
+            local_port,
+            remote_port,
+            family: FAMILY_V4,
+            _pad: [0; 3],
+            netns: if ns_local { netns } else { 0 },
+        }
+    }
+
+    /// An IPv6 socket's connection; IPv4-mapped addresses give the IPv4 key its
+    /// IPv4 peer builds.
+    pub fn v6(
+        local: [u32; 4],
+        remote: [u32; 4],
+        local_port: u16,
+        remote_port: u16,
+        netns: u64,
+    ) -> Self {
+        if is_v4_mapped(&local) && is_v4_mapped(&remote) {
+            return Self::v4(local[3], remote[3], local_port, remote_port, netns);
+        }
+        let ns_local = is_loopback6(&local) || is_loopback6(&remote) || local == remote;
+        Self {
+            local,
+            remote,
+            local_port,
+            remote_port,
+            family: FAMILY_V6,
+            _pad: [0; 3],
+            netns: if ns_local { netns } else { 0 },
+        }
+    }
+
+    /// The key the other end of this connection was added under.
+    pub fn peer(&self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            ..*self
+        }
+    }
+}
+
+fn is_loopback4(addr: u32) -> bool {
+    u32::from_be(addr) >> 24 == 127
+}
+
+fn is_loopback6(addr: &[u32; 4]) -> bool {
+    *addr == [0, 0, 0, 1u32.to_be()]
+}
+
+fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
 }
 
 /// Key of `SERVICES_V1`: one service port on one VIP.
@@ -163,4 +296,48 @@ mod user {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::SockKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    fn mapped(a: [u8; 4]) -> [u32; 4] {
+        [0, 0, V4_MAPPED_WORD, v4(a)]
+    }
+
+    #[test]
+    fn pod_to_pod_keys_pair_up_across_namespaces() {
+        let client = SockKey::v4(v4([10, 244, 0, 1]), v4([10, 244, 0, 2]), 4000, 80, 111);
+        let server = SockKey::v4(v4([10, 244, 0, 2]), v4([10, 244, 0, 1]), 80, 4000, 222);
+        assert_eq!(client.netns, 0);
+        assert_eq!(client.peer(), server);
+        assert_eq!(server.peer(), client);
+    }
+
+    #[test]
+    fn namespace_local_keys_carry_the_namespace() {
+        let lo = v4([127, 0, 0, 1]);
+        let a = SockKey::v4(lo, lo, 40000, 7000, 111);
+        let b = SockKey::v4(lo, lo, 40000, 7000, 222);
+        assert_ne!(a, b, "same tuple in two namespaces must not collide");
+        assert_eq!(a.peer().netns, 111);
+        let own = v4([10, 244, 0, 1]);
+        assert_eq!(SockKey::v4(own, own, 1, 2, 7).netns, 7);
+        let six = [0, 0, 0, 1u32.to_be()];
+        assert_eq!(SockKey::v6(six, six, 1, 2, 9).netns, 9);
+    }
+
+    #[test]
+    fn ipv4_mapped_sockets_meet_their_ipv4_peer() {
+        let dual = SockKey::v6(mapped([10, 244, 0, 1]), mapped([10, 244, 0, 2]), 4000, 80, 5);
+        let plain = SockKey::v4(v4([10, 244, 0, 2]), v4([10, 244, 0, 1]), 80, 4000, 6);
+        assert_eq!(dual.family, FAMILY_V4);
+        assert_eq!(dual.peer(), plain);
+    }
 }

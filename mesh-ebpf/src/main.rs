@@ -9,9 +9,13 @@
 mod connect;
 mod maps;
 mod peer;
+mod redirect;
 mod stats;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
 
 /// `connect()` of an IPv4 socket (TCP or UDP) in the attached cgroup.
 #[cgroup_sock_addr(connect4)]
@@ -36,6 +40,19 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     peer::try_getpeername6(&ctx)
+}
+
+/// TCP socket events in the attached cgroup: adds established sockets to the
+/// same-node socket map. (Named apart from its section: `fn sockops` fails to link.)
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    redirect::try_sockops(&ctx)
+}
+
+/// Every message sent on a socket of the same-node socket map.
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    redirect::try_sk_msg(&ctx)
 }
 
 // Only on the BPF target: host checks (clippy) link std, which has its own.

@@ -3,11 +3,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendStats, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, OrigDst, ServiceKey,
-    ServiceValue, SlotKey, global_stat,
+    Backend, BackendStats, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
+    OrigDst, ServiceKey, ServiceValue, SlotKey, SockKey, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -38,3 +38,19 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, BackendStats> =
 /// Per-CPU global counters, indexed by `mesh_common::global_stat`. Writer: kernel.
 #[map(name = "GLOBAL_STATS_V1")]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global_stat::COUNT, 0);
+
+/// Established mesh TCP sockets of this node, each under its own [`SockKey`].
+/// Writer: `sockops` (the kernel removes a socket when it closes); the `sk_msg`
+/// program is attached to this map and redirects into it.
+#[map(name = "SOCKETS_V1")]
+pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Socket key -> the path its first message took (`mesh_common::sock_path`).
+/// Writer: `sk_msg`; `sockops` clears the entry when a new socket takes the key.
+/// LRU: entries of closed sockets age out.
+#[map(name = "SOCK_PATH_V1")]
+pub static SOCK_PATH: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Per-CPU redirection counters, indexed by `mesh_common::sock_stat`. Writer: kernel.
+#[map(name = "SOCK_STATS_V1")]
+pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(sock_stat::COUNT, 0);

@@ -26,6 +26,8 @@ pub struct Config {
     pub compile: compile::Config,
     /// Where to serve /healthz, /readyz and /metrics; `None`: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Same-node socket redirection (sockops + sk_msg).
+    pub redirect: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +51,13 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let telemetry = crate::telemetry::Telemetry::new();
+    let (loaded, maps, sock_stats) = loader::load_and_attach(&config.cgroup, config.redirect)?;
+    info!(cgroup = %loaded.cgroup.display(), redirect = config.redirect, "programs attached");
+    let sock_stats = std::sync::Arc::new(sock_stats);
+    let telemetry = crate::telemetry::Telemetry::new(vec![Box::new(sock_stats.clone())]);
     if let Some(addr) = config.metrics_addr {
         crate::telemetry::serve(addr, telemetry.clone()).await?;
     }
-    let (loaded, maps) = loader::load_and_attach(&config.cgroup)?;
-    info!(cgroup = %loaded.cgroup.display(), "programs attached");
     let mut reconciler = Reconciler {
         index: Index::default(),
         applier: Applier::new(maps)?,
@@ -71,7 +74,7 @@ pub async fn run(
             crate::source::kubernetes::run(options, &mut reconciler, shutdown).await
         }
     };
-    log_counters(&reconciler.applier);
+    log_counters(&reconciler.applier, &sock_stats.read());
     info!("shutting down; detaching programs");
     drop(loaded);
     result
@@ -166,7 +169,7 @@ async fn run_file(
 }
 
 /// The kernel's counters, as the agent reads them (per-CPU values summed).
-fn log_counters(applier: &Applier) {
+fn log_counters(applier: &Applier, redirect: &crate::counters::RedirectCounts) {
     for ((backend, proto), connects) in applier.backend_connects() {
         info!(backend = %backend, proto = %proto, connects, "backend connections");
     }
@@ -180,6 +183,15 @@ fn log_counters(applier: &Applier) {
         table_retry = at(gs::TABLE_RETRY),
         peer_rewritten = at(gs::PEER_REWRITTEN),
         "connect counters"
+    );
+    info!(
+        sockets_added = redirect.sockets_added,
+        socket_add_failures = redirect.socket_add_failures,
+        redirected_messages = redirect.redirected_messages,
+        redirected_bytes = redirect.redirected_bytes,
+        fallback_messages = redirect.fallback_messages,
+        fallback_bytes = redirect.fallback_bytes,
+        "redirect counters"
     );
 }
 

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod apply;
 pub mod compile;
+pub mod counters;
 pub mod diag;
 pub mod index;
 pub mod loader;

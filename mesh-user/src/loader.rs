@@ -7,12 +7,14 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
 };
 use mesh_common::{
-    Backend, BackendStats, ServiceKey, ServiceValue, SlotKey, map_names, program_names,
+    Backend, BackendStats, ServiceKey, ServiceValue, SlotKey, SockKey, map_names, program_names,
 };
+
+use crate::counters::SockStats;
 
 /// The kernel object, built by `build.rs` (aya-build) from `mesh-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -64,10 +66,11 @@ impl std::fmt::Debug for Maps {
 }
 
 /// The loaded object. Dropping it detaches the programs (links are owned here).
-#[derive(Debug)]
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub cgroup: PathBuf,
+    /// The same-node socket map, held while `sk_msg` is attached to it.
+    pub sockets: Option<SockHash<MapData, SockKey>>,
 }
 
 const PROGRAMS: [&str; 4] = [
@@ -78,8 +81,13 @@ const PROGRAMS: [&str; 4] = [
 ];
 
 /// Loads the programs and attaches them to the cgroup v2 at `cgroup` (and so to
-/// every process in it and below it). Returns the object and its maps.
-pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
+/// every process in it and below it); with `redirect`, also the same-node socket
+/// redirection (`sockops` on the cgroup, `sk_msg` on the socket map). Returns the
+/// object and its maps.
+pub fn load_and_attach(
+    cgroup: &Path,
+    redirect: bool,
+) -> Result<(Loaded, Maps, SockStats), LoadError> {
     let fd = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -116,13 +124,64 @@ pub fn load_and_attach(cgroup: &Path) -> Result<(Loaded, Maps), LoadError> {
         backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
         global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
     };
+    let sock_stats = SockStats::new(take(&mut ebpf, map_names::SOCK_STATS)?);
+    let sockets = if redirect {
+        Some(attach_redirect(&mut ebpf, &fd)?)
+    } else {
+        None
+    };
     Ok((
         Loaded {
             ebpf,
             cgroup: cgroup.to_owned(),
+            sockets,
         },
         maps,
+        sock_stats,
     ))
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("cgroup", &self.cgroup)
+            .field("redirect", &self.sockets.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `sk_msg` goes on the map first: a socket takes the map's programs when it is
+/// added, so one added before would never be redirected.
+fn attach_redirect(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+) -> Result<SockHash<MapData, SockKey>, LoadError> {
+    let sockets: SockHash<MapData, SockKey> = take(ebpf, map_names::SOCKETS)?;
+    let name = program_names::SK_MSG;
+    let sk_msg: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    sk_msg
+        .load()
+        .map_err(|source| LoadError::Program { name, source })?;
+    sk_msg
+        .attach(sockets.fd())
+        .map_err(|source| LoadError::Program { name, source })?;
+    let name = program_names::SOCKOPS;
+    let sockops: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    sockops
+        .load()
+        .map_err(|source| LoadError::Program { name, source })?;
+    sockops
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|source| LoadError::Program { name, source })?;
+    Ok(sockets)
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

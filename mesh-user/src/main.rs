@@ -47,6 +47,10 @@ enum Command {
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// Do not short-circuit same-node pod-to-pod TCP (sockops + sk_msg); every
+        /// byte then goes through the TCP/IP stack.
+        #[arg(long)]
+        no_redirect: bool,
     },
     /// Validate a source and print the tables it compiles to, without touching the kernel.
     Check {
@@ -84,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             compile,
             log_format,
+            no_redirect,
         } => {
             init_logging(&log_format);
             if let SourceSpec::Kubernetes(options) = &mut source {
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
                     cgroup,
                     compile: compile.config(),
                     metrics_addr,
+                    redirect: !no_redirect,
                 };
                 agent::run(config, shutdown_signal())
                     .await

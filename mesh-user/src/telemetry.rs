@@ -1,7 +1,7 @@
 //! `/healthz`, `/readyz` and `/metrics` (Prometheus text, prometheus-client).
-//! Ready once the first full sync reached the kernel. The kernel's counters join
-//! these metrics with issue 5; today: the config sync latency (change seen ->
-//! maps written) and the applied generation.
+//! Ready once the first full sync reached the kernel. Metrics: the config sync
+//! latency (change seen -> maps written), the applied generation, and the
+//! kernel's redirection counters (see `counters`).
 
 use std::{
     net::SocketAddr,
@@ -28,8 +28,12 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub fn new() -> Arc<Self> {
+    /// `kernel`: collectors that read the kernel's counters on each scrape.
+    pub fn new(kernel: Vec<Box<dyn prometheus_client::collector::Collector>>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("mesh");
+        for collector in kernel {
+            registry.register_collector(collector);
+        }
         // 100 µs .. ~3 s.
         let sync_latency = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),

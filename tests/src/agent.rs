@@ -39,6 +39,13 @@ impl Agent {
         Self::start_with(&[format!("file:{}", dir.display())], cgroup)
     }
 
+    /// The same, with more `mesh-agent run` flags (e.g. `--no-redirect`).
+    pub fn start_flags(dir: &Path, cgroup: &Path, flags: &[&str]) -> anyhow::Result<Self> {
+        let mut args = vec![format!("file:{}", dir.display())];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        Self::start_with(&args, cgroup)
+    }
+
     /// `mesh-agent run --source kubernetes --kubeconfig <path> ...`.
     pub fn start_kubernetes(kubeconfig: &Path, cgroup: &Path) -> anyhow::Result<Self> {
         Self::start_with(
@@ -152,6 +159,21 @@ impl Agent {
             .map(|(_, b)| b.to_owned())
             .unwrap_or_default();
         Ok((status, body))
+    }
+
+    /// The value of an unlabelled metric from `/metrics` (e.g.
+    /// `mesh_redirect_bytes_total`).
+    pub fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let (status, body) = self.http_get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .with_context(|| format!("no metric {name} in:\n{body}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("metric {name}"))
     }
 
     /// Log messages at `level` (ERROR, WARN, INFO).

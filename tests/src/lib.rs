@@ -10,8 +10,13 @@ pub mod cgroup;
 pub mod manifests;
 pub mod netns;
 pub mod probe;
+pub mod xfer;
 
-use std::process::Command;
+use std::{
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::{Child, Command, Stdio},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -85,4 +90,41 @@ pub fn sweep_stale() {
             }
         }
     });
+}
+
+/// Starts `program ARGS` inside the network namespace `ns`, and inside `cgroup`
+/// when given (the child joins both before exec, so its first socket is already
+/// meshed). Its stdout is piped.
+pub fn spawn_in_pod(
+    program: &Path,
+    ns: &netns::Netns,
+    cgroup: Option<&cgroup::Cgroup>,
+    args: &[&str],
+) -> anyhow::Result<Child> {
+    let ns_file = ns.open()?;
+    let procs = cgroup.map(cgroup::Cgroup::procs).transpose()?;
+    let (ns_fd, procs_fd) = (ns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = procs_fd
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {}", program.display()))?;
+    drop((ns_file, procs));
+    Ok(child)
 }

@@ -8,8 +8,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -171,33 +170,10 @@ pub fn binary() -> anyhow::Result<std::path::PathBuf> {
     crate::agent::sibling_binary("mesh-probe")
 }
 
-/// Starts `mesh-probe ARGS` inside `ns`, and inside `cgroup` when given (the
-/// child joins it before exec, so its first connect is already meshed).
+/// Starts `mesh-probe ARGS` inside `ns`, and inside `cgroup` when given.
 pub fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[String]) -> anyhow::Result<Child> {
-    let ns_file = ns.open()?;
-    let procs = cgroup.map(Cgroup::procs).transpose()?;
-    let (ns_fd, procs_fd) = (ns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
-    let mut cmd = Command::new(binary()?);
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(fd) = procs_fd
-                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().context("spawning mesh-probe")?;
-    drop((ns_file, procs));
-    Ok(child)
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::spawn_in_pod(&binary()?, ns, cgroup, &args)
 }
 
 /// Runs `mesh-probe` to completion and returns its total.

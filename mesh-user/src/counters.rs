@@ -1,0 +1,97 @@
+//! The kernel's own counters, read (never written) by the agent: for its logs and
+//! for `/metrics`, on each scrape.
+
+use aya::maps::{MapData, PerCpuArray};
+use mesh_common::sock_stat;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::counter::ConstCounter,
+};
+
+/// Same-node redirection counters (`SOCK_STATS_V1`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RedirectCounts {
+    pub sockets_added: u64,
+    pub socket_add_failures: u64,
+    pub redirected_messages: u64,
+    pub redirected_bytes: u64,
+    pub fallback_messages: u64,
+    pub fallback_bytes: u64,
+}
+
+/// Reader of `SOCK_STATS_V1`.
+pub struct SockStats {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for SockStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SockStats").finish_non_exhaustive()
+    }
+}
+
+impl SockStats {
+    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
+        Self { map }
+    }
+
+    pub fn read(&self) -> RedirectCounts {
+        let at = |i: u32| -> u64 {
+            self.map
+                .get(&i, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        RedirectCounts {
+            sockets_added: at(sock_stat::ADDED),
+            socket_add_failures: at(sock_stat::ADD_FAILED),
+            redirected_messages: at(sock_stat::REDIRECTED_MSGS),
+            redirected_bytes: at(sock_stat::REDIRECTED_BYTES),
+            fallback_messages: at(sock_stat::FALLBACK_MSGS),
+            fallback_bytes: at(sock_stat::FALLBACK_BYTES),
+        }
+    }
+}
+
+impl Collector for SockStats {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.read();
+        for (name, help, value) in [
+            (
+                "redirect_sockets_added",
+                "Established mesh TCP sockets added to the same-node socket map",
+                c.sockets_added,
+            ),
+            (
+                "redirect_socket_add_failures",
+                "Established mesh TCP sockets not added (key taken or map full); they use TCP",
+                c.socket_add_failures,
+            ),
+            (
+                "redirect_messages",
+                "Messages handed straight to a same-node peer socket",
+                c.redirected_messages,
+            ),
+            (
+                "redirect_bytes",
+                "Bytes handed straight to a same-node peer socket",
+                c.redirected_bytes,
+            ),
+            (
+                "redirect_fallback_messages",
+                "Messages of mesh sockets sent through TCP/IP: peer not a local mesh socket",
+                c.fallback_messages,
+            ),
+            (
+                "redirect_fallback_bytes",
+                "Bytes of mesh sockets sent through TCP/IP: peer not a local mesh socket",
+                c.fallback_bytes,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! `mesh-xfer`: byte-exact transfer endpoints for the redirection tests (see
+//! `mesh_tests::xfer`). `serve` echoes; `send` prints a JSON report.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use mesh_tests::xfer::{SendOptions, ServeMode, ServeOptions, send, serve};
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value = "echo")]
+        mode: ServeMode,
+        #[arg(long)]
+        splice: bool,
+        #[arg(long)]
+        close_after: Option<u64>,
+    },
+    Send {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+        /// Comma-separated payload sizes in bytes, one connection each.
+        #[arg(long, value_delimiter = ',', required = true)]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        max_write: Option<usize>,
+        #[arg(long)]
+        sendfile: bool,
+        #[arg(long, default_value_t = 20_000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            mode,
+            splice,
+            close_after,
+        } => serve(&ServeOptions {
+            listen,
+            mode,
+            splice,
+            close_after,
+        }),
+        Command::Send {
+            target,
+            bind,
+            sizes,
+            concurrency,
+            seed,
+            max_write,
+            sendfile,
+            timeout_ms,
+        } => {
+            let report = send(&SendOptions {
+                target,
+                bind,
+                sizes,
+                concurrency,
+                seed,
+                max_write,
+                sendfile,
+                timeout: Duration::from_millis(timeout_ms),
+            });
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}
