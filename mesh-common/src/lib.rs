@@ -43,6 +43,9 @@ pub const MAX_REVNAT: u32 = 262_144;
 /// mesh TCP sockets on the node, both ends of each connection.
 pub const MAX_SOCKETS: u32 = 131_072;
 
+/// Capacity of the redirect exclusions: endpoints whose connections keep to TCP.
+pub const MAX_REDIRECT_EXCLUDED: u32 = 65_536;
+
 /// Map names, versioned with their layout.
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES_V1";
@@ -53,6 +56,7 @@ pub mod map_names {
     pub const SOCKETS: &str = "SOCKETS_V1";
     pub const SOCK_PATH: &str = "SOCK_PATH_V1";
     pub const SOCK_STATS: &str = "SOCK_STATS_V1";
+    pub const REDIRECT_EXCLUDED: &str = "REDIRECT_EXCLUDED_V1";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -96,7 +100,10 @@ pub mod sock_stat {
     /// their bytes.
     pub const FALLBACK_MSGS: u32 = 4;
     pub const FALLBACK_BYTES: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Established mesh TCP sockets not added because one end is an endpoint in
+    /// `REDIRECT_EXCLUDED_V1`.
+    pub const EXCLUDED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// `SOCK_PATH_V1` value: the path a socket's first message chose, kept for all its
@@ -137,6 +144,45 @@ pub struct SockKey {
     pub netns: u64,
 }
 const _: () = assert!(core::mem::size_of::<SockKey>() == 48);
+
+/// Key of `REDIRECT_EXCLUDED_V1` (value: `u32`, reserved, 0): an endpoint (pod IP,
+/// port) whose connections must not be redirected, e.g. a server that reads with
+/// `splice(2)`, which does not see redirected bytes. Written by the agent from the
+/// pods' `traffic.sidecar.istio.io/excludeInboundPorts`; read by `sockops`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct EndpointKey {
+    /// Network byte order; IPv4 in `addr[0]`, rest zero.
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
+
+impl SockKey {
+    /// This end of the connection as an endpoint.
+    pub fn local_endpoint(&self) -> EndpointKey {
+        EndpointKey {
+            addr: self.local,
+            port: self.local_port,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+
+    /// The peer's end.
+    pub fn remote_endpoint(&self) -> EndpointKey {
+        EndpointKey {
+            addr: self.remote,
+            port: self.remote_port,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+}
 
 /// `::ffff:0:0/96`'s third word, network byte order.
 const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
@@ -297,6 +343,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::EndpointKey {}
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendStats, MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
-    OrigDst, ServiceKey, ServiceValue, SlotKey, SockKey, global_stat, sock_stat,
+    Backend, BackendStats, EndpointKey, MAX_BACKENDS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, OrigDst, ServiceKey, ServiceValue, SlotKey, SockKey,
+    global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -54,3 +55,8 @@ pub static SOCK_PATH: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(MA
 /// Per-CPU redirection counters, indexed by `mesh_common::sock_stat`. Writer: kernel.
 #[map(name = "SOCK_STATS_V1")]
 pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(sock_stat::COUNT, 0);
+
+/// Endpoints (pod IP, port) whose connections keep to TCP. Writer: agent.
+#[map(name = "REDIRECT_EXCLUDED_V1")]
+pub static REDIRECT_EXCLUDED: HashMap<EndpointKey, u32> =
+    HashMap::with_max_entries(MAX_REDIRECT_EXCLUDED, BPF_F_NO_PREALLOC);

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use mesh_common::{SockKey, sock_path, sock_stat};
 
 use crate::{
-    maps::{SOCK_PATH, SOCK_STATS, SOCKETS},
+    maps::{REDIRECT_EXCLUDED, SOCK_PATH, SOCK_STATS, SOCKETS},
     stats::add,
 };
 
@@ -44,6 +44,14 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
         AF_INET6 => SockKey::v6(ctx.local_ip6(), ctx.remote_ip6(), local_port, remote_port, netns),
         _ => return 1,
     };
+    // SAFETY: existence checks only.
+    if unsafe {
+        REDIRECT_EXCLUDED.get(&key.local_endpoint()).is_some()
+            || REDIRECT_EXCLUDED.get(&key.remote_endpoint()).is_some()
+    } {
+        add(&SOCK_STATS, sock_stat::EXCLUDED, 1);
+        return 1;
+    }
     // A key is reused only after its previous socket is gone: forget that one's path.
     let _ = SOCK_PATH.remove(&key);
     // SAFETY: the kernel hands a valid bpf_sock_ops.

@@ -64,7 +64,7 @@ pub async fn run(
         reported: BTreeSet::new(),
         generation: 0,
         compile: config.compile.clone(),
-        services: Default::default(),
+        desired: Compiled::default(),
         failed: false,
         telemetry,
     };
@@ -88,7 +88,8 @@ pub struct Reconciler {
     reported: BTreeSet<Diagnostic>,
     generation: u64,
     compile: compile::Config,
-    services: std::collections::BTreeMap<compile::ServiceAddr, compile::ServicePlan>,
+    /// The last compiled state (kept to retry failed writes).
+    desired: Compiled,
     failed: bool,
     telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
@@ -105,14 +106,11 @@ impl Reconciler {
     ) -> Vec<Diagnostic> {
         self.generation += 1;
         diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
-        let Compiled {
-            services,
-            diagnostics: compiled,
-        } = compile::compile(&self.index, &self.compile);
-        diagnostics.extend(compiled);
+        let compiled = compile::compile(&self.index, &self.compile);
+        diagnostics.extend(compiled.diagnostics.iter().cloned());
         let new = report(&diagnostics, &mut self.reported);
-        self.services = services;
-        self.failed = apply_logged(&mut self.applier, &self.services, self.generation, started);
+        self.desired = compiled;
+        self.failed = apply_logged(&mut self.applier, &self.desired, self.generation, started);
         self.telemetry
             .applied(started.elapsed().as_secs_f64(), self.generation);
         new
@@ -124,7 +122,7 @@ impl Reconciler {
         if self.failed {
             self.failed = apply_logged(
                 &mut self.applier,
-                &self.services,
+                &self.desired,
                 self.generation,
                 Instant::now(),
             );
@@ -191,6 +189,7 @@ fn log_counters(applier: &Applier, redirect: &crate::counters::RedirectCounts) {
         redirected_bytes = redirect.redirected_bytes,
         fallback_messages = redirect.fallback_messages,
         fallback_bytes = redirect.fallback_bytes,
+        excluded_sockets = redirect.excluded_sockets,
         "redirect counters"
     );
 }
@@ -198,12 +197,16 @@ fn log_counters(applier: &Applier, redirect: &crate::counters::RedirectCounts) {
 /// Applies and logs; returns whether any service failed to apply.
 fn apply_logged(
     applier: &mut Applier,
-    services: &std::collections::BTreeMap<compile::ServiceAddr, compile::ServicePlan>,
+    desired: &Compiled,
     generation: u64,
     started: Instant,
 ) -> bool {
-    let result = applier.apply(services);
+    let result = applier.apply(&desired.services);
     for e in &result.errors {
+        error!("{e}");
+    }
+    let exclusion_errors = applier.apply_excluded(&desired.redirect_excluded);
+    for e in &exclusion_errors {
         error!("{e}");
     }
     info!(
@@ -211,11 +214,12 @@ fn apply_logged(
         services = applier.live_services(),
         written = result.written,
         removed = result.removed,
-        failed = result.errors.len(),
+        redirect_excluded = desired.redirect_excluded.len(),
+        failed = result.errors.len() + exclusion_errors.len(),
         elapsed_us = started.elapsed().as_micros() as u64,
         "config applied"
     );
-    !result.errors.is_empty()
+    !result.errors.is_empty() || !exclusion_errors.is_empty()
 }
 
 /// Makes the index hold exactly `objects`.

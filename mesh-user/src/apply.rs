@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use mesh_common::{
-    Backend, BackendStats, FAMILY_NONE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey,
-    ServiceValue, SlotKey,
+    Backend, BackendStats, EndpointKey, FAMILY_NONE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    ServiceKey, ServiceValue, SlotKey,
 };
 
 use crate::{
@@ -31,6 +31,11 @@ pub enum ApplyError {
     Write {
         service: String,
         addr: ServiceAddr,
+        source: MapError,
+    },
+    #[error("redirect exclusion of {endpoint}: writing the kernel map failed: {source}")]
+    Exclusion {
+        endpoint: BackendAddr,
         source: MapError,
     },
     #[error("service {service} ({addr}): out of {what} ids")]
@@ -80,6 +85,8 @@ pub struct Applier {
     service_ids: IdPool,
     backend_ids: BTreeMap<BackendKey, u32>,
     backend_pool: IdPool,
+    /// What `REDIRECT_EXCLUDED_V1` holds.
+    excluded: BTreeSet<BackendAddr>,
 }
 
 impl Applier {
@@ -93,6 +100,7 @@ impl Applier {
             service_ids: IdPool::new(mesh_common::MAX_SERVICES),
             backend_ids: BTreeMap::new(),
             backend_pool: IdPool::new(mesh_common::MAX_BACKENDS),
+            excluded: BTreeSet::new(),
         })
     }
 
@@ -346,6 +354,35 @@ impl Applier {
             .collect()
     }
 
+    /// Makes the kernel's redirect exclusions exactly `desired`; a failed write is
+    /// reported and tried again on the next call.
+    pub fn apply_excluded(&mut self, desired: &BTreeSet<BackendAddr>) -> Vec<ApplyError> {
+        let mut errors = Vec::new();
+        let add: Vec<BackendAddr> = desired.difference(&self.excluded).copied().collect();
+        let remove: Vec<BackendAddr> = self.excluded.difference(desired).copied().collect();
+        for endpoint in add {
+            match self
+                .maps
+                .redirect_excluded
+                .insert(endpoint_key(endpoint), 0, 0)
+            {
+                Ok(()) => {
+                    self.excluded.insert(endpoint);
+                }
+                Err(source) => errors.push(ApplyError::Exclusion { endpoint, source }),
+            }
+        }
+        for endpoint in remove {
+            match self.maps.redirect_excluded.remove(&endpoint_key(endpoint)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {
+                    self.excluded.remove(&endpoint);
+                }
+                Err(source) => errors.push(ApplyError::Exclusion { endpoint, source }),
+            }
+        }
+        errors
+    }
+
     /// Service ports the kernel holds now.
     pub fn live_services(&self) -> usize {
         self.live.len()
@@ -363,6 +400,16 @@ pub fn service_key(addr: ServiceAddr) -> ServiceKey {
             Proto::Udp => PROTO_UDP,
         },
         family,
+    }
+}
+
+fn endpoint_key(endpoint: BackendAddr) -> EndpointKey {
+    let (addr, family) = ip_words(endpoint.ip);
+    EndpointKey {
+        addr,
+        port: endpoint.port.to_be(),
+        family,
+        _pad: 0,
     }
 }
 

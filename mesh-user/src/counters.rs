@@ -18,6 +18,7 @@ pub struct RedirectCounts {
     pub redirected_bytes: u64,
     pub fallback_messages: u64,
     pub fallback_bytes: u64,
+    pub excluded_sockets: u64,
 }
 
 /// Reader of `SOCK_STATS_V1`.
@@ -50,6 +51,7 @@ impl SockStats {
             redirected_bytes: at(sock_stat::REDIRECTED_BYTES),
             fallback_messages: at(sock_stat::FALLBACK_MSGS),
             fallback_bytes: at(sock_stat::FALLBACK_BYTES),
+            excluded_sockets: at(sock_stat::EXCLUDED),
         }
     }
 }
@@ -87,6 +89,11 @@ impl Collector for SockStats {
                 "redirect_fallback_bytes",
                 "Bytes of mesh sockets sent through TCP/IP: peer not a local mesh socket",
                 c.fallback_bytes,
+            ),
+            (
+                "redirect_excluded_sockets",
+                "Established mesh TCP sockets left to TCP: an end is an excluded endpoint",
+                c.excluded_sockets,
             ),
         ] {
             let counter = ConstCounter::new(value);

@@ -11,7 +11,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
 };
 use mesh_common::{
-    Backend, BackendStats, ServiceKey, ServiceValue, SlotKey, SockKey, map_names, program_names,
+    Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey, SockKey, map_names,
+    program_names,
 };
 
 use crate::counters::SockStats;
@@ -57,6 +58,7 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, Backend>,
     pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    pub redirect_excluded: HashMap<MapData, EndpointKey, u32>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -123,6 +125,7 @@ pub fn load_and_attach(
         slots: take(&mut ebpf, map_names::SLOTS)?,
         backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
         global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
+        redirect_excluded: take(&mut ebpf, map_names::REDIRECT_EXCLUDED)?,
     };
     let sock_stats = SockStats::new(take(&mut ebpf, map_names::SOCK_STATS)?);
     let sockets = if redirect {

@@ -163,7 +163,7 @@ fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
     let mut diagnostics = snapshot.diagnostics;
     diagnostics.extend(index.revalidate(&config.cluster_domain));
     let compiled = compile::compile(&index, config);
-    diagnostics.extend(compiled.diagnostics);
+    diagnostics.extend(compiled.diagnostics.iter().cloned());
     for d in &diagnostics {
         let level = if d.severity == Severity::Error {
             "error"
@@ -191,6 +191,9 @@ fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
                 ),
             }
         }
+    }
+    for endpoint in &compiled.redirect_excluded {
+        println!("{endpoint}  same-node redirect off (excludeInboundPorts)");
     }
     if diagnostics.iter().any(|d| d.severity == Severity::Error) {
         anyhow::bail!("{} contains errors", dir.display());

@@ -55,8 +55,30 @@ pub fn service(name: &str, vips: &[IpAddr], port: u16, target_port: u16) -> Stri
 
 /// A pod of `app`, `version`, with its IPs and Ready condition.
 pub fn pod(name: &str, app: &str, version: &str, ips: &[IpAddr], ready: bool) -> String {
+    pod_annotated(name, app, version, ips, ready, &[])
+}
+
+/// The same, with annotations.
+pub fn pod_annotated(
+    name: &str,
+    app: &str,
+    version: &str,
+    ips: &[IpAddr],
+    ready: bool,
+    annotations: &[(&str, &str)],
+) -> String {
     let mut s = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {app}\n    version: {version}\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {app}\n    version: {version}\n"
+    );
+    if !annotations.is_empty() {
+        s.push_str("  annotations:\n");
+        for (k, v) in annotations {
+            let _ = writeln!(s, "    {k}: \"{v}\"");
+        }
+    }
+    let _ = write!(
+        s,
+        "status:\n  phase: Running\n  podIP: {}\n  podIPs:\n",
         ips[0]
     );
     for ip in ips {

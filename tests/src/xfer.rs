@@ -132,6 +132,9 @@ pub struct SendOptions {
     pub max_write: Option<usize>,
     /// Send from a memfd with `sendfile(2)`.
     pub sendfile: bool,
+    /// Wait this long after connecting before sending (to hold connections open
+    /// side by side).
+    pub hold: Duration,
     /// Per-read and per-write timeout: a stalled transfer fails, never hangs.
     pub timeout: Duration,
 }
@@ -249,6 +252,7 @@ fn one(options: &SendOptions, index: usize, size: usize) -> SendReport {
     if let Ok(peer) = stream.peer_addr() {
         *report.peers.entry(peer.to_string()).or_default() += 1;
     }
+    std::thread::sleep(options.hold);
     // Non-blocking with poll, as Go, Java NIO, Tokio, Envoy and nginx do: with the
     // redirect, a blocking recv can fail with EAGAIN when it is woken without data
     // (see docs/design.md), which these runtimes treat as "poll again".
@@ -426,7 +430,11 @@ impl Drop for Server {
 pub fn send_from(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> anyhow::Result<SendReport> {
     let mut all = vec!["send"];
     all.extend_from_slice(args);
-    let child = crate::spawn_in_pod(&binary()?, ns, cgroup, &all)?;
+    finish(crate::spawn_in_pod(&binary()?, ns, cgroup, &all)?)
+}
+
+/// Waits for a spawned `mesh-xfer send` and parses its report.
+pub fn finish(child: Child) -> anyhow::Result<SendReport> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("mesh-xfer send failed: {}", out.status);

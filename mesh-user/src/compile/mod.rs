@@ -3,12 +3,17 @@
 
 pub mod endpoints;
 pub mod hosts;
+pub mod redirect;
 pub mod routes;
 pub mod slots;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 
@@ -96,6 +101,8 @@ pub struct ServicePlan {
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {
     pub services: BTreeMap<ServiceAddr, ServicePlan>,
+    /// Endpoints whose connections the same-node redirect leaves to TCP.
+    pub redirect_excluded: BTreeSet<BackendAddr>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -188,6 +195,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
             }
         }
     }
+    out.redirect_excluded = redirect::excluded_endpoints(index, &mut out.diagnostics);
     out.diagnostics.sort();
     out.diagnostics.dedup();
     out

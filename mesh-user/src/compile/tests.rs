@@ -424,3 +424,39 @@ fn udp_ports_balance_evenly_as_sidecars_do_not_route_udp() {
     };
     assert_eq!(c.services[&addr].slots.len(), 3);
 }
+
+#[test]
+fn exclude_inbound_ports_keeps_those_endpoints_off_the_redirect() {
+    let annotated = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: haproxy-0
+  namespace: prod
+  labels: {app: lb}
+  annotations: {traffic.sidecar.istio.io/excludeInboundPorts: "8080, 8443,http,0"}
+status:
+  podIP: 10.244.1.7
+  podIPs: [{ip: 10.244.1.7}, {ip: "fd00::7"}]
+  conditions: [{type: Ready, status: "True"}]
+"#;
+    let c = build(&[BASE, &pods(), annotated]);
+    let excluded: Vec<String> = c.redirect_excluded.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        excluded,
+        [
+            "10.244.1.7:8080",
+            "10.244.1.7:8443",
+            "[fd00::7]:8080",
+            "[fd00::7]:8443"
+        ]
+    );
+    let w = warnings(&c);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w.iter().all(|w| w.contains("Pod prod/haproxy-0")
+            && w.contains("metadata.annotations[traffic.sidecar.istio.io/excludeInboundPorts]")),
+        "{w:?}"
+    );
+    assert!(w.iter().any(|w| w.contains("\"http\" is not a port number")), "{w:?}");
+}

@@ -40,6 +40,9 @@ enum Command {
         max_write: Option<usize>,
         #[arg(long)]
         sendfile: bool,
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Per-operation timeout; 0: none.
         #[arg(long, default_value_t = 20_000)]
         timeout_ms: u64,
     },
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             max_write,
             sendfile,
+            hold_ms,
             timeout_ms,
         } => {
             let report = send(&SendOptions {
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
                 max_write,
                 sendfile,
+                hold: Duration::from_millis(hold_ms),
                 timeout: Duration::from_millis(timeout_ms),
             });
             println!("{}", serde_json::to_string(&report)?);

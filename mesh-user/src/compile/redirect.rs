@@ -1,0 +1,58 @@
+//! Which endpoints the same-node redirect must leave alone. Istio's
+//! `traffic.sidecar.istio.io/excludeInboundPorts` pod annotation says "traffic to
+//! these ports of this pod bypasses the mesh"; we honour it for the redirect too.
+//! The case it exists for here: a server that reads with `splice(2)` (HAProxy with
+//! splicing, for one) never sees bytes that were redirected into its socket.
+
+use std::collections::BTreeSet;
+
+use crate::{
+    compile::{BackendAddr, endpoints::pod_ips},
+    diag::Diagnostic,
+    index::Index,
+    model::{Kind, ObjectRef},
+};
+
+/// The annotation, as Istio spells it.
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+
+/// Every (pod IP, port) of a mesh pod that excludes that port. Entries that are not
+/// port numbers are reported and skipped; the rest of the list still applies.
+pub fn excluded_endpoints(index: &Index, diagnostics: &mut Vec<Diagnostic>) -> BTreeSet<BackendAddr> {
+    let mut out = BTreeSet::new();
+    for ((namespace, _), entry) in &index.pods {
+        if index
+            .mesh_namespaces
+            .as_ref()
+            .is_some_and(|m| !m.contains(namespace))
+        {
+            continue;
+        }
+        let pod = &entry.object;
+        let Some(list) = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(EXCLUDE_INBOUND_PORTS))
+        else {
+            continue;
+        };
+        let ips = pod_ips(pod);
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.parse::<u16>() {
+                Ok(port) if port > 0 => {
+                    out.extend(ips.iter().map(|&ip| BackendAddr { ip, port }));
+                }
+                _ => diagnostics.push(
+                    Diagnostic::warning(
+                        &ObjectRef::from_meta(Kind::Pod, &pod.metadata),
+                        format!("metadata.annotations[{EXCLUDE_INBOUND_PORTS}]"),
+                        format!("{item:?} is not a port number (1-65535); ignored"),
+                    )
+                    .with_origin(&entry.origin),
+                ),
+            }
+        }
+    }
+    out
+}
