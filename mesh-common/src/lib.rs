@@ -382,7 +382,13 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_sockets_meet_their_ipv4_peer() {
-        let dual = SockKey::v6(mapped([10, 244, 0, 1]), mapped([10, 244, 0, 2]), 4000, 80, 5);
+        let dual = SockKey::v6(
+            mapped([10, 244, 0, 1]),
+            mapped([10, 244, 0, 2]),
+            4000,
+            80,
+            5,
+        );
         let plain = SockKey::v4(v4([10, 244, 0, 2]), v4([10, 244, 0, 1]), 80, 4000, 6);
         assert_eq!(dual.family, FAMILY_V4);
         assert_eq!(dual.peer(), plain);

@@ -38,22 +38,37 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // bpf_sock_ops gives the local port in host order and the remote port in network
     // order in the upper 16 bits; the key holds both in network order.
-    let (local_port, remote_port) = ((ctx.local_port() as u16).to_be(), (ctx.remote_port() >> 16) as u16);
+    let (local_port, remote_port) = (
+        (ctx.local_port() as u16).to_be(),
+        (ctx.remote_port() >> 16) as u16,
+    );
     let mut key = match ctx.family() {
-        AF_INET => SockKey::v4(ctx.local_ip4(), ctx.remote_ip4(), local_port, remote_port, netns),
-        AF_INET6 => SockKey::v6(ctx.local_ip6(), ctx.remote_ip6(), local_port, remote_port, netns),
+        AF_INET => SockKey::v4(
+            ctx.local_ip4(),
+            ctx.remote_ip4(),
+            local_port,
+            remote_port,
+            netns,
+        ),
+        AF_INET6 => SockKey::v6(
+            ctx.local_ip6(),
+            ctx.remote_ip6(),
+            local_port,
+            remote_port,
+            netns,
+        ),
         _ => return 1,
     };
     // SAFETY: existence checks only.
     if unsafe {
-        REDIRECT_EXCLUDED.get(&key.local_endpoint()).is_some()
-            || REDIRECT_EXCLUDED.get(&key.remote_endpoint()).is_some()
+        REDIRECT_EXCLUDED.get(key.local_endpoint()).is_some()
+            || REDIRECT_EXCLUDED.get(key.remote_endpoint()).is_some()
     } {
         add(&SOCK_STATS, sock_stat::EXCLUDED, 1);
         return 1;
     }
     // A key is reused only after its previous socket is gone: forget that one's path.
-    let _ = SOCK_PATH.remove(&key);
+    let _ = SOCK_PATH.remove(key);
     // SAFETY: the kernel hands a valid bpf_sock_ops.
     let ops = unsafe { &mut *ctx.ops };
     // BPF_NOEXIST: never displace a live socket that has the same key; this one
@@ -68,23 +83,28 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
 /// sk_msg: redirect to the peer when it is a local mesh socket, else let TCP carry
 /// the message. Never drops: the answer is always `SK_PASS`.
 pub fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
-    let pass = SK_PASS as u32;
+    let pass = SK_PASS;
     let Some(key) = msg_key(ctx) else {
         return pass;
     };
     let size = u64::from(ctx.size());
     // SAFETY: value copied at once.
-    let decided = unsafe { SOCK_PATH.get(&key) }.copied();
+    let decided = unsafe { SOCK_PATH.get(key) }.copied();
     if decided == Some(sock_path::TCP) {
         add(&SOCK_STATS, sock_stat::FALLBACK_MSGS, 1);
         add(&SOCK_STATS, sock_stat::FALLBACK_BYTES, size);
         return pass;
     }
     let mut peer = key.peer();
-    let redirected = SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
+    let redirected =
+        SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
     if decided.is_none() {
-        let path = if redirected { sock_path::REDIRECT } else { sock_path::TCP };
-        let _ = SOCK_PATH.insert(&key, &path, u64::from(BPF_ANY));
+        let path = if redirected {
+            sock_path::REDIRECT
+        } else {
+            sock_path::TCP
+        };
+        let _ = SOCK_PATH.insert(key, path, u64::from(BPF_ANY));
     }
     if redirected {
         add(&SOCK_STATS, sock_stat::REDIRECTED_MSGS, 1);

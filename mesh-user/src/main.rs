@@ -49,7 +49,7 @@ enum Command {
         log_format: String,
         /// Do not short-circuit same-node pod-to-pod TCP (sockops + sk_msg); every
         /// byte then goes through the TCP/IP stack.
-        #[arg(long)]
+        #[arg(long, env = "MESH_NO_REDIRECT")]
         no_redirect: bool,
     },
     /// Validate a source and print the tables it compiles to, without touching the kernel.

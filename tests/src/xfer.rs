@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub splice: bool,
     /// Echo this many bytes of each connection, then close it mid-stream.
     pub close_after: Option<u64>,
+    /// Wait this long after accepting before reading (bytes queue up meanwhile).
+    pub delay: Duration,
 }
 
 /// Serves until killed; prints `ready` once listening.
@@ -70,6 +72,7 @@ pub fn serve(options: &ServeOptions) -> anyhow::Result<()> {
 }
 
 fn serve_one(mut stream: TcpStream, options: &ServeOptions) -> anyhow::Result<()> {
+    std::thread::sleep(options.delay);
     let limit = options.close_after.unwrap_or(u64::MAX);
     match options.mode {
         ServeMode::Collect => {
@@ -82,7 +85,9 @@ fn serve_one(mut stream: TcpStream, options: &ServeOptions) -> anyhow::Result<()
             let mut buf = vec![0; 1 << 16];
             let mut done = 0u64;
             while done < limit {
-                let want = buf.len().min(usize::try_from(limit - done).unwrap_or(usize::MAX));
+                let want = buf
+                    .len()
+                    .min(usize::try_from(limit - done).unwrap_or(usize::MAX));
                 let n = stream.read(&mut buf[..want])?;
                 if n == 0 {
                     break;
@@ -106,13 +111,27 @@ fn splice_echo(stream: &TcpStream, limit: u64) -> anyhow::Result<()> {
     let mut done = 0u64;
     while done < limit {
         let want = (1usize << 16).min(usize::try_from(limit - done).unwrap_or(usize::MAX));
-        let n = splice(stream.as_fd(), None, pipe_w.as_fd(), None, want, SpliceFFlags::SPLICE_F_MOVE)?;
+        let n = splice(
+            stream.as_fd(),
+            None,
+            pipe_w.as_fd(),
+            None,
+            want,
+            SpliceFFlags::SPLICE_F_MOVE,
+        )?;
         if n == 0 {
             break;
         }
         let mut left = n;
         while left > 0 {
-            left -= splice(pipe_r.as_fd(), None, stream.as_fd(), None, left, SpliceFFlags::SPLICE_F_MOVE)?;
+            left -= splice(
+                pipe_r.as_fd(),
+                None,
+                stream.as_fd(),
+                None,
+                left,
+                SpliceFFlags::SPLICE_F_MOVE,
+            )?;
         }
         done += n as u64;
     }
@@ -166,7 +185,10 @@ impl SendReport {
         self.corrupt += other.corrupt;
         self.bytes_sent += other.bytes_sent;
         self.bytes_back += other.bytes_back;
-        for (map, from) in [(&mut self.errors, other.errors), (&mut self.peers, other.peers)] {
+        for (map, from) in [
+            (&mut self.errors, other.errors),
+            (&mut self.peers, other.peers),
+        ] {
             for (k, v) in from {
                 *map.entry(k).or_default() += v;
             }
@@ -240,7 +262,10 @@ fn one(options: &SendOptions, index: usize, size: usize) -> SendReport {
         ..Default::default()
     };
     let error = |report: &mut SendReport, op: &str, e: &std::io::Error| {
-        *report.errors.entry(format!("{op}:{}", errno_name(e))).or_default() += 1;
+        *report
+            .errors
+            .entry(format!("{op}:{}", errno_name(e)))
+            .or_default() += 1;
     };
     let stream = match connect(options) {
         Ok(s) => s,
@@ -287,7 +312,9 @@ fn one(options: &SendOptions, index: usize, size: usize) -> SendReport {
     let mut back = 0usize;
     let mut corrupt = false;
     let read_result = loop {
-        match retry(&reader, PollFlags::POLLIN, options.timeout, || (&reader).read(&mut buf)) {
+        match retry(&reader, PollFlags::POLLIN, options.timeout, || {
+            (&reader).read(&mut buf)
+        }) {
             Ok(0) => break Ok(()),
             Ok(n) => {
                 if back + n > payload.len() || buf[..n] != payload[back..back + n] {
@@ -335,7 +362,9 @@ fn write_pieces(
         let end = (at + piece).min(payload.len());
         // One write of the piece, completed the way a runtime completes it.
         while at < end {
-            at += retry(stream, PollFlags::POLLOUT, timeout, || (&*stream).write(&payload[at..end]))?;
+            at += retry(stream, PollFlags::POLLOUT, timeout, || {
+                (&*stream).write(&payload[at..end])
+            })?;
         }
     }
     Ok(at as u64)
@@ -354,7 +383,12 @@ fn send_file(stream: &TcpStream, payload: &[u8], timeout: Duration) -> std::io::
     while (offset as usize) < payload.len() {
         let left = payload.len() - offset as usize;
         let n = retry(stream, PollFlags::POLLOUT, timeout, || {
-            Ok(nix::sys::sendfile::sendfile(stream.as_fd(), file.as_fd(), Some(&mut offset), left)?)
+            Ok(nix::sys::sendfile::sendfile(
+                stream.as_fd(),
+                file.as_fd(),
+                Some(&mut offset),
+                left,
+            )?)
         })?;
         if n == 0 {
             return Err(std::io::Error::other("sendfile wrote nothing"));
@@ -440,6 +474,9 @@ pub fn finish(child: Child) -> anyhow::Result<SendReport> {
         bail!("mesh-xfer send failed: {}", out.status);
     }
     let text = String::from_utf8(out.stdout)?;
-    let last = text.lines().last().context("mesh-xfer send printed nothing")?;
+    let last = text
+        .lines()
+        .last()
+        .context("mesh-xfer send printed nothing")?;
     Ok(serde_json::from_str(last)?)
 }

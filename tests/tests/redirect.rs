@@ -52,7 +52,10 @@ impl SameNode {
         }
         dir.write("pods.yaml", &pods.join("---\n"))?;
         let vip: IpAddr = VIP.parse()?;
-        dir.write("service.yaml", &manifests::service("echo", &[vip], 80, SERVE_PORT))?;
+        dir.write(
+            "service.yaml",
+            &manifests::service("echo", &[vip], 80, SERVE_PORT),
+        )?;
         let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
         let agent = Agent::start_flags(dir.path(), cgroup.path(), agent_flags)?;
         Ok(SameNode {
@@ -165,7 +168,11 @@ fn total(sizes: &[usize]) -> u64 {
 
 /// Both directions of every connection went socket to socket, none through TCP.
 fn assert_redirected(counts: &Counts, conns: usize, bytes_each_way: u64) {
-    assert_eq!(counts.added, 2 * conns as u64, "both ends of each connection are added: {counts:?}");
+    assert_eq!(
+        counts.added,
+        2 * conns as u64,
+        "both ends of each connection are added: {counts:?}"
+    );
     assert_eq!(counts.add_failed, 0, "{counts:?}");
     assert_eq!(counts.bytes, 2 * bytes_each_way, "{counts:?}");
     assert_eq!(counts.fallback_bytes, 0, "{counts:?}");
@@ -181,21 +188,42 @@ fn pod_to_pod(v6: bool) -> anyhow::Result<()> {
     // Large writes, many connections at once, both directions busy.
     let big = sizes(if v6 { 6 } else { 4 }, 24, 4 << 20);
     let before = node.redirect()?;
-    let report = node.send(&["--target", &target, "--sizes", &csv(&big), "--concurrency", "8"])?;
+    let report = node.send(&[
+        "--target",
+        &target,
+        "--sizes",
+        &csv(&big),
+        "--concurrency",
+        "8",
+    ])?;
     assert_exact(&report, &big);
-    assert_eq!(report.peers.keys().collect::<Vec<_>>(), [&target], "{report:?}");
+    assert_eq!(
+        report.peers.keys().collect::<Vec<_>>(),
+        [&target],
+        "{report:?}"
+    );
     assert_redirected(&node.redirect()?.since(before), big.len(), total(&big));
 
     // Small writes: each a message of its own (1..=97 bytes).
     let small = sizes(if v6 { 7 } else { 5 }, 8, 256 << 10);
     let before = node.redirect()?;
     let report = node.send(&[
-        "--target", &target, "--sizes", &csv(&small), "--concurrency", "4", "--max-write", "97",
+        "--target",
+        &target,
+        "--sizes",
+        &csv(&small),
+        "--concurrency",
+        "4",
+        "--max-write",
+        "97",
     ])?;
     assert_exact(&report, &small);
     let counts = node.redirect()?.since(before);
     assert_redirected(&counts, small.len(), total(&small));
-    assert!(counts.msgs >= total(&small) / 97, "one message per write at least: {counts:?}");
+    assert!(
+        counts.msgs >= total(&small) / 97,
+        "one message per write at least: {counts:?}"
+    );
     Ok(())
 }
 
@@ -232,14 +260,29 @@ fn bulk_64mib_barely_touches_tcp_and_no_redirect_turns_it_off() -> anyhow::Resul
         if flags.is_empty() {
             assert_redirected(&counts, 1, total(&size));
         } else {
-            assert_eq!(counts.added + counts.bytes + counts.fallback_bytes, 0, "{counts:?}");
+            assert_eq!(
+                counts.added + counts.bytes + counts.fallback_bytes,
+                0,
+                "{counts:?}"
+            );
         }
         segments.push(used);
     }
-    eprintln!("TCP segments in and out of the client pod for 64 MiB each way: redirect {} / no redirect {}", segments[0], segments[1]);
-    assert!(segments[0] < 50, "with the redirect: {} segments", segments[0]);
+    eprintln!(
+        "TCP segments in and out of the client pod for 64 MiB each way: redirect {} / no redirect {}",
+        segments[0], segments[1]
+    );
+    assert!(
+        segments[0] < 50,
+        "with the redirect: {} segments",
+        segments[0]
+    );
     // 128 MiB over a 1500-byte MTU is about 90 000 data segments (plus ACKs).
-    assert!(segments[1] > 40_000, "without the redirect: {} segments", segments[1]);
+    assert!(
+        segments[1] > 40_000,
+        "without the redirect: {} segments",
+        segments[1]
+    );
     Ok(())
 }
 
@@ -253,9 +296,20 @@ fn vip_connections_take_the_shortcut_and_still_see_the_vip() -> anyhow::Result<(
     let vip = format!("{VIP}:80");
     let sizes = sizes(8, 30, 1 << 20);
     let before = node.redirect()?;
-    let report = node.send(&["--target", &vip, "--sizes", &csv(&sizes), "--concurrency", "6"])?;
+    let report = node.send(&[
+        "--target",
+        &vip,
+        "--sizes",
+        &csv(&sizes),
+        "--concurrency",
+        "6",
+    ])?;
     assert_exact(&report, &sizes);
-    assert_eq!(report.peers.keys().collect::<Vec<_>>(), [&vip], "getpeername shows the VIP: {report:?}");
+    assert_eq!(
+        report.peers.keys().collect::<Vec<_>>(),
+        [&vip],
+        "getpeername shows the VIP: {report:?}"
+    );
     assert_redirected(&node.redirect()?.since(before), sizes.len(), total(&sizes));
     Ok(())
 }
@@ -269,7 +323,14 @@ fn data_flows_back_after_one_direction_is_shut_down() -> anyhow::Result<()> {
     let target = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
     let sizes = [1usize, 1000, 65536, 1 << 20, 8 << 20];
     let before = node.redirect()?;
-    let report = node.send(&["--target", &target, "--sizes", &csv(&sizes), "--concurrency", "5"])?;
+    let report = node.send(&[
+        "--target",
+        &target,
+        "--sizes",
+        &csv(&sizes),
+        "--concurrency",
+        "5",
+    ])?;
     assert_exact(&report, &sizes);
     assert_redirected(&node.redirect()?.since(before), sizes.len(), total(&sizes));
     Ok(())
@@ -285,7 +346,14 @@ fn a_peer_closing_mid_stream_ends_the_transfer_cleanly() -> anyhow::Result<()> {
     node.serve("echo-0", &["--close-after", &cut.to_string()])?;
     let target = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
     let sizes = [16usize << 20; 4];
-    let report = node.send(&["--target", &target, "--sizes", &csv(&sizes), "--concurrency", "4"])?;
+    let report = node.send(&[
+        "--target",
+        &target,
+        "--sizes",
+        &csv(&sizes),
+        "--concurrency",
+        "4",
+    ])?;
     assert_eq!(report.conns, 4, "{report:?}");
     assert_eq!(report.corrupt, 0, "wrong bytes came back: {report:?}");
     assert_eq!(report.short, 4, "every transfer was cut: {report:?}");
@@ -314,9 +382,17 @@ fn sendfile_is_redirected_and_splicing_servers_opt_out() -> anyhow::Result<()> {
     node.serve("echo-1", &["--splice"])?;
     let sizes = sizes(9, 6, 8 << 20);
     let args = |target: &str| -> Vec<String> {
-        ["--target", target, "--sizes", &csv(&sizes), "--concurrency", "4", "--sendfile"]
-            .map(str::to_owned)
-            .to_vec()
+        [
+            "--target",
+            target,
+            "--sizes",
+            &csv(&sizes),
+            "--concurrency",
+            "4",
+            "--sendfile",
+        ]
+        .map(str::to_owned)
+        .to_vec()
     };
 
     let plain = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
@@ -327,11 +403,24 @@ fn sendfile_is_redirected_and_splicing_servers_opt_out() -> anyhow::Result<()> {
 
     let splicing = format!("{}:{SERVE_PORT}", node.node.pod("echo-1").ipv4);
     let before = node.redirect()?;
-    let report = node.send(&args(&splicing).iter().map(String::as_str).collect::<Vec<_>>())?;
+    let report = node.send(
+        &args(&splicing)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )?;
     assert_exact(&report, &sizes);
     let counts = node.redirect()?.since(before);
-    assert_eq!(counts.excluded, 2 * sizes.len() as u64, "both ends left alone: {counts:?}");
-    assert_eq!(counts.added + counts.bytes + counts.fallback_bytes, 0, "{counts:?}");
+    assert_eq!(
+        counts.excluded,
+        2 * sizes.len() as u64,
+        "both ends left alone: {counts:?}"
+    );
+    assert_eq!(
+        counts.added + counts.bytes + counts.fallback_bytes,
+        0,
+        "{counts:?}"
+    );
     Ok(())
 }
 
@@ -357,8 +446,17 @@ fn identical_loopback_tuples_in_two_pods_never_cross() -> anyhow::Result<()> {
                 node.ns(pod),
                 Some(&node.cgroup),
                 &[
-                    "send", "--target", &loopback, "--bind", "127.0.0.1:40000", "--sizes", &size,
-                    "--seed", seed, "--hold-ms", "500",
+                    "send",
+                    "--target",
+                    &loopback,
+                    "--bind",
+                    "127.0.0.1:40000",
+                    "--sizes",
+                    &size,
+                    "--seed",
+                    seed,
+                    "--hold-ms",
+                    "500",
                 ],
             )
         })
@@ -383,13 +481,54 @@ fn sockets_outside_the_mesh_are_untouched() -> anyhow::Result<()> {
     let sizes = [1usize, 65536, 4 << 20];
     let before = node.redirect()?;
     let segs = node.ns("client").snmp("Tcp", "OutSegs")?;
-    let report = send_from(node.ns("client"), None, &["--target", &target, "--sizes", &csv(&sizes)])?;
+    let report = send_from(
+        node.ns("client"),
+        None,
+        &["--target", &target, "--sizes", &csv(&sizes)],
+    )?;
     let segs = node.ns("client").snmp("Tcp", "OutSegs")? - segs;
     assert_exact(&report, &sizes);
     let counts = node.redirect()?.since(before);
-    assert_eq!(counts.added, sizes.len() as u64, "only the server ends: {counts:?}");
+    assert_eq!(
+        counts.added,
+        sizes.len() as u64,
+        "only the server ends: {counts:?}"
+    );
     assert_eq!(counts.bytes, 0, "{counts:?}");
     assert_eq!(counts.fallback_bytes, total(&sizes), "{counts:?}");
-    assert!(segs > 1000, "the unmeshed client's bytes went through TCP: {segs} segments");
+    assert!(
+        segs > 1000,
+        "the unmeshed client's bytes went through TCP: {segs} segments"
+    );
+    Ok(())
+}
+
+/// The agent stops while 1 MiB sits redirected but unread in a server socket (the
+/// server waits 3 s before reading). Those bytes are not lost: the socket map lives
+/// on with the sockets in it, and the connection finishes byte-exact; the next
+/// connection, made after the agent is gone, goes through TCP.
+#[test]
+fn stopping_the_agent_loses_no_queued_byte() -> anyhow::Result<()> {
+    let mut node = SameNode::start(&[])?;
+    node.serve("echo-0", &["--delay-ms", "3000"])?;
+    let target = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
+    let sizes = [1usize << 20, 1000];
+    let client = mesh_tests::spawn_in_pod(
+        &mesh_tests::xfer::binary()?,
+        node.ns("client"),
+        Some(&node.cgroup),
+        &["send", "--target", &target, "--sizes", &csv(&sizes)],
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while node.redirect()?.bytes < 1 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first MiB was never redirected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    node.agent.take().expect("agent running").stop()?;
+    let report = mesh_tests::xfer::finish(client)?;
+    assert_exact(&report, &sizes);
     Ok(())
 }

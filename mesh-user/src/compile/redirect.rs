@@ -18,7 +18,10 @@ pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInbound
 
 /// Every (pod IP, port) of a mesh pod that excludes that port. Entries that are not
 /// port numbers are reported and skipped; the rest of the list still applies.
-pub fn excluded_endpoints(index: &Index, diagnostics: &mut Vec<Diagnostic>) -> BTreeSet<BackendAddr> {
+pub fn excluded_endpoints(
+    index: &Index,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> BTreeSet<BackendAddr> {
     let mut out = BTreeSet::new();
     for ((namespace, _), entry) in &index.pods {
         if index

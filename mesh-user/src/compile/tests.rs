@@ -441,7 +441,11 @@ status:
   conditions: [{type: Ready, status: "True"}]
 "#;
     let c = build(&[BASE, &pods(), annotated]);
-    let excluded: Vec<String> = c.redirect_excluded.iter().map(ToString::to_string).collect();
+    let excluded: Vec<String> = c
+        .redirect_excluded
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(
         excluded,
         [
@@ -458,5 +462,9 @@ status:
             && w.contains("metadata.annotations[traffic.sidecar.istio.io/excludeInboundPorts]")),
         "{w:?}"
     );
-    assert!(w.iter().any(|w| w.contains("\"http\" is not a port number")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|w| w.contains("\"http\" is not a port number")),
+        "{w:?}"
+    );
 }

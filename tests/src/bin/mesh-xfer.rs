@@ -23,6 +23,8 @@ enum Command {
         splice: bool,
         #[arg(long)]
         close_after: Option<u64>,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     Send {
         #[arg(long)]
@@ -55,11 +57,13 @@ fn main() -> anyhow::Result<()> {
             mode,
             splice,
             close_after,
+            delay_ms,
         } => serve(&ServeOptions {
             listen,
             mode,
             splice,
             close_after,
+            delay: Duration::from_millis(delay_ms),
         }),
         Command::Send {
             target,
