@@ -1,12 +1,12 @@
 //! The kernel's own counters, read (never written) by the agent: for its logs and
 //! for `/metrics`, on each scrape.
 
-use aya::maps::{MapData, PerCpuArray};
-use mesh_common::sock_stat;
+use aya::maps::{MapData, PerCpuArray, SockHash};
+use mesh_common::{SockKey, sock_stat};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::counter::ConstCounter,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
 /// Same-node redirection counters (`SOCK_STATS_V1`), summed over CPUs.
@@ -21,9 +21,11 @@ pub struct RedirectCounts {
     pub excluded_sockets: u64,
 }
 
-/// Reader of `SOCK_STATS_V1`.
+/// Reader of `SOCK_STATS_V1`, and of `SOCKETS_V1`'s occupancy.
 pub struct SockStats {
     map: PerCpuArray<MapData, u64>,
+    /// `None` with `--no-redirect`.
+    sockets: Option<SockHash<MapData, SockKey>>,
 }
 
 impl std::fmt::Debug for SockStats {
@@ -33,8 +35,18 @@ impl std::fmt::Debug for SockStats {
 }
 
 impl SockStats {
-    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
-        Self { map }
+    pub fn new(
+        map: PerCpuArray<MapData, u64>,
+        sockets: Option<SockHash<MapData, SockKey>>,
+    ) -> Self {
+        Self { map, sockets }
+    }
+
+    /// Sockets in `SOCKETS_V1` now (a walk of the map: for scrapes, not hot paths).
+    pub fn sockets(&self) -> usize {
+        self.sockets
+            .as_ref()
+            .map_or(0, |s| s.keys().filter(Result::is_ok).count())
     }
 
     pub fn read(&self) -> RedirectCounts {
@@ -104,6 +116,13 @@ impl Collector for SockStats {
                 counter.metric_type(),
             )?)?;
         }
+        let sockets = ConstGauge::new(i64::try_from(self.sockets()).unwrap_or(i64::MAX));
+        sockets.encode(encoder.encode_descriptor(
+            "redirect_sockets",
+            "Established mesh TCP sockets in the same-node socket map now",
+            None,
+            sockets.metric_type(),
+        )?)?;
         Ok(())
     }
 }

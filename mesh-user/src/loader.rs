@@ -71,8 +71,7 @@ impl std::fmt::Debug for Maps {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub cgroup: PathBuf,
-    /// The same-node socket map, held while `sk_msg` is attached to it.
-    pub sockets: Option<SockHash<MapData, SockKey>>,
+    pub redirect: bool,
 }
 
 const PROGRAMS: [&str; 4] = [
@@ -127,17 +126,19 @@ pub fn load_and_attach(
         global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
         redirect_excluded: take(&mut ebpf, map_names::REDIRECT_EXCLUDED)?,
     };
-    let sock_stats = SockStats::new(take(&mut ebpf, map_names::SOCK_STATS)?);
+    let stats = take(&mut ebpf, map_names::SOCK_STATS)?;
     let sockets = if redirect {
         Some(attach_redirect(&mut ebpf, &fd)?)
     } else {
         None
     };
+    // The collector holds the socket map (and so keeps sk_msg's map alive).
+    let sock_stats = SockStats::new(stats, sockets);
     Ok((
         Loaded {
             ebpf,
             cgroup: cgroup.to_owned(),
-            sockets,
+            redirect,
         },
         maps,
         sock_stats,
@@ -148,7 +149,7 @@ impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Loaded")
             .field("cgroup", &self.cgroup)
-            .field("redirect", &self.sockets.is_some())
+            .field("redirect", &self.redirect)
             .finish_non_exhaustive()
     }
 }

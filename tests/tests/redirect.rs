@@ -224,6 +224,16 @@ fn pod_to_pod(v6: bool) -> anyhow::Result<()> {
         counts.msgs >= total(&small) / 97,
         "one message per write at least: {counts:?}"
     );
+
+    // Every closed socket has left the map.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while node.agent().metric("mesh_redirect_sockets")? != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sockets stayed in the map after closing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     Ok(())
 }
 
@@ -527,6 +537,11 @@ fn stopping_the_agent_loses_no_queued_byte() -> anyhow::Result<()> {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    assert_eq!(
+        node.agent().metric("mesh_redirect_sockets")?,
+        2,
+        "both ends of the open connection are in the map"
+    );
     node.agent.take().expect("agent running").stop()?;
     let report = mesh_tests::xfer::finish(client)?;
     assert_exact(&report, &sizes);
