@@ -57,6 +57,25 @@ pub mod map_names {
     pub const SOCK_PATH: &str = "SOCK_PATH_V1";
     pub const SOCK_STATS: &str = "SOCK_STATS_V1";
     pub const REDIRECT_EXCLUDED: &str = "REDIRECT_EXCLUDED_V1";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS_V1";
+
+    /// Every map of the object: the ones pinned in bpffs, so that they outlive the
+    /// agent. A layout change renames a map (`_V2`), which makes the old pin a
+    /// stranger the agent removes once the new programs run.
+    /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
+    /// object lacks.
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        SLOTS,
+        REVNAT,
+        BACKEND_STATS,
+        SERVICE_STATS,
+        GLOBAL_STATS,
+        SOCKETS,
+        SOCK_PATH,
+        SOCK_STATS,
+        REDIRECT_EXCLUDED,
+    ];
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -81,7 +100,11 @@ pub mod global_stat {
     pub const TABLE_RETRY: u32 = 3;
     /// `getpeername` calls answered with the dialled VIP.
     pub const PEER_REWRITTEN: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// The same, counted only by objects built with mesh-ebpf's `upgrade-test`
+    /// feature: the upgrade test's proof that a swapped-in program really runs.
+    /// Always 0 with a normal build.
+    pub const PEER_REWRITTEN_BY_VARIANT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).
@@ -106,10 +129,9 @@ pub mod sock_stat {
     pub const COUNT: u32 = 7;
 }
 
-/// `SOCK_PATH_V1` value: the path a socket's first message chose, kept for all its
-/// later messages so that bytes never overtake each other on two paths.
+/// `SOCK_PATH_V1` value: a socket whose first message went through TCP stays
+/// there, so that bytes never overtake each other on two paths.
 pub mod sock_path {
-    pub const REDIRECT: u32 = 1;
     pub const TCP: u32 = 2;
 }
 

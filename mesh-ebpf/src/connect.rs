@@ -13,7 +13,7 @@ use mesh_common::{
 
 use crate::{
     maps::{REVNAT, SERVICES, SLOTS},
-    stats::{bump, bump_backend},
+    stats::{bump, bump_backend, bump_service},
 };
 
 /// Let the syscall go on (rewritten or not).
@@ -140,6 +140,7 @@ fn choose(key: &ServiceKey) -> Verdict {
             return Verdict::Untouched;
         };
         if svc.slot_count == 0 {
+            bump_service(svc.service_id);
             return Verdict::NoBackend;
         }
         // SAFETY: helper without preconditions.
@@ -151,6 +152,7 @@ fn choose(key: &ServiceKey) -> Verdict {
         };
         // SAFETY: as for SERVICES.
         if let Some(backend) = (unsafe { SLOTS.get(slot_key) }).copied() {
+            bump_service(svc.service_id);
             if backend.family == FAMILY_NONE {
                 return Verdict::NoBackend;
             }

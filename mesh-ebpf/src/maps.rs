@@ -36,6 +36,13 @@ pub static REVNAT: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_R
 pub static BACKEND_STATS: PerCpuHashMap<u32, BackendStats> =
     PerCpuHashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
+/// Service id -> per-CPU count of connects to that service port (rewritten or
+/// refused). The agent creates (zeroed) entries when it assigns an id; the kernel
+/// only increments existing ones.
+#[map(name = "SERVICE_STATS_V1")]
+pub static SERVICE_STATS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
 /// Per-CPU global counters, indexed by `mesh_common::global_stat`. Writer: kernel.
 #[map(name = "GLOBAL_STATS_V1")]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global_stat::COUNT, 0);
@@ -46,11 +53,13 @@ pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global
 #[map(name = "SOCKETS_V1")]
 pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket key -> the path its first message took (`mesh_common::sock_path`).
-/// Writer: `sk_msg`; `sockops` clears the entry when a new socket takes the key.
-/// LRU: entries of closed sockets age out.
+/// Socket key -> `sock_path::TCP` for a mesh socket whose first message found no
+/// local peer (it stays on TCP). Writer: `sk_msg` (and `sockops` for Fast Open
+/// clients); `sockops` deletes the entry when the socket closes. Not LRU: an
+/// evicted decision could let later bytes overtake earlier ones.
 #[map(name = "SOCK_PATH_V1")]
-pub static SOCK_PATH: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+pub static SOCK_PATH: HashMap<SockKey, u32> =
+    HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Per-CPU redirection counters, indexed by `mesh_common::sock_stat`. Writer: kernel.
 #[map(name = "SOCK_STATS_V1")]

@@ -22,6 +22,8 @@ pub fn try_getpeername4(ctx: &SockAddrContext) -> i32 {
             core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port));
         }
         bump(global_stat::PEER_REWRITTEN);
+        #[cfg(feature = "upgrade-test")]
+        bump(global_stat::PEER_REWRITTEN_BY_VARIANT);
     }
     OK
 }

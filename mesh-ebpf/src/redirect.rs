@@ -3,7 +3,7 @@
 //! those sockets) hands the message straight to the peer socket's receive queue
 //! when the peer is a local mesh socket too, skipping TCP/IP both ways.
 //!
-//! Ordering: a connection's first message decides its path for good
+//! Ordering: a connection whose first message goes through TCP stays on TCP
 //! (`SOCK_PATH_V1`). Without that, a client that writes before the server end is
 //! added (the server's handshake completes a few microseconds after the client's)
 //! would send its first bytes through TCP and later ones around it, and the later
@@ -13,12 +13,13 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
     helpers::bpf_get_netns_cookie,
     programs::{SkMsgContext, SockOpsContext},
 };
-use mesh_common::{SockKey, sock_path, sock_stat};
+use mesh_common::{EndpointKey, SockKey, sock_path, sock_stat};
 
 use crate::{
     maps::{REDIRECT_EXCLUDED, SOCK_PATH, SOCK_STATS, SOCKETS},
@@ -28,12 +29,55 @@ use crate::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-/// sockops: on both ends' "established", add the socket under its own key.
+/// sockops: on both ends' "established", add the socket under its own key; when
+/// a socket of ours closes, forget its path.
 pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+    let established =
+        op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    let closed = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+    if !established && !closed {
         return 1;
     }
+    let Some(mut key) = ops_key(ctx) else {
+        return 1;
+    };
+    if closed {
+        let _ = SOCK_PATH.remove(key);
+        return 1;
+    }
+    if excluded(&key) {
+        add(&SOCK_STATS, sock_stat::EXCLUDED, 1);
+        return 1;
+    }
+    // SAFETY: the kernel hands a valid bpf_sock_ops.
+    let ops = unsafe { &mut *ctx.ops };
+    // With TCP Fast Open the client's first bytes rode in the SYN, through TCP:
+    // later bytes must not overtake them.
+    let sent_in_syn = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ops.data_segs_out > 0;
+    // BPF_NOEXIST: never displace a live socket that has the same key; this one
+    // simply keeps to TCP.
+    if SOCKETS
+        .update(&mut key, &mut *ops, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        add(&SOCK_STATS, sock_stat::ADD_FAILED, 1);
+        return 1;
+    }
+    add(&SOCK_STATS, sock_stat::ADDED, 1);
+    // A key is reused only after its previous socket is gone: its path is ours to
+    // set now. Ask for state changes, to forget it when this socket closes.
+    if sent_in_syn {
+        let _ = SOCK_PATH.insert(key, sock_path::TCP, u64::from(BPF_ANY));
+    } else {
+        let _ = SOCK_PATH.remove(key);
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    1
+}
+
+/// The socket's own key, from a sock_ops context.
+fn ops_key(ctx: &SockOpsContext) -> Option<SockKey> {
     // SAFETY: the helper accepts a sock_ops context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // bpf_sock_ops gives the local port in host order and the remote port in network
@@ -42,80 +86,71 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
         (ctx.local_port() as u16).to_be(),
         (ctx.remote_port() >> 16) as u16,
     );
-    let mut key = match ctx.family() {
-        AF_INET => SockKey::v4(
+    match ctx.family() {
+        AF_INET => Some(SockKey::v4(
             ctx.local_ip4(),
             ctx.remote_ip4(),
             local_port,
             remote_port,
             netns,
-        ),
-        AF_INET6 => SockKey::v6(
+        )),
+        AF_INET6 => Some(SockKey::v6(
             ctx.local_ip6(),
             ctx.remote_ip6(),
             local_port,
             remote_port,
             netns,
-        ),
-        _ => return 1,
-    };
+        )),
+        _ => None,
+    }
+}
+
+/// Either end is an excluded endpoint. Namespace-local connections (loopback)
+/// also match an excluded port whatever the address (the agent writes those as
+/// address zero): a pod's own client of its splicing server must be left alone too.
+fn excluded(key: &SockKey) -> bool {
+    let (mut local, mut remote) = (key.local_endpoint(), key.remote_endpoint());
     // SAFETY: existence checks only.
-    if unsafe {
-        REDIRECT_EXCLUDED.get(key.local_endpoint()).is_some()
-            || REDIRECT_EXCLUDED.get(key.remote_endpoint()).is_some()
-    } {
-        add(&SOCK_STATS, sock_stat::EXCLUDED, 1);
-        return 1;
+    let hit = |e: &EndpointKey| unsafe { REDIRECT_EXCLUDED.get(e).is_some() };
+    if hit(&local) || hit(&remote) {
+        return true;
     }
-    // A key is reused only after its previous socket is gone: forget that one's path.
-    let _ = SOCK_PATH.remove(key);
-    // SAFETY: the kernel hands a valid bpf_sock_ops.
-    let ops = unsafe { &mut *ctx.ops };
-    // BPF_NOEXIST: never displace a live socket that has the same key; this one
-    // simply keeps to TCP.
-    match SOCKETS.update(&mut key, ops, u64::from(BPF_NOEXIST)) {
-        Ok(()) => add(&SOCK_STATS, sock_stat::ADDED, 1),
-        Err(_) => add(&SOCK_STATS, sock_stat::ADD_FAILED, 1),
+    if key.netns == 0 {
+        return false;
     }
-    1
+    local.addr = [0; 4];
+    remote.addr = [0; 4];
+    hit(&local) || hit(&remote)
 }
 
 /// sk_msg: redirect to the peer when it is a local mesh socket, else let TCP carry
 /// the message. Never drops: the answer is always `SK_PASS`.
+///
+/// Only a "TCP" decision is stored: a connection whose first message found no
+/// peer keeps to TCP for good. One whose first message was redirected needs no
+/// entry: later messages redirect again, or fall back once the peer has closed.
 pub fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
-    let pass = SK_PASS;
     let Some(key) = msg_key(ctx) else {
-        return pass;
+        return SK_PASS;
     };
     let size = u64::from(ctx.size());
-    // SAFETY: value copied at once.
-    let decided = unsafe { SOCK_PATH.get(key) }.copied();
-    if decided == Some(sock_path::TCP) {
-        add(&SOCK_STATS, sock_stat::FALLBACK_MSGS, 1);
-        add(&SOCK_STATS, sock_stat::FALLBACK_BYTES, size);
-        return pass;
-    }
-    let mut peer = key.peer();
-    let redirected =
-        SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
-    if decided.is_none() {
-        let path = if redirected {
-            sock_path::REDIRECT
-        } else {
-            sock_path::TCP
-        };
-        let _ = SOCK_PATH.insert(key, path, u64::from(BPF_ANY));
-    }
+    // SAFETY: existence check only.
+    let tcp = unsafe { SOCK_PATH.get(key) }.is_some();
+    let redirected = !tcp && {
+        let mut peer = key.peer();
+        SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+    };
     if redirected {
         add(&SOCK_STATS, sock_stat::REDIRECTED_MSGS, 1);
         add(&SOCK_STATS, sock_stat::REDIRECTED_BYTES, size);
     } else {
-        // Decided "redirect" earlier and the peer is gone now (it closed): TCP
-        // carries the rest, and answers as a closed peer does.
+        if !tcp {
+            let _ = SOCK_PATH.insert(key, sock_path::TCP, u64::from(BPF_ANY));
+        }
         add(&SOCK_STATS, sock_stat::FALLBACK_MSGS, 1);
         add(&SOCK_STATS, sock_stat::FALLBACK_BYTES, size);
     }
-    pass
+    SK_PASS
 }
 
 /// The sending socket's own key, built exactly as `sockops` built it.

@@ -2,7 +2,7 @@
 
 use aya_ebpf::maps::PerCpuArray;
 
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
 
 /// Adds `n` to this CPU's slot `index` of a per-CPU counter array.
 #[inline(always)]
@@ -23,5 +23,13 @@ pub fn bump_backend(backend_id: u32) {
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
         // SAFETY: per-CPU value of an existing entry, valid for the program's run.
         unsafe { (*stats).connects += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn bump_service(service_id: u32) {
+    if let Some(connects) = SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU value of an existing entry, valid for the program's run.
+        unsafe { *connects += 1 };
     }
 }

@@ -28,6 +28,12 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Same-node socket redirection (sockops + sk_msg).
     pub redirect: bool,
+    /// Our directory in bpffs (maps and links pinned there outlive the agent).
+    pub pin_dir: PathBuf,
+    /// Where the agent records what it applied, for `status`, `dump`, `explain`.
+    pub run_dir: PathBuf,
+    /// A kernel object to load instead of the embedded one.
+    pub ebpf_object: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,14 +51,26 @@ pub enum AgentError {
     },
 }
 
-/// Loads the programs, then keeps the kernel in step with the source until
-/// `shutdown` resolves. Dropping the loaded object on return detaches the programs.
+/// Loads the object (adopting what a previous agent pinned), then keeps the kernel
+/// in step with the source until `shutdown` resolves. The programs are attached
+/// (or swapped) only after the first full sync is in the maps, and stay attached
+/// when the agent exits: `mesh-agent cleanup` removes them.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let (loaded, maps, sock_stats) = loader::load_and_attach(&config.cgroup, config.redirect)?;
-    info!(cgroup = %loaded.cgroup.display(), redirect = config.redirect, "programs attached");
+    let object = loader::object_bytes(config.ebpf_object.as_deref())?;
+    let pins = crate::pin::PinDir::new(&config.pin_dir);
+    let (loaded, maps, sock_stats) = loader::load(&pins, &object)?;
+    let mut applier = Applier::new(maps)?;
+    let adopted = applier.adopt();
+    info!(
+        pins = %config.pin_dir.display(),
+        services = adopted.services,
+        backends = adopted.backends,
+        stray_slots = adopted.stray_slots,
+        "kernel object loaded; pinned state adopted"
+    );
     let sock_stats = std::sync::Arc::new(sock_stats);
     let telemetry = crate::telemetry::Telemetry::new(vec![Box::new(sock_stats.clone())]);
     if let Some(addr) = config.metrics_addr {
@@ -60,13 +78,28 @@ pub async fn run(
     }
     let mut reconciler = Reconciler {
         index: Index::default(),
-        applier: Applier::new(maps)?,
+        record: crate::record::AgentRecord {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            cgroup: config.cgroup.clone(),
+            redirect: config.redirect,
+            pin_dir: config.pin_dir.clone(),
+            ..Default::default()
+        },
+        run_dir: config.run_dir.clone(),
+        applier,
         reported: BTreeSet::new(),
         generation: 0,
         compile: config.compile.clone(),
         desired: Compiled::default(),
         failed: false,
         telemetry,
+        attach: Some(PendingAttach {
+            loaded,
+            cgroup: config.cgroup.clone(),
+            redirect: config.redirect,
+            sock_stats: sock_stats.clone(),
+        }),
     };
     let result = match &config.source {
         SourceSpec::File(dir) => run_file(dir, &mut reconciler, shutdown).await,
@@ -75,9 +108,24 @@ pub async fn run(
         }
     };
     log_counters(&reconciler.applier, &sock_stats.read());
-    info!("shutting down; detaching programs");
-    drop(loaded);
+    info!("exiting; programs and maps stay pinned (mesh-agent cleanup removes them)");
     result
+}
+
+/// What the first successful apply attaches.
+struct PendingAttach {
+    loaded: loader::Loaded,
+    cgroup: PathBuf,
+    redirect: bool,
+    sock_stats: std::sync::Arc<crate::counters::SockStats>,
+}
+
+impl std::fmt::Debug for PendingAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAttach")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
 }
 
 /// index -> compile -> apply, and the bookkeeping around it; sources drive it.
@@ -92,18 +140,24 @@ pub struct Reconciler {
     desired: Compiled,
     failed: bool,
     telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    /// Until the first apply: the programs to attach once the maps are full.
+    attach: Option<PendingAttach>,
+    /// What `status`, `dump` and `explain` read, and where.
+    record: crate::record::AgentRecord,
+    run_dir: PathBuf,
 }
 
 impl Reconciler {
     /// Validates, compiles and applies the index as it is now. `started` is when
     /// the change that led here was seen (the propagation latency is measured from
     /// it); `diagnostics` are the source's own.
-    /// Returns the diagnostics that are new since the last round.
+    /// Returns the diagnostics that are new since the last round; fails only if the
+    /// programs cannot be attached after the first apply.
     pub fn reconcile(
         &mut self,
         mut diagnostics: Vec<Diagnostic>,
         started: Instant,
-    ) -> Vec<Diagnostic> {
+    ) -> Result<Vec<Diagnostic>, AgentError> {
         self.generation += 1;
         diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
         let compiled = compile::compile(&self.index, &self.compile);
@@ -111,9 +165,26 @@ impl Reconciler {
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
         self.failed = apply_logged(&mut self.applier, &self.desired, self.generation, started);
+        if let Some(mut pending) = self.attach.take() {
+            let linked = loader::attach(
+                &mut pending.loaded,
+                &pending.cgroup,
+                pending.redirect,
+                pending.sock_stats.socket_map(),
+            )?;
+            for (program, how) in &linked {
+                info!(program, cgroup = %pending.cgroup.display(), "program {how}");
+            }
+        }
+        self.record.generation = self.generation;
+        self.record.applied_at_ms = crate::record::now_ms();
+        self.record.services = crate::record::AgentRecord::services_from(&self.desired.services);
+        if let Err(e) = self.record.write(&self.run_dir) {
+            warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
+        }
         self.telemetry
             .applied(started.elapsed().as_secs_f64(), self.generation);
-        new
+        Ok(new)
     }
 
     /// Once a second: free replaced tables, and retry writes that failed.
@@ -148,7 +219,7 @@ async fn run_file(
     loop {
         let snapshot = source.load();
         sync_index(&mut reconciler.index, &snapshot.objects);
-        reconciler.reconcile(snapshot.diagnostics, started);
+        reconciler.reconcile(snapshot.diagnostics, started)?;
         // Wait for a change, collecting bursts (an editor writes a file in steps).
         loop {
             tokio::select! {

@@ -56,6 +56,14 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+/// What [`Applier::adopt`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub services: usize,
+    pub backends: usize,
+    pub stray_slots: usize,
+}
+
 #[derive(Debug)]
 struct Live {
     service_id: u32,
@@ -109,7 +117,10 @@ impl Applier {
     pub fn apply(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>) -> Report {
         let mut report = Report::default();
         for (addr, plan) in desired {
-            if self.live.get(addr).is_some_and(|l| l.slots == plan.slots) {
+            if let Some(live) = self.live.get_mut(addr)
+                && live.slots == plan.slots
+            {
+                plan.service.clone_into(&mut live.service);
                 report.unchanged += 1;
                 continue;
             }
@@ -147,12 +158,18 @@ impl Applier {
         };
         let (service_id, revision) = match self.live.get(&addr) {
             Some(live) => (live.service_id, live.revision.wrapping_add(1)),
-            None => (
-                self.service_ids
+            None => {
+                let id = self
+                    .service_ids
                     .take()
-                    .ok_or_else(|| exhausted("service"))?,
-                1,
-            ),
+                    .ok_or_else(|| exhausted("service"))?;
+                // A reused id starts counting from zero.
+                let zero = PerCpuValues::try_from(vec![0u64; self.nr_cpus]);
+                if let Ok(zero) = zero {
+                    let _ = self.maps.service_stats.insert(id, zero, 0);
+                }
+                (id, 1)
+            }
         };
         let mut written = 0u32;
         let result = (|| {
@@ -312,6 +329,107 @@ impl Applier {
         !self.retired.is_empty()
     }
 
+    /// Takes over what a previous agent left in the pinned maps: every service's
+    /// live table (so an unchanged service is not rewritten: no gap, no flip), the
+    /// ids it used, the per-backend counters, the redirect exclusions. Tables and
+    /// counters nothing points to (an agent killed mid-update) are freed.
+    pub fn adopt(&mut self) -> Adopted {
+        let mut adopted = Adopted::default();
+        let services: Vec<(ServiceKey, ServiceValue)> =
+            self.maps.services.iter().filter_map(Result::ok).collect();
+        for (key, value) in services {
+            let Some(addr) = service_addr(&key) else {
+                let _ = self.maps.services.remove(&key);
+                continue;
+            };
+            let mut slots = Vec::with_capacity(value.slot_count as usize);
+            for slot in 0..value.slot_count {
+                let key = SlotKey {
+                    service_id: value.service_id,
+                    revision: value.revision,
+                    slot,
+                };
+                let backend = self.maps.slots.get(&key, 0).ok();
+                let target = backend.and_then(|b| {
+                    let ip = ip_from_words(b.addr, b.family)?;
+                    let target = BackendAddr {
+                        ip,
+                        port: u16::from_be(b.port),
+                    };
+                    self.backend_ids.insert((target, addr.proto), b.backend_id);
+                    self.backend_pool.reserve(b.backend_id);
+                    Some(target)
+                });
+                slots.push(target);
+            }
+            self.service_ids.reserve(value.service_id);
+            self.live.insert(
+                addr,
+                Live {
+                    service_id: value.service_id,
+                    revision: value.revision,
+                    service: "(adopted)".to_owned(),
+                    slots,
+                },
+            );
+            adopted.services += 1;
+        }
+        let live: BTreeSet<(u32, u32)> = self
+            .live
+            .values()
+            .map(|l| (l.service_id, l.revision))
+            .collect();
+        let stray: Vec<SlotKey> = self
+            .maps
+            .slots
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&(k.service_id, k.revision)))
+            .collect();
+        for key in &stray {
+            let _ = self.maps.slots.remove(key);
+        }
+        adopted.stray_slots = stray.len();
+        let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
+        for id in self
+            .maps
+            .backend_stats
+            .keys()
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>()
+        {
+            if !used.contains(&id) {
+                let _ = self.maps.backend_stats.remove(&id);
+            }
+        }
+        let service_ids: BTreeSet<u32> = self.live.values().map(|l| l.service_id).collect();
+        for id in self
+            .maps
+            .service_stats
+            .keys()
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>()
+        {
+            if !service_ids.contains(&id) {
+                let _ = self.maps.service_stats.remove(&id);
+            }
+        }
+        adopted.backends = self.backend_ids.len();
+        self.excluded = self
+            .maps
+            .redirect_excluded
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| {
+                Some(BackendAddr {
+                    ip: ip_from_words(k.addr, k.family)?,
+                    port: u16::from_be(k.port),
+                })
+            })
+            .collect();
+        adopted
+    }
+
     fn backend_id(&mut self, backend: BackendAddr, proto: Proto) -> Option<u32> {
         if let Some(id) = self.backend_ids.get(&(backend, proto)) {
             return Some(*id);
@@ -424,6 +542,29 @@ fn backend_value(b: BackendAddr, backend_id: u32) -> Backend {
     }
 }
 
+/// The inverse of [`service_key`]; `None` for a key we would never write.
+pub fn service_addr(key: &ServiceKey) -> Option<ServiceAddr> {
+    Some(ServiceAddr {
+        vip: ip_from_words(key.addr, key.family)?,
+        port: u16::from_be(key.port),
+        proto: match key.proto {
+            PROTO_TCP => Proto::Tcp,
+            PROTO_UDP => Proto::Udp,
+            _ => return None,
+        },
+    })
+}
+
+/// The inverse of [`ip_words`]; `None` for another family (a "no backend" slot).
+pub fn ip_from_words(words: [u32; 4], family: u8) -> Option<IpAddr> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match family {
+        FAMILY_V4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        FAMILY_V6 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
 /// An address as the kernel's `__u32` words hold it (bytes in network order).
 fn ip_words(ip: IpAddr) -> ([u32; 4], u8) {
     match ip {
@@ -463,6 +604,18 @@ impl IdPool {
         })
     }
 
+    /// Marks `id` as taken (adopted from a previous agent).
+    fn reserve(&mut self, id: u32) {
+        if id >= self.max {
+            return;
+        }
+        while self.next <= id {
+            self.free.insert(self.next);
+            self.next += 1;
+        }
+        self.free.remove(&id);
+    }
+
     /// Returns an id; giving one twice is harmless (it is handed out once).
     fn give(&mut self, id: u32) {
         if id < self.next {
@@ -495,6 +648,27 @@ mod tests {
         });
         assert_eq!(bytemuck::bytes_of(&key.addr), &v6.octets());
         assert_eq!(key.family, FAMILY_V6);
+    }
+
+    #[test]
+    fn adopted_ids_are_never_handed_out_again() {
+        let mut pool = IdPool::new(10);
+        pool.reserve(3);
+        pool.reserve(1);
+        let taken: Vec<u32> = std::iter::from_fn(|| pool.take()).collect();
+        assert_eq!(taken, [0, 2, 4, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn keys_decode_back() {
+        for (vip, proto) in [("10.96.0.1", Proto::Tcp), ("fd00::1:2", Proto::Udp)] {
+            let addr = ServiceAddr {
+                vip: vip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                port: 8080,
+                proto,
+            };
+            assert_eq!(service_addr(&service_key(addr)), Some(addr));
+        }
     }
 
     #[test]

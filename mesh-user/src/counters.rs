@@ -24,8 +24,7 @@ pub struct RedirectCounts {
 /// Reader of `SOCK_STATS_V1`, and of `SOCKETS_V1`'s occupancy.
 pub struct SockStats {
     map: PerCpuArray<MapData, u64>,
-    /// `None` with `--no-redirect`.
-    sockets: Option<SockHash<MapData, SockKey>>,
+    sockets: SockHash<MapData, SockKey>,
 }
 
 impl std::fmt::Debug for SockStats {
@@ -35,18 +34,29 @@ impl std::fmt::Debug for SockStats {
 }
 
 impl SockStats {
-    pub fn new(
-        map: PerCpuArray<MapData, u64>,
-        sockets: Option<SockHash<MapData, SockKey>>,
-    ) -> Self {
+    pub fn new(map: PerCpuArray<MapData, u64>, sockets: SockHash<MapData, SockKey>) -> Self {
         Self { map, sockets }
     }
 
-    /// Sockets in `SOCKETS_V1` now (a walk of the map: for scrapes, not hot paths).
-    pub fn sockets(&self) -> usize {
-        self.sockets
-            .as_ref()
-            .map_or(0, |s| s.keys().filter(Result::is_ok).count())
+    /// The socket map (`sk_msg` attaches to it).
+    pub fn socket_map(&self) -> &SockHash<MapData, SockKey> {
+        &self.sockets
+    }
+
+    /// Sockets in `SOCKETS_V1` now: a walk of the map, for scrapes. Distinct keys
+    /// only, and bounded: a socket closing mid-walk restarts the kernel's
+    /// iteration from the first bucket.
+    pub fn socket_count(&self) -> usize {
+        let mut seen = std::collections::BTreeSet::new();
+        for key in self
+            .sockets
+            .keys()
+            .take(2 * mesh_common::MAX_SOCKETS as usize)
+            .flatten()
+        {
+            seen.insert(key);
+        }
+        seen.len()
     }
 
     pub fn read(&self) -> RedirectCounts {
@@ -84,7 +94,7 @@ impl Collector for SockStats {
             ),
             (
                 "redirect_messages",
-                "Messages handed straight to a same-node peer socket",
+                "Messages handed straight to a same-node peer socket (handed over; a peer torn down at that instant may still drop one)",
                 c.redirected_messages,
             ),
             (
@@ -116,7 +126,7 @@ impl Collector for SockStats {
                 counter.metric_type(),
             )?)?;
         }
-        let sockets = ConstGauge::new(i64::try_from(self.sockets()).unwrap_or(i64::MAX));
+        let sockets = ConstGauge::new(i64::try_from(self.socket_count()).unwrap_or(i64::MAX));
         sockets.encode(encoder.encode_descriptor(
             "redirect_sockets",
             "Established mesh TCP sockets in the same-node socket map now",

@@ -1,24 +1,36 @@
-//! Loads the embedded kernel object and attaches its programs to a cgroup v2.
+//! Loads the kernel object with its maps pinned in our bpffs directory (adopting
+//! the ones a previous agent left), and attaches its programs to a cgroup v2
+//! through pinned links: attached once, swapped in place (`BPF_LINK_UPDATE`) when
+//! an upgrade brings other code, left alone when the code is the same.
 
 use std::{
     fs::File,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramInfo, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use mesh_common::{
     Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey, SockKey, map_names,
     program_names,
 };
+use tracing::{info, warn};
 
-use crate::counters::SockStats;
+use crate::{
+    counters::SockStats,
+    pin::{MapSpec, PinDir, PinError},
+    sys,
+};
 
 /// The kernel object, built by `build.rs` (aya-build) from `mesh-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 /// cgroup2's filesystem magic (`CGROUP2_SUPER_MAGIC`).
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -50,6 +62,21 @@ pub enum LoadError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("reading the kernel object: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error("reading {path}: {source}")]
+    ObjectFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("link of {name} at {path}: {message}")]
+    Link {
+        name: &'static str,
+        path: PathBuf,
+        message: String,
+    },
 }
 
 /// Handles to the maps the agent writes and reads.
@@ -58,6 +85,7 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, Backend>,
     pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuHashMap<MapData, u32, u64>,
     pub redirect_excluded: HashMap<MapData, EndpointKey, u32>,
 }
 
@@ -67,28 +95,316 @@ impl std::fmt::Debug for Maps {
     }
 }
 
-/// The loaded object. Dropping it detaches the programs (links are owned here).
+/// The loaded object and where it is pinned.
 pub struct Loaded {
-    pub ebpf: Ebpf,
-    pub cgroup: PathBuf,
-    pub redirect: bool,
+    ebpf: Ebpf,
+    pins: PinDir,
 }
 
-const PROGRAMS: [&str; 4] = [
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("pins", &self.pins)
+            .finish_non_exhaustive()
+    }
+}
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::GETPEERNAME4,
     program_names::GETPEERNAME6,
 ];
 
-/// Loads the programs and attaches them to the cgroup v2 at `cgroup` (and so to
-/// every process in it and below it); with `redirect`, also the same-node socket
-/// redirection (`sockops` on the cgroup, `sk_msg` on the socket map). Returns the
-/// object and its maps.
-pub fn load_and_attach(
+/// What became of one program's attachment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linked {
+    /// First attach: a new pinned link.
+    Attached,
+    /// The pinned link already runs this very code on these very maps.
+    Unchanged,
+    /// The pinned link now runs the new code (program tags, as hex).
+    Swapped { from: u64, to: u64 },
+    /// Detached (`--no-redirect` after a run with it).
+    Detached,
+}
+
+impl std::fmt::Display for Linked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Linked::Attached => f.write_str("attached"),
+            Linked::Unchanged => f.write_str("unchanged"),
+            Linked::Swapped { from, to } => write!(f, "swapped {from:016x} -> {to:016x}"),
+            Linked::Detached => f.write_str("detached"),
+        }
+    }
+}
+
+/// The object: the embedded one, or `path` (an upgrade staged by hand, or a test).
+pub fn object_bytes(path: Option<&Path>) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
+    match path {
+        None => Ok(std::borrow::Cow::Borrowed(EBPF_OBJECT)),
+        Some(path) => std::fs::read(path)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|source| LoadError::ObjectFile {
+                path: path.to_owned(),
+                source,
+            }),
+    }
+}
+
+/// The layout the object declares for each of our maps.
+pub fn map_specs(object: &[u8]) -> Result<Vec<(&'static str, MapSpec)>, LoadError> {
+    let obj = aya_obj::Object::parse(object)?;
+    map_names::ALL
+        .iter()
+        .map(|&name| {
+            let map = obj.maps.get(name).ok_or(LoadError::MissingMap(name))?;
+            Ok((
+                name,
+                MapSpec {
+                    map_type: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: map.max_entries(),
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Loads the object with every map pinned under `pins` (adopting pinned maps of
+/// the same layout, replacing the others) and loads its programs; attaches
+/// nothing yet (see [`attach`]): the agent fills the maps first.
+pub fn load(pins: &PinDir, object: &[u8]) -> Result<(Loaded, Maps, SockStats), LoadError> {
+    pins.prepare()?;
+    let specs = map_specs(object)?;
+    pins.drop_mismatched_maps(&specs);
+    let mut loader = EbpfLoader::new();
+    for name in map_names::ALL {
+        loader.map_pin_path(name, pins.map(name));
+    }
+    let mut ebpf = loader.load(object)?;
+    for name in SOCK_ADDR_PROGRAMS {
+        program::<CgroupSockAddr>(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
+    program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: program_names::SOCKOPS,
+            source,
+        })?;
+    program::<SkMsg>(&mut ebpf, program_names::SK_MSG)?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: program_names::SK_MSG,
+            source,
+        })?;
+    let maps = Maps {
+        services: take(&mut ebpf, map_names::SERVICES)?,
+        slots: take(&mut ebpf, map_names::SLOTS)?,
+        backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
+        global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
+        service_stats: take(&mut ebpf, map_names::SERVICE_STATS)?,
+        redirect_excluded: take(&mut ebpf, map_names::REDIRECT_EXCLUDED)?,
+    };
+    let sock_stats = SockStats::new(
+        take(&mut ebpf, map_names::SOCK_STATS)?,
+        take(&mut ebpf, map_names::SOCKETS)?,
+    );
+    Ok((
+        Loaded {
+            ebpf,
+            pins: pins.clone(),
+        },
+        maps,
+        sock_stats,
+    ))
+}
+
+/// Attaches (or adopts, or swaps) every program on `cgroup`; with `redirect`,
+/// also `sockops` there and `sk_msg` on the socket map. Then unpins what the
+/// previous agent attached elsewhere and maps of older layouts.
+pub fn attach(
+    loaded: &mut Loaded,
     cgroup: &Path,
     redirect: bool,
-) -> Result<(Loaded, Maps, SockStats), LoadError> {
+    sockets: &SockHash<MapData, SockKey>,
+) -> Result<Vec<(&'static str, Linked)>, LoadError> {
+    let fd = open_cgroup2(cgroup)?;
+    let links = loaded.pins.cgroup_links(crate::pin::inode(cgroup)?);
+    std::fs::create_dir_all(&links).map_err(|source| PinError::Io {
+        path: links.clone(),
+        source,
+    })?;
+    let mut report = Vec::new();
+    // sk_msg first: a socket takes the map's programs when it is added, so one
+    // added before would never be redirected. BPF_PROG_ATTACH on a map replaces
+    // the program it had (the map holds it, not us: it outlives the agent).
+    if redirect {
+        let name = program_names::SK_MSG;
+        let sk_msg = program::<SkMsg>(&mut loaded.ebpf, name)?;
+        let id = sk_msg
+            .attach(sockets.fd())
+            .map_err(|source| LoadError::Program { name, source })?;
+        let link = sk_msg
+            .take_link(id)
+            .map_err(|source| LoadError::Program { name, source })?;
+        // Dropping the link would detach the program from the map.
+        std::mem::forget(link);
+    }
+    for name in SOCK_ADDR_PROGRAMS {
+        let program = program::<CgroupSockAddr>(&mut loaded.ebpf, name)?;
+        let new_fd = program_fd(program.fd(), name)?;
+        let linked = link_program(
+            name,
+            &links.join(name),
+            program_info(program.info(), name)?,
+            new_fd.as_fd(),
+            || {
+                let id = program
+                    .attach(&fd, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                FdLink::try_from(link).map_err(|e| link_err(name, &links, e))
+            },
+        )?;
+        report.push((name, linked));
+    }
+    let name = program_names::SOCKOPS;
+    let path = links.join(name);
+    if redirect {
+        let program = program::<SockOps>(&mut loaded.ebpf, name)?;
+        let new_fd = program_fd(program.fd(), name)?;
+        let linked = link_program(
+            name,
+            &path,
+            program_info(program.info(), name)?,
+            new_fd.as_fd(),
+            || {
+                let id = program
+                    .attach(&fd, CgroupAttachMode::Single)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| LoadError::Program { name, source })?;
+                FdLink::try_from(link).map_err(|e| link_err(name, &links, e))
+            },
+        )?;
+        report.push((name, linked));
+    } else if path.exists() {
+        std::fs::remove_file(&path).map_err(|source| PinError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        report.push((name, Linked::Detached));
+    }
+    for stale in loaded.pins.other_cgroup_links(&links) {
+        info!(links = %stale.display(), "detaching programs of a cgroup this agent no longer serves");
+        let mut removed = Vec::new();
+        let _ = remove_links(&stale, &mut removed);
+    }
+    loaded.pins.remove_stray_maps(&map_names::ALL);
+    Ok(report)
+}
+
+fn remove_links(dir: &Path, removed: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        std::fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    std::fs::remove_dir(dir)
+}
+
+fn link_err(name: &'static str, path: &Path, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Link {
+        name,
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// An owned copy of a loaded program's descriptor (for the swap, while the
+/// program itself is borrowed to attach).
+fn program_fd(
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<aya::programs::ProgramFd, LoadError> {
+    fd.map_err(|source| LoadError::Program { name, source })?
+        .try_clone()
+        .map_err(|e| LoadError::Program {
+            name,
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error: e,
+            }),
+        })
+}
+
+fn program_info(
+    info: Result<ProgramInfo, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<ProgramInfo, LoadError> {
+    info.map_err(|source| LoadError::Program { name, source })
+}
+
+/// Makes the pinned link at `path` run `new`: adopts it as is when it already
+/// runs the same code on the same maps, swaps the program in place otherwise, and
+/// attaches (then pins) a new link when there is none.
+fn link_program(
+    name: &'static str,
+    path: &Path,
+    new: ProgramInfo,
+    new_fd: std::os::fd::BorrowedFd<'_>,
+    attach_new: impl FnOnce() -> Result<FdLink, LoadError>,
+) -> Result<Linked, LoadError> {
+    if path.exists() {
+        match PinnedLink::from_pin(path) {
+            Ok(pinned) => {
+                let link = FdLink::from(pinned);
+                let old_id = link
+                    .info()
+                    .map_err(|e| link_err(name, path, e))?
+                    .program_id();
+                let old = aya::programs::loaded_programs()
+                    .flatten()
+                    .find(|p| p.id() == old_id);
+                let same = old.as_ref().is_some_and(|old| {
+                    old.tag() == new.tag()
+                        && old.map_ids().ok().flatten() == new.map_ids().ok().flatten()
+                });
+                if same {
+                    return Ok(Linked::Unchanged);
+                }
+                drop(link);
+                let link_fd = sys::obj_get(path).map_err(|e| link_err(name, path, e))?;
+                sys::link_update(link_fd.as_fd(), new_fd).map_err(|e| link_err(name, path, e))?;
+                return Ok(Linked::Swapped {
+                    from: old.map_or(0, |o| o.tag()),
+                    to: new.tag(),
+                });
+            }
+            Err(e) => {
+                warn!(
+                    program = name,
+                    "pinned link unreadable ({e}); attaching anew"
+                );
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    let link = attach_new()?;
+    link.pin(path).map_err(|e| link_err(name, path, e))?;
+    Ok(Linked::Attached)
+}
+
+fn open_cgroup2(cgroup: &Path) -> Result<File, LoadError> {
     let fd = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -102,90 +418,17 @@ pub fn load_and_attach(
             path: cgroup.to_owned(),
         });
     }
-    let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
-    for name in PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| LoadError::Program { name, source })?;
-        // On kernels with bpf_link (5.7+) aya attaches through a link, which always
-        // coexists with other programs on the cgroup; the mode must then be the
-        // default (flags 0), or link_create answers EINVAL.
-        program
-            .attach(&fd, CgroupAttachMode::Single)
-            .map_err(|source| LoadError::Program { name, source })?;
-    }
-    let maps = Maps {
-        services: take(&mut ebpf, map_names::SERVICES)?,
-        slots: take(&mut ebpf, map_names::SLOTS)?,
-        backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
-        global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
-        redirect_excluded: take(&mut ebpf, map_names::REDIRECT_EXCLUDED)?,
-    };
-    let stats = take(&mut ebpf, map_names::SOCK_STATS)?;
-    let sockets = if redirect {
-        Some(attach_redirect(&mut ebpf, &fd)?)
-    } else {
-        None
-    };
-    // The collector holds the socket map (and so keeps sk_msg's map alive).
-    let sock_stats = SockStats::new(stats, sockets);
-    Ok((
-        Loaded {
-            ebpf,
-            cgroup: cgroup.to_owned(),
-            redirect,
-        },
-        maps,
-        sock_stats,
-    ))
+    Ok(fd)
 }
 
-impl std::fmt::Debug for Loaded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded")
-            .field("cgroup", &self.cgroup)
-            .field("redirect", &self.redirect)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `sk_msg` goes on the map first: a socket takes the map's programs when it is
-/// added, so one added before would never be redirected.
-fn attach_redirect(
-    ebpf: &mut Ebpf,
-    cgroup: &File,
-) -> Result<SockHash<MapData, SockKey>, LoadError> {
-    let sockets: SockHash<MapData, SockKey> = take(ebpf, map_names::SOCKETS)?;
-    let name = program_names::SK_MSG;
-    let sk_msg: &mut SkMsg = ebpf
-        .program_mut(name)
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(LoadError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| LoadError::Program { name, source })?;
-    sk_msg
-        .load()
-        .map_err(|source| LoadError::Program { name, source })?;
-    sk_msg
-        .attach(sockets.fd())
-        .map_err(|source| LoadError::Program { name, source })?;
-    let name = program_names::SOCKOPS;
-    let sockops: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoadError::Program { name, source })?;
-    sockops
-        .load()
-        .map_err(|source| LoadError::Program { name, source })?;
-    sockops
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|source| LoadError::Program { name, source })?;
-    Ok(sockets)
+        .map_err(|source| LoadError::Program { name, source })
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -9,6 +9,8 @@ use mesh_user::{
     compile::{self, BackendAddr},
     diag::Severity,
     index::Index,
+    inspect,
+    pin::PinDir,
     source::{SourceSpec, file::FileSource},
 };
 
@@ -51,6 +53,40 @@ enum Command {
         /// byte then goes through the TCP/IP stack.
         #[arg(long, env = "MESH_NO_REDIRECT")]
         no_redirect: bool,
+        #[command(flatten)]
+        state: StateArgs,
+        /// Load this kernel object instead of the embedded one (a staged upgrade).
+        #[arg(long, env = "MESH_EBPF_OBJECT")]
+        ebpf_object: Option<PathBuf>,
+    },
+    /// Detach and unpin everything the agent pinned (nothing else); stop the agent first.
+    Cleanup {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Programs attached, map occupancy, services and backends, last sync.
+    Status {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Each service port as the kernel holds it: VIP:port, route, destinations,
+    /// weights, backends and their slot shares.
+    Dump {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Which route applies to VIP:PORT and why, and each backend's share.
+    Explain {
+        /// The service address, e.g. 10.96.0.80:80 or [fd00::80]:80.
+        target: std::net::SocketAddr,
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Validate a source and print the tables it compiles to, without touching the kernel.
     Check {
@@ -59,6 +95,23 @@ enum Command {
         #[command(flatten)]
         compile: CompileArgs,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Where the agent keeps its state.
+#[derive(Debug, clap::Args)]
+struct StateArgs {
+    /// Our directory in bpffs: maps and program links pinned there outlive the agent.
+    #[arg(long, env = "MESH_PIN_DIR", default_value = "/sys/fs/bpf/mesh")]
+    pin_dir: PathBuf,
+    /// Where the agent records what it applied (for status, dump, explain).
+    #[arg(long, env = "MESH_RUN_DIR", default_value = "/run/mesh")]
+    run_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,6 +142,8 @@ fn main() -> anyhow::Result<()> {
             compile,
             log_format,
             no_redirect,
+            state,
+            ebpf_object,
         } => {
             init_logging(&log_format);
             if let SourceSpec::Kubernetes(options) = &mut source {
@@ -112,6 +167,9 @@ fn main() -> anyhow::Result<()> {
                     compile: compile.config(),
                     metrics_addr,
                     redirect: !no_redirect,
+                    pin_dir: state.pin_dir,
+                    run_dir: state.run_dir,
+                    ebpf_object,
                 };
                 agent::run(config, shutdown_signal())
                     .await
@@ -119,6 +177,50 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Check { source, compile } => check(source, &compile.config()),
+        Command::Status { state, output } => {
+            let s = inspect::status(&PinDir::new(&state.pin_dir), &state.run_dir)?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                inspect::print_status(&s);
+            }
+            Ok(())
+        }
+        Command::Dump { state, output } => {
+            let d = inspect::dump(&PinDir::new(&state.pin_dir), &state.run_dir, None)?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                inspect::print_dump(&d);
+            }
+            Ok(())
+        }
+        Command::Explain {
+            target,
+            state,
+            output,
+        } => {
+            let d = inspect::dump(&PinDir::new(&state.pin_dir), &state.run_dir, Some(target))?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                inspect::print_explain(target, &d);
+            }
+            Ok(())
+        }
+        Command::Cleanup { state } => {
+            init_logging("text");
+            let removed = mesh_user::pin::PinDir::new(&state.pin_dir)
+                .remove_all()
+                .with_context(|| format!("cleaning up {}", state.pin_dir.display()))?;
+            let _ = std::fs::remove_dir_all(&state.run_dir);
+            println!(
+                "unpinned {} objects under {}",
+                removed.len(),
+                state.pin_dir.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -27,10 +27,17 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// A running `mesh-agent`, with its own bpffs directory and run directory (so
+/// tests never share kernel state). Dropping it stops the agent and runs
+/// `mesh-agent cleanup`, which detaches and unpins what it left.
 #[derive(Debug)]
 pub struct Agent {
     child: Child,
     log: Arc<Mutex<Vec<Value>>>,
+    /// `run` arguments, for restarts.
+    args: Vec<String>,
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
 }
 
 impl Agent {
@@ -59,50 +66,74 @@ impl Agent {
     }
 
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
-        let mut command = Command::new(sibling_binary("mesh-agent")?);
-        command
-            .args([
-                "run",
-                "--log-format",
-                "json",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--source",
-            ])
-            .args(source)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // If the test process dies without unwinding (SIGKILL), the agent goes too,
-        // and with it the programs it attached.
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().context("spawning mesh-agent")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        std::thread::spawn({
-            let log = log.clone();
-            move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                    if let Ok(mut log) = log.lock() {
-                        log.push(value);
-                    }
-                }
-            }
-        });
-        let mut agent = Agent { child, log };
+        crate::sweep_stale();
+        let name = crate::unique("mesh-test-");
+        let mut args: Vec<String> = [
+            "run",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--source",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(source.iter().cloned());
+        args.extend(["--cgroup".to_owned(), cgroup.display().to_string()]);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let run_dir = std::env::temp_dir().join(format!("{name}-run"));
+        let (child, log) = spawn(&args, &pin_dir, &run_dir)?;
+        let mut agent = Agent {
+            child,
+            log,
+            args,
+            pin_dir,
+            run_dir,
+        };
         agent.wait_applied(1, Duration::from_secs(20))?;
         Ok(agent)
+    }
+
+    /// Starts the agent again on the same pinned state (after [`Agent::kill`] or
+    /// [`Agent::stop`]), with `extra` flags, and waits for its first apply.
+    pub fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            bail!("the agent is still running");
+        }
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|f| (*f).to_owned()));
+        let (child, log) = spawn(&args, &self.pin_dir, &self.run_dir)?;
+        self.child = child;
+        self.log = log;
+        self.wait_applied(1, Duration::from_secs(20))?;
+        Ok(())
+    }
+
+    /// SIGKILL: no code of the agent runs on the way out.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// `mesh-agent ARGS --pin-dir <ours> --run-dir <ours>` (status, dump, explain,
+    /// cleanup): its stdout.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(sibling_binary("mesh-agent")?)
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "mesh-agent {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
     }
 
     /// The newest generation applied.
@@ -236,6 +267,47 @@ impl Agent {
     }
 }
 
+type Log = Arc<Mutex<Vec<Value>>>;
+
+/// Starts `mesh-agent ARGS` with our state directories; its JSON log is collected.
+fn spawn(args: &[String], pin_dir: &Path, run_dir: &Path) -> anyhow::Result<(Child, Log)> {
+    let mut command = Command::new(sibling_binary("mesh-agent")?);
+    command
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // If the test process dies without unwinding (SIGKILL), the agent goes too.
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("spawning mesh-agent")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if let Ok(mut log) = log.lock() {
+                    log.push(value);
+                }
+            }
+        }
+    });
+    Ok((child, log))
+}
+
 fn message(v: &Value) -> &str {
     v["fields"]["message"].as_str().unwrap_or("")
 }
@@ -244,6 +316,12 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.terminate();
+        }
+        // The agent leaves its programs attached and its maps pinned by design.
+        if self.pin_dir.exists()
+            && let Err(e) = self.cli(&["cleanup"])
+        {
+            eprintln!("warning: mesh-agent cleanup: {e}");
         }
     }
 }

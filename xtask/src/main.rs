@@ -25,7 +25,12 @@ enum Cmd {
     /// Install what building and testing need: LLVM 22 dev files, nightly rust-src, bpf-linker, iproute2.
     Setup,
     /// Build the kernel object (target/bpfel-unknown-none/release/mesh-ebpf).
-    BuildEbpf,
+    BuildEbpf {
+        /// Build the upgrade test's "new version" instead (feature `upgrade-test`,
+        /// into target/ebpf-upgrade-test/).
+        #[arg(long)]
+        upgrade_test: bool,
+    },
     /// Run the canary demo: 80/20, then 50/50 after a live edit.
     Demo {
         /// Seconds to show each split.
@@ -43,9 +48,9 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::ensure_all(),
-        Cmd::BuildEbpf => {
+        Cmd::BuildEbpf { upgrade_test } => {
             setup::ensure_all()?;
-            build_ebpf()
+            build_ebpf(upgrade_test)
         }
         Cmd::Demo { seconds } => {
             setup::ensure_all()?;
@@ -69,6 +74,8 @@ fn main() -> anyhow::Result<()> {
             // default members: mesh-ebpf only builds for the BPF target, through
             // mesh-user's build script.)
             cargo(&["build", "--bins"])?;
+            // The upgrade test swaps this object in for the embedded one.
+            build_ebpf(true)?;
             let mut all = vec!["test"];
             if !args.is_empty() {
                 all.push("--");
@@ -80,7 +87,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The kernel object on its own, built exactly as mesh-user's build script does.
-fn build_ebpf() -> anyhow::Result<()> {
+/// Where `build-ebpf --upgrade-test` puts its object.
+pub const UPGRADE_TEST_TARGET: &str = "target/ebpf-upgrade-test";
+
+fn build_ebpf(upgrade_test: bool) -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args([
         "+nightly",
@@ -93,8 +103,19 @@ fn build_ebpf() -> anyhow::Result<()> {
         "bpfel-unknown-none",
         "-Z",
         "build-std=core",
-    ])
-    .env(
+    ]);
+    let target = if upgrade_test {
+        cmd.args([
+            "--features",
+            "upgrade-test",
+            "--target-dir",
+            UPGRADE_TEST_TARGET,
+        ]);
+        UPGRADE_TEST_TARGET
+    } else {
+        "target"
+    };
+    cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
         format!(
             "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
@@ -106,7 +127,8 @@ fn build_ebpf() -> anyhow::Result<()> {
     println!(
         "kernel object: {}",
         workspace()
-            .join("target/bpfel-unknown-none/release/mesh-ebpf")
+            .join(target)
+            .join("bpfel-unknown-none/release/mesh-ebpf")
             .display()
     );
     Ok(())

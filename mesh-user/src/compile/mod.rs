@@ -40,7 +40,9 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Proto {
     Tcp,
     Udp,
@@ -56,7 +58,9 @@ impl fmt::Display for Proto {
 }
 
 /// A service port on one VIP: the key of a slot table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServiceAddr {
     pub vip: IpAddr,
     pub port: u16,
@@ -75,7 +79,9 @@ impl fmt::Display for ServiceAddr {
 }
 
 /// Where a connection goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct BackendAddr {
     pub ip: IpAddr,
     pub port: u16,
@@ -96,6 +102,18 @@ pub struct ServicePlan {
     pub route: String,
     /// The slot table; `None` slots refuse the connect. Empty: no backend at all.
     pub slots: Vec<Option<BackendAddr>>,
+    /// What the table was built from: each destination of the route (a subset,
+    /// or every endpoint), its weight, and its ready endpoints of this family.
+    pub destinations: Vec<Destination>,
+}
+
+/// One weighted destination of a route.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Destination {
+    /// `host subset NAME`, or `every ready endpoint`.
+    pub name: String,
+    pub weight: u64,
+    pub backends: Vec<BackendAddr>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -157,17 +175,20 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                         endpoints::ready_endpoints(index, namespace, name, &entry.object, port);
                     (
                         "no VirtualService route: even balancing".to_owned(),
-                        vec![Group {
-                            weight: 1,
-                            members: all,
-                        }],
+                        vec![(
+                            "every ready endpoint".to_owned(),
+                            Group {
+                                weight: 1,
+                                members: all,
+                            },
+                        )],
                     )
                 }
             };
             for vip in &vips {
                 let family_groups: Vec<slots::Group<BackendAddr>> = groups
                     .iter()
-                    .map(|g| slots::Group {
+                    .map(|(_, g)| slots::Group {
                         weight: g.weight,
                         members: g
                             .members
@@ -190,6 +211,15 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                         service: format!("{namespace}/{name}"),
                         route: route.clone(),
                         slots: slots::build(&family_groups, config.max_slots),
+                        destinations: groups
+                            .iter()
+                            .zip(&family_groups)
+                            .map(|((name, _), g)| Destination {
+                                name: name.clone(),
+                                weight: g.weight,
+                                backends: g.members.clone(),
+                            })
+                            .collect(),
                     },
                 );
             }
@@ -223,7 +253,7 @@ fn weighted_groups(
     this_port: &ServicePort,
     config: &Config,
     diags: &mut Vec<Diagnostic>,
-) -> Vec<Group> {
+) -> Vec<(String, Group)> {
     let domain = config.cluster_domain.as_str();
     let vs_ns = vs
         .object
@@ -257,10 +287,14 @@ fn weighted_groups(
             }
         };
         let fqdn = hosts::qualify(&dest.destination.host, vs_ns, domain);
+        let name = match &dest.destination.subset {
+            Some(subset) => format!("{fqdn} subset {subset}"),
+            None => fqdn.clone(),
+        };
         let Some(target) = index.service_by_fqdn(&fqdn, domain) else {
-            groups.push(problem(
-                format!("{field}.host"),
-                format!("no Service {fqdn}"),
+            groups.push((
+                name,
+                problem(format!("{field}.host"), format!("no Service {fqdn}")),
             ));
             continue;
         };
@@ -285,9 +319,12 @@ fn weighted_groups(
                 .copied(),
         };
         let Some(port) = port else {
-            groups.push(problem(
-                format!("{field}.port"),
-                format!("cannot tell which port of {fqdn} to use"),
+            groups.push((
+                name,
+                problem(
+                    format!("{field}.port"),
+                    format!("cannot tell which port of {fqdn} to use"),
+                ),
             ));
             continue;
         };
@@ -299,15 +336,18 @@ fn weighted_groups(
                 .and_then(|dr| dr.object.spec.subsets.iter().find(|s| &s.name == subset))
                 .map(|s| s.labels.clone());
             let Some(labels) = labels else {
-                groups.push(problem(
-                    format!("{field}.subset"),
-                    format!("subset {subset:?} of {fqdn} is no longer defined"),
+                groups.push((
+                    name,
+                    problem(
+                        format!("{field}.subset"),
+                        format!("subset {subset:?} of {fqdn} is no longer defined"),
+                    ),
                 ));
                 continue;
             };
             members.retain(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)));
         }
-        groups.push(Group { weight, members });
+        groups.push((name, Group { weight, members }));
     }
     groups
 }

@@ -4,7 +4,10 @@
 //! The case it exists for here: a server that reads with `splice(2)` (HAProxy with
 //! splicing, for one) never sees bytes that were redirected into its socket.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use crate::{
     compile::{BackendAddr, endpoints::pod_ips},
@@ -45,6 +48,11 @@ pub fn excluded_endpoints(
             match item.parse::<u16>() {
                 Ok(port) if port > 0 => {
                     out.extend(ips.iter().map(|&ip| BackendAddr { ip, port }));
+                    // Address zero: the same port over loopback, inside any pod
+                    // (the kernel checks these for namespace-local connections only).
+                    for any in [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()] {
+                        out.insert(BackendAddr { ip: any, port });
+                    }
                 }
                 _ => diagnostics.push(
                     Diagnostic::warning(

@@ -200,7 +200,7 @@ pub async fn run(
                     changed |= ingest(reconciler, &mut waiting, &mut invalid, update);
                 }
                 if waiting.is_empty() && changed {
-                    let new = reconciler.reconcile(invalid.values().cloned().collect(), started);
+                    let new = reconciler.reconcile(invalid.values().cloned().collect(), started)?;
                     record_events(&recorder, &istio_versions, new);
                 } else if !waiting.is_empty() {
                     info!(waiting = ?waiting, "waiting for the initial lists before the first write");

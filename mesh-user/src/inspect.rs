@@ -1,0 +1,457 @@
+//! `mesh-agent status`, `dump` and `explain`: read-only views of the pinned state,
+//! whether an agent runs or not. What is enforced comes from the kernel (pinned
+//! links and maps); names, routes and weights come from the agent's record
+//! (`record.rs`), which only labels the kernel's tables.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData, MapInfo},
+    programs::links::{FdLink, PinnedLink},
+};
+use mesh_common::{Backend, ServiceKey, ServiceValue, SlotKey, map_names};
+use serde::Serialize;
+
+use crate::{
+    apply::{ip_from_words, service_addr},
+    compile::{BackendAddr, ServiceAddr},
+    pin::PinDir,
+    record::{AgentRecord, ServiceRecord},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("no pinned state at {0}: no agent has run with this --pin-dir (or it was cleaned up)")]
+    NoState(PathBuf),
+    #[error("pinned map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub agent: Option<AgentStatus>,
+    pub programs: Vec<ProgramStatus>,
+    pub maps: Vec<MapStatus>,
+    pub services: usize,
+    pub backends: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub running: bool,
+    pub version: String,
+    pub cgroup: PathBuf,
+    pub redirect: bool,
+    pub generation: u64,
+    pub applied_at_ms: u64,
+    pub seconds_since_apply: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    /// `cg<inode>`: the cgroup the link attaches to.
+    pub cgroup: String,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub tag: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub id: u32,
+    /// `None` for arrays (always full).
+    pub entries: Option<usize>,
+    pub capacity: u32,
+}
+
+pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
+    if !pins.exists() {
+        return Err(InspectError::NoState(pins.root().to_owned()));
+    }
+    let record = read_record(run_dir)?;
+    let agent = record.as_ref().map(|r| AgentStatus {
+        pid: r.pid,
+        running: Path::new(&format!("/proc/{}", r.pid)).exists()
+            && std::fs::read_to_string(format!("/proc/{}/comm", r.pid))
+                .is_ok_and(|c| c.trim() == "mesh-agent"),
+        version: r.version.clone(),
+        cgroup: r.cgroup.clone(),
+        redirect: r.redirect,
+        generation: r.generation,
+        applied_at_ms: r.applied_at_ms,
+        seconds_since_apply: crate::record::now_ms().saturating_sub(r.applied_at_ms) as f64 / 1e3,
+    });
+    let mut programs = Vec::new();
+    let loaded: Vec<aya::programs::ProgramInfo> =
+        aya::programs::loaded_programs().flatten().collect();
+    for cgroup in read_dir(&pins.links_dir()) {
+        for link_path in read_dir(&cgroup) {
+            let Ok(link) = PinnedLink::from_pin(&link_path).map(FdLink::from) else {
+                continue;
+            };
+            let Ok(info) = link.info() else { continue };
+            let tag = loaded
+                .iter()
+                .find(|p| p.id() == info.program_id())
+                .map_or_else(String::new, |p| format!("{:016x}", p.tag()));
+            programs.push(ProgramStatus {
+                name: file_name(&link_path),
+                cgroup: file_name(&cgroup),
+                link_id: info.id(),
+                program_id: info.program_id(),
+                tag,
+            });
+        }
+    }
+    let mut maps = Vec::new();
+    for name in map_names::ALL {
+        let path = pins.map(name);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let is_array = matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray)
+        );
+        let entries = if is_array {
+            None
+        } else {
+            info.fd().ok().and_then(|fd| {
+                crate::sys::count_keys(
+                    fd.as_fd(),
+                    info.key_size() as usize,
+                    2 * info.max_entries() as usize + 1,
+                )
+                .ok()
+            })
+        };
+        maps.push(MapStatus {
+            name: name.to_owned(),
+            id: info.id(),
+            entries,
+            capacity: info.max_entries(),
+        });
+    }
+    let tables = read_tables(pins)?;
+    let backends: std::collections::BTreeSet<BackendAddr> = tables
+        .values()
+        .flat_map(|t| t.slots.iter().flatten().copied())
+        .collect();
+    Ok(Status {
+        pin_dir: pins.root().to_owned(),
+        agent,
+        programs,
+        maps,
+        services: tables.len(),
+        backends: backends.len(),
+    })
+}
+
+pub fn print_status(s: &Status) {
+    println!("pinned state: {}", s.pin_dir.display());
+    match &s.agent {
+        Some(a) => {
+            println!(
+                "agent: pid {} ({}), version {}, cgroup {}, redirect {}",
+                a.pid,
+                if a.running { "running" } else { "not running" },
+                a.version,
+                a.cgroup.display(),
+                if a.redirect { "on" } else { "off" }
+            );
+            println!(
+                "last sync: generation {}, {:.1} s ago",
+                a.generation, a.seconds_since_apply
+            );
+        }
+        None => println!("agent: no record (never ran with this --run-dir)"),
+    }
+    println!("programs attached (pinned links):");
+    for p in &s.programs {
+        println!(
+            "  {:<18} {}  link {:<5} program {:<6} tag {}",
+            p.name, p.cgroup, p.link_id, p.program_id, p.tag
+        );
+    }
+    println!("maps:");
+    for m in &s.maps {
+        let entries = m
+            .entries
+            .map_or_else(|| "array".to_owned(), |e| e.to_string());
+        println!("  {:<22} {:>9} / {}", m.name, entries, m.capacity);
+    }
+    println!(
+        "services: {} service ports, {} distinct backends",
+        s.services, s.backends
+    );
+}
+
+/// One service port as the kernel holds it, labelled from the record.
+#[derive(Debug, Serialize)]
+pub struct ServiceDump {
+    pub vip: std::net::IpAddr,
+    pub port: u16,
+    pub proto: crate::compile::Proto,
+    pub service: String,
+    pub route: String,
+    pub revision: u32,
+    pub slot_count: u32,
+    pub destinations: Vec<DestinationDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DestinationDump {
+    pub name: String,
+    pub weight: Option<u64>,
+    pub backends: Vec<BackendDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendDump {
+    /// `None`: slots that refuse the connect (a destination with no endpoint).
+    pub addr: Option<BackendAddr>,
+    pub slots: u32,
+    pub share: f64,
+}
+
+struct Table {
+    value: ServiceValue,
+    slots: Vec<Option<BackendAddr>>,
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    pins: &PinDir,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, InspectError> {
+    let map = MapData::from_pin(pins.map(name))
+        .and_then(|data| HashMap::try_from(Map::HashMap(data)))
+        .map_err(|source| InspectError::Map { name, source })?;
+    Ok(map)
+}
+
+fn read_tables(pins: &PinDir) -> Result<BTreeMap<ServiceAddr, Table>, InspectError> {
+    let services: HashMap<MapData, ServiceKey, ServiceValue> =
+        open_hash(pins, map_names::SERVICES)?;
+    let slots: HashMap<MapData, SlotKey, Backend> = open_hash(pins, map_names::SLOTS)?;
+    let mut out = BTreeMap::new();
+    for (key, value) in services.iter().flatten() {
+        let Some(addr) = service_addr(&key) else {
+            continue;
+        };
+        let table = (0..value.slot_count)
+            .map(|slot| {
+                slots
+                    .get(
+                        &SlotKey {
+                            service_id: value.service_id,
+                            revision: value.revision,
+                            slot,
+                        },
+                        0,
+                    )
+                    .ok()
+                    .and_then(|b| {
+                        Some(BackendAddr {
+                            ip: ip_from_words(b.addr, b.family)?,
+                            port: u16::from_be(b.port),
+                        })
+                    })
+            })
+            .collect();
+        out.insert(
+            addr,
+            Table {
+                value,
+                slots: table,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn read_record(run_dir: &Path) -> Result<Option<AgentRecord>, InspectError> {
+    AgentRecord::read(run_dir).map_err(|source| InspectError::Io {
+        path: run_dir.join(crate::record::FILE),
+        source,
+    })
+}
+
+/// Every service port the kernel holds (or those of `only`: a VIP and port).
+pub fn dump(
+    pins: &PinDir,
+    run_dir: &Path,
+    only: Option<SocketAddr>,
+) -> Result<Vec<ServiceDump>, InspectError> {
+    if !pins.exists() {
+        return Err(InspectError::NoState(pins.root().to_owned()));
+    }
+    let record = read_record(run_dir)?.unwrap_or_default();
+    let labels: BTreeMap<ServiceAddr, &ServiceRecord> =
+        record.services.iter().map(|s| (s.addr, s)).collect();
+    let mut out = Vec::new();
+    for (addr, table) in read_tables(pins)? {
+        if only.is_some_and(|o| o.ip() != addr.vip || o.port() != addr.port) {
+            continue;
+        }
+        let mut counts: BTreeMap<Option<BackendAddr>, u32> = BTreeMap::new();
+        for slot in &table.slots {
+            *counts.entry(*slot).or_default() += 1;
+        }
+        let total = table.slots.len().max(1) as f64;
+        let label = labels.get(&addr);
+        let mut destinations: Vec<DestinationDump> = Vec::new();
+        for d in label.map(|l| l.destinations.as_slice()).unwrap_or_default() {
+            let backends = d
+                .backends
+                .iter()
+                .map(|b| {
+                    let n = counts.remove(&Some(*b)).unwrap_or(0);
+                    BackendDump {
+                        addr: Some(*b),
+                        slots: n,
+                        share: f64::from(n) / total,
+                    }
+                })
+                .collect::<Vec<_>>();
+            let mut backends = backends;
+            // A destination without endpoints owns the refusing slots.
+            if d.backends.is_empty()
+                && let Some(n) = counts.remove(&None)
+            {
+                backends.push(BackendDump {
+                    addr: None,
+                    slots: n,
+                    share: f64::from(n) / total,
+                });
+            }
+            destinations.push(DestinationDump {
+                name: d.name.clone(),
+                weight: Some(d.weight),
+                backends,
+            });
+        }
+        if !counts.is_empty() {
+            destinations.push(DestinationDump {
+                name: "(not in the agent's record)".to_owned(),
+                weight: None,
+                backends: counts
+                    .into_iter()
+                    .map(|(addr, n)| BackendDump {
+                        addr,
+                        slots: n,
+                        share: f64::from(n) / total,
+                    })
+                    .collect(),
+            });
+        }
+        out.push(ServiceDump {
+            vip: addr.vip,
+            port: addr.port,
+            proto: addr.proto,
+            service: label.map_or_else(|| "(unknown)".to_owned(), |l| l.service.clone()),
+            route: label.map_or_else(String::new, |l| l.route.clone()),
+            revision: table.value.revision,
+            slot_count: table.value.slot_count,
+            destinations,
+        });
+    }
+    Ok(out)
+}
+
+pub fn print_dump(services: &[ServiceDump]) {
+    for s in services {
+        println!(
+            "{}/{}  {}  [{}]  {} slots, revision {}",
+            SocketAddr::new(s.vip, s.port),
+            s.proto,
+            s.service,
+            s.route,
+            s.slot_count,
+            s.revision
+        );
+        print_destinations(s);
+    }
+}
+
+fn print_destinations(s: &ServiceDump) {
+    if s.slot_count == 0 {
+        println!("    no backend: every connect fails with EHOSTUNREACH");
+    }
+    for d in &s.destinations {
+        let weight = d.weight.map_or_else(|| "-".to_owned(), |w| w.to_string());
+        println!("    {:<52} weight {weight}", d.name);
+        if d.backends.is_empty() {
+            println!("        (no ready endpoint of this family)");
+        }
+        for b in &d.backends {
+            let addr = b
+                .addr
+                .map_or_else(|| "refused (EHOSTUNREACH)".to_owned(), |a| a.to_string());
+            println!(
+                "        {addr:<26} {:>4}/{} slots  {:6.2}%",
+                b.slots,
+                s.slot_count,
+                100.0 * b.share
+            );
+        }
+    }
+}
+
+/// `explain VIP:PORT`: which route applies and why, and the shares.
+pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
+    if services.is_empty() {
+        println!(
+            "{target} is not a mesh service port: connects to it are left alone (no rewrite)."
+        );
+        return;
+    }
+    for s in services {
+        println!("{target}/{} is service {}.", s.proto, s.service);
+        println!("route: {}", s.route);
+        let total: u64 = s.destinations.iter().filter_map(|d| d.weight).sum();
+        if s.destinations.len() > 1 {
+            println!(
+                "weights are proportions of their sum ({total}); each destination's share is split evenly over its ready endpoints."
+            );
+        }
+        println!(
+            "the kernel draws one of {} slots uniformly at each connect (revision {}):",
+            s.slot_count, s.revision
+        );
+        print_destinations(s);
+    }
+}
+
+fn read_dir(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

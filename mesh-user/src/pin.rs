@@ -1,0 +1,235 @@
+//! Our directory in bpffs. Maps and program links pinned here outlive the agent:
+//! a crash, a SIGTERM or an upgrade leaves the kernel routing as last configured,
+//! and the next agent adopts what it finds.
+//!
+//! ```text
+//! <root>/maps/<MAP_NAME_Vn>          every map of the object
+//! <root>/links/cg<ino>/<program>     a bpf_link per program, per cgroup (inode)
+//! ```
+//!
+//! Nothing outside `<root>` is ever touched.
+
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use tracing::{info, warn};
+
+/// Where bpffs lives on every distribution we know.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf {BPFFS})")]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs at {BPFFS}: {0}")]
+    Mount(nix::Error),
+}
+
+/// A pinned map whose layout is not the one the object declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    pub map: String,
+    pub pinned: String,
+    pub expected: String,
+}
+
+/// What the object declares for a map (type, key and value sizes, capacity, flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for MapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {} B value {} B max {} flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
+    move |source| PinError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Links of the programs attached to one cgroup, named by its inode number
+    /// (stable while the cgroup exists, and distinct from any other cgroup's).
+    pub fn cgroup_links(&self, cgroup_ino: u64) -> PathBuf {
+        self.links_dir().join(format!("cg{cgroup_ino}"))
+    }
+
+    /// Whether an agent has left anything here.
+    pub fn exists(&self) -> bool {
+        self.root.exists()
+    }
+
+    /// Makes the directories, mounting bpffs at [`BPFFS`] first if the root is
+    /// under it and nothing is mounted there.
+    pub fn prepare(&self) -> Result<(), PinError> {
+        if self.root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+            info!("mounting bpffs at {BPFFS}");
+            nix::mount::mount(
+                Some("bpf"),
+                BPFFS,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(PinError::Mount)?;
+        }
+        for dir in [self.maps_dir(), self.links_dir()] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        if !is_bpffs(&self.root) {
+            return Err(PinError::NotBpffs {
+                path: self.root.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes every pinned map whose layout differs from `expected`, so that the
+    /// loader creates it anew instead of reading it with the wrong layout. Returns
+    /// what was replaced.
+    pub fn drop_mismatched_maps(&self, expected: &[(&str, MapSpec)]) -> Vec<Mismatch> {
+        let mut replaced = Vec::new();
+        for (name, spec) in expected {
+            let path = self.map(name);
+            if !path.exists() {
+                continue;
+            }
+            let pinned = aya::maps::MapInfo::from_pin(&path).map(|i| MapSpec {
+                map_type: i.map_type().map_or(u32::MAX, |t| t as u32),
+                key_size: i.key_size(),
+                value_size: i.value_size(),
+                max_entries: i.max_entries(),
+                flags: i.map_flags(),
+            });
+            let pinned_text = match &pinned {
+                Ok(p) if p == spec => continue,
+                Ok(p) => p.to_string(),
+                Err(e) => format!("unreadable ({e})"),
+            };
+            warn!(map = %name, pinned = %pinned_text, expected = %spec, "pinned map has another layout; replacing it (its contents are rebuilt from the source)");
+            if let Err(e) = fs::remove_file(&path) {
+                warn!(map = %name, "cannot remove {}: {e}", path.display());
+            }
+            replaced.push(Mismatch {
+                map: (*name).to_owned(),
+                pinned: pinned_text,
+                expected: spec.to_string(),
+            });
+        }
+        replaced
+    }
+
+    /// Unpins maps that are not in `current` (layouts of an older version, now
+    /// replaced by a renamed map). Programs still using them keep them alive until
+    /// they are swapped out.
+    pub fn remove_stray_maps(&self, current: &[&str]) -> Vec<String> {
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(self.maps_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !current.contains(&name.as_str()) && fs::remove_file(entry.path()).is_ok() {
+                info!(map = %name, "unpinned a map of an older layout");
+                removed.push(name);
+            }
+        }
+        removed
+    }
+
+    /// Link directories of cgroups other than `keep` (the agent moved to another
+    /// cgroup): unpinning them detaches their programs.
+    pub fn other_cgroup_links(&self, keep: &Path) -> Vec<PathBuf> {
+        fs::read_dir(self.links_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p != keep)
+            .collect()
+    }
+
+    /// Unpins everything: links first (which detaches the programs), then maps,
+    /// then the directories. Returns the objects unpinned.
+    pub fn remove_all(&self) -> Result<Vec<PathBuf>, PinError> {
+        let mut removed = Vec::new();
+        for dir in [self.links_dir(), self.maps_dir()] {
+            remove_tree(&dir, &mut removed)?;
+        }
+        if self.root.exists() {
+            fs::remove_dir(&self.root).map_err(io_err(&self.root))?;
+        }
+        Ok(removed)
+    }
+}
+
+fn remove_tree(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<(), PinError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.is_dir() {
+            remove_tree(&path, removed)?;
+        } else {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed.push(path);
+        }
+    }
+    fs::remove_dir(dir).map_err(io_err(dir))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// The inode number of a directory (a cgroup's id).
+pub fn inode(path: &Path) -> Result<u64, PinError> {
+    fs::metadata(path).map(|m| m.ino()).map_err(io_err(path))
+}

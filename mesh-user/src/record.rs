@@ -1,0 +1,74 @@
+//! What the agent applied, written to `<run-dir>/state.json` after each apply so
+//! that `status`, `dump` and `explain` can name what the kernel's tables mean
+//! (service names, routes, subsets, weights), with or without a running agent.
+//! The kernel maps stay the source of truth for what is enforced; this file only
+//! labels them. Written atomically (temporary file, then rename).
+
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::compile::{Destination, ServiceAddr, ServicePlan};
+
+pub const FILE: &str = "state.json";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub pid: u32,
+    pub version: String,
+    pub cgroup: PathBuf,
+    pub redirect: bool,
+    pub pin_dir: PathBuf,
+    pub generation: u64,
+    /// Unix time of the last apply, in milliseconds.
+    pub applied_at_ms: u64,
+    pub services: Vec<ServiceRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub addr: ServiceAddr,
+    pub service: String,
+    pub route: String,
+    pub destinations: Vec<Destination>,
+}
+
+impl AgentRecord {
+    pub fn services_from(plans: &BTreeMap<ServiceAddr, ServicePlan>) -> Vec<ServiceRecord> {
+        plans
+            .iter()
+            .map(|(addr, plan)| ServiceRecord {
+                addr: *addr,
+                service: plan.service.clone(),
+                route: plan.route.clone(),
+                destinations: plan.destinations.clone(),
+            })
+            .collect()
+    }
+
+    pub fn write(&self, run_dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(run_dir)?;
+        let tmp = run_dir.join(format!(".{FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        std::fs::rename(&tmp, run_dir.join(FILE))
+    }
+
+    /// `None` when no agent has written one.
+    pub fn read(run_dir: &Path) -> io::Result<Option<Self>> {
+        match std::fs::read(run_dir.join(FILE)) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
