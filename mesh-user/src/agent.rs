@@ -172,8 +172,20 @@ impl Reconciler {
                 pending.redirect,
                 pending.sock_stats.socket_map(),
             )?;
-            for (program, how) in &linked {
-                info!(program, cgroup = %pending.cgroup.display(), "program {how}");
+            let cgroup = pending.cgroup.display();
+            for (program, how) in linked {
+                match how {
+                    loader::Linked::Attached => info!(program, %cgroup, "program attached"),
+                    loader::Linked::Unchanged => info!(program, %cgroup, "program unchanged"),
+                    loader::Linked::Detached => info!(program, %cgroup, "program detached"),
+                    loader::Linked::Swapped { from, to } => info!(
+                        program,
+                        %cgroup,
+                        from = format!("{from:016x}"),
+                        to = format!("{to:016x}"),
+                        "program swapped"
+                    ),
+                }
             }
         }
         self.record.generation = self.generation;
@@ -251,6 +263,7 @@ fn log_counters(applier: &Applier, redirect: &crate::counters::RedirectCounts) {
         not_service = at(gs::NOT_SERVICE),
         table_retry = at(gs::TABLE_RETRY),
         peer_rewritten = at(gs::PEER_REWRITTEN),
+        peer_rewritten_by_variant = at(gs::PEER_REWRITTEN_BY_VARIANT),
         "connect counters"
     );
     info!(

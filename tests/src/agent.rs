@@ -27,6 +27,23 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// The upgrade test's "new version" of the kernel object (`cargo xtask build-ebpf
+/// --upgrade-test`; `cargo xtask test` builds it).
+pub fn upgrade_test_object() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        .context("the test binary is not under a target directory")?;
+    let object = target.join("ebpf-upgrade-test/bpfel-unknown-none/release/mesh-ebpf");
+    anyhow::ensure!(
+        object.is_file(),
+        "{} is missing: run `cargo xtask build-ebpf --upgrade-test` (cargo xtask test does)",
+        object.display()
+    );
+    Ok(object)
+}
+
 /// A running `mesh-agent`, with its own bpffs directory and run directory (so
 /// tests never share kernel state). Dropping it stops the agent and runs
 /// `mesh-agent cleanup`, which detaches and unpins what it left.

@@ -78,6 +78,18 @@ pub fn sweep_stale() {
                 }
             }
         }
+        // Agents' bpffs directories and run directories.
+        for (dir, prefix) in [
+            (std::path::PathBuf::from("/sys/fs/bpf"), "mesh-test-"),
+            (std::env::temp_dir(), "mesh-test-"),
+        ] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if dead(&name, prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         if let Ok(root) = cgroup::cgroup2_root()
             && let Ok(entries) = std::fs::read_dir(&root)
         {

@@ -1,0 +1,188 @@
+//! Operating the agent: SIGKILL and restart, a config changed while it was down,
+//! an upgrade that brings other program code, SIGTERM, and `mesh-agent cleanup`;
+//! through the real kernel, with a client connecting as fast as it can meanwhile.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Canary, V2, VIP4, assert_share, vip4};
+use mesh_tests::{manifests, probe};
+
+/// A meshed client in the client pod connecting to the VIP for `ms`, 4 at a time.
+fn background_probe(canary: &Canary, ms: u64) -> anyhow::Result<std::process::Child> {
+    probe::spawn(
+        &canary.node.pod("client").ns,
+        Some(&canary.cgroup),
+        &[
+            "--target".into(),
+            vip4(),
+            "--duration-ms".into(),
+            ms.to_string(),
+            "--concurrency".into(),
+            "4".into(),
+        ],
+    )
+}
+
+fn field(record: Option<&serde_json::Value>, name: &str) -> Option<u64> {
+    record.and_then(|r| r[name].as_u64())
+}
+
+#[test]
+fn sigkill_and_restart_lose_no_connection_and_keep_the_split() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    let client = background_probe(&canary, 4000)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    canary.agent.kill()?;
+    // Nobody home for a second: the pinned programs and maps keep routing.
+    std::thread::sleep(Duration::from_millis(1000));
+    canary.agent.restart(&[])?;
+    let seen = probe::finish(client)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert!(seen.ok > 1000, "{seen:?}");
+    assert_share(seen.share(V2), 0.20, seen.ok, "80/20 across the kill and restart");
+
+    // The new agent took the kernel's tables over and rewrote nothing.
+    let adopted = canary.agent.records("kernel object loaded; pinned state adopted");
+    assert_eq!(field(adopted.first(), "services"), Some(2), "{adopted:?}");
+    let applied = canary.agent.records("config applied");
+    assert_eq!(field(applied.first(), "written"), Some(0), "{applied:?}");
+    assert_eq!(canary.agent.records("program unchanged").len(), 5);
+    Ok(())
+}
+
+#[test]
+fn a_change_made_while_the_agent_was_down_applies_without_a_gap() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    canary.agent.kill()?;
+    canary.dir.write(
+        "virtualservice.yaml",
+        &manifests::virtual_service("flaskapp", &[("v1", 50), ("v2", 50)]),
+    )?;
+    let client = background_probe(&canary, 3000)?;
+    std::thread::sleep(Duration::from_millis(500));
+    canary.agent.restart(&[])?;
+    let across = probe::finish(client)?;
+    assert_eq!(across.failed(), 0, "{across:?}");
+    let applied = canary.agent.records("config applied");
+    assert_eq!(field(applied.first(), "written"), Some(2), "both VIPs: {applied:?}");
+    let after = canary.probe(&vip4(), 2000)?;
+    assert_eq!(after.failed(), 0, "{after:?}");
+    assert_share(after.share(V2), 0.50, after.ok, "the change made while down");
+    Ok(())
+}
+
+#[test]
+fn an_upgrade_swaps_changed_programs_live() -> anyhow::Result<()> {
+    let variant = mesh_tests::agent::upgrade_test_object()?;
+    let mut canary = Canary::start(Some((80, 20)))?;
+    let client = background_probe(&canary, 4000)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    canary.agent.stop()?;
+    canary
+        .agent
+        .restart(&["--ebpf-object", &variant.display().to_string()])?;
+    let seen = probe::finish(client)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(
+        seen.peers.keys().collect::<Vec<_>>(),
+        [&vip4()],
+        "getpeername answered the VIP before, during and after the swap"
+    );
+    // Only getpeername4 differs in the new object; it was swapped in place.
+    let swapped: Vec<String> = canary
+        .agent
+        .records("program swapped")
+        .iter()
+        .map(|r| r["program"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(swapped, ["mesh_getpeername4"]);
+    assert_eq!(canary.agent.records("program unchanged").len(), 4);
+
+    // The kernel runs the new code: only it counts PEER_REWRITTEN_BY_VARIANT.
+    let after = canary.probe(&vip4(), 200)?;
+    assert_eq!(after.ok, 200, "{after:?}");
+    canary.agent.stop()?;
+    let counters = canary.agent.records("connect counters");
+    let by_variant = field(counters.first(), "peer_rewritten_by_variant").unwrap_or(0);
+    assert!(by_variant >= 200, "{counters:?}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    let status: serde_json::Value =
+        serde_json::from_str(&canary.agent.cli(&["status", "--output", "json"])?)?;
+    let program_ids: Vec<u32> = status["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["program_id"].as_u64().and_then(|i| u32::try_from(i).ok()))
+        .collect();
+    let map_ids: Vec<u32> = status["maps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_u64().and_then(|i| u32::try_from(i).ok()))
+        .collect();
+    assert_eq!((program_ids.len(), map_ids.len()), (5, 10), "{status}");
+
+    // Something else in bpffs, next to ours: cleanup must leave it alone.
+    let neighbour = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        mesh_tests::unique("mesh-test-")
+    ));
+    std::fs::create_dir(&neighbour)?;
+    let _neighbour_guard = RemoveDir(neighbour.clone());
+
+    canary.agent.stop()?;
+    let after_stop = canary.probe(&vip4(), 400)?;
+    assert_eq!(after_stop.ok, 400, "still routed after SIGTERM: {after_stop:?}");
+
+    let out = canary.agent.cli(&["cleanup"])?;
+    assert!(out.contains("unpinned"), "{out}");
+    assert!(!canary.agent.pin_dir.exists(), "pin dir left behind");
+    assert!(!canary.agent.run_dir.exists(), "run dir left behind");
+    assert!(neighbour.exists(), "cleanup touched something not ours");
+    let gone = probe::probe(
+        &canary.node.pod("client").ns,
+        Some(&canary.cgroup),
+        &format!("{VIP4}:80"),
+        5,
+        1,
+    )?;
+    assert_eq!(gone.errors.get("ENETUNREACH"), Some(&5), "{gone:?}");
+    // The kernel frees programs and maps once nothing holds them (RCU): wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let programs: Vec<u32> = aya::programs::loaded_programs()
+            .flatten()
+            .map(|p| p.id())
+            .filter(|id| program_ids.contains(id))
+            .collect();
+        let maps: Vec<u32> = aya::maps::loaded_maps()
+            .flatten()
+            .map(|m| m.id())
+            .filter(|id| map_ids.contains(id))
+            .collect();
+        if programs.is_empty() && maps.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still loaded: programs {programs:?}, maps {maps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
