@@ -72,7 +72,23 @@ pub async fn run(
         "kernel object loaded; pinned state adopted"
     );
     let sock_stats = std::sync::Arc::new(sock_stats);
-    let telemetry = crate::telemetry::Telemetry::new(vec![Box::new(sock_stats.clone())]);
+    let view = std::sync::Arc::new(std::sync::RwLock::new(applier.view()));
+    let connections =
+        crate::counters::Connections::open(&pins, view.clone()).map_err(|source| {
+            loader::LoadError::Map {
+                name: "SERVICE_STATS_V1 / BACKEND_STATS_V1",
+                source,
+            }
+        })?;
+    let object_label = config
+        .ebpf_object
+        .as_ref()
+        .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string());
+    let telemetry = crate::telemetry::Telemetry::new(
+        vec![Box::new(sock_stats.clone()), Box::new(connections)],
+        view,
+        &object_label,
+    );
     if let Some(addr) = config.metrics_addr {
         crate::telemetry::serve(addr, telemetry.clone()).await?;
     }
@@ -187,6 +203,10 @@ impl Reconciler {
                     ),
                 }
             }
+        }
+        self.telemetry.set_rejected(&diagnostics);
+        if let Ok(mut view) = self.telemetry.view.write() {
+            *view = self.applier.view();
         }
         self.record.generation = self.generation;
         self.record.applied_at_ms = crate::record::now_ms();

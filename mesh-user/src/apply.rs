@@ -501,6 +501,54 @@ impl Applier {
         errors
     }
 
+    /// Labels of the kernel's counters and the occupancy of the maps we write.
+    pub fn view(&self) -> crate::counters::View {
+        use mesh_common::{self as c, map_names as m};
+        let slots: usize = self.live.values().map(|l| l.slots.len()).sum::<usize>()
+            + self.retired.iter().map(|r| r.slots.len()).sum::<usize>();
+        let service_ids: BTreeSet<u32> = self
+            .live
+            .values()
+            .map(|l| l.service_id)
+            .chain(self.retired.iter().map(|r| r.service_id))
+            .collect();
+        crate::counters::View {
+            services: self
+                .live
+                .iter()
+                .map(|(addr, l)| (l.service_id, l.service.clone(), addr.to_string()))
+                .collect(),
+            backends: self
+                .backend_ids
+                .iter()
+                .map(|((b, proto), id)| (*id, b.to_string(), proto.to_string()))
+                .collect(),
+            occupancy: vec![
+                (
+                    m::SERVICES,
+                    self.live.len() as u64,
+                    u64::from(c::MAX_SERVICES),
+                ),
+                (m::SLOTS, slots as u64, u64::from(c::MAX_SLOTS)),
+                (
+                    m::BACKEND_STATS,
+                    self.backend_ids.len() as u64,
+                    u64::from(c::MAX_BACKENDS),
+                ),
+                (
+                    m::SERVICE_STATS,
+                    service_ids.len() as u64,
+                    u64::from(c::MAX_SERVICES),
+                ),
+                (
+                    m::REDIRECT_EXCLUDED,
+                    self.excluded.len() as u64,
+                    u64::from(c::MAX_REDIRECT_EXCLUDED),
+                ),
+            ],
+        }
+    }
+
     /// Service ports the kernel holds now.
     pub fn live_services(&self) -> usize {
         self.live.len()

@@ -136,3 +136,107 @@ impl Collector for SockStats {
         Ok(())
     }
 }
+
+/// Labels for the kernel's per-service and per-backend counters, and map
+/// occupancy as the agent's bookkeeping knows it. Published by the reconciler
+/// after each apply; read on each scrape.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// (service id, `namespace/name`, `VIP:port/PROTO`).
+    pub services: Vec<(u32, String, String)>,
+    /// (backend id, `IP:port`, protocol).
+    pub backends: Vec<(u32, String, String)>,
+    /// (map, entries, capacity).
+    pub occupancy: Vec<(&'static str, u64, u64)>,
+}
+
+/// Reader of `SERVICE_STATS_V1` and `BACKEND_STATS_V1` (their own handles on the
+/// pinned maps: the applier keeps writing through its own).
+pub struct Connections {
+    services: aya::maps::PerCpuHashMap<MapData, u32, u64>,
+    backends: aya::maps::PerCpuHashMap<MapData, u32, mesh_common::BackendStats>,
+    view: std::sync::Arc<std::sync::RwLock<View>>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections").finish_non_exhaustive()
+    }
+}
+
+impl Connections {
+    pub fn open(
+        pins: &crate::pin::PinDir,
+        view: std::sync::Arc<std::sync::RwLock<View>>,
+    ) -> Result<Self, aya::maps::MapError> {
+        use aya::maps::Map;
+        let open = |name| MapData::from_pin(pins.map(name));
+        Ok(Self {
+            services: aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(open(
+                mesh_common::map_names::SERVICE_STATS,
+            )?))?,
+            backends: aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(open(
+                mesh_common::map_names::BACKEND_STATS,
+            )?))?,
+            view,
+        })
+    }
+}
+
+impl Collector for Connections {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(view) = self.view.read() else {
+            return Ok(());
+        };
+        let family = ConstCounter::new(0u64).metric_type();
+        let mut e = encoder.encode_descriptor(
+            "service_connections",
+            "Connects to a service port, rewritten or refused (kernel counter)",
+            None,
+            family,
+        )?;
+        for (id, service, addr) in &view.services {
+            let n: u64 = self.services.get(id, 0).map_or(0, |v| v.iter().sum());
+            ConstCounter::new(n).encode(
+                e.encode_family(&[("service", service.as_str()), ("address", addr.as_str())])?,
+            )?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "backend_connections",
+            "Connects rewritten to a backend (kernel counter)",
+            None,
+            family,
+        )?;
+        for (id, addr, proto) in &view.backends {
+            let n: u64 = self
+                .backends
+                .get(id, 0)
+                .map_or(0, |v| v.iter().map(|s| s.connects).sum());
+            ConstCounter::new(n).encode(
+                e.encode_family(&[("backend", addr.as_str()), ("protocol", proto.as_str())])?,
+            )?;
+        }
+        let gauge = ConstGauge::new(0i64).metric_type();
+        let mut e = encoder.encode_descriptor(
+            "map_entries",
+            "Entries in a BPF map, as the agent wrote them",
+            None,
+            gauge,
+        )?;
+        for (map, entries, _) in &view.occupancy {
+            ConstGauge::new(i64::try_from(*entries).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&[("map", *map)])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "map_capacity",
+            "Capacity (max_entries) of a BPF map",
+            None,
+            gauge,
+        )?;
+        for (map, _, capacity) in &view.occupancy {
+            ConstGauge::new(i64::try_from(*capacity).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&[("map", *map)])?)?;
+        }
+        Ok(())
+    }
+}

@@ -226,7 +226,7 @@ fn remove_tree(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<(), PinError> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// The inode number of a directory (a cgroup's id).

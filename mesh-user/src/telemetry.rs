@@ -1,7 +1,9 @@
 //! `/healthz`, `/readyz` and `/metrics` (Prometheus text, prometheus-client).
 //! Ready once the first full sync reached the kernel. Metrics: the config sync
-//! latency (change seen -> maps written), the applied generation, and the
-//! kernel's redirection counters (see `counters`).
+//! latency (change seen -> maps written), the applied generation, rejected
+//! objects by kind and reason, build info, and on each scrape the kernel's own
+//! counters (connections per service and backend, redirection) and map
+//! occupancy (see `counters`).
 
 use std::{
     net::SocketAddr,
@@ -14,7 +16,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{gauge::Gauge, histogram::Histogram},
+    metrics::{family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tracing::info;
@@ -24,16 +26,37 @@ pub struct Telemetry {
     registry: Registry,
     sync_latency: Histogram,
     generation: Gauge,
+    rejected: Family<Vec<(String, String)>, Gauge>,
+    /// Labels for the kernel counters (see `counters::Connections`).
+    pub view: Arc<std::sync::RwLock<crate::counters::View>>,
     ready: AtomicBool,
 }
 
 impl Telemetry {
     /// `kernel`: collectors that read the kernel's counters on each scrape.
-    pub fn new(kernel: Vec<Box<dyn prometheus_client::collector::Collector>>) -> Arc<Self> {
+    pub fn new(
+        kernel: Vec<Box<dyn prometheus_client::collector::Collector>>,
+        view: Arc<std::sync::RwLock<crate::counters::View>>,
+        object: &str,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("mesh");
         for collector in kernel {
             registry.register_collector(collector);
         }
+        let build = Family::<Vec<(String, String)>, Gauge>::default();
+        build
+            .get_or_create(&vec![
+                ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+                ("ebpf_object".to_owned(), object.to_owned()),
+            ])
+            .set(1);
+        registry.register("build_info", "The agent's version and kernel object", build);
+        let rejected = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "rejected_objects",
+            "Objects (or versions) not in use now, by kind and the field at fault",
+            rejected.clone(),
+        );
         // 100 µs .. ~3 s.
         let sync_latency = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
@@ -53,6 +76,8 @@ impl Telemetry {
             registry,
             sync_latency,
             generation,
+            rejected,
+            view,
             ready: AtomicBool::new(false),
         })
     }
@@ -63,6 +88,44 @@ impl Telemetry {
         self.generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// The current errors, counted by kind and by field path without indexes
+    /// (`spec.http.route.weight`): few label values, and each names the reason.
+    pub fn set_rejected(&self, diagnostics: &[crate::diag::Diagnostic]) {
+        let mut counts: std::collections::BTreeMap<(String, String), i64> = Default::default();
+        for d in diagnostics
+            .iter()
+            .filter(|d| d.severity == crate::diag::Severity::Error)
+        {
+            let kind = d
+                .object
+                .as_ref()
+                .map_or_else(|| "file".to_owned(), |o| o.kind.to_string());
+            let mut reason = String::new();
+            let mut depth = 0;
+            for c in d.field.chars() {
+                match c {
+                    '[' => depth += 1,
+                    ']' => depth -= 1,
+                    c if depth == 0 => reason.push(c),
+                    _ => {}
+                }
+            }
+            if reason.is_empty() {
+                reason = "document".to_owned();
+            }
+            *counts.entry((kind, reason)).or_default() += 1;
+        }
+        self.rejected.clear();
+        for ((kind, reason), n) in counts {
+            self.rejected
+                .get_or_create(&vec![
+                    ("kind".to_owned(), kind),
+                    ("reason".to_owned(), reason),
+                ])
+                .set(n);
+        }
     }
 
     fn render(&self) -> String {

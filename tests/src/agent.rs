@@ -224,6 +224,23 @@ impl Agent {
             .with_context(|| format!("metric {name}"))
     }
 
+    /// The value of the sample `name{labels}` from `/metrics`, labels given as
+    /// `key="value"` pairs in any order (e.g. `&[r#"map="SLOTS_V1""#]`).
+    pub fn metric_with(&self, name: &str, labels: &[&str]) -> anyhow::Result<u64> {
+        let (status, body) = self.http_get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| labels.iter().all(|p| l.contains(p)))
+            .and_then(|l| l.rsplit(' ').next())
+            .with_context(|| format!("no sample {name}{labels:?} in:\n{body}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("metric {name}"))
+    }
+
     /// Log messages at `level` (ERROR, WARN, INFO).
     pub fn messages(&self, level: &str) -> Vec<String> {
         self.log.lock().map_or_else(

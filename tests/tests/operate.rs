@@ -41,10 +41,17 @@ fn sigkill_and_restart_lose_no_connection_and_keep_the_split() -> anyhow::Result
     let seen = probe::finish(client)?;
     assert_eq!(seen.failed(), 0, "{seen:?}");
     assert!(seen.ok > 1000, "{seen:?}");
-    assert_share(seen.share(V2), 0.20, seen.ok, "80/20 across the kill and restart");
+    assert_share(
+        seen.share(V2),
+        0.20,
+        seen.ok,
+        "80/20 across the kill and restart",
+    );
 
     // The new agent took the kernel's tables over and rewrote nothing.
-    let adopted = canary.agent.records("kernel object loaded; pinned state adopted");
+    let adopted = canary
+        .agent
+        .records("kernel object loaded; pinned state adopted");
     assert_eq!(field(adopted.first(), "services"), Some(2), "{adopted:?}");
     let applied = canary.agent.records("config applied");
     assert_eq!(field(applied.first(), "written"), Some(0), "{applied:?}");
@@ -66,10 +73,19 @@ fn a_change_made_while_the_agent_was_down_applies_without_a_gap() -> anyhow::Res
     let across = probe::finish(client)?;
     assert_eq!(across.failed(), 0, "{across:?}");
     let applied = canary.agent.records("config applied");
-    assert_eq!(field(applied.first(), "written"), Some(2), "both VIPs: {applied:?}");
+    assert_eq!(
+        field(applied.first(), "written"),
+        Some(2),
+        "both VIPs: {applied:?}"
+    );
     let after = canary.probe(&vip4(), 2000)?;
     assert_eq!(after.failed(), 0, "{after:?}");
-    assert_share(after.share(V2), 0.50, after.ok, "the change made while down");
+    assert_share(
+        after.share(V2),
+        0.50,
+        after.ok,
+        "the change made while down",
+    );
     Ok(())
 }
 
@@ -130,16 +146,17 @@ fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Res
     assert_eq!((program_ids.len(), map_ids.len()), (5, 10), "{status}");
 
     // Something else in bpffs, next to ours: cleanup must leave it alone.
-    let neighbour = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        mesh_tests::unique("mesh-test-")
-    ));
+    let neighbour =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/{}", mesh_tests::unique("mesh-test-")));
     std::fs::create_dir(&neighbour)?;
     let _neighbour_guard = RemoveDir(neighbour.clone());
 
     canary.agent.stop()?;
     let after_stop = canary.probe(&vip4(), 400)?;
-    assert_eq!(after_stop.ok, 400, "still routed after SIGTERM: {after_stop:?}");
+    assert_eq!(
+        after_stop.ok, 400,
+        "still routed after SIGTERM: {after_stop:?}"
+    );
 
     let out = canary.agent.cli(&["cleanup"])?;
     assert!(out.contains("unpinned"), "{out}");
@@ -185,4 +202,158 @@ impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+#[test]
+fn metrics_agree_with_what_the_client_saw() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    let seen = canary.probe(&vip4(), 600)?;
+    assert_eq!(seen.ok, 600, "{seen:?}");
+    let agent = &canary.agent;
+    let service = r#"service="default/flaskapp""#;
+    let address = format!(r#"address="{VIP4}:80/TCP""#);
+    assert_eq!(
+        agent.metric_with("mesh_service_connections_total", &[service, &address])?,
+        600
+    );
+    for (pod, n) in &seen.backends {
+        let backend = format!(r#"backend="{}:5000""#, canary.node.pod(pod).ipv4);
+        assert_eq!(
+            agent.metric_with("mesh_backend_connections_total", &[&backend])?,
+            *n,
+            "{pod}"
+        );
+    }
+    // Two service ports (IPv4 and IPv6 VIP), 15-slot tables each.
+    assert_eq!(
+        agent.metric_with("mesh_map_entries", &[r#"map="SERVICES_V1""#])?,
+        2
+    );
+    assert_eq!(
+        agent.metric_with("mesh_map_entries", &[r#"map="SLOTS_V1""#])?,
+        30
+    );
+    assert_eq!(
+        agent.metric_with("mesh_map_capacity", &[r#"map="SERVICES_V1""#])?,
+        131_072
+    );
+    assert_eq!(
+        agent.metric_with("mesh_build_info", &[r#"ebpf_object="embedded""#])?,
+        1
+    );
+    let latency = agent.metric("mesh_config_sync_latency_seconds_count")?;
+    assert!(latency >= 1, "{latency}");
+
+    // A rejected VirtualService shows up by kind and reason, and goes when fixed.
+    canary.write(
+        "virtualservice.yaml",
+        &manifests::virtual_service("flaskapp", &[("v1", -5), ("v2", 20)]),
+    )?;
+    let rejected = [
+        r#"kind="VirtualService""#,
+        r#"reason="spec.http.route.weight""#,
+    ];
+    assert_eq!(
+        canary
+            .agent
+            .metric_with("mesh_rejected_objects", &rejected)?,
+        1
+    );
+    canary.set_weights(50, 50)?;
+    assert!(
+        canary
+            .agent
+            .metric_with("mesh_rejected_objects", &rejected)
+            .is_err(),
+        "cleared once fixed"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_dump_and_explain_read_the_pinned_state_with_or_without_an_agent() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    for running in [true, false] {
+        let agent = &canary.agent;
+        let status: serde_json::Value =
+            serde_json::from_str(&agent.cli(&["status", "--output", "json"])?)?;
+        assert_eq!(status["agent"]["running"], running, "{status}");
+        assert_eq!(status["programs"].as_array().map(Vec::len), Some(5));
+        assert_eq!(status["services"], 2, "{status}");
+        assert_eq!(status["backends"], 8, "4 pods, IPv4 and IPv6: {status}");
+        let slots = status["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == "SLOTS_V1")
+            .and_then(|m| m["entries"].as_u64());
+        assert_eq!(slots, Some(30), "{status}");
+
+        let dump: serde_json::Value =
+            serde_json::from_str(&agent.cli(&["dump", "--output", "json"])?)?;
+        let v4 = dump
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["vip"] == VIP4)
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(v4["service"], "default/flaskapp", "{dump}");
+        assert_eq!(v4["slot_count"], 15, "{dump}");
+        let destinations: Vec<(String, u64, Vec<u64>)> = v4["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                (
+                    d["name"].as_str().unwrap_or("").to_owned(),
+                    d["weight"].as_u64().unwrap_or(0),
+                    d["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|b| b["slots"].as_u64())
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            destinations,
+            [
+                (
+                    "flaskapp.default.svc.cluster.local subset v1".to_owned(),
+                    80,
+                    vec![4, 4, 4]
+                ),
+                (
+                    "flaskapp.default.svc.cluster.local subset v2".to_owned(),
+                    20,
+                    vec![3]
+                ),
+            ]
+        );
+
+        let explain = agent.cli(&["explain", &vip4()])?;
+        assert!(
+            explain.contains("route: VirtualService default/flaskapp spec.http[0]")
+                && explain.contains("26.67%")
+                && explain.contains("20.00%"),
+            "{explain}"
+        );
+        let elsewhere = agent.cli(&["explain", "10.96.0.99:80"])?;
+        assert!(elsewhere.contains("not a mesh service port"), "{elsewhere}");
+        if running {
+            canary.agent.stop()?;
+        }
+    }
+    let missing = std::process::Command::new(mesh_tests::agent::sibling_binary("mesh-agent")?)
+        .args(["status", "--pin-dir", "/sys/fs/bpf/mesh-test-none"])
+        .output()?;
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("no pinned state at /sys/fs/bpf/mesh-test-none"),
+        "{stderr}"
+    );
+    Ok(())
 }
