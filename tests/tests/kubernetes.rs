@@ -274,6 +274,7 @@ fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_ac
     for dir in [
         "manifests/crds",
         "manifests/deploy",
+        "manifests/uninstall",
         "manifests/examples/flaskapp",
     ] {
         c.api
