@@ -379,17 +379,29 @@ impl Applier {
             .values()
             .map(|l| (l.service_id, l.revision))
             .collect();
-        let stray: Vec<SlotKey> = self
-            .maps
-            .slots
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(&(k.service_id, k.revision)))
-            .collect();
-        for key in &stray {
-            let _ = self.maps.slots.remove(key);
+        // Tables no live entry points to: a revision written but not flipped to by
+        // an agent that died, one retired but not yet freed, or the tables of a
+        // service map just replaced (another layout), which the old programs
+        // still read until they are swapped out. Freed after the grace period,
+        // like any retired table, their ids held until then.
+        let mut stray: BTreeMap<(u32, u32), u32> = BTreeMap::new();
+        for k in self.maps.slots.keys().filter_map(Result::ok) {
+            if !live.contains(&(k.service_id, k.revision)) {
+                let len = stray.entry((k.service_id, k.revision)).or_default();
+                *len = (*len).max(k.slot + 1);
+                adopted.stray_slots += 1;
+            }
         }
-        adopted.stray_slots = stray.len();
+        for ((service_id, revision), len) in stray {
+            self.service_ids.reserve(service_id);
+            self.retired.push(Retired {
+                service_id,
+                revision,
+                slots: vec![None; len as usize],
+                proto: Proto::Tcp,
+                since: Instant::now(),
+            });
+        }
         let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
         for id in self
             .maps

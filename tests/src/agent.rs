@@ -84,6 +84,7 @@ impl Agent {
 
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
         crate::sweep_stale();
+        ensure_bpffs()?;
         let name = crate::unique("mesh-test-");
         let mut args: Vec<String> = [
             "run",
@@ -299,6 +300,26 @@ impl Agent {
         let _ = self.child.wait();
         bail!("mesh-agent ignored SIGTERM for 10 s")
     }
+}
+
+/// Mounts bpffs at /sys/fs/bpf once, before any agent starts: agents started in
+/// parallel on a machine without it would each mount one, on top of each other.
+fn ensure_bpffs() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
+        if mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "))
+        {
+            return Ok(());
+        }
+        crate::sh("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
 }
 
 type Log = Arc<Mutex<Vec<Value>>>;

@@ -357,3 +357,41 @@ fn status_dump_and_explain_read_the_pinned_state_with_or_without_an_agent() -> a
     );
     Ok(())
 }
+
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_never_misread() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    canary.agent.stop()?;
+    // Where SERVICES_V1 is pinned, put a map of another layout (value 4 bytes,
+    // 65 536 entries), as a build with other types under the same name would.
+    let maps = canary.agent.pin_dir.join("maps");
+    std::fs::remove_file(maps.join("SERVICES_V1"))?;
+    aya::maps::MapData::from_pin(maps.join("REDIRECT_EXCLUDED_V1"))?
+        .pin(maps.join("SERVICES_V1"))?;
+    let client = background_probe(&canary, 3000)?;
+    std::thread::sleep(Duration::from_millis(500));
+    canary.agent.restart(&[])?;
+    let across = probe::finish(client)?;
+    assert_eq!(across.failed(), 0, "{across:?}");
+    let replaced = canary.agent.records(
+        "pinned map has another layout; replacing it (its contents are rebuilt from the source)",
+    );
+    assert_eq!(
+        replaced.first().and_then(|r| r["map"].as_str()),
+        Some("SERVICES_V1"),
+        "{replaced:?}"
+    );
+    // The programs that read the map now read the new one: swapped in place.
+    let mut swapped: Vec<String> = canary
+        .agent
+        .records("program swapped")
+        .iter()
+        .map(|r| r["program"].as_str().unwrap_or("").to_owned())
+        .collect();
+    swapped.sort();
+    assert_eq!(swapped, ["mesh_connect4", "mesh_connect6"]);
+    let after = canary.probe(&vip4(), 2000)?;
+    assert_eq!(after.failed(), 0, "{after:?}");
+    assert_share(after.share(V2), 0.20, after.ok, "80/20 on the new map");
+    Ok(())
+}
