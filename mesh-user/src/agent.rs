@@ -176,11 +176,19 @@ impl Reconciler {
     ) -> Result<Vec<Diagnostic>, AgentError> {
         self.generation += 1;
         diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
+        let compile_started = Instant::now();
         let compiled = compile::compile(&self.index, &self.compile);
+        let compile_us = compile_started.elapsed().as_micros() as u64;
         diagnostics.extend(compiled.diagnostics.iter().cloned());
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
-        self.failed = apply_logged(&mut self.applier, &self.desired, self.generation, started);
+        self.failed = apply_logged(
+            &mut self.applier,
+            &self.desired,
+            self.generation,
+            started,
+            compile_us,
+        );
         if let Some(mut pending) = self.attach.take() {
             let linked = loader::attach(
                 &mut pending.loaded,
@@ -228,6 +236,7 @@ impl Reconciler {
                 &self.desired,
                 self.generation,
                 Instant::now(),
+                0,
             );
         }
     }
@@ -304,7 +313,9 @@ fn apply_logged(
     desired: &Compiled,
     generation: u64,
     started: Instant,
+    compile_us: u64,
 ) -> bool {
+    let apply_started = Instant::now();
     let result = applier.apply(&desired.services);
     for e in &result.errors {
         error!("{e}");
@@ -320,6 +331,8 @@ fn apply_logged(
         removed = result.removed,
         redirect_excluded = desired.redirect_excluded.len(),
         failed = result.errors.len() + exclusion_errors.len(),
+        compile_us,
+        apply_us = apply_started.elapsed().as_micros() as u64,
         elapsed_us = started.elapsed().as_micros() as u64,
         "config applied"
     );

@@ -127,6 +127,10 @@ impl Agent {
         Ok(())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no code of the agent runs on the way out.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod backend;
 pub mod cgroup;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod probe;
@@ -95,7 +96,10 @@ pub fn sweep_stale() {
         {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if dead(&name, "mesh-test-") || dead(&name, "mesh-demo-") {
+                if dead(&name, "mesh-test-")
+                    || dead(&name, "mesh-demo-")
+                    || dead(&name, "mesh-bench-")
+                {
                     let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
                     let _ = std::fs::remove_dir(entry.path());
                 }

@@ -37,6 +37,16 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         seconds: u64,
     },
+    /// Benchmarks side by side (docs/benchmarks.md): ours vs direct, iptables,
+    /// nftables, a proxy hop, AF_UNIX; plus the agent's own costs.
+    Bench {
+        /// A smoke run (under two minutes); does not rewrite docs/benchmarks.md.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds (default 5).
+        #[arg(long)]
+        rounds: Option<usize>,
+    },
     /// Run all tests (the privileged ones need root, BPF, cgroup v2 and netns).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -59,6 +69,24 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(workspace().join("target/release/mesh-demo"))
                 .args(["--seconds", &seconds.to_string()])
                 .current_dir(workspace()))
+        }
+        Cmd::Bench { quick, rounds } => {
+            setup::ensure_all()?;
+            setup::ensure_bench_tools()?;
+            require_root(
+                "the benchmark creates network namespaces and cgroups and loads BPF programs",
+            )?;
+            cargo(&["build", "--release", "--bins"])?;
+            let mut cmd = Command::new(workspace().join("target/release/mesh-bench"));
+            if quick {
+                cmd.arg("--quick");
+            } else {
+                cmd.args(["--write", "docs/benchmarks.md"]);
+            }
+            if let Some(r) = rounds {
+                cmd.args(["--rounds", &r.to_string()]);
+            }
+            run(cmd.current_dir(workspace()))
         }
         Cmd::Test { args } => {
             setup::ensure_all()?;

@@ -23,8 +23,20 @@ fn ok(cmd: &mut Command) -> bool {
     cmd.output().is_ok_and(|o| o.status.success())
 }
 
+/// What `cargo xtask bench` compares against: kube-proxy's iptables and
+/// nftables layouts, and HAProxy as the userspace proxy hop.
+const BENCH_PACKAGES: &[&str] = &["haproxy", "iptables", "nftables", "util-linux"];
+
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    install_missing(BENCH_PACKAGES)
+}
+
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install_missing(&APT_PACKAGES)
+}
+
+fn install_missing(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

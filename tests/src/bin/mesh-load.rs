@@ -1,0 +1,67 @@
+//! `mesh-load`: the benchmark's server and client (see `mesh_tests::load`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+use mesh_tests::load::{Target, Workload, pin_cpu, run, serve};
+
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Pin this process to one CPU.
+    #[arg(long, global = true)]
+    cpu: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    Run {
+        /// IP:PORT, or `unix` for an AF_UNIX socket served by this process.
+        #[arg(long)]
+        target: String,
+        #[arg(long, value_enum)]
+        workload: Workload,
+        /// Request and answer size, bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 200)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        duration_ms: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    pin_cpu(cli.cpu);
+    match cli.command {
+        Command::Serve { listen } => serve(listen),
+        Command::Run {
+            target,
+            workload,
+            size,
+            warmup_ms,
+            duration_ms,
+        } => {
+            let target = if target == "unix" {
+                Target::Unix
+            } else {
+                Target::Tcp(target.parse()?)
+            };
+            let m = run(
+                &target,
+                workload,
+                size,
+                Duration::from_millis(warmup_ms),
+                Duration::from_millis(duration_ms),
+            );
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+    }
+}
