@@ -44,6 +44,57 @@ impl ApiServer {
         Ok(ApiServer { dir, kubeconfig })
     }
 
+    /// The Istio CRDs we ship, `discovery.k8s.io/v1` EndpointSlices (this 1.20
+    /// server serves v1beta1 only; a CRD stands in), and `default` labelled as a
+    /// mesh namespace.
+    pub fn install_mesh_crds(&self) -> anyhow::Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for crd in [
+            "manifests/crds/virtualservices.yaml",
+            "manifests/crds/destinationrules.yaml",
+            "tests/fixtures/endpointslice-v1-crd.yaml",
+        ] {
+            self.kubectl(&["apply", "-f", &root.join(crd).display().to_string()])?;
+        }
+        self.kubectl(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ])?;
+        self.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
+        Ok(())
+    }
+
+    /// A Pod of `app`/`version` in `default`, running and ready at `ip`, as the
+    /// kubelet would report it (pods/status).
+    pub fn running_pod(
+        &self,
+        name: &str,
+        app: &str,
+        version: &str,
+        ip: std::net::IpAddr,
+    ) -> anyhow::Result<()> {
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: {app}, version: {version}}}\nspec:\n  containers: [{{name: {app}, image: istio/examples-flaskapp, ports: [{{name: http, containerPort: 5000}}]}}]\n"
+        ))?;
+        let status = format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
+        );
+        self.kubectl(&[
+            "patch",
+            "pod",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ])?;
+        Ok(())
+    }
+
     /// An outage: kube-apiserver alone stops (`up: false`) or comes back as it was.
     pub fn set_up(&self, up: bool) -> anyhow::Result<()> {
         let verb = if up {
@@ -118,4 +169,21 @@ impl Drop for ApiServer {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The EndpointSlice the controller would make for `service`: (pod, IP, ready).
+pub fn endpoint_slice(
+    service: &str,
+    port: u16,
+    pods: &[(String, std::net::IpAddr, bool)],
+) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n  - name: http\n    port: {port}\n    protocol: TCP\nendpoints:\n"
+    );
+    for (name, ip, ready) in pods {
+        s += &format!(
+            "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}}}\n    targetRef: {{kind: Pod, name: {name}, namespace: default}}\n"
+        );
+    }
+    s
 }

@@ -15,21 +15,7 @@ const N: u64 = 2000;
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 fn endpoint_slice(pods: &[(String, IpAddr, bool)]) -> String {
-    let mut s = String::from(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: flaskapp-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: flaskapp\naddressType: IPv4\nports:\n  - name: http\n    port: 5000\n    protocol: TCP\nendpoints:\n",
-    );
-    for (name, ip, ready) in pods {
-        s += &format!(
-            "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}}}\n    targetRef: {{kind: Pod, name: {name}, namespace: default}}\n"
-        );
-    }
-    s
-}
-
-fn pod(name: &str, version: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: flaskapp, version: {version}}}\nspec:\n  containers: [{{name: flaskapp, image: istio/examples-flaskapp, ports: [{{name: http, containerPort: 5000}}]}}]\n"
-    )
+    mesh_tests::apiserver::endpoint_slice("flaskapp", 5000, pods)
 }
 
 struct Cluster {
@@ -52,22 +38,7 @@ impl Cluster {
     ) -> anyhow::Result<Self> {
         mesh_tests::require_root();
         let api = ApiServer::start()?;
-        for crd in [
-            "manifests/crds/virtualservices.yaml",
-            "manifests/crds/destinationrules.yaml",
-            "tests/fixtures/endpointslice-v1-crd.yaml",
-        ] {
-            api.kubectl(&["apply", "-f", &format!("{ROOT}/{crd}")])?;
-        }
-        api.kubectl(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd",
-            "--all",
-        ])?;
-        api.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
+        api.install_mesh_crds()?;
         let mut node = Node::new()?;
         node.add_pod("client", 2)?;
         let mut backends = Vec::new();
@@ -76,21 +47,7 @@ impl Cluster {
             let version = if name.contains("v2") { "v2" } else { "v1" };
             let p = node.add_pod(name, 11 + i as u8)?;
             backends.push(Backend::spawn(&p.ns, name, version, 5000)?);
-            api.apply(&pod(name, version))?;
-            // Its IP and readiness, as the kubelet would report them (pods/status).
-            let status = format!(
-                r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#,
-                ip = p.ipv4
-            );
-            api.kubectl(&[
-                "patch",
-                "pod",
-                name,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &status,
-            ])?;
+            api.running_pod(name, "flaskapp", version, p.ipv4)?;
             pods.push((name.to_string(), p.ipv4, true));
         }
         let example = format!("{ROOT}/manifests/examples/flaskapp");

@@ -76,6 +76,10 @@ fn main() -> anyhow::Result<()> {
             require_root(
                 "the benchmark creates network namespaces and cgroups and loads BPF programs",
             )?;
+            // The Kubernetes propagation measurement uses the tests' API server.
+            run(Command::new("bash")
+                .arg(workspace().join("scripts/test-apiserver.sh"))
+                .arg("build"))?;
             cargo(&["build", "--release", "--bins"])?;
             let mut cmd = Command::new(workspace().join("target/release/mesh-bench"));
             if quick {

@@ -2,10 +2,16 @@
 //! (as kube-proxy does), else from the ready Pods its selector matches (for a
 //! folder of manifests with no endpoints controller behind it).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service, ServicePort},
+    api::{
+        core::v1::{Pod, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -28,31 +34,69 @@ fn protocol(p: Option<&String>) -> &str {
     p.map_or("TCP", String::as_str)
 }
 
+/// The index with the two lookups every Service needs, built once per compile:
+/// EndpointSlices by Service, Pods by label. (Scanning every slice and pod for
+/// each Service is quadratic: 10 s at 10 000 Services.)
+#[derive(Debug)]
+pub struct Lookup<'a> {
+    pub index: &'a Index,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    pods_by_label: HashMap<LabelKey<'a>, Vec<(&'a str, &'a Pod)>>,
+}
+
+/// (namespace, label key, label value).
+type LabelKey<'a> = (&'a str, &'a str, &'a str);
+
+impl<'a> Lookup<'a> {
+    pub fn new(index: &'a Index) -> Self {
+        let mut slices: HashMap<_, Vec<_>> = HashMap::new();
+        for ((ns, _), e) in &index.endpoint_slices {
+            if let Some(service) = e
+                .object
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            {
+                slices
+                    .entry((ns.as_str(), service.as_str()))
+                    .or_default()
+                    .push(&e.object);
+            }
+        }
+        let mut pods_by_label: HashMap<_, Vec<_>> = HashMap::new();
+        for ((ns, name), e) in &index.pods {
+            for (k, v) in e.object.metadata.labels.iter().flatten() {
+                pods_by_label
+                    .entry((ns.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push((name.as_str(), &e.object));
+            }
+        }
+        Self {
+            index,
+            slices,
+            pods_by_label,
+        }
+    }
+}
+
 /// The ready endpoints of `port` of the Service `namespace/name`, sorted.
 pub fn ready_endpoints(
-    index: &Index,
+    lookup: &Lookup<'_>,
     namespace: &str,
     name: &str,
     service: &Service,
     port: &ServicePort,
 ) -> Vec<Endpoint> {
-    let slices: Vec<_> = index
-        .endpoint_slices
-        .iter()
-        .filter(|((ns, _), e)| {
-            ns == namespace
-                && e.object
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .map(String::as_str)
-                    == Some(name)
-        })
-        .map(|(_, e)| &e.object)
-        .collect();
+    let index = lookup.index;
+    let slices = lookup
+        .slices
+        .get(&(namespace, name))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     let mut out = if slices.is_empty() {
-        from_pods(index, namespace, service, port)
+        from_pods(lookup, namespace, service, port)
     } else {
         let mut out = Vec::new();
         for slice in slices {
@@ -105,7 +149,7 @@ pub fn ready_endpoints(
 }
 
 fn from_pods(
-    index: &Index,
+    lookup: &Lookup<'_>,
     namespace: &str,
     service: &Service,
     port: &ServicePort,
@@ -119,13 +163,18 @@ fn from_pods(
         return Vec::new();
     };
     let mut out = Vec::new();
-    for ((ns, name), entry) in &index.pods {
-        let pod = &entry.object;
+    // Candidates: the pods with the selector's first label; then all of it.
+    let Some((k, v)) = selector.iter().next() else {
+        return out;
+    };
+    let candidates = lookup
+        .pods_by_label
+        .get(&(namespace, k.as_str(), v.as_str()))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for &(name, pod) in candidates {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if ns != namespace
-            || !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            || !is_ready(pod)
-        {
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || !is_ready(pod) {
             continue;
         }
         let Some(target) = target_port(pod, port) else {
@@ -135,7 +184,7 @@ fn from_pods(
             out.push(Endpoint {
                 ip,
                 port: target,
-                pod: Some(name.clone()),
+                pod: Some(name.to_owned()),
                 labels: labels.clone(),
             });
         }

@@ -126,6 +126,7 @@ pub struct Compiled {
 
 pub fn compile(index: &Index, config: &Config) -> Compiled {
     let mut out = Compiled::default();
+    let lookup = endpoints::Lookup::new(index);
     let domain = config.cluster_domain.as_str();
     for ((namespace, name), entry) in &index.services {
         if index
@@ -161,7 +162,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 Some((vs, chosen)) => (
                     format!("{} {}", routes::vs_ref(&vs.object), chosen.field),
                     weighted_groups(
-                        index,
+                        &lookup,
                         vs,
                         &chosen,
                         entry,
@@ -172,7 +173,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 ),
                 None => {
                     let all =
-                        endpoints::ready_endpoints(index, namespace, name, &entry.object, port);
+                        endpoints::ready_endpoints(&lookup, namespace, name, &entry.object, port);
                     (
                         "no VirtualService route: even balancing".to_owned(),
                         vec![(
@@ -246,7 +247,7 @@ fn service_vips(service: &Service) -> Vec<IpAddr> {
 
 /// The route's destinations as weighted groups of ready endpoints.
 fn weighted_groups(
-    index: &Index,
+    lookup: &endpoints::Lookup<'_>,
     vs: &Entry<VirtualService>,
     chosen: &routes::Chosen<'_>,
     this_service: &Entry<Service>,
@@ -291,7 +292,7 @@ fn weighted_groups(
             Some(subset) => format!("{fqdn} subset {subset}"),
             None => fqdn.clone(),
         };
-        let Some(target) = index.service_by_fqdn(&fqdn, domain) else {
+        let Some(target) = lookup.index.service_by_fqdn(&fqdn, domain) else {
             groups.push((
                 name,
                 problem(format!("{field}.host"), format!("no Service {fqdn}")),
@@ -329,9 +330,10 @@ fn weighted_groups(
             continue;
         };
         let (t_name, t_ns) = hosts::split_service_fqdn(&fqdn, domain).unwrap_or_default();
-        let mut members = endpoints::ready_endpoints(index, t_ns, t_name, &target.object, port);
+        let mut members = endpoints::ready_endpoints(lookup, t_ns, t_name, &target.object, port);
         if let Some(subset) = &dest.destination.subset {
-            let labels = index
+            let labels = lookup
+                .index
                 .destination_rule_for(&fqdn, domain)
                 .and_then(|dr| dr.object.spec.subsets.iter().find(|s| &s.name == subset))
                 .map(|s| s.labels.clone());
