@@ -257,45 +257,13 @@ pub fn attach(
         std::mem::forget(link);
     }
     for name in SOCK_ADDR_PROGRAMS {
-        let program = program::<CgroupSockAddr>(&mut loaded.ebpf, name)?;
-        let new_fd = program_fd(program.fd(), name)?;
-        let linked = link_program(
-            name,
-            &links.join(name),
-            program_info(program.info(), name)?,
-            new_fd.as_fd(),
-            || {
-                let id = program
-                    .attach(&fd, CgroupAttachMode::Single)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                FdLink::try_from(link).map_err(|e| link_err(name, &links, e))
-            },
-        )?;
+        let linked = attach_linked::<CgroupSockAddr>(loaded, name, &links, &fd)?;
         report.push((name, linked));
     }
     let name = program_names::SOCKOPS;
     let path = links.join(name);
     if redirect {
-        let program = program::<SockOps>(&mut loaded.ebpf, name)?;
-        let new_fd = program_fd(program.fd(), name)?;
-        let linked = link_program(
-            name,
-            &path,
-            program_info(program.info(), name)?,
-            new_fd.as_fd(),
-            || {
-                let id = program
-                    .attach(&fd, CgroupAttachMode::Single)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| LoadError::Program { name, source })?;
-                FdLink::try_from(link).map_err(|e| link_err(name, &links, e))
-            },
-        )?;
+        let linked = attach_linked::<SockOps>(loaded, name, &links, &fd)?;
         report.push((name, linked));
     } else if path.exists() {
         std::fs::remove_file(&path).map_err(|source| PinError::Io {
@@ -311,6 +279,52 @@ pub fn attach(
     }
     loaded.pins.remove_stray_maps(&map_names::ALL);
     Ok(report)
+}
+
+/// The two kinds of cgroup program we attach with a link.
+trait CgroupLinked {
+    fn attach_link(&mut self, cgroup: &File, name: &'static str) -> Result<FdLink, LoadError>;
+    fn loaded_fd(&self) -> Result<&aya::programs::ProgramFd, aya::programs::ProgramError>;
+    fn loaded_info(&self) -> Result<ProgramInfo, aya::programs::ProgramError>;
+}
+
+macro_rules! cgroup_linked {
+    ($($ty:ty),*) => {$(
+        impl CgroupLinked for $ty {
+            fn attach_link(&mut self, cgroup: &File, name: &'static str) -> Result<FdLink, LoadError> {
+                let err = |source| LoadError::Program { name, source };
+                let id = self.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+                let link = self.take_link(id).map_err(err)?;
+                FdLink::try_from(link).map_err(|e| link_err(name, Path::new("(new link)"), e))
+            }
+            fn loaded_fd(&self) -> Result<&aya::programs::ProgramFd, aya::programs::ProgramError> {
+                self.fd()
+            }
+            fn loaded_info(&self) -> Result<ProgramInfo, aya::programs::ProgramError> {
+                self.info()
+            }
+        }
+    )*};
+}
+cgroup_linked!(CgroupSockAddr, SockOps);
+
+/// [`link_program`] for program `name` of the loaded object, on `cgroup`.
+fn attach_linked<P>(
+    loaded: &mut Loaded,
+    name: &'static str,
+    links: &Path,
+    cgroup: &File,
+) -> Result<Linked, LoadError>
+where
+    P: CgroupLinked,
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = program::<P>(&mut loaded.ebpf, name)?;
+    let new_fd = program_fd(program.loaded_fd(), name)?;
+    let info = program_info(program.loaded_info(), name)?;
+    link_program(name, &links.join(name), info, new_fd.as_fd(), || {
+        program.attach_link(cgroup, name)
+    })
 }
 
 fn remove_links(dir: &Path, removed: &mut Vec<PathBuf>) -> std::io::Result<()> {

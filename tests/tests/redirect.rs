@@ -90,6 +90,24 @@ impl SameNode {
         send_from(self.ns("client"), Some(&self.cgroup), args)
     }
 
+    /// One connection per size to `target` (more `mesh-xfer send` flags in
+    /// `extra`): checks that every byte came back, and returns what the client saw
+    /// and how the redirection counters moved meanwhile.
+    fn exchange(
+        &self,
+        target: &str,
+        sizes: &[usize],
+        extra: &[&str],
+    ) -> anyhow::Result<(SendReport, Counts)> {
+        let before = self.redirect()?;
+        let sizes_csv = csv(sizes);
+        let mut args = vec!["--target", target, "--sizes", &sizes_csv];
+        args.extend_from_slice(extra);
+        let report = self.send(&args)?;
+        assert_exact(&report, sizes);
+        Ok((report, self.redirect()?.since(before)))
+    }
+
     fn redirect(&self) -> anyhow::Result<Counts> {
         Counts::read(self.agent())
     }
@@ -187,38 +205,21 @@ fn pod_to_pod(v6: bool) -> anyhow::Result<()> {
 
     // Large writes, many connections at once, both directions busy.
     let big = sizes(if v6 { 6 } else { 4 }, 24, 4 << 20);
-    let before = node.redirect()?;
-    let report = node.send(&[
-        "--target",
-        &target,
-        "--sizes",
-        &csv(&big),
-        "--concurrency",
-        "8",
-    ])?;
-    assert_exact(&report, &big);
+    let (report, counts) = node.exchange(&target, &big, &["--concurrency", "8"])?;
     assert_eq!(
         report.peers.keys().collect::<Vec<_>>(),
         [&target],
         "{report:?}"
     );
-    assert_redirected(&node.redirect()?.since(before), big.len(), total(&big));
+    assert_redirected(&counts, big.len(), total(&big));
 
     // Small writes: each a message of its own (1..=97 bytes).
     let small = sizes(if v6 { 7 } else { 5 }, 8, 256 << 10);
-    let before = node.redirect()?;
-    let report = node.send(&[
-        "--target",
+    let (_, counts) = node.exchange(
         &target,
-        "--sizes",
-        &csv(&small),
-        "--concurrency",
-        "4",
-        "--max-write",
-        "97",
-    ])?;
-    assert_exact(&report, &small);
-    let counts = node.redirect()?.since(before);
+        &small,
+        &["--concurrency", "4", "--max-write", "97"],
+    )?;
     assert_redirected(&counts, small.len(), total(&small));
     assert!(
         counts.msgs >= total(&small) / 97,
@@ -305,22 +306,13 @@ fn vip_connections_take_the_shortcut_and_still_see_the_vip() -> anyhow::Result<(
     node.serve("echo-1", &[])?;
     let vip = format!("{VIP}:80");
     let sizes = sizes(8, 30, 1 << 20);
-    let before = node.redirect()?;
-    let report = node.send(&[
-        "--target",
-        &vip,
-        "--sizes",
-        &csv(&sizes),
-        "--concurrency",
-        "6",
-    ])?;
-    assert_exact(&report, &sizes);
+    let (report, counts) = node.exchange(&vip, &sizes, &["--concurrency", "6"])?;
     assert_eq!(
         report.peers.keys().collect::<Vec<_>>(),
         [&vip],
         "getpeername shows the VIP: {report:?}"
     );
-    assert_redirected(&node.redirect()?.since(before), sizes.len(), total(&sizes));
+    assert_redirected(&counts, sizes.len(), total(&sizes));
     Ok(())
 }
 
@@ -332,17 +324,8 @@ fn data_flows_back_after_one_direction_is_shut_down() -> anyhow::Result<()> {
     node.serve("echo-0", &["--mode", "collect"])?;
     let target = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
     let sizes = [1usize, 1000, 65536, 1 << 20, 8 << 20];
-    let before = node.redirect()?;
-    let report = node.send(&[
-        "--target",
-        &target,
-        "--sizes",
-        &csv(&sizes),
-        "--concurrency",
-        "5",
-    ])?;
-    assert_exact(&report, &sizes);
-    assert_redirected(&node.redirect()?.since(before), sizes.len(), total(&sizes));
+    let (_, counts) = node.exchange(&target, &sizes, &["--concurrency", "5"])?;
+    assert_redirected(&counts, sizes.len(), total(&sizes));
     Ok(())
 }
 
@@ -391,36 +374,14 @@ fn sendfile_is_redirected_and_splicing_servers_opt_out() -> anyhow::Result<()> {
     node.serve("echo-0", &[])?;
     node.serve("echo-1", &["--splice"])?;
     let sizes = sizes(9, 6, 8 << 20);
-    let args = |target: &str| -> Vec<String> {
-        [
-            "--target",
-            target,
-            "--sizes",
-            &csv(&sizes),
-            "--concurrency",
-            "4",
-            "--sendfile",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    };
+    let extra = ["--concurrency", "4", "--sendfile"];
 
     let plain = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
-    let before = node.redirect()?;
-    let report = node.send(&args(&plain).iter().map(String::as_str).collect::<Vec<_>>())?;
-    assert_exact(&report, &sizes);
-    assert_redirected(&node.redirect()?.since(before), sizes.len(), total(&sizes));
+    let (_, counts) = node.exchange(&plain, &sizes, &extra)?;
+    assert_redirected(&counts, sizes.len(), total(&sizes));
 
     let splicing = format!("{}:{SERVE_PORT}", node.node.pod("echo-1").ipv4);
-    let before = node.redirect()?;
-    let report = node.send(
-        &args(&splicing)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
-    assert_exact(&report, &sizes);
-    let counts = node.redirect()?.since(before);
+    let (_, counts) = node.exchange(&splicing, &sizes, &extra)?;
     assert_eq!(
         counts.excluded,
         2 * sizes.len() as u64,
