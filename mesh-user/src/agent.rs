@@ -182,36 +182,17 @@ impl Reconciler {
         diagnostics.extend(compiled.diagnostics.iter().cloned());
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
+        // The programs go on (first round) before "config applied": from that line
+        // on the kernel routes by this configuration.
+        let attach = &mut self.attach;
         self.failed = apply_logged(
             &mut self.applier,
             &self.desired,
             self.generation,
             started,
             compile_us,
-        );
-        if let Some(mut pending) = self.attach.take() {
-            let linked = loader::attach(
-                &mut pending.loaded,
-                &pending.cgroup,
-                pending.redirect,
-                pending.sock_stats.socket_map(),
-            )?;
-            let cgroup = pending.cgroup.display();
-            for (program, how) in linked {
-                match how {
-                    loader::Linked::Attached => info!(program, %cgroup, "program attached"),
-                    loader::Linked::Unchanged => info!(program, %cgroup, "program unchanged"),
-                    loader::Linked::Detached => info!(program, %cgroup, "program detached"),
-                    loader::Linked::Swapped { from, to } => info!(
-                        program,
-                        %cgroup,
-                        from = format!("{from:016x}"),
-                        to = format!("{to:016x}"),
-                        "program swapped"
-                    ),
-                }
-            }
-        }
+            || attach_pending(attach),
+        )?;
         self.telemetry.set_rejected(&diagnostics);
         if let Ok(mut view) = self.telemetry.view.write() {
             *view = self.applier.view();
@@ -237,7 +218,9 @@ impl Reconciler {
                 self.generation,
                 Instant::now(),
                 0,
-            );
+                || Ok(()),
+            )
+            .unwrap_or(true);
         }
     }
 
@@ -307,14 +290,44 @@ fn log_counters(applier: &Applier, redirect: &crate::counters::RedirectCounts) {
     );
 }
 
-/// Applies and logs; returns whether any service failed to apply.
+/// Attaches the programs once, after the first apply filled the maps.
+fn attach_pending(attach: &mut Option<PendingAttach>) -> Result<(), AgentError> {
+    if let Some(mut pending) = attach.take() {
+        let linked = loader::attach(
+            &mut pending.loaded,
+            &pending.cgroup,
+            pending.redirect,
+            pending.sock_stats.socket_map(),
+        )?;
+        let cgroup = pending.cgroup.display();
+        for (program, how) in linked {
+            match how {
+                loader::Linked::Attached => info!(program, %cgroup, "program attached"),
+                loader::Linked::Unchanged => info!(program, %cgroup, "program unchanged"),
+                loader::Linked::Detached => info!(program, %cgroup, "program detached"),
+                loader::Linked::Swapped { from, to } => info!(
+                    program,
+                    %cgroup,
+                    from = format!("{from:016x}"),
+                    to = format!("{to:016x}"),
+                    "program swapped"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies, runs `then` (the first attach), and logs; returns whether any service
+/// failed to apply.
 fn apply_logged(
     applier: &mut Applier,
     desired: &Compiled,
     generation: u64,
     started: Instant,
     compile_us: u64,
-) -> bool {
+    then: impl FnOnce() -> Result<(), AgentError>,
+) -> Result<bool, AgentError> {
     let apply_started = Instant::now();
     let result = applier.apply(&desired.services);
     for e in &result.errors {
@@ -324,6 +337,8 @@ fn apply_logged(
     for e in &exclusion_errors {
         error!("{e}");
     }
+    let apply_us = apply_started.elapsed().as_micros() as u64;
+    then()?;
     info!(
         generation,
         services = applier.live_services(),
@@ -332,11 +347,11 @@ fn apply_logged(
         redirect_excluded = desired.redirect_excluded.len(),
         failed = result.errors.len() + exclusion_errors.len(),
         compile_us,
-        apply_us = apply_started.elapsed().as_micros() as u64,
+        apply_us,
         elapsed_us = started.elapsed().as_micros() as u64,
         "config applied"
     );
-    !result.errors.is_empty() || !exclusion_errors.is_empty()
+    Ok(!result.errors.is_empty() || !exclusion_errors.is_empty())
 }
 
 /// Makes the index hold exactly `objects`.
