@@ -192,7 +192,7 @@ fn services_dir(
     )?;
     let mut fill = String::new();
     for i in 0..fillers {
-        let vip = format!("10.97.{}.{}", i / 250, 1 + i % 250);
+        let vip = filler_vip(i);
         let _ = writeln!(
             fill,
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: filler-{i}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: filler-{i}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]"
@@ -204,23 +204,32 @@ fn services_dir(
     Ok(dir)
 }
 
+/// Service `i` of a variant with N: the target (last) at VIP -> `target`, the
+/// others filler VIPs -> filler backends. (VIP, backend IP, backend port.)
+fn service_i(i: usize, n: usize, target: (&str, u16)) -> (String, String, u16) {
+    if i + 1 == n {
+        (VIP.to_owned(), target.0.to_owned(), target.1)
+    } else {
+        (
+            filler_vip(i),
+            format!("10.98.{}.{}", i / 250, 1 + i % 250),
+            8080,
+        )
+    }
+}
+
+fn filler_vip(i: usize) -> String {
+    format!("10.97.{}.{}", i / 250, 1 + i % 250)
+}
+
 /// kube-proxy's iptables layout for `n` services, the target last in KUBE-SERVICES.
-fn iptables_rules(n: usize, backend: &str) -> String {
+fn iptables_rules(n: usize, backend_ip: &str, backend_port: u16) -> String {
     let mut r = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     let mut chains = String::new();
     let mut rules = String::new();
     for i in 0..n {
-        let last = i + 1 == n;
-        let vip = if last {
-            VIP.to_owned()
-        } else {
-            format!("10.97.{}.{}", i / 250, 1 + i % 250)
-        };
-        let dest = if last {
-            backend.to_owned()
-        } else {
-            format!("10.98.{}.{}:8080", i / 250, 1 + i % 250)
-        };
+        let (vip, ip, port) = service_i(i, n, (backend_ip, backend_port));
+        let dest = format!("{ip}:{port}");
         let _ = writeln!(chains, ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i} - [0:0]");
         let _ = writeln!(
             rules,
@@ -239,17 +248,7 @@ fn nft_rules(n: usize, backend_ip: &str, backend_port: u16) -> String {
     let mut chains = String::new();
     let mut elements = Vec::new();
     for i in 0..n {
-        let last = i + 1 == n;
-        let vip = if last {
-            VIP.to_owned()
-        } else {
-            format!("10.97.{}.{}", i / 250, 1 + i % 250)
-        };
-        let (ip, port) = if last {
-            (backend_ip.to_owned(), backend_port)
-        } else {
-            (format!("10.98.{}.{}", i / 250, 1 + i % 250), 8080)
-        };
+        let (vip, ip, port) = service_i(i, n, (backend_ip, backend_port));
         let _ = writeln!(
             chains,
             "  chain svc{i} {{ meta l4proto tcp dnat to {ip}:{port}; }}"
@@ -318,7 +317,7 @@ impl Topology {
         }
         for &n in counts {
             let ns = &node.pod(&format!("ipt-{n}")).ns;
-            let rules = iptables_rules(n, &format!("{server}:7001"));
+            let rules = iptables_rules(n, &server.to_string(), 7001);
             let file = std::env::temp_dir().join(mesh_tests::unique("mesh-bench-ipt-"));
             std::fs::write(&file, rules)?;
             let out = Command::new("ip")
