@@ -47,16 +47,12 @@ impl SockStats {
     /// only, and bounded: a socket closing mid-walk restarts the kernel's
     /// iteration from the first bucket.
     pub fn socket_count(&self) -> usize {
-        let mut seen = std::collections::BTreeSet::new();
-        for key in self
-            .sockets
-            .keys()
-            .take(2 * mesh_common::MAX_SOCKETS as usize)
-            .flatten()
-        {
-            seen.insert(key);
-        }
-        seen.len()
+        crate::sys::count_keys(
+            std::os::fd::AsFd::as_fd(self.sockets.fd()),
+            std::mem::size_of::<SockKey>(),
+            2 * mesh_common::MAX_SOCKETS as usize,
+        )
+        .unwrap_or(0)
     }
 
     pub fn read(&self) -> RedirectCounts {

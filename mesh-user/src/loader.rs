@@ -129,17 +129,6 @@ pub enum Linked {
     Detached,
 }
 
-impl std::fmt::Display for Linked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Linked::Attached => f.write_str("attached"),
-            Linked::Unchanged => f.write_str("unchanged"),
-            Linked::Swapped { from, to } => write!(f, "swapped {from:016x} -> {to:016x}"),
-            Linked::Detached => f.write_str("detached"),
-        }
-    }
-}
-
 /// The object: the embedded one, or `path` (an upgrade staged by hand, or a test).
 pub fn object_bytes(path: Option<&Path>) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
     match path {
@@ -272,10 +261,8 @@ pub fn attach(
         })?;
         report.push((name, Linked::Detached));
     }
-    for stale in loaded.pins.other_cgroup_links(&links) {
-        info!(links = %stale.display(), "detaching programs of a cgroup this agent no longer serves");
-        let mut removed = Vec::new();
-        let _ = remove_links(&stale, &mut removed);
+    for stale in loaded.pins.unpin_other_cgroups(&links) {
+        info!(links = %stale.display(), "detached programs of a cgroup this agent no longer serves");
     }
     loaded.pins.remove_stray_maps(&map_names::ALL);
     Ok(report)
@@ -325,15 +312,6 @@ where
     link_program(name, &links.join(name), info, new_fd.as_fd(), || {
         program.attach_link(cgroup, name)
     })
-}
-
-fn remove_links(dir: &Path, removed: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        std::fs::remove_file(&path)?;
-        removed.push(path);
-    }
-    std::fs::remove_dir(dir)
 }
 
 fn link_err(name: &'static str, path: &Path, e: impl std::fmt::Display) -> LoadError {

@@ -183,15 +183,15 @@ impl PinDir {
         removed
     }
 
-    /// Link directories of cgroups other than `keep` (the agent moved to another
-    /// cgroup): unpinning them detaches their programs.
-    pub fn other_cgroup_links(&self, keep: &Path) -> Vec<PathBuf> {
+    /// Unpins the link directories of cgroups other than `keep` (the agent moved
+    /// to another cgroup), which detaches their programs. Returns those removed.
+    pub fn unpin_other_cgroups(&self, keep: &Path) -> Vec<PathBuf> {
         fs::read_dir(self.links_dir())
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p != keep)
+            .filter(|p| p != keep && remove_tree(p, &mut Vec::new()).is_ok())
             .collect()
     }
 

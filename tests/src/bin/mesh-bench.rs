@@ -222,6 +222,28 @@ fn filler_vip(i: usize) -> String {
     format!("10.97.{}.{}", i / 250, 1 + i % 250)
 }
 
+/// Feeds `rules` to `command` (`iptables-restore`, `nft -f -`) on stdin, inside `ns`.
+fn load_rules(ns: &Netns, command: &str, rules: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(command.split_whitespace())
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {command}"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{command}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// kube-proxy's iptables layout for `n` services, the target last in KUBE-SERVICES.
 fn iptables_rules(n: usize, backend_ip: &str, backend_port: u16) -> String {
     let mut r = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
@@ -317,17 +339,11 @@ impl Topology {
         }
         for &n in counts {
             let ns = &node.pod(&format!("ipt-{n}")).ns;
-            let rules = iptables_rules(n, &server.to_string(), 7001);
-            let file = std::env::temp_dir().join(mesh_tests::unique("mesh-bench-ipt-"));
-            std::fs::write(&file, rules)?;
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns.name, "iptables-restore"])
-                .stdin(std::fs::File::open(&file)?)
-                .output()?;
-            let _ = std::fs::remove_file(&file);
-            if !out.status.success() {
-                bail!("iptables-restore: {}", String::from_utf8_lossy(&out.stderr));
-            }
+            load_rules(
+                ns,
+                "iptables-restore",
+                &iptables_rules(n, &server.to_string(), 7001),
+            )?;
             variants.push(Variant {
                 name: format!("iptables, {n} svc"),
                 what: "kube-proxy iptables layout: DNAT, target service last",
@@ -338,21 +354,7 @@ impl Topology {
         }
         for &n in counts {
             let ns = &node.pod(&format!("nft-{n}")).ns;
-            let file = std::env::temp_dir().join(mesh_tests::unique("mesh-bench-nft-"));
-            std::fs::write(&file, nft_rules(n, &server.to_string(), 7001))?;
-            let result = mesh_tests::sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    "nft",
-                    "-f",
-                    &file.display().to_string(),
-                ],
-            );
-            let _ = std::fs::remove_file(&file);
-            result?;
+            load_rules(ns, "nft -f -", &nft_rules(n, &server.to_string(), 7001))?;
             variants.push(Variant {
                 name: format!("nftables map, {n} svc"),
                 what: "nftables verdict map (hash) + DNAT",
