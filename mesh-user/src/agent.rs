@@ -1,22 +1,28 @@
-//! The agent's main loop: source -> index -> compile -> apply, again on every change.
+//! The agent's loop: a source's events into the index; on each change,
+//! validate, compile and apply; the programs attached after the first full sync.
 
 use std::{
     collections::BTreeSet,
     path::PathBuf,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
-    apply::Applier,
     compile::{self, Compiled},
-    diag::{Diagnostic, Severity},
     index::Index,
-    loader,
-    model::ObjectRef,
-    source::{SourceSpec, file::FileSource},
+    kernel::{
+        apply::Applier,
+        counters::{Connections, SockStats},
+        loader,
+        pin::PinDir,
+        record::AgentRecord,
+    },
+    model::{Diagnostic, Severity},
+    source::{self, Event, SourceSpec},
+    telemetry::Telemetry,
 };
 
 #[derive(Clone, Debug)]
@@ -40,16 +46,14 @@ pub struct Config {
 pub enum AgentError {
     #[error(transparent)]
     Load(#[from] loader::LoadError),
-    #[error("reading the number of possible CPUs: {0}")]
-    Cpus(#[from] std::io::Error),
+    #[error("serving metrics: {0}")]
+    Metrics(#[from] std::io::Error),
     #[error(transparent)]
-    Kubernetes(#[from] crate::source::kubernetes::KubeError),
-    #[error("cannot watch {path}: {source}")]
-    Watch {
-        path: PathBuf,
-        source: notify::Error,
-    },
+    Source(#[from] source::SourceError),
 }
+
+/// How often replaced tables are freed and failed writes retried.
+const TICK: Duration = Duration::from_secs(1);
 
 /// Loads the object (adopting what a previous agent pinned), then keeps the kernel
 /// in step with the source until `shutdown` resolves. The programs are attached
@@ -60,10 +64,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let object = loader::object_bytes(config.ebpf_object.as_deref())?;
-    let pins = crate::pin::PinDir::new(&config.pin_dir);
+    let pins = PinDir::new(&config.pin_dir);
     let (loaded, maps, sock_stats) = loader::load(&pins, &object)?;
-    let mut applier = Applier::new(maps)?;
-    let adopted = applier.adopt();
+    let mut applier = Applier::new(maps);
+    let adopted = applier.adopt(Instant::now());
     info!(
         pins = %config.pin_dir.display(),
         services = adopted.services,
@@ -71,30 +75,28 @@ pub async fn run(
         stray_slots = adopted.stray_slots,
         "kernel object loaded; pinned state adopted"
     );
-    let sock_stats = std::sync::Arc::new(sock_stats);
-    let view = std::sync::Arc::new(std::sync::RwLock::new(applier.view()));
-    let connections =
-        crate::counters::Connections::open(&pins, view.clone()).map_err(|source| {
-            loader::LoadError::Map {
-                name: "SERVICE_STATS_V1 / BACKEND_STATS_V1",
-                source,
-            }
-        })?;
+    let sock_stats = Arc::new(sock_stats);
+    let view = Arc::new(RwLock::new(applier.view()));
+    let connections = Arc::new(
+        Connections::open(&pins, view.clone())
+            .map_err(|(name, source)| loader::LoadError::Map { name, source })?,
+    );
     let object_label = config
         .ebpf_object
         .as_ref()
         .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string());
-    let telemetry = crate::telemetry::Telemetry::new(
-        vec![Box::new(sock_stats.clone()), Box::new(connections)],
+    let telemetry = Telemetry::new(
+        vec![Box::new(sock_stats.clone()), Box::new(connections.clone())],
         view,
         &object_label,
     );
     if let Some(addr) = config.metrics_addr {
         crate::telemetry::serve(addr, telemetry.clone()).await?;
     }
+    let mut source = source::start(&config.source).await?;
     let mut reconciler = Reconciler {
         index: Index::default(),
-        record: crate::record::AgentRecord {
+        record: AgentRecord {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cgroup: config.cgroup.clone(),
@@ -117,13 +119,38 @@ pub async fn run(
             sock_stats: sock_stats.clone(),
         }),
     };
-    let result = match &config.source {
-        SourceSpec::File(dir) => run_file(dir, &mut reconciler, shutdown).await,
-        SourceSpec::Kubernetes(options) => {
-            crate::source::kubernetes::run(options, &mut reconciler, shutdown).await
+    let mut tick = tokio::time::interval(TICK);
+    let mut synced = false;
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = tick.tick() => if synced { reconciler.tick() },
+            update = source.updates.recv() => {
+                let Some(first) = update else { break Ok(()) };
+                let seen = first.seen;
+                let mut changed = false;
+                // Take everything already queued: one reconcile per burst.
+                let mut next = Some(first);
+                while let Some(update) = next {
+                    synced |= update.event == Event::Synced;
+                    changed |= reconciler.index.apply_event(update.event);
+                    next = source.updates.try_recv().ok();
+                }
+                if synced && (changed || reconciler.generation == 0) {
+                    match reconciler.reconcile(seen) {
+                        Ok(new) => {
+                            if let Some(reporter) = &source.reporter {
+                                reporter.report(&new);
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
         }
     };
-    log_counters(&reconciler.applier, &sock_stats.read());
+    log_counters(&connections, &sock_stats);
     info!("exiting; programs and maps stay pinned (mesh-agent cleanup removes them)");
     result
 }
@@ -133,7 +160,7 @@ struct PendingAttach {
     loaded: loader::Loaded,
     cgroup: PathBuf,
     redirect: bool,
-    sock_stats: std::sync::Arc<crate::counters::SockStats>,
+    sock_stats: Arc<SockStats>,
 }
 
 impl std::fmt::Debug for PendingAttach {
@@ -144,10 +171,10 @@ impl std::fmt::Debug for PendingAttach {
     }
 }
 
-/// index -> compile -> apply, and the bookkeeping around it; sources drive it.
+/// index -> compile -> apply, and the bookkeeping around it.
 #[derive(Debug)]
-pub struct Reconciler {
-    pub index: Index,
+struct Reconciler {
+    index: Index,
     applier: Applier,
     reported: BTreeSet<Diagnostic>,
     generation: u64,
@@ -155,26 +182,22 @@ pub struct Reconciler {
     /// The last compiled state (kept to retry failed writes).
     desired: Compiled,
     failed: bool,
-    telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    telemetry: Arc<Telemetry>,
     /// Until the first apply: the programs to attach once the maps are full.
     attach: Option<PendingAttach>,
     /// What `status`, `dump` and `explain` read, and where.
-    record: crate::record::AgentRecord,
+    record: AgentRecord,
     run_dir: PathBuf,
 }
 
 impl Reconciler {
-    /// Validates, compiles and applies the index as it is now. `started` is when
-    /// the change that led here was seen (the propagation latency is measured from
-    /// it); `diagnostics` are the source's own.
-    /// Returns the diagnostics that are new since the last round; fails only if the
-    /// programs cannot be attached after the first apply.
-    pub fn reconcile(
-        &mut self,
-        mut diagnostics: Vec<Diagnostic>,
-        started: Instant,
-    ) -> Result<Vec<Diagnostic>, AgentError> {
+    /// Validates, compiles and applies the index as it is now. `seen` is when the
+    /// change that led here was seen (the propagation latency is measured from
+    /// it). Returns the diagnostics that are new since the last round; fails only
+    /// if the programs cannot be attached after the first apply.
+    fn reconcile(&mut self, seen: Instant) -> Result<Vec<Diagnostic>, AgentError> {
         self.generation += 1;
+        let mut diagnostics: Vec<Diagnostic> = self.index.source_diagnostics().cloned().collect();
         diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
         let compile_started = Instant::now();
         let compiled = compile::compile(&self.index, &self.compile);
@@ -189,7 +212,7 @@ impl Reconciler {
             &mut self.applier,
             &self.desired,
             self.generation,
-            started,
+            seen,
             compile_us,
             || attach_pending(attach),
         )?;
@@ -198,19 +221,19 @@ impl Reconciler {
             *view = self.applier.view();
         }
         self.record.generation = self.generation;
-        self.record.applied_at_ms = crate::record::now_ms();
-        self.record.services = crate::record::AgentRecord::services_from(&self.desired.services);
+        self.record.applied_at_ms = crate::kernel::record::now_ms();
+        self.record.services = AgentRecord::services_from(&self.desired.services);
         if let Err(e) = self.record.write(&self.run_dir) {
             warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
         }
         self.telemetry
-            .applied(started.elapsed().as_secs_f64(), self.generation);
+            .applied(seen.elapsed().as_secs_f64(), self.generation);
         Ok(new)
     }
 
     /// Once a second: free replaced tables, and retry writes that failed.
-    pub fn tick(&mut self) {
-        self.applier.collect_garbage();
+    fn tick(&mut self) {
+        self.applier.collect_garbage(Instant::now());
         if self.failed {
             self.failed = apply_logged(
                 &mut self.applier,
@@ -223,69 +246,32 @@ impl Reconciler {
             .unwrap_or(true);
         }
     }
-
-    pub fn cluster_domain(&self) -> &str {
-        &self.compile.cluster_domain
-    }
-}
-
-async fn run_file(
-    dir: &std::path::Path,
-    reconciler: &mut Reconciler,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
-    let mut source = FileSource::new(dir);
-    let (tx, mut changes) = mpsc::channel::<()>(1);
-    let _watcher = watch(dir, tx)?;
-    let mut gc = tokio::time::interval(Duration::from_secs(1));
-    tokio::pin!(shutdown);
-    let mut started = Instant::now();
-    loop {
-        let snapshot = source.load();
-        sync_index(&mut reconciler.index, &snapshot.objects);
-        reconciler.reconcile(snapshot.diagnostics, started)?;
-        // Wait for a change, collecting bursts (an editor writes a file in steps).
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                _ = gc.tick() => reconciler.tick(),
-                Some(()) = changes.recv() => {
-                    started = Instant::now();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    while changes.try_recv().is_ok() {}
-                    debug!("source changed");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 /// The kernel's counters, as the agent reads them (per-CPU values summed).
-fn log_counters(applier: &Applier, redirect: &crate::counters::RedirectCounts) {
-    for ((backend, proto), connects) in applier.backend_connects() {
-        info!(backend = %backend, proto = %proto, connects, "backend connections");
+fn log_counters(connections: &Connections, redirect: &SockStats) {
+    for (backend, connects) in connections.per_backend() {
+        info!(backend = %backend.addr, proto = %backend.proto, connects, "backend connections");
     }
-    let g = applier.global_stats();
-    let at = |i: u32| g.get(i as usize).copied().unwrap_or(0);
-    use mesh_common::global_stat as gs;
+    let g = connections.global();
     info!(
-        rewritten = at(gs::REWRITTEN),
-        no_backend = at(gs::NO_BACKEND),
-        not_service = at(gs::NOT_SERVICE),
-        table_retry = at(gs::TABLE_RETRY),
-        peer_rewritten = at(gs::PEER_REWRITTEN),
-        peer_rewritten_by_variant = at(gs::PEER_REWRITTEN_BY_VARIANT),
+        rewritten = g.rewritten,
+        no_backend = g.no_backend,
+        not_service = g.not_service,
+        table_retry = g.table_retry,
+        peer_rewritten = g.peer_rewritten,
+        peer_rewritten_by_variant = g.peer_rewritten_by_variant,
         "connect counters"
     );
+    let r = redirect.read();
     info!(
-        sockets_added = redirect.sockets_added,
-        socket_add_failures = redirect.socket_add_failures,
-        redirected_messages = redirect.redirected_messages,
-        redirected_bytes = redirect.redirected_bytes,
-        fallback_messages = redirect.fallback_messages,
-        fallback_bytes = redirect.fallback_bytes,
-        excluded_sockets = redirect.excluded_sockets,
+        sockets_added = r.sockets_added,
+        socket_add_failures = r.socket_add_failures,
+        redirected_messages = r.redirected_messages,
+        redirected_bytes = r.redirected_bytes,
+        fallback_messages = r.fallback_messages,
+        fallback_bytes = r.fallback_bytes,
+        excluded_sockets = r.excluded_sockets,
         "redirect counters"
     );
 }
@@ -324,12 +310,12 @@ fn apply_logged(
     applier: &mut Applier,
     desired: &Compiled,
     generation: u64,
-    started: Instant,
+    seen: Instant,
     compile_us: u64,
     then: impl FnOnce() -> Result<(), AgentError>,
 ) -> Result<bool, AgentError> {
     let apply_started = Instant::now();
-    let result = applier.apply(&desired.services);
+    let result = applier.apply(&desired.services, apply_started);
     for e in &result.errors {
         error!("{e}");
     }
@@ -348,25 +334,10 @@ fn apply_logged(
         failed = result.errors.len() + exclusion_errors.len(),
         compile_us,
         apply_us,
-        elapsed_us = started.elapsed().as_micros() as u64,
+        elapsed_us = seen.elapsed().as_micros() as u64,
         "config applied"
     );
     Ok(!result.errors.is_empty() || !exclusion_errors.is_empty())
-}
-
-/// Makes the index hold exactly `objects`.
-fn sync_index(index: &mut Index, objects: &[(String, crate::model::Resource)]) {
-    let present: BTreeSet<ObjectRef> = objects.iter().map(|(_, o)| o.object_ref()).collect();
-    for gone in index
-        .object_refs()
-        .into_iter()
-        .filter(|r| !present.contains(r))
-    {
-        index.delete(&gone);
-    }
-    for (origin, object) in objects {
-        index.apply(origin, object.clone());
-    }
 }
 
 /// Logs diagnostics that are new since the last round (each once, not every
@@ -382,28 +353,4 @@ fn report(diagnostics: &[Diagnostic], reported: &mut BTreeSet<Diagnostic>) -> Ve
     }
     *reported = now;
     new
-}
-
-fn watch(
-    dir: &std::path::Path,
-    tx: mpsc::Sender<()>,
-) -> Result<notify::RecommendedWatcher, AgentError> {
-    use notify::Watcher as _;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            // A full channel already means "reload pending".
-            let _ = tx.try_send(());
-        }
-    })
-    .map_err(|source| AgentError::Watch {
-        path: dir.to_owned(),
-        source,
-    })?;
-    watcher
-        .watch(dir, notify::RecursiveMode::Recursive)
-        .map_err(|source| AgentError::Watch {
-            path: dir.to_owned(),
-            source,
-        })?;
-    Ok(watcher)
 }

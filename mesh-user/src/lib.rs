@@ -1,21 +1,22 @@
 //! mesh-agent: the node agent of the eBPF service-mesh data plane.
 //!
-//! Data flow: `source` (files or Kubernetes) -> [`index`] (objects, validated) ->
-//! [`compile`] (pure: desired slot tables + diagnostics) -> [`apply`] (the only
-//! writer of the BPF maps) -> kernel (`mesh-ebpf`).
+//! The modules are the stages of the data flow, each importing only earlier ones:
+//!
+//! ```text
+//! model   the objects we read, their names, diagnostics (no I/O)
+//! source  a folder or an API server -> typed events on a channel
+//! index   events -> objects, validated; last accepted versions (pure)
+//! compile index -> desired slot tables + diagnostics (pure)
+//! kernel  the programs, the pinned maps, and apply: the only writer of the maps
+//! agent   the loop: events in, index, compile, apply
+//! cli     check, status, dump, explain, cleanup
+//! ```
 
 pub mod agent;
-pub mod apply;
+pub mod cli;
 pub mod compile;
-pub mod counters;
-pub mod diag;
 pub mod index;
-pub mod inspect;
-pub mod loader;
+pub mod kernel;
 pub mod model;
-pub mod pin;
-pub mod record;
 pub mod source;
-pub mod sys;
 pub mod telemetry;
-pub mod validate;

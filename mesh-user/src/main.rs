@@ -6,12 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_user::{
     agent,
-    compile::{self, BackendAddr},
-    diag::Severity,
-    index::Index,
-    inspect,
-    pin::PinDir,
-    source::{SourceSpec, file::FileSource},
+    cli::{self, inspect},
+    compile,
+    kernel::pin::PinDir,
+    source::SourceSpec,
 };
 
 #[derive(Debug, Parser)]
@@ -176,7 +174,17 @@ fn main() -> anyhow::Result<()> {
                     .context("mesh-agent run")
             })
         }
-        Command::Check { source, compile } => check(source, &compile.config()),
+        Command::Check { source, compile } => {
+            let SourceSpec::File(dir) = source else {
+                anyhow::bail!("check reads a folder: --source file:DIR");
+            };
+            let checked = cli::check::check(&dir, &compile.config());
+            print!("{}", checked.report);
+            if checked.errors {
+                anyhow::bail!("{} contains errors", dir.display());
+            }
+            Ok(())
+        }
         Command::Status { state, output } => {
             let s = inspect::status(&PinDir::new(&state.pin_dir), &state.run_dir)?;
             if output == Output::Json {
@@ -210,10 +218,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup { state } => {
             init_logging("text");
-            let removed = mesh_user::pin::PinDir::new(&state.pin_dir)
-                .remove_all()
+            let removed = cli::cleanup(&PinDir::new(&state.pin_dir), &state.run_dir)
                 .with_context(|| format!("cleaning up {}", state.pin_dir.display()))?;
-            let _ = std::fs::remove_dir_all(&state.run_dir);
             println!(
                 "unpinned {} objects under {}",
                 removed.len(),
@@ -250,55 +256,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-/// `check`: diagnostics, then each service port's table as shares per backend.
-fn check(source: SourceSpec, config: &compile::Config) -> anyhow::Result<()> {
-    let SourceSpec::File(dir) = source else {
-        anyhow::bail!("check reads a folder: --source file:DIR");
-    };
-    let snapshot = FileSource::new(&dir).load();
-    let mut index = Index::default();
-    for (origin, object) in snapshot.objects {
-        index.apply(&origin, object);
-    }
-    let mut diagnostics = snapshot.diagnostics;
-    diagnostics.extend(index.revalidate(&config.cluster_domain));
-    let compiled = compile::compile(&index, config);
-    diagnostics.extend(compiled.diagnostics.iter().cloned());
-    for d in &diagnostics {
-        let level = if d.severity == Severity::Error {
-            "error"
-        } else {
-            "warning"
-        };
-        println!("{level}: {d}");
-    }
-    for (addr, plan) in &compiled.services {
-        println!("{addr}  {}  [{}]", plan.service, plan.route);
-        let mut shares: std::collections::BTreeMap<Option<BackendAddr>, usize> = Default::default();
-        for slot in &plan.slots {
-            *shares.entry(*slot).or_default() += 1;
-        }
-        if shares.is_empty() {
-            println!("    no backend: connects fail with EHOSTUNREACH");
-        }
-        for (backend, n) in shares {
-            let pct = 100.0 * n as f64 / plan.slots.len() as f64;
-            match backend {
-                Some(b) => println!("    {b:<24} {pct:6.2}%  ({n}/{} slots)", plan.slots.len()),
-                None => println!(
-                    "    {:<24} {pct:6.2}%  (no ready endpoint: EHOSTUNREACH)",
-                    "-"
-                ),
-            }
-        }
-    }
-    for endpoint in &compiled.redirect_excluded {
-        println!("{endpoint}  same-node redirect off (excludeInboundPorts)");
-    }
-    if diagnostics.iter().any(|d| d.severity == Severity::Error) {
-        anyhow::bail!("{} contains errors", dir.display());
-    }
-    Ok(())
 }

@@ -15,20 +15,62 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{EncodeLabelSet, text::encode},
     metrics::{family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tracing::info;
+
+use crate::{
+    kernel::counters::View,
+    model::{Diagnostic, Severity},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    ebpf_object: String,
+}
+
+/// A rejected object's kind (`file` for a whole file) and the field at fault,
+/// without indexes (`spec.http.route.weight`): few values, each a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct RejectedLabels {
+    kind: String,
+    reason: String,
+}
+
+impl RejectedLabels {
+    fn of(d: &Diagnostic) -> Self {
+        let kind = d
+            .object
+            .as_ref()
+            .map_or_else(|| "file".to_owned(), |o| o.kind.to_string());
+        let mut reason = String::new();
+        let mut depth = 0;
+        for c in d.field.chars() {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                c if depth == 0 => reason.push(c),
+                _ => {}
+            }
+        }
+        if reason.is_empty() {
+            reason = "document".to_owned();
+        }
+        Self { kind, reason }
+    }
+}
 
 #[derive(Debug)]
 pub struct Telemetry {
     registry: Registry,
     sync_latency: Histogram,
     generation: Gauge,
-    rejected: Family<Vec<(String, String)>, Gauge>,
-    /// Labels for the kernel counters (see `counters::Connections`).
-    pub view: Arc<std::sync::RwLock<crate::counters::View>>,
+    rejected: Family<RejectedLabels, Gauge>,
+    /// Labels for the kernel counters (see `kernel::counters::Connections`).
+    pub view: Arc<std::sync::RwLock<View>>,
     ready: AtomicBool,
 }
 
@@ -36,22 +78,22 @@ impl Telemetry {
     /// `kernel`: collectors that read the kernel's counters on each scrape.
     pub fn new(
         kernel: Vec<Box<dyn prometheus_client::collector::Collector>>,
-        view: Arc<std::sync::RwLock<crate::counters::View>>,
+        view: Arc<std::sync::RwLock<View>>,
         object: &str,
     ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("mesh");
         for collector in kernel {
             registry.register_collector(collector);
         }
-        let build = Family::<Vec<(String, String)>, Gauge>::default();
+        let build = Family::<BuildLabels, Gauge>::default();
         build
-            .get_or_create(&vec![
-                ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
-                ("ebpf_object".to_owned(), object.to_owned()),
-            ])
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                ebpf_object: object.to_owned(),
+            })
             .set(1);
         registry.register("build_info", "The agent's version and kernel object", build);
-        let rejected = Family::<Vec<(String, String)>, Gauge>::default();
+        let rejected = Family::<RejectedLabels, Gauge>::default();
         registry.register(
             "rejected_objects",
             "Objects (or versions) not in use now, by kind and the field at fault",
@@ -90,48 +132,23 @@ impl Telemetry {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    /// The current errors, counted by kind and by field path without indexes
-    /// (`spec.http.route.weight`): few label values, and each names the reason.
-    pub fn set_rejected(&self, diagnostics: &[crate::diag::Diagnostic]) {
-        let mut counts: std::collections::BTreeMap<(String, String), i64> = Default::default();
-        for d in diagnostics
-            .iter()
-            .filter(|d| d.severity == crate::diag::Severity::Error)
-        {
-            let kind = d
-                .object
-                .as_ref()
-                .map_or_else(|| "file".to_owned(), |o| o.kind.to_string());
-            let mut reason = String::new();
-            let mut depth = 0;
-            for c in d.field.chars() {
-                match c {
-                    '[' => depth += 1,
-                    ']' => depth -= 1,
-                    c if depth == 0 => reason.push(c),
-                    _ => {}
-                }
-            }
-            if reason.is_empty() {
-                reason = "document".to_owned();
-            }
-            *counts.entry((kind, reason)).or_default() += 1;
+    /// The current errors, counted by kind and field (see [`RejectedLabels`]).
+    pub fn set_rejected(&self, diagnostics: &[Diagnostic]) {
+        let mut counts: std::collections::BTreeMap<RejectedLabels, i64> = Default::default();
+        for d in diagnostics.iter().filter(|d| d.severity == Severity::Error) {
+            *counts.entry(RejectedLabels::of(d)).or_default() += 1;
         }
         self.rejected.clear();
-        for ((kind, reason), n) in counts {
-            self.rejected
-                .get_or_create(&vec![
-                    ("kind".to_owned(), kind),
-                    ("reason".to_owned(), reason),
-                ])
-                .set(n);
+        for (labels, n) in counts {
+            self.rejected.get_or_create(&labels).set(n);
         }
     }
 
     fn render(&self) -> String {
         let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::error!("encoding metrics: {e}");
+        }
         out
     }
 }

@@ -15,7 +15,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::index::Index;
+use crate::{index::Index, model::NamespacedName};
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -50,7 +50,7 @@ type LabelKey<'a> = (&'a str, &'a str, &'a str);
 impl<'a> Lookup<'a> {
     pub fn new(index: &'a Index) -> Self {
         let mut slices: HashMap<_, Vec<_>> = HashMap::new();
-        for ((ns, _), e) in &index.endpoint_slices {
+        for (key, e) in &index.endpoint_slices {
             if let Some(service) = e
                 .object
                 .metadata
@@ -59,18 +59,18 @@ impl<'a> Lookup<'a> {
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
             {
                 slices
-                    .entry((ns.as_str(), service.as_str()))
+                    .entry((key.namespace.as_str(), service.as_str()))
                     .or_default()
                     .push(&e.object);
             }
         }
         let mut pods_by_label: HashMap<_, Vec<_>> = HashMap::new();
-        for ((ns, name), e) in &index.pods {
+        for (key, e) in &index.pods {
             for (k, v) in e.object.metadata.labels.iter().flatten() {
                 pods_by_label
-                    .entry((ns.as_str(), k.as_str(), v.as_str()))
+                    .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
                     .or_default()
-                    .push((name.as_str(), &e.object));
+                    .push((key.name.as_str(), &e.object));
             }
         }
         Self {
@@ -81,18 +81,18 @@ impl<'a> Lookup<'a> {
     }
 }
 
-/// The ready endpoints of `port` of the Service `namespace/name`, sorted.
+/// The ready endpoints of `port` of the Service `name`, sorted.
 pub fn ready_endpoints(
     lookup: &Lookup<'_>,
-    namespace: &str,
-    name: &str,
+    name: &NamespacedName,
     service: &Service,
     port: &ServicePort,
 ) -> Vec<Endpoint> {
     let index = lookup.index;
+    let namespace = name.namespace.as_str();
     let slices = lookup
         .slices
-        .get(&(namespace, name))
+        .get(&(namespace, name.name.as_str()))
         .map(Vec::as_slice)
         .unwrap_or_default();
     let mut out = if slices.is_empty() {
@@ -120,9 +120,8 @@ pub fn ready_endpoints(
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| {
-                        let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
-                        let name = r.name.clone()?;
-                        Some((ns, name))
+                        let ns = r.namespace.as_deref().unwrap_or(namespace);
+                        Some(NamespacedName::new(ns, r.name.as_deref()?))
                     });
                 let labels = pod
                     .as_ref()
@@ -134,7 +133,7 @@ pub fn ready_endpoints(
                         out.push(Endpoint {
                             ip,
                             port: target,
-                            pod: pod.as_ref().map(|(_, n)| n.clone()),
+                            pod: pod.as_ref().map(|p| p.name.clone()),
                             labels: labels.clone(),
                         });
                     }

@@ -9,11 +9,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
+use super::{BackendAddr, endpoints::pod_ips};
 use crate::{
-    compile::{BackendAddr, endpoints::pod_ips},
-    diag::Diagnostic,
     index::Index,
-    model::{Kind, ObjectRef},
+    model::{Diagnostic, Kind, ObjectRef},
 };
 
 /// The annotation, as Istio spells it.
@@ -26,12 +25,8 @@ pub fn excluded_endpoints(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> BTreeSet<BackendAddr> {
     let mut out = BTreeSet::new();
-    for ((namespace, _), entry) in &index.pods {
-        if index
-            .mesh_namespaces
-            .as_ref()
-            .is_some_and(|m| !m.contains(namespace))
-        {
+    for (name, entry) in &index.pods {
+        if !index.is_meshed(&name.namespace) {
             continue;
         }
         let pod = &entry.object;

@@ -3,28 +3,20 @@
 //! the destination port. L7 conditions (uri, headers, ...) and source conditions are
 //! reported and the route is skipped, never guessed.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::ServicePort;
 
 use crate::{
-    compile::hosts,
-    diag::Diagnostic,
     index::{Entry, Index},
     model::{
-        DEFAULT_NAMESPACE, Kind, ObjectRef, VirtualService,
-        istio::{HttpRoute, RouteDestination, TcpRoute},
+        Diagnostic, Fqdn, Kind, NamespacedName, ObjectRef, VirtualService,
+        istio::{self, HttpRoute, RouteDestination, TcpRoute},
     },
 };
 
-/// The gateway name Istio uses for sidecar (mesh) traffic.
-pub const MESH_GATEWAY: &str = "mesh";
-
 pub fn vs_ref(vs: &VirtualService) -> ObjectRef {
     ObjectRef::from_meta(Kind::VirtualService, &vs.metadata)
-}
-
-/// Empty gateways, or `mesh` among them: the rule applies to mesh traffic.
-fn applies_to_mesh(gateways: &[String]) -> bool {
-    gateways.is_empty() || gateways.iter().any(|g| g == MESH_GATEWAY)
 }
 
 /// The accepted VirtualService for `fqdn`: the best host match among those bound
@@ -32,26 +24,21 @@ fn applies_to_mesh(gateways: &[String]) -> bool {
 /// with a warning for each one that loses.
 pub fn governing_vs<'a>(
     index: &'a Index,
-    fqdn: &str,
+    fqdn: &Fqdn,
     domain: &str,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<&'a Entry<VirtualService>> {
     let mut candidates: Vec<(usize, &Entry<VirtualService>)> = index
         .virtual_services()
-        .filter(|e| applies_to_mesh(&e.object.spec.gateways))
+        .filter(|e| istio::binds_mesh(&e.object.spec.gateways))
         .filter_map(|e| {
-            let ns = e
-                .object
-                .metadata
-                .namespace
-                .as_deref()
-                .unwrap_or(DEFAULT_NAMESPACE);
+            let ns = NamespacedName::from_meta(&e.object.metadata).namespace;
             let rank = e
                 .object
                 .spec
                 .hosts
                 .iter()
-                .filter_map(|h| hosts::match_rank(&hosts::qualify(h, ns, domain), fqdn))
+                .filter_map(|h| Fqdn::qualify(h, &ns, domain).match_rank(fqdn))
                 .max()?;
             Some((rank, e))
         })
@@ -136,11 +123,17 @@ pub fn choose_route<'a>(
         // routes when there are any.
         None => !vs.spec.http.is_empty() || vs.spec.tcp.is_empty(),
     };
-    let chosen = if use_http {
-        first_http(&vs.spec.http, number, &me, &entry.origin, diags)
+    let candidates: Vec<Candidate<'_>> = if use_http {
+        vs.spec
+            .http
+            .iter()
+            .enumerate()
+            .map(http_candidate)
+            .collect()
     } else {
-        first_tcp(&vs.spec.tcp, number, &me, &entry.origin, diags)
+        vs.spec.tcp.iter().enumerate().map(tcp_candidate).collect()
     };
+    let chosen = first_route(candidates, number, &me, &entry.origin, diags);
     if chosen.is_none() && (!vs.spec.http.is_empty() || !vs.spec.tcp.is_empty()) {
         warn(
             diags,
@@ -153,102 +146,106 @@ pub fn choose_route<'a>(
     chosen
 }
 
-fn first_http<'a>(
-    routes: &'a [HttpRoute],
+/// An `http` or `tcp` route, reduced to what a connect can know.
+struct Candidate<'a> {
+    field: String,
+    alternatives: Vec<Alternative<'a>>,
+    /// Actions that answer without a destination (redirect, directResponse).
+    actions: Vec<&'static str>,
+    /// Fields of the route that are not enforced at L4 (retries, timeout, ...).
+    ignored: Vec<&'a str>,
+    destinations: &'a [RouteDestination],
+    /// What a connect cannot decide about this kind of route, for the warning.
+    undecidable: &'static str,
+}
+
+fn http_candidate((i, route): (usize, &HttpRoute)) -> Candidate<'_> {
+    Candidate {
+        field: format!("spec.http[{i}]"),
+        alternatives: route
+            .matches
+            .iter()
+            .map(|m| {
+                Alternative::new(
+                    m.port,
+                    &m.gateways,
+                    m.l7.keys(),
+                    &m.source_labels,
+                    m.source_namespace.as_ref(),
+                )
+            })
+            .collect(),
+        actions: ["redirect", "directResponse"]
+            .into_iter()
+            .filter(|a| route.other.contains_key(*a))
+            .collect(),
+        ignored: route.other.keys().map(String::as_str).collect(),
+        destinations: &route.route,
+        undecidable: "L7 conditions or actions cannot be decided at connect time",
+    }
+}
+
+fn tcp_candidate((i, route): (usize, &TcpRoute)) -> Candidate<'_> {
+    Candidate {
+        field: format!("spec.tcp[{i}]"),
+        alternatives: route
+            .matches
+            .iter()
+            .map(|m| {
+                Alternative::new(
+                    m.port,
+                    &m.gateways,
+                    m.other.keys(),
+                    &m.source_labels,
+                    m.source_namespace.as_ref(),
+                )
+            })
+            .collect(),
+        actions: Vec::new(),
+        ignored: Vec::new(),
+        destinations: &route.route,
+        undecidable: "conditions not decidable at connect time",
+    }
+}
+
+/// The first route that applies to a connection to `port`, in order; routes
+/// skipped for conditions or actions a connect cannot decide are reported.
+fn first_route<'a>(
+    candidates: Vec<Candidate<'a>>,
     port: u32,
     me: &ObjectRef,
     origin: &str,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Chosen<'a>> {
-    for (i, route) in routes.iter().enumerate() {
-        let field = format!("spec.http[{i}]");
-        let (matched, mut undecided) = evaluate(
-            route.matches.iter().map(|m| Alternative {
-                port: m.port,
-                gateways: &m.gateways,
-                undecidable: undecidable(
-                    m.l7.keys(),
-                    &m.source_labels,
-                    m.source_namespace.as_ref(),
-                ),
-            }),
-            port,
-        );
-        let actions: Vec<&str> = ["redirect", "directResponse"]
-            .into_iter()
-            .filter(|a| route.other.contains_key(*a))
-            .collect();
-        if matched && actions.is_empty() {
-            let ignored: Vec<&str> = route.other.keys().map(String::as_str).collect();
-            if !ignored.is_empty() {
+    for route in candidates {
+        let (matched, mut undecided) = evaluate(route.alternatives, port);
+        if matched && route.actions.is_empty() {
+            if !route.ignored.is_empty() {
                 diags.push(
                     Diagnostic::warning(
                         me,
-                        field.clone(),
-                        format!("not enforced at L4, ignored: {}", ignored.join(", ")),
+                        route.field.clone(),
+                        format!("not enforced at L4, ignored: {}", route.ignored.join(", ")),
                     )
                     .with_origin(origin),
                 );
             }
             return Some(Chosen {
-                field,
-                destinations: &route.route,
+                field: route.field,
+                destinations: route.destinations,
             });
         }
         if matched {
-            undecided.push(actions.join(", "));
+            undecided.push(route.actions.join(", "));
         }
         if !undecided.is_empty() {
             diags.push(
                 Diagnostic::warning(
                     me,
-                    field,
+                    route.field,
                     format!(
-                        "L7 conditions or actions cannot be decided at connect time ({}); this route is skipped",
-                        undecided.join("; ")
-                    ),
-                )
-                .with_origin(origin),
-            );
-        }
-    }
-    None
-}
-
-fn first_tcp<'a>(
-    routes: &'a [TcpRoute],
-    port: u32,
-    me: &ObjectRef,
-    origin: &str,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<Chosen<'a>> {
-    for (i, route) in routes.iter().enumerate() {
-        let field = format!("spec.tcp[{i}]");
-        let (matched, undecided) = evaluate(
-            route.matches.iter().map(|m| Alternative {
-                port: m.port,
-                gateways: &m.gateways,
-                undecidable: undecidable(
-                    m.other.keys(),
-                    &m.source_labels,
-                    m.source_namespace.as_ref(),
-                ),
-            }),
-            port,
-        );
-        if matched {
-            return Some(Chosen {
-                field,
-                destinations: &route.route,
-            });
-        }
-        if !undecided.is_empty() {
-            diags.push(
-                Diagnostic::warning(
-                    me,
-                    field,
-                    format!(
-                        "conditions not decidable at connect time ({}); this route is skipped",
+                        "{} ({}); this route is skipped",
+                        route.undecidable,
                         undecided.join("; ")
                     ),
                 )
@@ -267,19 +264,27 @@ struct Alternative<'a> {
     undecidable: Vec<String>,
 }
 
-fn undecidable<'a>(
-    fields: impl Iterator<Item = &'a String>,
-    source_labels: &std::collections::BTreeMap<String, String>,
-    source_namespace: Option<&String>,
-) -> Vec<String> {
-    let mut out: Vec<String> = fields.cloned().collect();
-    if !source_labels.is_empty() {
-        out.push("sourceLabels".into());
+impl<'a> Alternative<'a> {
+    fn new(
+        port: Option<u32>,
+        gateways: &'a [String],
+        other: impl Iterator<Item = &'a String>,
+        source_labels: &BTreeMap<String, String>,
+        source_namespace: Option<&String>,
+    ) -> Self {
+        let mut undecidable: Vec<String> = other.cloned().collect();
+        if !source_labels.is_empty() {
+            undecidable.push("sourceLabels".into());
+        }
+        if source_namespace.is_some() {
+            undecidable.push("sourceNamespace".into());
+        }
+        Self {
+            port,
+            gateways,
+            undecidable,
+        }
     }
-    if source_namespace.is_some() {
-        out.push("sourceNamespace".into());
-    }
-    out
 }
 
 /// Istio ORs a route's match alternatives and ANDs the conditions inside one.
@@ -287,16 +292,13 @@ fn undecidable<'a>(
 /// applies to every connection to it; no alternatives at all also match), and the
 /// undecidable alternatives that could match. Alternatives for another port, or
 /// bound to gateways only, never apply.
-fn evaluate<'a>(
-    alternatives: impl Iterator<Item = Alternative<'a>>,
-    port: u32,
-) -> (bool, Vec<String>) {
+fn evaluate(alternatives: Vec<Alternative<'_>>, port: u32) -> (bool, Vec<String>) {
     let mut any = false;
     let mut matched = false;
     let mut undecided = Vec::new();
-    for (j, alt) in alternatives.enumerate() {
+    for (j, alt) in alternatives.into_iter().enumerate() {
         any = true;
-        if !applies_to_mesh(alt.gateways) || alt.port.is_some_and(|p| p != port) {
+        if !istio::binds_mesh(alt.gateways) || alt.port.is_some_and(|p| p != port) {
             continue;
         }
         if alt.undecidable.is_empty() {

@@ -3,7 +3,11 @@
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use super::{BackendAddr, Compiled, Config, Proto, ServiceAddr, compile};
-use crate::{diag::Severity, index::Index, source::file::parse};
+use crate::{
+    index::Index,
+    model::{Diagnostic, Severity},
+    source::file::parse,
+};
 
 const BASE: &str = r#"
 apiVersion: v1
@@ -52,7 +56,7 @@ fn pods() -> String {
     .join("---\n")
 }
 
-fn index_of(docs: &[&str]) -> (Index, Vec<crate::diag::Diagnostic>) {
+fn index_of(docs: &[&str]) -> (Index, Vec<Diagnostic>) {
     let mut index = Index::default();
     let mut diags = Vec::new();
     for (i, doc) in docs.iter().enumerate() {

@@ -9,6 +9,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The API group of the Istio networking kinds.
+pub const GROUP: &str = "networking.istio.io";
+
+/// The gateway name Istio uses for sidecar (mesh) traffic.
+pub const MESH_GATEWAY: &str = "mesh";
+
+/// Whether a rule bound to `gateways` applies to mesh traffic: none named, or
+/// [`MESH_GATEWAY`] among them.
+pub fn binds_mesh(gateways: &[String]) -> bool {
+    gateways.is_empty() || gateways.iter().any(|g| g == MESH_GATEWAY)
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualService {

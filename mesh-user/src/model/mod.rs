@@ -1,12 +1,22 @@
 //! The objects the agent reads, whatever the source: Kubernetes core types from
-//! k8s-openapi, and the Istio networking types we honour (see [`istio`]).
+//! k8s-openapi, the Istio networking types we honour ([`istio`]), the names that
+//! identify them, and the diagnostics said about them. Every later stage speaks
+//! these types; nothing here does I/O.
 
+pub mod convert;
+pub mod diag;
+pub mod host;
 pub mod istio;
 
-use std::fmt;
+use std::{fmt, str::FromStr};
 
-use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
+pub use diag::{Diagnostic, Severity};
+pub use host::Fqdn;
 pub use istio::{DestinationRule, VirtualService};
 
 /// One object of a kind we watch.
@@ -30,6 +40,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::Pod,
+        Kind::EndpointSlice,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
@@ -49,8 +67,8 @@ impl Kind {
             ("", "Service") => Some(Kind::Service),
             ("", "Pod") => Some(Kind::Pod),
             ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
-            ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
-            ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
+            (istio::GROUP, "VirtualService") => Some(Kind::VirtualService),
+            (istio::GROUP, "DestinationRule") => Some(Kind::DestinationRule),
             _ => None,
         }
     }
@@ -59,6 +77,80 @@ impl Kind {
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Namespace objects without one land in, as `kubectl apply` would put them.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// `namespace/name`: names an object within its kind. Serialised as that string.
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(into = "String", try_from = "String")]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The object `meta` describes; no namespace means `default`, as kubectl does.
+    pub fn from_meta(meta: &ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not namespace/name")]
+pub struct NamespacedNameError(String);
+
+impl FromStr for NamespacedName {
+    type Err = NamespacedNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((namespace, name)) if !name.contains('/') => Ok(Self::new(namespace, name)),
+            _ => Err(NamespacedNameError(s.to_owned())),
+        }
+    }
+}
+
+impl From<NamespacedName> for String {
+    fn from(n: NamespacedName) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for NamespacedName {
+    type Error = NamespacedNameError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 
@@ -71,19 +163,21 @@ pub struct ObjectRef {
 }
 
 impl ObjectRef {
-    /// The object `meta` describes; no namespace means `default`, as kubectl does.
-    pub fn from_meta(
-        kind: Kind,
-        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    ) -> Self {
+    pub fn new(kind: Kind, name: NamespacedName) -> Self {
         ObjectRef {
             kind,
-            namespace: meta
-                .namespace
-                .clone()
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: name.namespace,
+            name: name.name,
         }
+    }
+
+    /// The object `meta` describes; no namespace means `default`, as kubectl does.
+    pub fn from_meta(kind: Kind, meta: &ObjectMeta) -> Self {
+        Self::new(kind, NamespacedName::from_meta(meta))
+    }
+
+    pub fn namespaced_name(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace, &self.name)
     }
 }
 
@@ -92,9 +186,6 @@ impl fmt::Display for ObjectRef {
         write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
     }
 }
-
-/// Namespace objects without one land in, as `kubectl apply` would put them.
-pub const DEFAULT_NAMESPACE: &str = "default";
 
 impl Resource {
     pub fn kind(&self) -> Kind {
@@ -107,7 +198,7 @@ impl Resource {
         }
     }
 
-    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    fn metadata(&self) -> &ObjectMeta {
         match self {
             Resource::Service(o) => &o.metadata,
             Resource::Pod(o) => &o.metadata,
@@ -119,5 +210,21 @@ impl Resource {
 
     pub fn object_ref(&self) -> ObjectRef {
         ObjectRef::from_meta(self.kind(), self.metadata())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaced_names_round_trip_as_strings() {
+        let n = NamespacedName::new("prod", "web");
+        assert_eq!(n.to_string(), "prod/web");
+        assert_eq!("prod/web".parse::<NamespacedName>().ok(), Some(n.clone()));
+        let json = serde_json::to_string(&n).unwrap_or_default();
+        assert_eq!(json, "\"prod/web\"");
+        assert!("web".parse::<NamespacedName>().is_err());
+        assert!("a/b/c".parse::<NamespacedName>().is_err());
     }
 }

@@ -14,18 +14,95 @@ use std::{
 
 use serde::Deserialize as _;
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::debug;
 
-use crate::{
-    diag::{Diagnostic, Severity},
-    model::{DEFAULT_NAMESPACE, Kind, ObjectRef, Resource},
+use super::{Event, SourceError, Sourced, Update, UpdateSender};
+use crate::model::{
+    DEFAULT_NAMESPACE, Diagnostic, Kind, ObjectRef, Resource, Severity,
+    convert::{ConvertError, Document},
 };
 
 /// Everything the folder holds now.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// (origin, object); origin is the file path.
-    pub objects: Vec<(String, Resource)>,
+    /// Each object with its file.
+    pub objects: Vec<Sourced>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl From<Snapshot> for Event {
+    fn from(s: Snapshot) -> Event {
+        Event::Snapshot {
+            objects: s.objects,
+            diagnostics: s.diagnostics,
+        }
+    }
+}
+
+/// How long a burst of file events is collected before the folder is read
+/// again: an editor writes a file in several steps.
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A folder being watched; dropping it stops the watch.
+#[derive(Debug)]
+pub struct Watching {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads `dir` now and on every change, sending each state whole as
+/// [`Event::Snapshot`] (the first is followed by [`Event::Synced`]).
+pub fn watch(dir: &Path, tx: UpdateSender) -> Result<Watching, SourceError> {
+    use notify::Watcher as _;
+    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    let watch_err = |source| SourceError::Watch {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // A full channel already means "reload pending": dropping this one loses nothing.
+            let _ = changed_tx.try_send(());
+        }
+    })
+    .map_err(watch_err)?;
+    watcher
+        .watch(dir, notify::RecursiveMode::Recursive)
+        .map_err(watch_err)?;
+    let mut source = FileSource::new(dir);
+    let task = tokio::spawn(async move {
+        let mut first = true;
+        let mut seen = std::time::Instant::now();
+        loop {
+            let snapshot = source.load();
+            let sent = tx.send(Update {
+                seen,
+                event: snapshot.into(),
+            });
+            if sent.is_err() || (first && tx.send(Update::now(Event::Synced)).is_err()) {
+                return; // the agent is gone
+            }
+            first = false;
+            if changed.recv().await.is_none() {
+                return;
+            }
+            seen = std::time::Instant::now();
+            tokio::time::sleep(DEBOUNCE).await;
+            while changed.try_recv().is_ok() {}
+            debug!("source changed");
+        }
+    });
+    Ok(Watching {
+        _watcher: watcher,
+        task,
+    })
 }
 
 #[derive(Debug)]
@@ -58,9 +135,10 @@ impl FileSource {
             // Keep everything we had: an unreadable folder is not an empty one.
             for (file, objects) in &self.last_good {
                 let origin = file.display().to_string();
-                snapshot
-                    .objects
-                    .extend(objects.iter().map(|o| (origin.clone(), o.clone())));
+                snapshot.objects.extend(objects.iter().map(|o| Sourced {
+                    origin: origin.clone(),
+                    object: o.clone(),
+                }));
             }
             return snapshot;
         }
@@ -82,9 +160,10 @@ impl FileSource {
                 }
                 Ok(text) => parse_file(&file, &text, &previous, &mut snapshot.diagnostics),
             };
-            snapshot
-                .objects
-                .extend(objects.iter().map(|o| (origin.clone(), o.clone())));
+            snapshot.objects.extend(objects.iter().map(|o| Sourced {
+                origin: origin.clone(),
+                object: o.clone(),
+            }));
             next_good.insert(file, objects);
         }
         self.last_good = next_good;
@@ -244,9 +323,12 @@ fn convert_document(
         diags.push(Diagnostic::error(&object, "metadata.name", "required").with_origin(&origin));
         return;
     }
-    match convert(kind, document) {
+    match Resource::try_from(Document {
+        kind,
+        value: document,
+    }) {
         Ok(resource) => out.push(resource),
-        Err((field, message)) => {
+        Err(ConvertError { field, message }) => {
             let last = previous.iter().find(|r| r.object_ref() == object).cloned();
             let keeping = if last.is_some() {
                 "keeping its last good version"
@@ -262,33 +344,12 @@ fn convert_document(
     }
 }
 
-/// Typed conversion, reporting the path of the field that failed.
-pub(crate) fn convert(kind: Kind, mut document: Value) -> Result<Resource, (String, String)> {
-    // Fill in the namespace as `kubectl apply` would, so every object has one.
-    if let Some(meta) = document.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.entry("namespace")
-            .or_insert_with(|| Value::String(DEFAULT_NAMESPACE.to_owned()));
-    }
-    fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<Box<T>, (String, String)> {
-        serde_path_to_error::deserialize::<_, T>(value)
-            .map(Box::new)
-            .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
-    }
-    Ok(match kind {
-        Kind::Service => Resource::Service(typed(document)?),
-        Kind::Pod => Resource::Pod(typed(document)?),
-        Kind::EndpointSlice => Resource::EndpointSlice(typed(document)?),
-        Kind::VirtualService => Resource::VirtualService(typed(document)?),
-        Kind::DestinationRule => Resource::DestinationRule(typed(document)?),
-    })
-}
-
 /// Later definitions of the same object (by kind, namespace, name) win, with a
 /// warning naming both files.
 fn dedup(snapshot: &mut Snapshot) {
     let mut seen: BTreeMap<ObjectRef, usize> = BTreeMap::new();
     let mut keep = vec![true; snapshot.objects.len()];
-    for (i, (origin, object)) in snapshot.objects.iter().enumerate() {
+    for (i, Sourced { origin, object }) in snapshot.objects.iter().enumerate() {
         let r = object.object_ref();
         if let Some(prev) = seen.insert(r.clone(), i) {
             keep[prev] = false;
@@ -298,7 +359,7 @@ fn dedup(snapshot: &mut Snapshot) {
                     "",
                     format!(
                         "also defined in {}; this definition wins",
-                        snapshot.objects[prev].0
+                        snapshot.objects[prev].origin
                     ),
                 )
                 .with_origin(origin),
@@ -342,7 +403,7 @@ mod tests {
         let mut out: Vec<String> = snapshot
             .objects
             .iter()
-            .map(|(_, o)| o.object_ref().to_string())
+            .map(|o| o.object.object_ref().to_string())
             .collect();
         out.sort();
         out

@@ -10,7 +10,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     path::PathBuf,
-    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -23,7 +22,7 @@ use kube::{
     api::{ApiResource, DynamicObject},
     runtime::{
         WatchStreamExt as _,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{self, EventType, Recorder},
         watcher,
     },
 };
@@ -31,15 +30,15 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{
-    agent::Reconciler,
-    diag::Diagnostic,
-    model::{Kind, ObjectRef, Resource},
+use super::{Event, Invalid, Sourced, Update, UpdateSender};
+use crate::model::{
+    Diagnostic, Kind, ObjectRef, Resource, Severity,
+    convert::{ConvertError, Document},
+    istio,
 };
 
 /// Where objects come from, as recorded in diagnostics.
-const ORIGIN: &str = "kubernetes";
-const ISTIO_GROUP: &str = "networking.istio.io";
+pub const ORIGIN: &str = "kubernetes";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -71,19 +70,6 @@ pub enum KubeError {
     Client(#[from] kube::Error),
 }
 
-/// What the watchers tell the loop.
-#[derive(Debug)]
-enum Update {
-    /// A (re)list of one kind is complete: the index holds exactly these.
-    Listed(Kind, Vec<Resource>),
-    Apply(Resource),
-    Delete(ObjectRef),
-    /// The mesh namespaces now.
-    Namespaces(BTreeSet<String>),
-    /// An object that does not convert: reported, its last good version stays.
-    Invalid(ObjectRef, Diagnostic),
-}
-
 /// The watched things the first reconcile waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Watched {
@@ -112,185 +98,200 @@ pub async fn client(options: &Options) -> Result<Client, KubeError> {
     Ok(Client::try_from(config)?)
 }
 
-pub async fn run(
+/// Starts a watcher per kind (and one for the mesh namespaces); their updates go
+/// to `tx`, followed by [`Event::Synced`] once every kind has been listed.
+/// Returns the tasks (dropping them stops the watches) and the reporter of
+/// rejections.
+pub async fn start(
     options: &Options,
-    reconciler: &mut Reconciler,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), crate::agent::AgentError> {
+    tx: UpdateSender,
+) -> Result<(tokio::task::JoinSet<()>, Reporter), KubeError> {
     let client = client(options).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (watch_tx, watch_rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(watch_typed::<Service>(
         client.clone(),
-        tx.clone(),
+        watch_tx.clone(),
         Kind::Service,
         |o| Resource::Service(Box::new(o)),
     ));
     tasks.spawn(watch_typed::<Pod>(
         client.clone(),
-        tx.clone(),
+        watch_tx.clone(),
         Kind::Pod,
         |o| Resource::Pod(Box::new(o)),
     ));
     tasks.spawn(watch_typed::<EndpointSlice>(
         client.clone(),
-        tx.clone(),
+        watch_tx.clone(),
         Kind::EndpointSlice,
         |o| Resource::EndpointSlice(Box::new(o)),
     ));
     tasks.spawn(watch_namespaces(
         client.clone(),
-        tx.clone(),
+        watch_tx.clone(),
         options.namespace_selector.clone(),
     ));
     let recorder = Recorder::new(
         client.clone(),
-        Reporter {
+        events::Reporter {
             controller: "mesh-agent".into(),
             instance: std::env::var("NODE_NAME")
                 .ok()
                 .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
         },
     );
-    let mut istio_versions = BTreeMap::new();
+    let mut versions = BTreeMap::new();
     for kind in [Kind::VirtualService, Kind::DestinationRule] {
         match istio_resource(&client, kind).await {
             Some(resource) => {
-                istio_versions.insert(kind, resource.api_version.clone());
-                info!(kind = %kind, version = %resource.version, "watching {ISTIO_GROUP}");
-                tasks.spawn(watch_istio(client.clone(), tx.clone(), kind, resource));
+                versions.insert(kind, resource.api_version.clone());
+                info!(kind = %kind, version = %resource.version, "watching {}", istio::GROUP);
+                tasks.spawn(watch_istio(
+                    client.clone(),
+                    watch_tx.clone(),
+                    kind,
+                    resource,
+                ));
             }
             None => {
                 warn!(
-                    "{ISTIO_GROUP} does not serve {kind}: install the CRDs (manifests/crds) or Istio; none are used"
+                    "{} does not serve {kind}: install the CRDs (manifests/crds) or Istio; none are used",
+                    istio::GROUP
                 );
-                let _ = tx.send(Update::Listed(kind, Vec::new()));
+                // The receiver is ours, a few lines down: this cannot fail.
+                let _ = watch_tx.send(Update::now(Event::Listed {
+                    kind,
+                    objects: Vec::new(),
+                    invalid: Vec::new(),
+                }));
             }
         }
     }
-    drop(tx);
+    drop(watch_tx);
+    tasks.spawn(forward(watch_rx, tx));
+    Ok((tasks, Reporter { recorder, versions }))
+}
 
-    let mut waiting: BTreeSet<Watched> = [
-        Kind::Service,
-        Kind::Pod,
-        Kind::EndpointSlice,
-        Kind::VirtualService,
-        Kind::DestinationRule,
-    ]
-    .into_iter()
-    .map(Watched::Kind)
-    .chain([Watched::Namespaces])
-    .collect();
-    let mut invalid: BTreeMap<ObjectRef, Diagnostic> = BTreeMap::new();
-    let mut gc = tokio::time::interval(Duration::from_secs(1));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => {
-                tasks.abort_all();
-                return Ok(());
-            }
-            _ = gc.tick() => if waiting.is_empty() { reconciler.tick() },
-            update = rx.recv() => {
-                let Some(update) = update else { return Ok(()) };
-                let started = Instant::now();
-                let mut changed = ingest(reconciler, &mut waiting, &mut invalid, update);
-                // Take everything already queued: one reconcile per burst.
-                while let Ok(update) = rx.try_recv() {
-                    changed |= ingest(reconciler, &mut waiting, &mut invalid, update);
-                }
-                if waiting.is_empty() && changed {
-                    let new = reconciler.reconcile(invalid.values().cloned().collect(), started)?;
-                    record_events(&recorder, &istio_versions, new);
-                } else if !waiting.is_empty() {
-                    info!(waiting = ?waiting, "waiting for the initial lists before the first write");
-                }
-            }
+/// Passes the watchers' updates on, and says [`Event::Synced`] once each of them
+/// has listed once (nothing is written to the kernel before).
+async fn forward(mut from: mpsc::UnboundedReceiver<Update>, to: UpdateSender) {
+    let mut gate = SyncGate::default();
+    while let Some(update) = from.recv().await {
+        let synced = gate.pass(&update.event);
+        if to.send(update).is_err() || (synced && to.send(Update::now(Event::Synced)).is_err()) {
+            return;
         }
     }
 }
 
-/// A Warning Event on each Istio object newly rejected (reason `Rejected`, the
-/// field and what is wrong in the note), so `kubectl describe` shows it. Published
-/// in the background: the data plane never waits on the API server.
-fn record_events(recorder: &Recorder, versions: &BTreeMap<Kind, String>, new: Vec<Diagnostic>) {
-    for d in new {
-        let Some(object) = d
-            .object
-            .as_ref()
-            .filter(|_| d.severity == crate::diag::Severity::Error)
-        else {
-            continue;
-        };
-        let Some(api_version) = versions.get(&object.kind) else {
-            continue;
-        };
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(api_version.clone()),
-            kind: Some(object.kind.to_string()),
-            name: Some(object.name.clone()),
-            namespace: Some(object.namespace.clone()),
-            ..Default::default()
-        };
-        let mut note = if d.field.is_empty() {
-            d.message.clone()
-        } else {
-            format!("{}: {}", d.field, d.message)
-        };
-        note.truncate(1000);
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "Rejected".into(),
-            note: Some(note),
-            action: "Validate".into(),
-            secondary: None,
-        };
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                warn!(
-                    "recording an Event on {} failed: {e}",
-                    reference.name.as_deref().unwrap_or("")
-                );
-            }
-        });
+/// Which initial lists are still missing.
+#[derive(Debug)]
+struct SyncGate {
+    waiting: BTreeSet<Watched>,
+}
+
+impl Default for SyncGate {
+    fn default() -> Self {
+        Self {
+            waiting: Kind::ALL
+                .into_iter()
+                .map(Watched::Kind)
+                .chain([Watched::Namespaces])
+                .collect(),
+        }
     }
 }
 
-fn ingest(
-    reconciler: &mut Reconciler,
-    waiting: &mut BTreeSet<Watched>,
-    invalid: &mut BTreeMap<ObjectRef, Diagnostic>,
-    update: Update,
-) -> bool {
-    let index = &mut reconciler.index;
-    match update {
-        Update::Listed(kind, objects) => {
-            waiting.remove(&Watched::Kind(kind));
-            // Objects listed valid are no longer invalid.
-            invalid.retain(|r, _| r.kind != kind || !objects.iter().any(|o| o.object_ref() == *r));
-            index.replace_kind(kind, ORIGIN, objects);
-            true
+impl SyncGate {
+    /// Whether `event` completed the initial lists (true once).
+    fn pass(&mut self, event: &Event) -> bool {
+        let was_waiting = !self.waiting.is_empty();
+        match event {
+            Event::Listed { kind, .. } => self.waiting.remove(&Watched::Kind(*kind)),
+            Event::Namespaces(_) => self.waiting.remove(&Watched::Namespaces),
+            _ => false,
+        };
+        if was_waiting && !self.waiting.is_empty() {
+            info!(waiting = ?self.waiting, "waiting for the initial lists before the first write");
         }
-        Update::Apply(object) => {
-            invalid.remove(&object.object_ref());
-            index.apply(ORIGIN, object)
-        }
-        Update::Delete(object) => {
-            invalid.remove(&object);
-            index.delete(&object)
-        }
-        Update::Namespaces(set) => {
-            waiting.remove(&Watched::Namespaces);
-            let changed = index.mesh_namespaces.as_ref() != Some(&set);
-            index.mesh_namespaces = Some(set);
-            changed
-        }
-        Update::Invalid(object, diagnostic) => {
-            invalid.insert(object, diagnostic);
-            true
+        was_waiting && self.waiting.is_empty()
+    }
+}
+
+/// Publishes rejections as Kubernetes Events.
+#[derive(Clone)]
+pub struct Reporter {
+    recorder: Recorder,
+    /// The API version served for each Istio kind (Events name it).
+    versions: BTreeMap<Kind, String>,
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporter")
+            .field("versions", &self.versions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The longest Event note we send; the API server caps notes at 1 kB.
+const NOTE_MAX: usize = 1000;
+
+impl Reporter {
+    /// A Warning Event on each Istio object newly rejected (reason `Rejected`, the
+    /// field and what is wrong in the note), so `kubectl describe` shows it.
+    /// Published in the background: the data plane never waits on the API server.
+    pub fn report(&self, new: &[Diagnostic]) {
+        for d in new {
+            let Some(object) = d.object.as_ref().filter(|_| d.severity == Severity::Error) else {
+                continue;
+            };
+            let Some(api_version) = self.versions.get(&object.kind) else {
+                continue;
+            };
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some(api_version.clone()),
+                kind: Some(object.kind.to_string()),
+                name: Some(object.name.clone()),
+                namespace: Some(object.namespace.clone()),
+                ..Default::default()
+            };
+            let note = if d.field.is_empty() {
+                d.message.clone()
+            } else {
+                format!("{}: {}", d.field, d.message)
+            };
+            let event = events::Event {
+                type_: EventType::Warning,
+                reason: "Rejected".into(),
+                note: Some(truncate(note, NOTE_MAX)),
+                action: "Validate".into(),
+                secondary: None,
+            };
+            let recorder = self.recorder.clone();
+            tokio::spawn(async move {
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    warn!(
+                        "recording an Event on {} failed: {e}",
+                        reference.name.as_deref().unwrap_or("")
+                    );
+                }
+            });
         }
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        s.truncate(cut);
+    }
+    s
 }
 
 /// Runs a watcher with backoff forever, turning its events into updates: a relist
@@ -298,56 +299,64 @@ fn ingest(
 async fn watch_events<K, F>(
     api: Api<K>,
     config: watcher::Config,
-    tx: mpsc::UnboundedSender<Update>,
+    tx: UpdateSender,
     kind: Kind,
     convert: F,
 ) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    F: Fn(K) -> Result<Resource, Box<(ObjectRef, Diagnostic)>>,
+    F: Fn(K) -> Result<Sourced, Box<Invalid>>,
 {
     let mut stream = watcher(api, config).default_backoff().boxed();
-    let mut buffer: Option<Vec<Resource>> = None;
+    let mut listing: Option<(Vec<Sourced>, Vec<Invalid>)> = None;
     while let Some(event) = stream.next().await {
-        let update = match event {
+        let event = match event {
             Err(e) => {
                 warn!(kind = %kind, "watch failed, retrying with backoff: {e}");
                 continue;
             }
             Ok(watcher::Event::Init) => {
-                buffer = Some(Vec::new());
+                listing = Some(Default::default());
                 continue;
             }
             Ok(watcher::Event::InitApply(object)) => {
+                let (objects, invalid) = listing.get_or_insert_with(Default::default);
                 match convert(object) {
-                    Ok(resource) => buffer.get_or_insert_with(Vec::new).push(resource),
-                    Err(bad) => {
-                        let (r, d) = *bad;
-                        let _ = tx.send(Update::Invalid(r, d));
-                    }
+                    Ok(sourced) => objects.push(sourced),
+                    Err(bad) => invalid.push(*bad),
                 }
                 continue;
             }
-            Ok(watcher::Event::InitDone) => Update::Listed(kind, buffer.take().unwrap_or_default()),
+            Ok(watcher::Event::InitDone) => {
+                let (objects, invalid) = listing.take().unwrap_or_default();
+                Event::Listed {
+                    kind,
+                    objects,
+                    invalid,
+                }
+            }
             Ok(watcher::Event::Apply(object)) => match convert(object) {
-                Ok(resource) => Update::Apply(resource),
-                Err(bad) => Update::Invalid(bad.0, bad.1),
+                Ok(sourced) => Event::Applied(sourced),
+                Err(bad) => Event::Invalid(*bad),
             },
             Ok(watcher::Event::Delete(object)) => {
-                Update::Delete(ObjectRef::from_meta(kind, object.meta()))
+                Event::Deleted(ObjectRef::from_meta(kind, object.meta()))
             }
         };
-        if tx.send(update).is_err() {
+        if tx.send(Update::now(event)).is_err() {
             return;
         }
     }
 }
 
-async fn watch_typed<K>(
-    client: Client,
-    tx: mpsc::UnboundedSender<Update>,
-    kind: Kind,
-    wrap: fn(K) -> Resource,
-) where
+fn sourced(object: Resource) -> Sourced {
+    Sourced {
+        origin: ORIGIN.to_owned(),
+        object,
+    }
+}
+
+async fn watch_typed<K>(client: Client, tx: UpdateSender, kind: Kind, wrap: fn(K) -> Resource)
+where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
@@ -361,47 +370,41 @@ async fn watch_typed<K>(
         watcher::Config::default(),
         tx,
         kind,
-        |o| Ok(wrap(o)),
+        |o| Ok(sourced(wrap(o))),
     )
     .await;
 }
 
-async fn watch_istio(
-    client: Client,
-    tx: mpsc::UnboundedSender<Update>,
-    kind: Kind,
-    resource: ApiResource,
-) {
+async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, resource: ApiResource) {
     let api = Api::<DynamicObject>::all_with(client, &resource);
-    watch_events(
-        api,
-        watcher::Config::default(),
-        tx,
-        kind,
-        move |object: DynamicObject| {
-            let r = ObjectRef::from_meta(kind, &object.metadata);
-            let value = serde_json::to_value(&object).map_err(|e| {
-                Box::new((
-                    r.clone(),
-                    Diagnostic::error(&r, "", e.to_string()).with_origin(ORIGIN),
-                ))
-            })?;
-            crate::source::file::convert(kind, value).map_err(|(field, message)| {
-                let d = Diagnostic::error(
-                    &r,
-                    field,
-                    format!("{message}; keeping its last good version"),
-                )
-                .with_origin(ORIGIN);
-                Box::new((r, d))
-            })
-        },
-    )
+    watch_events(api, watcher::Config::default(), tx, kind, move |object| {
+        convert_istio(kind, &object)
+    })
     .await;
+}
+
+/// An Istio object from the API server, typed as the file source types it.
+fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
+    let r = ObjectRef::from_meta(kind, &object.metadata);
+    let invalid = |field: String, message: String| {
+        Box::new(Invalid {
+            object: r.clone(),
+            diagnostic: Diagnostic::error(
+                &r,
+                field,
+                format!("{message}; keeping its last good version"),
+            )
+            .with_origin(ORIGIN),
+        })
+    };
+    let value = serde_json::to_value(object).map_err(|e| invalid(String::new(), e.to_string()))?;
+    Resource::try_from(Document { kind, value })
+        .map(sourced)
+        .map_err(|ConvertError { field, message }| invalid(field, message))
 }
 
 /// The mesh namespaces, sent whole on every change.
-async fn watch_namespaces(client: Client, tx: mpsc::UnboundedSender<Update>, selector: String) {
+async fn watch_namespaces(client: Client, tx: UpdateSender, selector: String) {
     let config = watcher::Config::default().labels(&selector);
     let mut stream = watcher(Api::<Namespace>::all(client), config)
         .default_backoff()
@@ -427,7 +430,11 @@ async fn watch_namespaces(client: Client, tx: mpsc::UnboundedSender<Update>, sel
                 current.remove(&name(&ns));
             }
         }
-        if listing.is_none() && tx.send(Update::Namespaces(current.clone())).is_err() {
+        if listing.is_none()
+            && tx
+                .send(Update::now(Event::Namespaces(current.clone())))
+                .is_err()
+        {
             return;
         }
     }
@@ -436,18 +443,72 @@ async fn watch_namespaces(client: Client, tx: mpsc::UnboundedSender<Update>, sel
 /// The version of an Istio kind the server prefers (v1, v1beta1 or v1alpha3).
 async fn istio_resource(client: &Client, kind: Kind) -> Option<ApiResource> {
     let discovery = kube::Discovery::new(client.clone())
-        .filter(&[ISTIO_GROUP])
+        .filter(&[istio::GROUP])
         .run()
         .await;
     let discovery = match discovery {
         Ok(d) => d,
         Err(e) => {
-            warn!("discovering {ISTIO_GROUP}: {e}");
+            warn!("discovering {}: {e}", istio::GROUP);
             return None;
         }
     };
-    let group = discovery.get(ISTIO_GROUP)?;
+    let group = discovery.get(istio::GROUP)?;
     group
         .recommended_kind(kind.as_str())
         .map(|(resource, _)| resource)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(kind: Kind) -> Event {
+        Event::Listed {
+            kind,
+            objects: Vec::new(),
+            invalid: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn synced_once_every_kind_and_the_namespaces_are_listed() {
+        let mut gate = SyncGate::default();
+        for kind in Kind::ALL {
+            assert!(!gate.pass(&listed(kind)), "{kind}");
+        }
+        assert!(!gate.pass(&Event::Deleted(ObjectRef::from_meta(
+            Kind::Pod,
+            &Default::default()
+        ))));
+        assert!(gate.pass(&Event::Namespaces(BTreeSet::new())));
+        // A relist later does not say it again.
+        assert!(!gate.pass(&listed(Kind::Service)));
+    }
+
+    #[test]
+    fn event_notes_are_cut_at_a_character_boundary() {
+        let note = "日".repeat(400); // 1200 bytes
+        let cut = truncate(note, NOTE_MAX);
+        assert_eq!(cut.len(), 999);
+        assert!(cut.chars().all(|c| c == '日'));
+        assert_eq!(truncate("short".into(), NOTE_MAX), "short");
+    }
+
+    #[test]
+    fn an_istio_object_that_does_not_convert_names_the_field_and_keeps_the_last_good() {
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "web", "namespace": "prod"},
+            "spec": {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web"}, "weight": "lots"}]}]}
+        }))
+        .unwrap_or_else(|_| DynamicObject::new("web", &ApiResource::erase::<Namespace>(&())));
+        let Err(bad) = convert_istio(Kind::VirtualService, &object) else {
+            panic!("converted");
+        };
+        assert_eq!(bad.object.to_string(), "VirtualService prod/web");
+        assert_eq!(bad.diagnostic.field, "spec.http[0].route[0].weight");
+        assert!(bad.diagnostic.message.contains("last good"));
+    }
 }

@@ -2,13 +2,13 @@
 //! Istio's admission webhook rejects; context checks (does the destination Service
 //! exist, does the subset) reject what we could not route.
 
-use k8s_openapi::api::core::v1::Service;
-
-use crate::{
-    compile::hosts,
-    diag::Diagnostic,
-    index::Index,
-    model::{DestinationRule, Kind, ObjectRef, VirtualService, istio::RouteDestination},
+use super::{
+    Index,
+    resolve::{Connecting, resolve},
+};
+use crate::model::{
+    DestinationRule, Diagnostic, Kind, ObjectRef, VirtualService,
+    istio::{self, RouteDestination},
 };
 
 pub fn destination_rule(dr: &DestinationRule) -> Vec<Diagnostic> {
@@ -51,7 +51,7 @@ pub fn virtual_service(vs: &VirtualService, index: &Index, domain: &str) -> Vec<
             "at least one host is required",
         ));
     }
-    let mesh_bound = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+    let mesh_bound = istio::binds_mesh(&vs.spec.gateways);
     for (i, host) in vs.spec.hosts.iter().enumerate() {
         if host.trim().is_empty() {
             out.push(Diagnostic::error(
@@ -141,58 +141,18 @@ fn destinations(
         } else {
             total += weight;
         }
-        let host = dest.destination.host.trim();
-        if host.is_empty() {
+        if let Err(e) = resolve(
+            index,
+            &dest.destination,
+            &me.namespace,
+            domain,
+            Connecting::Nothing,
+        ) {
             out.push(Diagnostic::error(
                 me,
-                format!("{field}.destination.host"),
-                "required",
+                format!("{field}.destination.{}", e.field()),
+                e.to_string(),
             ));
-            continue;
-        }
-        let fqdn = hosts::qualify(host, &me.namespace, domain);
-        let Some(service) = index.service_by_fqdn(&fqdn, domain) else {
-            out.push(Diagnostic::error(
-                me,
-                format!("{field}.destination.host"),
-                format!(
-                    "unknown host {host:?}: no Service {fqdn} (external hosts are not supported)"
-                ),
-            ));
-            continue;
-        };
-        if let Some(port) = dest.destination.port.as_ref().and_then(|p| p.number)
-            && !service_ports(&service.object).any(|p| p == port)
-        {
-            out.push(Diagnostic::error(
-                me,
-                format!("{field}.destination.port.number"),
-                format!("Service {fqdn} has no port {port}"),
-            ));
-        }
-        if let Some(subset) = &dest.destination.subset {
-            let rule = index.destination_rule_for(&fqdn, domain);
-            let known: Vec<&str> = rule
-                .map(|r| {
-                    r.object
-                        .spec
-                        .subsets
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !known.contains(&subset.as_str()) {
-                let why = match rule {
-                    None => format!("no DestinationRule defines subsets for {fqdn}"),
-                    Some(_) => format!("known subsets: {}", known.join(", ")),
-                };
-                out.push(Diagnostic::error(
-                    me,
-                    format!("{field}.destination.subset"),
-                    format!("unknown subset {subset:?} ({why})"),
-                ));
-            }
         }
     }
     let inside = format!("{field}.");
@@ -203,12 +163,4 @@ fn destinations(
             "every destination has weight 0: no destination would receive traffic",
         ));
     }
-}
-
-fn service_ports(service: &Service) -> impl Iterator<Item = u32> + '_ {
-    service
-        .spec
-        .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .filter_map(|p| u32::try_from(p.port).ok())
 }

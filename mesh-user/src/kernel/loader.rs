@@ -11,20 +11,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{HashMap, MapData, PerCpuHashMap, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramInfo, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{
-    Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey, SockKey, map_names,
-    program_names,
-};
+use mesh_common::{BackendStats, SockKey, map_names, program_names};
 use tracing::{info, warn};
 
-use crate::{
+use super::{
     counters::SockStats,
+    maps::{Counter, Maps, PerCpuCounters},
     pin::{MapSpec, PinDir, PinError},
     sys,
 };
@@ -77,22 +75,6 @@ pub enum LoadError {
         path: PathBuf,
         message: String,
     },
-}
-
-/// Handles to the maps the agent writes and reads.
-pub struct Maps {
-    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub slots: HashMap<MapData, SlotKey, Backend>,
-    pub backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
-    pub global_stats: PerCpuArray<MapData, u64>,
-    pub service_stats: PerCpuHashMap<MapData, u32, u64>,
-    pub redirect_excluded: HashMap<MapData, EndpointKey, u32>,
-}
-
-impl std::fmt::Debug for Maps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Maps").finish_non_exhaustive()
-    }
 }
 
 /// The loaded object and where it is pinned.
@@ -176,33 +158,32 @@ pub fn load(pins: &PinDir, object: &[u8]) -> Result<(Loaded, Maps, SockStats), L
     }
     let mut ebpf = loader.load(object)?;
     for name in SOCK_ADDR_PROGRAMS {
-        program::<CgroupSockAddr>(&mut ebpf, name)?
-            .load()
-            .map_err(|source| LoadError::Program { name, source })?;
+        load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
-    program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?
-        .load()
-        .map_err(|source| LoadError::Program {
-            name: program_names::SOCKOPS,
-            source,
-        })?;
-    program::<SkMsg>(&mut ebpf, program_names::SK_MSG)?
-        .load()
-        .map_err(|source| LoadError::Program {
-            name: program_names::SK_MSG,
-            source,
-        })?;
+    load_program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?;
+    load_program::<SkMsg>(&mut ebpf, program_names::SK_MSG)?;
     let maps = Maps {
-        services: take(&mut ebpf, map_names::SERVICES)?,
-        slots: take(&mut ebpf, map_names::SLOTS)?,
-        backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
-        global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
-        service_stats: take(&mut ebpf, map_names::SERVICE_STATS)?,
-        redirect_excluded: take(&mut ebpf, map_names::REDIRECT_EXCLUDED)?,
+        services: Box::new(take::<HashMap<_, _, _>>(&mut ebpf, map_names::SERVICES)?),
+        slots: Box::new(take::<HashMap<_, _, _>>(&mut ebpf, map_names::SLOTS)?),
+        service_stats: Box::new(counters::<u64>(&mut ebpf, map_names::SERVICE_STATS)?),
+        backend_stats: Box::new(counters::<BackendStats>(
+            &mut ebpf,
+            map_names::BACKEND_STATS,
+        )?),
+        redirect_excluded: Box::new(take::<HashMap<_, _, _>>(
+            &mut ebpf,
+            map_names::REDIRECT_EXCLUDED,
+        )?),
     };
     let sock_stats = SockStats::new(
         take(&mut ebpf, map_names::SOCK_STATS)?,
         take(&mut ebpf, map_names::SOCKETS)?,
+        aya::maps::MapInfo::from_pin(pins.map(map_names::SOCKETS)).map_err(|source| {
+            LoadError::Map {
+                name: map_names::SOCKETS,
+                source,
+            }
+        })?,
     );
     Ok((
         Loaded {
@@ -224,7 +205,7 @@ pub fn attach(
     sockets: &SockHash<MapData, SockKey>,
 ) -> Result<Vec<(&'static str, Linked)>, LoadError> {
     let fd = open_cgroup2(cgroup)?;
-    let links = loaded.pins.cgroup_links(crate::pin::inode(cgroup)?);
+    let links = loaded.pins.cgroup_links(super::pin::inode(cgroup)?);
     std::fs::create_dir_all(&links).map_err(|source| PinError::Io {
         path: links.clone(),
         source,
@@ -266,6 +247,31 @@ pub fn attach(
     }
     loaded.pins.remove_stray_maps(&map_names::ALL);
     Ok(report)
+}
+
+/// The kinds of program we load.
+trait Load {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! load {
+    ($($ty:ty),*) => {$(
+        impl Load for $ty {
+            fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+        }
+    )*};
+}
+load!(CgroupSockAddr, SockOps, SkMsg);
+
+fn load_program<P: Load>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    program::<P>(ebpf, name)?
+        .load_program()
+        .map_err(|source| LoadError::Program { name, source })
 }
 
 /// The two kinds of cgroup program we attach with a link.
@@ -387,7 +393,10 @@ fn link_program(
                     program = name,
                     "pinned link unreadable ({e}); attaching anew"
                 );
-                let _ = std::fs::remove_file(path);
+                std::fs::remove_file(path).map_err(|source| PinError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
             }
         }
     }
@@ -421,6 +430,21 @@ where
         .ok_or(LoadError::MissingProgram(name))?
         .try_into()
         .map_err(|source| LoadError::Program { name, source })
+}
+
+fn counters<T: Counter>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuCounters<T>, LoadError> {
+    PerCpuCounters::new(take::<PerCpuHashMap<MapData, u32, T>>(ebpf, name)?).map_err(|e| {
+        LoadError::Map {
+            name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "possible CPUs",
+                io_error: e,
+            }),
+        }
+    })
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -12,7 +12,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::compile::{Destination, ServiceAddr, ServicePlan};
+use crate::{
+    compile::{DestinationPlan, ServiceAddr, ServicePlan},
+    model::NamespacedName,
+};
 
 pub const FILE: &str = "state.json";
 
@@ -32,9 +35,10 @@ pub struct AgentRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRecord {
     pub addr: ServiceAddr,
-    pub service: String,
+    pub service: NamespacedName,
+    /// What decided the table, as `explain` prints it.
     pub route: String,
-    pub destinations: Vec<Destination>,
+    pub destinations: Vec<DestinationPlan>,
 }
 
 impl AgentRecord {
@@ -44,7 +48,7 @@ impl AgentRecord {
             .map(|(addr, plan)| ServiceRecord {
                 addr: *addr,
                 service: plan.service.clone(),
-                route: plan.route.clone(),
+                route: plan.route.to_string(),
                 destinations: plan.destinations.clone(),
             })
             .collect()

@@ -1,12 +1,20 @@
 //! The kernel's own counters, read (never written) by the agent: for its logs and
 //! for `/metrics`, on each scrape.
 
-use aya::maps::{MapData, PerCpuArray, SockHash};
+use std::sync::{Arc, RwLock};
+
+use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash};
 use mesh_common::{SockKey, sock_stat};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+
+use super::pin::PinDir;
+use crate::{
+    compile::{BackendAddr, Proto, ServiceAddr},
+    model::NamespacedName,
 };
 
 /// Same-node redirection counters (`SOCK_STATS_V1`), summed over CPUs.
@@ -25,6 +33,8 @@ pub struct RedirectCounts {
 pub struct SockStats {
     map: PerCpuArray<MapData, u64>,
     sockets: SockHash<MapData, SockKey>,
+    /// `SOCKETS_V1`, to walk its keys (a socket map's values cannot be read).
+    sockets_info: aya::maps::MapInfo,
 }
 
 impl std::fmt::Debug for SockStats {
@@ -34,8 +44,16 @@ impl std::fmt::Debug for SockStats {
 }
 
 impl SockStats {
-    pub fn new(map: PerCpuArray<MapData, u64>, sockets: SockHash<MapData, SockKey>) -> Self {
-        Self { map, sockets }
+    pub fn new(
+        map: PerCpuArray<MapData, u64>,
+        sockets: SockHash<MapData, SockKey>,
+        sockets_info: aya::maps::MapInfo,
+    ) -> Self {
+        Self {
+            map,
+            sockets,
+            sockets_info,
+        }
     }
 
     /// The socket map (`sk_msg` attaches to it).
@@ -47,12 +65,8 @@ impl SockStats {
     /// only, and bounded: a socket closing mid-walk restarts the kernel's
     /// iteration from the first bucket.
     pub fn socket_count(&self) -> usize {
-        crate::sys::count_keys(
-            std::os::fd::AsFd::as_fd(self.sockets.fd()),
-            std::mem::size_of::<SockKey>(),
-            2 * mesh_common::MAX_SOCKETS as usize,
-        )
-        .unwrap_or(0)
+        super::sys::count_keys(&self.sockets_info, 2 * mesh_common::MAX_SOCKETS as usize)
+            .unwrap_or(0)
     }
 
     pub fn read(&self) -> RedirectCounts {
@@ -133,25 +147,75 @@ impl Collector for SockStats {
     }
 }
 
-/// Labels for the kernel's per-service and per-backend counters, and map
-/// occupancy as the agent's bookkeeping knows it. Published by the reconciler
-/// after each apply; read on each scrape.
-#[derive(Clone, Debug, Default)]
-pub struct View {
-    /// (service id, `namespace/name`, `VIP:port/PROTO`).
-    pub services: Vec<(u32, String, String)>,
-    /// (backend id, `IP:port`, protocol).
-    pub backends: Vec<(u32, String, String)>,
-    /// (map, entries, capacity).
-    pub occupancy: Vec<(&'static str, u64, u64)>,
+/// Which service port a service counter id stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabel {
+    pub id: u32,
+    pub service: NamespacedName,
+    pub addr: ServiceAddr,
 }
 
-/// Reader of `SERVICE_STATS_V1` and `BACKEND_STATS_V1` (their own handles on the
-/// pinned maps: the applier keeps writing through its own).
+/// Which backend a backend counter id stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendLabel {
+    pub id: u32,
+    pub addr: BackendAddr,
+    pub proto: Proto,
+}
+
+/// Entries in one map we write, and its capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Labels for the kernel's per-service and per-backend counters, and map
+/// occupancy as the agent's bookkeeping knows it. Published by the agent after
+/// each apply; read on each scrape.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub services: Vec<ServiceLabel>,
+    pub backends: Vec<BackendLabel>,
+    pub occupancy: Vec<Occupancy>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+/// The connect hooks' global counters (`GLOBAL_STATS_V1`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectCounts {
+    pub rewritten: u64,
+    pub no_backend: u64,
+    pub not_service: u64,
+    pub table_retry: u64,
+    pub peer_rewritten: u64,
+    pub peer_rewritten_by_variant: u64,
+}
+
+/// Reader of `SERVICE_STATS_V1`, `BACKEND_STATS_V1` and `GLOBAL_STATS_V1` (its
+/// own handles on the pinned maps: the applier writes through its own).
 pub struct Connections {
-    services: aya::maps::PerCpuHashMap<MapData, u32, u64>,
-    backends: aya::maps::PerCpuHashMap<MapData, u32, mesh_common::BackendStats>,
-    view: std::sync::Arc<std::sync::RwLock<View>>,
+    services: PerCpuHashMap<MapData, u32, u64>,
+    backends: PerCpuHashMap<MapData, u32, mesh_common::BackendStats>,
+    global: PerCpuArray<MapData, u64>,
+    view: Arc<RwLock<View>>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -161,21 +225,54 @@ impl std::fmt::Debug for Connections {
 }
 
 impl Connections {
-    pub fn open(
-        pins: &crate::pin::PinDir,
-        view: std::sync::Arc<std::sync::RwLock<View>>,
-    ) -> Result<Self, aya::maps::MapError> {
+    pub fn open(pins: &PinDir, view: Arc<RwLock<View>>) -> Result<Self, (&'static str, MapError)> {
         use aya::maps::Map;
-        let open = |name| MapData::from_pin(pins.map(name));
+        use mesh_common::map_names as m;
+        fn open<T: TryFrom<Map, Error = MapError>>(
+            pins: &PinDir,
+            name: &'static str,
+            kind: fn(MapData) -> Map,
+        ) -> Result<T, (&'static str, MapError)> {
+            MapData::from_pin(pins.map(name))
+                .and_then(|data| T::try_from(kind(data)))
+                .map_err(|e| (name, e))
+        }
         Ok(Self {
-            services: aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(open(
-                mesh_common::map_names::SERVICE_STATS,
-            )?))?,
-            backends: aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(open(
-                mesh_common::map_names::BACKEND_STATS,
-            )?))?,
+            services: open(pins, m::SERVICE_STATS, Map::PerCpuHashMap)?,
+            backends: open(pins, m::BACKEND_STATS, Map::PerCpuHashMap)?,
+            global: open(pins, m::GLOBAL_STATS, Map::PerCpuArray)?,
             view,
         })
+    }
+
+    pub fn global(&self) -> ConnectCounts {
+        use mesh_common::global_stat as g;
+        let at = |i: u32| -> u64 { self.global.get(&i, 0).map_or(0, |v| v.iter().sum()) };
+        ConnectCounts {
+            rewritten: at(g::REWRITTEN),
+            no_backend: at(g::NO_BACKEND),
+            not_service: at(g::NOT_SERVICE),
+            table_retry: at(g::TABLE_RETRY),
+            peer_rewritten: at(g::PEER_REWRITTEN),
+            peer_rewritten_by_variant: at(g::PEER_REWRITTEN_BY_VARIANT),
+        }
+    }
+
+    /// Connects the kernel sent to each backend since it got its id.
+    pub fn per_backend(&self) -> Vec<(BackendLabel, u64)> {
+        let Ok(view) = self.view.read() else {
+            return Vec::new();
+        };
+        view.backends
+            .iter()
+            .map(|b| (*b, self.backend_total(b.id)))
+            .collect()
+    }
+
+    fn backend_total(&self, id: u32) -> u64 {
+        self.backends
+            .get(&id, 0)
+            .map_or(0, |v| v.iter().map(|s| s.connects).sum())
     }
 }
 
@@ -191,11 +288,12 @@ impl Collector for Connections {
             None,
             family,
         )?;
-        for (id, service, addr) in &view.services {
-            let n: u64 = self.services.get(id, 0).map_or(0, |v| v.iter().sum());
-            ConstCounter::new(n).encode(
-                e.encode_family(&[("service", service.as_str()), ("address", addr.as_str())])?,
-            )?;
+        for s in &view.services {
+            let n: u64 = self.services.get(&s.id, 0).map_or(0, |v| v.iter().sum());
+            ConstCounter::new(n).encode(e.encode_family(&ServiceLabels {
+                service: s.service.to_string(),
+                address: s.addr.to_string(),
+            })?)?;
         }
         let mut e = encoder.encode_descriptor(
             "backend_connections",
@@ -203,14 +301,13 @@ impl Collector for Connections {
             None,
             family,
         )?;
-        for (id, addr, proto) in &view.backends {
-            let n: u64 = self
-                .backends
-                .get(id, 0)
-                .map_or(0, |v| v.iter().map(|s| s.connects).sum());
-            ConstCounter::new(n).encode(
-                e.encode_family(&[("backend", addr.as_str()), ("protocol", proto.as_str())])?,
-            )?;
+        for b in &view.backends {
+            ConstCounter::new(self.backend_total(b.id)).encode(e.encode_family(
+                &BackendLabels {
+                    backend: b.addr.to_string(),
+                    protocol: b.proto.to_string(),
+                },
+            )?)?;
         }
         let gauge = ConstGauge::new(0i64).metric_type();
         let mut e = encoder.encode_descriptor(
@@ -219,9 +316,9 @@ impl Collector for Connections {
             None,
             gauge,
         )?;
-        for (map, entries, _) in &view.occupancy {
-            ConstGauge::new(i64::try_from(*entries).unwrap_or(i64::MAX))
-                .encode(e.encode_family(&[("map", *map)])?)?;
+        for o in &view.occupancy {
+            ConstGauge::new(i64::try_from(o.entries).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&MapLabels { map: o.map })?)?;
         }
         let mut e = encoder.encode_descriptor(
             "map_capacity",
@@ -229,9 +326,9 @@ impl Collector for Connections {
             None,
             gauge,
         )?;
-        for (map, _, capacity) in &view.occupancy {
-            ConstGauge::new(i64::try_from(*capacity).unwrap_or(i64::MAX))
-                .encode(e.encode_family(&[("map", *map)])?)?;
+        for o in &view.occupancy {
+            ConstGauge::new(i64::try_from(o.capacity).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&MapLabels { map: o.map })?)?;
         }
         Ok(())
     }

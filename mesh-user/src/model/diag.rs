@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::model::ObjectRef;
+use super::ObjectRef;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {

@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -18,10 +17,14 @@ use mesh_common::{Backend, ServiceKey, ServiceValue, SlotKey, map_names};
 use serde::Serialize;
 
 use crate::{
-    apply::{ip_from_words, service_addr},
-    compile::{BackendAddr, ServiceAddr},
-    pin::PinDir,
-    record::{AgentRecord, ServiceRecord},
+    compile::{BackendAddr, Proto, ServiceAddr},
+    kernel::{
+        codec::{backend_addr, service_addr},
+        count_keys,
+        pin::PinDir,
+        record::{self, AgentRecord, ServiceRecord},
+    },
+    model::NamespacedName,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +99,7 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
         redirect: r.redirect,
         generation: r.generation,
         applied_at_ms: r.applied_at_ms,
-        seconds_since_apply: crate::record::now_ms().saturating_sub(r.applied_at_ms) as f64 / 1e3,
+        seconds_since_apply: record::now_ms().saturating_sub(r.applied_at_ms) as f64 / 1e3,
     });
     let mut programs = Vec::new();
     let loaded: Vec<aya::programs::ProgramInfo> =
@@ -133,14 +136,7 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
         let entries = if is_array {
             None
         } else {
-            info.fd().ok().and_then(|fd| {
-                crate::sys::count_keys(
-                    fd.as_fd(),
-                    info.key_size() as usize,
-                    2 * info.max_entries() as usize + 1,
-                )
-                .ok()
-            })
+            count_keys(&info, 2 * info.max_entries() as usize + 1).ok()
         };
         maps.push(MapStatus {
             name: name.to_owned(),
@@ -208,8 +204,9 @@ pub fn print_status(s: &Status) {
 pub struct ServiceDump {
     pub vip: std::net::IpAddr,
     pub port: u16,
-    pub proto: crate::compile::Proto,
-    pub service: String,
+    pub proto: Proto,
+    /// `None`: the agent's record does not know this table.
+    pub service: Option<NamespacedName>,
     pub route: String,
     pub revision: u32,
     pub slot_count: u32,
@@ -267,12 +264,7 @@ fn read_tables(pins: &PinDir) -> Result<BTreeMap<ServiceAddr, Table>, InspectErr
                         0,
                     )
                     .ok()
-                    .and_then(|b| {
-                        Some(BackendAddr {
-                            ip: ip_from_words(b.addr, b.family)?,
-                            port: u16::from_be(b.port),
-                        })
-                    })
+                    .and_then(|b| backend_addr(&b))
             })
             .collect();
         out.insert(
@@ -288,7 +280,7 @@ fn read_tables(pins: &PinDir) -> Result<BTreeMap<ServiceAddr, Table>, InspectErr
 
 fn read_record(run_dir: &Path) -> Result<Option<AgentRecord>, InspectError> {
     AgentRecord::read(run_dir).map_err(|source| InspectError::Io {
-        path: run_dir.join(crate::record::FILE),
+        path: run_dir.join(record::FILE),
         source,
     })
 }
@@ -365,7 +357,7 @@ pub fn dump(
             vip: addr.vip,
             port: addr.port,
             proto: addr.proto,
-            service: label.map_or_else(|| "(unknown)".to_owned(), |l| l.service.clone()),
+            service: label.map(|l| l.service.clone()),
             route: label.map_or_else(String::new, |l| l.route.clone()),
             revision: table.value.revision,
             slot_count: table.value.slot_count,
@@ -381,7 +373,7 @@ pub fn print_dump(services: &[ServiceDump]) {
             "{}/{}  {}  [{}]  {} slots, revision {}",
             SocketAddr::new(s.vip, s.port),
             s.proto,
-            s.service,
+            service_name(s),
             s.route,
             s.slot_count,
             s.revision
@@ -423,7 +415,7 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
         return;
     }
     for s in services {
-        println!("{target}/{} is service {}.", s.proto, s.service);
+        println!("{target}/{} is service {}.", s.proto, service_name(s));
         println!("route: {}", s.route);
         let total: u64 = s.destinations.iter().filter_map(|d| d.weight).sum();
         if s.destinations.len() > 1 {
@@ -437,6 +429,12 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
         );
         print_destinations(s);
     }
+}
+
+fn service_name(s: &ServiceDump) -> String {
+    s.service
+        .as_ref()
+        .map_or_else(|| "(unknown)".to_owned(), ToString::to_string)
 }
 
 fn read_dir(dir: &Path) -> Vec<PathBuf> {

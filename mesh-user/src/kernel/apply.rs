@@ -6,19 +6,21 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapError, PerCpuValues};
-use mesh_common::{
-    Backend, BackendStats, EndpointKey, FAMILY_NONE, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
-    ServiceKey, ServiceValue, SlotKey,
-};
+use aya::maps::MapError;
+use mesh_common::{Backend, FAMILY_NONE, ServiceValue, SlotKey};
+use tracing::warn;
 
+use super::{
+    codec::{backend_addr, backend_value, endpoint_addr, endpoint_key, service_addr, service_key},
+    counters::{BackendLabel, Occupancy, ServiceLabel, View},
+    maps::{CounterMap, Maps},
+};
 use crate::{
     compile::{BackendAddr, Proto, ServiceAddr, ServicePlan},
-    loader::Maps,
+    model::NamespacedName,
 };
 
 /// How long a replaced table stays readable: far longer than any connect takes
@@ -29,31 +31,31 @@ pub const GRACE: Duration = Duration::from_secs(1);
 pub enum ApplyError {
     #[error("service {service} ({addr}): writing the kernel maps failed: {source}")]
     Write {
-        service: String,
+        service: NamespacedName,
         addr: ServiceAddr,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("redirect exclusion of {endpoint}: writing the kernel map failed: {source}")]
     Exclusion {
         endpoint: BackendAddr,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("service {service} ({addr}): out of {what} ids")]
     Exhausted {
-        service: String,
+        service: NamespacedName,
         addr: ServiceAddr,
         what: &'static str,
     },
 }
 
 /// What one `apply` changed.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Report {
     pub written: usize,
     pub removed: usize,
     pub unchanged: usize,
     /// Services whose write failed: their previous table (if any) stays live.
-    pub errors: Vec<String>,
+    pub errors: Vec<ApplyError>,
 }
 
 /// What [`Applier::adopt`] found.
@@ -68,7 +70,8 @@ pub struct Adopted {
 struct Live {
     service_id: u32,
     revision: u32,
-    service: String,
+    /// `None` for a table adopted from a previous agent, until it is applied again.
+    service: Option<NamespacedName>,
     slots: Vec<Option<BackendAddr>>,
 }
 
@@ -87,7 +90,6 @@ type BackendKey = (BackendAddr, Proto);
 #[derive(Debug)]
 pub struct Applier {
     maps: Maps,
-    nr_cpus: usize,
     live: BTreeMap<ServiceAddr, Live>,
     retired: Vec<Retired>,
     service_ids: IdPool,
@@ -98,35 +100,34 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(maps: Maps) -> Result<Self, std::io::Error> {
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        Ok(Self {
+    pub fn new(maps: Maps) -> Self {
+        Self {
             maps,
-            nr_cpus,
             live: BTreeMap::new(),
             retired: Vec::new(),
             service_ids: IdPool::new(mesh_common::MAX_SERVICES),
             backend_ids: BTreeMap::new(),
             backend_pool: IdPool::new(mesh_common::MAX_BACKENDS),
             excluded: BTreeSet::new(),
-        })
+        }
     }
 
     /// Makes the kernel hold exactly `desired`. A service whose write fails keeps its
-    /// previous table and is reported; the others are applied regardless.
-    pub fn apply(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>) -> Report {
+    /// previous table and is reported; the others are applied regardless. `now`
+    /// starts the grace period of the tables replaced.
+    pub fn apply(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>, now: Instant) -> Report {
         let mut report = Report::default();
         for (addr, plan) in desired {
             if let Some(live) = self.live.get_mut(addr)
                 && live.slots == plan.slots
             {
-                plan.service.clone_into(&mut live.service);
+                live.service = Some(plan.service.clone());
                 report.unchanged += 1;
                 continue;
             }
-            match self.write_service(*addr, plan) {
+            match self.write_service(*addr, plan, now) {
                 Ok(()) => report.written += 1,
-                Err(e) => report.errors.push(e.to_string()),
+                Err(e) => report.errors.push(e),
             }
         }
         let gone: Vec<ServiceAddr> = self
@@ -136,20 +137,25 @@ impl Applier {
             .copied()
             .collect();
         for addr in gone {
-            match self.remove_service(addr) {
+            match self.remove_service(addr, now) {
                 Ok(()) => report.removed += 1,
-                Err(e) => report.errors.push(e.to_string()),
+                Err(e) => report.errors.push(e),
             }
         }
-        self.collect_garbage();
+        self.collect_garbage(now);
         report
     }
 
-    fn write_service(&mut self, addr: ServiceAddr, plan: &ServicePlan) -> Result<(), ApplyError> {
+    fn write_service(
+        &mut self,
+        addr: ServiceAddr,
+        plan: &ServicePlan,
+        now: Instant,
+    ) -> Result<(), ApplyError> {
         let err = |source| ApplyError::Write {
             service: plan.service.clone(),
             addr,
-            source,
+            source: Box::new(source),
         };
         let exhausted = |what| ApplyError::Exhausted {
             service: plan.service.clone(),
@@ -164,9 +170,8 @@ impl Applier {
                     .take()
                     .ok_or_else(|| exhausted("service"))?;
                 // A reused id starts counting from zero.
-                let zero = PerCpuValues::try_from(vec![0u64; self.nr_cpus]);
-                if let Ok(zero) = zero {
-                    let _ = self.maps.service_stats.insert(id, zero, 0);
+                if let Err(e) = self.maps.service_stats.reset(id) {
+                    warn!(%addr, "cannot zero the service's connection counter: {e}");
                 }
                 (id, 1)
             }
@@ -191,7 +196,7 @@ impl Applier {
                     revision,
                     slot: slot as u32,
                 };
-                self.maps.slots.insert(key, backend, 0).map_err(err)?;
+                self.maps.slots.insert(key, backend).map_err(err)?;
                 written += 1;
             }
             // The flip: from here on new connects draw from the new revision.
@@ -203,7 +208,7 @@ impl Applier {
             };
             self.maps
                 .services
-                .insert(service_key(addr), value, 0)
+                .insert(service_key(addr), value)
                 .map_err(err)
         })();
         if let Err(e) = result {
@@ -215,9 +220,7 @@ impl Applier {
                 revision,
                 slots: plan.slots[..written as usize].to_vec(),
                 proto: addr.proto,
-                since: Instant::now()
-                    .checked_sub(GRACE)
-                    .unwrap_or_else(Instant::now),
+                since: now.checked_sub(GRACE).unwrap_or(now),
             });
             return Err(e);
         }
@@ -226,7 +229,7 @@ impl Applier {
             Live {
                 service_id,
                 revision,
-                service: plan.service.clone(),
+                service: Some(plan.service.clone()),
                 slots: plan.slots.clone(),
             },
         );
@@ -236,13 +239,13 @@ impl Applier {
                 revision: old.revision,
                 slots: old.slots,
                 proto: addr.proto,
-                since: Instant::now(),
+                since: now,
             });
         }
         Ok(())
     }
 
-    fn remove_service(&mut self, addr: ServiceAddr) -> Result<(), ApplyError> {
+    fn remove_service(&mut self, addr: ServiceAddr, now: Instant) -> Result<(), ApplyError> {
         let Some(live) = self.live.get(&addr) else {
             return Ok(());
         };
@@ -250,9 +253,9 @@ impl Applier {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
                 return Err(ApplyError::Write {
-                    service: live.service.clone(),
+                    service: live.service.clone().unwrap_or_default(),
                     addr,
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
@@ -262,18 +265,17 @@ impl Applier {
                 revision: live.revision,
                 slots: live.slots,
                 proto: addr.proto,
-                since: Instant::now(),
+                since: now,
             });
             // The id is reused only once its last table is freed (see collect_garbage).
         }
         Ok(())
     }
 
-    /// Frees tables retired more than [`GRACE`] ago, then the service and backend
-    /// ids that no live or waiting table refers to any more. Call it now and then
-    /// (the agent does each second).
-    pub fn collect_garbage(&mut self) {
-        let now = Instant::now();
+    /// Frees tables retired more than [`GRACE`] before `now`, then the service and
+    /// backend ids that no live or waiting table refers to any more. Call it now
+    /// and then (the agent does each second).
+    pub fn collect_garbage(&mut self, now: Instant) {
         let (due, keep): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut self.retired)
             .into_iter()
             .partition(|r| now.duration_since(r.since) >= GRACE);
@@ -283,11 +285,16 @@ impl Applier {
         }
         for r in &due {
             for slot in 0..r.slots.len() as u32 {
-                let _ = self.maps.slots.remove(&SlotKey {
+                let key = SlotKey {
                     service_id: r.service_id,
                     revision: r.revision,
                     slot,
-                });
+                };
+                match self.maps.slots.remove(&key) {
+                    // Absent: a partial table, or a stray one counted by its largest slot.
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => warn!(?key, "cannot free a replaced table's slot: {e}"),
+                }
             }
         }
         // Ids go back only after every due table is freed, once each, and only if
@@ -318,7 +325,7 @@ impl Applier {
             .collect();
         for k in stale {
             if let Some(id) = self.backend_ids.remove(&k) {
-                let _ = self.maps.backend_stats.remove(&id);
+                remove_counter(&mut *self.maps.backend_stats, id);
                 self.backend_pool.give(id);
             }
         }
@@ -333,13 +340,19 @@ impl Applier {
     /// live table (so an unchanged service is not rewritten: no gap, no flip), the
     /// ids it used, the per-backend counters, the redirect exclusions. Tables and
     /// counters nothing points to (an agent killed mid-update) are freed.
-    pub fn adopt(&mut self) -> Adopted {
+    pub fn adopt(&mut self, now: Instant) -> Adopted {
         let mut adopted = Adopted::default();
-        let services: Vec<(ServiceKey, ServiceValue)> =
-            self.maps.services.iter().filter_map(Result::ok).collect();
-        for (key, value) in services {
+        for key in self.maps.services.keys() {
+            let Some(value) = self.maps.services.get(&key) else {
+                continue; // removed since the walk
+            };
             let Some(addr) = service_addr(&key) else {
-                let _ = self.maps.services.remove(&key);
+                if let Err(e) = self.maps.services.remove(&key) {
+                    warn!(
+                        ?key,
+                        "cannot remove a service entry we would never write: {e}"
+                    );
+                }
                 continue;
             };
             let mut slots = Vec::with_capacity(value.slot_count as usize);
@@ -349,13 +362,8 @@ impl Applier {
                     revision: value.revision,
                     slot,
                 };
-                let backend = self.maps.slots.get(&key, 0).ok();
-                let target = backend.and_then(|b| {
-                    let ip = ip_from_words(b.addr, b.family)?;
-                    let target = BackendAddr {
-                        ip,
-                        port: u16::from_be(b.port),
-                    };
+                let target = self.maps.slots.get(&key).and_then(|b| {
+                    let target = backend_addr(&b)?;
                     self.backend_ids.insert((target, addr.proto), b.backend_id);
                     self.backend_pool.reserve(b.backend_id);
                     Some(target)
@@ -368,7 +376,7 @@ impl Applier {
                 Live {
                     service_id: value.service_id,
                     revision: value.revision,
-                    service: "(adopted)".to_owned(),
+                    service: None,
                     slots,
                 },
             );
@@ -385,7 +393,7 @@ impl Applier {
         // still read until they are swapped out. Freed after the grace period,
         // like any retired table, their ids held until then.
         let mut stray: BTreeMap<(u32, u32), u32> = BTreeMap::new();
-        for k in self.maps.slots.keys().filter_map(Result::ok) {
+        for k in self.maps.slots.keys() {
             if !live.contains(&(k.service_id, k.revision)) {
                 let len = stray.entry((k.service_id, k.revision)).or_default();
                 *len = (*len).max(k.slot + 1);
@@ -399,45 +407,21 @@ impl Applier {
                 revision,
                 slots: vec![None; len as usize],
                 proto: Proto::Tcp,
-                since: Instant::now(),
+                since: now,
             });
         }
-        let used: BTreeSet<u32> = self.backend_ids.values().copied().collect();
-        for id in self
-            .maps
-            .backend_stats
-            .keys()
-            .filter_map(Result::ok)
-            .collect::<Vec<_>>()
-        {
-            if !used.contains(&id) {
-                let _ = self.maps.backend_stats.remove(&id);
-            }
-        }
+        // Counters nothing refers to any more.
+        let backend_ids: BTreeSet<u32> = self.backend_ids.values().copied().collect();
+        prune_counters(&mut *self.maps.backend_stats, &backend_ids);
         let service_ids: BTreeSet<u32> = self.live.values().map(|l| l.service_id).collect();
-        for id in self
-            .maps
-            .service_stats
-            .keys()
-            .filter_map(Result::ok)
-            .collect::<Vec<_>>()
-        {
-            if !service_ids.contains(&id) {
-                let _ = self.maps.service_stats.remove(&id);
-            }
-        }
+        prune_counters(&mut *self.maps.service_stats, &service_ids);
         adopted.backends = self.backend_ids.len();
         self.excluded = self
             .maps
             .redirect_excluded
             .keys()
-            .filter_map(Result::ok)
-            .filter_map(|k| {
-                Some(BackendAddr {
-                    ip: ip_from_words(k.addr, k.family)?,
-                    port: u16::from_be(k.port),
-                })
-            })
+            .iter()
+            .filter_map(endpoint_addr)
             .collect();
         adopted
     }
@@ -447,16 +431,17 @@ impl Applier {
             return Some(*id);
         }
         let id = self.backend_pool.take()?;
-        let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus]);
-        if zero
-            .map(|zero| self.maps.backend_stats.insert(id, zero, 0))
-            .is_ok_and(|r| r.is_ok())
-        {
-            self.backend_ids.insert((backend, proto), id);
-            return Some(id);
+        match self.maps.backend_stats.reset(id) {
+            Ok(()) => {
+                self.backend_ids.insert((backend, proto), id);
+                Some(id)
+            }
+            Err(e) => {
+                warn!(%backend, "cannot make the backend's connection counter: {e}");
+                self.backend_pool.give(id);
+                None
+            }
         }
-        self.backend_pool.give(id);
-        None
     }
 
     /// Connects the kernel has sent to each backend since it got its id, summed over
@@ -464,23 +449,7 @@ impl Applier {
     pub fn backend_connects(&self) -> BTreeMap<(BackendAddr, Proto), u64> {
         self.backend_ids
             .iter()
-            .filter_map(|(k, id)| {
-                let values = self.maps.backend_stats.get(id, 0).ok()?;
-                Some((*k, values.iter().map(|v| v.connects).sum()))
-            })
-            .collect()
-    }
-
-    /// The global per-CPU counters summed (index: `mesh_common::global_stat`).
-    pub fn global_stats(&self) -> Vec<u64> {
-        (0..mesh_common::global_stat::COUNT)
-            .map(|i| {
-                self.maps
-                    .global_stats
-                    .get(&i, 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0)
-            })
+            .filter_map(|(k, id)| Some((*k, self.maps.backend_stats.total(*id)?)))
             .collect()
     }
 
@@ -494,12 +463,15 @@ impl Applier {
             match self
                 .maps
                 .redirect_excluded
-                .insert(endpoint_key(endpoint), 0, 0)
+                .insert(endpoint_key(endpoint), 0)
             {
                 Ok(()) => {
                     self.excluded.insert(endpoint);
                 }
-                Err(source) => errors.push(ApplyError::Exclusion { endpoint, source }),
+                Err(source) => errors.push(ApplyError::Exclusion {
+                    endpoint,
+                    source: Box::new(source),
+                }),
             }
         }
         for endpoint in remove {
@@ -507,14 +479,17 @@ impl Applier {
                 Ok(()) | Err(MapError::KeyNotFound) => {
                     self.excluded.remove(&endpoint);
                 }
-                Err(source) => errors.push(ApplyError::Exclusion { endpoint, source }),
+                Err(source) => errors.push(ApplyError::Exclusion {
+                    endpoint,
+                    source: Box::new(source),
+                }),
             }
         }
         errors
     }
 
     /// Labels of the kernel's counters and the occupancy of the maps we write.
-    pub fn view(&self) -> crate::counters::View {
+    pub fn view(&self) -> View {
         use mesh_common::{self as c, map_names as m};
         let slots: usize = self.live.values().map(|l| l.slots.len()).sum::<usize>()
             + self.retired.iter().map(|r| r.slots.len()).sum::<usize>();
@@ -524,38 +499,37 @@ impl Applier {
             .map(|l| l.service_id)
             .chain(self.retired.iter().map(|r| r.service_id))
             .collect();
-        crate::counters::View {
+        let occupancy = |map, entries: usize, capacity: u32| Occupancy {
+            map,
+            entries: entries as u64,
+            capacity: u64::from(capacity),
+        };
+        View {
             services: self
                 .live
                 .iter()
-                .map(|(addr, l)| (l.service_id, l.service.clone(), addr.to_string()))
+                .filter_map(|(addr, l)| {
+                    Some(ServiceLabel {
+                        id: l.service_id,
+                        service: l.service.clone()?,
+                        addr: *addr,
+                    })
+                })
                 .collect(),
             backends: self
                 .backend_ids
                 .iter()
-                .map(|((b, proto), id)| (*id, b.to_string(), proto.to_string()))
+                .map(|(&(addr, proto), &id)| BackendLabel { id, addr, proto })
                 .collect(),
             occupancy: vec![
-                (
-                    m::SERVICES,
-                    self.live.len() as u64,
-                    u64::from(c::MAX_SERVICES),
-                ),
-                (m::SLOTS, slots as u64, u64::from(c::MAX_SLOTS)),
-                (
-                    m::BACKEND_STATS,
-                    self.backend_ids.len() as u64,
-                    u64::from(c::MAX_BACKENDS),
-                ),
-                (
-                    m::SERVICE_STATS,
-                    service_ids.len() as u64,
-                    u64::from(c::MAX_SERVICES),
-                ),
-                (
+                occupancy(m::SERVICES, self.live.len(), c::MAX_SERVICES),
+                occupancy(m::SLOTS, slots, c::MAX_SLOTS),
+                occupancy(m::BACKEND_STATS, self.backend_ids.len(), c::MAX_BACKENDS),
+                occupancy(m::SERVICE_STATS, service_ids.len(), c::MAX_SERVICES),
+                occupancy(
                     m::REDIRECT_EXCLUDED,
-                    self.excluded.len() as u64,
-                    u64::from(c::MAX_REDIRECT_EXCLUDED),
+                    self.excluded.len(),
+                    c::MAX_REDIRECT_EXCLUDED,
                 ),
             ],
         }
@@ -567,73 +541,19 @@ impl Applier {
     }
 }
 
-/// Conversions at the boundary: network byte order, as the kernel reads them.
-pub fn service_key(addr: ServiceAddr) -> ServiceKey {
-    let (words, family) = ip_words(addr.vip);
-    ServiceKey {
-        addr: words,
-        port: addr.port.to_be(),
-        proto: match addr.proto {
-            Proto::Tcp => PROTO_TCP,
-            Proto::Udp => PROTO_UDP,
-        },
-        family,
-    }
-}
-
-fn endpoint_key(endpoint: BackendAddr) -> EndpointKey {
-    let (addr, family) = ip_words(endpoint.ip);
-    EndpointKey {
-        addr,
-        port: endpoint.port.to_be(),
-        family,
-        _pad: 0,
-    }
-}
-
-fn backend_value(b: BackendAddr, backend_id: u32) -> Backend {
-    let (addr, family) = ip_words(b.ip);
-    Backend {
-        addr,
-        port: b.port.to_be(),
-        family,
-        _pad: 0,
-        backend_id,
-    }
-}
-
-/// The inverse of [`service_key`]; `None` for a key we would never write.
-pub fn service_addr(key: &ServiceKey) -> Option<ServiceAddr> {
-    Some(ServiceAddr {
-        vip: ip_from_words(key.addr, key.family)?,
-        port: u16::from_be(key.port),
-        proto: match key.proto {
-            PROTO_TCP => Proto::Tcp,
-            PROTO_UDP => Proto::Udp,
-            _ => return None,
-        },
-    })
-}
-
-/// The inverse of [`ip_words`]; `None` for another family (a "no backend" slot).
-pub fn ip_from_words(words: [u32; 4], family: u8) -> Option<IpAddr> {
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    match family {
-        FAMILY_V4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
-        FAMILY_V6 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
-}
-
-/// An address as the kernel's `__u32` words hold it (bytes in network order).
-fn ip_words(ip: IpAddr) -> ([u32; 4], u8) {
-    match ip {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+/// Removes the counters of every id not in `keep`.
+fn prune_counters(map: &mut dyn CounterMap, keep: &BTreeSet<u32>) {
+    for id in map.ids() {
+        if !keep.contains(&id) {
+            remove_counter(map, id);
         }
+    }
+}
+
+fn remove_counter(map: &mut dyn CounterMap, id: u32) {
+    match map.remove(id) {
+        Ok(()) | Err(MapError::KeyNotFound) => {}
+        Err(e) => warn!(id, "cannot remove a connection counter: {e}"),
     }
 }
 
@@ -686,29 +606,7 @@ impl IdPool {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
-
     use super::*;
-
-    #[test]
-    fn keys_are_in_network_byte_order() {
-        let key = service_key(ServiceAddr {
-            vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
-            port: 80,
-            proto: Proto::Tcp,
-        });
-        assert_eq!(bytemuck::bytes_of(&key.addr[0]), &[10, 96, 0, 1]);
-        assert_eq!(bytemuck::bytes_of(&key.port), &[0, 80]);
-        assert_eq!((key.proto, key.family), (PROTO_TCP, FAMILY_V4));
-        let v6: Ipv6Addr = "fd00::1:2".parse().unwrap_or(Ipv6Addr::LOCALHOST);
-        let key = service_key(ServiceAddr {
-            vip: IpAddr::V6(v6),
-            port: 443,
-            proto: Proto::Udp,
-        });
-        assert_eq!(bytemuck::bytes_of(&key.addr), &v6.octets());
-        assert_eq!(key.family, FAMILY_V6);
-    }
 
     #[test]
     fn adopted_ids_are_never_handed_out_again() {
@@ -717,18 +615,6 @@ mod tests {
         pool.reserve(1);
         let taken: Vec<u32> = std::iter::from_fn(|| pool.take()).collect();
         assert_eq!(taken, [0, 2, 4, 5, 6, 7, 8, 9]);
-    }
-
-    #[test]
-    fn keys_decode_back() {
-        for (vip, proto) in [("10.96.0.1", Proto::Tcp), ("fd00::1:2", Proto::Udp)] {
-            let addr = ServiceAddr {
-                vip: vip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-                port: 8080,
-                proto,
-            };
-            assert_eq!(service_addr(&service_key(addr)), Some(addr));
-        }
     }
 
     #[test]

@@ -1,0 +1,101 @@
+//! What compile produces: the desired table of each service port, and the
+//! addresses that key them. The kernel layer turns these into map entries.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Diagnostic, NamespacedName};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// A service port on one VIP: the key of a slot table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceAddr {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", SocketAddr::new(self.vip, self.port), self.proto)
+    }
+}
+
+/// Where a connection goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BackendAddr {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SocketAddr::new(self.ip, self.port).fmt(f)
+    }
+}
+
+/// What decided a service port's table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteRef {
+    /// A route of a VirtualService, by field path (`spec.http[0]`).
+    VirtualService { name: NamespacedName, field: String },
+    /// No VirtualService route applies: even balancing over the ready endpoints.
+    Even,
+}
+
+impl fmt::Display for RouteRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteRef::VirtualService { name, field } => write!(f, "VirtualService {name} {field}"),
+            RouteRef::Even => f.write_str("no VirtualService route: even balancing"),
+        }
+    }
+}
+
+/// The desired table of one service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub service: NamespacedName,
+    pub route: RouteRef,
+    /// The slot table; `None` slots refuse the connect. Empty: no backend at all.
+    pub slots: Vec<Option<BackendAddr>>,
+    /// What the table was built from: each destination of the route (a subset,
+    /// or every endpoint), its weight, and its ready endpoints of this family.
+    pub destinations: Vec<DestinationPlan>,
+}
+
+/// One weighted destination of a route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationPlan {
+    /// `host subset NAME`, `host`, or `every ready endpoint`.
+    pub name: String,
+    pub weight: u64,
+    pub backends: Vec<BackendAddr>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub services: BTreeMap<ServiceAddr, ServicePlan>,
+    /// Endpoints whose connections the same-node redirect leaves to TCP.
+    pub redirect_excluded: BTreeSet<BackendAddr>,
+    pub diagnostics: Vec<Diagnostic>,
+}

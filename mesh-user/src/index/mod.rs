@@ -1,0 +1,328 @@
+//! The index of everything the sources have said: one entry per object, with
+//! `apply` and `delete` per resource and [`Index::apply_event`] for a source's
+//! [`Event`]s. Nothing here does I/O, so every path (a relist, an object that
+//! stops converting) is unit-tested without a kernel.
+//!
+//! VirtualServices and DestinationRules are *validated* before use, in the context
+//! of the rest of the index: the index keeps the latest version the source gave and
+//! the last version that was accepted. A bad new version is rejected and the last
+//! good one keeps routing, as an admission webhook would have left the cluster.
+
+pub mod resolve;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::{
+    model::{
+        DestinationRule, Diagnostic, Fqdn, Kind, NamespacedName, ObjectRef, Resource,
+        VirtualService,
+    },
+    source::{Event, Invalid, Sourced},
+};
+
+/// An object and where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry<T> {
+    pub origin: String,
+    pub object: T,
+}
+
+/// A validated kind: the latest version, and the one in use.
+#[derive(Clone, Debug)]
+struct Validated<T> {
+    latest: Entry<T>,
+    accepted: Option<Entry<T>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    pub services: BTreeMap<NamespacedName, Entry<Service>>,
+    pub pods: BTreeMap<NamespacedName, Entry<Pod>>,
+    pub endpoint_slices: BTreeMap<NamespacedName, Entry<EndpointSlice>>,
+    virtual_services: BTreeMap<NamespacedName, Validated<VirtualService>>,
+    destination_rules: BTreeMap<NamespacedName, Validated<DestinationRule>>,
+    /// Namespaces whose Services are meshed; `None`: all (the file source).
+    pub mesh_namespaces: Option<BTreeSet<String>>,
+    /// Objects whose newest version did not convert (their last good version, if
+    /// any, stays above), with why.
+    invalid: BTreeMap<ObjectRef, Diagnostic>,
+    /// The source's own diagnostics from its last snapshot.
+    source_diagnostics: Vec<Diagnostic>,
+}
+
+fn put<T: PartialEq>(
+    map: &mut BTreeMap<NamespacedName, Entry<T>>,
+    key: NamespacedName,
+    entry: Entry<T>,
+) -> bool {
+    if map.get(&key) == Some(&entry) {
+        return false;
+    }
+    map.insert(key, entry);
+    true
+}
+
+fn put_validated<T: PartialEq>(
+    map: &mut BTreeMap<NamespacedName, Validated<T>>,
+    key: NamespacedName,
+    latest: Entry<T>,
+) -> bool {
+    match map.get_mut(&key) {
+        Some(v) if v.latest == latest => false,
+        Some(v) => {
+            v.latest = latest;
+            true
+        }
+        None => {
+            map.insert(
+                key,
+                Validated {
+                    latest,
+                    accepted: None,
+                },
+            );
+            true
+        }
+    }
+}
+
+impl Index {
+    /// Adds or replaces one object. Returns whether anything changed.
+    pub fn apply(&mut self, origin: &str, resource: Resource) -> bool {
+        let key = resource.object_ref().namespaced_name();
+        let origin = origin.to_owned();
+        match resource {
+            Resource::Service(o) => put(&mut self.services, key, Entry { origin, object: *o }),
+            Resource::Pod(o) => put(&mut self.pods, key, Entry { origin, object: *o }),
+            Resource::EndpointSlice(o) => {
+                put(&mut self.endpoint_slices, key, Entry { origin, object: *o })
+            }
+            Resource::VirtualService(o) => put_validated(
+                &mut self.virtual_services,
+                key,
+                Entry { origin, object: *o },
+            ),
+            Resource::DestinationRule(o) => put_validated(
+                &mut self.destination_rules,
+                key,
+                Entry { origin, object: *o },
+            ),
+        }
+    }
+
+    /// Removes one object. Returns whether it was there.
+    pub fn delete(&mut self, object: &ObjectRef) -> bool {
+        let key = object.namespaced_name();
+        match object.kind {
+            Kind::Service => self.services.remove(&key).is_some(),
+            Kind::Pod => self.pods.remove(&key).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(&key).is_some(),
+            Kind::VirtualService => self.virtual_services.remove(&key).is_some(),
+            Kind::DestinationRule => self.destination_rules.remove(&key).is_some(),
+        }
+    }
+
+    /// Takes in one event of a source. Returns whether anything changed.
+    pub fn apply_event(&mut self, event: Event) -> bool {
+        match event {
+            Event::Snapshot {
+                objects,
+                diagnostics,
+            } => {
+                let mut changed = self.source_diagnostics != diagnostics;
+                self.source_diagnostics = diagnostics;
+                let keep: BTreeSet<ObjectRef> =
+                    objects.iter().map(|s| s.object.object_ref()).collect();
+                for gone in self.object_refs().into_iter().filter(|r| !keep.contains(r)) {
+                    changed |= self.delete(&gone);
+                }
+                for Sourced { origin, object } in objects {
+                    changed |= self.apply(&origin, object);
+                }
+                changed
+            }
+            Event::Listed {
+                kind,
+                objects,
+                invalid,
+            } => self.relist(kind, objects, invalid),
+            Event::Applied(Sourced { origin, object }) => {
+                let was_invalid = self.invalid.remove(&object.object_ref()).is_some();
+                self.apply(&origin, object) | was_invalid
+            }
+            Event::Deleted(object) => {
+                let was_invalid = self.invalid.remove(&object).is_some();
+                self.delete(&object) | was_invalid
+            }
+            Event::Invalid(Invalid { object, diagnostic }) => {
+                self.invalid.insert(object, diagnostic.clone()) != Some(diagnostic)
+            }
+            Event::Namespaces(set) => {
+                let changed = self.mesh_namespaces.as_ref() != Some(&set);
+                self.mesh_namespaces = Some(set);
+                changed
+            }
+            Event::Synced => false,
+        }
+    }
+
+    /// Makes the index hold exactly `objects` of `kind`, and the last good version
+    /// of each object in `invalid` (whose newest version does not convert).
+    fn relist(&mut self, kind: Kind, objects: Vec<Sourced>, invalid: Vec<Invalid>) -> bool {
+        let mut keep: BTreeSet<ObjectRef> = objects.iter().map(|s| s.object.object_ref()).collect();
+        keep.extend(invalid.iter().map(|i| i.object.clone()));
+        let mut changed = false;
+        for gone in self
+            .object_refs()
+            .into_iter()
+            .filter(|r| r.kind == kind && !keep.contains(r))
+        {
+            changed |= self.delete(&gone);
+        }
+        let before = self.invalid.len();
+        self.invalid.retain(|r, _| r.kind != kind);
+        changed |= before != self.invalid.len();
+        for Sourced { origin, object } in objects {
+            changed |= self.apply(&origin, object);
+        }
+        for Invalid { object, diagnostic } in invalid {
+            changed |= self.invalid.insert(object, diagnostic.clone()) != Some(diagnostic);
+        }
+        changed
+    }
+
+    /// Every object the index holds, by reference.
+    pub fn object_refs(&self) -> Vec<ObjectRef> {
+        fn refs<V>(
+            kind: Kind,
+            map: &BTreeMap<NamespacedName, V>,
+        ) -> impl Iterator<Item = ObjectRef> + '_ {
+            map.keys().map(move |k| ObjectRef::new(kind, k.clone()))
+        }
+        refs(Kind::Service, &self.services)
+            .chain(refs(Kind::Pod, &self.pods))
+            .chain(refs(Kind::EndpointSlice, &self.endpoint_slices))
+            .chain(refs(Kind::VirtualService, &self.virtual_services))
+            .chain(refs(Kind::DestinationRule, &self.destination_rules))
+            .collect()
+    }
+
+    /// What the sources said is wrong: files that do not parse, objects that do
+    /// not convert.
+    pub fn source_diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.source_diagnostics.iter().chain(self.invalid.values())
+    }
+
+    /// Validates every VirtualService and DestinationRule whose latest version is
+    /// not the accepted one, accepting those that pass. Returns the reasons of every
+    /// current rejection (a rejected version is tried again on every call, so one
+    /// that only lacked context, say a DestinationRule applied after it, is accepted
+    /// as soon as that context arrives).
+    pub fn revalidate(&mut self, cluster_domain: &str) -> Vec<Diagnostic> {
+        let mut rejections = Vec::new();
+        for v in self.destination_rules.values_mut() {
+            if v.accepted.as_ref() != Some(&v.latest) {
+                let problems = validate::destination_rule(&v.latest.object);
+                settle(v, problems, &mut rejections);
+            }
+        }
+        let keys: Vec<NamespacedName> = self.virtual_services.keys().cloned().collect();
+        for k in keys {
+            let Some(v) = self.virtual_services.get(&k) else {
+                continue;
+            };
+            if v.accepted.as_ref() == Some(&v.latest) {
+                continue;
+            }
+            let problems = validate::virtual_service(&v.latest.object, self, cluster_domain);
+            if let Some(v) = self.virtual_services.get_mut(&k) {
+                settle(v, problems, &mut rejections);
+            }
+        }
+        rejections
+    }
+
+    /// Accepted VirtualServices.
+    pub fn virtual_services(&self) -> impl Iterator<Item = &Entry<VirtualService>> {
+        self.virtual_services
+            .values()
+            .filter_map(|v| v.accepted.as_ref())
+    }
+
+    /// Accepted DestinationRules.
+    pub fn destination_rules(&self) -> impl Iterator<Item = &Entry<DestinationRule>> {
+        self.destination_rules
+            .values()
+            .filter_map(|v| v.accepted.as_ref())
+    }
+
+    /// Whether Services of `namespace` are meshed.
+    pub fn is_meshed(&self, namespace: &str) -> bool {
+        self.mesh_namespaces
+            .as_ref()
+            .is_none_or(|m| m.contains(namespace))
+    }
+
+    /// The Service a fully qualified host names, if any.
+    pub fn service_by_fqdn(
+        &self,
+        fqdn: &Fqdn,
+        cluster_domain: &str,
+    ) -> Option<(NamespacedName, &Entry<Service>)> {
+        let name = fqdn.service(cluster_domain)?;
+        let entry = self.services.get(&name)?;
+        Some((name, entry))
+    }
+
+    /// The accepted DestinationRule for a Service FQDN: a rule in the Service's own
+    /// namespace first (Istio looks there before elsewhere), then the best host match.
+    pub fn destination_rule_for(
+        &self,
+        fqdn: &Fqdn,
+        cluster_domain: &str,
+    ) -> Option<&Entry<DestinationRule>> {
+        let service_ns = fqdn.service(cluster_domain).map(|s| s.namespace);
+        self.destination_rules()
+            .filter_map(|entry| {
+                let ns = NamespacedName::from_meta(&entry.object.metadata).namespace;
+                let pattern = Fqdn::qualify(&entry.object.spec.host, &ns, cluster_domain);
+                let rank = pattern.match_rank(fqdn)?;
+                Some(((Some(&ns) == service_ns.as_ref(), rank), entry))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            // max_by_key keeps the last of equals; iterate in reverse so the first
+            // (by namespace/name) wins ties.
+            .rev()
+            .max_by_key(|(rank, _)| *rank)
+            .map(|(_, entry)| entry)
+    }
+}
+
+fn settle<T: Clone>(
+    v: &mut Validated<T>,
+    problems: Vec<Diagnostic>,
+    rejections: &mut Vec<Diagnostic>,
+) {
+    if problems.is_empty() {
+        v.accepted = Some(v.latest.clone());
+    } else {
+        let keeping = if v.accepted.is_some() {
+            "the last accepted version stays in effect"
+        } else {
+            "not applied"
+        };
+        rejections.extend(problems.into_iter().map(|d| {
+            let message = format!("{} (rejected; {keeping})", d.message);
+            Diagnostic { message, ..d }.with_origin(&v.latest.origin)
+        }));
+    }
+}

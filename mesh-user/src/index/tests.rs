@@ -1,0 +1,191 @@
+//! The index as the sources drive it: relists, objects that stop converting,
+//! snapshots, namespaces; built from small object builders.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+use super::*;
+use crate::model::istio::{Destination, HttpRoute, RouteDestination, VirtualServiceSpec};
+
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.to_owned()),
+        name: Some(name.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn service(namespace: &str, name: &str) -> Resource {
+    Resource::Service(Box::new(Service {
+        metadata: meta(namespace, name),
+        ..Default::default()
+    }))
+}
+
+/// A VirtualService sending everything to `host`.
+fn vs(name: &str, host: &str) -> Resource {
+    Resource::VirtualService(Box::new(VirtualService {
+        metadata: meta("prod", name),
+        spec: VirtualServiceSpec {
+            hosts: vec![host.to_owned()],
+            http: vec![HttpRoute {
+                route: vec![RouteDestination {
+                    destination: Destination {
+                        host: host.to_owned(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    }))
+}
+
+fn sourced(object: Resource) -> Sourced {
+    Sourced {
+        origin: "kubernetes".to_owned(),
+        object,
+    }
+}
+
+fn invalid(object: &Resource) -> Invalid {
+    let object = object.object_ref();
+    Invalid {
+        diagnostic: Diagnostic::error(&object, "spec.http[0].route[0].weight", "not a number"),
+        object,
+    }
+}
+
+/// The accepted VirtualServices' hosts.
+fn routed_hosts(index: &mut Index) -> Vec<String> {
+    index.revalidate("cluster.local");
+    index
+        .virtual_services()
+        .flat_map(|e| e.object.spec.hosts.clone())
+        .collect()
+}
+
+fn with_web() -> Index {
+    let mut index = Index::default();
+    index.apply_event(Event::Listed {
+        kind: Kind::Service,
+        objects: vec![
+            sourced(service("prod", "web")),
+            sourced(service("prod", "db")),
+        ],
+        invalid: Vec::new(),
+    });
+    index
+}
+
+#[test]
+fn a_relist_keeps_the_last_good_version_of_an_object_that_no_longer_converts() {
+    let mut index = with_web();
+    let good = vs("web", "web");
+    assert!(index.apply_event(Event::Applied(sourced(good.clone()))));
+    assert_eq!(routed_hosts(&mut index), ["web"]);
+    // The watch is gone for a while (410 Gone); meanwhile the object was edited
+    // into something that does not convert. The relist says so.
+    assert!(index.apply_event(Event::Listed {
+        kind: Kind::VirtualService,
+        objects: Vec::new(),
+        invalid: vec![invalid(&good)],
+    }));
+    assert_eq!(
+        routed_hosts(&mut index),
+        ["web"],
+        "the last good version routes"
+    );
+    let reported: Vec<String> = index
+        .source_diagnostics()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert!(reported[0].contains("VirtualService prod/web"));
+    // A valid version clears the report.
+    assert!(index.apply_event(Event::Applied(sourced(vs("web", "db")))));
+    assert_eq!(routed_hosts(&mut index), ["db"]);
+    assert_eq!(index.source_diagnostics().count(), 0);
+}
+
+#[test]
+fn a_relist_removes_what_is_gone_and_clears_what_it_lists_valid() {
+    let mut index = with_web();
+    let (a, b) = (vs("a", "web"), vs("b", "db"));
+    index.apply_event(Event::Applied(sourced(a.clone())));
+    index.apply_event(Event::Invalid(invalid(&b)));
+    assert_eq!(index.source_diagnostics().count(), 1);
+    // Relisted: `a` was deleted while the watch was away, `b` is valid now.
+    assert!(index.apply_event(Event::Listed {
+        kind: Kind::VirtualService,
+        objects: vec![sourced(b)],
+        invalid: Vec::new(),
+    }));
+    assert_eq!(routed_hosts(&mut index), ["db"]);
+    assert_eq!(index.source_diagnostics().count(), 0);
+    // Another kind's relist leaves these alone.
+    assert!(!index.apply_event(Event::Listed {
+        kind: Kind::Service,
+        objects: vec![
+            sourced(service("prod", "web")),
+            sourced(service("prod", "db"))
+        ],
+        invalid: Vec::new(),
+    }));
+    assert_eq!(routed_hosts(&mut index), ["db"]);
+}
+
+#[test]
+fn an_invalid_report_of_a_deleted_object_goes_with_it() {
+    let mut index = with_web();
+    let a = vs("a", "web");
+    index.apply_event(Event::Applied(sourced(a.clone())));
+    assert!(index.apply_event(Event::Invalid(invalid(&a))));
+    assert!(
+        !index.apply_event(Event::Invalid(invalid(&a))),
+        "the same report twice is no change"
+    );
+    assert_eq!(routed_hosts(&mut index), ["web"]);
+    assert!(index.apply_event(Event::Deleted(a.object_ref())));
+    assert!(routed_hosts(&mut index).is_empty());
+    assert_eq!(index.source_diagnostics().count(), 0);
+}
+
+#[test]
+fn a_snapshot_makes_the_index_hold_exactly_it() {
+    let mut index = with_web();
+    let snapshot = |objects: Vec<Resource>| Event::Snapshot {
+        objects: objects
+            .into_iter()
+            .map(|object| Sourced {
+                origin: "a.yaml".to_owned(),
+                object,
+            })
+            .collect(),
+        diagnostics: Vec::new(),
+    };
+    assert!(index.apply_event(snapshot(vec![service("prod", "web"), vs("a", "web")])));
+    assert!(!index.apply_event(snapshot(vec![service("prod", "web"), vs("a", "web")])));
+    let refs: Vec<String> = index
+        .object_refs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(refs, ["Service prod/web", "VirtualService prod/a"]);
+}
+
+#[test]
+fn namespaces_decide_what_is_meshed() {
+    let mut index = Index::default();
+    assert!(
+        index.is_meshed("anything"),
+        "a folder meshes every namespace"
+    );
+    assert!(index.apply_event(Event::Namespaces(BTreeSet::from(["prod".to_owned()]))));
+    assert!(index.is_meshed("prod") && !index.is_meshed("dev"));
+    assert!(!index.apply_event(Event::Namespaces(BTreeSet::from(["prod".to_owned()]))));
+    assert!(!index.apply_event(Event::Synced));
+}

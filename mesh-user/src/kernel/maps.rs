@@ -1,0 +1,264 @@
+//! The maps [`super::apply::Applier`] writes, behind two small traits, so that
+//! apply's logic (revision flips, clean-up, id reuse, adoption) is unit-tested
+//! against in-memory maps ([`fake`]) and runs on the kernel's pinned maps
+//! unchanged.
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use mesh_common::{Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey};
+
+/// A hash map of the kernel's, as apply uses it.
+pub trait KernelMap<K, V> {
+    fn get(&self, key: &K) -> Option<V>;
+    fn insert(&mut self, key: K, value: V) -> Result<(), MapError>;
+    /// `MapError::KeyNotFound` when absent.
+    fn remove(&mut self, key: &K) -> Result<(), MapError>;
+    fn keys(&self) -> Vec<K>;
+}
+
+/// Per-CPU counters by id (connections per service, per backend).
+pub trait CounterMap {
+    /// Sets the id's counters to zero on every CPU (a new or reused id).
+    fn reset(&mut self, id: u32) -> Result<(), MapError>;
+    fn remove(&mut self, id: u32) -> Result<(), MapError>;
+    fn ids(&self) -> Vec<u32>;
+    /// The id's count, summed over CPUs.
+    fn total(&self, id: u32) -> Option<u64>;
+}
+
+/// Every map apply writes.
+pub struct Maps {
+    pub services: Box<dyn KernelMap<ServiceKey, ServiceValue> + Send + Sync>,
+    pub slots: Box<dyn KernelMap<SlotKey, Backend> + Send + Sync>,
+    pub service_stats: Box<dyn CounterMap + Send + Sync>,
+    pub backend_stats: Box<dyn CounterMap + Send + Sync>,
+    pub redirect_excluded: Box<dyn KernelMap<EndpointKey, u32> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maps").finish_non_exhaustive()
+    }
+}
+
+impl<K: aya::Pod, V: aya::Pod> KernelMap<K, V> for HashMap<MapData, K, V> {
+    fn get(&self, key: &K) -> Option<V> {
+        HashMap::get(self, key, 0).ok()
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Result<(), MapError> {
+        HashMap::insert(self, key, value, 0)
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), MapError> {
+        HashMap::remove(self, key)
+    }
+
+    fn keys(&self) -> Vec<K> {
+        HashMap::keys(self).filter_map(Result::ok).collect()
+    }
+}
+
+/// A per-CPU counter value: what it counts.
+pub trait Counter: aya::Pod + Default {
+    fn count(&self) -> u64;
+}
+
+impl Counter for u64 {
+    fn count(&self) -> u64 {
+        *self
+    }
+}
+
+impl Counter for BackendStats {
+    fn count(&self) -> u64 {
+        self.connects
+    }
+}
+
+/// A pinned per-CPU hash of counters.
+pub struct PerCpuCounters<T: Counter> {
+    map: PerCpuHashMap<MapData, u32, T>,
+    nr_cpus: usize,
+}
+
+impl<T: Counter> std::fmt::Debug for PerCpuCounters<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerCpuCounters")
+            .field("nr_cpus", &self.nr_cpus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Counter> PerCpuCounters<T> {
+    pub fn new(map: PerCpuHashMap<MapData, u32, T>) -> Result<Self, std::io::Error> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        Ok(Self { map, nr_cpus })
+    }
+}
+
+impl<T: Counter> CounterMap for PerCpuCounters<T> {
+    fn reset(&mut self, id: u32) -> Result<(), MapError> {
+        let zero =
+            PerCpuValues::try_from(vec![T::default(); self.nr_cpus]).map_err(|io_error| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-CPU values",
+                    io_error,
+                })
+            })?;
+        self.map.insert(id, zero, 0)
+    }
+
+    fn remove(&mut self, id: u32) -> Result<(), MapError> {
+        self.map.remove(&id)
+    }
+
+    fn ids(&self) -> Vec<u32> {
+        self.map.keys().filter_map(Result::ok).collect()
+    }
+
+    fn total(&self, id: u32) -> Option<u64> {
+        let values = self.map.get(&id, 0).ok()?;
+        Some(values.iter().map(Counter::count).sum())
+    }
+}
+
+/// In-memory maps with the kernel's capacity behaviour, for unit tests. Each
+/// handle shares its contents with its clones, so a test can look inside maps
+/// it handed to an applier, or hand the same maps to a second one (a restart).
+#[cfg(test)]
+pub mod fake {
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+
+    #[derive(Debug)]
+    pub struct State<K, V> {
+        pub entries: BTreeMap<K, V>,
+        pub capacity: usize,
+        /// Inserts so far (a test counts rewrites with it).
+        pub inserts: usize,
+        /// Fail every insert once this many more have succeeded.
+        pub fail_after: Option<usize>,
+    }
+
+    #[derive(Debug)]
+    pub struct FakeMap<K, V>(pub Arc<Mutex<State<K, V>>>);
+
+    impl<K, V> Clone for FakeMap<K, V> {
+        fn clone(&self) -> Self {
+            Self(self.0.clone())
+        }
+    }
+
+    impl<K: Ord, V> FakeMap<K, V> {
+        pub fn with_capacity(capacity: usize) -> Self {
+            Self(Arc::new(Mutex::new(State {
+                entries: BTreeMap::new(),
+                capacity,
+                inserts: 0,
+                fail_after: None,
+            })))
+        }
+
+        pub fn state(&self) -> std::sync::MutexGuard<'_, State<K, V>> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+
+    fn errno(call: &'static str, code: i32) -> MapError {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call,
+            io_error: std::io::Error::from_raw_os_error(code),
+        })
+    }
+
+    impl<K: Ord + Clone, V: Clone> KernelMap<K, V> for FakeMap<K, V> {
+        fn get(&self, key: &K) -> Option<V> {
+            self.state().entries.get(key).cloned()
+        }
+
+        fn insert(&mut self, key: K, value: V) -> Result<(), MapError> {
+            let mut s = self.state();
+            match &mut s.fail_after {
+                Some(0) => return Err(errno("bpf_map_update_elem", libc::EIO)),
+                Some(n) => *n -= 1,
+                None => {}
+            }
+            if !s.entries.contains_key(&key) && s.entries.len() >= s.capacity {
+                // What the kernel answers for a full hash map.
+                return Err(errno("bpf_map_update_elem", libc::E2BIG));
+            }
+            s.inserts += 1;
+            s.entries.insert(key, value);
+            Ok(())
+        }
+
+        fn remove(&mut self, key: &K) -> Result<(), MapError> {
+            self.state()
+                .entries
+                .remove(key)
+                .map(drop)
+                .ok_or(MapError::KeyNotFound)
+        }
+
+        fn keys(&self) -> Vec<K> {
+            self.state().entries.keys().cloned().collect()
+        }
+    }
+
+    impl CounterMap for FakeMap<u32, u64> {
+        fn reset(&mut self, id: u32) -> Result<(), MapError> {
+            KernelMap::insert(self, id, 0)
+        }
+
+        fn remove(&mut self, id: u32) -> Result<(), MapError> {
+            KernelMap::remove(self, &id)
+        }
+
+        fn ids(&self) -> Vec<u32> {
+            self.keys()
+        }
+
+        fn total(&self, id: u32) -> Option<u64> {
+            self.get(&id)
+        }
+    }
+
+    /// A set of fake maps, and the handles a test keeps to look inside.
+    #[derive(Clone, Debug)]
+    pub struct FakeMaps {
+        pub services: FakeMap<ServiceKey, ServiceValue>,
+        pub slots: FakeMap<SlotKey, Backend>,
+        pub service_stats: FakeMap<u32, u64>,
+        pub backend_stats: FakeMap<u32, u64>,
+        pub redirect_excluded: FakeMap<EndpointKey, u32>,
+    }
+
+    impl FakeMaps {
+        /// Room for `services` service ports and `slots` slots.
+        pub fn new(services: usize, slots: usize) -> Self {
+            Self {
+                services: FakeMap::with_capacity(services),
+                slots: FakeMap::with_capacity(slots),
+                service_stats: FakeMap::with_capacity(services),
+                backend_stats: FakeMap::with_capacity(slots),
+                redirect_excluded: FakeMap::with_capacity(64),
+            }
+        }
+
+        pub fn maps(&self) -> Maps {
+            Maps {
+                services: Box::new(self.services.clone()),
+                slots: Box::new(self.slots.clone()),
+                service_stats: Box::new(self.service_stats.clone()),
+                backend_stats: Box::new(self.backend_stats.clone()),
+                redirect_excluded: Box::new(self.redirect_excluded.clone()),
+            }
+        }
+    }
+}

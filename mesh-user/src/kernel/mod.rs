@@ -1,0 +1,16 @@
+//! The kernel side of the agent: loading and attaching the programs
+//! ([`loader`]), our directory in bpffs ([`pin`]), the maps and the only code
+//! that writes them ([`apply`], through [`maps`] and [`codec`]), the raw
+//! syscalls aya lacks ([`sys`]), the kernel's counters ([`counters`]), and the
+//! agent's record of what the tables mean ([`record`]).
+
+pub mod apply;
+pub mod codec;
+pub mod counters;
+pub mod loader;
+pub mod maps;
+pub mod pin;
+pub mod record;
+mod sys;
+
+pub use sys::count_keys;
