@@ -13,6 +13,12 @@ use aya::maps::MapError;
 use mesh_common::{Backend, FAMILY_NONE, ServiceValue, SlotKey};
 use tracing::warn;
 
+mod ids;
+#[cfg(test)]
+mod tests;
+
+use ids::IdPool;
+
 use super::{
     codec::{backend_addr, backend_value, endpoint_addr, endpoint_key, service_addr, service_key},
     counters::{BackendLabel, Occupancy, ServiceLabel, View},
@@ -163,7 +169,7 @@ impl Applier {
             what,
         };
         let (service_id, revision) = match self.live.get(&addr) {
-            Some(live) => (live.service_id, live.revision.wrapping_add(1)),
+            Some(live) => (live.service_id, self.next_revision(live)),
             None => {
                 let id = self
                     .service_ids
@@ -243,6 +249,21 @@ impl Applier {
             });
         }
         Ok(())
+    }
+
+    /// The revision after `live`'s that no table waiting to be freed uses: a
+    /// stray table adopted after a restart may hold the very next one, and
+    /// writing over it would have the new live table freed with it.
+    fn next_revision(&self, live: &Live) -> u32 {
+        let mut revision = live.revision.wrapping_add(1);
+        while self
+            .retired
+            .iter()
+            .any(|r| r.service_id == live.service_id && r.revision == revision)
+        {
+            revision = revision.wrapping_add(1);
+        }
+        revision
     }
 
     fn remove_service(&mut self, addr: ServiceAddr, now: Instant) -> Result<(), ApplyError> {
@@ -329,11 +350,6 @@ impl Applier {
                 self.backend_pool.give(id);
             }
         }
-    }
-
-    /// Whether replaced tables are still waiting for their grace period.
-    pub fn has_retired(&self) -> bool {
-        !self.retired.is_empty()
     }
 
     /// Takes over what a previous agent left in the pinned maps: every service's
@@ -444,15 +460,6 @@ impl Applier {
         }
     }
 
-    /// Connects the kernel has sent to each backend since it got its id, summed over
-    /// CPUs.
-    pub fn backend_connects(&self) -> BTreeMap<(BackendAddr, Proto), u64> {
-        self.backend_ids
-            .iter()
-            .filter_map(|(k, id)| Some((*k, self.maps.backend_stats.total(*id)?)))
-            .collect()
-    }
-
     /// Makes the kernel's redirect exclusions exactly `desired`; a failed write is
     /// reported and tried again on the next call.
     pub fn apply_excluded(&mut self, desired: &BTreeSet<BackendAddr>) -> Vec<ApplyError> {
@@ -554,78 +561,5 @@ fn remove_counter(map: &mut dyn CounterMap, id: u32) {
     match map.remove(id) {
         Ok(()) | Err(MapError::KeyNotFound) => {}
         Err(e) => warn!(id, "cannot remove a connection counter: {e}"),
-    }
-}
-
-/// Small ids, reused after release.
-#[derive(Debug)]
-struct IdPool {
-    next: u32,
-    max: u32,
-    free: BTreeSet<u32>,
-}
-
-impl IdPool {
-    fn new(max: u32) -> Self {
-        Self {
-            next: 0,
-            max,
-            free: BTreeSet::new(),
-        }
-    }
-
-    fn take(&mut self) -> Option<u32> {
-        if let Some(id) = self.free.pop_first() {
-            return Some(id);
-        }
-        (self.next < self.max).then(|| {
-            self.next += 1;
-            self.next - 1
-        })
-    }
-
-    /// Marks `id` as taken (adopted from a previous agent).
-    fn reserve(&mut self, id: u32) {
-        if id >= self.max {
-            return;
-        }
-        while self.next <= id {
-            self.free.insert(self.next);
-            self.next += 1;
-        }
-        self.free.remove(&id);
-    }
-
-    /// Returns an id; giving one twice is harmless (it is handed out once).
-    fn give(&mut self, id: u32) {
-        if id < self.next {
-            self.free.insert(id);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adopted_ids_are_never_handed_out_again() {
-        let mut pool = IdPool::new(10);
-        pool.reserve(3);
-        pool.reserve(1);
-        let taken: Vec<u32> = std::iter::from_fn(|| pool.take()).collect();
-        assert_eq!(taken, [0, 2, 4, 5, 6, 7, 8, 9]);
-    }
-
-    #[test]
-    fn ids_are_reused() {
-        let mut pool = IdPool::new(2);
-        assert_eq!(
-            (pool.take(), pool.take(), pool.take()),
-            (Some(0), Some(1), None)
-        );
-        pool.give(0);
-        pool.give(0);
-        assert_eq!((pool.take(), pool.take()), (Some(0), None));
     }
 }

@@ -1,0 +1,356 @@
+//! apply's logic against in-memory maps with the kernel's capacity behaviour:
+//! what a connect could read at each step, without a kernel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use mesh_common::{ServiceValue, SlotKey};
+
+use super::{Applier, GRACE};
+use crate::{
+    compile::{BackendAddr, Proto, RouteRef, ServiceAddr, ServicePlan},
+    kernel::{
+        codec::{backend_addr, service_key},
+        maps::fake::FakeMaps,
+    },
+    model::NamespacedName,
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+fn addr(vip: &str) -> ServiceAddr {
+    ServiceAddr {
+        vip: ip(vip),
+        port: 80,
+        proto: Proto::Tcp,
+    }
+}
+
+/// A table over `backends` (host parts of 10.244.0.x, port 5000), one slot each.
+fn plan(name: &str, backends: &[u8]) -> ServicePlan {
+    ServicePlan {
+        service: NamespacedName::new("prod", name),
+        route: RouteRef::Even,
+        slots: backends
+            .iter()
+            .map(|&b| {
+                Some(BackendAddr {
+                    ip: IpAddr::from([10, 244, 0, b]),
+                    port: 5000,
+                })
+            })
+            .collect(),
+        destinations: Vec::new(),
+    }
+}
+
+fn desired(plans: &[(&str, ServicePlan)]) -> BTreeMap<ServiceAddr, ServicePlan> {
+    plans
+        .iter()
+        .map(|(vip, p)| (addr(vip), p.clone()))
+        .collect()
+}
+
+/// What a connect to `vip` reads now: the service entry, and the table it names.
+fn table(maps: &FakeMaps, vip: &str) -> Option<(ServiceValue, Vec<Option<BackendAddr>>)> {
+    let value = *maps.services.state().entries.get(&service_key(addr(vip)))?;
+    let slots = maps.slots.state();
+    let table = (0..value.slot_count)
+        .map(|slot| {
+            let key = SlotKey {
+                service_id: value.service_id,
+                revision: value.revision,
+                slot,
+            };
+            slots.entries.get(&key).and_then(backend_addr)
+        })
+        .collect();
+    Some((value, table))
+}
+
+/// [`table`], for a service that must have one (an empty table otherwise).
+fn live(maps: &FakeMaps, vip: &str) -> (ServiceValue, Vec<Option<BackendAddr>>) {
+    table(maps, vip).unwrap_or_else(|| (bytemuck::Zeroable::zeroed(), Vec::new()))
+}
+
+/// The (service id, revision) pairs the slot map holds tables of.
+fn revisions(maps: &FakeMaps) -> BTreeSet<(u32, u32)> {
+    maps.slots
+        .state()
+        .entries
+        .keys()
+        .map(|k| (k.service_id, k.revision))
+        .collect()
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn a_change_is_a_new_revision_flipped_in_one_write_and_the_old_one_freed_after_the_grace() {
+    let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[1, 2]))]), t0);
+    assert_eq!((report.written, report.errors.len()), (1, 0));
+    let (v1, slots) = live(&maps, "10.96.0.1");
+    assert_eq!((v1.revision, slots.len()), (1, 2));
+
+    let entry_writes = maps.services.state().inserts;
+    let changed = desired(&[("10.96.0.1", plan("web", &[1, 2, 3]))]);
+    applier.apply(&changed, t0 + ms(1));
+    assert_eq!(maps.services.state().inserts, entry_writes + 1, "one flip");
+    let (v2, slots) = live(&maps, "10.96.0.1");
+    assert_eq!((v2.service_id, v2.revision), (v1.service_id, 2));
+    assert_eq!(slots.iter().flatten().count(), 3, "the new table, whole");
+    // A connect that read the old entry just before the flip still finds its table.
+    assert_eq!(
+        revisions(&maps),
+        BTreeSet::from([(v1.service_id, 1), (v1.service_id, 2)])
+    );
+    applier.collect_garbage(t0 + ms(1) + GRACE - ms(1));
+    assert_eq!(revisions(&maps).len(), 2, "still within the grace period");
+    applier.collect_garbage(t0 + ms(1) + GRACE);
+    assert_eq!(revisions(&maps), BTreeSet::from([(v1.service_id, 2)]));
+
+    // The same table again writes nothing.
+    let (slot_writes, entry_writes) = (maps.slots.state().inserts, maps.services.state().inserts);
+    let report = applier.apply(&changed, t0 + ms(2) + GRACE);
+    assert_eq!((report.written, report.unchanged), (0, 1));
+    assert_eq!(
+        (maps.slots.state().inserts, maps.services.state().inserts),
+        (slot_writes, entry_writes)
+    );
+}
+
+#[test]
+fn a_failed_write_leaves_the_live_table_and_its_partial_revision_is_freed() {
+    let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    applier.apply(&desired(&[("10.96.0.1", plan("web", &[1, 2]))]), t0);
+    let before = table(&maps, "10.96.0.1");
+
+    maps.slots.state().fail_after = Some(1); // the second slot of the new table fails
+    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t0);
+    assert_eq!(report.errors.len(), 1);
+    let message = report.errors[0].to_string();
+    assert!(
+        message.contains("prod/web") && message.contains("10.96.0.1:80/TCP"),
+        "{message}"
+    );
+    assert_eq!(
+        table(&maps, "10.96.0.1"),
+        before,
+        "connects still read the old table"
+    );
+    // The partial table was freed in the same pass: nothing points to it.
+    assert_eq!(revisions(&maps).len(), 1);
+
+    maps.slots.state().fail_after = None;
+    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t0);
+    assert!(report.errors.is_empty());
+    let (value, slots) = live(&maps, "10.96.0.1");
+    assert_eq!((value.revision, slots.iter().flatten().count()), (2, 3));
+}
+
+#[test]
+fn a_new_service_that_fails_gives_its_id_back() {
+    let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    maps.slots.state().fail_after = Some(0);
+    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[1]))]), t0);
+    assert_eq!(report.errors.len(), 1);
+    assert!(table(&maps, "10.96.0.1").is_none(), "no entry was flipped");
+    maps.slots.state().fail_after = None;
+    applier.apply(&desired(&[("10.96.0.2", plan("db", &[1]))]), t0 + ms(1));
+    let (value, _) = live(&maps, "10.96.0.2");
+    assert_eq!(value.service_id, 0, "the failed service's id was reused");
+}
+
+#[test]
+fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from_zero() {
+    let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    applier.apply(
+        &desired(&[
+            ("10.96.0.1", plan("a", &[1])),
+            ("10.96.0.2", plan("b", &[2])),
+        ]),
+        t0,
+    );
+    let id_a = table(&maps, "10.96.0.1").map(|(v, _)| v.service_id);
+    assert_eq!(id_a, Some(0));
+    maps.service_stats.state().entries.insert(0, 42); // a's connections
+
+    let report = applier.apply(&desired(&[("10.96.0.2", plan("b", &[2]))]), t0 + ms(1));
+    assert_eq!(report.removed, 1);
+    assert!(table(&maps, "10.96.0.1").is_none());
+    applier.apply(
+        &desired(&[
+            ("10.96.0.2", plan("b", &[2])),
+            ("10.96.0.3", plan("c", &[3])),
+        ]),
+        t0 + ms(2),
+    );
+    assert_eq!(
+        table(&maps, "10.96.0.3").map(|(v, _)| v.service_id),
+        Some(2),
+        "a's id is not reused while its table may still be read"
+    );
+
+    applier.collect_garbage(t0 + ms(1) + GRACE);
+    applier.apply(
+        &desired(&[
+            ("10.96.0.2", plan("b", &[2])),
+            ("10.96.0.3", plan("c", &[3])),
+            ("10.96.0.4", plan("d", &[4])),
+        ]),
+        t0 + ms(3) + GRACE,
+    );
+    assert_eq!(
+        table(&maps, "10.96.0.4").map(|(v, _)| v.service_id),
+        Some(0)
+    );
+    assert_eq!(
+        maps.service_stats.state().entries.get(&0),
+        Some(&0),
+        "d does not inherit a's connection count"
+    );
+}
+
+#[test]
+fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
+    let maps = FakeMaps::new(16, 64);
+    let t0 = Instant::now();
+    let config = desired(&[
+        ("10.96.0.1", plan("a", &[1, 2])),
+        ("10.96.0.2", plan("b", &[2, 3])),
+    ]);
+    Applier::new(maps.maps()).apply(&config, t0);
+    let before: Vec<_> = ["10.96.0.1", "10.96.0.2"]
+        .iter()
+        .map(|vip| table(&maps, vip))
+        .collect();
+
+    let mut restarted = Applier::new(maps.maps());
+    let adopted = restarted.adopt(t0 + ms(5));
+    assert_eq!(
+        (adopted.services, adopted.backends, adopted.stray_slots),
+        (2, 3, 0)
+    );
+    let writes = (maps.slots.state().inserts, maps.services.state().inserts);
+    let report = restarted.apply(&config, t0 + ms(5));
+    assert_eq!((report.written, report.unchanged), (0, 2));
+    assert_eq!(
+        (maps.slots.state().inserts, maps.services.state().inserts),
+        writes,
+        "nothing rewritten"
+    );
+    let after: Vec<_> = ["10.96.0.1", "10.96.0.2"]
+        .iter()
+        .map(|vip| table(&maps, vip))
+        .collect();
+    assert_eq!(after, before);
+    // Labels come back with the first apply.
+    let view = restarted.view();
+    assert_eq!(view.services.len(), 2);
+    assert_eq!(view.services[0].service.to_string(), "prod/a");
+}
+
+#[test]
+fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision() {
+    let maps = FakeMaps::new(16, 64);
+    let t0 = Instant::now();
+    let mut first = Applier::new(maps.maps());
+    first.apply(&desired(&[("10.96.0.1", plan("web", &[1, 2]))]), t0);
+    // The agent dies between writing a new revision and flipping the entry to it.
+    maps.services.state().fail_after = Some(0);
+    first.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t0);
+    drop(first);
+    maps.services.state().fail_after = None;
+    // (In this simulation the dying agent freed its partial table; a real death
+    // leaves it. Put it back as the kernel would hold it.)
+    let id = table(&maps, "10.96.0.1").map_or(0, |(v, _)| v.service_id);
+    for slot in 0..3 {
+        let key = SlotKey {
+            service_id: id,
+            revision: 2,
+            slot,
+        };
+        maps.slots
+            .state()
+            .entries
+            .insert(key, bytemuck::Zeroable::zeroed());
+    }
+
+    let mut restarted = Applier::new(maps.maps());
+    let t1 = t0 + ms(10);
+    let adopted = restarted.adopt(t1);
+    assert_eq!((adopted.services, adopted.stray_slots), (1, 3));
+    // The change arrives again at once: it must not land on the stray revision,
+    // which is freed a grace period later.
+    restarted.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t1);
+    let (value, _) = live(&maps, "10.96.0.1");
+    assert_ne!(value.revision, 2, "the stray revision is not reused");
+    restarted.collect_garbage(t1 + GRACE + GRACE);
+    let (value, slots) = live(&maps, "10.96.0.1");
+    assert_eq!(
+        slots.iter().flatten().count(),
+        3,
+        "the live table survives the stray one's clean-up (revision {})",
+        value.revision
+    );
+    assert_eq!(revisions(&maps), BTreeSet::from([(id, value.revision)]));
+}
+
+#[test]
+fn a_full_slot_map_fails_one_service_and_keeps_its_previous_table_and_the_others() {
+    // Room for 6 slots: two tables of 2, and a change that needs 4 more while
+    // the old table is still held.
+    let maps = FakeMaps::new(16, 6);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    applier.apply(
+        &desired(&[
+            ("10.96.0.1", plan("a", &[1, 2])),
+            ("10.96.0.2", plan("b", &[3, 4])),
+        ]),
+        t0,
+    );
+    let (a, b) = (table(&maps, "10.96.0.1"), table(&maps, "10.96.0.2"));
+    let report = applier.apply(
+        &desired(&[
+            ("10.96.0.1", plan("a", &[1, 2, 5, 6])),
+            ("10.96.0.2", plan("b", &[3, 4])),
+        ]),
+        t0 + ms(1),
+    );
+    assert_eq!(
+        (report.written, report.unchanged, report.errors.len()),
+        (0, 1, 1)
+    );
+    let message = report.errors[0].to_string();
+    assert!(message.contains("prod/a"), "{message}");
+    assert_eq!(table(&maps, "10.96.0.1"), a);
+    assert_eq!(table(&maps, "10.96.0.2"), b);
+    assert_eq!(
+        maps.slots.state().entries.len(),
+        4,
+        "the partial table was freed"
+    );
+    let view = applier.view();
+    let slots = view
+        .occupancy
+        .iter()
+        .find(|o| o.map == mesh_common::map_names::SLOTS);
+    assert_eq!(slots.map(|o| o.entries), Some(4));
+}
