@@ -206,8 +206,9 @@ impl SockKey {
     }
 }
 
-/// `::ffff:0:0/96`'s third word, network byte order.
-const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+/// `::ffff:0:0/96`'s third word, network byte order: an IPv4-mapped IPv6
+/// address is `[0, 0, V4_MAPPED_WORD, ipv4]`.
+pub const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
 
 impl SockKey {
     /// An IPv4 connection; addresses and ports in network byte order.
@@ -268,7 +269,8 @@ fn is_loopback6(addr: &[u32; 4]) -> bool {
     *addr == [0, 0, 0, 1u32.to_be()]
 }
 
-fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+/// Whether an address (words in network byte order) is IPv4-mapped.
+pub fn is_v4_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
 }
 

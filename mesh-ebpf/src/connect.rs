@@ -3,15 +3,16 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst, ServiceKey, SlotKey, global_stat,
+    Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst, ServiceKey, SlotKey, V4_MAPPED_WORD,
+    global_stat, is_v4_mapped,
 };
 
 use crate::{
+    ctx::{read_ip6, write_ip6},
     maps::{REVNAT, SERVICES, SLOTS},
     stats::{bump, bump_backend, bump_service},
 };
@@ -21,9 +22,6 @@ const ALLOW: i32 = 1;
 /// Fail the syscall; the errno is the one set with `bpf_set_retval`.
 const REJECT: i32 = 0;
 const EHOSTUNREACH: i32 = 113;
-
-/// `::ffff:0:0/96` prefix word, network byte order.
-const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
 
 /// What a lookup decided for one connect.
 enum Verdict {
@@ -71,17 +69,18 @@ pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
 
 pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let ip = read_ip6(sa);
-    // SAFETY: valid context, 4-byte loads.
-    let (port, proto) = unsafe {
+    // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
+    // loads as the verifier requires.
+    let (ip, port, proto) = unsafe {
         (
+            read_ip6(&raw const (*sa).user_ip6),
             core::ptr::read_volatile(&(*sa).user_port),
             core::ptr::read_volatile(&(*sa).protocol),
         )
     };
     // A dual-stack socket dialling ::ffff:a.b.c.d is an IPv4 connect in disguise:
     // route it by the IPv4 table and answer in the same disguise.
-    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
+    let mapped = is_v4_mapped(&ip);
     let key = if mapped {
         ServiceKey {
             addr: [ip[3], 0, 0, 0],
@@ -114,9 +113,11 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
                 family: FAMILY_V6,
             };
             remember(ctx, &dialled);
-            write_ip6(sa, &new_ip);
-            // SAFETY: valid context; user_port is writable in connect6.
-            unsafe { core::ptr::write_volatile(&mut (*sa).user_port, u32::from(backend.port)) };
+            // SAFETY: valid context; user_ip6 and user_port are writable in connect6.
+            unsafe {
+                write_ip6(&raw mut (*sa).user_ip6, &new_ip);
+                core::ptr::write_volatile(&mut (*sa).user_port, u32::from(backend.port));
+            }
             rewritten(&backend)
         }
     }
@@ -194,28 +195,4 @@ fn remember(ctx: &SockAddrContext, dialled: &ServiceKey) {
     };
     // A full LRU evicts an old entry; an error here only costs the VIP in getpeername.
     let _ = REVNAT.insert(cookie, orig, 0);
-}
-
-#[inline(always)]
-pub fn read_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
-    // SAFETY: valid context; user_ip6 must be read one 4-byte word at a time.
-    unsafe {
-        [
-            core::ptr::read_volatile(&(*sa).user_ip6[0]),
-            core::ptr::read_volatile(&(*sa).user_ip6[1]),
-            core::ptr::read_volatile(&(*sa).user_ip6[2]),
-            core::ptr::read_volatile(&(*sa).user_ip6[3]),
-        ]
-    }
-}
-
-#[inline(always)]
-pub fn write_ip6(sa: *mut bpf_sock_addr, ip: &[u32; 4]) {
-    // SAFETY: valid context; user_ip6 must be written one 4-byte word at a time.
-    unsafe {
-        core::ptr::write_volatile(&mut (*sa).user_ip6[0], ip[0]);
-        core::ptr::write_volatile(&mut (*sa).user_ip6[1], ip[1]);
-        core::ptr::write_volatile(&mut (*sa).user_ip6[2], ip[2]);
-        core::ptr::write_volatile(&mut (*sa).user_ip6[3], ip[3]);
-    }
 }

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod connect;
+mod ctx;
 mod maps;
 mod peer;
 mod redirect;

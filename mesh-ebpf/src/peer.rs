@@ -3,7 +3,7 @@
 use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
 use mesh_common::{FAMILY_V4, FAMILY_V6, global_stat};
 
-use crate::{connect::write_ip6, maps::REVNAT, stats::bump};
+use crate::{ctx::write_ip6, maps::REVNAT, stats::bump};
 
 /// getpeername hooks cannot fail the syscall; 1 is the only valid answer.
 const OK: i32 = 1;
@@ -36,9 +36,11 @@ pub fn try_getpeername6(ctx: &SockAddrContext) -> i32 {
         && orig.family == FAMILY_V6
     {
         let sa = ctx.sock_addr;
-        write_ip6(sa, &orig.addr);
-        // SAFETY: user_port is writable in getpeername6.
-        unsafe { core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port)) };
+        // SAFETY: valid context; user_ip6 and user_port are writable in getpeername6.
+        unsafe {
+            write_ip6(&raw mut (*sa).user_ip6, &orig.addr);
+            core::ptr::write_volatile(&mut (*sa).user_port, u32::from(orig.port));
+        }
         bump(global_stat::PEER_REWRITTEN);
     }
     OK

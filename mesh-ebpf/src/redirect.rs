@@ -22,6 +22,7 @@ use aya_ebpf::{
 use mesh_common::{EndpointKey, SockKey, sock_path, sock_stat};
 
 use crate::{
+    ctx::read_ip6,
     maps::{REDIRECT_EXCLUDED, SOCK_PATH, SOCK_STATS, SOCKETS},
     stats::add,
 };
@@ -178,27 +179,13 @@ fn msg_key(ctx: &SkMsgContext) -> Option<SockKey> {
                 netns,
             )),
             AF_INET6 => Some(SockKey::v6(
-                read6(&(*md).local_ip6),
-                read6(&(*md).remote_ip6),
+                read_ip6(&raw const (*md).local_ip6),
+                read_ip6(&raw const (*md).remote_ip6),
                 local_port,
                 remote_port,
                 netns,
             )),
             _ => None,
         }
-    }
-}
-
-/// Context fields must be read one 4-byte word at a time.
-#[inline(always)]
-fn read6(words: &[u32; 4]) -> [u32; 4] {
-    // SAFETY: reads of a context field the caller holds.
-    unsafe {
-        [
-            core::ptr::read_volatile(&words[0]),
-            core::ptr::read_volatile(&words[1]),
-            core::ptr::read_volatile(&words[2]),
-            core::ptr::read_volatile(&words[3]),
-        ]
     }
 }

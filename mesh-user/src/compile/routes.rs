@@ -11,7 +11,7 @@ use crate::{
     index::{Entry, Index},
     model::{
         Diagnostic, Fqdn, Kind, NamespacedName, ObjectRef, VirtualService,
-        istio::{self, HttpRoute, RouteDestination, TcpRoute},
+        istio::{self, HttpMatch, HttpRoute, L4Match, RouteDestination, TcpRoute},
     },
 };
 
@@ -162,19 +162,7 @@ struct Candidate<'a> {
 fn http_candidate((i, route): (usize, &HttpRoute)) -> Candidate<'_> {
     Candidate {
         field: format!("spec.http[{i}]"),
-        alternatives: route
-            .matches
-            .iter()
-            .map(|m| {
-                Alternative::new(
-                    m.port,
-                    &m.gateways,
-                    m.l7.keys(),
-                    &m.source_labels,
-                    m.source_namespace.as_ref(),
-                )
-            })
-            .collect(),
+        alternatives: route.matches.iter().map(Alternative::from).collect(),
         actions: ["redirect", "directResponse"]
             .into_iter()
             .filter(|a| route.other.contains_key(*a))
@@ -188,19 +176,7 @@ fn http_candidate((i, route): (usize, &HttpRoute)) -> Candidate<'_> {
 fn tcp_candidate((i, route): (usize, &TcpRoute)) -> Candidate<'_> {
     Candidate {
         field: format!("spec.tcp[{i}]"),
-        alternatives: route
-            .matches
-            .iter()
-            .map(|m| {
-                Alternative::new(
-                    m.port,
-                    &m.gateways,
-                    m.other.keys(),
-                    &m.source_labels,
-                    m.source_namespace.as_ref(),
-                )
-            })
-            .collect(),
+        alternatives: route.matches.iter().map(Alternative::from).collect(),
         actions: Vec::new(),
         ignored: Vec::new(),
         destinations: &route.route,
@@ -264,13 +240,28 @@ struct Alternative<'a> {
     undecidable: Vec<String>,
 }
 
+impl<'a> From<&'a HttpMatch> for Alternative<'a> {
+    fn from(m: &'a HttpMatch) -> Self {
+        let source = (&m.source_labels, m.source_namespace.as_ref());
+        Self::new(m.port, &m.gateways, m.l7.keys(), source)
+    }
+}
+
+impl<'a> From<&'a L4Match> for Alternative<'a> {
+    fn from(m: &'a L4Match) -> Self {
+        let source = (&m.source_labels, m.source_namespace.as_ref());
+        Self::new(m.port, &m.gateways, m.other.keys(), source)
+    }
+}
+
 impl<'a> Alternative<'a> {
+    /// `other`: the match's fields beyond port and gateways (uri, headers, ...);
+    /// `source`: its source labels and namespace.
     fn new(
         port: Option<u32>,
         gateways: &'a [String],
         other: impl Iterator<Item = &'a String>,
-        source_labels: &BTreeMap<String, String>,
-        source_namespace: Option<&String>,
+        (source_labels, source_namespace): (&BTreeMap<String, String>, Option<&String>),
     ) -> Self {
         let mut undecidable: Vec<String> = other.cloned().collect();
         if !source_labels.is_empty() {

@@ -248,7 +248,6 @@ mod tests {
                         continue;
                     }
                     prop_assert!((got - ideal).abs() < 1.0 + 1e-9, "group {i} {key:?}: got {got}, ideal {ideal}");
-                    let _ = i;
                 }
             }
         }

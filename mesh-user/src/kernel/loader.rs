@@ -69,11 +69,11 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Pin(#[from] PinError),
-    #[error("link of {name} at {path}: {message}")]
+    #[error("link of {name} at {path}: {source}")]
     Link {
         name: &'static str,
         path: PathBuf,
-        message: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -320,11 +320,15 @@ where
     })
 }
 
-fn link_err(name: &'static str, path: &Path, e: impl std::fmt::Display) -> LoadError {
+fn link_err(
+    name: &'static str,
+    path: &Path,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> LoadError {
     LoadError::Link {
         name,
         path: path.to_owned(),
-        message: e.to_string(),
+        source: Box::new(e),
     }
 }
 
