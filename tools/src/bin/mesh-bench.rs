@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use mesh_tests::{
+use mesh_tools::{
     agent::Agent,
     cgroup::Cgroup,
     load::{Measurement, Workload},
@@ -86,7 +86,7 @@ impl Load {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    mesh_tests::require_root();
+    mesh_tools::require_root();
     let rounds = args.rounds.unwrap_or(5).max(1);
     let (warmup, duration) = if args.quick {
         (Duration::from_millis(50), Duration::from_millis(250))
@@ -141,13 +141,13 @@ impl Drop for Killed {
 }
 
 fn load_bin() -> anyhow::Result<PathBuf> {
-    mesh_tests::agent::sibling_binary("mesh-load")
+    mesh_tools::agent::sibling_binary("mesh-load")
 }
 
 /// `mesh-load serve` in `ns` (and `cgroup`), pinned to the server CPU.
 fn serve(ns: &Netns, cgroup: Option<&Cgroup>, port: u16) -> anyhow::Result<Killed> {
     let listen = format!("[::]:{port}");
-    let mut child = mesh_tests::spawn_in_pod(
+    let mut child = mesh_tools::spawn_in_pod(
         &load_bin()?,
         ns,
         cgroup,
@@ -168,7 +168,7 @@ fn client_sysctls(ns: &Netns) -> anyhow::Result<()> {
         "net.ipv4.tcp_tw_reuse=1",
         "net.ipv4.ip_local_port_range=1024 65000",
     ] {
-        mesh_tests::sh("ip", &["netns", "exec", &ns.name, "sysctl", "-q", "-w", kv])?;
+        mesh_tools::sh("ip", &["netns", "exec", &ns.name, "sysctl", "-q", "-w", kv])?;
     }
     Ok(())
 }
@@ -315,7 +315,7 @@ impl Topology {
         }];
         // Ours, connect-time routing only (redirect off), with N services loaded.
         for &n in counts {
-            let cgroup = Cgroup::create(&mesh_tests::unique("mesh-bench-"))?;
+            let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
             let dir = services_dir(VIP, 7001, n - 1, server)?;
             let t = Instant::now();
             agents.push(Agent::start_flags(
@@ -364,7 +364,7 @@ impl Topology {
             });
         }
         // A userspace proxy hop in the client pod: the sidecar's stand-in.
-        let cfg = std::env::temp_dir().join(mesh_tests::unique("mesh-bench-haproxy-"));
+        let cfg = std::env::temp_dir().join(mesh_tools::unique("mesh-bench-haproxy-"));
         std::fs::write(
             &cfg,
             format!(
@@ -399,7 +399,7 @@ impl Topology {
         });
         // Ours with and without the same-node shortcut: client and server meshed.
         for (on, vip, port) in [(true, VIP_ON, 7002u16), (false, VIP_OFF, 7003)] {
-            let cgroup = Cgroup::create(&mesh_tests::unique("mesh-bench-"))?;
+            let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
             let dir = services_dir(vip, port, 0, server)?;
             let flags: &[&str] = if on { &[] } else { &["--no-redirect"] };
             agents.push(Agent::start_flags(dir.path(), cgroup.path(), flags)?);
@@ -469,7 +469,7 @@ impl Topology {
         duration: Duration,
     ) -> anyhow::Result<Measurement> {
         let (workload, size) = load.args();
-        let child = mesh_tests::spawn_in_pod(
+        let child = mesh_tools::spawn_in_pod(
             &load_bin()?,
             self.ns(&variant.ns)?,
             variant.cgroup.map(|i| &self.cgroups[i]),
@@ -515,7 +515,7 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 }
 
 fn header(r: &mut String, args: &Args, rounds: usize, duration: Duration) -> anyhow::Result<()> {
-    let uname = mesh_tests::sh("uname", &["-srm"])?;
+    let uname = mesh_tools::sh("uname", &["-srm"])?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")?
         .lines()
         .find(|l| l.starts_with("model name"))
@@ -538,7 +538,7 @@ fn header(r: &mut String, args: &Args, rounds: usize, duration: Duration) -> any
 
 /// UTC date and time, from the system clock.
 fn chrono_like_now() -> String {
-    mesh_tests::sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    mesh_tools::sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
@@ -651,7 +651,7 @@ fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
         }
     }
     dir.write("scale.yaml", &yaml)?;
-    let cgroup = Cgroup::create(&mesh_tests::unique("mesh-bench-"))?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
     let t = Instant::now();
     let agent = Agent::start_flags(dir.path(), cgroup.path(), &["--no-redirect"])?;
     let ready = t.elapsed();
@@ -704,7 +704,7 @@ fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
         "vs.yaml",
         &manifests::virtual_service("bench", &[("v1", 80), ("v2", 20)]),
     )?;
-    let cgroup = Cgroup::create(&mesh_tests::unique("mesh-bench-"))?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
     let mut agent = Agent::start_flags(dir.path(), cgroup.path(), &["--no-redirect"])?;
     let mut edits = Vec::new();
     for i in 0..if quick { 5 } else { 20 } {
@@ -734,7 +734,7 @@ fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
 /// The same edit through a real kube-apiserver: `kubectl patch` of the
 /// VirtualService, until the agent (`--source kubernetes`) has written the maps.
 fn kube_propagation(r: &mut String, edits: usize) -> anyhow::Result<()> {
-    use mesh_tests::apiserver::{ApiServer, endpoint_slice};
+    use mesh_tools::apiserver::{ApiServer, endpoint_slice};
     let api = match ApiServer::start() {
         Ok(api) => api,
         Err(e) => {
@@ -767,7 +767,7 @@ fn kube_propagation(r: &mut String, edits: usize) -> anyhow::Result<()> {
         "bench",
         &[("v1", 80), ("v2", 20)],
     ))?;
-    let cgroup = Cgroup::create(&mesh_tests::unique("mesh-bench-"))?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
     let agent = Agent::start_kubernetes(&api.kubeconfig, cgroup.path())?;
     let mut kubectl_ms = Vec::new();
     let mut to_kernel_ms = Vec::new();
@@ -842,7 +842,7 @@ fn method(r: &mut String) {
 - **Warm-up**: each run starts with a warm-up whose requests are not counted; every variant's server and rules are in place before the first round.
 - **Interleaving**: all variants exist at once; each round runs every (variant, workload) once, in a new random order, so drift in the machine spreads across variants instead of biasing one. Ratios are taken within a round.
 - **direct**: an unmeshed client to the server's pod IP: the kernel's plain TCP path through veth and a bridge. **ours VIP, N svc**: a meshed client dials the VIP; `connect4` finds it among N services (hash map) and rewrites the destination; redirect off, to isolate connect-time routing. **iptables, N svc**: kube-proxy's layout (`KUBE-SERVICES` -> `KUBE-SVC` with a `statistic` match -> `KUBE-SEP` DNAT), the target service last, so a new connection walks N rules; established connections skip them (conntrack), which is why only the new-connection workload should move. **nftables map**: one verdict-map lookup and DNAT. **HAProxy hop**: a userspace TCP proxy in the client's pod, the stand-in for a sidecar (no Envoy in reachable registries); a real sidecar mesh adds such a hop on both sides. **AF_UNIX**: a Unix stream socket inside one process, the floor for request/response. **ours, redirect on/off**: both pods in a mesh cgroup, through a VIP; with the same-node shortcut (sockops + sk_msg) and without.
-- **Workloads**: `mesh-load` (tests/src/load.rs): one client thread; a new connection per request (connect, 64 B, 64 B back, close), or request/response on one connection (64 B, 1 KiB), or one connection writing 64 KiB chunks to a discarding server.
+- **Workloads**: `mesh-load` (tools/src/load.rs): one client thread; a new connection per request (connect, 64 B, 64 B back, close), or request/response on one connection (64 B, 1 KiB), or one connection writing 64 KiB chunks to a discarding server.
 - **Known noise**: a shared 2-vCPU VM; runs of a second or less; the IQR shows what the rounds disagreed on. `--quick` (CI's smoke run) uses 250 ms runs and fewer service counts: read its numbers as a smoke test, not a result.
 "
     );
