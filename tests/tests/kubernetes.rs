@@ -7,7 +7,7 @@ mod common;
 use std::{net::IpAddr, time::Duration};
 
 use common::{V1, V2, assert_share, vip4};
-use mesh_tests::{
+use mesh_tools::{
     agent::Agent, apiserver::ApiServer, backend::Backend, cgroup::Cgroup, netns::Node, probe,
 };
 
@@ -15,7 +15,7 @@ const N: u64 = 2000;
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 fn endpoint_slice(pods: &[(String, IpAddr, bool)]) -> String {
-    mesh_tests::apiserver::endpoint_slice("flaskapp", 5000, pods)
+    mesh_tools::apiserver::endpoint_slice("flaskapp", 5000, pods)
 }
 
 struct Cluster {
@@ -36,7 +36,7 @@ impl Cluster {
     fn start_as(
         agent_kubeconfig: impl Fn(&ApiServer) -> anyhow::Result<std::path::PathBuf>,
     ) -> anyhow::Result<Self> {
-        mesh_tests::require_root();
+        mesh_tools::require_root();
         let api = ApiServer::start()?;
         api.install_mesh_crds()?;
         let mut node = Node::new()?;
@@ -59,7 +59,7 @@ impl Cluster {
             api.kubectl(&["apply", "-f", &format!("{example}/{file}")])?;
         }
         api.apply(&endpoint_slice(&pods))?;
-        let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
+        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
         let agent = Agent::start_kubernetes(&agent_kubeconfig(&api)?, cgroup.path())?;
         Ok(Cluster {
             agent,

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Canary, V2, VIP4, assert_share, vip4};
-use mesh_tests::{manifests, probe};
+use mesh_tools::{manifests, probe};
 
 /// A meshed client in the client pod connecting to the VIP for `ms`, 4 at a time.
 fn background_probe(canary: &Canary, ms: u64) -> anyhow::Result<std::process::Child> {
@@ -91,7 +91,7 @@ fn a_change_made_while_the_agent_was_down_applies_without_a_gap() -> anyhow::Res
 
 #[test]
 fn an_upgrade_swaps_changed_programs_live() -> anyhow::Result<()> {
-    let variant = mesh_tests::agent::upgrade_test_object()?;
+    let variant = mesh_tools::agent::upgrade_test_object()?;
     let mut canary = Canary::start(Some((80, 20)))?;
     let client = background_probe(&canary, 4000)?;
     std::thread::sleep(Duration::from_millis(1000));
@@ -147,7 +147,7 @@ fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Res
 
     // Something else in bpffs, next to ours: cleanup must leave it alone.
     let neighbour =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/{}", mesh_tests::unique("mesh-test-")));
+        std::path::PathBuf::from(format!("/sys/fs/bpf/{}", mesh_tools::unique("mesh-test-")));
     std::fs::create_dir(&neighbour)?;
     let _neighbour_guard = RemoveDir(neighbour.clone());
 
@@ -346,7 +346,7 @@ fn status_dump_and_explain_read_the_pinned_state_with_or_without_an_agent() -> a
             canary.agent.stop()?;
         }
     }
-    let missing = std::process::Command::new(mesh_tests::agent::sibling_binary("mesh-agent")?)
+    let missing = std::process::Command::new(mesh_tools::agent::sibling_binary("mesh-agent")?)
         .args(["status", "--pin-dir", "/sys/fs/bpf/mesh-test-none"])
         .output()?;
     assert!(!missing.status.success());

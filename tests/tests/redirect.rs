@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use mesh_tests::{
+use mesh_tools::{
     agent::Agent,
     cgroup::Cgroup,
     manifests::{self, ManifestDir},
@@ -33,7 +33,7 @@ impl SameNode {
 
     /// With annotations on pod `echo-1`.
     fn start_annotated(agent_flags: &[&str], echo1: &[(&str, &str)]) -> anyhow::Result<Self> {
-        mesh_tests::require_root();
+        mesh_tools::require_root();
         let mut node = Node::new()?;
         node.add_pod("client", 2)?;
         let dir = ManifestDir::new()?;
@@ -56,7 +56,7 @@ impl SameNode {
             "service.yaml",
             &manifests::service("echo", &[vip], 80, SERVE_PORT),
         )?;
-        let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
+        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
         let agent = Agent::start_flags(dir.path(), cgroup.path(), agent_flags)?;
         Ok(SameNode {
             servers: Vec::new(),
@@ -413,8 +413,8 @@ fn identical_loopback_tuples_in_two_pods_never_cross() -> anyhow::Result<()> {
     let clients: Vec<_> = [("echo-0", "101"), ("echo-1", "202")]
         .into_iter()
         .map(|(pod, seed)| {
-            mesh_tests::spawn_in_pod(
-                &mesh_tests::xfer::binary()?,
+            mesh_tools::spawn_in_pod(
+                &mesh_tools::xfer::binary()?,
                 node.ns(pod),
                 Some(&node.cgroup),
                 &[
@@ -434,7 +434,7 @@ fn identical_loopback_tuples_in_two_pods_never_cross() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     for client in clients {
-        let report = mesh_tests::xfer::finish(client)?;
+        let report = mesh_tools::xfer::finish(client)?;
         assert_exact(&report, &[8 << 20]);
     }
     let counts = node.redirect()?.since(before);
@@ -485,8 +485,8 @@ fn stopping_the_agent_loses_no_queued_byte() -> anyhow::Result<()> {
     node.serve("echo-0", &["--delay-ms", "3000"])?;
     let target = format!("{}:{SERVE_PORT}", node.node.pod("echo-0").ipv4);
     let sizes = [1usize << 20, 1000];
-    let client = mesh_tests::spawn_in_pod(
-        &mesh_tests::xfer::binary()?,
+    let client = mesh_tools::spawn_in_pod(
+        &mesh_tools::xfer::binary()?,
         node.ns("client"),
         Some(&node.cgroup),
         &["send", "--target", &target, "--sizes", &csv(&sizes)],
@@ -505,7 +505,7 @@ fn stopping_the_agent_loses_no_queued_byte() -> anyhow::Result<()> {
         "both ends of the open connection are in the map"
     );
     node.agent.take().expect("agent running").stop()?;
-    let report = mesh_tests::xfer::finish(client)?;
+    let report = mesh_tools::xfer::finish(client)?;
     assert_exact(&report, &sizes);
     Ok(())
 }

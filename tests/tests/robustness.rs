@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Canary, V1, V2, VIP4, assert_share, vip4};
-use mesh_tests::{cgroup::Cgroup, manifests, netns::Node, probe};
+use mesh_tools::{cgroup::Cgroup, manifests, netns::Node, probe};
 
 const N: u64 = 2000;
 
@@ -229,12 +229,12 @@ fn kernel_counters_agree_with_the_client_and_routing_outlives_the_agent() -> any
 
 #[test]
 fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyhow::Result<()> {
-    mesh_tests::require_root();
+    mesh_tools::require_root();
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::panic::catch_unwind(move || {
         let mut node = Node::new().expect("node");
         node.add_pod("a", 3).expect("pod");
-        let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-")).expect("cgroup");
+        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-")).expect("cgroup");
         let names: Vec<String> = node
             .pods
             .iter()
@@ -246,7 +246,7 @@ fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyho
     });
     assert!(result.is_err());
     let (names, cgroup) = rx.recv()?;
-    let listed = mesh_tests::sh("ip", &["netns", "list"])?;
+    let listed = mesh_tools::sh("ip", &["netns", "list"])?;
     for name in names {
         assert!(
             !listed
@@ -255,6 +255,6 @@ fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyho
             "{name} left behind"
         );
     }
-    mesh_tests::cgroup::assert_gone(&cgroup)?;
+    mesh_tools::cgroup::assert_gone(&cgroup)?;
     Ok(())
 }

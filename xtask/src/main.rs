@@ -102,13 +102,16 @@ fn main() -> anyhow::Result<()> {
             run(Command::new("bash")
                 .arg(workspace().join("scripts/test-apiserver.sh"))
                 .arg("build"))?;
-            // The privileged tests run the real binaries; build them first. (The
-            // default members: mesh-ebpf only builds for the BPF target, through
-            // mesh-user's build script.)
+            // The privileged tests run the real binaries (mesh-agent, and
+            // mesh-tools' clients); build them first. (The default members:
+            // mesh-ebpf only builds for the BPF target, through mesh-user's build
+            // script.)
             cargo(&["build", "--bins"])?;
             // The upgrade test swaps this object in for the embedded one.
             build_ebpf(true)?;
-            let mut all = vec!["test"];
+            // Every crate's tests, including mesh-tests, which is not a default
+            // member (plain `cargo test` runs only what needs no privileges).
+            let mut all = vec!["test", "--workspace", "--exclude", "mesh-ebpf"];
             if !args.is_empty() {
                 all.push("--");
                 all.extend(args.iter().map(String::as_str));

@@ -7,7 +7,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use mesh_tests::{
+use mesh_tools::{
     agent::Agent,
     backend::Backend,
     cgroup::Cgroup,
@@ -39,7 +39,7 @@ pub struct Canary {
 impl Canary {
     /// The topology with a VirtualService at `weights` (v1, v2), or none.
     pub fn start(weights: Option<(i64, i64)>) -> anyhow::Result<Self> {
-        mesh_tests::require_root();
+        mesh_tools::require_root();
         let mut node = Node::new()?;
         node.add_pod("client", 2)?;
         let mut backends = Vec::new();
@@ -72,7 +72,7 @@ impl Canary {
                 &manifests::virtual_service("flaskapp", &[("v1", v1), ("v2", v2)]),
             )?;
         }
-        let cgroup = Cgroup::create(&mesh_tests::unique("mesh-test-"))?;
+        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
         let agent = Agent::start(dir.path(), cgroup.path())?;
         Ok(Canary {
             agent,

@@ -1,7 +1,17 @@
-//! Harness for the privileged tests and the demo: network namespaces as pods, a
-//! cgroup v2 as the mesh scope, HTTP backends inside pods, a probe client, and the
-//! real `mesh-agent`. Every resource is an RAII guard that removes what it made,
-//! also when a test panics.
+//! The mesh's test harness, and the programs built on it.
+//!
+//! The library runs the data plane on one machine: network namespaces as pods on
+//! a bridge ([`netns`]), a cgroup v2 as the mesh scope ([`cgroup`]), HTTP
+//! backends inside pods ([`backend`]), clients ([`probe`], [`load`], [`xfer`]),
+//! manifests for the file source ([`manifests`]), a real kube-apiserver
+//! ([`apiserver`]), and the real `mesh-agent` process ([`agent`]). Every resource
+//! is an RAII guard that removes what it made, also when a test panics.
+//!
+//! Its users: the privileged integration tests (the `mesh-tests` package) and
+//! this crate's binaries, `mesh-demo` (`cargo xtask demo`), `mesh-bench`
+//! (`cargo xtask bench`), and the clients that those and the tests run inside
+//! pods: `mesh-probe`, `mesh-load` and `mesh-xfer`. Most of it needs root;
+//! building it does not.
 
 pub mod agent;
 pub mod apiserver;

@@ -52,7 +52,7 @@ impl ApiServer {
         for crd in [
             "manifests/crds/virtualservices.yaml",
             "manifests/crds/destinationrules.yaml",
-            "tests/fixtures/endpointslice-v1-crd.yaml",
+            "tools/fixtures/endpointslice-v1-crd.yaml",
         ] {
             self.kubectl(&["apply", "-f", &root.join(crd).display().to_string()])?;
         }

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use mesh_tests::{
+use mesh_tools::{
     agent::Agent,
     backend::Backend,
     cgroup::Cgroup,
@@ -49,7 +49,7 @@ const VIP: &str = "10.96.0.80:80";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    mesh_tests::require_root();
+    mesh_tools::require_root();
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         let action = nix::sys::signal::SigAction::new(
@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             dir.write(name, &std::fs::read_to_string(&path)?)?;
         }
     }
-    let cgroup = Cgroup::create(&mesh_tests::unique("mesh-demo-"))?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-demo-"))?;
     println!(
         "== Starting mesh-agent --source file:{} --cgroup {}",
         dir.path().display(),

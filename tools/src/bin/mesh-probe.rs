@@ -1,10 +1,10 @@
 //! `mesh-probe`: opens TCP connections to a target and prints a JSON summary of
-//! what it observed (see `mesh_tests::probe`).
+//! what it observed (see `mesh_tools::probe`).
 
 use std::time::Duration;
 
 use clap::Parser;
-use mesh_tests::probe::{Plan, run};
+use mesh_tools::probe::{Plan, run};
 
 #[derive(Debug, Parser)]
 struct Args {

@@ -1,9 +1,9 @@
-//! `mesh-load`: the benchmark's server and client (see `mesh_tests::load`).
+//! `mesh-load`: the benchmark's server and client (see `mesh_tools::load`).
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use mesh_tests::load::{Target, Workload, pin_cpu, run, serve};
+use mesh_tools::load::{Target, Workload, pin_cpu, run, serve};
 
 #[derive(Debug, Parser)]
 struct Cli {

@@ -1,10 +1,10 @@
 //! `mesh-xfer`: byte-exact transfer endpoints for the redirection tests (see
-//! `mesh_tests::xfer`). `serve` echoes; `send` prints a JSON report.
+//! `mesh_tools::xfer`). `serve` echoes; `send` prints a JSON report.
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use mesh_tests::xfer::{SendOptions, ServeMode, ServeOptions, send, serve};
+use mesh_tools::xfer::{SendOptions, ServeMode, ServeOptions, send, serve};
 
 #[derive(Debug, Parser)]
 struct Cli {
