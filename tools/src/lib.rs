@@ -62,7 +62,7 @@ pub fn unique(prefix: &str) -> String {
 pub fn require_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),
-        "these tests need root (BPF, cgroups, network namespaces): run them with sudo or as root, as CI does"
+        "this needs root (BPF, cgroups, network namespaces): run it with sudo or as root, as CI does"
     );
 }
 
