@@ -63,8 +63,17 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        source = ?config.source,
+        cgroup = %config.cgroup.display(),
+        pins = %config.pin_dir.display(),
+        "mesh-agent starting"
+    );
     let object = loader::object_bytes(config.ebpf_object.as_deref())?;
     let pins = PinDir::new(&config.pin_dir);
+    pins.prepare().map_err(loader::LoadError::from)?;
+    let _lock = pins.lock().map_err(loader::LoadError::from)?;
     let (loaded, maps, sock_stats) = loader::load(&pins, &object)?;
     let mut applier = Applier::new(maps);
     let adopted = applier.adopt(Instant::now());
@@ -123,6 +132,7 @@ pub async fn run(
     let mut synced = false;
     tokio::pin!(shutdown);
     let result = loop {
+        reconciler.telemetry.beat();
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => if synced { reconciler.tick() },

@@ -61,6 +61,10 @@ enum Command {
     Cleanup {
         #[command(flatten)]
         state: StateArgs,
+        /// Clean up even while an agent runs on this --pin-dir (it keeps running,
+        /// with nothing attached, until stopped).
+        #[arg(long)]
+        force: bool,
     },
     /// Programs attached, map occupancy, services and backends, last sync.
     Status {
@@ -216,9 +220,9 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { state } => {
+        Command::Cleanup { state, force } => {
             init_logging("text");
-            let removed = cli::cleanup(&PinDir::new(&state.pin_dir), &state.run_dir)
+            let removed = cli::cleanup(&PinDir::new(&state.pin_dir), &state.run_dir, force)
                 .with_context(|| format!("cleaning up {}", state.pin_dir.display()))?;
             println!(
                 "unpinned {} objects under {}",
@@ -231,10 +235,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging(format: &str) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: `kubectl logs` and files would
+    // show the escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

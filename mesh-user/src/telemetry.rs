@@ -9,8 +9,9 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
@@ -72,7 +73,15 @@ pub struct Telemetry {
     /// Labels for the kernel counters (see `kernel::counters::Connections`).
     pub view: Arc<std::sync::RwLock<View>>,
     ready: AtomicBool,
+    /// When the agent's loop last ran, in ms since `started`: /healthz fails when
+    /// it stops running (a stuck walk or apply), so the kubelet restarts it.
+    heartbeat_ms: AtomicU64,
+    started: Instant,
 }
+
+/// How long the loop may go without running before /healthz fails. It runs at
+/// least once a second; an apply at 10 000 services takes about 1.5 s.
+pub const STALL: Duration = Duration::from_secs(30);
 
 impl Telemetry {
     /// `kernel`: collectors that read the kernel's counters on each scrape.
@@ -121,7 +130,23 @@ impl Telemetry {
             rejected,
             view,
             ready: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(0),
+            started: Instant::now(),
         })
+    }
+
+    /// The agent's loop ran (it calls this at least once a second).
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis();
+        self.heartbeat_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long the loop has not run as of `now`, if longer than [`STALL`].
+    pub fn stalled(&self, now: Instant) -> Option<Duration> {
+        let last = self.started + Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        let quiet = now.saturating_duration_since(last);
+        (quiet > STALL).then_some(quiet)
     }
 
     /// One apply: its latency in seconds and generation; the agent is ready from the first.
@@ -158,7 +183,18 @@ pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Resu
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(|State(t): State<Arc<Telemetry>>| async move {
+                match t.stalled(Instant::now()) {
+                    None => (StatusCode::OK, "ok\n".to_owned()),
+                    Some(quiet) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the agent's loop has not run for {} s\n", quiet.as_secs()),
+                    ),
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(t): State<Arc<Telemetry>>| async move {
@@ -184,4 +220,53 @@ pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Resu
     });
     info!(addr = %bound, "metrics listening");
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn telemetry() -> Arc<Telemetry> {
+        Telemetry::new(Vec::new(), Default::default(), "test")
+    }
+
+    #[test]
+    fn health_fails_once_the_loop_stops_beating() {
+        let t = telemetry();
+        t.beat();
+        let now = Instant::now();
+        assert_eq!(t.stalled(now), None);
+        assert_eq!(t.stalled(now + STALL / 2), None);
+        let quiet = t.stalled(now + STALL + Duration::from_secs(5));
+        assert!(quiet.is_some_and(|q| q > STALL), "{quiet:?}");
+    }
+
+    #[test]
+    fn rejected_objects_are_counted_by_kind_and_field_without_indexes() {
+        use crate::model::{Kind, ObjectRef};
+        let vs = ObjectRef::new(
+            Kind::VirtualService,
+            crate::model::NamespacedName::new("a", "b"),
+        );
+        let d = |field: &str| Diagnostic::error(&vs, field, "bad");
+        let t = telemetry();
+        t.set_rejected(&[
+            d("spec.http[0].route[1].weight"),
+            d("spec.http[2].route[0].weight"),
+            d(""),
+            Diagnostic::warning(&vs, "spec.tls", "ignored"),
+        ]);
+        let text = t.render();
+        assert!(
+            text.contains(
+                r#"mesh_rejected_objects{kind="VirtualService",reason="spec.http.route.weight"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_rejected_objects{kind="VirtualService",reason="document"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("spec.tls"), "{text}");
+    }
 }

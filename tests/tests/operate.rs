@@ -196,6 +196,67 @@ fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Res
     Ok(())
 }
 
+#[test]
+fn one_agent_per_pin_dir_and_cleanup_refuses_under_a_running_agent() -> anyhow::Result<()> {
+    let canary = Canary::start(Some((80, 20)))?;
+    let second_run_dir = tempdir_for(&canary.agent.run_dir);
+    let second = std::process::Command::new(mesh_tools::agent::sibling_binary("mesh-agent")?)
+        .args([
+            "run",
+            "--metrics-addr",
+            "off",
+            "--log-format",
+            "text",
+            "--source",
+        ])
+        .arg(format!("file:{}", canary.dir.path().display()))
+        .arg("--cgroup")
+        .arg(canary.cgroup.path())
+        .arg("--pin-dir")
+        .arg(&canary.agent.pin_dir)
+        .arg("--run-dir")
+        .arg(&second_run_dir)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second agent started: {stderr}");
+    assert!(
+        stderr.contains("another mesh-agent is running on"),
+        "{stderr}"
+    );
+    assert!(!second_run_dir.exists(), "the second agent wrote a record");
+    // Its log went to a pipe, not a terminal: no colour codes for `kubectl logs`.
+    assert!(stderr.contains("mesh-agent starting"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI escapes in a piped log: {stderr:?}"
+    );
+
+    // cleanup under the running agent is refused, and nothing is detached.
+    let refused = canary.agent.cli(&["cleanup"]).err().map(|e| e.to_string());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("another mesh-agent is running on")),
+        "{refused:?}"
+    );
+    assert!(canary.agent.pin_dir.exists());
+    let still = canary.probe(&vip4(), 200)?;
+    assert_eq!(still.ok, 200, "{still:?}");
+    assert_share(still.share(V2), 0.20, still.ok, "the first agent routes on");
+
+    // --force does it anyway.
+    let out = canary.agent.cli(&["cleanup", "--force"])?;
+    assert!(out.contains("unpinned"), "{out}");
+    assert!(!canary.agent.pin_dir.exists());
+    Ok(())
+}
+
+fn tempdir_for(run_dir: &std::path::Path) -> std::path::PathBuf {
+    let mut name = run_dir.as_os_str().to_owned();
+    name.push("-second");
+    std::path::PathBuf::from(name)
+}
+
 struct RemoveDir(std::path::PathBuf);
 
 impl Drop for RemoveDir {

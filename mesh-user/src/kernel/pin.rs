@@ -30,7 +30,19 @@ pub enum PinError {
     NotBpffs { path: PathBuf },
     #[error("mounting bpffs at {BPFFS}: {0}")]
     Mount(nix::Error),
+    #[error(
+        "another mesh-agent is running on {path} (one agent per --pin-dir: two would hand out the same table ids); stop it first"
+    )]
+    Locked { path: PathBuf },
+    #[error("locking {path}: {source}")]
+    Lock { path: PathBuf, source: nix::Error },
 }
+
+/// Held by the running agent for its whole life: an exclusive `flock` on the
+/// pin directory. The kernel drops it when the process exits, however it exits
+/// (SIGKILL included), so a crashed agent never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct PinLock(#[allow(dead_code, reason = "held for its Drop")] nix::fcntl::Flock<fs::File>);
 
 /// A pinned map whose layout is not the one the object declares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +139,26 @@ impl PinDir {
             });
         }
         Ok(())
+    }
+
+    /// Takes the pin directory for this process (see [`PinLock`]); fails at
+    /// once if another process holds it. Call [`PinDir::prepare`] first.
+    pub fn lock(&self) -> Result<PinLock, PinError> {
+        use nix::{
+            errno::Errno,
+            fcntl::{Flock, FlockArg},
+        };
+        let dir = fs::File::open(&self.root).map_err(io_err(&self.root))?;
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(PinLock(lock)),
+            Err((_, Errno::EWOULDBLOCK)) => Err(PinError::Locked {
+                path: self.root.clone(),
+            }),
+            Err((_, source)) => Err(PinError::Lock {
+                path: self.root.clone(),
+                source,
+            }),
+        }
     }
 
     /// Removes every pinned map whose layout differs from `expected`, so that the
