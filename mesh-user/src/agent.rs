@@ -14,7 +14,7 @@ use crate::{
     compile::{self, Compiled},
     index::Index,
     kernel::{
-        apply::Applier,
+        apply::{Applier, ApplyError},
         counters::{Connections, SockStats},
         loader,
         pin::PinDir,
@@ -40,6 +40,8 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// A kernel object to load instead of the embedded one.
     pub ebpf_object: Option<PathBuf>,
+    /// Map capacities other than the object's.
+    pub map_capacity: loader::MapCapacities,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +76,7 @@ pub async fn run(
     let pins = PinDir::new(&config.pin_dir);
     pins.prepare().map_err(loader::LoadError::from)?;
     let _lock = pins.lock().map_err(loader::LoadError::from)?;
-    let (loaded, maps, sock_stats) = loader::load(&pins, &object)?;
+    let (loaded, maps, sock_stats) = loader::load(&pins, &object, &config.map_capacity)?;
     let mut applier = Applier::new(maps);
     let adopted = applier.adopt(Instant::now());
     info!(
@@ -119,7 +121,7 @@ pub async fn run(
         generation: 0,
         compile: config.compile.clone(),
         desired: Compiled::default(),
-        failed: false,
+        failures: BTreeSet::new(),
         telemetry,
         attach: Some(PendingAttach {
             loaded,
@@ -191,7 +193,8 @@ struct Reconciler {
     compile: compile::Config,
     /// The last compiled state (kept to retry failed writes).
     desired: Compiled,
-    failed: bool,
+    /// What the last apply could not write (each logged once, retried each tick).
+    failures: BTreeSet<String>,
     telemetry: Arc<Telemetry>,
     /// Until the first apply: the programs to attach once the maps are full.
     attach: Option<PendingAttach>,
@@ -215,17 +218,7 @@ impl Reconciler {
         diagnostics.extend(compiled.diagnostics.iter().cloned());
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
-        // The programs go on (first round) before "config applied": from that line
-        // on the kernel routes by this configuration.
-        let attach = &mut self.attach;
-        self.failed = apply_logged(
-            &mut self.applier,
-            &self.desired,
-            self.generation,
-            seen,
-            compile_us,
-            || attach_pending(attach),
-        )?;
+        self.apply(seen, compile_us)?;
         self.telemetry.set_rejected(&diagnostics);
         if let Ok(mut view) = self.telemetry.view.write() {
             *view = self.applier.view();
@@ -244,17 +237,50 @@ impl Reconciler {
     /// Once a second: free replaced tables, and retry writes that failed.
     fn tick(&mut self) {
         self.applier.collect_garbage(Instant::now());
-        if self.failed {
-            self.failed = apply_logged(
-                &mut self.applier,
-                &self.desired,
-                self.generation,
-                Instant::now(),
-                0,
-                || Ok(()),
-            )
-            .unwrap_or(true);
+        if !self.failures.is_empty() {
+            // Attaching is done by now: this cannot fail.
+            if let Err(e) = self.apply(Instant::now(), 0) {
+                error!("{e}");
+            }
+            if let Ok(mut view) = self.telemetry.view.write() {
+                *view = self.applier.view();
+            }
         }
+    }
+
+    /// Writes `desired` to the kernel, attaches the programs after the first
+    /// write (so that from "config applied" on the kernel routes by this
+    /// configuration), and reports what could not be written.
+    fn apply(&mut self, seen: Instant, compile_us: u64) -> Result<(), AgentError> {
+        let apply_started = Instant::now();
+        let result = self.applier.apply(&self.desired.services, apply_started);
+        let exclusion_errors = self.applier.apply_excluded(&self.desired.redirect_excluded);
+        let apply_us = apply_started.elapsed().as_micros() as u64;
+        attach_pending(&mut self.attach)?;
+        let errors: Vec<&ApplyError> = result.errors.iter().chain(&exclusion_errors).collect();
+        let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+        for e in now.difference(&self.failures) {
+            error!("{e}");
+        }
+        for e in self.failures.difference(&now) {
+            info!("resolved: {e}");
+        }
+        self.telemetry
+            .apply_failed(errors.iter().map(|e| e.reason()), result.errors.len());
+        self.failures = now;
+        info!(
+            generation = self.generation,
+            services = self.applier.live_services(),
+            written = result.written,
+            removed = result.removed,
+            redirect_excluded = self.desired.redirect_excluded.len(),
+            failed = errors.len(),
+            compile_us,
+            apply_us,
+            elapsed_us = seen.elapsed().as_micros() as u64,
+            "config applied"
+        );
+        Ok(())
     }
 }
 
@@ -312,42 +338,6 @@ fn attach_pending(attach: &mut Option<PendingAttach>) -> Result<(), AgentError> 
         }
     }
     Ok(())
-}
-
-/// Applies, runs `then` (the first attach), and logs; returns whether any service
-/// failed to apply.
-fn apply_logged(
-    applier: &mut Applier,
-    desired: &Compiled,
-    generation: u64,
-    seen: Instant,
-    compile_us: u64,
-    then: impl FnOnce() -> Result<(), AgentError>,
-) -> Result<bool, AgentError> {
-    let apply_started = Instant::now();
-    let result = applier.apply(&desired.services, apply_started);
-    for e in &result.errors {
-        error!("{e}");
-    }
-    let exclusion_errors = applier.apply_excluded(&desired.redirect_excluded);
-    for e in &exclusion_errors {
-        error!("{e}");
-    }
-    let apply_us = apply_started.elapsed().as_micros() as u64;
-    then()?;
-    info!(
-        generation,
-        services = applier.live_services(),
-        written = result.written,
-        removed = result.removed,
-        redirect_excluded = desired.redirect_excluded.len(),
-        failed = result.errors.len() + exclusion_errors.len(),
-        compile_us,
-        apply_us,
-        elapsed_us = seen.elapsed().as_micros() as u64,
-        "config applied"
-    );
-    Ok(!result.errors.is_empty() || !exclusion_errors.is_empty())
 }
 
 /// Logs diagnostics that are new since the last round (each once, not every

@@ -24,6 +24,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once, at start")]
 enum Command {
     /// Load the kernel programs into a cgroup and keep their maps in step with the source.
     Run {
@@ -56,6 +57,11 @@ enum Command {
         /// Load this kernel object instead of the embedded one (a staged upgrade).
         #[arg(long, env = "MESH_EBPF_OBJECT")]
         ebpf_object: Option<PathBuf>,
+        /// Capacities of some maps instead of the built-in ones, as
+        /// NAME=ENTRIES[,NAME=ENTRIES...] (e.g. SLOTS_V1=4194304). A pinned map of
+        /// another capacity is replaced and refilled.
+        #[arg(long, env = "MESH_MAP_CAPACITY", default_value = "")]
+        map_capacity: mesh_user::kernel::loader::MapCapacities,
     },
     /// Detach and unpin everything the agent pinned (nothing else); stop the agent first.
     Cleanup {
@@ -146,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             no_redirect,
             state,
             ebpf_object,
+            map_capacity,
         } => {
             init_logging(&log_format);
             if let SourceSpec::Kubernetes(options) = &mut source {
@@ -172,6 +179,7 @@ fn main() -> anyhow::Result<()> {
                     pin_dir: state.pin_dir,
                     run_dir: state.run_dir,
                     ebpf_object,
+                    map_capacity,
                 };
                 agent::run(config, shutdown_signal())
                     .await

@@ -17,7 +17,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tracing::info;
@@ -26,6 +26,11 @@ use crate::{
     kernel::counters::View,
     model::{Diagnostic, Severity},
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -70,6 +75,8 @@ pub struct Telemetry {
     sync_latency: Histogram,
     generation: Gauge,
     rejected: Family<RejectedLabels, Gauge>,
+    apply_failures: Family<ReasonLabels, Counter>,
+    not_applied: Gauge,
     /// Labels for the kernel counters (see `kernel::counters::Connections`).
     pub view: Arc<std::sync::RwLock<View>>,
     ready: AtomicBool,
@@ -117,6 +124,18 @@ impl Telemetry {
             "From a change seen by the source to the kernel maps written",
             sync_latency.clone(),
         );
+        let apply_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "apply_failures",
+            "Service tables (or redirect exclusions) not written to the kernel, by reason, counted at each attempt",
+            apply_failures.clone(),
+        );
+        let not_applied = Gauge::default();
+        registry.register(
+            "services_not_applied",
+            "Service ports whose desired table is not in the kernel now (log: which, and why)",
+            not_applied.clone(),
+        );
         let generation = Gauge::default();
         registry.register(
             "config_generation",
@@ -128,11 +147,27 @@ impl Telemetry {
             sync_latency,
             generation,
             rejected,
+            apply_failures,
+            not_applied,
             view,
             ready: AtomicBool::new(false),
             heartbeat_ms: AtomicU64::new(0),
             started: Instant::now(),
         })
+    }
+
+    /// The failures of one apply attempt, and how many service ports it left
+    /// without their desired table: ready only when none.
+    pub fn apply_failed<'a>(&self, reasons: impl Iterator<Item = &'a str>, services: usize) {
+        for reason in reasons {
+            self.apply_failures
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        }
+        self.not_applied
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
     }
 
     /// The agent's loop ran (it calls this at least once a second).
@@ -198,13 +233,21 @@ pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Resu
         .route(
             "/readyz",
             get(|State(t): State<Arc<Telemetry>>| async move {
-                if t.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready\n")
-                } else {
+                let not_applied = t.not_applied.get();
+                if !t.ready.load(Ordering::Relaxed) {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "waiting for the first sync\n",
+                        "waiting for the first sync\n".to_owned(),
                     )
+                } else if not_applied > 0 {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "{not_applied} service ports not applied (see the log and mesh_apply_failures_total)\n"
+                        ),
+                    )
+                } else {
+                    (StatusCode::OK, "ready\n".to_owned())
                 }
             }),
         )

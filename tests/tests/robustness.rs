@@ -258,3 +258,89 @@ fn the_harness_removes_namespaces_and_cgroups_even_when_a_test_panics() -> anyho
     mesh_tools::cgroup::assert_gone(&cgroup)?;
     Ok(())
 }
+
+/// A Service on one IPv4 VIP whose selector is `app: flaskapp` plus `extra`.
+fn flaskapp_subset_service(name: &str, vip: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: flaskapp{extra}}}\n  ports: [{{name: http, port: 80, targetPort: 5000}}]\n"
+    )
+}
+
+/// Polls `check` (bounded) until it holds.
+fn eventually(what: &str, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check()? {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_table_that_does_not_fit_is_admitted_whole_or_not_at_all() -> anyhow::Result<()> {
+    // 16 slots. 50/50 over three v1 pods and one v2 pod is 6 slots per VIP family:
+    // 12 in use, 4 free. 80/20 needs 15 per family.
+    let mut canary = Canary::start_flags(Some((50, 50)), &["--map-capacity", "SLOTS_V1=16"])?;
+    assert_eq!(canary.agent.http_get("/readyz")?.0, 200);
+
+    canary.set_weights(80, 20)?;
+    // The change does not fit: the 50/50 tables route on, whole.
+    let summary = canary.probe(&vip4(), N)?;
+    assert_eq!(summary.failed(), 0, "{summary:?}");
+    assert_share(summary.share(V2), 0.50, N, "the previous table routes on");
+    let errors = canary.agent.messages("ERROR").join("\n");
+    assert!(
+        errors.contains("default/flaskapp") && errors.contains("does not fit"),
+        "{errors}"
+    );
+    assert_eq!(canary.agent.metric("mesh_services_not_applied")?, 2);
+    assert!(
+        canary
+            .agent
+            .metric_with("mesh_apply_failures_total", &[r#"reason="slots_full""#])?
+            >= 2
+    );
+    let (status, body) = canary.agent.http_get("/readyz")?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("2 service ports not applied"), "{body}");
+
+    // Other services still apply: one slot fits.
+    canary.write(
+        "solo.yaml",
+        &flaskapp_subset_service("solo", "10.96.0.91", ", version: v2"),
+    )?;
+    let solo = canary.probe("10.96.0.91:80", 50)?;
+    assert_eq!(
+        (solo.ok, solo.backends.get(V2)),
+        (50, Some(&50)),
+        "{solo:?}"
+    );
+
+    // A new service that does not fit (4 endpoints, 3 free) is refused, never
+    // sent to the bare VIP (which would say ENETUNREACH in this sandbox).
+    canary.write(
+        "wide.yaml",
+        &flaskapp_subset_service("wide", "10.96.0.92", ""),
+    )?;
+    let wide = canary.probe("10.96.0.92:80", 20)?;
+    assert_eq!(wide.errors.get("EHOSTUNREACH"), Some(&20), "{wide:?}");
+
+    // The weights go back: flaskapp is whole again; room frees up when solo
+    // goes (after the grace period), and wide gets its table on a retry.
+    canary.set_weights(50, 50)?;
+    assert_eq!(canary.agent.metric("mesh_services_not_applied")?, 1);
+    canary.dir.remove("solo.yaml")?;
+    eventually("wide applied", || {
+        Ok(canary.agent.http_get("/readyz")?.0 == 200)
+    })?;
+    assert_eq!(canary.agent.metric("mesh_services_not_applied")?, 0);
+    let wide = canary.probe("10.96.0.92:80", 200)?;
+    assert_eq!(wide.ok, 200, "{wide:?}");
+    assert_eq!(wide.backends.len(), 4, "{wide:?}");
+    let resolved = canary.agent.messages("INFO").join("\n");
+    assert!(resolved.contains("resolved:"), "{resolved}");
+    Ok(())
+}

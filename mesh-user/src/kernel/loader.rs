@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::{
     counters::SockStats,
-    maps::{Counter, Maps, PerCpuCounters},
+    maps::{Capacity, Counter, Maps, PerCpuCounters},
     pin::{MapSpec, PinDir, PinError},
     sys,
 };
@@ -111,6 +111,62 @@ pub enum Linked {
     Detached,
 }
 
+/// `--map-capacity`: `max_entries` of some maps, instead of the object's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapCapacities(pub std::collections::BTreeMap<&'static str, u32>);
+
+/// The maps whose capacity can be set: the hash maps (arrays are indexed by
+/// counter, the socket map and the others by what the kernel holds).
+pub const SIZABLE_MAPS: [&str; 8] = [
+    map_names::SERVICES,
+    map_names::SLOTS,
+    map_names::REVNAT,
+    map_names::BACKEND_STATS,
+    map_names::SERVICE_STATS,
+    map_names::SOCKETS,
+    map_names::SOCK_PATH,
+    map_names::REDIRECT_EXCLUDED,
+];
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapCapacityError {
+    #[error("--map-capacity {0:?}: expected NAME=ENTRIES, e.g. SLOTS_V1=4194304")]
+    Syntax(String),
+    #[error("--map-capacity: {0:?} is not a map whose capacity can be set ({list})", list = SIZABLE_MAPS.join(", "))]
+    UnknownMap(String),
+    #[error("--map-capacity {name}: {entries:?} is not a number of entries (1 or more)")]
+    Entries { name: String, entries: String },
+}
+
+impl std::str::FromStr for MapCapacities {
+    type Err = MapCapacityError;
+
+    /// `NAME=N[,NAME=N...]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (name, entries) = item
+                .split_once('=')
+                .ok_or_else(|| MapCapacityError::Syntax(item.to_owned()))?;
+            let name = SIZABLE_MAPS
+                .iter()
+                .find(|m| **m == name.trim())
+                .ok_or_else(|| MapCapacityError::UnknownMap(name.to_owned()))?;
+            let n = entries
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| MapCapacityError::Entries {
+                    name: (*name).to_owned(),
+                    entries: entries.to_owned(),
+                })?;
+            out.insert(*name, n);
+        }
+        Ok(Self(out))
+    }
+}
+
 /// The object: the embedded one, or `path` (an upgrade staged by hand, or a test).
 pub fn object_bytes(path: Option<&Path>) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
     match path {
@@ -148,13 +204,38 @@ pub fn map_specs(object: &[u8]) -> Result<Vec<(&'static str, MapSpec)>, LoadErro
 /// Loads the object with every map pinned under `pins` (adopting pinned maps of
 /// the same layout, replacing the others) and loads its programs; attaches
 /// nothing yet (see [`attach`]): the agent fills the maps first.
-pub fn load(pins: &PinDir, object: &[u8]) -> Result<(Loaded, Maps, SockStats), LoadError> {
+pub fn load(
+    pins: &PinDir,
+    object: &[u8],
+    capacities: &MapCapacities,
+) -> Result<(Loaded, Maps, SockStats), LoadError> {
     pins.prepare()?;
-    let specs = map_specs(object)?;
+    let mut specs = map_specs(object)?;
+    for (name, spec) in &mut specs {
+        if let Some(&n) = capacities.0.get(name) {
+            spec.max_entries = n;
+        }
+    }
+    // A pinned map of another capacity is replaced, as one of another layout.
     pins.drop_mismatched_maps(&specs);
+    let capacity = |name: &str| {
+        specs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, spec)| spec.max_entries)
+    };
+    let capacity = Capacity {
+        services: capacity(map_names::SERVICES).min(capacity(map_names::SERVICE_STATS)),
+        slots: capacity(map_names::SLOTS),
+        backends: capacity(map_names::BACKEND_STATS),
+        redirect_excluded: capacity(map_names::REDIRECT_EXCLUDED),
+    };
     let mut loader = EbpfLoader::new();
     for name in map_names::ALL {
         loader.map_pin_path(name, pins.map(name));
+    }
+    for (name, &n) in &capacities.0 {
+        loader.map_max_entries(name, n);
     }
     let mut ebpf = loader.load(object)?;
     for name in SOCK_ADDR_PROGRAMS {
@@ -163,6 +244,7 @@ pub fn load(pins: &PinDir, object: &[u8]) -> Result<(Loaded, Maps, SockStats), L
     load_program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?;
     load_program::<SkMsg>(&mut ebpf, program_names::SK_MSG)?;
     let maps = Maps {
+        capacity,
         services: Box::new(take::<HashMap<_, _, _>>(&mut ebpf, map_names::SERVICES)?),
         slots: Box::new(take::<HashMap<_, _, _>>(&mut ebpf, map_names::SLOTS)?),
         service_stats: Box::new(counters::<u64>(&mut ebpf, map_names::SERVICE_STATS)?),
@@ -457,4 +539,30 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     M::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_capacities_parse_and_name_what_is_wrong() {
+        let parsed: Result<MapCapacities, _> = "SLOTS_V1=64, SERVICES_V1=8".parse();
+        assert_eq!(
+            parsed.map(|c| c.0.into_iter().collect::<Vec<_>>()),
+            Ok(vec![("SERVICES_V1", 8), ("SLOTS_V1", 64)])
+        );
+        assert_eq!(
+            "GLOBAL_STATS_V1=4".parse::<MapCapacities>(),
+            Err(MapCapacityError::UnknownMap("GLOBAL_STATS_V1".into()))
+        );
+        assert!(matches!(
+            "SLOTS_V1=0".parse::<MapCapacities>(),
+            Err(MapCapacityError::Entries { .. })
+        ));
+        assert!(matches!(
+            "SLOTS_V1".parse::<MapCapacities>(),
+            Err(MapCapacityError::Syntax(_))
+        ));
+    }
 }

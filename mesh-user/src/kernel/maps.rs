@@ -25,8 +25,20 @@ pub trait CounterMap {
     fn total(&self, id: u32) -> Option<u64>;
 }
 
+/// How many entries the maps apply writes can hold (`max_entries`, as loaded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service ports: `SERVICES_V1` and `SERVICE_STATS_V1`, the smaller.
+    pub services: u32,
+    pub slots: u32,
+    /// Backend counters: `BACKEND_STATS_V1`.
+    pub backends: u32,
+    pub redirect_excluded: u32,
+}
+
 /// Every map apply writes.
 pub struct Maps {
+    pub capacity: Capacity,
     pub services: Box<dyn KernelMap<ServiceKey, ServiceValue> + Send + Sync>,
     pub slots: Box<dyn KernelMap<SlotKey, Backend> + Send + Sync>,
     pub service_stats: Box<dyn CounterMap + Send + Sync>,
@@ -240,19 +252,31 @@ pub mod fake {
     }
 
     impl FakeMaps {
-        /// Room for `services` service ports and `slots` slots.
+        /// Room for `services` service ports and `slots` slots (and as many
+        /// backends).
         pub fn new(services: usize, slots: usize) -> Self {
+            Self::with_backends(services, slots, slots)
+        }
+
+        pub fn with_backends(services: usize, slots: usize, backends: usize) -> Self {
             Self {
                 services: FakeMap::with_capacity(services),
                 slots: FakeMap::with_capacity(slots),
                 service_stats: FakeMap::with_capacity(services),
-                backend_stats: FakeMap::with_capacity(slots),
+                backend_stats: FakeMap::with_capacity(backends),
                 redirect_excluded: FakeMap::with_capacity(64),
             }
         }
 
         pub fn maps(&self) -> Maps {
+            let cap = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
             Maps {
+                capacity: Capacity {
+                    services: cap(self.services.state().capacity),
+                    slots: cap(self.slots.state().capacity),
+                    backends: cap(self.backend_stats.state().capacity),
+                    redirect_excluded: cap(self.redirect_excluded.state().capacity),
+                },
                 services: Box::new(self.services.clone()),
                 slots: Box::new(self.slots.clone()),
                 service_stats: Box::new(self.service_stats.clone()),

@@ -39,6 +39,11 @@ pub struct Canary {
 impl Canary {
     /// The topology with a VirtualService at `weights` (v1, v2), or none.
     pub fn start(weights: Option<(i64, i64)>) -> anyhow::Result<Self> {
+        Self::start_flags(weights, &[])
+    }
+
+    /// The same, with more `mesh-agent run` flags.
+    pub fn start_flags(weights: Option<(i64, i64)>, flags: &[&str]) -> anyhow::Result<Self> {
         mesh_tools::require_root();
         let mut node = Node::new()?;
         node.add_pod("client", 2)?;
@@ -73,7 +78,7 @@ impl Canary {
             )?;
         }
         let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
-        let agent = Agent::start(dir.path(), cgroup.path())?;
+        let agent = Agent::start_flags(dir.path(), cgroup.path(), flags)?;
         Ok(Canary {
             agent,
             backends,

@@ -29,6 +29,11 @@ impl IdPool {
         })
     }
 
+    /// How many ids can still be taken.
+    pub(super) fn available(&self) -> usize {
+        (self.max.saturating_sub(self.next) as usize) + self.free.len()
+    }
+
     /// Marks `id` as taken (adopted from a previous agent).
     pub(super) fn reserve(&mut self, id: u32) {
         if id >= self.max {
@@ -69,8 +74,10 @@ mod tests {
             (pool.take(), pool.take(), pool.take()),
             (Some(0), Some(1), None)
         );
+        assert_eq!(pool.available(), 0);
         pool.give(0);
         pool.give(0);
+        assert_eq!(pool.available(), 1);
         assert_eq!((pool.take(), pool.take()), (Some(0), None));
     }
 }

@@ -46,12 +46,69 @@ pub enum ApplyError {
         endpoint: BackendAddr,
         source: Box<MapError>,
     },
-    #[error("service {service} ({addr}): out of {what} ids")]
-    Exhausted {
+    #[error(
+        "service {service} ({addr}): its table of {need} slots does not fit ({free} of {capacity} free in {map}); {keeping}"
+    )]
+    SlotsFull {
         service: NamespacedName,
         addr: ServiceAddr,
-        what: &'static str,
+        need: usize,
+        free: usize,
+        capacity: usize,
+        map: &'static str,
+        keeping: Keeping,
     },
+    #[error(
+        "service {service} ({addr}): {need} new backends do not fit ({free} of {capacity} backend counters free in {map}); {keeping}"
+    )]
+    BackendsFull {
+        service: NamespacedName,
+        addr: ServiceAddr,
+        need: usize,
+        free: usize,
+        capacity: usize,
+        map: &'static str,
+        keeping: Keeping,
+    },
+    #[error(
+        "service {service} ({addr}): {map} is full ({capacity} service ports); connects to it are not routed by the mesh"
+    )]
+    ServicesFull {
+        service: NamespacedName,
+        addr: ServiceAddr,
+        capacity: usize,
+        map: &'static str,
+    },
+}
+
+/// What the kernel holds for a service whose new table was not written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keeping {
+    /// Its previous table routes on.
+    Previous,
+    /// A new service: its connects are refused (`EHOSTUNREACH`) until it fits.
+    Refused,
+}
+
+impl std::fmt::Display for Keeping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Keeping::Previous => "its previous table stays in effect",
+            Keeping::Refused => "its connects are refused until it fits",
+        })
+    }
+}
+
+impl ApplyError {
+    /// A short, stable reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApplyError::Write { .. } | ApplyError::Exclusion { .. } => "map_write",
+            ApplyError::SlotsFull { .. } => "slots_full",
+            ApplyError::BackendsFull { .. } => "backends_full",
+            ApplyError::ServicesFull { .. } => "services_full",
+        }
+    }
 }
 
 /// What one `apply` changed.
@@ -96,6 +153,8 @@ type BackendKey = (BackendAddr, Proto);
 #[derive(Debug)]
 pub struct Applier {
     maps: Maps,
+    /// Slots the slot map holds now: live tables, and tables waiting to be freed.
+    slots_used: usize,
     live: BTreeMap<ServiceAddr, Live>,
     retired: Vec<Retired>,
     service_ids: IdPool,
@@ -107,13 +166,15 @@ pub struct Applier {
 
 impl Applier {
     pub fn new(maps: Maps) -> Self {
+        let capacity = maps.capacity;
         Self {
             maps,
+            slots_used: 0,
             live: BTreeMap::new(),
             retired: Vec::new(),
-            service_ids: IdPool::new(mesh_common::MAX_SERVICES),
+            service_ids: IdPool::new(capacity.services),
             backend_ids: BTreeMap::new(),
-            backend_pool: IdPool::new(mesh_common::MAX_BACKENDS),
+            backend_pool: IdPool::new(capacity.backends),
             excluded: BTreeSet::new(),
         }
     }
@@ -163,18 +224,17 @@ impl Applier {
             addr,
             source: Box::new(source),
         };
-        let exhausted = |what| ApplyError::Exhausted {
-            service: plan.service.clone(),
-            addr,
-            what,
-        };
         let (service_id, revision) = match self.live.get(&addr) {
             Some(live) => (live.service_id, self.next_revision(live)),
             None => {
-                let id = self
-                    .service_ids
-                    .take()
-                    .ok_or_else(|| exhausted("service"))?;
+                let Some(id) = self.service_ids.take() else {
+                    return Err(ApplyError::ServicesFull {
+                        service: plan.service.clone(),
+                        addr,
+                        capacity: self.maps.capacity.services as usize,
+                        map: mesh_common::map_names::SERVICES,
+                    });
+                };
                 // A reused id starts counting from zero.
                 if let Err(e) = self.maps.service_stats.reset(id) {
                     warn!(%addr, "cannot zero the service's connection counter: {e}");
@@ -182,14 +242,20 @@ impl Applier {
                 (id, 1)
             }
         };
+        // Admission: the whole table or nothing, so that a table that does not
+        // fit never takes the room of those after it.
+        if let Err(e) = self.admit(addr, plan) {
+            if !self.live.contains_key(&addr) {
+                self.refuse_new(addr, plan, service_id)?;
+            }
+            return Err(e);
+        }
         let mut written = 0u32;
         let result = (|| {
             for (slot, target) in plan.slots.iter().enumerate() {
                 let backend = match target {
                     Some(b) => {
-                        let id = self
-                            .backend_id(*b, addr.proto)
-                            .ok_or_else(|| exhausted("backend"))?;
+                        let id = self.backend_id(*b, addr.proto).map_err(err)?;
                         backend_value(*b, id)
                     }
                     None => Backend {
@@ -217,6 +283,7 @@ impl Applier {
                 .insert(service_key(addr), value)
                 .map_err(err)
         })();
+        self.slots_used += written as usize;
         if let Err(e) = result {
             // Free the partial table at the next collection (nothing reads it: the
             // entry was not flipped); the live one, if any, is untouched. A new
@@ -224,7 +291,11 @@ impl Applier {
             self.retired.push(Retired {
                 service_id,
                 revision,
-                slots: plan.slots[..written as usize].to_vec(),
+                slots: plan
+                    .slots
+                    .get(..written as usize)
+                    .unwrap_or_default()
+                    .to_vec(),
                 proto: addr.proto,
                 since: now.checked_sub(GRACE).unwrap_or(now),
             });
@@ -248,6 +319,83 @@ impl Applier {
                 since: now,
             });
         }
+        Ok(())
+    }
+
+    /// Whether `plan`'s whole table fits now: its slots in the slot map (the
+    /// table it replaces is held until its grace period ends), and a counter for
+    /// each backend it adds. Checked before any write.
+    fn admit(&self, addr: ServiceAddr, plan: &ServicePlan) -> Result<(), ApplyError> {
+        let keeping = if self.live.contains_key(&addr) {
+            Keeping::Previous
+        } else {
+            Keeping::Refused
+        };
+        let capacity = self.maps.capacity.slots as usize;
+        let free = capacity.saturating_sub(self.slots_used);
+        if plan.slots.len() > free {
+            return Err(ApplyError::SlotsFull {
+                service: plan.service.clone(),
+                addr,
+                need: plan.slots.len(),
+                free,
+                capacity,
+                map: mesh_common::map_names::SLOTS,
+                keeping,
+            });
+        }
+        let new: BTreeSet<&BackendAddr> = plan
+            .slots
+            .iter()
+            .flatten()
+            .filter(|b| !self.backend_ids.contains_key(&(**b, addr.proto)))
+            .collect();
+        let free = self.backend_pool.available();
+        if new.len() > free {
+            return Err(ApplyError::BackendsFull {
+                service: plan.service.clone(),
+                addr,
+                need: new.len(),
+                free,
+                capacity: self.maps.capacity.backends as usize,
+                map: mesh_common::map_names::BACKEND_STATS,
+                keeping,
+            });
+        }
+        Ok(())
+    }
+
+    /// A new service whose table does not fit: an entry with no slots, so its
+    /// connects are refused (`EHOSTUNREACH`) rather than sent to the bare VIP.
+    fn refuse_new(
+        &mut self,
+        addr: ServiceAddr,
+        plan: &ServicePlan,
+        service_id: u32,
+    ) -> Result<(), ApplyError> {
+        let value = ServiceValue {
+            service_id,
+            revision: 0,
+            slot_count: 0,
+            flags: 0,
+        };
+        if let Err(source) = self.maps.services.insert(service_key(addr), value) {
+            self.service_ids.give(service_id);
+            return Err(ApplyError::Write {
+                service: plan.service.clone(),
+                addr,
+                source: Box::new(source),
+            });
+        }
+        self.live.insert(
+            addr,
+            Live {
+                service_id,
+                revision: 0,
+                service: Some(plan.service.clone()),
+                slots: Vec::new(),
+            },
+        );
         Ok(())
     }
 
@@ -305,6 +453,7 @@ impl Applier {
             return;
         }
         for r in &due {
+            self.slots_used = self.slots_used.saturating_sub(r.slots.len());
             for slot in 0..r.slots.len() as u32 {
                 let key = SlotKey {
                     service_id: r.service_id,
@@ -416,6 +565,8 @@ impl Applier {
                 adopted.stray_slots += 1;
             }
         }
+        self.slots_used = self.live.values().map(|l| l.slots.len()).sum::<usize>()
+            + stray.values().map(|&len| len as usize).sum::<usize>();
         for ((service_id, revision), len) in stray {
             self.service_ids.reserve(service_id);
             self.retired.push(Retired {
@@ -442,20 +593,26 @@ impl Applier {
         adopted
     }
 
-    fn backend_id(&mut self, backend: BackendAddr, proto: Proto) -> Option<u32> {
+    /// The counter id of `backend`, made on first use ([`Applier::admit`] checked
+    /// there is room).
+    fn backend_id(&mut self, backend: BackendAddr, proto: Proto) -> Result<u32, MapError> {
         if let Some(id) = self.backend_ids.get(&(backend, proto)) {
-            return Some(*id);
+            return Ok(*id);
         }
-        let id = self.backend_pool.take()?;
+        let id = self.backend_pool.take().ok_or_else(|| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "backend id",
+                io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+            })
+        })?;
         match self.maps.backend_stats.reset(id) {
             Ok(()) => {
                 self.backend_ids.insert((backend, proto), id);
-                Some(id)
+                Ok(id)
             }
             Err(e) => {
-                warn!(%backend, "cannot make the backend's connection counter: {e}");
                 self.backend_pool.give(id);
-                None
+                Err(e)
             }
         }
     }
@@ -497,9 +654,7 @@ impl Applier {
 
     /// Labels of the kernel's counters and the occupancy of the maps we write.
     pub fn view(&self) -> View {
-        use mesh_common::{self as c, map_names as m};
-        let slots: usize = self.live.values().map(|l| l.slots.len()).sum::<usize>()
-            + self.retired.iter().map(|r| r.slots.len()).sum::<usize>();
+        use mesh_common::map_names as m;
         let service_ids: BTreeSet<u32> = self
             .live
             .values()
@@ -511,6 +666,7 @@ impl Applier {
             entries: entries as u64,
             capacity: u64::from(capacity),
         };
+        let capacity = self.maps.capacity;
         View {
             services: self
                 .live
@@ -529,14 +685,14 @@ impl Applier {
                 .map(|(&(addr, proto), &id)| BackendLabel { id, addr, proto })
                 .collect(),
             occupancy: vec![
-                occupancy(m::SERVICES, self.live.len(), c::MAX_SERVICES),
-                occupancy(m::SLOTS, slots, c::MAX_SLOTS),
-                occupancy(m::BACKEND_STATS, self.backend_ids.len(), c::MAX_BACKENDS),
-                occupancy(m::SERVICE_STATS, service_ids.len(), c::MAX_SERVICES),
+                occupancy(m::SERVICES, self.live.len(), capacity.services),
+                occupancy(m::SLOTS, self.slots_used, capacity.slots),
+                occupancy(m::BACKEND_STATS, self.backend_ids.len(), capacity.backends),
+                occupancy(m::SERVICE_STATS, service_ids.len(), capacity.services),
                 occupancy(
                     m::REDIRECT_EXCLUDED,
                     self.excluded.len(),
-                    c::MAX_REDIRECT_EXCLUDED,
+                    capacity.redirect_excluded,
                 ),
             ],
         }

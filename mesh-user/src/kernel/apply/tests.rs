@@ -313,7 +313,7 @@ fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision()
 }
 
 #[test]
-fn a_full_slot_map_fails_one_service_and_keeps_its_previous_table_and_the_others() {
+fn a_table_that_does_not_fit_is_not_written_at_all_and_the_previous_one_routes_on() {
     // Room for 6 slots: two tables of 2, and a change that needs 4 more while
     // the old table is still held.
     let maps = FakeMaps::new(16, 6);
@@ -327,6 +327,7 @@ fn a_full_slot_map_fails_one_service_and_keeps_its_previous_table_and_the_others
         t0,
     );
     let (a, b) = (table(&maps, "10.96.0.1"), table(&maps, "10.96.0.2"));
+    let slot_writes = maps.slots.state().inserts;
     let report = applier.apply(
         &desired(&[
             ("10.96.0.1", plan("a", &[1, 2, 5, 6])),
@@ -338,19 +339,109 @@ fn a_full_slot_map_fails_one_service_and_keeps_its_previous_table_and_the_others
         (report.written, report.unchanged, report.errors.len()),
         (0, 1, 1)
     );
+    assert_eq!(report.errors[0].reason(), "slots_full");
     let message = report.errors[0].to_string();
-    assert!(message.contains("prod/a"), "{message}");
+    assert!(
+        message.contains("prod/a")
+            && message.contains("4 slots")
+            && message.contains("previous table"),
+        "{message}"
+    );
+    assert_eq!(
+        maps.slots.state().inserts,
+        slot_writes,
+        "not one slot written"
+    );
     assert_eq!(table(&maps, "10.96.0.1"), a);
     assert_eq!(table(&maps, "10.96.0.2"), b);
-    assert_eq!(
-        maps.slots.state().entries.len(),
-        4,
-        "the partial table was freed"
-    );
     let view = applier.view();
     let slots = view
         .occupancy
         .iter()
         .find(|o| o.map == mesh_common::map_names::SLOTS);
-    assert_eq!(slots.map(|o| o.entries), Some(4));
+    assert_eq!(slots.map(|o| (o.entries, o.capacity)), Some((4, 6)));
+}
+
+#[test]
+fn a_service_that_does_not_fit_never_starves_those_after_it() {
+    let maps = FakeMaps::new(16, 4);
+    let mut applier = Applier::new(maps.maps());
+    let report = applier.apply(
+        &desired(&[
+            ("10.96.0.1", plan("big", &[1, 2, 3, 4, 5])),
+            ("10.96.0.2", plan("small", &[6, 7])),
+        ]),
+        Instant::now(),
+    );
+    assert_eq!((report.written, report.errors.len()), (1, 1));
+    assert_eq!(live(&maps, "10.96.0.2").1.iter().flatten().count(), 2);
+    // The new service that does not fit has an entry with no slots: the kernel
+    // refuses its connects instead of letting them reach the bare VIP.
+    let (value, slots) = live(&maps, "10.96.0.1");
+    assert_eq!((value.slot_count, slots.len()), (0, 0));
+    assert!(
+        report.errors[0]
+            .to_string()
+            .contains("refused until it fits")
+    );
+}
+
+#[test]
+fn a_refused_service_gets_its_table_once_there_is_room() {
+    let maps = FakeMaps::new(16, 5);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    applier.apply(&desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]), t0);
+    let both = desired(&[
+        ("10.96.0.1", plan("a", &[1, 2, 3])),
+        ("10.96.0.2", plan("c", &[4, 5, 6])),
+    ]);
+    assert_eq!(applier.apply(&both, t0).errors.len(), 1);
+    assert_eq!(live(&maps, "10.96.0.2").0.slot_count, 0);
+    // a goes away; its table is freed after the grace period, then c fits.
+    let only_c = desired(&[("10.96.0.2", plan("c", &[4, 5, 6]))]);
+    assert_eq!(
+        applier.apply(&only_c, t0 + ms(1)).errors.len(),
+        1,
+        "a's table is still held"
+    );
+    applier.collect_garbage(t0 + ms(1) + GRACE);
+    let report = applier.apply(&only_c, t0 + ms(2) + GRACE);
+    assert_eq!((report.written, report.errors.len()), (1, 0));
+    let (value, slots) = live(&maps, "10.96.0.2");
+    assert_eq!((value.revision, slots.iter().flatten().count()), (1, 3));
+}
+
+#[test]
+fn new_backends_beyond_the_counters_capacity_are_not_admitted() {
+    let maps = FakeMaps::with_backends(16, 64, 2);
+    let mut applier = Applier::new(maps.maps());
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]),
+        Instant::now(),
+    );
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].reason(), "backends_full");
+    assert_eq!(maps.slots.state().inserts, 0);
+    assert_eq!(
+        live(&maps, "10.96.0.1").0.slot_count,
+        0,
+        "refused, not bare"
+    );
+}
+
+#[test]
+fn a_full_service_map_is_reported_by_name() {
+    let maps = FakeMaps::new(1, 64);
+    let mut applier = Applier::new(maps.maps());
+    let report = applier.apply(
+        &desired(&[
+            ("10.96.0.1", plan("a", &[1])),
+            ("10.96.0.2", plan("b", &[2])),
+        ]),
+        Instant::now(),
+    );
+    assert_eq!((report.written, report.errors.len()), (1, 1));
+    assert_eq!(report.errors[0].reason(), "services_full");
+    assert!(report.errors[0].to_string().contains("prod/b"));
 }
