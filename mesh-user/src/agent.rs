@@ -14,7 +14,7 @@ use crate::{
     compile::{self, Compiled},
     index::Index,
     kernel::{
-        apply::{Applier, ApplyError},
+        apply::{Applier, ApplyError, Hold},
         counters::{Connections, SockStats},
         loader,
         pin::PinDir,
@@ -122,6 +122,7 @@ pub async fn run(
         compile: config.compile.clone(),
         desired: Compiled::default(),
         failures: BTreeSet::new(),
+        holding: false,
         telemetry,
         attach: Some(PendingAttach {
             loaded,
@@ -195,6 +196,8 @@ struct Reconciler {
     desired: Compiled,
     /// What the last apply could not write (each logged once, retried each tick).
     failures: BTreeSet<String>,
+    /// Whether the last apply kept tables from the start ([`Hold`]).
+    holding: bool,
     telemetry: Arc<Telemetry>,
     /// Until the first apply: the programs to attach once the maps are full.
     attach: Option<PendingAttach>,
@@ -253,7 +256,22 @@ impl Reconciler {
     /// configuration), and reports what could not be written.
     fn apply(&mut self, seen: Instant, compile_us: u64) -> Result<(), AgentError> {
         let apply_started = Instant::now();
-        let result = self.applier.apply(&self.desired.services, apply_started);
+        // An unavailable or broken source is not an empty one: tables the kernel
+        // held at start stay until the source can say what replaces them.
+        let hold = Hold {
+            undecided: &self.desired.undecided,
+            absent: self.index.source_has_errors() || self.index.is_empty(),
+        };
+        let result = self
+            .applier
+            .apply(&self.desired.services, hold, apply_started);
+        if result.held > 0 && !self.holding {
+            warn!(
+                held = result.held,
+                "keeping service tables the kernel held at start: their objects are broken, undecided or absent in the source; they are replaced once valid versions arrive (mesh-agent cleanup empties the node)"
+            );
+        }
+        self.holding = result.held > 0;
         let exclusion_errors = self.applier.apply_excluded(&self.desired.redirect_excluded);
         let apply_us = apply_started.elapsed().as_micros() as u64;
         attach_pending(&mut self.attach)?;
@@ -273,6 +291,7 @@ impl Reconciler {
             services = self.applier.live_services(),
             written = result.written,
             removed = result.removed,
+            held = result.held,
             redirect_excluded = self.desired.redirect_excluded.len(),
             failed = errors.len(),
             compile_us,

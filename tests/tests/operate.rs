@@ -257,6 +257,107 @@ fn tempdir_for(run_dir: &std::path::Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
+#[test]
+fn a_restart_keeps_the_kernels_tables_while_the_source_is_unreadable_or_broken()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    let still_80_20 = |canary: &Canary, what: &str| -> anyhow::Result<()> {
+        let seen = canary.probe(&vip4(), 1000)?;
+        assert_eq!(seen.failed(), 0, "{what}: {seen:?}");
+        assert_share(seen.share(V2), 0.20, seen.ok, what);
+        Ok(())
+    };
+
+    // The folder is not there when the agent starts (a volume not mounted yet).
+    canary.agent.kill()?;
+    let away = MovedAway::new(canary.dir.path())?;
+    canary.agent.respawn(&[])?;
+    canary.agent.wait_logged(
+        "WARN",
+        "sending nothing until it can be read",
+        Duration::from_secs(10),
+    )?;
+    still_80_20(&canary, "while the folder is missing")?;
+    assert_eq!(
+        canary.agent.generation(),
+        0,
+        "nothing applied from an unreadable folder"
+    );
+    drop(away);
+    canary.agent.wait_applied(1, Duration::from_secs(20))?;
+    still_80_20(&canary, "once the folder is back")?;
+
+    // A VirtualService this agent never saw valid: the kernel's table stays.
+    canary.agent.kill()?;
+    canary.dir.write(
+        "virtualservice.yaml",
+        &manifests::virtual_service("flaskapp", &[("v1", -1), ("v2", 20)]),
+    )?;
+    canary.agent.restart(&[])?;
+    still_80_20(&canary, "with a broken VirtualService at start")?;
+    let applied = canary.agent.records("config applied");
+    assert_eq!(field(applied.last(), "held"), Some(2), "{applied:?}");
+    assert!(
+        canary
+            .agent
+            .messages("ERROR")
+            .iter()
+            .any(|m| m.contains("weight -1 is negative")),
+        "{}",
+        canary.agent.log_text()
+    );
+    // A valid version replaces it.
+    canary.set_weights(50, 50)?;
+    let seen = canary.probe(&vip4(), 1000)?;
+    assert_share(
+        seen.share(V2),
+        0.50,
+        seen.ok,
+        "the fixed VirtualService applies",
+    );
+
+    // The Service's own file does not parse at start: its tables stay too.
+    canary.agent.kill()?;
+    canary.dir.write("service.yaml", "kind: [unclosed")?;
+    canary.agent.restart(&[])?;
+    let seen = canary.probe(&vip4(), 1000)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_share(
+        seen.share(V2),
+        0.50,
+        seen.ok,
+        "with an unparsable Service file at start",
+    );
+    let applied = canary.agent.records("config applied");
+    assert_eq!(field(applied.last(), "held"), Some(2), "{applied:?}");
+    Ok(())
+}
+
+/// A folder moved aside, and put back on drop (also when the test fails).
+struct MovedAway {
+    path: std::path::PathBuf,
+    aside: std::path::PathBuf,
+}
+
+impl MovedAway {
+    fn new(path: &std::path::Path) -> anyhow::Result<Self> {
+        let aside = path.with_extension("aside");
+        std::fs::rename(path, &aside)?;
+        Ok(Self {
+            path: path.to_owned(),
+            aside,
+        })
+    }
+}
+
+impl Drop for MovedAway {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::rename(&self.aside, &self.path) {
+            eprintln!("putting {} back: {e}", self.path.display());
+        }
+    }
+}
+
 struct RemoveDir(std::path::PathBuf);
 
 impl Drop for RemoveDir {

@@ -115,6 +115,14 @@ impl Agent {
     /// Starts the agent again on the same pinned state (after [`Agent::kill`] or
     /// [`Agent::stop`]), with `extra` flags, and waits for its first apply.
     pub fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.respawn(extra)?;
+        self.wait_applied(1, Duration::from_secs(20))?;
+        Ok(())
+    }
+
+    /// Starts the agent again on the same pinned state without waiting for an
+    /// apply (its source may not be readable yet).
+    pub fn respawn(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         if matches!(self.child.try_wait(), Ok(None)) {
             bail!("the agent is still running");
         }
@@ -123,8 +131,30 @@ impl Agent {
         let (child, log) = spawn(&args, &self.pin_dir, &self.run_dir)?;
         self.child = child;
         self.log = log;
-        self.wait_applied(1, Duration::from_secs(20))?;
         Ok(())
+    }
+
+    /// Waits until the agent logged a message at `level` containing `text`.
+    pub fn wait_logged(
+        &mut self,
+        level: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.messages(level).iter().any(|m| m.contains(text)) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("mesh-agent exited ({status}); log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!(
+            "mesh-agent logged no {level} {text:?} within {timeout:?}; log:\n{}",
+            self.log_text()
+        )
     }
 
     pub fn pid(&self) -> u32 {

@@ -60,6 +60,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
         }
         let fqdn = Fqdn::of_service(name, domain);
         let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
+        let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
         for port in spec.ports.iter().flatten() {
             let proto = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => Proto::Tcp,
@@ -105,6 +106,13 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 ),
             };
             for vip in &vips {
+                if undecided && proto == Proto::Tcp {
+                    out.undecided.insert(ServiceAddr {
+                        vip: *vip,
+                        port: number,
+                        proto,
+                    });
+                }
                 let family_groups: Vec<slots::Group<BackendAddr>> = groups
                     .iter()
                     .map(|(_, g)| slots::Group {

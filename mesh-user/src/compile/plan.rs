@@ -97,5 +97,9 @@ pub struct Compiled {
     pub services: BTreeMap<ServiceAddr, ServicePlan>,
     /// Endpoints whose connections the same-node redirect leaves to TCP.
     pub redirect_excluded: BTreeSet<BackendAddr>,
+    /// Service ports with no accepted VirtualService but a rejected one that was
+    /// never accepted: their plan is even balancing, but what the user meant is
+    /// not known yet (a table the kernel held at start is better kept).
+    pub undecided: BTreeSet<ServiceAddr>,
     pub diagnostics: Vec<Diagnostic>,
 }

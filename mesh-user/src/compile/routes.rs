@@ -30,18 +30,7 @@ pub fn governing_vs<'a>(
 ) -> Option<&'a Entry<VirtualService>> {
     let mut candidates: Vec<(usize, &Entry<VirtualService>)> = index
         .virtual_services()
-        .filter(|e| istio::binds_mesh(&e.object.spec.gateways))
-        .filter_map(|e| {
-            let ns = NamespacedName::from_meta(&e.object.metadata).namespace;
-            let rank = e
-                .object
-                .spec
-                .hosts
-                .iter()
-                .filter_map(|h| Fqdn::qualify(h, &ns, domain).match_rank(fqdn))
-                .max()?;
-            Some((rank, e))
-        })
+        .filter_map(|e| Some((mesh_host_rank(e, fqdn, domain)?, e)))
         .collect();
     candidates.sort_by(|(ra, a), (rb, b)| {
         rb.cmp(ra)
@@ -71,6 +60,28 @@ pub fn governing_vs<'a>(
         }
     }
     Some(best)
+}
+
+/// How well a mesh-bound VirtualService's hosts match `fqdn`, if at all.
+fn mesh_host_rank(e: &Entry<VirtualService>, fqdn: &Fqdn, domain: &str) -> Option<usize> {
+    if !istio::binds_mesh(&e.object.spec.gateways) {
+        return None;
+    }
+    let ns = NamespacedName::from_meta(&e.object.metadata).namespace;
+    e.object
+        .spec
+        .hosts
+        .iter()
+        .filter_map(|h| Fqdn::qualify(h, &ns, domain).match_rank(fqdn))
+        .max()
+}
+
+/// Whether a VirtualService that has never been accepted names `fqdn`: its
+/// routing is undecided until a valid version arrives.
+pub fn pending_vs(index: &Index, fqdn: &Fqdn, domain: &str) -> bool {
+    index
+        .pending_virtual_services()
+        .any(|e| mesh_host_rank(e, fqdn, domain).is_some())
 }
 
 /// Whether a port carries HTTP by Istio's protocol selection (appProtocol, or the

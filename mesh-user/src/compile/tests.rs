@@ -476,3 +476,31 @@ status:
         "{w:?}"
     );
 }
+
+#[test]
+fn a_service_whose_only_virtualservice_was_never_accepted_is_undecided() {
+    let bad = vs(
+        "  hosts: [web]\n  http:\n    - route:\n        - {destination: {host: web, subset: v1}, weight: -1}\n",
+    );
+    let c = build(&[BASE, &pods(), &bad]);
+    let web = ServiceAddr {
+        vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    assert!(c.undecided.contains(&web), "{:?}", c.undecided);
+    assert_eq!(
+        c.undecided.len(),
+        2,
+        "both ports of web, not db: {:?}",
+        c.undecided
+    );
+    // With an accepted version, a later rejected one is not undecided: the
+    // accepted one routes.
+    let (mut index, _) = index_of(&[BASE, &pods(), &vs(SPLIT_80_20)]);
+    for o in parse(Path::new("f9.yaml"), &bad).0 {
+        index.apply("f9.yaml", o);
+    }
+    index.revalidate("cluster.local");
+    assert!(compile(&index, &Config::default()).undecided.is_empty());
+}

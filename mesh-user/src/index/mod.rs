@@ -257,6 +257,31 @@ impl Index {
             .filter_map(|v| v.accepted.as_ref())
     }
 
+    /// VirtualServices that have never had an accepted version: rejected, so what
+    /// they mean for routing is not known yet.
+    pub fn pending_virtual_services(&self) -> impl Iterator<Item = &Entry<VirtualService>> {
+        self.virtual_services
+            .values()
+            .filter(|v| v.accepted.is_none())
+            .map(|v| &v.latest)
+    }
+
+    /// Whether the sources report objects they could not read: files that do not
+    /// parse, objects that do not convert.
+    pub fn source_has_errors(&self) -> bool {
+        self.source_diagnostics()
+            .any(|d| d.severity == crate::model::Severity::Error)
+    }
+
+    /// Whether the index holds no object at all.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.pods.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.virtual_services.is_empty()
+            && self.destination_rules.is_empty()
+    }
+
     /// Accepted DestinationRules.
     pub fn destination_rules(&self) -> impl Iterator<Item = &Entry<DestinationRule>> {
         self.destination_rules

@@ -15,7 +15,7 @@ use std::{
 use serde::Deserialize as _;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::{Event, SourceError, Sourced, Update, UpdateSender};
 use crate::model::{
@@ -47,7 +47,6 @@ const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
 /// A folder being watched; dropping it stops the watch.
 #[derive(Debug)]
 pub struct Watching {
-    _watcher: notify::RecommendedWatcher,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -57,27 +56,42 @@ impl Drop for Watching {
     }
 }
 
+/// How soon an unreadable folder is tried again, at first and at most.
+const RETRY: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(10),
+);
+
 /// Reads `dir` now and on every change, sending each state whole as
-/// [`Event::Snapshot`] (the first is followed by [`Event::Synced`]).
-pub fn watch(dir: &Path, tx: UpdateSender) -> Result<Watching, SourceError> {
-    use notify::Watcher as _;
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    let watch_err = |source| SourceError::Watch {
-        path: dir.to_owned(),
-        source,
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            // A full channel already means "reload pending": dropping this one loses nothing.
-            let _ = changed_tx.try_send(());
-        }
-    })
-    .map_err(watch_err)?;
-    watcher
-        .watch(dir, notify::RecursiveMode::Recursive)
-        .map_err(watch_err)?;
-    let mut source = FileSource::new(dir);
+/// [`Event::Snapshot`] (the first is followed by [`Event::Synced`]). A folder
+/// that cannot be read at start (missing, not mounted yet, no permission) is not
+/// an empty one: nothing is sent, so the kernel keeps its tables, until it can
+/// be read; it is retried with backoff meanwhile.
+pub fn watch(dir: &Path, tx: UpdateSender) -> Watching {
+    let dir = dir.to_owned();
     let task = tokio::spawn(async move {
+        let mut delay = RETRY.0;
+        let mut said = None;
+        let (_watcher, mut changed) = loop {
+            match start_watching(&dir) {
+                Ok(watching) => break watching,
+                Err(e) => {
+                    let text = e.to_string();
+                    if said.as_ref() != Some(&text) {
+                        warn!(
+                            "{text}; sending nothing until it can be read (the kernel keeps its tables)"
+                        );
+                        said = Some(text);
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY.1);
+                }
+            }
+        };
+        if said.is_some() {
+            info!(dir = %dir.display(), "the folder can be read now");
+        }
+        let mut source = FileSource::new(&dir);
         let mut first = true;
         let mut seen = std::time::Instant::now();
         loop {
@@ -99,10 +113,35 @@ pub fn watch(dir: &Path, tx: UpdateSender) -> Result<Watching, SourceError> {
             debug!("source changed");
         }
     });
-    Ok(Watching {
-        _watcher: watcher,
-        task,
+    Watching { task }
+}
+
+/// Checks `dir` can be read and watches it: a notification of any change
+/// arrives on the receiver.
+fn start_watching(
+    dir: &Path,
+) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), SourceError> {
+    use notify::Watcher as _;
+    std::fs::read_dir(dir).map_err(|source| SourceError::Unreadable {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let (changed_tx, changed) = mpsc::channel::<()>(1);
+    let watch_err = |source| SourceError::Watch {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // A full channel already means "reload pending": dropping this one loses nothing.
+            let _ = changed_tx.try_send(());
+        }
     })
+    .map_err(watch_err)?;
+    watcher
+        .watch(dir, notify::RecursiveMode::Recursive)
+        .map_err(watch_err)?;
+    Ok((watcher, changed))
 }
 
 #[derive(Debug)]
@@ -527,5 +566,29 @@ mod tests {
         std::fs::remove_file(d.0.join("a.yaml")).expect("rm");
         std::fs::remove_file(d.0.join("b.yaml")).expect("rm");
         assert!(source.load().objects.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_folder_missing_at_start_sends_nothing_until_it_can_be_read() {
+        let d = dir();
+        let missing = d.0.join("not-yet");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _watching = watch(&missing, tx);
+        // git-sync or a volume mount has not produced the folder yet.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await;
+        assert!(early.is_err(), "sent while unreadable: {early:?}");
+        std::fs::create_dir(&missing).expect("mkdir");
+        std::fs::write(missing.join("svc.yaml"), SVC).expect("write");
+        let first = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|u| u.event);
+        let Some(Event::Snapshot { objects, .. }) = first else {
+            panic!("expected the folder's snapshot, got {first:?}");
+        };
+        assert_eq!(objects.len(), 1);
+        let synced = rx.recv().await.map(|u| u.event);
+        assert_eq!(synced, Some(Event::Synced));
     }
 }

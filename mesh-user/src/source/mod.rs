@@ -117,6 +117,11 @@ pub enum SourceError {
         path: PathBuf,
         source: notify::Error,
     },
+    #[error("cannot read {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A started source: its updates, and where to report rejections back.
@@ -138,7 +143,7 @@ pub async fn start(spec: &SourceSpec) -> Result<Running, SourceError> {
         SourceSpec::File(dir) => Running {
             updates,
             reporter: None,
-            _file: Some(file::watch(dir, tx)?),
+            _file: Some(file::watch(dir, tx)),
             _kubernetes: None,
         },
         SourceSpec::Kubernetes(options) => {

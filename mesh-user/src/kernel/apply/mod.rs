@@ -111,12 +111,34 @@ impl ApplyError {
     }
 }
 
+/// Tables the kernel held at start that an apply keeps although the desired
+/// state differs, because the source cannot say yet what is meant: an
+/// unavailable or broken source is not an empty one.
+#[derive(Clone, Copy, Debug)]
+pub struct Hold<'a> {
+    /// Keep these service ports' adopted tables (their routing is undecided).
+    pub undecided: &'a BTreeSet<ServiceAddr>,
+    /// Keep adopted tables of service ports absent from the desired state (the
+    /// source reports objects it cannot read, or holds nothing at all).
+    pub absent: bool,
+}
+
+impl Hold<'_> {
+    /// Nothing held.
+    pub const NONE: Hold<'static> = Hold {
+        undecided: &BTreeSet::new(),
+        absent: false,
+    };
+}
+
 /// What one `apply` changed.
 #[derive(Debug, Default)]
 pub struct Report {
     pub written: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Tables held from the start although the desired state differs ([`Hold`]).
+    pub held: usize,
     /// Services whose write failed: their previous table (if any) stays live.
     pub errors: Vec<ApplyError>,
 }
@@ -133,6 +155,8 @@ pub struct Adopted {
 struct Live {
     service_id: u32,
     revision: u32,
+    /// Found in the kernel at start, not written by this agent yet.
+    adopted: bool,
     /// `None` for a table adopted from a previous agent, until it is applied again.
     service: Option<NamespacedName>,
     slots: Vec<Option<BackendAddr>>,
@@ -182,15 +206,26 @@ impl Applier {
     /// Makes the kernel hold exactly `desired`. A service whose write fails keeps its
     /// previous table and is reported; the others are applied regardless. `now`
     /// starts the grace period of the tables replaced.
-    pub fn apply(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>, now: Instant) -> Report {
+    pub fn apply(
+        &mut self,
+        desired: &BTreeMap<ServiceAddr, ServicePlan>,
+        hold: Hold<'_>,
+        now: Instant,
+    ) -> Report {
         let mut report = Report::default();
         for (addr, plan) in desired {
-            if let Some(live) = self.live.get_mut(addr)
-                && live.slots == plan.slots
-            {
-                live.service = Some(plan.service.clone());
-                report.unchanged += 1;
-                continue;
+            if let Some(live) = self.live.get_mut(addr) {
+                if live.slots == plan.slots {
+                    live.service = Some(plan.service.clone());
+                    live.adopted = false;
+                    report.unchanged += 1;
+                    continue;
+                }
+                if live.adopted && hold.undecided.contains(addr) {
+                    live.service = Some(plan.service.clone());
+                    report.held += 1;
+                    continue;
+                }
             }
             match self.write_service(*addr, plan, now) {
                 Ok(()) => report.written += 1,
@@ -199,9 +234,14 @@ impl Applier {
         }
         let gone: Vec<ServiceAddr> = self
             .live
-            .keys()
-            .filter(|a| !desired.contains_key(a))
-            .copied()
+            .iter()
+            .filter(|(a, _)| !desired.contains_key(a))
+            .filter(|(_, l)| {
+                let keep = hold.absent && l.adopted;
+                report.held += usize::from(keep);
+                !keep
+            })
+            .map(|(a, _)| *a)
             .collect();
         for addr in gone {
             match self.remove_service(addr, now) {
@@ -306,6 +346,7 @@ impl Applier {
             Live {
                 service_id,
                 revision,
+                adopted: false,
                 service: Some(plan.service.clone()),
                 slots: plan.slots.clone(),
             },
@@ -392,6 +433,7 @@ impl Applier {
             Live {
                 service_id,
                 revision: 0,
+                adopted: false,
                 service: Some(plan.service.clone()),
                 slots: Vec::new(),
             },
@@ -541,6 +583,7 @@ impl Applier {
                 Live {
                     service_id: value.service_id,
                     revision: value.revision,
+                    adopted: true,
                     service: None,
                     slots,
                 },

@@ -9,7 +9,7 @@ use std::{
 
 use mesh_common::{ServiceValue, SlotKey};
 
-use super::{Applier, GRACE};
+use super::{Applier, GRACE, Hold};
 use crate::{
     compile::{BackendAddr, Proto, RouteRef, ServiceAddr, ServicePlan},
     kernel::{
@@ -97,14 +97,18 @@ fn a_change_is_a_new_revision_flipped_in_one_write_and_the_old_one_freed_after_t
     let maps = FakeMaps::new(16, 64);
     let mut applier = Applier::new(maps.maps());
     let t0 = Instant::now();
-    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[1, 2]))]), t0);
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", plan("web", &[1, 2]))]),
+        Hold::NONE,
+        t0,
+    );
     assert_eq!((report.written, report.errors.len()), (1, 0));
     let (v1, slots) = live(&maps, "10.96.0.1");
     assert_eq!((v1.revision, slots.len()), (1, 2));
 
     let entry_writes = maps.services.state().inserts;
     let changed = desired(&[("10.96.0.1", plan("web", &[1, 2, 3]))]);
-    applier.apply(&changed, t0 + ms(1));
+    applier.apply(&changed, Hold::NONE, t0 + ms(1));
     assert_eq!(maps.services.state().inserts, entry_writes + 1, "one flip");
     let (v2, slots) = live(&maps, "10.96.0.1");
     assert_eq!((v2.service_id, v2.revision), (v1.service_id, 2));
@@ -121,7 +125,7 @@ fn a_change_is_a_new_revision_flipped_in_one_write_and_the_old_one_freed_after_t
 
     // The same table again writes nothing.
     let (slot_writes, entry_writes) = (maps.slots.state().inserts, maps.services.state().inserts);
-    let report = applier.apply(&changed, t0 + ms(2) + GRACE);
+    let report = applier.apply(&changed, Hold::NONE, t0 + ms(2) + GRACE);
     assert_eq!((report.written, report.unchanged), (0, 1));
     assert_eq!(
         (maps.slots.state().inserts, maps.services.state().inserts),
@@ -134,11 +138,19 @@ fn a_failed_write_leaves_the_live_table_and_its_partial_revision_is_freed() {
     let maps = FakeMaps::new(16, 64);
     let mut applier = Applier::new(maps.maps());
     let t0 = Instant::now();
-    applier.apply(&desired(&[("10.96.0.1", plan("web", &[1, 2]))]), t0);
+    applier.apply(
+        &desired(&[("10.96.0.1", plan("web", &[1, 2]))]),
+        Hold::NONE,
+        t0,
+    );
     let before = table(&maps, "10.96.0.1");
 
     maps.slots.state().fail_after = Some(1); // the second slot of the new table fails
-    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t0);
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        Hold::NONE,
+        t0,
+    );
     assert_eq!(report.errors.len(), 1);
     let message = report.errors[0].to_string();
     assert!(
@@ -154,7 +166,11 @@ fn a_failed_write_leaves_the_live_table_and_its_partial_revision_is_freed() {
     assert_eq!(revisions(&maps).len(), 1);
 
     maps.slots.state().fail_after = None;
-    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t0);
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        Hold::NONE,
+        t0,
+    );
     assert!(report.errors.is_empty());
     let (value, slots) = live(&maps, "10.96.0.1");
     assert_eq!((value.revision, slots.iter().flatten().count()), (2, 3));
@@ -166,11 +182,19 @@ fn a_new_service_that_fails_gives_its_id_back() {
     let mut applier = Applier::new(maps.maps());
     let t0 = Instant::now();
     maps.slots.state().fail_after = Some(0);
-    let report = applier.apply(&desired(&[("10.96.0.1", plan("web", &[1]))]), t0);
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", plan("web", &[1]))]),
+        Hold::NONE,
+        t0,
+    );
     assert_eq!(report.errors.len(), 1);
     assert!(table(&maps, "10.96.0.1").is_none(), "no entry was flipped");
     maps.slots.state().fail_after = None;
-    applier.apply(&desired(&[("10.96.0.2", plan("db", &[1]))]), t0 + ms(1));
+    applier.apply(
+        &desired(&[("10.96.0.2", plan("db", &[1]))]),
+        Hold::NONE,
+        t0 + ms(1),
+    );
     let (value, _) = live(&maps, "10.96.0.2");
     assert_eq!(value.service_id, 0, "the failed service's id was reused");
 }
@@ -185,13 +209,18 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
             ("10.96.0.1", plan("a", &[1])),
             ("10.96.0.2", plan("b", &[2])),
         ]),
+        Hold::NONE,
         t0,
     );
     let id_a = table(&maps, "10.96.0.1").map(|(v, _)| v.service_id);
     assert_eq!(id_a, Some(0));
     maps.service_stats.state().entries.insert(0, 42); // a's connections
 
-    let report = applier.apply(&desired(&[("10.96.0.2", plan("b", &[2]))]), t0 + ms(1));
+    let report = applier.apply(
+        &desired(&[("10.96.0.2", plan("b", &[2]))]),
+        Hold::NONE,
+        t0 + ms(1),
+    );
     assert_eq!(report.removed, 1);
     assert!(table(&maps, "10.96.0.1").is_none());
     applier.apply(
@@ -199,6 +228,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
             ("10.96.0.2", plan("b", &[2])),
             ("10.96.0.3", plan("c", &[3])),
         ]),
+        Hold::NONE,
         t0 + ms(2),
     );
     assert_eq!(
@@ -214,6 +244,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
             ("10.96.0.3", plan("c", &[3])),
             ("10.96.0.4", plan("d", &[4])),
         ]),
+        Hold::NONE,
         t0 + ms(3) + GRACE,
     );
     assert_eq!(
@@ -235,7 +266,7 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
         ("10.96.0.1", plan("a", &[1, 2])),
         ("10.96.0.2", plan("b", &[2, 3])),
     ]);
-    Applier::new(maps.maps()).apply(&config, t0);
+    Applier::new(maps.maps()).apply(&config, Hold::NONE, t0);
     let before: Vec<_> = ["10.96.0.1", "10.96.0.2"]
         .iter()
         .map(|vip| table(&maps, vip))
@@ -248,7 +279,7 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
         (2, 3, 0)
     );
     let writes = (maps.slots.state().inserts, maps.services.state().inserts);
-    let report = restarted.apply(&config, t0 + ms(5));
+    let report = restarted.apply(&config, Hold::NONE, t0 + ms(5));
     assert_eq!((report.written, report.unchanged), (0, 2));
     assert_eq!(
         (maps.slots.state().inserts, maps.services.state().inserts),
@@ -271,10 +302,18 @@ fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision()
     let maps = FakeMaps::new(16, 64);
     let t0 = Instant::now();
     let mut first = Applier::new(maps.maps());
-    first.apply(&desired(&[("10.96.0.1", plan("web", &[1, 2]))]), t0);
+    first.apply(
+        &desired(&[("10.96.0.1", plan("web", &[1, 2]))]),
+        Hold::NONE,
+        t0,
+    );
     // The agent dies between writing a new revision and flipping the entry to it.
     maps.services.state().fail_after = Some(0);
-    first.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t0);
+    first.apply(
+        &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        Hold::NONE,
+        t0,
+    );
     drop(first);
     maps.services.state().fail_after = None;
     // (In this simulation the dying agent freed its partial table; a real death
@@ -298,7 +337,11 @@ fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision()
     assert_eq!((adopted.services, adopted.stray_slots), (1, 3));
     // The change arrives again at once: it must not land on the stray revision,
     // which is freed a grace period later.
-    restarted.apply(&desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]), t1);
+    restarted.apply(
+        &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        Hold::NONE,
+        t1,
+    );
     let (value, _) = live(&maps, "10.96.0.1");
     assert_ne!(value.revision, 2, "the stray revision is not reused");
     restarted.collect_garbage(t1 + GRACE + GRACE);
@@ -324,6 +367,7 @@ fn a_table_that_does_not_fit_is_not_written_at_all_and_the_previous_one_routes_o
             ("10.96.0.1", plan("a", &[1, 2])),
             ("10.96.0.2", plan("b", &[3, 4])),
         ]),
+        Hold::NONE,
         t0,
     );
     let (a, b) = (table(&maps, "10.96.0.1"), table(&maps, "10.96.0.2"));
@@ -333,6 +377,7 @@ fn a_table_that_does_not_fit_is_not_written_at_all_and_the_previous_one_routes_o
             ("10.96.0.1", plan("a", &[1, 2, 5, 6])),
             ("10.96.0.2", plan("b", &[3, 4])),
         ]),
+        Hold::NONE,
         t0 + ms(1),
     );
     assert_eq!(
@@ -371,6 +416,7 @@ fn a_service_that_does_not_fit_never_starves_those_after_it() {
             ("10.96.0.1", plan("big", &[1, 2, 3, 4, 5])),
             ("10.96.0.2", plan("small", &[6, 7])),
         ]),
+        Hold::NONE,
         Instant::now(),
     );
     assert_eq!((report.written, report.errors.len()), (1, 1));
@@ -391,22 +437,26 @@ fn a_refused_service_gets_its_table_once_there_is_room() {
     let maps = FakeMaps::new(16, 5);
     let mut applier = Applier::new(maps.maps());
     let t0 = Instant::now();
-    applier.apply(&desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]), t0);
+    applier.apply(
+        &desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]),
+        Hold::NONE,
+        t0,
+    );
     let both = desired(&[
         ("10.96.0.1", plan("a", &[1, 2, 3])),
         ("10.96.0.2", plan("c", &[4, 5, 6])),
     ]);
-    assert_eq!(applier.apply(&both, t0).errors.len(), 1);
+    assert_eq!(applier.apply(&both, Hold::NONE, t0).errors.len(), 1);
     assert_eq!(live(&maps, "10.96.0.2").0.slot_count, 0);
     // a goes away; its table is freed after the grace period, then c fits.
     let only_c = desired(&[("10.96.0.2", plan("c", &[4, 5, 6]))]);
     assert_eq!(
-        applier.apply(&only_c, t0 + ms(1)).errors.len(),
+        applier.apply(&only_c, Hold::NONE, t0 + ms(1)).errors.len(),
         1,
         "a's table is still held"
     );
     applier.collect_garbage(t0 + ms(1) + GRACE);
-    let report = applier.apply(&only_c, t0 + ms(2) + GRACE);
+    let report = applier.apply(&only_c, Hold::NONE, t0 + ms(2) + GRACE);
     assert_eq!((report.written, report.errors.len()), (1, 0));
     let (value, slots) = live(&maps, "10.96.0.2");
     assert_eq!((value.revision, slots.iter().flatten().count()), (1, 3));
@@ -418,6 +468,7 @@ fn new_backends_beyond_the_counters_capacity_are_not_admitted() {
     let mut applier = Applier::new(maps.maps());
     let report = applier.apply(
         &desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]),
+        Hold::NONE,
         Instant::now(),
     );
     assert_eq!(report.errors.len(), 1);
@@ -439,9 +490,48 @@ fn a_full_service_map_is_reported_by_name() {
             ("10.96.0.1", plan("a", &[1])),
             ("10.96.0.2", plan("b", &[2])),
         ]),
+        Hold::NONE,
         Instant::now(),
     );
     assert_eq!((report.written, report.errors.len()), (1, 1));
     assert_eq!(report.errors[0].reason(), "services_full");
     assert!(report.errors[0].to_string().contains("prod/b"));
+}
+
+#[test]
+fn tables_held_from_the_start_stay_until_the_source_can_say_what_replaces_them() {
+    let maps = FakeMaps::new(16, 64);
+    let t0 = Instant::now();
+    Applier::new(maps.maps()).apply(
+        &desired(&[
+            ("10.96.0.1", plan("a", &[1, 2])),
+            ("10.96.0.2", plan("b", &[3])),
+        ]),
+        Hold::NONE,
+        t0,
+    );
+    let (a, b) = (table(&maps, "10.96.0.1"), table(&maps, "10.96.0.2"));
+    let mut restarted = Applier::new(maps.maps());
+    restarted.adopt(t0);
+    // a's VirtualService was never accepted (its plan is even balancing, which
+    // differs), and b's objects are unreadable (absent from the desired state).
+    let undecided = BTreeSet::from([addr("10.96.0.1")]);
+    let hold = Hold {
+        undecided: &undecided,
+        absent: true,
+    };
+    let even_a = desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]);
+    let report = restarted.apply(&even_a, hold, t0);
+    assert_eq!((report.held, report.written, report.removed), (2, 0, 0));
+    assert_eq!(
+        (table(&maps, "10.96.0.1"), table(&maps, "10.96.0.2")),
+        (a, b)
+    );
+
+    // Once the source is whole, the desired state applies.
+    let report = restarted.apply(&even_a, Hold::NONE, t0);
+    assert_eq!((report.held, report.written, report.removed), (0, 1, 1));
+    // A table this agent wrote itself is never held.
+    let report = restarted.apply(&desired(&[("10.96.0.1", plan("a", &[1]))]), hold, t0);
+    assert_eq!((report.held, report.written), (0, 1));
 }
