@@ -258,6 +258,29 @@ fn tempdir_for(run_dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[test]
+fn replacing_the_service_or_the_slot_map_alone_fails_no_connect() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((80, 20)))?;
+    // A capacity change is an upgrade that replaces one map and keeps the rest.
+    for capacity in ["SLOTS_V1=1048576", "SLOTS_V1=1048576,SERVICES_V1=65536"] {
+        let client = background_probe(&canary, 3000)?;
+        std::thread::sleep(Duration::from_millis(500));
+        canary.agent.kill()?;
+        canary.agent.restart(&["--map-capacity", capacity])?;
+        let across = probe::finish(client)?;
+        assert_eq!(across.failed(), 0, "{capacity}: {across:?}");
+        assert!(across.ok > 500, "{capacity}: {across:?}");
+        assert_share(across.share(V2), 0.20, across.ok, capacity);
+        let replaced = canary.agent.messages("INFO").join("\n");
+        assert!(
+            replaced.contains("read together with a replaced map"),
+            "{capacity}: {}",
+            canary.agent.log_text()
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn a_restart_keeps_the_kernels_tables_while_the_source_is_unreadable_or_broken()
 -> anyhow::Result<()> {
     let mut canary = Canary::start(Some((80, 20)))?;

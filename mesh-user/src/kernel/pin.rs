@@ -44,6 +44,12 @@ pub enum PinError {
 #[derive(Debug)]
 pub struct PinLock(#[allow(dead_code, reason = "held for its Drop")] nix::fcntl::Flock<fs::File>);
 
+/// Maps the connect hook reads one after the other for one decision.
+const READ_TOGETHER: [[&str; 2]; 1] = [[
+    mesh_common::map_names::SERVICES,
+    mesh_common::map_names::SLOTS,
+]];
+
 /// A pinned map whose layout is not the one the object declares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mismatch {
@@ -165,6 +171,35 @@ impl PinDir {
     /// loader creates it anew instead of reading it with the wrong layout. Returns
     /// what was replaced.
     pub fn drop_mismatched_maps(&self, expected: &[(&str, MapSpec)]) -> Vec<Mismatch> {
+        let mut replaced = self.drop_each_mismatched(expected);
+        // Maps a program reads together are replaced together: the programs
+        // still attached until the swap read the old pair, the new ones the new
+        // pair, and neither ever mixes an old map with a new one (a service entry
+        // flipped to a revision its slot map never held refuses the connect).
+        for group in READ_TOGETHER {
+            if group.iter().any(|m| replaced.iter().any(|r| r.map == *m)) {
+                for name in group {
+                    let path = self.map(name);
+                    if replaced.iter().all(|r| r.map != *name) && path.exists() {
+                        match fs::remove_file(&path) {
+                            Ok(()) => {
+                                info!(map = %name, "replacing it too: it is read together with a replaced map");
+                                replaced.push(Mismatch {
+                                    map: (*name).to_owned(),
+                                    pinned: "read together with a replaced map".to_owned(),
+                                    expected: String::new(),
+                                });
+                            }
+                            Err(e) => warn!(map = %name, "cannot remove {}: {e}", path.display()),
+                        }
+                    }
+                }
+            }
+        }
+        replaced
+    }
+
+    fn drop_each_mismatched(&self, expected: &[(&str, MapSpec)]) -> Vec<Mismatch> {
         let mut replaced = Vec::new();
         for (name, spec) in expected {
             let path = self.map(name);
