@@ -42,6 +42,8 @@ pub struct Config {
     pub ebpf_object: Option<PathBuf>,
     /// Map capacities other than the object's.
     pub map_capacity: loader::MapCapacities,
+    /// Who may read /metrics.
+    pub metrics_auth: crate::telemetry::auth::MetricsAuth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +104,20 @@ pub async fn run(
         &object_label,
     );
     if let Some(addr) = config.metrics_addr {
-        crate::telemetry::serve(addr, telemetry.clone()).await?;
+        let auth = match config.metrics_auth {
+            crate::telemetry::auth::MetricsAuth::None => None,
+            crate::telemetry::auth::MetricsAuth::Kubernetes => {
+                let options = match &config.source {
+                    SourceSpec::Kubernetes(options) => options.clone(),
+                    SourceSpec::File(_) => Default::default(),
+                };
+                let client = source::kubernetes::client(&options)
+                    .await
+                    .map_err(source::SourceError::from)?;
+                Some(Arc::new(crate::telemetry::auth::Authorizer::new(client)))
+            }
+        };
+        crate::telemetry::serve(addr, telemetry.clone(), auth).await?;
     }
     let mut source = source::start(&config.source).await?;
     let mut reconciler = Reconciler {

@@ -43,8 +43,12 @@ enum Command {
         #[command(flatten)]
         compile: CompileArgs,
         /// Serve /healthz, /readyz and /metrics here ("off": nowhere).
-        #[arg(long, default_value = "127.0.0.1:9090")]
+        #[arg(long, env = "MESH_METRICS_ADDR", default_value = "127.0.0.1:9090")]
         metrics_addr: String,
+        /// Who may read /metrics (it names every service and backend): anyone who
+        /// can connect, or bearer tokens the API server authorizes for `get /metrics`.
+        #[arg(long, env = "MESH_METRICS_AUTH", value_enum, default_value = "none")]
+        metrics_auth: mesh_user::telemetry::auth::MetricsAuth,
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             state,
             ebpf_object,
             map_capacity,
+            metrics_auth,
         } => {
             init_logging(&log_format);
             if let SourceSpec::Kubernetes(options) = &mut source {
@@ -180,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                     run_dir: state.run_dir,
                     ebpf_object,
                     map_capacity,
+                    metrics_auth,
                 };
                 agent::run(config, shutdown_signal())
                     .await

@@ -72,14 +72,22 @@ impl Agent {
 
     /// `mesh-agent run --source kubernetes --kubeconfig <path> ...`.
     pub fn start_kubernetes(kubeconfig: &Path, cgroup: &Path) -> anyhow::Result<Self> {
-        Self::start_with(
-            &[
-                "kubernetes".into(),
-                "--kubeconfig".into(),
-                kubeconfig.display().to_string(),
-            ],
-            cgroup,
-        )
+        Self::start_kubernetes_flags(kubeconfig, cgroup, &[])
+    }
+
+    /// The same, with more `mesh-agent run` flags.
+    pub fn start_kubernetes_flags(
+        kubeconfig: &Path,
+        cgroup: &Path,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "kubernetes".to_owned(),
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+        ];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        Self::start_with(&args, cgroup)
     }
 
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
@@ -219,6 +227,11 @@ impl Agent {
 
     /// `GET path` from the agent's /healthz, /readyz, /metrics server: (status, body).
     pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http_get_with(path, &[])
+    }
+
+    /// The same, with request headers (`"Authorization: Bearer ..."`).
+    pub fn http_get_with(&self, path: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
         use std::io::{Read as _, Write as _};
         let addr = self
             .records("metrics listening")
@@ -226,9 +239,10 @@ impl Agent {
             .and_then(|f| f["addr"].as_str().map(str::to_owned))
             .context("the agent logged no metrics address")?;
         let mut stream = std::net::TcpStream::connect(&addr)?;
+        let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;

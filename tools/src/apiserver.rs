@@ -44,6 +44,36 @@ impl ApiServer {
         Ok(ApiServer { dir, kubeconfig })
     }
 
+    /// A kubeconfig next to the admin one that acts as the ServiceAccount
+    /// `namespace/name` (a token from the TokenRequest API).
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let token = self.kubectl(&["create", "token", name, "-n", namespace])?;
+        let path = self.dir.join(format!("{namespace}-{name}.kubeconfig"));
+        std::fs::copy(&self.kubeconfig, &path)?;
+        let kc = path.display().to_string();
+        self.kubectl(&[
+            "--kubeconfig",
+            &kc,
+            "config",
+            "set-credentials",
+            name,
+            &format!("--token={}", token.trim()),
+        ])?;
+        self.kubectl(&[
+            "--kubeconfig",
+            &kc,
+            "config",
+            "set-context",
+            "--current",
+            &format!("--user={name}"),
+        ])?;
+        Ok(path)
+    }
+
     /// The Istio CRDs we ship, `discovery.k8s.io/v1` EndpointSlices (this 1.20
     /// server serves v1beta1 only; a CRD stands in), and `default` labelled as a
     /// mesh namespace.

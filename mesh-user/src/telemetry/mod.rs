@@ -5,6 +5,8 @@
 //! counters (connections per service and backend, redirection) and map
 //! occupancy (see `counters`).
 
+pub mod auth;
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -213,10 +215,42 @@ impl Telemetry {
     }
 }
 
-/// Serves on `addr` in the background; returns the bound address (port 0 picks one).
-pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<SocketAddr> {
+/// Serves on `addr` in the background; returns the bound address (port 0 picks
+/// one). `/healthz` and `/readyz` answer anyone (the kubelet probes them);
+/// `/metrics` answers whom `auth` allows.
+pub async fn serve(
+    addr: SocketAddr,
+    telemetry: Arc<Telemetry>,
+    auth: Option<Arc<crate::telemetry::auth::Authorizer>>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let metrics = get(
+        |State(t): State<Arc<Telemetry>>, headers: axum::http::HeaderMap| async move {
+            use crate::telemetry::auth::Verdict;
+            let verdict = match &auth {
+                None => Verdict::Allowed,
+                Some(auth) => {
+                    let header = headers
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    auth.check(header).await
+                }
+            };
+            match verdict {
+                Verdict::Allowed => (StatusCode::OK, t.render()),
+                Verdict::Unauthenticated => (
+                    StatusCode::UNAUTHORIZED,
+                    "a bearer token the API server authenticates is required\n".to_owned(),
+                ),
+                Verdict::Forbidden => (
+                    StatusCode::FORBIDDEN,
+                    "this identity may not get /metrics (bind it to the ClusterRole mesh-metrics-reader)\n"
+                        .to_owned(),
+                ),
+            }
+        },
+    );
     let app = Router::new()
         .route(
             "/healthz",
@@ -251,10 +285,7 @@ pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Resu
                 }
             }),
         )
-        .route(
-            "/metrics",
-            get(|State(t): State<Arc<Telemetry>>| async move { t.render() }),
-        )
+        .route("/metrics", metrics)
         .with_state(telemetry);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
