@@ -4,15 +4,27 @@
 
 mod common;
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
+use anyhow::Context as _;
 use common::{V1, V2, assert_share, vip4};
 use mesh_tools::{
-    agent::Agent, apiserver::ApiServer, backend::Backend, cgroup::Cgroup, netns::Node, probe,
+    agent::Agent,
+    apiserver::{ApiProxy, ApiServer},
+    backend::Backend,
+    cgroup::Cgroup,
+    netns::Node,
+    probe,
 };
 
 const N: u64 = 2000;
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// Each flaskapp pod: name, address, ready.
+type Pods = Vec<(String, IpAddr, bool)>;
 
 fn endpoint_slice(pods: &[(String, IpAddr, bool)]) -> String {
     mesh_tools::apiserver::endpoint_slice("flaskapp", 5000, pods)
@@ -24,7 +36,56 @@ struct Cluster {
     cgroup: Cgroup,
     node: Node,
     api: ApiServer,
-    pods: Vec<(String, IpAddr, bool)>,
+    pods: Pods,
+}
+
+/// The example's flaskapp pods (backends in their own namespaces, running Pods
+/// and their EndpointSlice in the API server) and its Service; with `istio`, its
+/// DestinationRule and VirtualService too.
+fn topology(api: &ApiServer, istio: bool) -> anyhow::Result<(Node, Vec<Backend>, Pods)> {
+    let mut node = Node::new()?;
+    node.add_pod("client", 2)?;
+    let mut backends = Vec::new();
+    let mut pods = Vec::new();
+    for (i, name) in V1.iter().chain([&V2]).enumerate() {
+        let version = if name.contains("v2") { "v2" } else { "v1" };
+        let p = node.add_pod(name, 11 + i as u8)?;
+        backends.push(Backend::spawn(&p.ns, name, version, 5000)?);
+        api.running_pod(name, "flaskapp", version, p.ipv4)?;
+        pods.push((name.to_string(), p.ipv4, true));
+    }
+    api.kubectl(&["apply", "-f", &example("service.yaml")])?;
+    if istio {
+        apply_istio_example(api)?;
+    }
+    api.apply(&endpoint_slice(&pods))?;
+    Ok((node, backends, pods))
+}
+
+fn example(file: &str) -> String {
+    format!("{ROOT}/manifests/examples/flaskapp/{file}")
+}
+
+/// The example's DestinationRule and VirtualService (80/20), with kubectl.
+fn apply_istio_example(api: &ApiServer) -> anyhow::Result<()> {
+    for file in ["destinationrule.yaml", "virtualservice.yaml"] {
+        api.kubectl(&["apply", "-f", &example(file)])?;
+    }
+    Ok(())
+}
+
+/// Polls `done` (bounded by `timeout`) until it holds.
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !done()? {
+        anyhow::ensure!(started.elapsed() < timeout, "no {what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 impl Cluster {
@@ -39,26 +100,7 @@ impl Cluster {
         mesh_tools::require_root();
         let api = ApiServer::start()?;
         api.install_mesh_crds()?;
-        let mut node = Node::new()?;
-        node.add_pod("client", 2)?;
-        let mut backends = Vec::new();
-        let mut pods = Vec::new();
-        for (i, name) in V1.iter().chain([&V2]).enumerate() {
-            let version = if name.contains("v2") { "v2" } else { "v1" };
-            let p = node.add_pod(name, 11 + i as u8)?;
-            backends.push(Backend::spawn(&p.ns, name, version, 5000)?);
-            api.running_pod(name, "flaskapp", version, p.ipv4)?;
-            pods.push((name.to_string(), p.ipv4, true));
-        }
-        let example = format!("{ROOT}/manifests/examples/flaskapp");
-        for file in [
-            "service.yaml",
-            "destinationrule.yaml",
-            "virtualservice.yaml",
-        ] {
-            api.kubectl(&["apply", "-f", &format!("{example}/{file}")])?;
-        }
-        api.apply(&endpoint_slice(&pods))?;
+        let (node, backends, pods) = topology(&api, true)?;
         let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
         let agent = Agent::start_kubernetes(&agent_kubeconfig(&api)?, cgroup.path())?;
         Ok(Cluster {
@@ -69,6 +111,55 @@ impl Cluster {
             api,
             pods,
         })
+    }
+
+    /// The API server with the mesh's CRDs (`istio`: the Istio ones too) and the
+    /// topology, and an agent started on `kubeconfig` (the API server's own, or
+    /// `proxied` through an [`ApiProxy`]) that has not necessarily synced: the
+    /// API server may be made unreachable first (`down`).
+    fn spawn(istio: bool, down: bool, proxied: bool) -> anyhow::Result<(Self, Option<ApiProxy>)> {
+        mesh_tools::require_root();
+        let api = ApiServer::start()?;
+        api.install_cluster_basics()?;
+        if istio {
+            api.install_istio_crds()?;
+        }
+        let (node, backends, pods) = topology(&api, istio)?;
+        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
+        let proxy = proxied.then(|| ApiProxy::start(&api)).transpose()?;
+        let kubeconfig = proxy.as_ref().map_or(&api.kubeconfig, |p| &p.kubeconfig);
+        if down {
+            api.set_up(false)?;
+        }
+        let agent = Agent::spawn_kubernetes(kubeconfig, cgroup.path(), "node-a")?;
+        Ok((
+            Cluster {
+                agent,
+                _backends: backends,
+                cgroup,
+                node,
+                api,
+                pods,
+            },
+            proxy,
+        ))
+    }
+
+    /// Whether the kernel's table for flaskapp follows the VirtualService (as
+    /// `mesh-agent dump` reads it from the pinned maps).
+    fn routed_by_virtual_service(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .agent
+            .cli(&["dump"])?
+            .contains("VirtualService default/flaskapp"))
+    }
+
+    /// Asserts that the agent has written nothing and is not ready.
+    fn assert_not_synced(&self) -> anyhow::Result<()> {
+        assert_eq!(self.agent.generation(), 0, "{}", self.agent.log_text());
+        let (status, body) = self.agent.http_get("/readyz")?;
+        assert_eq!(status, 503, "/readyz: {body}");
+        Ok(())
     }
 
     fn probe(&self) -> anyhow::Result<probe::Summary> {
@@ -200,27 +291,7 @@ fn service_account_kubeconfig(api: &ApiServer) -> anyhow::Result<std::path::Path
     for file in ["00-namespace.yaml", "10-rbac.yaml"] {
         api.kubectl(&["apply", "-f", &format!("{ROOT}/manifests/deploy/{file}")])?;
     }
-    let token = api.kubectl(&["create", "token", "mesh-agent", "-n", "mesh-system"])?;
-    let path = api.dir.join("mesh-agent.kubeconfig");
-    std::fs::copy(&api.kubeconfig, &path)?;
-    let kc = path.display().to_string();
-    api.kubectl(&[
-        "--kubeconfig",
-        &kc,
-        "config",
-        "set-credentials",
-        "mesh-agent",
-        &format!("--token={}", token.trim()),
-    ])?;
-    api.kubectl(&[
-        "--kubeconfig",
-        &kc,
-        "config",
-        "set-context",
-        "--current",
-        "--user=mesh-agent",
-    ])?;
-    Ok(path)
+    api.service_account_kubeconfig("mesh-system", "mesh-agent")
 }
 
 #[test]
@@ -254,7 +325,7 @@ fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_ac
     let kc = c
         .api
         .dir
-        .join("mesh-agent.kubeconfig")
+        .join("mesh-system-mesh-agent.kubeconfig")
         .display()
         .to_string();
     // `kubectl auth can-i` prints yes (exit 0) or no (exit 1).
@@ -268,8 +339,12 @@ fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_ac
         "the agent's account must read what it watches"
     );
     assert!(
-        can("create", "events"),
+        can("create", "events.events.k8s.io"),
         "the agent's account must record events"
+    );
+    assert!(
+        !can("patch", "events.events.k8s.io"),
+        "the agent's account only creates events"
     );
     for verb in ["update", "patch", "delete", "create"] {
         assert!(
@@ -339,5 +414,259 @@ fn an_api_server_outage_fails_no_connection_and_changes_arrive_after_it() -> any
     }
     let s = c.probe()?;
     assert_eq!(s.backends.get(V2), Some(&N), "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn istio_crds_installed_after_the_agent_are_picked_up() -> anyhow::Result<()> {
+    let (mut c, _) = Cluster::spawn(false, false, false)?;
+    // Every other kind lists; the agent says what is missing and writes nothing
+    // (no "no VirtualService" over what the kernel holds), and is not ready.
+    wait_until(
+        "warning naming the missing kinds",
+        Duration::from_secs(30),
+        || {
+            let warnings = c.agent.messages("WARN");
+            Ok(["VirtualService", "DestinationRule"].iter().all(|kind| {
+                warnings.iter().any(|w| {
+                    w.contains(&format!(
+                        "networking.istio.io {kind} not served; install the CRDs"
+                    ))
+                })
+            }))
+        },
+    )
+    .with_context(|| c.agent.log_text())?;
+    wait_until("list of the other kinds", Duration::from_secs(30), || {
+        let listed = c.agent.records("listed");
+        Ok(["Service", "Pod", "EndpointSlice"]
+            .iter()
+            .all(|kind| listed.iter().any(|r| r["kind"] == *kind)))
+    })
+    .with_context(|| c.agent.log_text())?;
+    c.assert_not_synced()?;
+
+    // The CRDs and the example arrive: the agent finds them and routes 80/20.
+    c.api.install_istio_crds()?;
+    apply_istio_example(&c.api)?;
+    c.agent.wait_applied(1, Duration::from_secs(60))?;
+    wait_until(
+        "VirtualService in the kernel",
+        Duration::from_secs(30),
+        || c.routed_by_virtual_service(),
+    )
+    .with_context(|| c.agent.log_text())?;
+    let (status, _) = c.agent.http_get("/readyz")?;
+    assert_eq!(status, 200);
+    let s = c.probe()?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "80/20 once the CRDs are installed");
+    Ok(())
+}
+
+#[test]
+fn an_api_server_down_when_the_agent_starts_is_waited_for() -> anyhow::Result<()> {
+    let (mut c, _) = Cluster::spawn(true, true, false)?;
+    // It tries, fails, says so, and writes nothing.
+    wait_until(
+        "warning that discovery failed",
+        Duration::from_secs(30),
+        || {
+            Ok(c.agent
+                .messages("WARN")
+                .iter()
+                .any(|w| w.contains("discovering networking.istio.io VirtualService")))
+        },
+    )
+    .with_context(|| c.agent.log_text())?;
+    c.assert_not_synced()?;
+
+    // The API server comes up: the first write holds the VirtualService.
+    c.api.set_up(true)?;
+    c.agent.wait_applied(1, Duration::from_secs(60))?;
+    assert!(
+        c.routed_by_virtual_service()?,
+        "{}",
+        c.agent.cli(&["dump"])?
+    );
+    let s = c.probe()?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "80/20 after a late API server");
+    Ok(())
+}
+
+#[test]
+fn a_relist_keeps_the_last_good_version_of_an_object_that_stops_converting() -> anyhow::Result<()> {
+    let (mut c, proxy) = Cluster::spawn(true, false, true)?;
+    let proxy = proxy.context("no proxy")?;
+    c.agent.wait_applied(1, Duration::from_secs(30))?;
+    let s = c.probe()?;
+    assert_share(s.share(V2), 0.20, N, "80/20 before");
+
+    // The agent loses the API server; meanwhile the VirtualService is replaced
+    // by a version that does not convert (the CRD keeps any spec), and the API
+    // server restarts: its watch cache starts after the agent's last
+    // resourceVersion, so the agent cannot resume its watch (410 Gone) and lists
+    // again, this version among the objects.
+    proxy.cut();
+    let patch = serde_json::json!({"spec": {"http": [{"route": [
+        {"destination": {"host": "flaskapp", "subset": "v1"}, "weight": "lots"},
+        {"destination": {"host": "flaskapp", "subset": "v2"}, "weight": 20},
+    ]}]}})
+    .to_string();
+    c.api.kubectl(&[
+        "patch",
+        "virtualservice",
+        "flaskapp",
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])?;
+    c.api.set_up(false)?;
+    c.api.set_up(true)?;
+    let relists = |c: &Cluster| {
+        c.agent
+            .records("listed")
+            .iter()
+            .filter(|r| r["kind"] == "VirtualService" && r["invalid"] == 1)
+            .count()
+    };
+    assert_eq!(relists(&c), 0);
+    proxy.restore();
+    // Two backoff waits at most (30 s each): the retry pending since the cut,
+    // and the one after 410 Gone.
+    wait_until(
+        "relist with the VirtualService that does not convert",
+        Duration::from_secs(90),
+        || Ok(relists(&c) == 1),
+    )
+    .with_context(|| c.agent.log_text())?;
+    wait_until("rejection", Duration::from_secs(20), || {
+        Ok(c.agent.messages("ERROR").iter().any(|e| {
+            e.contains("VirtualService default/flaskapp")
+                && e.contains("spec.http[0].route[0].weight")
+                && e.contains("keeping its last good version")
+        }))
+    })
+    .with_context(|| c.agent.log_text())?;
+    let s = c.probe()?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "the last good 80/20 after the relist");
+    Ok(())
+}
+
+/// The Rejected Events on the flaskapp VirtualService (core/v1, as `kubectl
+/// describe` reads them).
+fn rejected_events(api: &ApiServer) -> anyhow::Result<Vec<serde_json::Value>> {
+    let out = api.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "involvedObject.kind=VirtualService,involvedObject.name=flaskapp,reason=Rejected",
+        "-o",
+        "json",
+    ])?;
+    let list: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+/// How many times `agent` has recorded, or found recorded, an Event on flaskapp.
+fn event_attempts(agent: &Agent) -> (usize, usize) {
+    let on_flaskapp = |message: &str| {
+        agent
+            .records(message)
+            .iter()
+            .filter(|r| r["object"] == "VirtualService default/flaskapp")
+            .count()
+    };
+    (
+        on_flaskapp("recorded a Warning Event"),
+        on_flaskapp("Warning Event already recorded (by another node, or before a restart)"),
+    )
+}
+
+#[test]
+fn two_nodes_record_one_event_per_rejected_version() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    let api = ApiServer::start()?;
+    api.install_mesh_crds()?;
+    let (_node, _backends, _pods) = topology(&api, true)?;
+    let cgroups = [
+        Cgroup::create(&mesh_tools::unique("mesh-test-"))?,
+        Cgroup::create(&mesh_tools::unique("mesh-test-"))?,
+    ];
+    let mut a = Agent::spawn_kubernetes(&api.kubeconfig, cgroups[0].path(), "node-a")?;
+    let mut b = Agent::spawn_kubernetes(&api.kubeconfig, cgroups[1].path(), "node-b")?;
+    a.wait_applied(1, Duration::from_secs(30))?;
+    b.wait_applied(1, Duration::from_secs(30))?;
+
+    // Both nodes reject the same version: one Event for the cluster.
+    let bad = serde_json::json!({"spec": {"http": [{"route": [
+        {"destination": {"host": "flaskapp", "subset": "v1"}, "weight": 50},
+        {"destination": {"host": "flaskapp", "subset": "v9"}, "weight": 50},
+    ]}]}})
+    .to_string();
+    let patch = [
+        "patch",
+        "virtualservice",
+        "flaskapp",
+        "--type",
+        "merge",
+        "-p",
+    ];
+    api.kubectl(&[&patch[..], &[bad.as_str()]].concat())?;
+    let tried = |agent: &Agent, n: usize| {
+        let (recorded, found) = event_attempts(agent);
+        recorded + found >= n
+    };
+    wait_until(
+        "an Event attempt by both nodes",
+        Duration::from_secs(30),
+        || Ok(tried(&a, 1) && tried(&b, 1)),
+    )
+    .with_context(|| format!("{}\n{}", a.log_text(), b.log_text()))?;
+    let events = rejected_events(&api)?;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(event_attempts(&a).0 + event_attempts(&b).0, 1);
+    let note = events[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("spec.http[0].route[1].destination.subset") && note.contains("v9"),
+        "{note}"
+    );
+    // `kubectl describe` shows it (it finds Events by the object's uid).
+    let described = api.kubectl(&["describe", "virtualservice", "flaskapp"])?;
+    let events_section = described.split("Events:").nth(1).unwrap_or_default();
+    assert!(
+        events_section.contains("Rejected") && events_section.contains("v9"),
+        "{described}"
+    );
+
+    // A rollout: node-b restarts, rejects the same version again, and finds its
+    // Event already there.
+    b.stop()?;
+    b.restart(&[])?;
+    wait_until(
+        "node-b's attempt after its restart",
+        Duration::from_secs(30),
+        || Ok(tried(&b, 1)),
+    )
+    .with_context(|| b.log_text())?;
+    assert_eq!(event_attempts(&b), (0, 1), "{}", b.log_text());
+    assert_eq!(rejected_events(&api)?.len(), 1);
+
+    // A new version, rejected too: one more Event, again one for the cluster.
+    let worse = bad.replace("v9", "v8");
+    api.kubectl(&[&patch[..], &[worse.as_str()]].concat())?;
+    wait_until(
+        "Event attempts on the new version",
+        Duration::from_secs(30),
+        || Ok(tried(&a, 2) && tried(&b, 2)),
+    )
+    .with_context(|| format!("{}\n{}", a.log_text(), b.log_text()))?;
+    let events = rejected_events(&api)?;
+    assert_eq!(events.len(), 2, "{events:#?}");
     Ok(())
 }

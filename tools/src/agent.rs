@@ -51,8 +51,9 @@ pub fn upgrade_test_object() -> anyhow::Result<PathBuf> {
 pub struct Agent {
     child: Child,
     log: Arc<Mutex<Vec<Value>>>,
-    /// `run` arguments, for restarts.
+    /// `run` arguments and environment, for restarts.
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
 }
@@ -90,7 +91,32 @@ impl Agent {
         Self::start_with(&args, cgroup)
     }
 
+    /// `mesh-agent run --source kubernetes` as node `node` (`NODE_NAME`), without
+    /// waiting for its first apply: for agents that cannot sync yet (the API
+    /// server away, CRDs missing), or several agents started side by side.
+    pub fn spawn_kubernetes(kubeconfig: &Path, cgroup: &Path, node: &str) -> anyhow::Result<Self> {
+        Self::launch(
+            &[
+                "kubernetes".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+            ],
+            cgroup,
+            vec![("NODE_NAME".to_owned(), node.to_owned())],
+        )
+    }
+
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
+        let mut agent = Self::launch(source, cgroup, Vec::new())?;
+        agent.wait_applied(1, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    fn launch(
+        source: &[String],
+        cgroup: &Path,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         crate::sweep_stale();
         ensure_bpffs()?;
         let name = crate::unique("mesh-test-");
@@ -108,16 +134,15 @@ impl Agent {
         args.extend(["--cgroup".to_owned(), cgroup.display().to_string()]);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let run_dir = std::env::temp_dir().join(format!("{name}-run"));
-        let (child, log) = spawn(&args, &pin_dir, &run_dir)?;
-        let mut agent = Agent {
+        let (child, log) = spawn(&args, &env, &pin_dir, &run_dir)?;
+        Ok(Agent {
             child,
             log,
             args,
+            env,
             pin_dir,
             run_dir,
-        };
-        agent.wait_applied(1, Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
     /// Starts the agent again on the same pinned state (after [`Agent::kill`] or
@@ -136,7 +161,7 @@ impl Agent {
         }
         let mut args = self.args.clone();
         args.extend(extra.iter().map(|f| (*f).to_owned()));
-        let (child, log) = spawn(&args, &self.pin_dir, &self.run_dir)?;
+        let (child, log) = spawn(&args, &self.env, &self.pin_dir, &self.run_dir)?;
         self.child = child;
         self.log = log;
         Ok(())
@@ -373,10 +398,16 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 type Log = Arc<Mutex<Vec<Value>>>;
 
 /// Starts `mesh-agent ARGS` with our state directories; its JSON log is collected.
-fn spawn(args: &[String], pin_dir: &Path, run_dir: &Path) -> anyhow::Result<(Child, Log)> {
+fn spawn(
+    args: &[String],
+    env: &[(String, String)],
+    pin_dir: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<(Child, Log)> {
     let mut command = Command::new(sibling_binary("mesh-agent")?);
     command
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--pin-dir")
         .arg(pin_dir)
         .arg("--run-dir")

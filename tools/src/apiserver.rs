@@ -1,10 +1,16 @@
 //! A real kube-apiserver (with etcd and kube-controller-manager) on loopback, from
-//! `scripts/test-apiserver.sh`, stopped on drop; and kubectl against it.
+//! `scripts/test-apiserver.sh`, stopped on drop; kubectl against it; and a relay
+//! in front of it that a test can cut.
 
 use std::{
     io::Write as _,
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::{Context as _, bail};
@@ -78,12 +84,29 @@ impl ApiServer {
     /// server serves v1beta1 only; a CRD stands in), and `default` labelled as a
     /// mesh namespace.
     pub fn install_mesh_crds(&self) -> anyhow::Result<()> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for crd in [
+        self.install_cluster_basics()?;
+        self.install_istio_crds()
+    }
+
+    /// What any cluster has: `discovery.k8s.io/v1` EndpointSlices (a CRD stands
+    /// in on this 1.20 server), and `default` labelled as a mesh namespace.
+    pub fn install_cluster_basics(&self) -> anyhow::Result<()> {
+        self.install_crds(&["tools/fixtures/endpointslice-v1-crd.yaml"])?;
+        self.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
+        Ok(())
+    }
+
+    /// The Istio CRDs we ship (manifests/crds), established.
+    pub fn install_istio_crds(&self) -> anyhow::Result<()> {
+        self.install_crds(&[
             "manifests/crds/virtualservices.yaml",
             "manifests/crds/destinationrules.yaml",
-            "tools/fixtures/endpointslice-v1-crd.yaml",
-        ] {
+        ])
+    }
+
+    fn install_crds(&self, files: &[&str]) -> anyhow::Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for crd in files {
             self.kubectl(&["apply", "-f", &root.join(crd).display().to_string()])?;
         }
         self.kubectl(&[
@@ -94,7 +117,6 @@ impl ApiServer {
             "crd",
             "--all",
         ])?;
-        self.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
         Ok(())
     }
 
@@ -198,6 +220,127 @@ impl Drop for ApiServer {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP relay on loopback in front of the API server that a test can cut
+/// (every connection closed, new ones closed as they come) and restore: a
+/// partition between one client and a server that stays up for everyone else.
+/// TLS passes through untouched (the server's certificate names 127.0.0.1).
+#[derive(Debug)]
+pub struct ApiProxy {
+    /// The API server's kubeconfig, pointed at the relay.
+    pub kubeconfig: PathBuf,
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    cut: AtomicBool,
+    stop: AtomicBool,
+    /// Both ends of every relayed connection, to close them on a cut.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+impl ProxyState {
+    fn close_all(&self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        for s in open.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl ApiProxy {
+    pub fn start(api: &ApiServer) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(&api.kubeconfig)?;
+        let server = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .context("no server in the kubeconfig")?
+            .trim()
+            .to_owned();
+        let upstream: SocketAddr = server
+            .strip_prefix("https://")
+            .context("the server is not https://ADDR")?
+            .parse()?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let kubeconfig = api
+            .dir
+            .join(format!("{}.kubeconfig", crate::unique("proxy-")));
+        std::fs::write(
+            &kubeconfig,
+            text.replace(&server, &format!("https://{addr}")),
+        )?;
+        let state = Arc::new(ProxyState::default());
+        let acceptor = std::thread::spawn({
+            let state = state.clone();
+            move || {
+                for down in listener.incoming() {
+                    if state.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(down) = down else { continue };
+                    if state.cut.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let Ok(up) = TcpStream::connect(upstream) else {
+                        continue;
+                    };
+                    let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
+                        continue;
+                    };
+                    if let (Ok(a), Ok(b)) = (down.try_clone(), up.try_clone()) {
+                        state
+                            .open
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .extend([a, b]);
+                    }
+                    std::thread::spawn(move || relay(down, up));
+                    std::thread::spawn(move || relay(up2, down2));
+                }
+            }
+        });
+        Ok(ApiProxy {
+            kubeconfig,
+            addr,
+            state,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// Closes every relayed connection; new ones are closed as they come.
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        self.state.close_all();
+    }
+
+    /// Relays again.
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction until either end closes, then closes the other's writing half.
+fn relay(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+impl Drop for ApiProxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        self.state.close_all();
+        // Wakes the acceptor, which then sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }
 

@@ -4,27 +4,32 @@
 //! converted at this boundary and fed to the same index, compile and apply as the
 //! file source. Nothing is written to the kernel before every watcher has listed
 //! once, so a start never publishes a half-empty table; while the API server is away
-//! the kernel keeps the last good state and the watchers retry with backoff.
+//! the kernel keeps the last good state and the watchers retry with backoff. The
+//! Istio kinds are discovered again and again (backoff) until the server serves
+//! them, so CRDs installed after the agent, or an API server down at start, only
+//! delay the first sync.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, ObjectReference, Pod, Service},
+        discovery::v1::EndpointSlice,
+        events::v1::Event as KubeEvent,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject},
-    runtime::{
-        WatchStreamExt as _,
-        events::{self, EventType, Recorder},
-        watcher,
-    },
+    api::{ApiResource, DynamicObject, PostParams},
+    runtime::{WatchStreamExt as _, utils::Backoff as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -39,6 +44,9 @@ use crate::model::{
 
 /// Where objects come from, as recorded in diagnostics.
 pub const ORIGIN: &str = "kubernetes";
+
+/// Who records our Events (`reportingController`).
+const CONTROLLER: &str = "mesh-agent";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -68,6 +76,15 @@ pub enum KubeError {
     Config(#[from] kube::config::InferConfigError),
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+}
+
+/// Why an Istio kind cannot be watched (yet).
+#[derive(Debug, thiserror::Error)]
+enum DiscoveryError {
+    #[error("{group} {kind} not served; install the CRDs (manifests/crds) or Istio", group = istio::GROUP)]
+    NotServed { kind: Kind },
+    #[error("discovering {group} {kind}: {source}", group = istio::GROUP)]
+    Failed { kind: Kind, source: kube::Error },
 }
 
 /// The watched things the first reconcile waits for.
@@ -101,13 +118,15 @@ pub async fn client(options: &Options) -> Result<Client, KubeError> {
 /// Starts a watcher per kind (and one for the mesh namespaces); their updates go
 /// to `tx`, followed by [`Event::Synced`] once every kind has been listed.
 /// Returns the tasks (dropping them stops the watches) and the reporter of
-/// rejections.
+/// rejections. Nothing here waits for the API server: it may be down, or lack
+/// the Istio CRDs, and come right later.
 pub async fn start(
     options: &Options,
     tx: UpdateSender,
 ) -> Result<(tokio::task::JoinSet<()>, Reporter), KubeError> {
     let client = client(options).await?;
     let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+    let seen = Seen::default();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(watch_typed::<Service>(
         client.clone(),
@@ -132,45 +151,28 @@ pub async fn start(
         watch_tx.clone(),
         options.namespace_selector.clone(),
     ));
-    let recorder = Recorder::new(
-        client.clone(),
-        events::Reporter {
-            controller: "mesh-agent".into(),
-            instance: std::env::var("NODE_NAME")
-                .ok()
-                .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
-        },
-    );
-    let mut versions = BTreeMap::new();
     for kind in [Kind::VirtualService, Kind::DestinationRule] {
-        match istio_resource(&client, kind).await {
-            Some(resource) => {
-                versions.insert(kind, resource.api_version.clone());
-                info!(kind = %kind, version = %resource.version, "watching {}", istio::GROUP);
-                tasks.spawn(watch_istio(
-                    client.clone(),
-                    watch_tx.clone(),
-                    kind,
-                    resource,
-                ));
-            }
-            None => {
-                warn!(
-                    "{} does not serve {kind}: install the CRDs (manifests/crds) or Istio; none are used",
-                    istio::GROUP
-                );
-                // The receiver is ours, a few lines down: this cannot fail.
-                let _ = watch_tx.send(Update::now(Event::Listed {
-                    kind,
-                    objects: Vec::new(),
-                    invalid: Vec::new(),
-                }));
-            }
-        }
+        tasks.spawn(watch_istio(
+            client.clone(),
+            watch_tx.clone(),
+            kind,
+            seen.clone(),
+        ));
     }
     drop(watch_tx);
     tasks.spawn(forward(watch_rx, tx));
-    Ok((tasks, Reporter { recorder, versions }))
+    let instance = std::env::var("NODE_NAME")
+        .ok()
+        .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
+        .unwrap_or_else(|| CONTROLLER.to_owned());
+    Ok((
+        tasks,
+        Reporter {
+            client,
+            instance,
+            seen,
+        },
+    ))
 }
 
 /// Passes the watchers' updates on, and says [`Event::Synced`] once each of them
@@ -207,30 +209,82 @@ impl SyncGate {
     /// Whether `event` completed the initial lists (true once).
     fn pass(&mut self, event: &Event) -> bool {
         let was_waiting = !self.waiting.is_empty();
-        match event {
+        let listed = match event {
             Event::Listed { kind, .. } => self.waiting.remove(&Watched::Kind(*kind)),
             Event::Namespaces(_) => self.waiting.remove(&Watched::Namespaces),
             _ => false,
         };
-        if was_waiting && !self.waiting.is_empty() {
+        // Said when the set shrinks, not on every event that passes meanwhile.
+        if listed && !self.waiting.is_empty() {
             info!(waiting = ?self.waiting, "waiting for the initial lists before the first write");
         }
         was_waiting && self.waiting.is_empty()
     }
 }
 
+/// The API version, uid and resourceVersion of an Istio object as last seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Version {
+    api_version: String,
+    uid: String,
+    resource_version: String,
+}
+
+impl Version {
+    fn of(api_version: &str, meta: &ObjectMeta) -> Self {
+        Self {
+            api_version: api_version.to_owned(),
+            uid: meta.uid.clone().unwrap_or_default(),
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What the Istio watchers last saw of each object, for the Events on it:
+/// diagnostics name objects, Events name versions.
+#[derive(Clone, Debug, Default)]
+struct Seen(Arc<Mutex<BTreeMap<ObjectRef, Version>>>);
+
+impl Seen {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<ObjectRef, Version>) -> T) -> T {
+        // A panic elsewhere leaves a whole map behind: keep using it.
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn get(&self, object: &ObjectRef) -> Option<Version> {
+        self.with(|m| m.get(object).cloned())
+    }
+
+    fn set(&self, object: ObjectRef, version: Version) {
+        self.with(|m| m.insert(object, version));
+    }
+
+    fn remove(&self, object: &ObjectRef) {
+        self.with(|m| m.remove(object));
+    }
+
+    /// A relist of `kind`: afterwards exactly `listed` are known of it.
+    fn relist(&self, kind: Kind, listed: Vec<(ObjectRef, Version)>) {
+        self.with(|m| {
+            m.retain(|o, _| o.kind != kind);
+            m.extend(listed);
+        });
+    }
+}
+
 /// Publishes rejections as Kubernetes Events.
 #[derive(Clone)]
 pub struct Reporter {
-    recorder: Recorder,
-    /// The API version served for each Istio kind (Events name it).
-    versions: BTreeMap<Kind, String>,
+    client: Client,
+    /// This node (`reportingInstance`).
+    instance: String,
+    seen: Seen,
 }
 
 impl std::fmt::Debug for Reporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reporter")
-            .field("versions", &self.versions)
+            .field("instance", &self.instance)
             .finish_non_exhaustive()
     }
 }
@@ -242,44 +296,101 @@ impl Reporter {
     /// A Warning Event on each Istio object newly rejected (reason `Rejected`, the
     /// field and what is wrong in the note), so `kubectl describe` shows it.
     /// Published in the background: the data plane never waits on the API server.
+    ///
+    /// Every node rejects the same versions, so the Event's name is derived from
+    /// the object's uid, resourceVersion and the field: the first node creates it,
+    /// the others (and this one again after a restart) get AlreadyExists and
+    /// leave it. One Event per rejected version and field, for the whole cluster.
     pub fn report(&self, new: &[Diagnostic]) {
         for d in new {
             let Some(object) = d.object.as_ref().filter(|_| d.severity == Severity::Error) else {
                 continue;
             };
-            let Some(api_version) = self.versions.get(&object.kind) else {
+            // Only Istio objects are tracked; one already deleted needs no Event.
+            let Some(version) = self.seen.get(object) else {
                 continue;
-            };
-            let reference = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some(api_version.clone()),
-                kind: Some(object.kind.to_string()),
-                name: Some(object.name.clone()),
-                namespace: Some(object.namespace.clone()),
-                ..Default::default()
             };
             let note = if d.field.is_empty() {
                 d.message.clone()
             } else {
                 format!("{}: {}", d.field, d.message)
             };
-            let event = events::Event {
-                type_: EventType::Warning,
-                reason: "Rejected".into(),
-                note: Some(truncate(note, NOTE_MAX)),
-                action: "Validate".into(),
-                secondary: None,
-            };
-            let recorder = self.recorder.clone();
+            let event = rejected_event(object, &version, &d.field, note, &self.instance);
+            let events = Api::<KubeEvent>::namespaced(self.client.clone(), &object.namespace);
+            let object = object.to_string();
             tokio::spawn(async move {
-                if let Err(e) = recorder.publish(&event, &reference).await {
-                    warn!(
-                        "recording an Event on {} failed: {e}",
-                        reference.name.as_deref().unwrap_or("")
-                    );
+                let name = event.metadata.name.clone().unwrap_or_default();
+                match events.create(&PostParams::default(), &event).await {
+                    Ok(_) => info!(%object, event = %name, "recorded a Warning Event"),
+                    Err(kube::Error::Api(status)) if status.is_already_exists() => info!(
+                        %object,
+                        event = %name,
+                        "Warning Event already recorded (by another node, or before a restart)"
+                    ),
+                    Err(e) => warn!("recording an Event on {object} failed: {e}"),
                 }
             });
         }
     }
+}
+
+/// The Event saying this version of `object` is rejected at `field`.
+fn rejected_event(
+    object: &ObjectRef,
+    version: &Version,
+    field: &str,
+    note: String,
+    instance: &str,
+) -> KubeEvent {
+    KubeEvent {
+        metadata: ObjectMeta {
+            name: Some(event_name(&object.name, version, field)),
+            namespace: Some(object.namespace.clone()),
+            ..Default::default()
+        },
+        event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+        type_: Some("Warning".to_owned()),
+        reason: Some("Rejected".to_owned()),
+        action: Some("Validate".to_owned()),
+        note: Some(truncate(note, NOTE_MAX)),
+        // With the uid, `kubectl describe` finds it (it selects on involvedObject.uid).
+        regarding: Some(ObjectReference {
+            api_version: Some(version.api_version.clone()),
+            kind: Some(object.kind.to_string()),
+            name: Some(object.name.clone()),
+            namespace: Some(object.namespace.clone()),
+            uid: Some(version.uid.clone()).filter(|u| !u.is_empty()),
+            resource_version: Some(version.resource_version.clone()).filter(|v| !v.is_empty()),
+            ..Default::default()
+        }),
+        reporting_controller: Some(CONTROLLER.to_owned()),
+        // At most 128 characters (the API server's limit).
+        reporting_instance: Some(instance.chars().take(128).collect()),
+        ..Default::default()
+    }
+}
+
+/// `<object name>.<16 hex digits>`, the digits a hash of uid, resourceVersion
+/// and field: the same on every node, and a valid name (at most 253 characters).
+fn event_name(object_name: &str, version: &Version, field: &str) -> String {
+    let hash = fnv1a(&[&version.uid, &version.resource_version, field]);
+    // Object names are DNS subdomains already; only the length needs care.
+    let prefix: String = object_name.chars().take(253 - 17).collect();
+    let prefix = prefix.trim_end_matches(['.', '-']);
+    format!("{prefix}.{hash:016x}")
+}
+
+/// FNV-1a, 64 bits, over `parts` (each followed by a 0 byte): a hash that is the
+/// same in every build and on every node, which std's hashers do not promise.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.
@@ -294,31 +405,113 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Runs a watcher with backoff forever, turning its events into updates: a relist
-/// is buffered from `Init` to `InitDone` and sent whole.
+/// The first wait after a failure (watch, list or discovery).
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// The longest: a CRD installed, or an API server back, is seen within this.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Exponential backoff from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], for the watchers
+/// (reset by their first success) and discovery. Not kube's default: its jitter
+/// stretches its 30 s cap to 60 s.
+#[derive(Clone, Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    fn delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(BACKOFF_MAX);
+        // Up to a quarter less, at random, so that nodes cut off together (an
+        // API server restart) do not come back in step.
+        let random =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ());
+        delay.mul_f64(1.0 - (random % 1024) as f64 / 4096.0)
+    }
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.delay())
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// Why a watcher stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The agent is gone.
+    Closed,
+    /// The API server does not serve this resource (404): discover it again.
+    NotServed,
+}
+
+/// Whether a watch error says the resource is not served (a CRD deleted, or a
+/// version gone), rather than that the server is away.
+fn not_served(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s))
+            if s.is_not_found()
+    )
+}
+
+/// Runs a watcher with backoff until the resource is not served, turning its
+/// events into updates: a relist is buffered from `Init` to `InitDone` and sent
+/// whole. `track`: the Istio kinds' versions, for their Events.
 async fn watch_events<K, F>(
     api: Api<K>,
     config: watcher::Config,
-    tx: UpdateSender,
+    tx: &UpdateSender,
     kind: Kind,
     convert: F,
-) where
+    track: Option<(&Seen, &str)>,
+) -> Ended
+where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     F: Fn(K) -> Result<Sourced, Box<Invalid>>,
 {
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(api, config).backoff(Backoff::default()).boxed();
     let mut listing: Option<(Vec<Sourced>, Vec<Invalid>)> = None;
+    let mut listed_versions = Vec::new();
+    let version = |object: &K| {
+        let meta = object.meta();
+        track.map(|(_, api_version)| {
+            (
+                ObjectRef::from_meta(kind, meta),
+                Version::of(api_version, meta),
+            )
+        })
+    };
     while let Some(event) = stream.next().await {
         let event = match event {
+            Err(e) if not_served(&e) => return Ended::NotServed,
             Err(e) => {
                 warn!(kind = %kind, "watch failed, retrying with backoff: {e}");
                 continue;
             }
             Ok(watcher::Event::Init) => {
                 listing = Some(Default::default());
+                listed_versions.clear();
                 continue;
             }
             Ok(watcher::Event::InitApply(object)) => {
+                listed_versions.extend(version(&object));
                 let (objects, invalid) = listing.get_or_insert_with(Default::default);
                 match convert(object) {
                     Ok(sourced) => objects.push(sourced),
@@ -327,25 +520,42 @@ async fn watch_events<K, F>(
                 continue;
             }
             Ok(watcher::Event::InitDone) => {
+                if let Some((seen, _)) = track {
+                    seen.relist(kind, std::mem::take(&mut listed_versions));
+                }
                 let (objects, invalid) = listing.take().unwrap_or_default();
+                // A relist (after 410 Gone, or a restart of the API server) is
+                // worth a line: it replaces the kind whole.
+                info!(kind = %kind, objects = objects.len(), invalid = invalid.len(), "listed");
                 Event::Listed {
                     kind,
                     objects,
                     invalid,
                 }
             }
-            Ok(watcher::Event::Apply(object)) => match convert(object) {
-                Ok(sourced) => Event::Applied(sourced),
-                Err(bad) => Event::Invalid(*bad),
-            },
+            Ok(watcher::Event::Apply(object)) => {
+                if let (Some((seen, _)), Some((r, v))) = (track, version(&object)) {
+                    seen.set(r, v);
+                }
+                match convert(object) {
+                    Ok(sourced) => Event::Applied(sourced),
+                    Err(bad) => Event::Invalid(*bad),
+                }
+            }
             Ok(watcher::Event::Delete(object)) => {
-                Event::Deleted(ObjectRef::from_meta(kind, object.meta()))
+                let r = ObjectRef::from_meta(kind, object.meta());
+                if let Some((seen, _)) = track {
+                    seen.remove(&r);
+                }
+                Event::Deleted(r)
             }
         };
         if tx.send(Update::now(event)).is_err() {
-            return;
+            return Ended::Closed;
         }
     }
+    // The stream of a watcher with backoff never ends; if it did, nothing to do.
+    Ended::Closed
 }
 
 fn sourced(object: Resource) -> Sourced {
@@ -365,22 +575,63 @@ where
         + 'static,
     K::DynamicType: Default,
 {
-    watch_events(
-        Api::<K>::all(client),
-        watcher::Config::default(),
-        tx,
-        kind,
-        |o| Ok(sourced(wrap(o))),
-    )
-    .await;
+    let mut backoff = Backoff::default();
+    loop {
+        let ended = watch_events(
+            Api::<K>::all(client.clone()),
+            watcher::Config::default(),
+            &tx,
+            kind,
+            |o| Ok(sourced(wrap(o))),
+            None,
+        )
+        .await;
+        if ended == Ended::Closed {
+            return;
+        }
+        // Until it is served, this kind is not listed: no first write.
+        let delay = backoff.delay();
+        warn!(
+            "{} {kind} not served by the API server; retrying in {delay:?}",
+            K::api_version(&K::DynamicType::default())
+        );
+        tokio::time::sleep(delay).await;
+    }
 }
 
-async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, resource: ApiResource) {
-    let api = Api::<DynamicObject>::all_with(client, &resource);
-    watch_events(api, watcher::Config::default(), tx, kind, move |object| {
-        convert_istio(kind, &object)
-    })
-    .await;
+/// Discovers `kind` (retrying with backoff, saying what is missing each time),
+/// then watches it; again if it stops being served. Until it has been listed,
+/// its `Listed` is not sent, so the agent makes no first write without it.
+async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
+    let mut backoff = Backoff::default();
+    loop {
+        let missing = match istio_resource(&client, kind).await {
+            Ok(resource) => {
+                backoff.reset();
+                info!(kind = %kind, version = %resource.version, "watching {}", istio::GROUP);
+                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+                let ended = watch_events(
+                    api,
+                    watcher::Config::default(),
+                    &tx,
+                    kind,
+                    move |object| convert_istio(kind, &object),
+                    Some((&seen, &resource.api_version)),
+                )
+                .await;
+                if ended == Ended::Closed {
+                    return;
+                }
+                // The CRD went away (or this version of it): its objects stay as
+                // last seen until it is back.
+                DiscoveryError::NotServed { kind }
+            }
+            Err(e) => e,
+        };
+        let delay = backoff.delay();
+        warn!("{missing}; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// An Istio object from the API server, typed as the file source types it.
@@ -407,7 +658,7 @@ fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Inva
 async fn watch_namespaces(client: Client, tx: UpdateSender, selector: String) {
     let config = watcher::Config::default().labels(&selector);
     let mut stream = watcher(Api::<Namespace>::all(client), config)
-        .default_backoff()
+        .backoff(Backoff::default())
         .boxed();
     let mut current: BTreeSet<String> = BTreeSet::new();
     let mut listing: Option<BTreeSet<String>> = None;
@@ -441,27 +692,24 @@ async fn watch_namespaces(client: Client, tx: UpdateSender, selector: String) {
 }
 
 /// The version of an Istio kind the server prefers (v1, v1beta1 or v1alpha3).
-async fn istio_resource(client: &Client, kind: Kind) -> Option<ApiResource> {
-    let discovery = kube::Discovery::new(client.clone())
-        .filter(&[istio::GROUP])
-        .run()
-        .await;
-    let discovery = match discovery {
-        Ok(d) => d,
-        Err(e) => {
-            warn!("discovering {}: {e}", istio::GROUP);
-            return None;
+async fn istio_resource(client: &Client, kind: Kind) -> Result<ApiResource, DiscoveryError> {
+    let group = match kube::discovery::group(client, istio::GROUP).await {
+        Ok(group) => group,
+        Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
+            return Err(DiscoveryError::NotServed { kind });
         }
+        Err(source) => return Err(DiscoveryError::Failed { kind, source }),
     };
-    let group = discovery.get(istio::GROUP)?;
     group
         .recommended_kind(kind.as_str())
         .map(|(resource, _)| resource)
+        .ok_or(DiscoveryError::NotServed { kind })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NamespacedName;
 
     fn listed(kind: Kind) -> Event {
         Event::Listed {
@@ -493,6 +741,111 @@ mod tests {
         assert_eq!(cut.len(), 999);
         assert!(cut.chars().all(|c| c == '日'));
         assert_eq!(truncate("short".into(), NOTE_MAX), "short");
+    }
+
+    fn version(resource_version: &str) -> Version {
+        Version {
+            api_version: "networking.istio.io/v1".into(),
+            uid: "0b7e2c3a-5d0e-4a53-9a4f-8f4f5a0d1c2e".into(),
+            resource_version: resource_version.into(),
+        }
+    }
+
+    #[test]
+    fn event_names_are_the_same_on_every_node_and_one_per_version_and_field() {
+        let name = event_name("flaskapp", &version("100"), "spec.http[0].route[1]");
+        assert_eq!(
+            name,
+            event_name("flaskapp", &version("100"), "spec.http[0].route[1]")
+        );
+        // Pinned: agents of two releases side by side (a rollout) must agree.
+        assert_eq!(name, "flaskapp.1c8277cc6ea83bea");
+        assert_ne!(
+            name,
+            event_name("flaskapp", &version("101"), "spec.http[0].route[1]")
+        );
+        assert_ne!(
+            name,
+            event_name("flaskapp", &version("100"), "spec.http[0].route[0]")
+        );
+        // The longest object name still gives a valid Event name.
+        let long = format!("{}-{}", "a".repeat(235), "b".repeat(17));
+        let name = event_name(&long, &version("1"), "");
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(!name.contains("-."), "{name}");
+    }
+
+    #[test]
+    fn a_rejection_event_names_the_version_and_the_field() {
+        let object = ObjectRef::new(Kind::VirtualService, NamespacedName::new("prod", "web"));
+        let note = format!("spec.http[0].route[0].weight: {}", "x".repeat(2000));
+        let event = rejected_event(
+            &object,
+            &version("7"),
+            "spec.http[0].route[0].weight",
+            note,
+            "node-a",
+        );
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(event.reason.as_deref(), Some("Rejected"));
+        assert_eq!(event.metadata.namespace.as_deref(), Some("prod"));
+        assert!(event.note.as_ref().is_some_and(|n| n.len() <= NOTE_MAX));
+        let regarding = event.regarding.unwrap_or_default();
+        assert_eq!(regarding.kind.as_deref(), Some("VirtualService"));
+        assert_eq!(regarding.uid.as_deref(), Some(version("7").uid.as_str()));
+        assert_eq!(regarding.resource_version.as_deref(), Some("7"));
+        assert_eq!(event.reporting_instance.as_deref(), Some("node-a"));
+    }
+
+    #[test]
+    fn a_relist_forgets_the_versions_of_objects_gone_meanwhile() {
+        let seen = Seen::default();
+        let a = ObjectRef::new(Kind::VirtualService, NamespacedName::new("prod", "a"));
+        let b = ObjectRef::new(Kind::VirtualService, NamespacedName::new("prod", "b"));
+        let rule = ObjectRef::new(Kind::DestinationRule, NamespacedName::new("prod", "a"));
+        seen.set(a.clone(), version("1"));
+        seen.set(rule.clone(), version("2"));
+        seen.relist(Kind::VirtualService, vec![(b.clone(), version("3"))]);
+        assert_eq!(seen.get(&a), None);
+        assert_eq!(seen.get(&b), Some(version("3")));
+        assert_eq!(seen.get(&rule), Some(version("2")));
+        seen.remove(&b);
+        assert_eq!(seen.get(&b), None);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<Duration> = (&mut backoff).take(10).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let ceiling = (BACKOFF_MIN * 2u32.pow(i as u32)).min(BACKOFF_MAX);
+            assert!(*d <= ceiling && *d >= ceiling * 3 / 4, "{i}: {d:?}");
+        }
+        assert!(delays[9] >= BACKOFF_MAX * 3 / 4);
+        backoff.reset();
+        assert!(backoff.delay() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn only_a_404_means_not_served() {
+        let api = |code: u16, reason: &str| {
+            kube::Error::Api(
+                kube::core::Status::failure("x", reason)
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert!(not_served(&watcher::Error::InitialListFailed(api(
+            404, "NotFound"
+        ))));
+        assert!(not_served(&watcher::Error::WatchStartFailed(api(
+            404, "NotFound"
+        ))));
+        assert!(!not_served(&watcher::Error::InitialListFailed(api(
+            403,
+            "Forbidden"
+        ))));
+        assert!(!not_served(&watcher::Error::NoResourceVersion));
     }
 
     #[test]
