@@ -53,8 +53,8 @@ pub mod map_names {
     pub const REVNAT: &str = "REVNAT_V1";
     pub const BACKEND_STATS: &str = "BACKEND_STATS_V1";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS_V1";
-    pub const SOCKETS: &str = "SOCKETS_V1";
-    pub const SOCK_PATH: &str = "SOCK_PATH_V1";
+    pub const SOCKETS: &str = "SOCKETS_V2";
+    pub const SOCK_CONN: &str = "SOCK_CONN_V1";
     pub const SOCK_STATS: &str = "SOCK_STATS_V1";
     pub const REDIRECT_EXCLUDED: &str = "REDIRECT_EXCLUDED_V1";
     pub const SERVICE_STATS: &str = "SERVICE_STATS_V1";
@@ -72,7 +72,7 @@ pub mod map_names {
         SERVICE_STATS,
         GLOBAL_STATS,
         SOCKETS,
-        SOCK_PATH,
+        SOCK_CONN,
         SOCK_STATS,
         REDIRECT_EXCLUDED,
     ];
@@ -109,11 +109,11 @@ pub mod global_stat {
 
 /// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).
 pub mod sock_stat {
-    /// Established mesh TCP sockets added to `SOCKETS_V1`.
+    /// Established mesh TCP sockets added to `SOCKETS_V2`.
     pub const ADDED: u32 = 0;
-    /// Established mesh TCP sockets not added: their key was taken (two sockets
-    /// with one key; see [`SockKey`](crate::SockKey)) or the map was full. They
-    /// use plain TCP.
+    /// Established mesh TCP sockets not added: another live mesh socket holds
+    /// their 4-tuple (only possible with overlapping pod IPs; see
+    /// [`SockConn`](crate::SockConn)) or a map was full. They use plain TCP.
     pub const ADD_FAILED: u32 = 1;
     /// Messages handed straight to the peer socket, and their bytes.
     pub const REDIRECTED_MSGS: u32 = 2;
@@ -129,15 +129,18 @@ pub mod sock_stat {
     pub const COUNT: u32 = 7;
 }
 
-/// `SOCK_PATH_V1` value: a socket whose first message went through TCP stays
+/// [`SockConn::path`] values: a socket whose first message went through TCP stays
 /// there, so that bytes never overtake each other on two paths.
 pub mod sock_path {
+    /// No message sent yet, or every message so far was redirected.
+    pub const UNDECIDED: u32 = 0;
     pub const TCP: u32 = 2;
 }
 
-/// Key of `SOCKETS_V1` (a sockhash) and `SOCK_PATH_V1`: one established TCP
-/// socket, as seen from its own end. Written by `sockops` when the connection is
-/// established; read by `sk_msg`, which looks the peer up with [`SockKey::peer`].
+/// One established TCP socket's 4-tuple, as seen from its own end: the key of
+/// `SOCK_CONN_V1`, and the first part of [`ConnKey`]. Built by `sockops` when the
+/// connection is established and by `sk_msg` on every message, the same way
+/// ([`SockKey::v4`], [`SockKey::v6`]).
 ///
 /// Why `netns` is not always set: a socket cannot learn its peer's network
 /// namespace, so a key the peer must be able to build names it only by the
@@ -166,6 +169,89 @@ pub struct SockKey {
     pub netns: u64,
 }
 const _: () = assert!(core::mem::size_of::<SockKey>() == 48);
+
+/// Key of `SOCKETS_V2` (a sockhash): one established TCP socket of one
+/// connection. Written by `sockops` (the kernel removes the socket when it
+/// closes); `sk_msg` redirects to the [`ConnKey::peer`] of its own key.
+///
+/// Why the sequence numbers: with overlapping pod IPs (two namespace pairs with
+/// the same addresses on one node) two connections can share a 4-tuple, and a
+/// 4-tuple alone would let a socket redirect into another connection's socket
+/// that holds the peer tuple (say, a half-closed server whose client has left,
+/// when another pod pair reuses the tuple). Both ends of one TCP connection, and
+/// no one else, know its two initial sequence numbers when the handshake
+/// completes, so each end can build the key its own peer was added under, and
+/// only that one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct ConnKey {
+    /// The socket's 4-tuple (and namespace for namespace-local connections).
+    pub sock: SockKey,
+    /// This end's initial sequence number + 1, host byte order (`snd_una` of
+    /// `bpf_sock_ops` at the established callback, as `sockops` reads it).
+    pub local_seq: u32,
+    /// The peer's initial sequence number + 1, host byte order (`rcv_nxt` there).
+    pub remote_seq: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 56);
+
+impl ConnKey {
+    /// The key the other end of this connection was added under.
+    pub fn peer(&self) -> Self {
+        Self {
+            sock: self.sock.peer(),
+            local_seq: self.remote_seq,
+            remote_seq: self.local_seq,
+        }
+    }
+}
+
+/// Value of `SOCK_CONN_V1` (key: the socket's [`SockKey`]): what `sk_msg` needs
+/// to know about the sending socket that its context does not say.
+///
+/// Written by `sockops` with `BPF_NOEXIST` before it adds the socket to
+/// `SOCKETS_V2` (a socket whose tuple has a record already is not added at all),
+/// and deleted by `sockops` when that very socket (`cookie`) closes: every socket
+/// in `SOCKETS_V2` owns the record of its tuple for as long as it is there, so
+/// the record `sk_msg` finds under its own tuple is its own. `path` is written by
+/// `sk_msg` (under the socket's lock), and by `sockops` for Fast Open clients.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockConn {
+    /// [`ConnKey::local_seq`] of the socket.
+    pub local_seq: u32,
+    /// [`ConnKey::remote_seq`] of the socket.
+    pub remote_seq: u32,
+    /// [`sock_path::UNDECIDED`] or [`sock_path::TCP`].
+    pub path: u32,
+    pub _pad: u32,
+    /// `bpf_get_socket_cookie` of the socket that owns the record (written by
+    /// `sockops`; only the owner's close deletes it).
+    pub cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockConn>() == 24);
+
+impl SockConn {
+    /// The record of a socket whose connection's handshake just completed.
+    pub fn new(local_seq: u32, remote_seq: u32, path: u32, cookie: u64) -> Self {
+        Self {
+            local_seq,
+            remote_seq,
+            path,
+            _pad: 0,
+            cookie,
+        }
+    }
+
+    /// The `SOCKETS_V2` key of the socket that owns this record under `sock`.
+    pub fn key(&self, sock: SockKey) -> ConnKey {
+        ConnKey {
+            sock,
+            local_seq: self.local_seq,
+            remote_seq: self.remote_seq,
+        }
+    }
+}
 
 /// Key of `REDIRECT_EXCLUDED_V1` (value: `u32`, reserved, 0): an endpoint (pod IP,
 /// port) whose connections must not be redirected, e.g. a server that reads with
@@ -367,6 +453,8 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::SockConn {}
     unsafe impl aya::Pod for super::EndpointKey {}
 }
 
@@ -416,5 +504,51 @@ mod tests {
         let plain = SockKey::v4(v4([10, 244, 0, 2]), v4([10, 244, 0, 1]), 80, 4000, 6);
         assert_eq!(dual.family, FAMILY_V4);
         assert_eq!(dual.peer(), plain);
+    }
+
+    /// A connection's two ends as `sockops` sees them at the established
+    /// callbacks: (snd_una, rcv_nxt) = (own ISN + 1, peer's ISN + 1).
+    fn ends(isn_client: u32, isn_server: u32) -> (ConnKey, ConnKey) {
+        let client = SockKey::v4(v4([10, 244, 0, 2]), v4([10, 244, 0, 21]), 40000, 7000, 1);
+        let server = SockKey::v4(v4([10, 244, 0, 21]), v4([10, 244, 0, 2]), 7000, 40000, 2);
+        let (c, s) = (isn_client.wrapping_add(1), isn_server.wrapping_add(1));
+        (
+            SockConn::new(c, s, sock_path::UNDECIDED, 11).key(client),
+            SockConn::new(s, c, sock_path::UNDECIDED, 12).key(server),
+        )
+    }
+
+    #[test]
+    fn the_ends_of_one_connection_name_each_other() {
+        let (client, server) = ends(1000, u32::MAX);
+        assert_eq!(client.peer(), server);
+        assert_eq!(server.peer(), client);
+        assert_eq!(client.peer().peer(), client);
+    }
+
+    /// The review's scenario: connection A's server is still in the map when
+    /// connection B (another pod pair, same addresses) reuses A's 4-tuple. B's
+    /// client must not name A's server as its peer, only B's server.
+    #[test]
+    fn a_reused_tuple_names_only_its_own_connection() {
+        let (_, a_server) = ends(1000, 5000);
+        let (b_client, b_server) = ends(1001, 5000);
+        assert_eq!(a_server.sock, b_server.sock, "the same 4-tuple");
+        assert_ne!(b_client.peer(), a_server);
+        assert_eq!(b_client.peer(), b_server);
+        let (c_client, _) = ends(1000, 5001);
+        assert_ne!(
+            c_client.peer(),
+            a_server,
+            "a different server ISN is enough"
+        );
+    }
+
+    #[test]
+    fn a_record_gives_back_the_key_it_was_made_for() {
+        let sock = SockKey::v4(v4([10, 244, 0, 2]), v4([10, 244, 0, 21]), 1, 2, 0);
+        let conn = SockConn::new(7, 9, sock_path::TCP, 42);
+        let key = conn.key(sock);
+        assert_eq!((key.sock, key.local_seq, key.remote_seq), (sock, 7, 9));
     }
 }

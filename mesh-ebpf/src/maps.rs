@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendStats, EndpointKey, MAX_BACKENDS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, OrigDst, ServiceKey, ServiceValue, SlotKey, SockKey,
-    global_stat, sock_stat,
+    Backend, BackendStats, ConnKey, EndpointKey, MAX_BACKENDS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, OrigDst, ServiceKey, ServiceValue, SlotKey, SockConn,
+    SockKey, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -47,18 +47,21 @@ pub static SERVICE_STATS: PerCpuHashMap<u32, u64> =
 #[map(name = "GLOBAL_STATS_V1")]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global_stat::COUNT, 0);
 
-/// Established mesh TCP sockets of this node, each under its own [`SockKey`].
-/// Writer: `sockops` (the kernel removes a socket when it closes); the `sk_msg`
-/// program is attached to this map and redirects into it.
-#[map(name = "SOCKETS_V1")]
-pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+/// Established mesh TCP sockets of this node, each under its own [`ConnKey`]
+/// (4-tuple and both initial sequence numbers). Writer: `sockops` (the kernel
+/// removes a socket when it closes); the `sk_msg` program is attached to this map
+/// and redirects into it.
+#[map(name = "SOCKETS_V2")]
+pub static SOCKETS: SockHash<ConnKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket key -> `sock_path::TCP` for a mesh socket whose first message found no
-/// local peer (it stays on TCP). Writer: `sk_msg` (and `sockops` for Fast Open
-/// clients); `sockops` deletes the entry when the socket closes. Not LRU: an
-/// evicted decision could let later bytes overtake earlier ones.
-#[map(name = "SOCK_PATH_V1")]
-pub static SOCK_PATH: HashMap<SockKey, u32> =
+/// A mesh socket's 4-tuple -> its record (sequence numbers for its [`ConnKey`],
+/// path decision, owner's cookie): the socket in `SOCKETS_V2` with that tuple
+/// owns it. Writer: `sockops` (creates it before adding the socket, deletes it
+/// when the owner closes) and `sk_msg` (marks a socket whose first message found
+/// no local peer as TCP for good). Not LRU: an evicted record would let another
+/// socket take the tuple while its owner still redirects.
+#[map(name = "SOCK_CONN_V1")]
+pub static SOCK_CONN: HashMap<SockKey, SockConn> =
     HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Per-CPU redirection counters, indexed by `mesh_common::sock_stat`. Writer: kernel.

@@ -1,37 +1,47 @@
 //! Same-node shortcut: `sockops` adds each established mesh TCP socket to
-//! `SOCKETS_V1`; `sk_msg` (attached to that map, so it runs on every `sendmsg` of
+//! `SOCKETS_V2`; `sk_msg` (attached to that map, so it runs on every `sendmsg` of
 //! those sockets) hands the message straight to the peer socket's receive queue
 //! when the peer is a local mesh socket too, skipping TCP/IP both ways.
 //!
+//! Only the very peer: a socket's key ([`ConnKey`]) holds its 4-tuple and both
+//! initial sequence numbers of its connection, which its peer alone shares, so
+//! the peer key it builds names its own peer and no socket of another connection
+//! that happens to have the same 4-tuple (overlapping pod IPs). `sk_msg` cannot
+//! read sequence numbers; it finds them in its tuple's record (`SOCK_CONN_V1`),
+//! which `sockops` creates with `BPF_NOEXIST` before adding the socket and
+//! deletes when that socket closes: a socket is in `SOCKETS_V2` only while it owns
+//! its tuple's record, so the record `sk_msg` reads is its own.
+//!
 //! Ordering: a connection whose first message goes through TCP stays on TCP
-//! (`SOCK_PATH_V1`). Without that, a client that writes before the server end is
-//! added (the server's handshake completes a few microseconds after the client's)
-//! would send its first bytes through TCP and later ones around it, and the later
-//! ones could be read first.
+//! (`path` of the record). Without that, a client that writes before the server
+//! end is added (the server's handshake completes a few microseconds after the
+//! client's) would send its first bytes through TCP and later ones around it, and
+//! the later ones could be read first.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SkMsgContext, SockOpsContext},
 };
-use mesh_common::{EndpointKey, SockKey, sock_path, sock_stat};
+use mesh_common::{EndpointKey, SockConn, SockKey, sock_path, sock_stat};
 
 use crate::{
     ctx::read_ip6,
-    maps::{REDIRECT_EXCLUDED, SOCK_PATH, SOCK_STATS, SOCKETS},
+    maps::{REDIRECT_EXCLUDED, SOCK_CONN, SOCK_STATS, SOCKETS},
     stats::add,
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-/// sockops: on both ends' "established", add the socket under its own key; when
-/// a socket of ours closes, forget its path.
+/// sockops: on both ends' "established", record the socket's connection under
+/// its tuple and add it under its own key; when a socket of ours closes, delete
+/// its record.
 pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     let op = ctx.op();
     let established =
@@ -40,11 +50,21 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     if !established && !closed {
         return 1;
     }
-    let Some(mut key) = ops_key(ctx) else {
+    let Some(key) = ops_key(ctx) else {
         return 1;
     };
+    // SAFETY: the helper accepts a sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if closed {
-        let _ = SOCK_PATH.remove(key);
+        // Only the owner's close deletes a record (another sockops program on
+        // the cgroup may ask for state changes of sockets we never added).
+        if SOCK_CONN
+            .get_ptr(key)
+            // SAFETY: a live entry of a map value type we own; read only.
+            .is_some_and(|conn| unsafe { (*conn).cookie } == cookie)
+        {
+            let _ = SOCK_CONN.remove(key);
+        }
         return 1;
     }
     if excluded(&key) {
@@ -56,23 +76,37 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     // With TCP Fast Open the client's first bytes rode in the SYN, through TCP:
     // later bytes must not overtake them.
     let sent_in_syn = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ops.data_segs_out > 0;
-    // BPF_NOEXIST: never displace a live socket that has the same key; this one
-    // simply keeps to TCP.
+    // At the established callbacks (before any data) snd_una is this end's
+    // ISN + 1 and rcv_nxt the peer's ISN + 1; the peer reads the same two, the
+    // other way round.
+    let conn = SockConn::new(
+        ops.snd_una,
+        ops.rcv_nxt,
+        if sent_in_syn {
+            sock_path::TCP
+        } else {
+            sock_path::UNDECIDED
+        },
+        cookie,
+    );
+    // BPF_NOEXIST: a tuple has one owner. Another live socket with this tuple
+    // (overlapping pod IPs) keeps its record; this one keeps to TCP.
+    if SOCK_CONN.insert(key, conn, u64::from(BPF_NOEXIST)).is_err() {
+        add(&SOCK_STATS, sock_stat::ADD_FAILED, 1);
+        return 1;
+    }
+    let mut conn_key = conn.key(key);
     if SOCKETS
-        .update(&mut key, &mut *ops, u64::from(BPF_NOEXIST))
+        .update(&mut conn_key, &mut *ops, u64::from(BPF_NOEXIST))
         .is_err()
     {
+        // The record is ours (just created): give the tuple back.
+        let _ = SOCK_CONN.remove(key);
         add(&SOCK_STATS, sock_stat::ADD_FAILED, 1);
         return 1;
     }
     add(&SOCK_STATS, sock_stat::ADDED, 1);
-    // A key is reused only after its previous socket is gone: its path is ours to
-    // set now. Ask for state changes, to forget it when this socket closes.
-    if sent_in_syn {
-        let _ = SOCK_PATH.insert(key, sock_path::TCP, u64::from(BPF_ANY));
-    } else {
-        let _ = SOCK_PATH.remove(key);
-    }
+    // Ask for state changes, to delete the record when this socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     1
 }
@@ -129,29 +163,41 @@ fn excluded(key: &SockKey) -> bool {
 ///
 /// Only a "TCP" decision is stored: a connection whose first message found no
 /// peer keeps to TCP for good. One whose first message was redirected needs no
-/// entry: later messages redirect again, or fall back once the peer has closed.
+/// mark: later messages redirect again, or fall back once the peer has closed.
+/// The peer key comes from the socket's own record; a socket without one (not
+/// possible while it is in `SOCKETS_V2`) is never redirected.
 pub fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
-    let Some(key) = msg_key(ctx) else {
-        return SK_PASS;
-    };
     let size = u64::from(ctx.size());
-    // SAFETY: existence check only.
-    let tcp = unsafe { SOCK_PATH.get(key) }.is_some();
-    let redirected = !tcp && {
-        let mut peer = key.peer();
-        SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
-    };
+    let redirected = msg_key(ctx).is_some_and(|key| redirect(ctx, key));
     if redirected {
         add(&SOCK_STATS, sock_stat::REDIRECTED_MSGS, 1);
         add(&SOCK_STATS, sock_stat::REDIRECTED_BYTES, size);
     } else {
-        if !tcp {
-            let _ = SOCK_PATH.insert(key, sock_path::TCP, u64::from(BPF_ANY));
-        }
         add(&SOCK_STATS, sock_stat::FALLBACK_MSGS, 1);
         add(&SOCK_STATS, sock_stat::FALLBACK_BYTES, size);
     }
     SK_PASS
+}
+
+/// Redirects the message to the peer of the socket whose tuple is `key`, if that
+/// peer is in `SOCKETS_V2`; else marks the socket TCP for good.
+fn redirect(ctx: &SkMsgContext, key: SockKey) -> bool {
+    let Some(conn) = SOCK_CONN.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a live entry of this socket's own record; only this socket (under
+    // its lock, here) writes `path` and only its close deletes the record.
+    let conn = unsafe { &mut *conn };
+    if conn.path == sock_path::TCP {
+        return false;
+    }
+    let mut peer = conn.key(key).peer();
+    let redirected =
+        SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
+    if !redirected {
+        conn.path = sock_path::TCP;
+    }
+    redirected
 }
 
 /// The sending socket's own key, built exactly as `sockops` built it.

@@ -509,3 +509,128 @@ fn stopping_the_agent_loses_no_queued_byte() -> anyhow::Result<()> {
     assert_exact(&report, &sizes);
     Ok(())
 }
+
+/// Reads one line of a spawned tool's stdout.
+fn line(out: &mut impl std::io::BufRead) -> anyhow::Result<String> {
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
+/// Overlapping pod IPs (two pod pairs on two bridges with the same addresses, as
+/// kind-in-pod or docker-in-docker CI runners make) give two connections the very
+/// same 4-tuple. Connection A (pair 1) is half-closed by its client, which then
+/// leaves, while A's server holds its end open; connection B (pair 2) then reuses
+/// the tuple (its client binds the same source port). B's bytes must all come back
+/// to B, byte for byte, and A's server must receive none of them.
+#[test]
+fn a_reused_tuple_never_reaches_a_half_closed_socket_of_another_pod() -> anyhow::Result<()> {
+    use std::io::BufReader;
+
+    let node = SameNode::start(&[])?;
+    let mut other = Node::new()?;
+    other.add_pod("client", 2)?;
+    other.add_pod("echo-0", 21)?;
+    let (client, server) = (node.node.pod("client"), node.node.pod("echo-0"));
+    assert_eq!(
+        (client.ipv4, server.ipv4),
+        (other.pod("client").ipv4, other.pod("echo-0").ipv4),
+        "the second pair overlaps the first"
+    );
+    let target = format!("{}:{SERVE_PORT}", server.ipv4);
+    let bind = format!("{}:40000", client.ipv4);
+    let xfer = mesh_tools::xfer::binary()?;
+
+    // A: the server holds its end; the client sends, half-closes and leaves.
+    let a_size = 100_000usize;
+    let mut a_server = mesh_tools::spawn_in_pod(
+        &xfer,
+        node.ns("echo-0"),
+        Some(&node.cgroup),
+        &[
+            "hold",
+            "--listen",
+            &format!("0.0.0.0:{SERVE_PORT}"),
+            "--seed",
+            "11",
+            "--expect",
+            &a_size.to_string(),
+            "--timeout-ms",
+            "60000",
+        ],
+    )?;
+    // Killed on any early return; its normal end is its own exit.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut a_out = BufReader::new(a_server.stdout.take().expect("piped"));
+    let a_server = Kill(a_server);
+    assert_eq!(line(&mut a_out)?, "ready");
+    let pushed = mesh_tools::spawn_in_pod(
+        &xfer,
+        node.ns("client"),
+        Some(&node.cgroup),
+        &[
+            "push",
+            "--target",
+            &target,
+            "--bind",
+            &bind,
+            "--size",
+            &a_size.to_string(),
+            "--seed",
+            "11",
+        ],
+    )?
+    .wait_with_output()?;
+    assert!(pushed.status.success(), "A's client failed: {pushed:?}");
+    assert_eq!(
+        line(&mut a_out)?,
+        format!("eof {a_size} true"),
+        "A's server got A's bytes, then A's half-close"
+    );
+
+    // B: same addresses, same ports, in the other pair; an echo both ways.
+    let b_server = Server::start(
+        &other.pod("echo-0").ns,
+        Some(&node.cgroup),
+        &["--listen", &target],
+    )?;
+    let b_size = 4usize << 20;
+    let report = send_from(
+        &other.pod("client").ns,
+        Some(&node.cgroup),
+        &[
+            "--target",
+            &target,
+            "--bind",
+            &bind,
+            "--sizes",
+            &b_size.to_string(),
+            "--seed",
+            "22",
+            "--timeout-ms",
+            "5000",
+        ],
+    )?;
+    drop(b_server);
+
+    // Release A's server: it reports what reached its half-closed end since.
+    let released = send_from(
+        node.ns("client"),
+        None,
+        &["--target", &target, "--sizes", "0"],
+    );
+    assert_eq!(
+        line(&mut a_out)?,
+        "late 0",
+        "A's server received B's bytes (B saw {report:?}; release: {released:?})"
+    );
+    assert_exact(&report, &[b_size]);
+    drop(a_server);
+    Ok(())
+}

@@ -480,3 +480,82 @@ pub fn finish(child: Child) -> anyhow::Result<SendReport> {
         .context("mesh-xfer send printed nothing")?;
     Ok(serde_json::from_str(last)?)
 }
+
+/// `mesh-xfer hold`: the server end of a connection its client half-closes. It
+/// accepts one connection, reads it to the client's EOF and prints
+/// `eof <bytes> <exact>` (`exact`: the bytes are `payload(seed, 0, expect)`), then
+/// keeps that connection open, half-closed, without ever writing or closing it.
+/// The next connection to the listener is the signal to stop: it reads whatever
+/// reached the held connection since its EOF, prints `late <bytes>` and exits.
+/// Every wait is bounded by `timeout`.
+pub fn hold(listen: SocketAddr, seed: u64, expect: usize, timeout: Duration) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    listener.set_nonblocking(true)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let accept = || -> anyhow::Result<TcpStream> {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let limit = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        if poll(&mut fds, limit)? == 0 {
+            bail!("no connection within {timeout:?}");
+        }
+        Ok(listener.accept()?.0)
+    };
+    let held = accept()?;
+    held.set_nonblocking(true)?;
+    let mut got = Vec::new();
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        let n = retry(&held, PollFlags::POLLIN, timeout, || (&held).read(&mut buf))?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let exact = got == payload(seed, 0, expect);
+    println!("eof {} {exact}", got.len());
+    std::io::stdout().flush()?;
+    let _release = accept()?;
+    // Whatever reached the held connection after its EOF is queued by now: a
+    // redirected message lands in the receive queue during the sender's send.
+    let mut late = 0usize;
+    loop {
+        match (&held).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => late += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!("late {late}");
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// `mesh-xfer push`: connects (from `bind` when given), sends
+/// `payload(seed, 0, size)`, shuts its sending side down and closes: the client
+/// of a connection it half-closes and then leaves.
+pub fn push(
+    target: SocketAddr,
+    bind: Option<SocketAddr>,
+    size: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let options = SendOptions {
+        target,
+        bind,
+        sizes: vec![size],
+        concurrency: 1,
+        seed,
+        max_write: None,
+        sendfile: false,
+        hold: Duration::ZERO,
+        timeout: Duration::from_secs(20),
+    };
+    let mut stream = connect(&options).with_context(|| format!("connect {target}"))?;
+    stream.set_write_timeout(Some(options.timeout))?;
+    stream.write_all(&payload(seed, 0, size))?;
+    stream.shutdown(Shutdown::Write)?;
+    println!("pushed {size}");
+    Ok(())
+}

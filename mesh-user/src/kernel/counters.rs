@@ -4,7 +4,7 @@
 use std::sync::{Arc, RwLock};
 
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash};
-use mesh_common::{SockKey, sock_stat};
+use mesh_common::{ConnKey, sock_stat};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -29,11 +29,11 @@ pub struct RedirectCounts {
     pub excluded_sockets: u64,
 }
 
-/// Reader of `SOCK_STATS_V1`, and of `SOCKETS_V1`'s occupancy.
+/// Reader of `SOCK_STATS_V1`, and of `SOCKETS_V2`'s occupancy.
 pub struct SockStats {
     map: PerCpuArray<MapData, u64>,
-    sockets: SockHash<MapData, SockKey>,
-    /// `SOCKETS_V1`, to walk its keys (a socket map's values cannot be read).
+    sockets: SockHash<MapData, ConnKey>,
+    /// `SOCKETS_V2`, to walk its keys (a socket map's values cannot be read).
     sockets_info: aya::maps::MapInfo,
 }
 
@@ -46,7 +46,7 @@ impl std::fmt::Debug for SockStats {
 impl SockStats {
     pub fn new(
         map: PerCpuArray<MapData, u64>,
-        sockets: SockHash<MapData, SockKey>,
+        sockets: SockHash<MapData, ConnKey>,
         sockets_info: aya::maps::MapInfo,
     ) -> Self {
         Self {
@@ -57,11 +57,11 @@ impl SockStats {
     }
 
     /// The socket map (`sk_msg` attaches to it).
-    pub fn socket_map(&self) -> &SockHash<MapData, SockKey> {
+    pub fn socket_map(&self) -> &SockHash<MapData, ConnKey> {
         &self.sockets
     }
 
-    /// Sockets in `SOCKETS_V1` now: a walk of the map, for scrapes. Distinct keys
+    /// Sockets in `SOCKETS_V2` now: a walk of the map, for scrapes. Distinct keys
     /// only, and bounded: a socket closing mid-walk restarts the kernel's
     /// iteration from the first bucket.
     pub fn socket_count(&self) -> usize {

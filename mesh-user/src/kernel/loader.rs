@@ -17,7 +17,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{BackendStats, SockKey, map_names, program_names};
+use mesh_common::{BackendStats, ConnKey, map_names, program_names};
 use tracing::{info, warn};
 
 use super::{
@@ -124,7 +124,7 @@ pub const SIZABLE_MAPS: [&str; 8] = [
     map_names::BACKEND_STATS,
     map_names::SERVICE_STATS,
     map_names::SOCKETS,
-    map_names::SOCK_PATH,
+    map_names::SOCK_CONN,
     map_names::REDIRECT_EXCLUDED,
 ];
 
@@ -284,7 +284,7 @@ pub fn attach(
     loaded: &mut Loaded,
     cgroup: &Path,
     redirect: bool,
-    sockets: &SockHash<MapData, SockKey>,
+    sockets: &SockHash<MapData, ConnKey>,
 ) -> Result<Vec<(&'static str, Linked)>, LoadError> {
     let fd = open_cgroup2(cgroup)?;
     let links = loaded.pins.cgroup_links(super::pin::inode(cgroup)?);

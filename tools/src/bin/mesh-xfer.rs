@@ -1,10 +1,11 @@
 //! `mesh-xfer`: byte-exact transfer endpoints for the redirection tests (see
-//! `mesh_tools::xfer`). `serve` echoes; `send` prints a JSON report.
+//! `mesh_tools::xfer`). `serve` echoes; `send` prints a JSON report; `hold` and `push`
+//! make a connection whose client half-closes and leaves.
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use mesh_tools::xfer::{SendOptions, ServeMode, ServeOptions, send, serve};
+use mesh_tools::xfer::{SendOptions, ServeMode, ServeOptions, hold, push, send, serve};
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -48,6 +49,29 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         timeout_ms: u64,
     },
+    /// Hold one half-closed connection open (see `mesh_tools::xfer::hold`).
+    Hold {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Bytes the client sends before half-closing.
+        #[arg(long)]
+        expect: usize,
+        #[arg(long, default_value_t = 20_000)]
+        timeout_ms: u64,
+    },
+    /// Send one payload, half-close, close (see `mesh_tools::xfer::push`).
+    Push {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+        #[arg(long)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,5 +114,17 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+        Command::Hold {
+            listen,
+            seed,
+            expect,
+            timeout_ms,
+        } => hold(listen, seed, expect, Duration::from_millis(timeout_ms)),
+        Command::Push {
+            target,
+            bind,
+            size,
+            seed,
+        } => push(target, bind, size, seed),
     }
 }
