@@ -44,11 +44,18 @@ pub enum PinError {
 #[derive(Debug)]
 pub struct PinLock(#[allow(dead_code, reason = "held for its Drop")] nix::fcntl::Flock<fs::File>);
 
-/// Maps the connect hook reads one after the other for one decision.
-const READ_TOGETHER: [[&str; 2]; 1] = [[
-    mesh_common::map_names::SERVICES,
-    mesh_common::map_names::SLOTS,
-]];
+/// Maps a hook reads one after the other for one decision: the connect hook's
+/// service entry and slot table; `sk_msg`'s socket record and socket map.
+const READ_TOGETHER: [[&str; 2]; 2] = [
+    [
+        mesh_common::map_names::SERVICES,
+        mesh_common::map_names::SLOTS,
+    ],
+    [
+        mesh_common::map_names::SOCK_CONN,
+        mesh_common::map_names::SOCKETS,
+    ],
+];
 
 /// A pinned map whose layout is not the one the object declares.
 #[derive(Clone, Debug, PartialEq, Eq)]
