@@ -27,27 +27,40 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Starts one (the binaries must be built: `scripts/test-apiserver.sh build`,
-    /// which `cargo xtask test` runs).
+    /// which `cargo xtask test` runs). Tests start several at once, and two
+    /// starts can pick the same free port between checking it and binding it:
+    /// a start that fails is cleaned up and tried again with new ports.
     pub fn start() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(crate::unique("mesh-apiserver-"));
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&dir)
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            let _ = Command::new("bash")
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let dir = std::env::temp_dir().join(crate::unique("mesh-apiserver-"));
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("start")
+                .arg(&dir)
+                .stderr(Stdio::inherit())
+                .output()?;
+            if out.status.success() {
+                let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+                return Ok(ApiServer { dir, kubeconfig });
+            }
+            let stopped = Command::new("bash")
                 .arg(script())
                 .arg("stop")
                 .arg(&dir)
                 .status();
-            bail!(
-                "test API server did not start (build it with `scripts/test-apiserver.sh build`)"
-            );
+            if !stopped.is_ok_and(|s| s.success()) {
+                eprintln!("stopping the failed test API server in {}", dir.display());
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    eprintln!("removing {}: {e}", dir.display());
+                }
+                _ => {}
+            }
+            eprintln!("test API server start {attempt}/{ATTEMPTS} failed");
         }
-        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        Ok(ApiServer { dir, kubeconfig })
+        bail!("test API server did not start (build it with `scripts/test-apiserver.sh build`)")
     }
 
     /// A kubeconfig next to the admin one that acts as the ServiceAccount
