@@ -384,7 +384,8 @@ async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, resource: Api
 }
 
 /// An Istio object from the API server, typed as the file source types it.
-fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
+/// Public for the fuzz targets (`fuzz/`), which feed it what a server could send.
+pub fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
     let r = ObjectRef::from_meta(kind, &object.metadata);
     let invalid = |field: String, message: String| {
         Box::new(Invalid {
