@@ -5,7 +5,9 @@
 //! - `cargo xtask build-ebpf` the kernel object alone
 //! - `cargo xtask demo`       the seed's 80/20 canary, observed live (root)
 //! - `cargo xtask test`       every test: unit, property, and privileged (root)
+//! - `cargo xtask fuzz`       each fuzz target for a bounded time (nightly)
 
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -46,6 +48,13 @@ enum Cmd {
         /// Rounds (default 5).
         #[arg(long)]
         rounds: Option<usize>,
+    },
+    /// Fuzz what the agent reads (a folder's YAML, an API server's objects) with
+    /// cargo-fuzz, each target for a bounded time; fails if an input crashes.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run all tests (the privileged ones need root, BPF, cgroup v2 and netns).
     Test {
@@ -91,6 +100,11 @@ fn main() -> anyhow::Result<()> {
                 cmd.args(["--rounds", &r.to_string()]);
             }
             run(cmd.current_dir(workspace()))
+        }
+        Cmd::Fuzz { seconds } => {
+            // The targets build mesh-user, whose build script builds the kernel programs.
+            setup::ensure_all()?;
+            fuzz::fuzz(seconds)
         }
         Cmd::Test { args } => {
             setup::ensure_all()?;

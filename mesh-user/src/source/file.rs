@@ -6,14 +6,22 @@
 //! Bad input never loses good state: a file that no longer parses keeps the
 //! objects last read from it, and an object that no longer converts keeps its
 //! last good version; both are reported with file, object and field.
+//!
+//! Whatever the folder holds, a reload has a bounded cost ([`Limits`]): symlinks
+//! are followed without loops (`walk`), files are read up to a size, and YAML
+//! aliases expand within a budget per file ([`yaml`]).
+
+mod walk;
+pub mod yaml;
 
 use std::{
     collections::BTreeMap,
+    io::Read as _,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize as _;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -38,6 +46,79 @@ impl From<Snapshot> for Event {
             diagnostics: s.diagnostics,
         }
     }
+}
+
+/// What one reload may cost; [`Limits::default`] holds the documented limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest file read, in bytes. A larger one is reported and keeps the
+    /// objects last read from it.
+    pub file_bytes: u64,
+    /// YAML nodes (mappings, sequences, scalars, keys) the documents of one file
+    /// may hold once their aliases are expanded. Only documents of kinds we read
+    /// (and `List`s) are expanded, so only they count.
+    pub nodes: usize,
+    /// Bytes of text (keys and strings) those documents may hold, aliases
+    /// expanded.
+    pub text_bytes: usize,
+    /// Directory entries one walk of the folder looks at, symlinks followed.
+    pub entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // Manifests are kilobytes; the largest CRD bundles a few hundred.
+            file_bytes: 4 << 20,
+            // About three times what 4 MiB of manifests hold (~12 bytes a node),
+            // and at most a few hundred MB while one file is read.
+            nodes: 1 << 20,
+            // Twice the text a file under the size limit holds without aliases.
+            text_bytes: 8 << 20,
+            entries: 100_000,
+        }
+    }
+}
+
+/// Why a file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{size} bytes, over the limit of {limit} bytes per file")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("not UTF-8 text: {0}")]
+    NotUtf8(#[from] std::string::FromUtf8Error),
+}
+
+/// Reads a manifest file, at most `limit` bytes of it.
+fn read_file(path: &Path, limit: u64) -> Result<String, ReadError> {
+    // Non-blocking, so that a FIFO put in place after the walk cannot stall the
+    // reload (it is refused below); no effect on a regular file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    if meta.len() > limit {
+        return Err(ReadError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    // The file may grow while it is read: never read past the limit.
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    if size > limit {
+        return Err(ReadError::TooLarge { size, limit });
+    }
+    Ok(String::from_utf8(bytes)?)
 }
 
 /// How long a burst of file events is collected before the folder is read
@@ -67,12 +148,16 @@ const RETRY: (std::time::Duration, std::time::Duration) = (
 /// that cannot be read at start (missing, not mounted yet, no permission) is not
 /// an empty one: nothing is sent, so the kernel keeps its tables, until it can
 /// be read; it is retried with backoff meanwhile.
+///
+/// The directories a reload read are watched, and only those (each once,
+/// non-recursively): the watch follows the symlinks the reads follow, and never
+/// walks the folder on its own.
 pub fn watch(dir: &Path, tx: UpdateSender) -> Watching {
     let dir = dir.to_owned();
     let task = tokio::spawn(async move {
         let mut delay = RETRY.0;
         let mut said = None;
-        let (_watcher, mut changed) = loop {
+        let (mut watches, mut changed, again) = loop {
             match start_watching(&dir) {
                 Ok(watching) => break watching,
                 Err(e) => {
@@ -95,7 +180,11 @@ pub fn watch(dir: &Path, tx: UpdateSender) -> Watching {
         let mut first = true;
         let mut seen = std::time::Instant::now();
         loop {
-            let snapshot = source.load();
+            let mut snapshot = source.load();
+            if watches.update(&source.dirs, &mut snapshot.diagnostics) {
+                // A directory watched only now may have changed after it was read.
+                let _ = again.try_send(());
+            }
             let sent = tx.send(Update {
                 seen,
                 event: snapshot.into(),
@@ -116,17 +205,19 @@ pub fn watch(dir: &Path, tx: UpdateSender) -> Watching {
     Watching { task }
 }
 
-/// Checks `dir` can be read and watches it: a notification of any change
-/// arrives on the receiver.
+/// Checks `dir` can be read and watches it (the folder itself; what lies below
+/// is watched as the reads find it): a notification of any change arrives on
+/// the receiver, and the sender asks for another reload.
 fn start_watching(
     dir: &Path,
-) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), SourceError> {
+) -> Result<(Watches, mpsc::Receiver<()>, mpsc::Sender<()>), SourceError> {
     use notify::Watcher as _;
     std::fs::read_dir(dir).map_err(|source| SourceError::Unreadable {
         path: dir.to_owned(),
         source,
     })?;
     let (changed_tx, changed) = mpsc::channel::<()>(1);
+    let again = changed_tx.clone();
     let watch_err = |source| SourceError::Watch {
         path: dir.to_owned(),
         source,
@@ -138,24 +229,95 @@ fn start_watching(
         }
     })
     .map_err(watch_err)?;
+    // The folder itself is watched before it is first read, so that no change is
+    // missed.
     watcher
-        .watch(dir, notify::RecursiveMode::Recursive)
+        .watch(dir, notify::RecursiveMode::NonRecursive)
         .map_err(watch_err)?;
-    Ok((watcher, changed))
+    let watches = Watches {
+        watcher,
+        watched: std::fs::metadata(dir)
+            .map(|meta| BTreeMap::from([(dir.to_owned(), walk::FileId::of(&meta))]))
+            .unwrap_or_default(),
+    };
+    Ok((watches, changed, again))
+}
+
+/// The directories watched: the path the reads took, and what it led to.
+struct Watches {
+    watcher: notify::RecommendedWatcher,
+    watched: BTreeMap<PathBuf, walk::FileId>,
+}
+
+impl Watches {
+    /// Watches `dirs` and nothing else. Returns whether one is new (or its path
+    /// leads to another directory now), so may have changed unseen.
+    fn update(
+        &mut self,
+        dirs: &[(PathBuf, walk::FileId)],
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> bool {
+        use notify::Watcher as _;
+        let keep: BTreeMap<&Path, walk::FileId> =
+            dirs.iter().map(|(p, id)| (p.as_path(), *id)).collect();
+        let gone: Vec<PathBuf> = self
+            .watched
+            .keys()
+            .filter(|p| !keep.contains_key(p.as_path()))
+            .cloned()
+            .collect();
+        for path in gone {
+            // Fails when the directory is gone, which removed its watch already.
+            let _ = self.watcher.unwatch(&path);
+            self.watched.remove(&path);
+        }
+        let mut new = false;
+        for (path, id) in dirs {
+            // Every time, not only for new paths: a path whose directory was
+            // replaced (a symlink swapped, a directory recreated) needs its watch
+            // placed anew; for a directory already watched it changes nothing.
+            match self
+                .watcher
+                .watch(path, notify::RecursiveMode::NonRecursive)
+            {
+                Ok(()) => new |= self.watched.insert(path.clone(), *id) != Some(*id),
+                Err(e) => {
+                    self.watched.remove(path);
+                    diagnostics.push(Diagnostic {
+                        severity: Severity::Warning,
+                        ..file_error(
+                            path,
+                            format!("cannot watch: {e}; its changes are seen at the next reload"),
+                        )
+                    });
+                }
+            }
+        }
+        new
+    }
 }
 
 #[derive(Debug)]
 pub struct FileSource {
     dir: PathBuf,
+    limits: Limits,
     /// Objects last read successfully, per file.
     last_good: BTreeMap<PathBuf, Vec<Resource>>,
+    /// The directories the last walk read: what [`watch`] watches.
+    dirs: Vec<(PathBuf, walk::FileId)>,
 }
 
 impl FileSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self::with_limits(dir, Limits::default())
+    }
+
+    pub fn with_limits(dir: impl Into<PathBuf>, limits: Limits) -> Self {
         Self {
             dir: dir.into(),
+            limits,
             last_good: BTreeMap::new(),
+            dirs: Vec::new(),
         }
     }
 
@@ -166,38 +328,48 @@ impl FileSource {
     /// Reads the whole folder.
     pub fn load(&mut self) -> Snapshot {
         let mut snapshot = Snapshot::default();
-        let mut files = Vec::new();
-        if let Err(e) = collect_files(&self.dir, &mut files) {
-            snapshot
-                .diagnostics
-                .push(file_error(&self.dir, format!("cannot read directory: {e}")));
-            // Keep everything we had: an unreadable folder is not an empty one.
-            for (file, objects) in &self.last_good {
-                let origin = file.display().to_string();
-                snapshot.objects.extend(objects.iter().map(|o| Sourced {
-                    origin: origin.clone(),
-                    object: o.clone(),
-                }));
+        let walk = match walk::walk(&self.dir, self.limits.entries) {
+            Ok(walk) => walk,
+            Err(e) => {
+                snapshot.diagnostics.push(file_error(
+                    &self.dir,
+                    format!("{e}; keeping every object last read"),
+                ));
+                // Keep everything we had: an unreadable folder is not an empty one.
+                for (file, objects) in &self.last_good {
+                    let origin = file.display().to_string();
+                    snapshot.objects.extend(objects.iter().map(|o| Sourced {
+                        origin: origin.clone(),
+                        object: o.clone(),
+                    }));
+                }
+                return snapshot;
             }
-            return snapshot;
-        }
-        files.sort();
+        };
+        self.dirs = walk.dirs;
+        snapshot.diagnostics.extend(walk.diagnostics);
         let mut next_good = BTreeMap::new();
-        for file in files {
+        for file in walk.files {
             let origin = file.display().to_string();
             let previous = self.last_good.remove(&file).unwrap_or_default();
-            let objects = match std::fs::read_to_string(&file) {
+            let objects = match read_file(&file, self.limits.file_bytes) {
                 Err(e) => {
                     snapshot.diagnostics.push(file_error(
                         &file,
                         format!(
-                            "cannot read: {e}; keeping {} objects last read from it",
+                            "{e}; keeping the {} objects last read from it",
                             previous.len()
                         ),
                     ));
                     previous
                 }
-                Ok(text) => parse_file(&file, &text, &previous, &mut snapshot.diagnostics),
+                Ok(text) => parse_file(
+                    &file,
+                    &text,
+                    &self.limits,
+                    &previous,
+                    &mut snapshot.diagnostics,
+                ),
             };
             snapshot.objects.extend(objects.iter().map(|o| Sourced {
                 origin: origin.clone(),
@@ -211,25 +383,6 @@ impl FileSource {
     }
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with('.') {
-            continue; // editor swap files, hidden folders
-        }
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
 fn file_error(path: &Path, message: String) -> Diagnostic {
     Diagnostic {
         severity: Severity::Error,
@@ -240,17 +393,25 @@ fn file_error(path: &Path, message: String) -> Diagnostic {
     }
 }
 
-/// Parses manifests text (one or more YAML documents) as if read from `file`.
+/// Parses manifests text (one or more YAML documents) as if read from `file`,
+/// within the default [`Limits`].
 pub fn parse(file: &Path, text: &str) -> (Vec<Resource>, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let objects = parse_file(file, text, &[], &mut diags);
+    let objects = parse_file(file, text, &Limits::default(), &[], &mut diags);
     (objects, diags)
 }
 
-/// Parses one file. On a YAML syntax error the file's previous objects stand.
+/// Whether documents of this apiVersion and kind are expanded and converted.
+fn is_read(api_version: &str, kind: &str) -> bool {
+    kind == "List" || Kind::from_manifest(api_version, kind).is_some()
+}
+
+/// Parses one file. On a YAML error, or a document over the limits, the file's
+/// previous objects stand.
 fn parse_file(
     file: &Path,
     text: &str,
+    limits: &Limits,
     previous: &[Resource],
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Resource> {
@@ -270,27 +431,68 @@ fn parse_file(
         });
         return previous.to_vec();
     }
-    let mut documents = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
-        match Value::deserialize(document) {
-            Ok(value) => documents.push(value),
-            Err(e) => {
-                diags.push(file_error(
-                    file,
-                    format!(
-                        "invalid YAML: {e}; keeping the {} objects last read from this file",
-                        previous.len()
-                    ),
-                ));
-                return previous.to_vec();
+    let documents = match yaml::documents(text, limits, is_read) {
+        Ok(documents) => documents,
+        Err(e) => {
+            diags.push(file_error(
+                file,
+                format!(
+                    "{e}; keeping the {} objects last read from this file",
+                    previous.len()
+                ),
+            ));
+            return previous.to_vec();
+        }
+    };
+    let mut out = Vec::new();
+    for (i, document) in documents.into_iter().enumerate() {
+        match document {
+            yaml::Doc::Empty => {}
+            yaml::Doc::NotMapping => diags.push(not_an_object(file, i)),
+            yaml::Doc::Skipped { api_version, kind } => {
+                report_unread(file, i, &api_version, &kind, diags);
+            }
+            yaml::Doc::Expanded(value) => {
+                convert_document(file, i, value, previous, &mut out, diags);
             }
         }
     }
-    let mut out = Vec::new();
-    for (i, document) in documents.into_iter().enumerate() {
-        convert_document(file, i, document, previous, &mut out, diags);
-    }
     out
+}
+
+fn not_an_object(file: &Path, i: usize) -> Diagnostic {
+    file_error(
+        file,
+        format!("document {i}: not a Kubernetes object (expected a mapping)"),
+    )
+}
+
+/// Reports a document of a kind we do not read, where that deserves a word.
+fn report_unread(
+    file: &Path,
+    i: usize,
+    api_version: &str,
+    kind: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if api_version.is_empty() || kind.is_empty() {
+        diags.push(file_error(
+            file,
+            format!("document {i}: apiVersion and kind are required"),
+        ));
+    } else if api_version.starts_with("networking.istio.io/") {
+        // Gateway, ServiceEntry, Sidecar... or a typo: either way, say so.
+        diags.push(Diagnostic {
+            severity: Severity::Warning,
+            ..file_error(
+                file,
+                format!(
+                    "document {i}: {kind} ({api_version}) is not supported by this data plane; ignored"
+                ),
+            )
+        });
+    }
+    // Else a kind we do not read (Deployment, Namespace, ...): passed over.
 }
 
 fn convert_document(
@@ -302,47 +504,32 @@ fn convert_document(
     diags: &mut Vec<Diagnostic>,
 ) {
     let origin = file.display().to_string();
-    let Value::Object(map) = &document else {
-        if !document.is_null() {
-            diags.push(file_error(
-                file,
-                format!("document {i}: not a Kubernetes object (expected a mapping)"),
-            ));
+    let mut map = match document {
+        Value::Object(map) => map,
+        Value::Null => return,
+        _ => {
+            diags.push(not_an_object(file, i));
+            return;
         }
-        return;
     };
-    let text = |key: &str| {
+    let text = |map: &Map<String, Value>, key: &str| {
         map.get(key)
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_owned()
     };
-    let (api_version, kind_name) = (text("apiVersion"), text("kind"));
+    let (api_version, kind_name) = (text(&map, "apiVersion"), text(&map, "kind"));
     if kind_name == "List" {
-        if let Some(Value::Array(items)) = map.get("items") {
-            for item in items.clone() {
+        if let Some(Value::Array(items)) = map.remove("items") {
+            for item in items {
                 convert_document(file, i, item, previous, out, diags);
             }
         }
         return;
     }
     let Some(kind) = Kind::from_manifest(&api_version, &kind_name) else {
-        if api_version.is_empty() || kind_name.is_empty() {
-            diags.push(file_error(
-                file,
-                format!("document {i}: apiVersion and kind are required"),
-            ));
-        } else if api_version.starts_with("networking.istio.io/") {
-            // Gateway, ServiceEntry, Sidecar... or a typo: either way, say so.
-            diags.push(Diagnostic {
-                severity: Severity::Warning,
-                ..file_error(
-                    file,
-                    format!("document {i}: {kind_name} ({api_version}) is not supported by this data plane; ignored"),
-                )
-            });
-        }
-        return; // a kind we do not read (Deployment, Namespace, ...)
+        report_unread(file, i, &api_version, &kind_name, diags);
+        return;
     };
     let meta = map.get("metadata");
     let object = ObjectRef {
@@ -364,7 +551,7 @@ fn convert_document(
     }
     match Resource::try_from(Document {
         kind,
-        value: document,
+        value: Value::Object(map),
     }) {
         Ok(resource) => out.push(resource),
         Err(ConvertError { field, message }) => {
@@ -590,5 +777,369 @@ mod tests {
         assert_eq!(objects.len(), 1);
         let synced = rx.recv().await.map(|u| u.event);
         assert_eq!(synced, Some(Event::Synced));
+    }
+
+    fn symlink(target: impl AsRef<Path>, link: impl AsRef<Path>) {
+        std::os::unix::fs::symlink(target, link).expect("symlink");
+    }
+
+    fn warnings_with(snapshot: &Snapshot, text: &str) -> usize {
+        snapshot
+            .diagnostics
+            .iter()
+            .filter(|d| d.message.contains(text))
+            .count()
+    }
+
+    #[test]
+    fn two_symlinks_to_the_folder_itself_neither_hang_the_reload_nor_hide_its_manifests() {
+        let d = dir();
+        std::fs::write(d.0.join("vs.yaml"), VS).expect("write");
+        symlink(".", d.0.join("again"));
+        symlink(".", d.0.join("more"));
+        let snapshot = FileSource::new(&d.0).load();
+        assert_eq!(names(&snapshot), vec!["VirtualService default/web"]);
+        // Each loop reported once, as a warning naming the link.
+        assert_eq!(
+            warnings_with(&snapshot, "a symlink loop"),
+            2,
+            "{:?}",
+            snapshot.diagnostics
+        );
+        assert!(
+            snapshot
+                .diagnostics
+                .iter()
+                .all(|d| d.severity == Severity::Warning
+                    && (d.origin.ends_with("again") || d.origin.ends_with("more"))),
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    /// `d0/{a,b} -> d1`, `d1/{a,b} -> d2`, ...: 2^depth paths lead to the last
+    /// directory, without any loop.
+    fn fan_out(root: &Path, depth: usize) -> PathBuf {
+        for level in 0..depth {
+            let here = root.join(format!("d{level}"));
+            std::fs::create_dir_all(&here).expect("mkdir");
+            for link in ["a", "b"] {
+                symlink(format!("../d{}", level + 1), here.join(link));
+            }
+        }
+        let last = root.join(format!("d{depth}"));
+        std::fs::create_dir_all(&last).expect("mkdir");
+        last
+    }
+
+    #[test]
+    fn symlinks_that_fan_out_read_each_directory_once() {
+        let d = dir();
+        let last = fan_out(&d.0, 24);
+        std::fs::write(last.join("vs.yaml"), VS).expect("write");
+        let snapshot = FileSource::new(&d.0).load();
+        assert_eq!(names(&snapshot), vec!["VirtualService default/web"]);
+        assert_eq!(warnings_with(&snapshot, "also defined in"), 0);
+        assert!(warnings_with(&snapshot, "read there; skipped") > 0);
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_once_through_its_visible_links() {
+        let d = dir();
+        // As the kubelet lays out a ConfigMap volume, and updates it: a new
+        // hidden directory, then `..data` swapped to it in one rename.
+        let version = |name: &str, vs: &str| {
+            let data = d.0.join(name);
+            std::fs::create_dir_all(&data).expect("mkdir");
+            std::fs::write(data.join("vs.yaml"), vs).expect("write");
+            std::fs::write(data.join("svc.yaml"), SVC).expect("write");
+            symlink(name, d.0.join("..data_tmp"));
+            std::fs::rename(d.0.join("..data_tmp"), d.0.join("..data")).expect("swap");
+        };
+        version("..2024_01_01_00_00_00.1", VS);
+        for file in ["vs.yaml", "svc.yaml"] {
+            symlink(format!("..data/{file}"), d.0.join(file));
+        }
+        let mut source = FileSource::new(&d.0);
+        let snapshot = source.load();
+        assert!(
+            snapshot.diagnostics.is_empty(),
+            "{:?}",
+            snapshot.diagnostics
+        );
+        assert_eq!(
+            names(&snapshot),
+            vec!["Service default/web", "VirtualService default/web"]
+        );
+        let origins: Vec<&str> = snapshot.objects.iter().map(|o| o.origin.as_str()).collect();
+        assert!(
+            origins.iter().all(|o| !o.contains("..")),
+            "read through the visible links: {origins:?}"
+        );
+        version(
+            "..2024_01_01_00_00_01.2",
+            &VS.replace("name: web}", "name: web2}"),
+        );
+        std::fs::remove_dir_all(d.0.join("..2024_01_01_00_00_00.1")).expect("rm");
+        let snapshot = source.load();
+        assert!(
+            snapshot.diagnostics.is_empty(),
+            "{:?}",
+            snapshot.diagnostics
+        );
+        assert_eq!(
+            names(&snapshot),
+            vec!["Service default/web", "VirtualService default/web2"]
+        );
+    }
+
+    #[test]
+    fn a_symlinked_file_and_a_symlinked_directory_are_read() {
+        let d = dir();
+        let elsewhere = dir();
+        std::fs::create_dir_all(elsewhere.0.join("services")).expect("mkdir");
+        std::fs::write(elsewhere.0.join("services/svc.yaml"), SVC).expect("write");
+        std::fs::write(elsewhere.0.join("vs.yaml"), VS).expect("write");
+        symlink(elsewhere.0.join("services"), d.0.join("services"));
+        symlink(elsewhere.0.join("vs.yaml"), d.0.join("vs.yaml"));
+        // The same file by a second name is read once.
+        symlink("vs.yaml", d.0.join("vs-again.yaml"));
+        let snapshot = FileSource::new(&d.0).load();
+        assert_eq!(
+            names(&snapshot),
+            vec!["Service default/web", "VirtualService default/web"]
+        );
+        assert_eq!(warnings_with(&snapshot, "also defined in"), 0);
+        assert_eq!(warnings_with(&snapshot, "read there; skipped"), 1);
+    }
+
+    #[test]
+    fn a_fifo_named_like_a_manifest_is_skipped_not_waited_on() {
+        let d = dir();
+        std::fs::write(d.0.join("vs.yaml"), VS).expect("write");
+        nix::unistd::mkfifo(
+            &d.0.join("pipe.yaml"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .expect("mkfifo");
+        let snapshot = FileSource::new(&d.0).load();
+        assert_eq!(names(&snapshot), vec!["VirtualService default/web"]);
+        assert_eq!(
+            warnings_with(&snapshot, "not a regular file"),
+            1,
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn a_folder_over_the_entry_limit_keeps_every_object() {
+        let d = dir();
+        std::fs::write(d.0.join("vs.yaml"), VS).expect("write");
+        std::fs::write(d.0.join("svc.yaml"), SVC).expect("write");
+        let limits = Limits {
+            entries: 4,
+            ..Limits::default()
+        };
+        let mut source = FileSource::with_limits(&d.0, limits);
+        let good = source.load().objects;
+        assert_eq!(good.len(), 2);
+        // vs.yaml and four more: five entries.
+        for i in 0..4 {
+            std::fs::write(d.0.join(format!("other-{i}.txt")), "").expect("write");
+        }
+        std::fs::remove_file(d.0.join("svc.yaml")).expect("rm");
+        let snapshot = source.load();
+        // The walk stopped: the Service is not taken as deleted.
+        assert_eq!(snapshot.objects, good);
+        assert!(
+            snapshot.diagnostics[0]
+                .message
+                .contains("more than 4 entries"),
+            "{:?}",
+            snapshot.diagnostics
+        );
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_and_keeps_its_last_good_objects() {
+        let d = dir();
+        let file = d.0.join("vs.yaml");
+        std::fs::write(&file, VS).expect("write");
+        let mut source = FileSource::new(&d.0);
+        let good = source.load().objects;
+        let limit = Limits::default().file_bytes;
+        let padding = "#".repeat(usize::try_from(limit).expect("fits"));
+        std::fs::write(&file, format!("{VS}{padding}\n")).expect("write");
+        let snapshot = source.load();
+        assert_eq!(snapshot.objects, good);
+        let message = snapshot.diagnostics[0].to_string();
+        assert!(
+            message.starts_with(&file.display().to_string())
+                && message.contains("over the limit of 4194304 bytes per file")
+                && message.contains("keeping the 1 objects"),
+            "{message}"
+        );
+    }
+
+    /// `spec.a` anchors `n` scalars and `spec.b` repeats it `m` times: n*m nodes
+    /// from about 2n + 3m bytes (the shape that reached 1 GB from 15 KB).
+    fn wide_bomb(kind: &str, n: usize, m: usize) -> String {
+        let api = if kind == "VirtualService" {
+            "networking.istio.io/v1"
+        } else {
+            "v1"
+        };
+        format!(
+            "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: web}}\nspec:\n  a: &a [{}]\n  b: [{}]\n",
+            vec!["x"; n].join(","),
+            vec!["*a"; m].join(",")
+        )
+    }
+
+    /// The classic "billion laughs": ten levels of nine aliases to the level below.
+    fn laughs() -> String {
+        let mut text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  l0: &l0 \"lol\"\n".to_owned();
+        for level in 1..=10 {
+            let aliases = vec![format!("*l{}", level - 1); 9].join(",");
+            text.push_str(&format!("  l{level}: &l{level} [{aliases}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn alias_bombs_are_refused_and_keep_the_files_last_good_objects() {
+        let d = dir();
+        let file = d.0.join("vs.yaml");
+        std::fs::write(&file, VS).expect("write");
+        let mut source = FileSource::new(&d.0);
+        let good = source.load().objects;
+        let bombs = [
+            // 15 KB and 30 KB: about 8 M and 33 M nodes expanded.
+            (
+                wide_bomb("VirtualService", 2500, 3300),
+                "more than 1048576 YAML nodes with its aliases expanded (the limit per file)",
+            ),
+            (
+                wide_bomb("VirtualService", 5000, 6600),
+                "more than 1048576 YAML nodes with its aliases expanded (the limit per file)",
+            ),
+            // serde_yaml_ng's own limit on following aliases stops this shape first.
+            (laughs(), "repetition limit exceeded"),
+        ];
+        for (bomb, reason) in bombs {
+            std::fs::write(&file, &bomb).expect("write");
+            let snapshot = source.load();
+            assert_eq!(snapshot.objects, good, "{} bytes", bomb.len());
+            let message = snapshot.diagnostics[0].to_string();
+            assert!(
+                message.starts_with(&file.display().to_string()) && message.contains(reason),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_alias_bomb_of_a_kind_we_do_not_read_is_passed_over_unexpanded() {
+        let d = dir();
+        std::fs::write(
+            d.0.join("all.yaml"),
+            format!("{VS}---\n{}", wide_bomb("ConfigMap", 5000, 6600)),
+        )
+        .expect("write");
+        let snapshot = FileSource::new(&d.0).load();
+        assert!(
+            snapshot.diagnostics.is_empty(),
+            "{:?}",
+            snapshot.diagnostics
+        );
+        assert_eq!(names(&snapshot), vec!["VirtualService default/web"]);
+    }
+
+    #[test]
+    fn anchors_and_aliases_within_the_budget_are_read() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n  - {apiVersion: v1, kind: Pod, metadata: {name: a, labels: &l {app: web}}}\n  - {apiVersion: v1, kind: Pod, metadata: {name: b, labels: *l}}\n";
+        let (objects, diags) = parse(Path::new("pods.yaml"), text);
+        assert!(diags.is_empty(), "{diags:?}");
+        let labels: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Resource::Pod(p) => p.metadata.labels.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(labels.len(), 2);
+        assert_eq!(labels[0], labels[1]);
+    }
+
+    mod watching {
+        use std::time::Duration;
+
+        use super::*;
+        use crate::source::UpdateReceiver;
+
+        /// The next snapshot whose objects `want` accepts. The timeout only turns
+        /// a lost change into a failure.
+        async fn snapshot_where(
+            rx: &mut UpdateReceiver,
+            want: impl Fn(&[Sourced]) -> bool,
+        ) -> Vec<Sourced> {
+            let wait = async {
+                while let Some(update) = rx.recv().await {
+                    if let Event::Snapshot { objects, .. } = update.event
+                        && want(&objects)
+                    {
+                        return Some(objects);
+                    }
+                }
+                None
+            };
+            tokio::time::timeout(Duration::from_secs(60), wait)
+                .await
+                .ok()
+                .flatten()
+                .expect("the snapshot awaited")
+        }
+
+        fn has(name: &'static str) -> impl Fn(&[Sourced]) -> bool {
+            move |objects| {
+                objects
+                    .iter()
+                    .any(|o| o.object.object_ref().to_string() == name)
+            }
+        }
+
+        #[tokio::test]
+        async fn a_folder_with_loops_and_fan_out_is_watched_through_its_symlinks() {
+            let d = dir();
+            symlink(".", d.0.join("again"));
+            let last = fan_out(&d.0, 24);
+            std::fs::write(last.join("vs.yaml"), VS).expect("write");
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let _watching = watch(&d.0, tx);
+            snapshot_where(&mut rx, has("VirtualService default/web")).await;
+            // An edit in the directory reached only through symlinks is seen.
+            std::fs::write(
+                last.join("vs.yaml"),
+                VS.replace("name: web}", "name: web2}"),
+            )
+            .expect("write");
+            snapshot_where(&mut rx, has("VirtualService default/web2")).await;
+        }
+
+        #[tokio::test]
+        async fn a_directory_made_after_the_start_is_watched() {
+            let d = dir();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let _watching = watch(&d.0, tx);
+            snapshot_where(&mut rx, |objects| objects.is_empty()).await;
+            let sub = d.0.join("sub");
+            std::fs::create_dir_all(&sub).expect("mkdir");
+            std::fs::write(sub.join("vs.yaml"), VS).expect("write");
+            snapshot_where(&mut rx, has("VirtualService default/web")).await;
+            std::fs::write(sub.join("vs.yaml"), VS.replace("name: web}", "name: web2}"))
+                .expect("write");
+            snapshot_where(&mut rx, has("VirtualService default/web2")).await;
+        }
     }
 }

@@ -635,7 +635,8 @@ async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
 }
 
 /// An Istio object from the API server, typed as the file source types it.
-fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
+/// Public for the fuzz targets (`fuzz/`), which feed it what a server could send.
+pub fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
     let r = ObjectRef::from_meta(kind, &object.metadata);
     let invalid = |field: String, message: String| {
         Box::new(Invalid {
