@@ -109,6 +109,7 @@ pub fn sweep_stale() {
                 if dead(&name, "mesh-test-")
                     || dead(&name, "mesh-demo-")
                     || dead(&name, "mesh-bench-")
+                    || dead(&name, "mesh-soak-")
                 {
                     let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
                     let _ = std::fs::remove_dir(entry.path());

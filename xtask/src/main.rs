@@ -6,9 +6,11 @@
 //! - `cargo xtask demo`       the seed's 80/20 canary, observed live (root)
 //! - `cargo xtask test`       every test: unit, property, and privileged (root)
 //! - `cargo xtask fuzz`       each fuzz target for a bounded time (nightly)
+//! - `cargo xtask soak`       faults and churn at once, then a check (root)
 
 mod fuzz;
 mod setup;
+mod soak;
 
 use std::{path::PathBuf, process::Command};
 
@@ -55,6 +57,19 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// The soak: endpoint churn, weight edits, agent SIGKILLs, API server
+    /// restarts and a connect storm at once; fails on a failed connect or a final
+    /// kernel state that differs from the configuration.
+    Soak {
+        /// How long the churn runs (default 10; CI: 1).
+        #[arg(long, conflicts_with = "seconds")]
+        minutes: Option<u64>,
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// More `mesh-soak` flags (after `--`; `--help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Run all tests (the privileged ones need root, BPF, cgroup v2 and netns).
     Test {
@@ -106,6 +121,11 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_all()?;
             fuzz::fuzz(seconds)
         }
+        Cmd::Soak {
+            minutes,
+            seconds,
+            args,
+        } => soak::soak(seconds.unwrap_or(minutes.unwrap_or(10) * 60), &args),
         Cmd::Test { args } => {
             setup::ensure_all()?;
             require_root(
