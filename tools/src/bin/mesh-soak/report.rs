@@ -64,8 +64,21 @@ impl Summary<'_> {
             &mut s,
             "routed to a pod after it went not-ready",
             self.late.total(),
-            &lateness(&self.late),
+            &format!(
+                "after {} of {} not-ready updates; each update's last one, ms after the API server acknowledged it:",
+                self.late.steady.updates.len()
+                    + self.late.agent.updates.len()
+                    + self.late.api.updates.len(),
+                self.late.not_ready_updates
+            ),
         );
+        for (name, late) in [
+            ("steady", &self.late.steady),
+            ("agent restarting", &self.late.agent),
+            ("API server restarting", &self.late.api),
+        ] {
+            lateness(&mut s, name, late);
+        }
         row(
             &mut s,
             "readiness flips",
@@ -171,20 +184,17 @@ fn errors(seen: &Seen) -> String {
     by.join(", ")
 }
 
-fn lateness(l: &Lateness) -> String {
-    let part = |name: &str, late: &Late| {
-        format!(
-            "{name} {} (max {:.0} ms)",
-            late.count,
-            late.max_lag_us as f64 / 1000.0
-        )
-    };
-    format!(
-        "{}, {}, {}; lag from the API server's acknowledgement",
-        part("steady", &l.steady),
-        part("agent restarting", &l.agent),
-        part("API server restarting", &l.api)
-    )
+fn lateness(s: &mut String, name: &str, late: &Late) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let _ = writeln!(
+        s,
+        "     {name:<22}{:>9} connections, {:>5} updates: median {:.0}, p99 {:.0}, max {:.0}",
+        late.count,
+        late.updates.len(),
+        ms(late.quantile(0.5)),
+        ms(late.quantile(0.99)),
+        ms(late.quantile(1.0))
+    );
 }
 
 fn outages(o: &[Outage], what: &str) -> String {
