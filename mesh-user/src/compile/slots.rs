@@ -90,7 +90,7 @@ fn apportion<T: Clone>(live: &[(u64, Vec<Option<T>>)], total: u128, max: usize) 
     order.sort_by(|&a, &b| {
         let (ra, da) = (rows[a].2, rows[a].3);
         let (rb, db) = (rows[b].2, rows[b].3);
-        (rb * da).cmp(&(ra * db))
+        cmp_fractions(rb, db, ra, da)
     });
     for i in order {
         if left == 0 {
@@ -106,6 +106,31 @@ fn apportion<T: Clone>(live: &[(u64, Vec<Option<T>>)], total: u128, max: usize) 
         out.extend(std::iter::repeat_n(member, count as usize));
     }
     out
+}
+
+/// `a/b` against `c/d`, exactly and without overflow (cross products of large
+/// weights times many endpoints can exceed u128): integer parts first, then the
+/// inverses of what remains, as in Euclid's algorithm. A zero denominator
+/// (never built here) compares equal.
+fn cmp_fractions(mut a: u128, mut b: u128, mut c: u128, mut d: u128) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    loop {
+        if b == 0 || d == 0 {
+            return Ordering::Equal;
+        }
+        match (a / b).cmp(&(c / d)) {
+            Ordering::Equal => {}
+            other => return other,
+        }
+        (a, c) = (a % b, c % d);
+        match (a == 0, c == 0) {
+            (true, true) => return Ordering::Equal,
+            (true, false) => return Ordering::Less,
+            (false, true) => return Ordering::Greater,
+            // a/b against c/d is d/c against b/a.
+            (false, false) => (a, b, c, d) = (d, c, b, a),
+        }
+    }
 }
 
 fn gcd(mut a: u128, mut b: u128) -> u128 {
@@ -204,6 +229,25 @@ mod tests {
         .collect();
         let table = build(&groups, 64);
         assert_eq!(table.len(), 64);
+    }
+
+    #[test]
+    fn fractions_compare_exactly_where_cross_products_overflow() {
+        use std::cmp::Ordering;
+        let m = u128::MAX;
+        // (m-2)/(m-1) < (m-1)/m; the cross products are near 2^256.
+        assert_eq!(cmp_fractions(m - 2, m - 1, m - 1, m), Ordering::Less);
+        assert_eq!(cmp_fractions(m - 1, m, m - 2, m - 1), Ordering::Greater);
+        assert_eq!(cmp_fractions(m / 2, m - 1, m / 2, m - 1), Ordering::Equal);
+        assert_eq!(cmp_fractions(3, m, 0, 7), Ordering::Greater);
+    }
+
+    proptest! {
+        #[test]
+        fn fractions_compare_as_cross_products(a in 0u64.., b in 1u64.., c in 0u64.., d in 1u64..) {
+            let (a, b, c, d) = (u128::from(a), u128::from(b), u128::from(c), u128::from(d));
+            prop_assert_eq!(cmp_fractions(a, b, c, d), (a * d).cmp(&(c * b)));
+        }
     }
 
     proptest! {
