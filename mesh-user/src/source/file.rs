@@ -145,7 +145,13 @@ impl Drop for Watching {
 /// non-recursively): the watch follows the symlinks the reads follow, and never
 /// walks the folder on its own.
 pub fn watch(dir: &Path, tx: UpdateSender) -> Result<Watching, SourceError> {
+    watch_source(FileSource::new(dir), tx)
+}
+
+fn watch_source(mut source: FileSource, tx: UpdateSender) -> Result<Watching, SourceError> {
     use notify::Watcher as _;
+    let dir = source.dir.clone();
+    let dir = dir.as_path();
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let again = changed_tx.clone();
     let watch_err = |source| SourceError::Watch {
@@ -166,11 +172,11 @@ pub fn watch(dir: &Path, tx: UpdateSender) -> Result<Watching, SourceError> {
         .map_err(watch_err)?;
     let mut watches = Watches {
         watcher,
+        root: dir.to_owned(),
         watched: std::fs::metadata(dir)
             .map(|meta| BTreeMap::from([(dir.to_owned(), walk::FileId::of(&meta))]))
             .unwrap_or_default(),
     };
-    let mut source = FileSource::new(dir);
     let task = tokio::spawn(async move {
         let mut first = true;
         let mut seen = std::time::Instant::now();
@@ -213,12 +219,15 @@ pub fn watch(dir: &Path, tx: UpdateSender) -> Result<Watching, SourceError> {
 /// The directories watched: the path the reads took, and what it led to.
 struct Watches {
     watcher: notify::RecommendedWatcher,
+    /// The folder: watched always, also while a walk of it fails.
+    root: PathBuf,
     watched: BTreeMap<PathBuf, walk::FileId>,
 }
 
 impl Watches {
-    /// Watches `dirs` and nothing else. Returns whether one is new (or its path
-    /// leads to another directory now), so may have changed unseen.
+    /// Watches `dirs` (the last walk's; the previous one's if it failed) and the
+    /// folder, nothing else. Returns whether one is new (or its path leads to
+    /// another directory now), so may have changed unseen.
     fn update(
         &mut self,
         dirs: &[(PathBuf, walk::FileId)],
@@ -230,7 +239,7 @@ impl Watches {
         let gone: Vec<PathBuf> = self
             .watched
             .keys()
-            .filter(|p| !keep.contains_key(p.as_path()))
+            .filter(|p| **p != self.root && !keep.contains_key(p.as_path()))
             .cloned()
             .collect();
         for path in gone {
@@ -1068,6 +1077,39 @@ mod tests {
             )
             .expect("write");
             snapshot_where(&mut rx, has("VirtualService default/web2")).await;
+        }
+
+        #[tokio::test]
+        async fn a_folder_whose_first_walk_fails_is_still_watched() {
+            let d = dir();
+            std::fs::write(d.0.join("vs.yaml"), VS).expect("write");
+            for i in 0..2 {
+                std::fs::write(d.0.join(format!("other-{i}.txt")), "").expect("write");
+            }
+            let limits = Limits {
+                entries: 2,
+                ..Limits::default()
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let _watching = watch_source(FileSource::with_limits(&d.0, limits), tx).expect("watch");
+            let first = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .ok()
+                .flatten()
+                .expect("the first snapshot");
+            let Event::Snapshot {
+                objects,
+                diagnostics,
+            } = first.event
+            else {
+                panic!("a snapshot first");
+            };
+            assert!(objects.is_empty());
+            assert!(diagnostics[0].message.contains("more than 2 entries"));
+            for i in 0..2 {
+                std::fs::remove_file(d.0.join(format!("other-{i}.txt"))).expect("rm");
+            }
+            snapshot_where(&mut rx, has("VirtualService default/web")).await;
         }
 
         #[tokio::test]
