@@ -154,7 +154,11 @@ const RETRY: (std::time::Duration, std::time::Duration) = (
 /// non-recursively): the watch follows the symlinks the reads follow, and never
 /// walks the folder on its own.
 pub fn watch(dir: &Path, tx: UpdateSender) -> Watching {
-    let dir = dir.to_owned();
+    watch_source(FileSource::new(dir), tx)
+}
+
+fn watch_source(mut source: FileSource, tx: UpdateSender) -> Watching {
+    let dir = source.dir.clone();
     let task = tokio::spawn(async move {
         let mut delay = RETRY.0;
         let mut said = None;
@@ -177,7 +181,6 @@ pub fn watch(dir: &Path, tx: UpdateSender) -> Watching {
         if said.is_some() {
             info!(dir = %dir.display(), "the folder can be read now");
         }
-        let mut source = FileSource::new(&dir);
         let mut first = true;
         let mut seen = std::time::Instant::now();
         loop {
@@ -247,6 +250,7 @@ fn start_watching(
         .map_err(watch_err)?;
     let watches = Watches {
         watcher,
+        root: dir.to_owned(),
         watched: std::fs::metadata(dir)
             .map(|meta| BTreeMap::from([(dir.to_owned(), walk::FileId::of(&meta))]))
             .unwrap_or_default(),
@@ -257,12 +261,15 @@ fn start_watching(
 /// The directories watched: the path the reads took, and what it led to.
 struct Watches {
     watcher: notify::RecommendedWatcher,
+    /// The folder: watched always, also while a walk of it fails.
+    root: PathBuf,
     watched: BTreeMap<PathBuf, walk::FileId>,
 }
 
 impl Watches {
-    /// Watches `dirs` and nothing else. Returns whether one is new (or its path
-    /// leads to another directory now), so may have changed unseen.
+    /// Watches `dirs` (the last walk's; the previous one's if it failed) and the
+    /// folder, nothing else. Returns whether one is new (or its path leads to
+    /// another directory now), so may have changed unseen.
     fn update(
         &mut self,
         dirs: &[(PathBuf, walk::FileId)],
@@ -274,7 +281,7 @@ impl Watches {
         let gone: Vec<PathBuf> = self
             .watched
             .keys()
-            .filter(|p| !keep.contains_key(p.as_path()))
+            .filter(|p| **p != self.root && !keep.contains_key(p.as_path()))
             .cloned()
             .collect();
         for path in gone {
@@ -1136,6 +1143,39 @@ mod tests {
             )
             .expect("write");
             snapshot_where(&mut rx, has("VirtualService default/web2")).await;
+        }
+
+        #[tokio::test]
+        async fn a_folder_whose_first_walk_fails_is_still_watched() {
+            let d = dir();
+            std::fs::write(d.0.join("vs.yaml"), VS).expect("write");
+            for i in 0..2 {
+                std::fs::write(d.0.join(format!("other-{i}.txt")), "").expect("write");
+            }
+            let limits = Limits {
+                entries: 2,
+                ..Limits::default()
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let _watching = watch_source(FileSource::with_limits(&d.0, limits), tx);
+            let first = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .ok()
+                .flatten()
+                .expect("the first snapshot");
+            let Event::Snapshot {
+                objects,
+                diagnostics,
+            } = first.event
+            else {
+                panic!("a snapshot first");
+            };
+            assert!(objects.is_empty());
+            assert!(diagnostics[0].message.contains("more than 2 entries"));
+            for i in 0..2 {
+                std::fs::remove_file(d.0.join(format!("other-{i}.txt"))).expect("rm");
+            }
+            snapshot_where(&mut rx, has("VirtualService default/web")).await;
         }
 
         #[tokio::test]
