@@ -36,6 +36,8 @@ impl ApiServer {
                 .arg("stop")
                 .arg(&dir)
                 .status();
+            // No guard exists yet to remove it.
+            let _ = std::fs::remove_dir_all(&dir);
             bail!(
                 "test API server did not start (build it with `scripts/test-apiserver.sh build`)"
             );
