@@ -3,8 +3,8 @@
 //! anything broke.
 //!
 //! At once: pods flipping readiness and VirtualService weight edits through the
-//! API server ([`churn`]), the agent SIGKILLed and restarted, kube-apiserver
-//! stopped and started again ([`chaos`]), and a client in the mesh connecting
+//! API server ([`churn`]), the agent and kube-apiserver SIGKILLed and started
+//! again ([`chaos`]), and a client in the mesh connecting
 //! to the VIP as fast as it can ([`storm`]). Then it prints connections made,
 //! failed connects (every backend listens throughout and every subset keeps a
 //! ready pod, so any failure counts), connections that reached a pod after it
