@@ -58,13 +58,14 @@ pub mod map_names {
     pub const SOCK_STATS: &str = "SOCK_STATS_V1";
     pub const REDIRECT_EXCLUDED: &str = "REDIRECT_EXCLUDED_V1";
     pub const SERVICE_STATS: &str = "SERVICE_STATS_V1";
+    pub const AGENT_CGROUP: &str = "AGENT_CGROUP_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -75,6 +76,7 @@ pub mod map_names {
         SOCK_CONN,
         SOCK_STATS,
         REDIRECT_EXCLUDED,
+        AGENT_CGROUP,
     ];
 }
 
@@ -104,7 +106,10 @@ pub mod global_stat {
     /// feature: the upgrade test's proof that a swapped-in program really runs.
     /// Always 0 with a normal build.
     pub const PEER_REWRITTEN_BY_VARIANT: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Connects of the agent itself (its cgroup is in `AGENT_CGROUP_V1`), left
+    /// alone whatever they dial.
+    pub const AGENT_BYPASSED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).

@@ -3,7 +3,9 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use mesh_common::{
@@ -13,7 +15,7 @@ use mesh_common::{
 
 use crate::{
     ctx::{read_ip6, write_ip6},
-    maps::{REVNAT, SERVICES, SLOTS},
+    maps::{AGENT_CGROUP, REVNAT, SERVICES, SLOTS},
     stats::{bump, bump_backend, bump_service},
 };
 
@@ -34,6 +36,9 @@ enum Verdict {
 }
 
 pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    if from_agent() {
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
     // loads as the verifier requires.
@@ -68,6 +73,9 @@ pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
 }
 
 pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    if from_agent() {
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
     // loads as the verifier requires.
@@ -121,6 +129,21 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
             rewritten(&backend)
         }
     }
+}
+
+/// Is the caller the agent (or a process it started)? Its connects reach the API
+/// server as kube-proxy routes them, never through the tables it writes.
+#[inline(always)]
+fn from_agent() -> bool {
+    let Some(&agent) = AGENT_CGROUP.get(0) else {
+        return false;
+    };
+    // SAFETY: helper without preconditions, allowed for cgroup sock_addr programs.
+    if agent == 0 || agent != unsafe { bpf_get_current_cgroup_id() } {
+        return false;
+    }
+    bump(global_stat::AGENT_BYPASSED);
+    true
 }
 
 /// Looks the service up and draws a slot: `random % slot_count`, O(1) whatever the

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
     Backend, BackendStats, ConnKey, EndpointKey, MAX_BACKENDS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
@@ -72,3 +72,11 @@ pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(sock_sta
 #[map(name = "REDIRECT_EXCLUDED_V1")]
 pub static REDIRECT_EXCLUDED: HashMap<EndpointKey, u32> =
     HashMap::with_max_entries(MAX_REDIRECT_EXCLUDED, BPF_F_NO_PREALLOC);
+
+/// Index 0: the cgroup id (the cgroup v2 directory's inode number, host byte
+/// order) of the agent holding this pin dir; 0 for none. Writer: agent, at start,
+/// before it dials the API server. `connect4/6` leave that cgroup's connects
+/// alone, so the agent never depends on its own tables to reach the API server
+/// (an emptied `kubernetes` EndpointSlice must not lock it out of the restore).
+#[map(name = "AGENT_CGROUP_V1")]
+pub static AGENT_CGROUP: Array<u64> = Array::with_max_entries(1, 0);

@@ -16,7 +16,7 @@ use crate::{
     kernel::{
         apply::{Applier, ApplyError, Hold},
         counters::{Connections, SockStats},
-        loader,
+        loader, own_cgroup,
         pin::PinDir,
         record::AgentRecord,
     },
@@ -78,7 +78,23 @@ pub async fn run(
     let pins = PinDir::new(&config.pin_dir);
     pins.prepare().map_err(loader::LoadError::from)?;
     let _lock = pins.lock().map_err(loader::LoadError::from)?;
-    let (loaded, maps, sock_stats) = loader::load(&pins, &object, &config.map_capacity)?;
+    let (mut loaded, maps, sock_stats) = loader::load(&pins, &object, &config.map_capacity)?;
+    // Before the first dial of the API server: the agent must reach it the way
+    // kube-proxy routes it, never through tables only it can repair.
+    let own_cgroup = match own_cgroup::current() {
+        Ok(own) => {
+            loaded.set_agent_cgroup(own.id)?;
+            info!(cgroup = %own.path.display(), id = own.id, "the agent's own connects bypass the mesh");
+            Some(own.path)
+        }
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot find the agent's own cgroup; its connects go through the mesh it programs"
+            );
+            None
+        }
+    };
     let mut applier = Applier::new(maps);
     let adopted = applier.adopt(Instant::now());
     info!(
@@ -126,6 +142,7 @@ pub async fn run(
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cgroup: config.cgroup.clone(),
+            own_cgroup,
             redirect: config.redirect,
             pin_dir: config.pin_dir.clone(),
             ..Default::default()
@@ -331,6 +348,7 @@ fn log_counters(connections: &Connections, redirect: &SockStats) {
         table_retry = g.table_retry,
         peer_rewritten = g.peer_rewritten,
         peer_rewritten_by_variant = g.peer_rewritten_by_variant,
+        agent_bypassed = g.agent_bypassed,
         "connect counters"
     );
     let r = redirect.read();

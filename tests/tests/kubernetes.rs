@@ -670,3 +670,96 @@ fn two_nodes_record_one_event_per_rejected_version() -> anyhow::Result<()> {
     assert_eq!(events.len(), 2, "{events:#?}");
     Ok(())
 }
+
+/// The `kubernetes` Service's VIP (first address of the test server's service
+/// range), which in-cluster clients dial.
+const KUBERNETES_VIP: &str = "10.96.0.1:443";
+
+/// The `kubernetes` EndpointSlice the API server's reconciler would write:
+/// `api` when given, none when emptied.
+fn kubernetes_slice(api: Option<std::net::SocketAddr>) -> String {
+    let mut s = String::from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubernetes\n  namespace: default\n  labels:\n    kubernetes.io/service-name: kubernetes\naddressType: IPv4\n",
+    );
+    match api {
+        Some(api) => {
+            s += &format!(
+                "ports:\n  - name: https\n    port: {}\n    protocol: TCP\nendpoints:\n  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
+                api.port(),
+                api.ip()
+            );
+        }
+        None => s += "ports: []\nendpoints: []\n",
+    }
+    s
+}
+
+/// `curl https://<kubernetes VIP>/version` from inside the meshed cgroup:
+/// whether the API server answered (curl's exit 7 is a refused connect).
+fn api_answers_through_the_mesh(cgroup: &Cgroup) -> anyhow::Result<bool> {
+    let url = format!("https://{KUBERNETES_VIP}/version");
+    let out = mesh_tools::run_in_cgroup("curl", cgroup, &["-sk", "--max-time", "5", &url])?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    Ok(out.status.success() && body.contains("gitVersion"))
+}
+
+#[test]
+fn the_agent_reaches_the_api_server_around_its_own_data_plane() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    let api = ApiServer::start()?;
+    api.install_mesh_crds()?;
+    let server = api.server_addr()?;
+    // kube-proxy's route for the VIP, which the agent's own connects take.
+    let vip: std::net::SocketAddr = KUBERNETES_VIP.parse()?;
+    let _kube_proxy = mesh_tools::kube_proxy::ServiceDnat::tcp(vip, server)?;
+    api.apply(&kubernetes_slice(Some(server)))?;
+    // The agent dials the VIP, as in a pod, and is a pod of the meshed
+    // hierarchy (its own cgroup below the meshed one, as the clients are).
+    let kubeconfig = api.kubeconfig_via(vip)?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
+    let agent_cgroup = cgroup.child("agent")?;
+    let mut agent =
+        Agent::spawn_kubernetes_meshed(&kubeconfig, cgroup.path(), agent_cgroup.path(), "node-a")?;
+    agent.wait_applied(1, Duration::from_secs(60))?;
+    assert_eq!(
+        agent
+            .records("the agent's own connects bypass the mesh")
+            .len(),
+        1,
+        "{}",
+        agent.log_text()
+    );
+    wait_until(
+        "the API server through the mesh",
+        Duration::from_secs(30),
+        || api_answers_through_the_mesh(&cgroup),
+    )?;
+
+    // The slice emptied (a botched edit, a control-plane migration): the mesh
+    // refuses the VIP to everyone it meshes...
+    api.replace(&kubernetes_slice(None))?;
+    wait_until("the VIP refused", Duration::from_secs(30), || {
+        Ok(!api_answers_through_the_mesh(&cgroup)?)
+    })
+    .with_context(|| agent.cli(&["dump"]).unwrap_or_default())?;
+    // ... and an agent that restarts now must still list, or it never sees
+    // the repair.
+    agent.kill()?;
+    agent.respawn(&[])?;
+    agent
+        .wait_applied(1, Duration::from_secs(60))
+        .context("the restarted agent never reached the API server")?;
+    api.replace(&kubernetes_slice(Some(server)))?;
+    wait_until(
+        "the repaired slice applied",
+        Duration::from_secs(30),
+        || api_answers_through_the_mesh(&cgroup),
+    )
+    .with_context(|| agent.log_text())?;
+    // The kernel counted the agent's connects as left alone.
+    agent.stop()?;
+    let counters = agent.records("connect counters");
+    let bypassed = counters.first().and_then(|r| r["agent_bypassed"].as_u64());
+    assert!(bypassed.is_some_and(|n| n > 0), "{counters:?}");
+    Ok(())
+}

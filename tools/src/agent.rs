@@ -54,6 +54,8 @@ pub struct Agent {
     /// `run` arguments and environment, for restarts.
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The cgroup the agent itself runs in (see [`Agent::spawn_kubernetes_meshed`]).
+    inside: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
 }
@@ -82,11 +84,7 @@ impl Agent {
         cgroup: &Path,
         flags: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut args = vec![
-            "kubernetes".to_owned(),
-            "--kubeconfig".to_owned(),
-            kubeconfig.display().to_string(),
-        ];
+        let mut args = kubernetes_source(kubeconfig);
         args.extend(flags.iter().map(|f| (*f).to_owned()));
         Self::start_with(&args, cgroup)
     }
@@ -96,18 +94,38 @@ impl Agent {
     /// server away, CRDs missing), or several agents started side by side.
     pub fn spawn_kubernetes(kubeconfig: &Path, cgroup: &Path, node: &str) -> anyhow::Result<Self> {
         Self::launch(
-            &[
-                "kubernetes".into(),
-                "--kubeconfig".into(),
-                kubeconfig.display().to_string(),
-            ],
+            &kubernetes_source(kubeconfig),
             cgroup,
             vec![("NODE_NAME".to_owned(), node.to_owned())],
+            None,
+        )
+    }
+
+    /// The same, with the agent itself in `inside`, a cgroup below the meshed
+    /// `cgroup`, as a DaemonSet's agent is a pod in the meshed hierarchy: its own
+    /// connects meet the hooks it attaches.
+    pub fn spawn_kubernetes_meshed(
+        kubeconfig: &Path,
+        cgroup: &Path,
+        inside: &Path,
+        node: &str,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            inside.starts_with(cgroup),
+            "{} is not below {}",
+            inside.display(),
+            cgroup.display()
+        );
+        Self::launch(
+            &kubernetes_source(kubeconfig),
+            cgroup,
+            vec![("NODE_NAME".to_owned(), node.to_owned())],
+            Some(inside),
         )
     }
 
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
-        let mut agent = Self::launch(source, cgroup, Vec::new())?;
+        let mut agent = Self::launch(source, cgroup, Vec::new(), None)?;
         agent.wait_applied(1, Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -116,6 +134,7 @@ impl Agent {
         source: &[String],
         cgroup: &Path,
         env: Vec<(String, String)>,
+        inside: Option<&Path>,
     ) -> anyhow::Result<Self> {
         crate::sweep_stale();
         ensure_bpffs()?;
@@ -134,12 +153,13 @@ impl Agent {
         args.extend(["--cgroup".to_owned(), cgroup.display().to_string()]);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let run_dir = std::env::temp_dir().join(format!("{name}-run"));
-        let (child, log) = spawn(&args, &env, &pin_dir, &run_dir)?;
+        let (child, log) = spawn(&args, &env, &pin_dir, &run_dir, inside)?;
         Ok(Agent {
             child,
             log,
             args,
             env,
+            inside: inside.map(Path::to_owned),
             pin_dir,
             run_dir,
         })
@@ -161,7 +181,13 @@ impl Agent {
         }
         let mut args = self.args.clone();
         args.extend(extra.iter().map(|f| (*f).to_owned()));
-        let (child, log) = spawn(&args, &self.env, &self.pin_dir, &self.run_dir)?;
+        let (child, log) = spawn(
+            &args,
+            &self.env,
+            &self.pin_dir,
+            &self.run_dir,
+            self.inside.as_deref(),
+        )?;
         self.child = child;
         self.log = log;
         Ok(())
@@ -397,13 +423,31 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 
 type Log = Arc<Mutex<Vec<Value>>>;
 
+/// `--source` arguments for the Kubernetes source.
+fn kubernetes_source(kubeconfig: &Path) -> Vec<String> {
+    vec![
+        "kubernetes".to_owned(),
+        "--kubeconfig".to_owned(),
+        kubeconfig.display().to_string(),
+    ]
+}
+
 /// Starts `mesh-agent ARGS` with our state directories; its JSON log is collected.
 fn spawn(
     args: &[String],
     env: &[(String, String)],
     pin_dir: &Path,
     run_dir: &Path,
+    inside: Option<&Path>,
 ) -> anyhow::Result<(Child, Log)> {
+    let procs = inside
+        .map(|cgroup| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(cgroup.join("cgroup.procs"))
+        })
+        .transpose()
+        .context("opening the agent's cgroup")?;
     let mut command = Command::new(sibling_binary("mesh-agent")?);
     command
         .args(args)
@@ -425,7 +469,13 @@ fn spawn(
             Ok(())
         });
     }
+    crate::join_before_exec(
+        &mut command,
+        None,
+        procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+    );
     let mut child = command.spawn().context("spawning mesh-agent")?;
+    drop(procs);
     let stderr = child.stderr.take().context("no stderr")?;
     let log = Arc::new(Mutex::new(Vec::new()));
     std::thread::spawn({

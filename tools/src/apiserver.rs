@@ -63,6 +63,32 @@ impl ApiServer {
         bail!("test API server did not start (build it with `scripts/test-apiserver.sh build`)")
     }
 
+    /// Where the API server listens (the admin kubeconfig's `server`).
+    pub fn server_addr(&self) -> anyhow::Result<SocketAddr> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        let server = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .context("no server in the kubeconfig")?;
+        Ok(server
+            .trim()
+            .strip_prefix("https://")
+            .context("the server is not https://ADDR")?
+            .parse()?)
+    }
+
+    /// A copy of the admin kubeconfig that dials `addr` (a relay, or the
+    /// `kubernetes` Service's VIP as an in-cluster client does).
+    pub fn kubeconfig_via(&self, addr: SocketAddr) -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        let server = format!("https://{}", self.server_addr()?);
+        let path = self
+            .dir
+            .join(format!("{}.kubeconfig", crate::unique("via-")));
+        std::fs::write(&path, text.replace(&server, &format!("https://{addr}")))?;
+        Ok(path)
+    }
+
     /// A kubeconfig next to the admin one that acts as the ServiceAccount
     /// `namespace/name` (a token from the TokenRequest API).
     pub fn service_account_kubeconfig(
@@ -286,26 +312,10 @@ impl ProxyState {
 
 impl ApiProxy {
     pub fn start(api: &ApiServer) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(&api.kubeconfig)?;
-        let server = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("server: "))
-            .context("no server in the kubeconfig")?
-            .trim()
-            .to_owned();
-        let upstream: SocketAddr = server
-            .strip_prefix("https://")
-            .context("the server is not https://ADDR")?
-            .parse()?;
+        let upstream = api.server_addr()?;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
-        let kubeconfig = api
-            .dir
-            .join(format!("{}.kubeconfig", crate::unique("proxy-")));
-        std::fs::write(
-            &kubeconfig,
-            text.replace(&server, &format!("https://{addr}")),
-        )?;
+        let kubeconfig = api.kubeconfig_via(addr)?;
         let state = Arc::new(ProxyState::default());
         let acceptor = std::thread::spawn({
             let state = state.clone();

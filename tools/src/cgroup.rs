@@ -35,6 +35,13 @@ impl Cgroup {
         Ok(Cgroup { path })
     }
 
+    /// A child cgroup (dropped before its parent when declared after it).
+    pub fn child(&self, name: &str) -> anyhow::Result<Self> {
+        let path = self.path.join(name);
+        fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
     /// `cgroup.procs`, opened for writing: a child writes "0" to it to join.
     pub fn procs(&self) -> anyhow::Result<File> {
         fs::OpenOptions::new()

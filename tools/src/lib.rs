@@ -17,6 +17,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod backend;
 pub mod cgroup;
+pub mod kube_proxy;
 pub mod load;
 pub mod manifests;
 pub mod netns;
@@ -89,6 +90,20 @@ pub fn sweep_stale() {
                 }
             }
         }
+        // kube-proxy stand-ins' DNAT rules (`kube_proxy::ServiceDnat`).
+        if let Ok(rules) = sh("iptables", &["-t", "nat", "-S", "OUTPUT"]) {
+            for rule in rules.lines().filter_map(|r| r.strip_prefix("-A ")) {
+                let stale = rule
+                    .split_once("--comment ")
+                    .and_then(|(_, c)| c.split_whitespace().next())
+                    .is_some_and(|c| dead(c.trim_matches('"'), "mesh-test-"));
+                if stale {
+                    let mut args = vec!["-t", "nat", "-D"];
+                    args.extend(rule.split_whitespace().map(|a| a.trim_matches('"')));
+                    let _ = sh("iptables", &args);
+                }
+            }
+        }
         // Agents' bpffs directories and run directories.
         for (dir, prefix) in [
             (std::path::PathBuf::from("/sys/fs/bpf"), "mesh-test-"),
@@ -119,6 +134,22 @@ pub fn sweep_stale() {
     });
 }
 
+/// Runs `program ARGS` to completion in this network namespace, inside `cgroup`
+/// (joined before exec, so its first socket is already meshed).
+pub fn run_in_cgroup(
+    program: &str,
+    cgroup: &cgroup::Cgroup,
+    args: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    let procs = cgroup.procs()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    join_before_exec(&mut cmd, None, Some(procs.as_raw_fd()));
+    let out = cmd.output().with_context(|| format!("running {program}"))?;
+    drop(procs);
+    Ok(out)
+}
+
 /// Starts `program ARGS` inside the network namespace `ns`, and inside `cgroup`
 /// when given (the child joins both before exec, so its first socket is already
 /// meshed). Its stdout is piped.
@@ -130,15 +161,36 @@ pub fn spawn_in_pod(
 ) -> anyhow::Result<Child> {
     let ns_file = ns.open()?;
     let procs = cgroup.map(cgroup::Cgroup::procs).transpose()?;
-    let (ns_fd, procs_fd) = (ns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    join_before_exec(
+        &mut cmd,
+        Some(ns_file.as_raw_fd()),
+        procs.as_ref().map(|f| f.as_raw_fd()),
+    );
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {}", program.display()))?;
+    drop((ns_file, procs));
+    Ok(child)
+}
+
+/// Makes the child join the network namespace `ns_fd` and the cgroup whose
+/// `cgroup.procs` is open as `procs_fd` between fork and exec. Both fds must
+/// stay open until the child is spawned.
+pub(crate) fn join_before_exec(
+    cmd: &mut Command,
+    ns_fd: Option<std::os::fd::RawFd>,
+    procs_fd: Option<std::os::fd::RawFd>,
+) {
     // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+            if let Some(fd) = ns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if let Some(fd) = procs_fd
@@ -149,9 +201,4 @@ pub fn spawn_in_pod(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("spawning {}", program.display()))?;
-    drop((ns_file, procs));
-    Ok(child)
 }

@@ -59,6 +59,8 @@ pub struct AgentStatus {
     pub running: bool,
     pub version: String,
     pub cgroup: PathBuf,
+    /// The agent's own cgroup, whose connects bypass the mesh.
+    pub own_cgroup: Option<PathBuf>,
     pub redirect: bool,
     pub generation: u64,
     pub applied_at_ms: u64,
@@ -96,6 +98,7 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
                 .is_ok_and(|c| c.trim() == "mesh-agent"),
         version: r.version.clone(),
         cgroup: r.cgroup.clone(),
+        own_cgroup: r.own_cgroup.clone(),
         redirect: r.redirect,
         generation: r.generation,
         applied_at_ms: r.applied_at_ms,
@@ -172,6 +175,15 @@ pub fn print_status(s: &Status) {
                 a.cgroup.display(),
                 if a.redirect { "on" } else { "off" }
             );
+            match &a.own_cgroup {
+                Some(own) => println!(
+                    "agent's own connects bypass the mesh: cgroup {}",
+                    own.display()
+                ),
+                None => {
+                    println!("agent's own connects go through the mesh (its cgroup was not found)")
+                }
+            }
             println!(
                 "last sync: generation {}, {:.1} s ago",
                 a.generation, a.seconds_since_apply

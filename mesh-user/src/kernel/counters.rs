@@ -207,6 +207,7 @@ pub struct ConnectCounts {
     pub table_retry: u64,
     pub peer_rewritten: u64,
     pub peer_rewritten_by_variant: u64,
+    pub agent_bypassed: u64,
 }
 
 /// Reader of `SERVICE_STATS_V1`, `BACKEND_STATS_V1` and `GLOBAL_STATS_V1` (its
@@ -255,6 +256,7 @@ impl Connections {
             table_retry: at(g::TABLE_RETRY),
             peer_rewritten: at(g::PEER_REWRITTEN),
             peer_rewritten_by_variant: at(g::PEER_REWRITTEN_BY_VARIANT),
+            agent_bypassed: at(g::AGENT_BYPASSED),
         }
     }
 

@@ -83,6 +83,20 @@ pub struct Loaded {
     pins: PinDir,
 }
 
+impl Loaded {
+    /// Names the agent's cgroup to the connect hooks (`AGENT_CGROUP_V1`), which
+    /// then leave its connects alone.
+    pub fn set_agent_cgroup(&mut self, id: u64) -> Result<(), LoadError> {
+        let name = map_names::AGENT_CGROUP;
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+        let mut array = aya::maps::Array::<_, u64>::try_from(map)
+            .map_err(|source| LoadError::Map { name, source })?;
+        array
+            .set(0, id, 0)
+            .map_err(|source| LoadError::Map { name, source })
+    }
+}
+
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Loaded")

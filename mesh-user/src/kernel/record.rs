@@ -24,6 +24,10 @@ pub struct AgentRecord {
     pub pid: u32,
     pub version: String,
     pub cgroup: PathBuf,
+    /// The agent's own cgroup, whose connects the hooks leave alone (`None`
+    /// when it could not be found).
+    #[serde(default)]
+    pub own_cgroup: Option<PathBuf>,
     pub redirect: bool,
     pub pin_dir: PathBuf,
     pub generation: u64,
