@@ -11,6 +11,10 @@
 #   scripts/test-apiserver.sh stop-apiserver DIR   # an outage: kube-apiserver alone goes away
 #   scripts/test-apiserver.sh start-apiserver DIR  # ... and comes back as it was
 #
+# By default discovery.k8s.io/v1beta1 is off (tests install a CRD standing in
+# for v1, which 1.20 lacks); MESH_TEST_APISERVER_V1BETA1=true serves it, as a
+# 1.20 cluster does.
+#
 # The Kubernetes binaries are built from Debian bookworm's `kubernetes` source
 # package (Kubernetes v1.20.2 with vendor/) with Debian's Go 1.19, fully
 # offline apart from the apt downloads, and cached (outside the repository) in
@@ -521,7 +525,7 @@ cmd_start() {
         --service-account-signing-key-file "$dir/certs/sa.key" \
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --service-cluster-ip-range 10.96.0.0/16 \
-        --runtime-config discovery.k8s.io/v1beta1=false \
+        --runtime-config "discovery.k8s.io/v1beta1=${MESH_TEST_APISERVER_V1BETA1:-false}" \
         --endpoint-reconciler-type none \
         --allow-privileged=true \
         --profiling=false

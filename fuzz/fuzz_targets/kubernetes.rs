@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
             Some(kind @ (Kind::VirtualService | Kind::DestinationRule)) => {
                 serde_json::from_value::<DynamicObject>(item.clone())
                     .ok()
-                    .and_then(|object| kubernetes::convert_istio(kind, &object).ok())
+                    .and_then(|object| kubernetes::convert_dynamic(kind, &object).ok())
                     .map(|sourced| sourced.object)
             }
             None => None,

@@ -30,6 +30,20 @@ fn endpoint_slice(pods: &[(String, IpAddr, bool)]) -> String {
     mesh_tools::apiserver::endpoint_slice("flaskapp", 5000, pods)
 }
 
+/// The slice as Kubernetes 1.17-1.20's controller writes it: v1beta1, the node
+/// in `topology`.
+fn endpoint_slice_v1beta1(pods: &[(String, IpAddr, bool)]) -> String {
+    endpoint_slice(pods)
+        .replace(
+            "apiVersion: discovery.k8s.io/v1\n",
+            "apiVersion: discovery.k8s.io/v1beta1\n",
+        )
+        .replace(
+            "    targetRef:",
+            "    topology: {kubernetes.io/hostname: node-a}\n    targetRef:",
+        )
+}
+
 struct Cluster {
     agent: Agent,
     _backends: Vec<Backend>,
@@ -43,6 +57,15 @@ struct Cluster {
 /// and their EndpointSlice in the API server) and its Service; with `istio`, its
 /// DestinationRule and VirtualService too.
 fn topology(api: &ApiServer, istio: bool) -> anyhow::Result<(Node, Vec<Backend>, Pods)> {
+    topology_with(api, istio, endpoint_slice)
+}
+
+/// The same, with the EndpointSlice written by `slice` (a version's writer).
+fn topology_with(
+    api: &ApiServer,
+    istio: bool,
+    slice: fn(&[(String, IpAddr, bool)]) -> String,
+) -> anyhow::Result<(Node, Vec<Backend>, Pods)> {
     let mut node = Node::new()?;
     node.add_pod("client", 2)?;
     let mut backends = Vec::new();
@@ -58,7 +81,7 @@ fn topology(api: &ApiServer, istio: bool) -> anyhow::Result<(Node, Vec<Backend>,
     if istio {
         apply_istio_example(api)?;
     }
-    api.apply(&endpoint_slice(&pods))?;
+    api.apply(&slice(&pods))?;
     Ok((node, backends, pods))
 }
 
@@ -761,5 +784,43 @@ fn the_agent_reaches_the_api_server_around_its_own_data_plane() -> anyhow::Resul
     let counters = agent.records("connect counters");
     let bypassed = counters.first().and_then(|r| r["agent_bypassed"].as_u64());
     assert!(bypassed.is_some_and(|n| n > 0), "{counters:?}");
+    Ok(())
+}
+
+#[test]
+fn a_server_serving_only_v1beta1_endpoint_slices_is_followed() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    // As a 1.20 cluster: its controller writes discovery.k8s.io/v1beta1 only.
+    let api = ApiServer::start_serving_v1beta1_slices()?;
+    api.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
+    api.install_istio_crds()?;
+    let (node, _backends, mut pods) = topology_with(&api, true, endpoint_slice_v1beta1)?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
+    let mut agent = Agent::start_kubernetes(&api.kubeconfig, cgroup.path())?;
+    let watching = agent.records("watching discovery.k8s.io EndpointSlices");
+    assert_eq!(
+        watching.first().and_then(|r| r["version"].as_str()),
+        Some("v1beta1"),
+        "{}",
+        agent.log_text()
+    );
+    let probe = |what: &str| -> anyhow::Result<probe::Summary> {
+        let s = probe::probe(&node.pod("client").ns, Some(&cgroup), &vip4(), N, 4)?;
+        assert_eq!(s.failed(), 0, "{what}: {s:?}");
+        Ok(s)
+    };
+    let s = probe("80/20")?;
+    assert_share(s.share(V2), 0.20, N, "80/20 over v1beta1 slices");
+
+    // A v1beta1 update (a v1 pod not ready) is followed too.
+    if let Some(v1) = pods.iter_mut().find(|p| p.0 == V1[0]) {
+        v1.2 = false;
+    }
+    let next = agent.generation() + 1;
+    api.replace(&endpoint_slice_v1beta1(&pods))?;
+    agent.wait_applied(next, Duration::from_secs(20))?;
+    let s = probe("a v1 pod not ready")?;
+    assert_eq!(s.backends.get(V1[0]), None, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "v2 keeps 20%");
     Ok(())
 }

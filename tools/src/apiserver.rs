@@ -31,6 +31,16 @@ impl ApiServer {
     /// starts can pick the same free port between checking it and binding it:
     /// a start that fails is cleaned up and tried again with new ports.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_env(&[])
+    }
+
+    /// One that serves `discovery.k8s.io/v1beta1` EndpointSlices, as a 1.20
+    /// cluster does (and no v1: do not install the v1 CRD on it).
+    pub fn start_serving_v1beta1_slices() -> anyhow::Result<Self> {
+        Self::start_env(&[("MESH_TEST_APISERVER_V1BETA1", "true")])
+    }
+
+    fn start_env(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             let dir = std::env::temp_dir().join(crate::unique("mesh-apiserver-"));
@@ -38,6 +48,7 @@ impl ApiServer {
                 .arg(script())
                 .arg("start")
                 .arg(&dir)
+                .envs(env.iter().copied())
                 .stderr(Stdio::inherit())
                 .output()?;
             if out.status.success() {

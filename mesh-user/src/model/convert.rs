@@ -42,10 +42,45 @@ impl TryFrom<Document> for Resource {
         Ok(match kind {
             Kind::Service => Resource::Service(typed(value)?),
             Kind::Pod => Resource::Pod(typed(value)?),
-            Kind::EndpointSlice => Resource::EndpointSlice(typed(value)?),
+            Kind::EndpointSlice => {
+                v1beta1_as_v1(&mut value);
+                Resource::EndpointSlice(typed(value)?)
+            }
             Kind::VirtualService => Resource::VirtualService(typed(value)?),
             Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
         })
+    }
+}
+
+/// `discovery.k8s.io/v1beta1` (what Kubernetes 1.17-1.20 write) names an
+/// endpoint's node and zone in `topology`; v1 has `nodeName` and `zone`, which
+/// win where both are set. The rest of the schema is the same for the fields
+/// we read, so a v1beta1 slice reads as v1 after this. (v1 has no `topology`
+/// field, so this never touches a v1 slice.)
+fn v1beta1_as_v1(slice: &mut Value) {
+    if let Some(object) = slice.as_object_mut() {
+        // The typed v1 slice checks its apiVersion; a dynamic watch's items
+        // may carry none.
+        object.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
+        object.insert("kind".into(), "EndpointSlice".into());
+    }
+    let Some(endpoints) = slice.get_mut("endpoints").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for endpoint in endpoints.iter_mut().filter_map(Value::as_object_mut) {
+        let Some(Value::Object(topology)) = endpoint.remove("topology") else {
+            continue;
+        };
+        for (label, field) in [
+            ("kubernetes.io/hostname", "nodeName"),
+            ("topology.kubernetes.io/zone", "zone"),
+        ] {
+            if let Some(Value::String(v)) = topology.get(label) {
+                endpoint
+                    .entry(field)
+                    .or_insert_with(|| Value::String(v.clone()));
+            }
+        }
     }
 }
 
@@ -80,6 +115,43 @@ mod tests {
         assert_eq!(
             resource.map(|r| r.object_ref().to_string()).ok(),
             Some("Service default/web".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_v1beta1_endpoint_slice_reads_as_v1_with_its_node_and_zone() {
+        let value = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "flaskapp-x7k2p", "labels": {"kubernetes.io/service-name": "flaskapp"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.0.5"], "conditions": {"ready": true},
+                 "topology": {"kubernetes.io/hostname": "node-a", "topology.kubernetes.io/zone": "z1"}},
+                {"addresses": ["10.244.0.6"], "conditions": {"ready": false}, "nodeName": "node-b",
+                 "topology": {"kubernetes.io/hostname": "ignored"}}
+            ]
+        });
+        let Ok(Resource::EndpointSlice(slice)) = Resource::try_from(Document {
+            kind: Kind::EndpointSlice,
+            value,
+        }) else {
+            panic!("does not convert");
+        };
+        let endpoints = slice.endpoints.unwrap_or_default();
+        let nodes: Vec<_> = endpoints
+            .iter()
+            .map(|e| (e.node_name.as_deref(), e.zone.as_deref()))
+            .collect();
+        assert_eq!(
+            nodes,
+            [(Some("node-a"), Some("z1")), (Some("node-b"), None)]
+        );
+        assert_eq!(slice.ports.as_ref().map(Vec::len), Some(1));
+        assert_eq!(
+            endpoints[1].conditions.as_ref().and_then(|c| c.ready),
+            Some(false)
         );
     }
 }

@@ -1,5 +1,5 @@
 //! The Kubernetes source: kube-rs watchers on Services, Pods, EndpointSlices
-//! (discovery.k8s.io/v1), VirtualServices and DestinationRules (networking.istio.io,
+//! (discovery.k8s.io/v1, else v1beta1), VirtualServices and DestinationRules (networking.istio.io,
 //! whichever version the server prefers), and the mesh's Namespaces. Objects are
 //! converted at this boundary and fed to the same index, compile and apply as the
 //! file source. Nothing is written to the kernel before every watcher has listed
@@ -78,14 +78,34 @@ pub enum KubeError {
     Client(#[from] kube::Error),
 }
 
-/// Why an Istio kind cannot be watched (yet).
+/// Why a discovered kind (Istio's, EndpointSlices) cannot be watched (yet).
 #[derive(Debug, thiserror::Error)]
 enum DiscoveryError {
-    #[error("{group} {kind} not served; install the CRDs (manifests/crds) or Istio", group = istio::GROUP)]
+    #[error("{group} {kind} not served; {hint}", group = group_of(*kind), hint = hint(*kind))]
     NotServed { kind: Kind },
-    #[error("discovering {group} {kind}: {source}", group = istio::GROUP)]
+    #[error("discovering {group} {kind}: {source}", group = group_of(*kind))]
     Failed { kind: Kind, source: kube::Error },
 }
+
+/// The API group of the kinds found through discovery.
+fn group_of(kind: Kind) -> &'static str {
+    match kind {
+        Kind::VirtualService | Kind::DestinationRule => istio::GROUP,
+        Kind::EndpointSlice => ENDPOINT_SLICE_GROUP,
+        Kind::Service | Kind::Pod => "",
+    }
+}
+
+fn hint(kind: Kind) -> &'static str {
+    match kind {
+        Kind::VirtualService | Kind::DestinationRule => {
+            "install the CRDs (manifests/crds) or Istio"
+        }
+        _ => "Kubernetes 1.17 or later serves it",
+    }
+}
+
+const ENDPOINT_SLICE_GROUP: &str = "discovery.k8s.io";
 
 /// The watched things the first reconcile waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -140,12 +160,7 @@ pub async fn start(
         Kind::Pod,
         |o| Resource::Pod(Box::new(o)),
     ));
-    tasks.spawn(watch_typed::<EndpointSlice>(
-        client.clone(),
-        watch_tx.clone(),
-        Kind::EndpointSlice,
-        |o| Resource::EndpointSlice(Box::new(o)),
-    ));
+    tasks.spawn(watch_endpoint_slices(client.clone(), watch_tx.clone()));
     tasks.spawn(watch_namespaces(
         client.clone(),
         watch_tx.clone(),
@@ -599,13 +614,60 @@ where
     }
 }
 
+/// EndpointSlices in the version the server prefers: `discovery.k8s.io/v1`
+/// (typed), else `v1beta1` (Kubernetes 1.17 to 1.20, whose controller writes
+/// only that; converted at the model's boundary, `topology` to `nodeName` and
+/// `zone`). Discovered with backoff until served, and again if the version
+/// stops being served (a server upgraded under the agent).
+async fn watch_endpoint_slices(client: Client, tx: UpdateSender) {
+    let kind = Kind::EndpointSlice;
+    let mut backoff = Backoff::default();
+    loop {
+        let missing = match served_resource(&client, kind).await {
+            Ok(resource) => {
+                backoff.reset();
+                info!(version = %resource.version, "watching {ENDPOINT_SLICE_GROUP} EndpointSlices");
+                let ended = if resource.version == "v1" {
+                    watch_events(
+                        Api::<EndpointSlice>::all(client.clone()),
+                        watcher::Config::default(),
+                        &tx,
+                        kind,
+                        |o| Ok(sourced(Resource::EndpointSlice(Box::new(o)))),
+                        None,
+                    )
+                    .await
+                } else {
+                    watch_events(
+                        Api::<DynamicObject>::all_with(client.clone(), &resource),
+                        watcher::Config::default(),
+                        &tx,
+                        kind,
+                        move |object| convert_dynamic(kind, &object),
+                        None,
+                    )
+                    .await
+                };
+                if ended == Ended::Closed {
+                    return;
+                }
+                DiscoveryError::NotServed { kind }
+            }
+            Err(e) => e,
+        };
+        let delay = backoff.delay();
+        warn!("{missing}; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// Discovers `kind` (retrying with backoff, saying what is missing each time),
 /// then watches it; again if it stops being served. Until it has been listed,
 /// its `Listed` is not sent, so the agent makes no first write without it.
 async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
     let mut backoff = Backoff::default();
     loop {
-        let missing = match istio_resource(&client, kind).await {
+        let missing = match served_resource(&client, kind).await {
             Ok(resource) => {
                 backoff.reset();
                 info!(kind = %kind, version = %resource.version, "watching {}", istio::GROUP);
@@ -615,7 +677,7 @@ async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
                     watcher::Config::default(),
                     &tx,
                     kind,
-                    move |object| convert_istio(kind, &object),
+                    move |object| convert_dynamic(kind, &object),
                     Some((&seen, &resource.api_version)),
                 )
                 .await;
@@ -634,9 +696,10 @@ async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
     }
 }
 
-/// An Istio object from the API server, typed as the file source types it.
-/// Public for the fuzz targets (`fuzz/`), which feed it what a server could send.
-pub fn convert_istio(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
+/// An object watched untyped (Istio's kinds, v1beta1 EndpointSlices), typed as
+/// the file source types it. Public for the fuzz targets (`fuzz/`), which feed
+/// it what a server could send.
+pub fn convert_dynamic(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
     let r = ObjectRef::from_meta(kind, &object.metadata);
     let invalid = |field: String, message: String| {
         Box::new(Invalid {
@@ -692,9 +755,10 @@ async fn watch_namespaces(client: Client, tx: UpdateSender, selector: String) {
     }
 }
 
-/// The version of an Istio kind the server prefers (v1, v1beta1 or v1alpha3).
-async fn istio_resource(client: &Client, kind: Kind) -> Result<ApiResource, DiscoveryError> {
-    let group = match kube::discovery::group(client, istio::GROUP).await {
+/// The version of `kind` the server prefers (Istio's v1, v1beta1 or v1alpha3;
+/// EndpointSlice's v1 or v1beta1).
+async fn served_resource(client: &Client, kind: Kind) -> Result<ApiResource, DiscoveryError> {
+    let group = match kube::discovery::group(client, group_of(kind)).await {
         Ok(group) => group,
         Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
             return Err(DiscoveryError::NotServed { kind });
@@ -858,7 +922,7 @@ mod tests {
             "spec": {"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web"}, "weight": "lots"}]}]}
         }))
         .unwrap_or_else(|_| DynamicObject::new("web", &ApiResource::erase::<Namespace>(&())));
-        let Err(bad) = convert_istio(Kind::VirtualService, &object) else {
+        let Err(bad) = convert_dynamic(Kind::VirtualService, &object) else {
             panic!("converted");
         };
         assert_eq!(bad.object.to_string(), "VirtualService prod/web");
