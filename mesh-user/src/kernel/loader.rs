@@ -21,6 +21,7 @@ use mesh_common::{BackendStats, ConnKey, map_names, program_names};
 use tracing::{info, warn};
 
 use super::{
+    carry::Carry,
     counters::SockStats,
     maps::{Capacity, Counter, Maps, PerCpuCounters},
     pin::{MapSpec, PinDir, PinError},
@@ -81,6 +82,8 @@ pub enum LoadError {
 pub struct Loaded {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Replaced maps whose entries go over to their successors around the swap.
+    carry: Option<Carry>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -216,7 +219,9 @@ pub fn load(
             spec.max_entries = n;
         }
     }
-    // A pinned map of another capacity is replaced, as one of another layout.
+    // A pinned map of another capacity is replaced, as one of another layout;
+    // the entries only the kernel writes are carried over (see `carry`).
+    let mut carry = Carry::open(pins, &specs);
     pins.drop_mismatched_maps(&specs);
     let capacity = |name: &str| {
         specs
@@ -238,6 +243,7 @@ pub fn load(
         loader.map_max_entries(name, n);
     }
     let mut ebpf = loader.load(object)?;
+    carry.counters_at_load(pins);
     for name in SOCK_ADDR_PROGRAMS {
         load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
@@ -271,6 +277,7 @@ pub fn load(
         Loaded {
             ebpf,
             pins: pins.clone(),
+            carry: Some(carry),
         },
         maps,
         sock_stats,
@@ -308,9 +315,18 @@ pub fn attach(
         // Dropping the link would detach the program from the map.
         std::mem::forget(link);
     }
+    // Connect programs first, getpeername next, back to back: the window in
+    // which a new connect4 writes a REVNAT record the old getpeername4 cannot
+    // see is that of one swap (see `carry` for what else remains).
+    if let Some(carry) = &loaded.carry {
+        carry.before_swap(&loaded.pins);
+    }
     for name in SOCK_ADDR_PROGRAMS {
         let linked = attach_linked::<CgroupSockAddr>(loaded, name, &links, &fd)?;
         report.push((name, linked));
+    }
+    if let Some(carry) = loaded.carry.take() {
+        carry.after_swap(&loaded.pins);
     }
     let name = program_names::SOCKOPS;
     let path = links.join(name);

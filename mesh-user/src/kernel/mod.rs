@@ -1,10 +1,12 @@
 //! The kernel side of the agent: loading and attaching the programs
 //! ([`loader`]), our directory in bpffs ([`pin`]), the maps and the only code
 //! that writes them ([`apply`], through [`maps`] and [`codec`]), the raw
-//! syscalls aya lacks ([`sys`]), the kernel's counters ([`counters`]), and the
+//! syscalls aya lacks ([`sys`]), the kernel-written entries an upgrade carries
+//! into a replaced map ([`carry`]), the kernel's counters ([`counters`]), and the
 //! agent's record of what the tables mean ([`record`]).
 
 pub mod apply;
+mod carry;
 pub mod codec;
 pub mod counters;
 pub mod loader;
