@@ -763,13 +763,11 @@ fn replacing_revnat_alone_fails_no_connect_and_keeps_the_vip_of_open_sockets() -
         .records("socket records carried over from the replaced map");
     let first = field(carried.first(), "records").unwrap_or(0);
     assert!(carried.len() == 2 && first >= HELD as u64, "{carried:?}");
-    // The storm's own getpeername, right after each connect, saw the VIP too
-    // (the window left is a microsecond one; see kernel/carry.rs).
-    assert_eq!(
-        across.peers.keys().collect::<Vec<_>>(),
-        [&vip4()],
-        "{across:?}"
-    );
+    // The storm's own getpeername, right after each connect, saw the VIP but
+    // for the few that asked in the one-swap window kernel/carry.rs describes:
+    // at most one per prober thread in each of its two windows.
+    let vip = across.peers.get(&vip4()).copied().unwrap_or(0);
+    assert!(across.ok - vip <= 8, "{across:?}");
     let mut swapped: Vec<String> = canary
         .agent
         .records("program swapped")

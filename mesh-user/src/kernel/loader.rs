@@ -94,10 +94,14 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// In the order they are swapped: each family's connect, then at once its
+/// getpeername. A new connect writes `REVNAT` records the old getpeername of that
+/// family cannot read (when `REVNAT` is replaced): one swap apart, that window is
+/// as short as it gets (see `carry`).
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::CONNECT4,
-    program_names::CONNECT6,
     program_names::GETPEERNAME4,
+    program_names::CONNECT6,
     program_names::GETPEERNAME6,
 ];
 
@@ -315,9 +319,8 @@ pub fn attach(
         // Dropping the link would detach the program from the map.
         std::mem::forget(link);
     }
-    // Connect programs first, getpeername next, back to back: the window in
-    // which a new connect4 writes a REVNAT record the old getpeername4 cannot
-    // see is that of one swap (see `carry` for what else remains).
+    // A replaced REVNAT is copied just before the connect and getpeername
+    // programs are swapped, and again just after (see `carry`).
     if let Some(carry) = &loaded.carry {
         carry.before_swap(&loaded.pins);
     }
