@@ -15,19 +15,19 @@
 //!   `/metrics` never goes backwards; after the swap, what the old programs
 //!   counted in between is added (a read and a write per counter: an increment
 //!   the kernel makes between the two is lost, never counted twice).
-//! - `REVNAT`: copied just before the swap (nothing reads the new map yet),
-//!   then again just after it, for the records the old connect programs wrote
-//!   meanwhile, never over a record the new ones wrote (`BPF_NOEXIST`). What is
-//!   left, for a `getpeername` in that instant only: a socket connected by the
-//!   new connect4 in the one swap before getpeername4 is swapped, asking before
-//!   that swap, reads the old map and sees its backend; so does one connected by
-//!   the old connect4 just before its swap (after the first copy passed its
-//!   record), asking between the getpeername4 swap and the end of the second
-//!   copy (one walk of the old map). No order of two separate link updates
-//!   closes both; once the second copy ends, every record is there. At most
-//!   one socket per connecting thread per window: under a storm of 4 threads
-//!   connecting and asking at once, 0 to 3 per upgrade were seen in 8 runs
-//!   (tests/tests/operate.rs).
+//! - `REVNAT`: copied at load, again just before the swap (nothing reads the
+//!   new map yet), and again just after it, for the records the old connect
+//!   programs wrote meanwhile, never over a record the new ones wrote
+//!   (`BPF_NOEXIST`). What is left, for a `getpeername` in that instant only:
+//!   a socket connected by the new connect4 in the one swap before getpeername4
+//!   is swapped, asking before that swap, reads the old map and sees its
+//!   backend; so does one connected by the old connect4 just before its swap
+//!   (after the copy before the swap passed its record), asking between the
+//!   getpeername4 swap and the end of the copy after it (one walk of the old
+//!   map). No order of two separate link updates closes both; once the last
+//!   copy ends, every record is there. At most one socket per connecting thread
+//!   per window: under a storm of 4 threads connecting and asking at once, 0 to
+//!   3 per upgrade were seen in 8 runs (tests/tests/operate.rs).
 
 use std::collections::BTreeMap;
 
@@ -111,9 +111,15 @@ impl Carry {
         carry
     }
 
-    /// Copies the counters into their new maps (still empty: just created), and
-    /// remembers what was copied. Call it before anything reads the new maps.
-    pub fn counters_at_load(&mut self, pins: &PinDir) {
+    /// Copies into the new maps (still empty: just created): the counters,
+    /// remembering what was copied, and a first time `REVNAT`, so that an agent
+    /// stopped before the swap leaves the records in the pinned successor (the
+    /// old map is unpinned: the next agent could not find it). Call it before
+    /// anything reads the new maps.
+    pub fn at_load(&mut self, pins: &PinDir) {
+        if let Some(old) = &self.revnat {
+            self.copy_revnat(pins, old, "at load");
+        }
         for (name, old, snapshot) in &mut self.counters {
             let copied = open_new::<Counters>(pins, name, old.id)
                 .and_then(|mut new| copy_counters(&old.map, &mut new, self.bound));
@@ -134,7 +140,8 @@ impl Carry {
         }
     }
 
-    /// The first copy of `REVNAT`: just before the programs are swapped.
+    /// `REVNAT` again just before the programs are swapped: what the old
+    /// connect programs wrote since the load (the first sync can take a while).
     pub fn before_swap(&self, pins: &PinDir) {
         if let Some(old) = &self.revnat {
             self.copy_revnat(pins, old, "before the swap");

@@ -247,7 +247,7 @@ pub fn load(
         loader.map_max_entries(name, n);
     }
     let mut ebpf = loader.load(object)?;
-    carry.counters_at_load(pins);
+    carry.at_load(pins);
     for name in SOCK_ADDR_PROGRAMS {
         load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
