@@ -21,6 +21,7 @@ use mesh_common::{BackendStats, ConnKey, map_names, program_names};
 use tracing::{info, warn};
 
 use super::{
+    carry::Carry,
     counters::SockStats,
     maps::{Capacity, Counter, Maps, PerCpuCounters},
     pin::{MapSpec, PinDir, PinError},
@@ -81,6 +82,8 @@ pub enum LoadError {
 pub struct Loaded {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Replaced maps whose entries go over to their successors around the swap.
+    carry: Option<Carry>,
 }
 
 impl Loaded {
@@ -105,10 +108,14 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// In the order they are swapped: each family's connect, then at once its
+/// getpeername. A new connect writes `REVNAT` records the old getpeername of that
+/// family cannot read (when `REVNAT` is replaced): one swap apart, that window is
+/// as short as it gets (see `carry`).
 const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::CONNECT4,
-    program_names::CONNECT6,
     program_names::GETPEERNAME4,
+    program_names::CONNECT6,
     program_names::GETPEERNAME6,
 ];
 
@@ -230,7 +237,9 @@ pub fn load(
             spec.max_entries = n;
         }
     }
-    // A pinned map of another capacity is replaced, as one of another layout.
+    // A pinned map of another capacity is replaced, as one of another layout;
+    // the entries only the kernel writes are carried over (see `carry`).
+    let mut carry = Carry::open(pins, &specs);
     pins.drop_mismatched_maps(&specs);
     let capacity = |name: &str| {
         specs
@@ -252,6 +261,7 @@ pub fn load(
         loader.map_max_entries(name, n);
     }
     let mut ebpf = loader.load(object)?;
+    carry.at_load(pins);
     for name in SOCK_ADDR_PROGRAMS {
         load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
@@ -285,6 +295,7 @@ pub fn load(
         Loaded {
             ebpf,
             pins: pins.clone(),
+            carry: Some(carry),
         },
         maps,
         sock_stats,
@@ -322,9 +333,17 @@ pub fn attach(
         // Dropping the link would detach the program from the map.
         std::mem::forget(link);
     }
+    // A replaced REVNAT is copied just before the connect and getpeername
+    // programs are swapped, and again just after (see `carry`).
+    if let Some(carry) = &loaded.carry {
+        carry.before_swap(&loaded.pins);
+    }
     for name in SOCK_ADDR_PROGRAMS {
         let linked = attach_linked::<CgroupSockAddr>(loaded, name, &links, &fd)?;
         report.push((name, linked));
+    }
+    if let Some(carry) = loaded.carry.take() {
+        carry.after_swap(&loaded.pins);
     }
     let name = program_names::SOCKOPS;
     let path = links.join(name);

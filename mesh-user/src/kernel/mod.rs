@@ -1,11 +1,13 @@
 //! The kernel side of the agent: loading and attaching the programs
 //! ([`loader`]), our directory in bpffs ([`pin`]), the maps and the only code
 //! that writes them ([`apply`], through [`maps`] and [`codec`]), the raw
-//! syscalls aya lacks ([`sys`]), the kernel's counters ([`counters`]), the
+//! syscalls aya lacks ([`sys`]), the kernel-written entries an upgrade carries
+//! into a replaced map ([`carry`]), the kernel's counters ([`counters`]), the
 //! agent's record of what the tables mean ([`record`]), and the agent's own
 //! cgroup, whose connects the hooks leave alone ([`own_cgroup`]).
 
 pub mod apply;
+mod carry;
 pub mod codec;
 pub mod counters;
 pub mod loader;

@@ -183,22 +183,29 @@ impl PinDir {
         // still attached until the swap read the old pair, the new ones the new
         // pair, and neither ever mixes an old map with a new one (a service entry
         // flipped to a revision its slot map never held refuses the connect).
+        // A member with no pin at all is created anew too: after a `_V2` rename
+        // the old programs read the old pin's map under its old name, so its
+        // partner must not be shared either.
         for group in READ_TOGETHER {
-            if group.iter().any(|m| replaced.iter().any(|r| r.map == *m)) {
-                for name in group {
-                    let path = self.map(name);
-                    if replaced.iter().all(|r| r.map != *name) && path.exists() {
-                        match fs::remove_file(&path) {
-                            Ok(()) => {
-                                info!(map = %name, "replacing it too: it is read together with a replaced map");
-                                replaced.push(Mismatch {
-                                    map: (*name).to_owned(),
-                                    pinned: "read together with a replaced map".to_owned(),
-                                    expected: String::new(),
-                                });
-                            }
-                            Err(e) => warn!(map = %name, "cannot remove {}: {e}", path.display()),
+            let Some(anew) = group
+                .iter()
+                .find(|m| replaced.iter().any(|r| r.map == **m) || !self.map(m).exists())
+            else {
+                continue;
+            };
+            for name in group {
+                let path = self.map(name);
+                if replaced.iter().all(|r| r.map != *name) && path.exists() {
+                    match fs::remove_file(&path) {
+                        Ok(()) => {
+                            info!(map = %name, with = %anew, "replacing it too: it is read together with a replaced map");
+                            replaced.push(Mismatch {
+                                map: (*name).to_owned(),
+                                pinned: format!("read together with {anew}, replaced"),
+                                expected: String::new(),
+                            });
                         }
+                        Err(e) => warn!(map = %name, "cannot remove {}: {e}", path.display()),
                     }
                 }
             }

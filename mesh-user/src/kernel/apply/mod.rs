@@ -625,6 +625,10 @@ impl Applier {
         prune_counters(&mut *self.maps.backend_stats, &backend_ids);
         let service_ids: BTreeSet<u32> = self.live.values().map(|l| l.service_id).collect();
         prune_counters(&mut *self.maps.service_stats, &service_ids);
+        // A counter map created anew (renamed with a new layout) lacks the
+        // entries of adopted ids, and the kernel only counts existing ones.
+        ensure_counters(&mut *self.maps.backend_stats, &backend_ids);
+        ensure_counters(&mut *self.maps.service_stats, &service_ids);
         adopted.backends = self.backend_ids.len();
         self.excluded = self
             .maps
@@ -752,6 +756,15 @@ fn prune_counters(map: &mut dyn CounterMap, keep: &BTreeSet<u32>) {
     for id in map.ids() {
         if !keep.contains(&id) {
             remove_counter(map, id);
+        }
+    }
+}
+
+fn ensure_counters(map: &mut dyn CounterMap, ids: &BTreeSet<u32>) {
+    let present: BTreeSet<u32> = map.ids().into_iter().collect();
+    for &id in ids.difference(&present) {
+        if let Err(e) = map.reset(id) {
+            warn!(id, "cannot create a connection counter: {e}");
         }
     }
 }

@@ -298,6 +298,27 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
 }
 
 #[test]
+fn adopt_creates_the_counters_a_counter_map_made_anew_lacks() {
+    let maps = FakeMaps::new(16, 64);
+    let t0 = Instant::now();
+    let config = desired(&[("10.96.0.1", plan("a", &[1, 2]))]);
+    Applier::new(maps.maps()).apply(&config, Hold::NONE, t0);
+    let counted = |maps: &FakeMaps| {
+        (
+            maps.service_stats.state().entries.len(),
+            maps.backend_stats.state().entries.len(),
+        )
+    };
+    assert_eq!(counted(&maps), (1, 2));
+    // The counter maps replaced (renamed with another layout): empty, while the
+    // tables that name the ids are adopted. The kernel counts existing entries only.
+    maps.service_stats.state().entries.clear();
+    maps.backend_stats.state().entries.clear();
+    Applier::new(maps.maps()).adopt(t0 + ms(5));
+    assert_eq!(counted(&maps), (1, 2));
+}
+
+#[test]
 fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision() {
     let maps = FakeMaps::new(16, 64);
     let t0 = Instant::now();
