@@ -143,7 +143,11 @@ fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Res
         .flatten()
         .filter_map(|m| m["id"].as_u64().and_then(|i| u32::try_from(i).ok()))
         .collect();
-    assert_eq!((program_ids.len(), map_ids.len()), (5, 10), "{status}");
+    assert_eq!(
+        (program_ids.len(), map_ids.len()),
+        (5, mesh_common::map_names::ALL.len()),
+        "{status}"
+    );
 
     // Something else in bpffs, next to ours: cleanup must leave it alone.
     let neighbour =
@@ -582,8 +586,8 @@ fn a_pinned_map_of_another_layout_is_replaced_never_misread() -> anyhow::Result<
 }
 
 /// Connections held open in the client pod (in the mesh cgroup) across an
-/// upgrade, by this test binary re-run as [`hold_sockets_helper`]: it prints
-/// what `getpeername` says for each before, and again once told to.
+/// upgrade, by `mesh-probe --hold`: it prints what `getpeername` says for each
+/// before, and again once told to.
 struct HeldSockets {
     child: std::process::Child,
     lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
@@ -597,26 +601,15 @@ impl HeldSockets {
     fn open(canary: &Canary) -> anyhow::Result<(Self, Vec<String>)> {
         use std::io::BufRead as _;
         let go = std::env::temp_dir().join(mesh_tools::unique("mesh-test-hold-"));
-        let exe = std::env::current_exe()?;
-        let target = format!("MESH_HOLD_TARGET={}", vip4());
-        let go_env = format!("MESH_HOLD_GO={}", go.display());
-        let exe = exe.display().to_string();
         let args = [
-            target.as_str(),
-            go_env.as_str(),
-            &exe,
-            "hold_sockets_helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
+            "--target".to_owned(),
+            vip4(),
+            "--hold".to_owned(),
+            HELD.to_string(),
+            "--until".to_owned(),
+            go.display().to_string(),
         ];
-        let mut child = mesh_tools::spawn_in_pod(
-            std::path::Path::new("/usr/bin/env"),
-            &canary.node.pod("client").ns,
-            Some(&canary.cgroup),
-            &args,
-        )?;
+        let mut child = probe::spawn(&canary.node.pod("client").ns, Some(&canary.cgroup), &args)?;
         let stdout = child
             .stdout
             .take()
@@ -630,7 +623,7 @@ impl HeldSockets {
         Ok((held, before))
     }
 
-    /// Tells the helper to look again, and returns what it saw.
+    /// Tells the prober to look again, and returns what it saw.
     fn peers_again(mut self) -> anyhow::Result<Vec<String>> {
         std::fs::write(&self.go, "")?;
         let after = self.peers();
@@ -640,13 +633,11 @@ impl HeldSockets {
 
     fn peers(&mut self) -> anyhow::Result<Vec<String>> {
         for line in self.lines.by_ref() {
-            // libtest may have begun the line ("test hold_sockets_helper ... ").
-            let line = line?;
-            if let Some((_, peers)) = line.split_once("held peers: ") {
+            if let Some(peers) = line?.strip_prefix("held peers: ") {
                 return Ok(peers.split(' ').map(str::to_owned).collect());
             }
         }
-        anyhow::bail!("the helper ended without a report")
+        anyhow::bail!("mesh-probe --hold ended without a report")
     }
 }
 
@@ -656,51 +647,6 @@ impl Drop for HeldSockets {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.go);
     }
-}
-
-/// Not a test on its own: [`HeldSockets`] runs it in a pod, with the target in
-/// `MESH_HOLD_TARGET` and the file that says "look again" in `MESH_HOLD_GO`.
-#[test]
-#[ignore = "a helper process of other tests"]
-fn hold_sockets_helper() -> anyhow::Result<()> {
-    let (Ok(target), Ok(go)) = (
-        std::env::var("MESH_HOLD_TARGET"),
-        std::env::var("MESH_HOLD_GO"),
-    ) else {
-        return Ok(());
-    };
-    // Each socket asks and reads the answer (a backend serves one connection at
-    // a time), then stays open, half-closed by the backend.
-    let sockets = (0..HELD)
-        .map(|_| {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect(&target)?;
-            s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")?;
-            s.read_to_end(&mut Vec::new())?;
-            Ok(s)
-        })
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let report = |sockets: &[std::net::TcpStream]| {
-        let peers: Vec<String> = sockets
-            .iter()
-            .map(|s| {
-                s.peer_addr()
-                    .map_or_else(|e| e.to_string(), |a| a.to_string())
-            })
-            .collect();
-        println!("held peers: {}", peers.join(" "));
-    };
-    report(&sockets);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::path::Path::new(&go).exists() {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "never told to look again"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    report(&sockets);
-    Ok(())
 }
 
 /// The value of `mesh_service_connections_total` of the IPv4 VIP, and the sum
@@ -844,19 +790,12 @@ fn replacing_any_other_map_alone_fails_no_connect_and_keeps_the_counters() -> an
     Ok(())
 }
 
-/// Every map of the object, sorted (mesh_common::map_names::ALL).
-const ALL_MAPS: [&str; 10] = [
-    "BACKEND_STATS_V1",
-    "GLOBAL_STATS_V1",
-    "REDIRECT_EXCLUDED_V1",
-    "REVNAT_V1",
-    "SERVICES_V1",
-    "SERVICE_STATS_V1",
-    "SLOTS_V1",
-    "SOCKETS_V2",
-    "SOCK_CONN_V1",
-    "SOCK_STATS_V1",
-];
+/// Every map of the object, sorted.
+fn all_maps() -> Vec<&'static str> {
+    let mut all = mesh_common::map_names::ALL.to_vec();
+    all.sort_unstable();
+    all
+}
 
 #[test]
 fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow::Result<()> {
@@ -921,7 +860,7 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<Result<_, _>>()?;
         left.sort();
-        assert_eq!(left, ALL_MAPS, "{previous}");
+        assert_eq!(left, all_maps(), "{previous}");
     }
     let after = canary.probe(&vip4(), 1000)?;
     assert_eq!(after.failed(), 0, "{after:?}");

@@ -165,6 +165,45 @@ pub fn run(plan: &Plan, mut on_interval: impl FnMut(&Summary)) -> Summary {
     total
 }
 
+/// Opens `n` connections to `target`, each asking once and reading the answer
+/// (a backend serves one connection at a time, then half-closes it), and
+/// prints `held peers: <getpeername of each>`; once the file `until` exists
+/// (bounded: 60 s), prints it again. For tests of what outlives an event
+/// (an upgrade) on open sockets.
+pub fn hold(target: SocketAddr, n: usize, until: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let sockets = (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(target)?;
+            s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")?;
+            s.read_to_end(&mut Vec::new())?;
+            Ok(s)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let report = || {
+        let peers: Vec<String> = sockets
+            .iter()
+            .map(|s| {
+                s.peer_addr()
+                    .map_or_else(|e| e.to_string(), |a| a.to_string())
+            })
+            .collect();
+        println!("held peers: {}", peers.join(" "));
+    };
+    report();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !until.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            until.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    report();
+    Ok(())
+}
+
 /// Path of the `mesh-probe` binary (next to the test executable's directory).
 pub fn binary() -> anyhow::Result<std::path::PathBuf> {
     crate::agent::sibling_binary("mesh-probe")

@@ -1,5 +1,7 @@
 //! `mesh-probe`: opens TCP connections to a target and prints a JSON summary of
-//! what it observed (see `mesh_tools::probe`).
+//! what it observed (see `mesh_tools::probe`); with `--hold N`, holds N
+//! connections open instead and reports what `getpeername` says for them
+//! before and after an event (see `mesh_tools::probe::hold`).
 
 use std::time::Duration;
 
@@ -22,10 +24,19 @@ struct Args {
     /// Print a JSON line for each interval before the total.
     #[arg(long)]
     interval_ms: Option<u64>,
+    /// Hold this many connections open (each asks once and reads the answer).
+    #[arg(long, requires = "until")]
+    hold: Option<usize>,
+    /// With --hold: report the peers again once this file exists.
+    #[arg(long)]
+    until: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(n), Some(until)) = (args.hold, &args.until) {
+        return mesh_tools::probe::hold(args.target, n, until);
+    }
     let plan = Plan {
         target: args.target,
         count: args.count,
