@@ -46,6 +46,31 @@ pub const MAX_SOCKETS: u32 = 131_072;
 /// Capacity of the redirect exclusions: endpoints whose connections keep to TCP.
 pub const MAX_REDIRECT_EXCLUDED: u32 = 65_536;
 
+/// Capacity of the meshed pods' network namespaces (pods of this node in a
+/// mesh namespace).
+pub const MAX_MESHED_PODS: u32 = 16_384;
+
+/// [`MeshScope::mode`] values.
+pub mod scope {
+    /// Every socket under the attach point is meshed (the file source, tests).
+    pub const CGROUP: u32 = 0;
+    /// Only sockets in a meshed pod's network namespace: its cookie is in
+    /// `MESHED_PODS_V1` (Istio's scope: pods of labelled namespaces).
+    pub const PODS: u32 = 1;
+}
+
+/// Value of `MESH_SCOPE_V1` (one entry): which sockets under the attach point
+/// are meshed. Written by the agent at start, before it attaches the programs.
+/// Absent or zeroed: [`scope::CGROUP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct MeshScope {
+    /// [`scope::CGROUP`] or [`scope::PODS`].
+    pub mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<MeshScope>() == 8);
+
 /// Map names, versioned with their layout.
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES_V1";
@@ -59,13 +84,15 @@ pub mod map_names {
     pub const REDIRECT_EXCLUDED: &str = "REDIRECT_EXCLUDED_V1";
     pub const SERVICE_STATS: &str = "SERVICE_STATS_V1";
     pub const AGENT_CGROUP: &str = "AGENT_CGROUP_V1";
+    pub const MESH_SCOPE: &str = "MESH_SCOPE_V1";
+    pub const MESHED_PODS: &str = "MESHED_PODS_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -77,6 +104,8 @@ pub mod map_names {
         SOCK_STATS,
         REDIRECT_EXCLUDED,
         AGENT_CGROUP,
+        MESH_SCOPE,
+        MESHED_PODS,
     ];
 }
 
@@ -109,7 +138,10 @@ pub mod global_stat {
     /// Connects of the agent itself (its cgroup is in `AGENT_CGROUP_V1`), left
     /// alone whatever they dial.
     pub const AGENT_BYPASSED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Connects to a mesh service from a socket outside the mesh scope (a pod
+    /// of an unlabelled namespace), left alone.
+    pub const NOT_MESHED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).
@@ -131,7 +163,10 @@ pub mod sock_stat {
     /// Established mesh TCP sockets not added because one end is an endpoint in
     /// `REDIRECT_EXCLUDED_V1`.
     pub const EXCLUDED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Established TCP sockets not added because they are outside the mesh
+    /// scope (see [`MeshScope`](crate::MeshScope)).
+    pub const NOT_MESHED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// [`SockConn::path`] values: a socket whose first message went through TCP stays
@@ -461,6 +496,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::SockConn {}
     unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::MeshScope {}
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_set_retval,
     },
     programs::SockAddrContext,
 };
@@ -16,6 +17,7 @@ use mesh_common::{
 use crate::{
     ctx::{read_ip6, write_ip6},
     maps::{AGENT_CGROUP, REVNAT, SERVICES, SLOTS},
+    scope,
     stats::{bump, bump_backend, bump_service},
 };
 
@@ -55,7 +57,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
         proto: proto as u8,
         family: FAMILY_V4,
     };
-    match choose(&key) {
+    match choose(ctx, &key) {
         Verdict::Untouched => ALLOW,
         Verdict::NoBackend => refuse(),
         Verdict::To(backend) if backend.family == FAMILY_V4 => {
@@ -104,7 +106,7 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
             family: FAMILY_V6,
         }
     };
-    match choose(&key) {
+    match choose(ctx, &key) {
         Verdict::Untouched => ALLOW,
         Verdict::NoBackend => refuse(),
         Verdict::To(backend) => {
@@ -149,7 +151,7 @@ fn from_agent() -> bool {
 /// Looks the service up and draws a slot: `random % slot_count`, O(1) whatever the
 /// number of services or backends.
 #[inline(always)]
-fn choose(key: &ServiceKey) -> Verdict {
+fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     // Two tries: if the agent flipped the service to a new table between our two
     // lookups and already freed the old one, the second read sees the new table.
     for attempt in 0..2u32 {
@@ -163,6 +165,12 @@ fn choose(key: &ServiceKey) -> Verdict {
             // The service was deleted while we looked: it is gone, let it be.
             return Verdict::Untouched;
         };
+        // Scope is checked only for service connects: everything else pays
+        // one lookup, as before.
+        if attempt == 0 && !in_scope(ctx) {
+            bump(global_stat::NOT_MESHED);
+            return Verdict::Untouched;
+        }
         if svc.slot_count == 0 {
             bump_service(svc.service_id);
             return Verdict::NoBackend;
@@ -186,6 +194,13 @@ fn choose(key: &ServiceKey) -> Verdict {
     }
     // Two misses in a row: never send a mesh connect to the bare VIP.
     Verdict::NoBackend
+}
+
+/// Whether the connecting socket is in the mesh scope (see `scope`).
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper accepts a sock_addr context.
+    scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
 }
 
 /// Fails the connect with `EHOSTUNREACH`, as Cilium does for a service without

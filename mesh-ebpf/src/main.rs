@@ -11,6 +11,7 @@ mod ctx;
 mod maps;
 mod peer;
 mod redirect;
+mod scope;
 mod stats;
 
 use aya_ebpf::{

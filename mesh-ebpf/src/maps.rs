@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendStats, ConnKey, EndpointKey, MAX_BACKENDS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, OrigDst, ServiceKey, ServiceValue, SlotKey, SockConn,
-    SockKey, global_stat, sock_stat,
+    Backend, BackendStats, ConnKey, EndpointKey, MAX_BACKENDS, MAX_MESHED_PODS,
+    MAX_REDIRECT_EXCLUDED, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MeshScope, OrigDst,
+    ServiceKey, ServiceValue, SlotKey, SockConn, SockKey, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -80,3 +80,14 @@ pub static REDIRECT_EXCLUDED: HashMap<EndpointKey, u32> =
 /// (an emptied `kubernetes` EndpointSlice must not lock it out of the restore).
 #[map(name = "AGENT_CGROUP_V1")]
 pub static AGENT_CGROUP: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Index 0: which sockets under the attach point are meshed. Writer: agent, at
+/// start. Readers: connect4/6 (for service connects only) and sockops.
+#[map(name = "MESH_SCOPE_V1")]
+pub static MESH_SCOPE: Array<MeshScope> = Array::with_max_entries(1, 0);
+
+/// Network namespace cookies (host byte order) of this node's meshed pods
+/// -> 0. Writer: agent, as pods come, go and their namespace's label changes.
+#[map(name = "MESHED_PODS_V1")]
+pub static MESHED_PODS: HashMap<u64, u32> =
+    HashMap::with_max_entries(MAX_MESHED_PODS, BPF_F_NO_PREALLOC);

@@ -33,6 +33,7 @@ use mesh_common::{EndpointKey, SockConn, SockKey, sock_path, sock_stat};
 use crate::{
     ctx::read_ip6,
     maps::{REDIRECT_EXCLUDED, SOCK_CONN, SOCK_STATS, SOCKETS},
+    scope,
     stats::add,
 };
 
@@ -73,6 +74,12 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     }
     // SAFETY: the kernel hands a valid bpf_sock_ops.
     let ops = unsafe { &mut *ctx.ops };
+    // SAFETY: the helper accepts a sock_ops context. (The key's netns is 0
+    // for some tuples; the scope needs the namespace itself.)
+    if !scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
+        add(&SOCK_STATS, sock_stat::NOT_MESHED, 1);
+        return 1;
+    }
     // With TCP Fast Open the client's first bytes rode in the SYN, through TCP:
     // later bytes must not overtake them.
     let sent_in_syn = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ops.data_segs_out > 0;

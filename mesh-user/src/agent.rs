@@ -18,7 +18,8 @@ use crate::{
         counters::{Connections, SockStats},
         loader, own_cgroup,
         pin::PinDir,
-        record::AgentRecord,
+        record::{AgentRecord, ScopeRecord},
+        scope::{PodScope, Scope},
     },
     model::{Diagnostic, Severity},
     source::{self, Event, SourceSpec},
@@ -44,6 +45,8 @@ pub struct Config {
     pub map_capacity: loader::MapCapacities,
     /// Who may read /metrics.
     pub metrics_auth: crate::telemetry::auth::MetricsAuth,
+    /// Which sockets the mesh takes.
+    pub scope: Scope,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,7 @@ pub async fn run(
     let (mut loaded, maps, sock_stats) = loader::load(&pins, &object, &config.map_capacity)?;
     // Before the first dial of the API server: the agent must reach it the way
     // kube-proxy routes it, never through tables only it can repair.
+    let pods = set_scope(&mut loaded, &config.scope, &config.cgroup)?;
     let own_cgroup = match own_cgroup::current() {
         Ok(own) => {
             loaded.set_agent_cgroup(own.id)?;
@@ -155,6 +159,7 @@ pub async fn run(
         desired: Compiled::default(),
         failures: BTreeSet::new(),
         holding: false,
+        pods,
         telemetry,
         attach: Some(PendingAttach {
             loaded,
@@ -200,6 +205,34 @@ pub async fn run(
     result
 }
 
+/// Tells the kernel which sockets are meshed (before anything is attached);
+/// with the pods' scope, returns its writer and this node's name.
+fn set_scope(
+    loaded: &mut loader::Loaded,
+    scope: &Scope,
+    cgroup: &std::path::Path,
+) -> Result<Option<(String, PodScope)>, AgentError> {
+    match scope {
+        Scope::Cgroup => {
+            loaded.set_mesh_scope(mesh_common::MeshScope {
+                mode: mesh_common::scope::CGROUP,
+                _pad: 0,
+            })?;
+            info!(cgroup = %cgroup.display(), "mesh scope: every process in the cgroup");
+            Ok(None)
+        }
+        Scope::Pods { node } => {
+            loaded.set_mesh_scope(mesh_common::MeshScope {
+                mode: mesh_common::scope::PODS,
+                _pad: 0,
+            })?;
+            info!(%node, pods = %cgroup.display(), "mesh scope: pods of mesh namespaces on this node");
+            let map = Box::new(loaded.take_meshed_pods()?);
+            Ok(Some((node.clone(), PodScope::new(map, cgroup.to_owned()))))
+        }
+    }
+}
+
 /// What the first successful apply attaches.
 struct PendingAttach {
     loaded: loader::Loaded,
@@ -230,6 +263,8 @@ struct Reconciler {
     failures: BTreeSet<String>,
     /// Whether the last apply kept tables from the start ([`Hold`]).
     holding: bool,
+    /// With the pods' scope: this node's name and the meshed pods' writer.
+    pods: Option<(String, PodScope)>,
     telemetry: Arc<Telemetry>,
     /// Until the first apply: the programs to attach once the maps are full.
     attach: Option<PendingAttach>,
@@ -253,6 +288,14 @@ impl Reconciler {
         diagnostics.extend(compiled.diagnostics.iter().cloned());
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
+        // Before the first attach: the pods meshed from the first connect on.
+        if let Some((node, pods)) = &mut self.pods {
+            pods.set(compile::scope::meshed_pods(&self.index, node));
+            self.record.scope = Some(ScopeRecord {
+                meshed_pods: pods.meshed(),
+                waiting_pods: pods.waiting(),
+            });
+        }
         self.apply(seen, compile_us)?;
         self.telemetry.set_rejected(&diagnostics);
         if let Ok(mut view) = self.telemetry.view.write() {
@@ -272,6 +315,19 @@ impl Reconciler {
     /// Once a second: free replaced tables, and retry writes that failed.
     fn tick(&mut self) {
         self.applier.collect_garbage(Instant::now());
+        if let Some((_, pods)) = &mut self.pods {
+            let waiting = pods.waiting();
+            pods.retry();
+            if pods.waiting() != waiting {
+                self.record.scope = Some(ScopeRecord {
+                    meshed_pods: pods.meshed(),
+                    waiting_pods: pods.waiting(),
+                });
+                if let Err(e) = self.record.write(&self.run_dir) {
+                    warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
+                }
+            }
+        }
         if !self.failures.is_empty() {
             // Attaching is done by now: this cannot fail.
             if let Err(e) = self.apply(Instant::now(), 0) {
@@ -349,6 +405,7 @@ fn log_counters(connections: &Connections, redirect: &SockStats) {
         peer_rewritten = g.peer_rewritten,
         peer_rewritten_by_variant = g.peer_rewritten_by_variant,
         agent_bypassed = g.agent_bypassed,
+        not_meshed = g.not_meshed,
         "connect counters"
     );
     let r = redirect.read();

@@ -8,7 +8,7 @@ use mesh_user::{
     agent,
     cli::{self, inspect},
     compile,
-    kernel::pin::PinDir,
+    kernel::{pin::PinDir, scope::Scope},
     source::SourceSpec,
 };
 
@@ -31,9 +31,22 @@ enum Command {
         /// Where objects come from: file:DIR (a folder of YAML manifests, watched) or kubernetes.
         #[arg(long, env = "MESH_SOURCE")]
         source: SourceSpec,
-        /// The cgroup v2 directory to attach to (every process in it and below is meshed).
+        /// The cgroup v2 directory to attach to: the pods' root (kubepods,
+        /// kubepods.slice) with --mesh-scope pods; else every process in it and
+        /// below is meshed.
         #[arg(long, env = "MESH_CGROUP")]
         cgroup: PathBuf,
+        /// Which processes are meshed: `pods`, Istio's scope (pods of this node in a
+        /// namespace the --namespace-selector matches, not opted out with
+        /// sidecar.istio.io/inject=false, not on the host network; their cgroups are
+        /// found below --cgroup), or `cgroup` (every process below --cgroup).
+        /// Default: pods with --source kubernetes, cgroup with a folder.
+        #[arg(long, env = "MESH_SCOPE", value_enum)]
+        mesh_scope: Option<ScopeArg>,
+        /// This node's name, for --mesh-scope pods (the DaemonSet sets it from the
+        /// downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// With --source kubernetes: a kubeconfig (else KUBECONFIG, ~/.kube/config, or in-cluster).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
@@ -110,6 +123,12 @@ enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ScopeArg {
+    Pods,
+    Cgroup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -148,6 +167,8 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             mut source,
             cgroup,
+            mesh_scope,
+            node_name,
             kubeconfig,
             namespace_selector,
             metrics_addr,
@@ -160,6 +181,15 @@ fn main() -> anyhow::Result<()> {
             metrics_auth,
         } => {
             init_logging(&log_format);
+            let kubernetes = matches!(source, SourceSpec::Kubernetes(_));
+            let scope = match (mesh_scope, kubernetes) {
+                (Some(ScopeArg::Cgroup), _) | (None, false) => Scope::Cgroup,
+                (Some(ScopeArg::Pods), _) | (None, true) => Scope::Pods {
+                    node: node_name.context(
+                        "--mesh-scope pods needs this node's name: --node-name or NODE_NAME",
+                    )?,
+                },
+            };
             if let SourceSpec::Kubernetes(options) = &mut source {
                 options.kubeconfig = kubeconfig;
                 options.namespace_selector = namespace_selector;
@@ -186,6 +216,7 @@ fn main() -> anyhow::Result<()> {
                     ebpf_object,
                     map_capacity,
                     metrics_auth,
+                    scope,
                 };
                 agent::run(config, shutdown_signal())
                     .await

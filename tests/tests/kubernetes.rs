@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use common::{V1, V2, assert_share, vip4};
+use common::{V1, V2, VIP4, assert_share, vip4};
 use mesh_tools::{
     agent::Agent,
     apiserver::{ApiProxy, ApiServer},
@@ -822,5 +822,140 @@ fn a_server_serving_only_v1beta1_endpoint_slices_is_followed() -> anyhow::Result
     let s = probe("a v1 pod not ready")?;
     assert_eq!(s.backends.get(V1[0]), None, "{s:?}");
     assert_share(s.share(V2), 0.20, N, "v2 keeps 20%");
+    Ok(())
+}
+
+/// A client pod of node-a in `namespace`, as the kubelet would run it: a Pod
+/// object (the API server assigns its uid and QoS class, BestEffort), its
+/// cgroup where the cgroupfs driver puts it below the pods' root `kubepods`,
+/// its own network namespace (`host`: its address on the node), a sandbox
+/// process holding that namespace, and kube-proxy's rule there for the VIP
+/// (to `kube_proxy_to`): what the mesh leaves alone lands there.
+struct ClientPod {
+    cgroup: Cgroup,
+    _qos: Cgroup,
+    _sandbox: std::process::Child,
+}
+
+fn client_pod(
+    api: &ApiServer,
+    node: &mut Node,
+    kubepods: &Cgroup,
+    namespace: &str,
+    host: u8,
+    kube_proxy_to: IpAddr,
+) -> anyhow::Result<ClientPod> {
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: {namespace}}}\nspec:\n  nodeName: node-a\n  containers: [{{name: client, image: client}}]\n"
+    ))?;
+    let uid = api.kubectl(&[
+        "get",
+        "pod",
+        "client",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])?;
+    let qos = kubepods.child(&format!("besteffort-{namespace}"))?;
+    let cgroup = qos.child(&format!("pod{}", uid.trim()))?;
+    let ns = &node.add_pod(&format!("client-{namespace}"), host)?.ns;
+    // The service range routed to the pod network, as a cluster routes it.
+    ns.ip(&["route", "add", "10.96.0.0/16", "dev", "eth0"])?;
+    ns.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            VIP4,
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{kube_proxy_to}:5000"),
+        ],
+    )?;
+    let sandbox = mesh_tools::spawn_in_pod(
+        std::path::Path::new("/bin/sleep"),
+        ns,
+        Some(&cgroup),
+        &["600"],
+    )?;
+    Ok(ClientPod {
+        cgroup,
+        _qos: qos,
+        _sandbox: sandbox,
+    })
+}
+
+#[test]
+fn only_pods_of_labelled_namespaces_are_meshed() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    let api = ApiServer::start()?;
+    api.install_mesh_crds()?;
+    let (mut node, _backends, pods) = topology(&api, true)?;
+    api.kubectl(&["create", "namespace", "plain"])?;
+    let kubepods = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
+    let v1_0 = pods.iter().find(|p| p.0 == V1[0]).context("no v1 pod")?.1;
+    let meshed = client_pod(&api, &mut node, &kubepods, "default", 3, v1_0)?;
+    let plain = client_pod(&api, &mut node, &kubepods, "plain", 4, v1_0)?;
+    let agent = Agent::start_kubernetes_flags(
+        &api.kubeconfig,
+        kubepods.path(),
+        &["--mesh-scope", "pods", "--node-name", "node-a"],
+    )?;
+    let probe = |namespace: &str, pod: &ClientPod| {
+        let ns = &node.pod(&format!("client-{namespace}")).ns;
+        probe::probe(ns, Some(&pod.cgroup), &vip4(), N, 4)
+    };
+    let pods_meshed = |n: usize| -> anyhow::Result<()> {
+        wait_until("the pods meshed", Duration::from_secs(10), || {
+            Ok(agent
+                .cli(&["status"])?
+                .contains(&format!("{n} meshed, 0 waiting")))
+        })
+        .with_context(|| agent.log_text())
+    };
+    pods_meshed(1)?;
+
+    // The same-node shortcut takes a socket only in the mesh: (added, left alone).
+    let sockets = || -> anyhow::Result<(u64, u64)> {
+        Ok((
+            agent.metric("mesh_redirect_sockets_added_total")?,
+            agent.metric("mesh_redirect_not_meshed_sockets_total")?,
+        ))
+    };
+    let s = probe("default", &meshed)?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "a pod of a labelled namespace: 80/20");
+    let (added, left) = sockets()?;
+    assert!(added >= N && left == 0, "{added} added, {left} left alone");
+    let s = probe("plain", &plain)?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_eq!(
+        s.backends.keys().collect::<Vec<_>>(),
+        [V1[0]],
+        "a pod of an unlabelled namespace keeps kube-proxy's choice: {s:?}"
+    );
+    let (added_after, left) = sockets()?;
+    assert!(
+        added_after == added && left >= N,
+        "{added_after} added, {left} left alone"
+    );
+
+    // Labelling its namespace meshes it, without restarting anything.
+    api.kubectl(&["label", "namespace", "plain", "istio-injection=enabled"])?;
+    pods_meshed(2)?;
+    let s = probe("plain", &plain)?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "labelled: 80/20");
+    let (added_labelled, _) = sockets()?;
+    assert!(added_labelled >= added + N, "{added_labelled} added");
     Ok(())
 }

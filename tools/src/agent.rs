@@ -151,6 +151,13 @@ impl Agent {
         .to_vec();
         args.extend(source.iter().cloned());
         args.extend(["--cgroup".to_owned(), cgroup.display().to_string()]);
+        // Tests stand pods in for network namespaces in one cgroup: every process
+        // there is a mesh client, unless a test asks for Istio's pod scope.
+        if source.first().is_some_and(|s| s == "kubernetes")
+            && !source.iter().any(|a| a == "--mesh-scope")
+        {
+            args.extend(["--mesh-scope".to_owned(), "cgroup".to_owned()]);
+        }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let run_dir = std::env::temp_dir().join(format!("{name}-run"));
         let (child, log) = spawn(&args, &env, &pin_dir, &run_dir, inside)?;

@@ -37,6 +37,14 @@ impl Netns {
         sh("ip", &all)
     }
 
+    /// Runs `program ARGS` inside this namespace (`ip netns exec`), e.g. a
+    /// kube-proxy stand-in's iptables rule, which goes away with the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }

@@ -61,6 +61,8 @@ pub struct AgentStatus {
     pub cgroup: PathBuf,
     /// The agent's own cgroup, whose connects bypass the mesh.
     pub own_cgroup: Option<PathBuf>,
+    /// With the pods' scope: meshed and waiting pods.
+    pub scope: Option<crate::kernel::record::ScopeRecord>,
     pub redirect: bool,
     pub generation: u64,
     pub applied_at_ms: u64,
@@ -99,6 +101,7 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
         version: r.version.clone(),
         cgroup: r.cgroup.clone(),
         own_cgroup: r.own_cgroup.clone(),
+        scope: r.scope,
         redirect: r.redirect,
         generation: r.generation,
         applied_at_ms: r.applied_at_ms,
@@ -175,6 +178,13 @@ pub fn print_status(s: &Status) {
                 a.cgroup.display(),
                 if a.redirect { "on" } else { "off" }
             );
+            match &a.scope {
+                Some(s) => println!(
+                    "mesh scope: pods of mesh namespaces on this node: {} meshed, {} waiting for their cgroup",
+                    s.meshed_pods, s.waiting_pods
+                ),
+                None => println!("mesh scope: every process in cgroup {}", a.cgroup.display()),
+            }
             match &a.own_cgroup {
                 Some(own) => println!(
                     "agent's own connects bypass the mesh: cgroup {}",

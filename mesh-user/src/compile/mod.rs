@@ -5,6 +5,7 @@ pub mod endpoints;
 mod plan;
 pub mod redirect;
 pub mod routes;
+pub mod scope;
 pub mod slots;
 #[cfg(test)]
 mod tests;

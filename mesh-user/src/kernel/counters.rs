@@ -27,6 +27,7 @@ pub struct RedirectCounts {
     pub fallback_messages: u64,
     pub fallback_bytes: u64,
     pub excluded_sockets: u64,
+    pub not_meshed_sockets: u64,
 }
 
 /// Reader of `SOCK_STATS_V1`, and of `SOCKETS_V2`'s occupancy.
@@ -84,6 +85,7 @@ impl SockStats {
             fallback_messages: at(sock_stat::FALLBACK_MSGS),
             fallback_bytes: at(sock_stat::FALLBACK_BYTES),
             excluded_sockets: at(sock_stat::EXCLUDED),
+            not_meshed_sockets: at(sock_stat::NOT_MESHED),
         }
     }
 }
@@ -126,6 +128,11 @@ impl Collector for SockStats {
                 "redirect_excluded_sockets",
                 "Established mesh TCP sockets left to TCP: an end is an excluded endpoint",
                 c.excluded_sockets,
+            ),
+            (
+                "redirect_not_meshed_sockets",
+                "Established TCP sockets under the attach point but outside the mesh scope (pods of unlabelled namespaces), left alone",
+                c.not_meshed_sockets,
             ),
         ] {
             let counter = ConstCounter::new(value);
@@ -208,6 +215,7 @@ pub struct ConnectCounts {
     pub peer_rewritten: u64,
     pub peer_rewritten_by_variant: u64,
     pub agent_bypassed: u64,
+    pub not_meshed: u64,
 }
 
 /// Reader of `SERVICE_STATS_V1`, `BACKEND_STATS_V1` and `GLOBAL_STATS_V1` (its
@@ -257,6 +265,7 @@ impl Connections {
             peer_rewritten: at(g::PEER_REWRITTEN),
             peer_rewritten_by_variant: at(g::PEER_REWRITTEN_BY_VARIANT),
             agent_bypassed: at(g::AGENT_BYPASSED),
+            not_meshed: at(g::NOT_MESHED),
         }
     }
 

@@ -90,12 +90,27 @@ impl Loaded {
     /// Names the agent's cgroup to the connect hooks (`AGENT_CGROUP_V1`), which
     /// then leave its connects alone.
     pub fn set_agent_cgroup(&mut self, id: u64) -> Result<(), LoadError> {
-        let name = map_names::AGENT_CGROUP;
+        self.set_first(map_names::AGENT_CGROUP, id)
+    }
+
+    /// Says which sockets are meshed (`MESH_SCOPE_V1`), before the programs
+    /// are attached.
+    pub fn set_mesh_scope(&mut self, scope: mesh_common::MeshScope) -> Result<(), LoadError> {
+        self.set_first(map_names::MESH_SCOPE, scope)
+    }
+
+    /// `MESHED_PODS_V1`, for its only writer ([`super::scope::PodScope`]).
+    pub fn take_meshed_pods(&mut self) -> Result<HashMap<MapData, u64, u32>, LoadError> {
+        take(&mut self.ebpf, map_names::MESHED_PODS)
+    }
+
+    /// Sets entry 0 of a one-entry array map.
+    fn set_first<T: aya::Pod>(&mut self, name: &'static str, value: T) -> Result<(), LoadError> {
         let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
-        let mut array = aya::maps::Array::<_, u64>::try_from(map)
+        let mut array = aya::maps::Array::<_, T>::try_from(map)
             .map_err(|source| LoadError::Map { name, source })?;
         array
-            .set(0, id, 0)
+            .set(0, value, 0)
             .map_err(|source| LoadError::Map { name, source })
     }
 }

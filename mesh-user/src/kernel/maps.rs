@@ -15,6 +15,37 @@ pub trait KernelMap<K, V> {
     fn keys(&self) -> Vec<K>;
 }
 
+/// Makes a set-like map (key -> 0) hold exactly `desired`, given `current`,
+/// what it holds as far as we know; `current` follows each write that
+/// succeeded. Returns the members whose write failed (tried again next time).
+pub fn sync_set<T: Ord + Copy, K>(
+    map: &mut dyn KernelMap<K, u32>,
+    current: &mut std::collections::BTreeSet<T>,
+    desired: &std::collections::BTreeSet<T>,
+    key: impl Fn(T) -> K,
+) -> Vec<(T, MapError)> {
+    let mut failed = Vec::new();
+    let add: Vec<T> = desired.difference(current).copied().collect();
+    let remove: Vec<T> = current.difference(desired).copied().collect();
+    for member in add {
+        match map.insert(key(member), 0) {
+            Ok(()) => {
+                current.insert(member);
+            }
+            Err(e) => failed.push((member, e)),
+        }
+    }
+    for member in remove {
+        match map.remove(&key(member)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {
+                current.remove(&member);
+            }
+            Err(e) => failed.push((member, e)),
+        }
+    }
+    failed
+}
+
 /// Per-CPU counters by id (connections per service, per backend).
 pub trait CounterMap {
     /// Sets the id's counters to zero on every CPU (a new or reused id).

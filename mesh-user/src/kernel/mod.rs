@@ -4,7 +4,8 @@
 //! syscalls aya lacks ([`sys`]), the kernel-written entries an upgrade carries
 //! into a replaced map ([`carry`]), the kernel's counters ([`counters`]), the
 //! agent's record of what the tables mean ([`record`]), and the agent's own
-//! cgroup, whose connects the hooks leave alone ([`own_cgroup`]).
+//! cgroup, whose connects the hooks leave alone ([`own_cgroup`]), and the
+//! pods' cgroups, which scope the mesh ([`pod_cgroups`], written by [`scope`]).
 
 pub mod apply;
 mod carry;
@@ -12,9 +13,12 @@ pub mod codec;
 pub mod counters;
 pub mod loader;
 pub mod maps;
+pub mod netns;
 pub mod own_cgroup;
 pub mod pin;
+pub mod pod_cgroups;
 pub mod record;
+pub mod scope;
 mod sys;
 
 pub use sys::count_keys;

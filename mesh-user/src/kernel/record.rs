@@ -28,12 +28,24 @@ pub struct AgentRecord {
     /// when it could not be found).
     #[serde(default)]
     pub own_cgroup: Option<PathBuf>,
+    /// With the pods' scope (`--mesh-scope pods`): how many pods are meshed.
+    #[serde(default)]
+    pub scope: Option<ScopeRecord>,
     pub redirect: bool,
     pub pin_dir: PathBuf,
     pub generation: u64,
     /// Unix time of the last apply, in milliseconds.
     pub applied_at_ms: u64,
     pub services: Vec<ServiceRecord>,
+}
+
+/// The meshed pods of this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeRecord {
+    /// In `MESHED_PODS_V1`.
+    pub meshed_pods: usize,
+    /// Meshed by their namespace, but their cgroup is not there yet.
+    pub waiting_pods: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

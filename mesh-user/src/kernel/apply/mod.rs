@@ -667,36 +667,18 @@ impl Applier {
     /// Makes the kernel's redirect exclusions exactly `desired`; a failed write is
     /// reported and tried again on the next call.
     pub fn apply_excluded(&mut self, desired: &BTreeSet<BackendAddr>) -> Vec<ApplyError> {
-        let mut errors = Vec::new();
-        let add: Vec<BackendAddr> = desired.difference(&self.excluded).copied().collect();
-        let remove: Vec<BackendAddr> = self.excluded.difference(desired).copied().collect();
-        for endpoint in add {
-            match self
-                .maps
-                .redirect_excluded
-                .insert(endpoint_key(endpoint), 0)
-            {
-                Ok(()) => {
-                    self.excluded.insert(endpoint);
-                }
-                Err(source) => errors.push(ApplyError::Exclusion {
-                    endpoint,
-                    source: Box::new(source),
-                }),
-            }
-        }
-        for endpoint in remove {
-            match self.maps.redirect_excluded.remove(&endpoint_key(endpoint)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {
-                    self.excluded.remove(&endpoint);
-                }
-                Err(source) => errors.push(ApplyError::Exclusion {
-                    endpoint,
-                    source: Box::new(source),
-                }),
-            }
-        }
-        errors
+        super::maps::sync_set(
+            &mut *self.maps.redirect_excluded,
+            &mut self.excluded,
+            desired,
+            endpoint_key,
+        )
+        .into_iter()
+        .map(|(endpoint, source)| ApplyError::Exclusion {
+            endpoint,
+            source: Box::new(source),
+        })
+        .collect()
     }
 
     /// Labels of the kernel's counters and the occupancy of the maps we write.

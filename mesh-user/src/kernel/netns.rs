@@ -1,0 +1,88 @@
+//! A pod's network namespace cookie, the key of `MESHED_PODS_V1`: what both
+//! the connect hooks and sockops can read of any socket. Found from the pod's
+//! cgroup: a process in it (the sandbox's pause process, at least) lives in the
+//! pod's network namespace, and a socket made there tells the cookie
+//! (`SO_NETNS_COOKIE`). The agent needs the host's PID namespace for this
+//! (`cgroup.procs` names processes in the reader's PID namespace).
+
+use std::{
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+/// The network namespace cookie of the first process found in `cgroup` or
+/// below (at most three levels: pod, container).
+pub fn of_cgroup(cgroup: &Path) -> Option<u64> {
+    pids(cgroup, 3)
+        .into_iter()
+        .find_map(|pid| of_process(pid).ok())
+}
+
+fn pids(dir: &Path, depth: u32) -> Vec<u32> {
+    let mut found: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&pid| pid != 0)
+        .collect();
+    if depth > 0 {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                found.extend(pids(&entry.path(), depth - 1));
+            }
+        }
+    }
+    found
+}
+
+/// The cookie of process `pid`'s network namespace: a short-lived thread
+/// enters it (setns affects only the calling thread) and asks a socket.
+pub fn of_process(pid: u32) -> std::io::Result<u64> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        cookie_here()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+}
+
+/// The cookie of the calling thread's network namespace.
+fn cookie_here() -> std::io::Result<u64> {
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_of_this_namespace_has_its_cookie() -> std::io::Result<()> {
+        let here = cookie_here()?;
+        assert_ne!(here, 0);
+        assert_eq!(of_process(std::process::id())?, here);
+        Ok(())
+    }
+}

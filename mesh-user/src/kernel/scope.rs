@@ -1,0 +1,206 @@
+//! The only writer of `MESHED_PODS_V1`: the network namespace cookies of this
+//! node's meshed pods (see `compile::scope` for which pods, `pod_cgroups` for
+//! where their cgroups are, `netns` for a cgroup's namespace). A pod whose
+//! cgroup or process is not there yet (the kubelet has not made its sandbox)
+//! waits and is looked for again on every tick. A pod's namespace is looked up
+//! once: a sandbox recreated under the same pod (rare) is seen only when the
+//! pod leaves and comes back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use aya::maps::MapError;
+use tracing::{info, warn};
+
+use super::{
+    maps::{KernelMap, sync_set},
+    netns, pod_cgroups,
+};
+use crate::{compile::scope::PodUid, model::NamespacedName};
+
+/// Which sockets the mesh takes (`--mesh-scope`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every process under the attach point (the file source, tests).
+    Cgroup,
+    /// Istio's: pods of this node (`node`) in a mesh namespace.
+    Pods { node: String },
+}
+
+pub struct PodScope {
+    map: Box<dyn KernelMap<u64, u32> + Send + Sync>,
+    /// The pods' cgroup root (`--cgroup`).
+    root: PathBuf,
+    /// The meshed pods, and their network namespace once found.
+    pods: BTreeMap<PodUid, (NamespacedName, Option<Found>)>,
+    /// The ids the map holds, as far as we know.
+    written: BTreeSet<u64>,
+    /// The last write failed somewhere: try again on the next tick.
+    failed: bool,
+}
+
+impl std::fmt::Debug for PodScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodScope")
+            .field("root", &self.root)
+            .field("pods", &self.pods.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a meshed pod was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Found {
+    cgroup: PathBuf,
+    netns: u64,
+}
+
+/// A write to `MESHED_PODS_V1` that failed (tried again on the next change or tick).
+#[derive(Debug, thiserror::Error)]
+#[error("meshed pod network namespace {id}: {source}")]
+pub struct ScopeError {
+    pub id: u64,
+    pub source: MapError,
+}
+
+impl PodScope {
+    /// Adopts what the map holds (a restart keeps meshing the pods it meshed
+    /// until the source says otherwise).
+    pub fn new(map: Box<dyn KernelMap<u64, u32> + Send + Sync>, root: PathBuf) -> Self {
+        let written = map.keys().into_iter().collect();
+        Self {
+            map,
+            root,
+            pods: BTreeMap::new(),
+            written,
+            failed: false,
+        }
+    }
+
+    /// The meshed pods are now `pods`: finds the cgroups of new ones and
+    /// writes the map.
+    pub fn set(&mut self, pods: BTreeMap<PodUid, NamespacedName>) -> Vec<ScopeError> {
+        for (uid, (name, cgroup)) in &self.pods {
+            if !pods.contains_key(uid) && cgroup.is_some() {
+                info!(pod = %name, %uid, "pod left the mesh");
+            }
+        }
+        let mut previous = std::mem::take(&mut self.pods);
+        self.pods = pods
+            .into_iter()
+            .map(|(uid, name)| {
+                let cgroup = previous.remove(&uid).and_then(|(_, c)| c);
+                (uid, (name, cgroup))
+            })
+            .collect();
+        self.sync()
+    }
+
+    /// Looks again for the cgroups of waiting pods.
+    pub fn retry(&mut self) -> Vec<ScopeError> {
+        if self.waiting() == 0 && !self.failed {
+            return Vec::new();
+        }
+        self.sync()
+    }
+
+    /// Meshed pods whose cgroup was not found yet.
+    pub fn waiting(&self) -> usize {
+        self.pods.values().filter(|(_, c)| c.is_none()).count()
+    }
+
+    /// Meshed pods in the map.
+    pub fn meshed(&self) -> usize {
+        self.pods.len() - self.waiting()
+    }
+
+    fn sync(&mut self) -> Vec<ScopeError> {
+        let missing: BTreeSet<PodUid> = self
+            .pods
+            .iter()
+            .filter(|(_, (_, c))| c.is_none())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        if !missing.is_empty() {
+            for (uid, cgroup) in pod_cgroups::find(&self.root, &missing) {
+                let Some(netns) = netns::of_cgroup(&cgroup.path) else {
+                    continue; // no process yet: next tick
+                };
+                if let Some((name, found)) = self.pods.get_mut(&uid) {
+                    info!(pod = %name, %uid, cgroup = %cgroup.path.display(), netns, "pod meshed");
+                    *found = Some(Found {
+                        cgroup: cgroup.path,
+                        netns,
+                    });
+                }
+            }
+        }
+        let desired: BTreeSet<u64> = self
+            .pods
+            .values()
+            .filter_map(|(_, f)| f.as_ref().map(|f| f.netns))
+            .collect();
+        let failed = sync_set(&mut *self.map, &mut self.written, &desired, |id| id);
+        for (id, e) in &failed {
+            warn!(id, "writing a meshed pod's cgroup failed: {e}");
+        }
+        self.failed = !failed.is_empty();
+        failed
+            .into_iter()
+            .map(|(id, source)| ScopeError { id, source })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::maps::fake::FakeMap;
+
+    #[test]
+    fn pods_are_written_once_found_with_a_process_and_removed_when_they_go() -> anyhow::Result<()> {
+        // Real cgroups: a pod is found by a process in its cgroup.
+        let root = crate::kernel::own_cgroup::current()?
+            .path
+            .join(format!("mesh-pod-scope-{}", std::process::id()));
+        if std::fs::create_dir(&root).is_err() {
+            return Ok(()); // not root, or no cgroup2: the privileged tests cover it
+        }
+        let result = (|| -> anyhow::Result<()> {
+            std::fs::create_dir_all(root.join("besteffort/poda"))?;
+            std::fs::create_dir_all(root.join("podb"))?;
+            let mut sleeper = std::process::Command::new("sleep").arg("30").spawn()?;
+            std::fs::write(
+                root.join("besteffort/poda/cgroup.procs"),
+                sleeper.id().to_string(),
+            )?;
+            let map: FakeMap<u64, u32> = FakeMap::with_capacity(8);
+            let mut scope = PodScope::new(Box::new(map.clone()), root.clone());
+            let pod = |uid: &str| {
+                (
+                    PodUid(uid.to_owned()),
+                    NamespacedName::new("prod", format!("pod-{uid}")),
+                )
+            };
+            assert!(scope.set(BTreeMap::from([pod("a"), pod("b")])).is_empty());
+            // b has a cgroup but no process yet: it waits.
+            assert_eq!((scope.meshed(), scope.waiting()), (1, 1));
+            let here = netns::of_process(std::process::id())?;
+            assert_eq!(map.keys(), [here]);
+            // a leaves (deleted, or its namespace unlabelled).
+            assert!(scope.set(BTreeMap::from([pod("b")])).is_empty());
+            assert!(map.keys().is_empty());
+            // A restart adopts what the map holds.
+            assert!(scope.set(BTreeMap::from([pod("a")])).is_empty());
+            let again = PodScope::new(Box::new(map.clone()), root.clone());
+            assert_eq!(again.written, BTreeSet::from([here]));
+            sleeper.kill()?;
+            sleeper.wait()?;
+            Ok(())
+        })();
+        for dir in ["besteffort/poda", "besteffort", "podb", ""] {
+            let _ = std::fs::remove_dir(root.join(dir));
+        }
+        result
+    }
+}
