@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod load;
 pub mod manifests;
 pub mod netns;
+pub mod node;
 pub mod probe;
 pub mod xfer;
 
