@@ -68,7 +68,10 @@ fn ready_pods(node: &Node, n: usize) -> anyhow::Result<Option<Vec<(String, IpAdd
             .any(|c| c["type"] == "Ready" && c["status"] == "True");
         let ip = p["status"]["podIP"].as_str().and_then(|s| s.parse().ok());
         if let (true, Some(ip)) = (ready, ip) {
-            pods.push((p["metadata"]["name"].as_str().context("name")?.to_owned(), ip));
+            pods.push((
+                p["metadata"]["name"].as_str().context("name")?.to_owned(),
+                ip,
+            ));
         }
     }
     Ok((pods.len() == n).then_some(pods))
@@ -121,9 +124,16 @@ fn flaskapp_pods_run_answer_and_fill_the_endpointslice() -> anyhow::Result<()> {
 
     // The real EndpointSlice controller lists exactly the pods, ready.
     let want: BTreeSet<IpAddr> = pods.iter().map(|(_, ip)| *ip).collect();
-    poll(Duration::from_secs(60), "the EndpointSlice to list the pods", || {
-        Ok((slice_addresses(&node)? == want).then_some(()))
-    })?;
+    let t2 = Instant::now();
+    poll(
+        Duration::from_secs(60),
+        "the EndpointSlice to list the pods",
+        || Ok((slice_addresses(&node)? == want).then_some(())),
+    )?;
+    eprintln!(
+        "EndpointSlice lists them {:?} after they are ready",
+        t2.elapsed()
+    );
 
     // Each pod answers from the host with its own name and version.
     for (name, ip) in &pods {

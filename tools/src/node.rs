@@ -42,6 +42,7 @@ impl Node {
     /// built: `scripts/test-node.sh build`).
     pub fn start() -> anyhow::Result<Self> {
         let one = ONE_NODE.lock().unwrap_or_else(PoisonError::into_inner);
+        stop_stale();
         // Short: dockerd's and containerd's unix sockets live under it.
         let dir = PathBuf::from("/tmp").join(crate::unique("mesh-node-"));
         let out = Command::new("bash")
@@ -52,7 +53,11 @@ impl Node {
             .output()?;
         if !out.status.success() {
             // `start` cleans up after itself on failure; make sure.
-            let _ = Command::new("bash").arg(script()).arg("stop").arg(&dir).status();
+            let _ = Command::new("bash")
+                .arg(script())
+                .arg("stop")
+                .arg(&dir)
+                .status();
             let _ = std::fs::remove_dir_all(&dir);
             bail!("test node did not start (build it with `scripts/test-node.sh build`)");
         }
@@ -151,6 +156,37 @@ impl Drop for Node {
                 self.dir.display()
             );
         }
+    }
+}
+
+/// A node left running by a test process that was killed without unwinding
+/// (its directory is `/tmp/mesh-node-<pid>x<n>` and that pid is gone): stopped,
+/// so that this process may start one.
+fn stop_stale() {
+    let Ok(owner) = std::fs::read_to_string("/run/mesh-test-node.owner") else {
+        return;
+    };
+    let dir = PathBuf::from(owner.trim());
+    let Some(rest) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("mesh-node-"))
+    else {
+        return;
+    };
+    let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+        return;
+    }
+    eprintln!("stopping a stale test node in {}", dir.display());
+    if Command::new("bash")
+        .arg(script())
+        .arg("stop")
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
