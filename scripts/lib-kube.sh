@@ -10,6 +10,7 @@
 #
 # The caller defines log() and die().
 
+# shellcheck disable=SC2034 # used by the scripts that source this file
 KUBE_CACHE_ROOT="${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}"
 KUBE_SRC_PKG=kubernetes
 KUBE_GO_BIN_DIR=/usr/lib/go-1.19/bin

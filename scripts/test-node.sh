@@ -43,7 +43,7 @@ PROG="$(basename "$0")"
 log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
 
-# shellcheck source=lib-kube.sh
+# shellcheck source=scripts/lib-kube.sh
 source "$SCRIPT_DIR/lib-kube.sh"
 
 POD_CIDR="${MESH_TEST_NODE_POD_CIDR:-10.253.0.0/24}"
@@ -422,10 +422,10 @@ cmd_build() {
     else
         kube_ensure_packages etcd-server openssl
     fi
-    local missing=0 b
-    for b in "${NODE_BINS[@]}"; do [[ -x "$dest/$b" ]] || missing=1; done
-    [[ -f "$dest/src/build/pause/linux/pause.c" && -f "$dest/src/build/pause/Makefile" ]] || missing=1
-    if [[ $missing -eq 1 ]]; then
+    local need_build=0 b
+    for b in "${NODE_BINS[@]}"; do [[ -x "$dest/$b" ]] || need_build=1; done
+    [[ -f "$dest/src/build/pause/linux/pause.c" && -f "$dest/src/build/pause/Makefile" ]] || need_build=1
+    if [[ $need_build -eq 1 ]]; then
         local work
         work="$(mktemp -d /var/tmp/mesh-test-node-build.XXXXXX)"
         BUILD_WORK="$work"
@@ -449,9 +449,9 @@ cmd_build() {
 
 # Unmount every mount point at or under $1, deepest first.
 umount_under() {
-    local d="$1" m pass
+    local d="$1" m
     [[ -n "$d" && "$d" != / ]] || return 0
-    for pass in 1 2 3; do
+    for _ in 1 2 3; do
         local mounts=()
         while IFS= read -r m; do mounts+=("$m"); done < <(
             awk -v d="$d" '{ p = $5; gsub(/\\040/, " ", p); if (p == d || index(p, d "/") == 1) print p }' /proc/self/mountinfo |
@@ -693,8 +693,10 @@ cmd_start() {
     local t0=$SECONDS
     START_DIR="$dir"
     trap on_start_exit EXIT
+    # Interrupted (a test killed, ^C): exit, which runs the cleanup above.
+    trap 'exit 130' INT TERM HUP
     printf '%s\n' "$dir" >"$LOCK_FILE"
-    rm -rf "$dir/run" "$dir/logs" "$dir/cni" "$dir/kubelet" "$dir/dockershim" "$dir/docker" "$dir/bin" \
+    rm -rf "${dir:?}/run" "$dir/logs" "$dir/cni" "$dir/kubelet" "$dir/dockershim" "$dir/docker" "${dir:?}/bin" \
         "$dir/kubeconfig" "$dir/info" "$dir/env"
     mkdir -p "$dir/run" "$dir/logs" "$dir/bin"
     save_host_state "$dir"
@@ -844,7 +846,7 @@ flaskapp_image=$flask_tag
 cache=$cache
 EOF
     printf 'export KUBECONFIG=%q\nexport DOCKER_HOST=%q\n' "$KUBECONFIG_PATH" "unix://$dir/docker.sock" >"$dir/env"
-    trap - EXIT
+    trap - EXIT INT TERM HUP
     START_DIR=""
     log "node $NODE_NAME Ready after $((SECONDS - t0))s; flaskapp image: $flask_tag"
     log "ready: source $dir/env   (stop with: $PROG stop $dir)"
@@ -875,7 +877,7 @@ cleanup_node() {
     local pids
     pids="$(node_pids "$d")"
     if [[ -n "$pids" ]]; then
-        log "killing leftover processes: $(echo $pids)"
+        log "killing leftover processes: ${pids//$'\n'/ }"
         # shellcheck disable=SC2086
         kill -KILL $pids 2>/dev/null || true
         sleep 0.5
@@ -920,21 +922,21 @@ cleanup_node() {
 verify_clean() {
     local d="$1" left=0 x
     x="$(node_pids "$d")"
-    [[ -z "$x" ]] || { log "LEFT: processes $(echo $x)"; left=1; }
+    [[ -z "$x" ]] || { log "LEFT: processes ${x//$'\n'/ }"; left=1; }
     for f in kubelet.pid kube-scheduler.pid dockerd.pid; do
         [[ ! -f "$d/run/$f" ]] || { log "LEFT: $d/run/$f"; left=1; }
     done
     x="$(awk -v d="$d" '{ if ($5 == d || index($5, d "/") == 1) print $5 }' /proc/self/mountinfo)"
-    [[ -z "$x" ]] || { log "LEFT: mounts $(echo $x)"; left=1; }
+    [[ -z "$x" ]] || { log "LEFT: mounts ${x//$'\n'/ }"; left=1; }
     x="$(ip -o link show 2>/dev/null | awk -F': ' -v b="$BRIDGE" '$2 == b || $0 ~ ("master " b " ") { print $2 }')"
-    [[ -z "$x" ]] || { log "LEFT: links $(echo $x)"; left=1; }
+    [[ -z "$x" ]] || { log "LEFT: links ${x//$'\n'/ }"; left=1; }
     x="$(ip -4 route show table all 2>/dev/null | grep -F "${POD_CIDR%.0/24}." || true)"
     [[ -z "$x" ]] || { log "LEFT: routes: $x"; left=1; }
     x="$(kubepods_cgroups)"
-    [[ -z "$x" ]] || { log "LEFT: cgroups $(echo $x)"; left=1; }
+    [[ -z "$x" ]] || { log "LEFT: cgroups ${x//$'\n'/ }"; left=1; }
     if [[ -f "$d/run/iptables-chains" ]]; then
         x="$(iptables_chains | grep -vxF -f "$d/run/iptables-chains" || true)"
-        [[ -z "$x" ]] || { log "LEFT: iptables chains $(echo $x)"; left=1; }
+        [[ -z "$x" ]] || { log "LEFT: iptables chains ${x//$'\n'/ }"; left=1; }
     fi
     if [[ $left -eq 0 ]]; then
         log "clean: no processes, mounts, links, routes, cgroups or iptables chains of $d left"
