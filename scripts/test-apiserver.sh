@@ -25,6 +25,20 @@
 #   export KUBECONFIG="$(scripts/test-apiserver.sh start /tmp/apitest)"
 #   kubectl get ns
 #   scripts/test-apiserver.sh stop /tmp/apitest
+#
+# MESH_TEST_APISERVER_NODE=1 (used by scripts/test-node.sh, which adds a
+# kubelet): run every controller (endpointslice and endpointslicemirroring
+# too), serve discovery.k8s.io/v1beta1 (the only EndpointSlice version of
+# 1.20) and keep the default endpoint reconciler, as a real cluster does; the
+# API server also gets a client certificate for kubelets
+# (DIR/certs/kubelet-client.{crt,key}, so `kubectl logs/exec` work).
+# Unset or 0 (the default, which existing tests rely on): no endpointslice
+# controllers, v1beta1 disabled, --endpoint-reconciler-type none.
+# MESH_TEST_APISERVER_ADDRESS (default 127.0.0.1) sets the one address the API
+# server binds and advertises: test-node.sh gives it the node's bridge address,
+# because the default endpoint reconciler refuses a loopback address for the
+# `kubernetes` Service, and pods reach the bridge address but not the host's
+# loopback.
 set -euo pipefail
 
 CACHE_ROOT="${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}"
@@ -33,6 +47,18 @@ GO_BIN_DIR=/usr/lib/go-1.19/bin
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 BUILD_DEPS=(golang-1.19-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl dpkg-dev)
 START_TIMEOUT="${MESH_TEST_APISERVER_TIMEOUT:-90}"
+NODE_MODE="${MESH_TEST_APISERVER_NODE:-0}"
+API_ADDRESS="${MESH_TEST_APISERVER_ADDRESS:-127.0.0.1}"
+[[ "$API_ADDRESS" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "MESH_TEST_APISERVER_ADDRESS must be an IPv4 address" >&2; exit 2; }
+EXTRA_SAN=""
+[[ "$API_ADDRESS" == 127.0.0.1 ]] || EXTRA_SAN=",IP:$API_ADDRESS"
+if [[ "$NODE_MODE" == 1 ]]; then
+    APISERVER_MODE_ARGS=()
+    KCM_CONTROLLERS='*'
+else
+    APISERVER_MODE_ARGS=(--runtime-config "discovery.k8s.io/v1beta1=${MESH_TEST_APISERVER_V1BETA1:-false}" --endpoint-reconciler-type none)
+    KCM_CONTROLLERS='*,-endpointslice,-endpointslicemirroring'
+fi
 
 PROG="$(basename "$0")"
 
@@ -402,16 +428,25 @@ gen_certs() {
             -keyout ca.key -out ca.crt 2>/dev/null
         openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
             -keyout apiserver.key -out apiserver.csr 2>/dev/null
-        cat >apiserver.ext <<'EOF'
+        cat >apiserver.ext <<EOF
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1${EXTRA_SAN},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EOF
         openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
             -extfile apiserver.ext -out apiserver.crt 2>/dev/null
         openssl genrsa -out sa.key 2048 2>/dev/null
         openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+        if [[ "$NODE_MODE" == 1 ]]; then
+            openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+                -keyout kubelet-client.key -out kubelet-client.csr 2>/dev/null
+            printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' \
+                >kubelet-client.ext
+            openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+                -extfile kubelet-client.ext -out kubelet-client.crt 2>/dev/null
+            rm -f kubelet-client.csr
+        fi
         rm -f apiserver.csr ca.srl
     ) || die "certificate generation with openssl failed"
 }
@@ -481,7 +516,12 @@ cmd_start() {
         printf '%s,admin,admin,"system:masters"\n' "$admin_token" >"$dir/tokens.csv"
         printf '%s,system:kube-controller-manager,system:kube-controller-manager\n' "$kcm_token" >>"$dir/tokens.csv"
     )
-    local server="https://127.0.0.1:$api_port"
+    local server="https://$API_ADDRESS:$api_port"
+    if [[ "$NODE_MODE" == 1 ]]; then
+        APISERVER_MODE_ARGS+=(--kubelet-client-certificate "$dir/certs/kubelet-client.crt"
+            --kubelet-client-key "$dir/certs/kubelet-client.key"
+            --kubelet-preferred-address-types InternalIP)
+    fi
     write_kubeconfig "$dir/kubeconfig" "$server" "$dir/certs/ca.crt" admin "$admin_token"
     write_kubeconfig "$dir/controller-manager.kubeconfig" "$server" "$dir/certs/ca.crt" \
         system:kube-controller-manager "$kcm_token"
@@ -511,8 +551,8 @@ cmd_start() {
     start_bg kube-apiserver "$dir/run/kube-apiserver.pid" "$dir/logs/kube-apiserver.log" \
         "$bindir/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
-        --bind-address 127.0.0.1 \
-        --advertise-address 127.0.0.1 \
+        --bind-address "$API_ADDRESS" \
+        --advertise-address "$API_ADDRESS" \
         --secure-port "$api_port" \
         --insecure-port 0 \
         --cert-dir "$dir/certs" \
@@ -525,8 +565,7 @@ cmd_start() {
         --service-account-signing-key-file "$dir/certs/sa.key" \
         --service-account-issuer https://kubernetes.default.svc.cluster.local \
         --service-cluster-ip-range 10.96.0.0/16 \
-        --runtime-config "discovery.k8s.io/v1beta1=${MESH_TEST_APISERVER_V1BETA1:-false}" \
-        --endpoint-reconciler-type none \
+        "${APISERVER_MODE_ARGS[@]}" \
         --allow-privileged=true \
         --profiling=false
     ok=0
@@ -552,7 +591,7 @@ cmd_start() {
         --port 0 \
         --cert-dir "$dir/certs/kcm" \
         --leader-elect=false \
-        --controllers '*,-endpointslice,-endpointslicemirroring' \
+        --controllers "$KCM_CONTROLLERS" \
         --service-account-private-key-file "$dir/certs/sa.key" \
         --use-service-account-credentials \
         --root-ca-file "$dir/certs/ca.crt" \

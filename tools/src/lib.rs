@@ -21,6 +21,7 @@ pub mod kube_proxy;
 pub mod load;
 pub mod manifests;
 pub mod netns;
+pub mod node;
 pub mod probe;
 pub mod xfer;
 

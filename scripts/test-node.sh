@@ -1,0 +1,993 @@
+#!/usr/bin/env bash
+# Build, start and stop a REAL single-node Kubernetes node for tests: kubelet
+# (dockershim) on a private dockerd, kube-scheduler, CNI bridge + host-local,
+# against a real kube-apiserver + kube-controller-manager (every controller,
+# EndpointSlices written by the real controller as discovery.k8s.io/v1beta1).
+#
+# Usage:
+#   scripts/test-node.sh build                 # build + cache binaries and images (only if missing; root)
+#   scripts/test-node.sh start DIR [KUBECONFIG] # start the node, state under DIR; prints the kubeconfig path
+#   scripts/test-node.sh stop DIR              # stop everything `start DIR` started, remove what it
+#                                              # created on the host, verify nothing is left (safe twice)
+#   scripts/test-node.sh env DIR               # prints export KUBECONFIG=... DOCKER_HOST=...
+#
+# Without KUBECONFIG, `start` starts its own API server in DIR/apiserver with
+#   MESH_TEST_APISERVER_NODE=1 scripts/test-apiserver.sh start DIR/apiserver
+# (endpointslice controllers on, default endpoint reconciler, v1beta1 served).
+# With KUBECONFIG (an admin kubeconfig of a running server), the node joins it.
+#
+# Binaries are built from Debian bookworm's `kubernetes` source package with
+# the recipe of scripts/test-apiserver.sh (scripts/lib-kube.sh) and cached in
+#   ${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}/<debian-source-version>/
+# next to kube-apiserver; images (pause, and a tiny static HTTP server usable as
+# the seed's flaskapp) are built offline with `docker build` FROM scratch and
+# cached as `docker save` tarballs in .../<version>/images/.
+#
+# Only one node per machine: the kubelet hardcodes some host paths
+# (/var/lib/kubelet/device-plugins, /var/log/pods) and the pods' cgroups are
+# /kubepods; a lock file names the running node's DIR.
+#
+# Environment:
+#   MESH_TEST_NODE_POD_CIDR   pod range, a /24 (default 10.253.0.0/24); start refuses a
+#                             range that overlaps any address or route on the machine
+#   MESH_TEST_NODE_BRIDGE     CNI bridge name (default meshnode0)
+#   MESH_TEST_NODE_NAME       node name (default mesh-node)
+#   MESH_TEST_NODE_TIMEOUT    seconds to wait for each component (default 120)
+#   DOCKER                    docker client (default /usr/bin/docker from docker.io)
+#
+# See docs/node.md.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+PROG="$(basename "$0")"
+log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
+
+# shellcheck source=scripts/lib-kube.sh
+source "$SCRIPT_DIR/lib-kube.sh"
+
+POD_CIDR="${MESH_TEST_NODE_POD_CIDR:-10.253.0.0/24}"
+BRIDGE="${MESH_TEST_NODE_BRIDGE:-meshnode0}"
+NODE_NAME="${MESH_TEST_NODE_NAME:-mesh-node}"
+START_TIMEOUT="${MESH_TEST_NODE_TIMEOUT:-120}"
+DOCKER="${DOCKER:-/usr/bin/docker}"
+LOCK_FILE=/run/mesh-test-node.owner
+NODE_BINS=(kubelet kube-scheduler)
+NODE_PKGS=(docker.io containernetworking-plugins jq gcc libc6-dev iproute2 iptables curl)
+CNI_BIN_DIR=/usr/lib/cni
+# Sysctls the kubelet sets on the host (container_manager_linux.go,
+# setupKernelTunables): saved at start, restored at stop. (net.ipv4.ip_forward
+# is not ours: the node never changes it, other tests on the machine do.)
+SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+    kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
+# Host paths the kubelet or containerd create whatever their flags say; removed
+# at stop when they did not exist before start.
+HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /run/containerd /var/lib/dockershim /run/docker)
+
+usage() {
+    cat >&2 <<EOF
+Usage: $PROG build | start DIR [KUBECONFIG] | stop DIR | env DIR
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# images: sources embedded here, versioned by their content
+# ---------------------------------------------------------------------------
+
+# A tiny HTTP/1.0 server standing in for the seed's flaskapp: every request on
+# $PORT (default 5000) gets "host=<hostname> version=<$VERSION> client=<ip>:<port>".
+# Static, one process per connection, exits at once on SIGTERM (it is PID 1).
+flaskapp_c() {
+    cat <<'EOF'
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+static void on_term(int sig) { (void)sig; _exit(0); }
+
+static void serve(int c, const struct sockaddr_in *peer) {
+    char req[4096], host[256] = "unknown", body[512], head[256];
+    size_t got = 0;
+    struct timeval tv = {5, 0};
+    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    while (got < sizeof req - 1) {
+        ssize_t n = read(c, req + got, sizeof req - 1 - got);
+        if (n <= 0) break;
+        got += (size_t)n;
+        req[got] = 0;
+        if (strstr(req, "\r\n\r\n") || strstr(req, "\n\n")) break;
+    }
+    gethostname(host, sizeof host - 1);
+    const char *ver = getenv("VERSION");
+    char ip[INET_ADDRSTRLEN] = "?";
+    inet_ntop(AF_INET, &peer->sin_addr, ip, sizeof ip);
+    int bl = snprintf(body, sizeof body, "host=%s version=%s client=%s:%u\n", host,
+                      ver ? ver : "unknown", ip, ntohs(peer->sin_port));
+    int hl = snprintf(head, sizeof head,
+                      "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                      "Connection: close\r\n\r\n", bl);
+    if (write(c, head, (size_t)hl) < 0 || write(c, body, (size_t)bl) < 0) { /* peer gone */ }
+    shutdown(c, SHUT_WR);
+}
+
+int main(void) {
+    signal(SIGTERM, on_term);
+    signal(SIGINT, on_term);
+    signal(SIGCHLD, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    const char *p = getenv("PORT");
+    int port = p ? atoi(p) : 5000;
+    int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons((unsigned short)port);
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 1024) < 0) {
+        perror("flaskapp: listen");
+        return 1;
+    }
+    fprintf(stderr, "flaskapp: listening on 0.0.0.0:%d\n", port);
+    for (;;) {
+        struct sockaddr_in peer;
+        socklen_t pl = sizeof peer;
+        int c = accept(s, (struct sockaddr *)&peer, &pl);
+        if (c < 0) continue;
+        pid_t pid = fork();
+        if (pid == 0) { close(s); serve(c, &peer); close(c); _exit(0); }
+        close(c);
+    }
+}
+EOF
+}
+
+bin_dir_for_build() { printf '%s/%s\n' "$KUBE_CACHE_ROOT" "$1"; }
+
+# Cache directory with everything `start` needs (current Debian version first,
+# else the newest complete one).
+find_node_dir() {
+    local ver d best=""
+    ok_dir() {
+        local x="$1" b
+        for b in kube-apiserver kube-controller-manager "${NODE_BINS[@]}"; do
+            [[ -x "$x/$b" ]] || return 1
+        done
+        [[ -f "$x/images/IMAGES" ]]
+    }
+    if ver="$(kube_debian_src_version)" && ok_dir "$KUBE_CACHE_ROOT/$ver"; then
+        printf '%s\n' "$KUBE_CACHE_ROOT/$ver"
+        return 0
+    fi
+    for d in "$KUBE_CACHE_ROOT"/*/; do
+        d="${d%/}"
+        ok_dir "$d" && best="$d"
+    done
+    [[ -n "$best" ]] || return 1
+    printf '%s\n' "$best"
+}
+
+# ---------------------------------------------------------------------------
+# process helpers (as in test-apiserver.sh)
+# ---------------------------------------------------------------------------
+
+pid_running() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state="$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ "$state" != Z ]]
+}
+
+pid_alive() {
+    local pidfile="$1" name="$2" pid
+    [[ -f "$pidfile" ]] || return 1
+    pid="$(cat "$pidfile" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    pid_running "$pid" || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"
+}
+
+start_bg() {
+    local name="$1" pidfile="$2" logf="$3"
+    shift 3
+    printf '%s\0' "$@" >"$pidfile.cmd"
+    setsid "$@" </dev/null >>"$logf" 2>&1 &
+    echo $! >"$pidfile"
+    log "started $name (pid $!, log $logf)"
+}
+
+stop_one() {
+    local name="$1" pidfile="$2" secs="${3:-10}" pid i
+    if ! pid_alive "$pidfile" "$name"; then
+        rm -f "$pidfile"
+        return 0
+    fi
+    pid="$(cat "$pidfile")"
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do
+        pid_running "$pid" || break
+        sleep 0.1
+    done
+    if pid_running "$pid"; then
+        log "$name did not exit after SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            pid_running "$pid" || break
+            sleep 0.1
+        done
+    fi
+    rm -f "$pidfile"
+}
+
+port_free() {
+    local hex
+    hex="$(printf ':%04X' "$1")"
+    ! awk -v h="$hex" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+declare -a USED_PORTS=()
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 30000))
+        [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
+        if port_free "$p"; then
+            USED_PORTS+=("$p")
+            printf '%s\n' "$p"
+            return 0
+        fi
+    done
+    die "no free TCP port found"
+}
+
+# wait_for SECONDS DESCRIPTION PIDFILE NAME CMD...: poll CMD every 0.2 s while
+# the process in PIDFILE lives.
+wait_for() {
+    local secs="$1" what="$2" pidfile="$3" name="$4" i
+    shift 4
+    for ((i = 0; i < secs * 5; i++)); do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        [[ -z "$pidfile" ]] || pid_alive "$pidfile" "$name" || { log "$name exited while waiting for: $what"; return 1; }
+        sleep 0.2
+    done
+    log "timed out after ${secs}s waiting for: $what"
+    return 1
+}
+
+# ---------------------------------------------------------------------------
+# dockerd (used by `build` for images and by `start` for the node)
+# ---------------------------------------------------------------------------
+
+# The OCI runtime wrapper registered as dockerd's default runtime.
+write_runtime_wrapper() {
+    local f="$1"
+    cat >"$f" <<'EOF'
+#!/bin/sh
+# runc wrapper, registered as dockerd's default runtime by scripts/test-node.sh.
+#
+# FOR THIS KIND OF VM ONLY: the test VMs deny a negative oom_score_adj (the
+# process lacks CAP_SYS_RESOURCE), while dockershim gives every pod sandbox
+# oom_score_adj -998 (and Guaranteed pods' containers -997), so runc fails with
+# "can't get final child's PID from pipe: EOF" and no pod ever starts. This
+# wrapper clamps process.oomScoreAdj to >= 0 in the OCI bundle's config.json
+# (or in an exec's process.json) and then runs the real runc unchanged. On a
+# normal machine (or a real node) it is not needed and should not be used: it
+# only changes which processes the kernel OOM killer prefers.
+set -eu
+bundle="" process="" cmd="" prev=""
+for a in "$@"; do
+    case "$prev" in
+        --bundle | -b) bundle="$a" ;;
+        --process | -p) process="$a" ;;
+    esac
+    case "$a" in
+        --bundle=*) bundle="${a#--bundle=}" ;;
+        --process=*) process="${a#--process=}" ;;
+        create | run | exec) [ -n "$cmd" ] || cmd="$a" ;;
+    esac
+    prev="$a"
+done
+clamp() {
+    f="$1"; filter="$2"
+    [ -f "$f" ] || return 0
+    t="$f.oomclamp.$$"
+    if jq -c "$filter" "$f" >"$t"; then mv -f "$t" "$f"; else rm -f "$t"; fi
+}
+case "$cmd" in
+    create | run)
+        [ -n "$bundle" ] || bundle="$(pwd)"
+        clamp "$bundle/config.json" 'if (.process.oomScoreAdj // 0) < 0 then .process.oomScoreAdj = 0 else . end'
+        ;;
+    exec)
+        [ -z "$process" ] || clamp "$process" 'if (.oomScoreAdj // 0) < 0 then .oomScoreAdj = 0 else . end'
+        ;;
+esac
+exec /usr/sbin/runc "$@"
+EOF
+    chmod 755 "$f"
+}
+
+# start_dockerd DIR: dockerd with every path under DIR (socket DIR/docker.sock).
+start_dockerd() {
+    local d="$1"
+    mkdir -p "$d/docker/data" "$d/docker/exec" "$d/run" "$d/logs" "$d/bin"
+    # containerd and shim sockets live under --exec-root; unix socket paths are limited to 107 bytes.
+    local probe="$d/docker/exec/containerd/containerd.sock.ttrpc"
+    [[ ${#probe} -lt 100 ]] || die "DIR path too long for unix sockets under it ($probe); use a shorter DIR"
+    write_runtime_wrapper "$d/bin/runc-oomclamp"
+    # dockerd 20.10 writes its trust key to /etc/docker/key.json unless told
+    # otherwise (a daemon.json key only); /run/docker/plugins it always makes.
+    printf '{"deprecated-key-path": "%s"}\n' "$d/docker/key.json" >"$d/docker/daemon.json"
+    start_bg dockerd "$d/run/dockerd.pid" "$d/logs/dockerd.log" \
+        /usr/sbin/dockerd \
+        --config-file "$d/docker/daemon.json" \
+        --data-root "$d/docker/data" \
+        --exec-root "$d/docker/exec" \
+        --pidfile "$d/docker/dockerd.pid" \
+        -H "unix://$d/docker.sock" \
+        --iptables=false --ip6tables=false --ip-masq=false --bridge=none \
+        --userland-proxy=false \
+        --exec-opt native.cgroupdriver=cgroupfs \
+        --storage-driver overlay2 \
+        --log-driver json-file \
+        --add-runtime "oomclamp=$d/bin/runc-oomclamp" \
+        --default-runtime oomclamp
+    wait_for "$START_TIMEOUT" "dockerd to answer on $d/docker.sock" "$d/run/dockerd.pid" dockerd \
+        env DOCKER_HOST="unix://$d/docker.sock" "$DOCKER" version
+}
+
+# ---------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------
+
+build_images() {
+    local dest="$1" ver="$2" out="$1/images"
+    local pause_tag flask_tag
+    pause_tag="$(sed -n 's/^TAG *= *//p' "$dest/src/build/pause/Makefile" | head -n1)"
+    [[ -n "$pause_tag" ]] || die "no TAG in $dest/src/build/pause/Makefile"
+    pause_tag="mesh-test-node/pause:$pause_tag-$(kube_upstream_version "$ver")"
+    flask_tag="mesh-test-node/flaskapp:$(flaskapp_c | sha256sum | cut -c1-12)"
+    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" && grep -qx "flaskapp=$flask_tag" "$out/IMAGES"; then
+        log "images already cached in $out ($pause_tag, $flask_tag)"
+        return 0
+    fi
+    log "building images $pause_tag and $flask_tag offline (FROM scratch, gcc -static)"
+    local work
+    work="$(mktemp -d /var/tmp/mesh-test-node-img.XXXXXX)"
+    BUILD_WORK="$work"
+    mkdir -p "$work/pause" "$work/flaskapp"
+    gcc -Os -static -s -Wall -DVERSION="${pause_tag##*:}" -o "$work/pause/pause" "$dest/src/build/pause/linux/pause.c" ||
+        die "gcc -static pause.c failed"
+    printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$work/pause/Dockerfile"
+    flaskapp_c >"$work/flaskapp/flaskapp.c"
+    gcc -O2 -static -s -Wall -o "$work/flaskapp/flaskapp" "$work/flaskapp/flaskapp.c" || die "gcc -static flaskapp.c failed"
+    printf 'FROM scratch\nCOPY flaskapp /flaskapp\nEXPOSE 5000\nENV PORT=5000\nENTRYPOINT ["/flaskapp"]\n' >"$work/flaskapp/Dockerfile"
+
+    # A throwaway dockerd, only to run `docker build` and `docker save`.
+    local dd="$work/d" run_docker_absent=0
+    [[ -e /run/docker ]] || run_docker_absent=1
+    start_dockerd "$dd" || die "temporary dockerd did not start (log: $dd/logs/dockerd.log)"
+    local rc=0
+    (
+        export DOCKER_HOST="unix://$dd/docker.sock" DOCKER_BUILDKIT=0
+        "$DOCKER" build -q -t "$pause_tag" "$work/pause" >&2 &&
+            "$DOCKER" build -q -t "$flask_tag" "$work/flaskapp" >&2 &&
+            "$DOCKER" save -o "$work/pause.tar" "$pause_tag" &&
+            "$DOCKER" save -o "$work/flaskapp.tar" "$flask_tag"
+    ) || rc=$?
+    stop_one dockerd "$dd/run/dockerd.pid" 20
+    umount_under "$dd"
+    [[ $run_docker_absent -eq 0 ]] || rm -rf /run/docker
+    [[ $rc -eq 0 ]] || die "docker build/save failed (rc=$rc; dockerd log $dd/logs/dockerd.log)"
+    mkdir -p "$out"
+    install -m 0644 "$work/pause.tar" "$out/pause.tar"
+    install -m 0644 "$work/flaskapp.tar" "$out/flaskapp.tar"
+    printf 'pause=%s\nflaskapp=%s\n' "$pause_tag" "$flask_tag" >"$out/IMAGES.tmp"
+    mv -f "$out/IMAGES.tmp" "$out/IMAGES"
+    rm -rf "$work"
+    BUILD_WORK=""
+    log "cached images in $out: $pause_tag, $flask_tag"
+}
+
+BUILD_WORK=""
+build_cleanup() {
+    [[ -n "$BUILD_WORK" && -d "$BUILD_WORK" ]] || return 0
+    if [[ -f "$BUILD_WORK/d/run/dockerd.pid" ]]; then
+        stop_one dockerd "$BUILD_WORK/d/run/dockerd.pid" 20 || true
+    fi
+    umount_under "$BUILD_WORK" || true
+    rm -rf "$BUILD_WORK"
+}
+
+cmd_build() {
+    [[ $(id -u) -eq 0 ]] || die "build must run as root"
+    local t0=$SECONDS ver dest
+    ver="$(kube_debian_src_version_or_update)"
+    dest="$(bin_dir_for_build "$ver")"
+    kube_ensure_packages "${NODE_PKGS[@]}"
+    trap build_cleanup EXIT
+    # kube-apiserver + kube-controller-manager first: test-apiserver.sh's build
+    # replaces the whole version directory when it builds.
+    if [[ ! -x "$dest/kube-apiserver" || ! -x "$dest/kube-controller-manager" ]]; then
+        "$SCRIPT_DIR/test-apiserver.sh" build
+    else
+        kube_ensure_packages etcd-server openssl
+    fi
+    local need_build=0 b
+    for b in "${NODE_BINS[@]}"; do [[ -x "$dest/$b" ]] || need_build=1; done
+    [[ -f "$dest/src/build/pause/linux/pause.c" && -f "$dest/src/build/pause/Makefile" ]] || need_build=1
+    if [[ $need_build -eq 1 ]]; then
+        local work
+        work="$(mktemp -d /var/tmp/mesh-test-node-build.XXXXXX)"
+        BUILD_WORK="$work"
+        log "building ${NODE_BINS[*]} from Debian source '$KUBE_SRC_PKG' $ver"
+        kube_build_from_source "$work" "$ver" "$dest" "${NODE_BINS[@]}" -- \
+            build/pause/linux/pause.c build/pause/Makefile
+        rm -rf "$work"
+        BUILD_WORK=""
+        log "cached $dest/{${NODE_BINS[*]// /,}} ($("$dest/kubelet" --version 2>/dev/null))"
+    else
+        log "${NODE_BINS[*]} already cached in $dest"
+    fi
+    build_images "$dest" "$ver"
+    trap - EXIT
+    log "build done in $((SECONDS - t0))s: $dest"
+}
+
+# ---------------------------------------------------------------------------
+# host state helpers
+# ---------------------------------------------------------------------------
+
+# Unmount every mount point at or under $1, deepest first.
+umount_under() {
+    local d="$1" m
+    [[ -n "$d" && "$d" != / ]] || return 0
+    for _ in 1 2 3; do
+        local mounts=()
+        while IFS= read -r m; do mounts+=("$m"); done < <(
+            awk -v d="$d" '{ p = $5; gsub(/\\040/, " ", p); if (p == d || index(p, d "/") == 1) print p }' /proc/self/mountinfo |
+                awk '{ print length($0) " " $0 }' | sort -rn | cut -d' ' -f2-
+        )
+        [[ ${#mounts[@]} -gt 0 ]] || return 0
+        for m in "${mounts[@]}"; do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+        done
+    done
+}
+
+# ipv4 "a.b.c.d" -> integer
+ip2int() {
+    local IFS=.
+    # shellcheck disable=SC2086
+    set -- $1
+    echo $((($1 << 24) | ($2 << 16) | ($3 << 8) | $4))
+}
+
+cidr_overlaps() {
+    local a="$1" b="$2" an al bn bl m
+    an="$(ip2int "${a%/*}")"; al="${a#*/}"
+    bn="$(ip2int "${b%/*}")"; bl="${b#*/}"
+    [[ "$a" == */* ]] || al=32
+    [[ "$b" == */* ]] || bl=32
+    m=$((al < bl ? al : bl))
+    local mask=$(((0xffffffff << (32 - m)) & 0xffffffff))
+    [[ $((an & mask)) -eq $((bn & mask)) ]]
+}
+
+# Refuse a pod range that overlaps any IPv4 address or route on the machine
+# (all routing tables, the default route excepted).
+check_pod_cidr() {
+    [[ "$POD_CIDR" =~ ^([0-9]+\.[0-9]+\.[0-9]+)\.0/24$ ]] || die "MESH_TEST_NODE_POD_CIDR must be a /24 ending in .0 (got $POD_CIDR)"
+    local x
+    while read -r x; do
+        [[ -z "$x" || "$x" == default ]] && continue
+        if cidr_overlaps "$x" "$POD_CIDR"; then
+            die "pod range $POD_CIDR overlaps '$x' on this machine; set MESH_TEST_NODE_POD_CIDR"
+        fi
+    done < <(
+        ip -4 route show table all 2>/dev/null | awk '$1 != "broadcast" && $1 != "local" { print $1 } $1 == "local" { print $2 }'
+        ip -4 -o addr show 2>/dev/null | awk '{ print $4 }'
+    )
+}
+
+save_host_state() {
+    local d="$1" s p
+    : >"$d/run/sysctls"
+    for s in "${SYSCTLS[@]}"; do
+        printf '%s=%s\n' "$s" "$(sysctl -n "$s" 2>/dev/null || echo '?')" >>"$d/run/sysctls"
+    done
+    : >"$d/run/host-paths-absent"
+    for p in "${HOST_PATHS[@]}"; do
+        [[ -e "$p" ]] || echo "$p" >>"$d/run/host-paths-absent"
+    done
+    iptables_chains >"$d/run/iptables-chains" 2>/dev/null || true
+}
+
+iptables_chains() {
+    local t
+    for t in filter nat mangle raw; do
+        iptables -w 5 -t "$t" -S 2>/dev/null | awk -v t="$t" '$1 == "-N" { print t " " $2 }'
+    done
+}
+
+restore_host_state() {
+    local d="$1" line k v cur p
+    if [[ -f "$d/run/sysctls" ]]; then
+        while IFS= read -r line; do
+            k="${line%%=*}"; v="${line#*=}"
+            [[ "$v" == '?' ]] && continue
+            cur="$(sysctl -n "$k" 2>/dev/null || true)"
+            if [[ "$cur" != "$v" ]]; then
+                log "restoring sysctl $k=$v (was set to $cur)"
+                sysctl -q -w "$k=$v" >/dev/null 2>&1 || log "warning: could not restore $k"
+            fi
+        done <"$d/run/sysctls"
+    fi
+    # iptables chains created since start (the kubelet's util chains are
+    # disabled by flag; this catches anything else): unlink, flush, delete.
+    if [[ -f "$d/run/iptables-chains" ]]; then
+        local t c
+        while read -r t c; do
+            [[ -n "$c" ]] || continue
+            grep -qx "$t $c" "$d/run/iptables-chains" && continue
+            log "removing iptables chain $c (table $t) created by the node"
+            iptables -w 5 -t "$t" -S 2>/dev/null | grep -E -- "-j $c( |\$)" | sed 's/^-A /-D /' |
+                while read -r rule; do
+                    # shellcheck disable=SC2086
+                    eval iptables -w 5 -t "$t" $rule 2>/dev/null || true
+                done
+            iptables -w 5 -t "$t" -F "$c" 2>/dev/null || true
+        done < <(iptables_chains)
+        while read -r t c; do
+            [[ -n "$c" ]] || continue
+            grep -qx "$t $c" "$d/run/iptables-chains" && continue
+            iptables -w 5 -t "$t" -X "$c" 2>/dev/null || true
+        done < <(iptables_chains)
+    fi
+    if [[ -f "$d/run/host-paths-absent" ]]; then
+        while IFS= read -r p; do
+            [[ -n "$p" && -e "$p" ]] || continue
+            umount_under "$p"
+            log "removing $p (created while the node ran)"
+            rm -rf "$p"
+        done <"$d/run/host-paths-absent"
+    fi
+}
+
+remove_forward_chain() {
+    while iptables -w 5 -D FORWARD -j MESH-TEST-NODE-FWD 2>/dev/null; do :; done
+    iptables -w 5 -F MESH-TEST-NODE-FWD 2>/dev/null || true
+    iptables -w 5 -X MESH-TEST-NODE-FWD 2>/dev/null || true
+}
+
+# Pids of processes started for DIR: any process whose command line mentions
+# DIR and whose executable is one we start (never this script or its callers).
+node_pids() {
+    local d="$1" p exe
+    for p in /proc/[0-9]*; do
+        p="${p#/proc/}"
+        [[ "$p" == "$$" || "$p" == "$BASHPID" ]] && continue
+        exe="$(readlink "/proc/$p/exe" 2>/dev/null || true)"
+        case "$(basename "$exe")" in
+            dockerd | containerd | containerd-shim* | runc | kubelet | kube-scheduler | docker-proxy | docker-init) ;;
+            *) continue ;;
+        esac
+        tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$d/" && echo "$p"
+    done
+}
+
+# kubepods cgroups (cgroupfs driver) in every hierarchy, v1 and unified.
+kubepods_cgroups() {
+    local c
+    for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+        [[ -d "$c" ]] && echo "$c"
+    done
+}
+
+kill_kubepods_processes() {
+    local c p n=0
+    for c in $(kubepods_cgroups); do
+        while IFS= read -r p; do
+            [[ -n "$p" ]] || continue
+            kill -KILL "$p" 2>/dev/null && n=$((n + 1))
+        done < <(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+    done
+    [[ $n -eq 0 ]] || log "killed $n leftover pod processes"
+}
+
+remove_kubepods_cgroups() {
+    local c i
+    for c in $(kubepods_cgroups); do
+        for i in 1 2 3 4 5; do
+            find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true
+            [[ -d "$c" ]] || break
+            sleep 0.2
+        done
+        [[ -d "$c" ]] && log "warning: could not remove cgroup $c"
+    done
+    return 0
+}
+
+# ---------------------------------------------------------------------------
+# start / stop
+# ---------------------------------------------------------------------------
+
+abs_dir() {
+    local d="$1"
+    mkdir -p "$d"
+    (cd "$d" && pwd -P)
+}
+
+kubectl_k() { kubectl --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+node_ready() {
+    [[ "$(kubectl_k get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]
+}
+
+START_DIR=""
+on_start_exit() {
+    local rc=$?
+    [[ -n "$START_DIR" ]] || return 0
+    local f
+    log "start failed (rc=$rc); cleaning up"
+    for f in dockerd kube-scheduler kubelet; do
+        if [[ -s "$START_DIR/logs/$f.log" ]]; then
+            log "---- last lines of $START_DIR/logs/$f.log ----"
+            tail -n 15 "$START_DIR/logs/$f.log" >&2 || true
+        fi
+    done
+    cleanup_node "$START_DIR" || true
+    exit "$rc"
+}
+
+cmd_start() {
+    [[ $(id -u) -eq 0 ]] || die "start must run as root"
+    local dir ext_kubeconfig="${2:-}"
+    dir="$(abs_dir "$1")"
+    local cache
+    cache="$(find_node_dir)" || die "no complete cache in $KUBE_CACHE_ROOT; run '$PROG build' first"
+    local p
+    for p in /usr/sbin/dockerd /usr/sbin/runc "$CNI_BIN_DIR/bridge" "$CNI_BIN_DIR/host-local" "$CNI_BIN_DIR/loopback"; do
+        [[ -x "$p" ]] || die "$p missing; run '$PROG build' (installs ${NODE_PKGS[*]})"
+    done
+    for p in jq kubectl curl ip iptables "$DOCKER"; do
+        command -v "$p" >/dev/null || die "$p not found"
+    done
+
+    # Already running as asked: idempotent.
+    if pid_alive "$dir/run/kubelet.pid" kubelet && pid_alive "$dir/run/dockerd.pid" dockerd &&
+        pid_alive "$dir/run/kube-scheduler.pid" kube-scheduler && [[ -f "$dir/kubeconfig" ]]; then
+        KUBECONFIG_PATH="$dir/kubeconfig"
+        if node_ready; then
+            log "node $NODE_NAME already running from $dir"
+            printf '%s\n' "$dir/kubeconfig"
+            return 0
+        fi
+    fi
+    # One node per machine.
+    if [[ -f "$LOCK_FILE" ]]; then
+        local other
+        other="$(cat "$LOCK_FILE" 2>/dev/null || true)"
+        if [[ -n "$other" && "$other" != "$dir" ]] && [[ -n "$(node_pids "$other")" ]]; then
+            die "another test node is running from $other (one per machine); '$PROG stop $other' first"
+        fi
+    fi
+    # Leftovers of an earlier run of this DIR (or of a crashed one).
+    if [[ -d "$dir/run" ]]; then
+        log "cleaning up an earlier node in $dir first"
+        cleanup_node "$dir" || die "could not clean up the earlier node in $dir"
+    fi
+    ip link show "$BRIDGE" >/dev/null 2>&1 &&
+        die "link $BRIDGE already exists (another test node, or a leftover: '$PROG stop DIR', or 'ip link del $BRIDGE')"
+    check_pod_cidr
+
+    local t0=$SECONDS
+    START_DIR="$dir"
+    trap on_start_exit EXIT
+    # Interrupted (a test killed, ^C): exit, which runs the cleanup above.
+    trap 'exit 130' INT TERM HUP
+    printf '%s\n' "$dir" >"$LOCK_FILE"
+    rm -rf "${dir:?}/run" "$dir/logs" "$dir/cni" "$dir/kubelet" "$dir/dockershim" "$dir/docker" "${dir:?}/bin" \
+        "$dir/kubeconfig" "$dir/info" "$dir/env"
+    mkdir -p "$dir/run" "$dir/logs" "$dir/bin"
+    save_host_state "$dir"
+
+    # --- CNI: a bridge this script owns, host-local IPAM ---------------------
+    # The bridge gets the gateway address here, and the bridge plugin runs
+    # with isGateway=false: it then neither assigns addresses to the bridge nor
+    # turns on net.ipv4.ip_forward. Pods get a default route to the bridge
+    # address, so they reach the host (and each other) and nothing else:
+    # with ip_forward 0 nothing they send leaves the machine. The API server we
+    # start and the kubelet listen on the bridge address too (not on eth0).
+    local prefix="${POD_CIDR%.0/24}"
+    local gw="$prefix.1"
+    ip link add "$BRIDGE" type bridge
+    touch "$dir/run/bridge-created"
+    ip addr add "$gw/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    # And should the host forward anyway (net.ipv4.ip_forward is 1 on this
+    # machine whenever some other test turned it on), nothing is routed between
+    # the bridge and any other interface: pods talk to each other and to the
+    # host, never beyond. (A chain of ours, removed at stop with its jump.)
+    remove_forward_chain
+    iptables -w 5 -N MESH-TEST-NODE-FWD
+    iptables -w 5 -A MESH-TEST-NODE-FWD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP
+    iptables -w 5 -A MESH-TEST-NODE-FWD -o "$BRIDGE" ! -i "$BRIDGE" -j DROP
+    iptables -w 5 -I FORWARD 1 -j MESH-TEST-NODE-FWD
+    mkdir -p "$dir/cni/net.d" "$dir/cni/cache" "$dir/cni/ipam"
+    cat >"$dir/cni/net.d/10-mesh-test-node.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "mesh-test-node",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$BRIDGE",
+      "isGateway": false,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$dir/cni/ipam",
+        "ranges": [[{ "subnet": "$POD_CIDR", "gateway": "$gw" }]],
+        "routes": [{ "dst": "0.0.0.0/0", "gw": "$gw" }]
+      }
+    }
+  ]
+}
+EOF
+
+    local kubelet_auth=()
+    # --- API server ----------------------------------------------------------
+    if [[ -n "$ext_kubeconfig" ]]; then
+        [[ -f "$ext_kubeconfig" ]] || die "kubeconfig $ext_kubeconfig not found"
+        cp "$ext_kubeconfig" "$dir/kubeconfig"
+        chmod 600 "$dir/kubeconfig"
+        log "joining the API server of $ext_kubeconfig (without endpointslice controllers it will not fill EndpointSlices)"
+    else
+        local kc
+        kc="$(MESH_TEST_APISERVER_NODE=1 MESH_TEST_APISERVER_ADDRESS="$gw" "$SCRIPT_DIR/test-apiserver.sh" start "$dir/apiserver")" ||
+            die "test-apiserver.sh start $dir/apiserver failed"
+        touch "$dir/run/own-apiserver"
+        kubelet_auth=(--client-ca-file "$dir/apiserver/certs/ca.crt")
+        ln -sf "$kc" "$dir/kubeconfig"
+    fi
+    KUBECONFIG_PATH="$dir/kubeconfig"
+    kubectl_k get --raw /readyz >/dev/null 2>&1 || die "API server of $KUBECONFIG_PATH not ready"
+
+    # --- dockerd + images ----------------------------------------------------
+    start_dockerd "$dir" || die "dockerd did not start"
+    export DOCKER_HOST="unix://$dir/docker.sock"
+    local pause_tag flask_tag
+    pause_tag="$(sed -n 's/^pause=//p' "$cache/images/IMAGES")"
+    flask_tag="$(sed -n 's/^flaskapp=//p' "$cache/images/IMAGES")"
+    "$DOCKER" load -q -i "$cache/images/pause.tar" >&2 || die "docker load pause.tar failed"
+    "$DOCKER" load -q -i "$cache/images/flaskapp.tar" >&2 || die "docker load flaskapp.tar failed"
+
+    # --- kube-scheduler -------------------------------------------------------
+    local sched_port kubelet_port healthz_port
+    sched_port="$(free_port)"
+    kubelet_port="$(free_port)"
+    healthz_port="$(free_port)"
+    start_bg kube-scheduler "$dir/run/kube-scheduler.pid" "$dir/logs/kube-scheduler.log" \
+        "$cache/kube-scheduler" \
+        --kubeconfig "$KUBECONFIG_PATH" \
+        --authentication-kubeconfig "$KUBECONFIG_PATH" \
+        --authorization-kubeconfig "$KUBECONFIG_PATH" \
+        --bind-address 127.0.0.1 \
+        --secure-port "$sched_port" \
+        --port 0 \
+        --cert-dir "$dir/run/scheduler-certs" \
+        --leader-elect=false
+    wait_for "$START_TIMEOUT" "kube-scheduler healthz" "$dir/run/kube-scheduler.pid" kube-scheduler \
+        sh -c "[ \"\$(curl -sk --max-time 2 https://127.0.0.1:$sched_port/healthz)\" = ok ]" ||
+        die "kube-scheduler not healthy"
+
+    # --- kubelet ---------------------------------------------------------------
+    mkdir -p "$dir/kubelet" "$dir/dockershim"
+    start_bg kubelet "$dir/run/kubelet.pid" "$dir/logs/kubelet.log" \
+        "$cache/kubelet" \
+        --kubeconfig "$KUBECONFIG_PATH" \
+        --hostname-override "$NODE_NAME" \
+        --root-dir "$dir/kubelet" \
+        --cert-dir "$dir/kubelet/pki" \
+        --volume-plugin-dir "$dir/kubelet/volume-plugins" \
+        --container-runtime docker \
+        --docker-endpoint "unix://$dir/docker.sock" \
+        --container-runtime-endpoint "unix://$dir/run/dockershim.sock" \
+        --image-service-endpoint "unix://$dir/run/dockershim.sock" \
+        --experimental-dockershim-root-directory "$dir/dockershim" \
+        --network-plugin cni \
+        --cni-bin-dir "$CNI_BIN_DIR" \
+        --cni-conf-dir "$dir/cni/net.d" \
+        --cni-cache-dir "$dir/cni/cache" \
+        --pod-infra-container-image "$pause_tag" \
+        --fail-swap-on=false \
+        --cgroup-driver cgroupfs \
+        --make-iptables-util-chains=false \
+        --address "$gw" \
+        --node-ip "$gw" \
+        --port "$kubelet_port" \
+        --read-only-port 0 \
+        --healthz-bind-address 127.0.0.1 \
+        --healthz-port "$healthz_port" \
+        --anonymous-auth=false \
+        --authorization-mode AlwaysAllow \
+        "${kubelet_auth[@]}" \
+        --eviction-hard 'memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
+        --image-gc-high-threshold 100 \
+        --image-gc-low-threshold 99 \
+        --max-pods 100 \
+        --register-node=true
+    wait_for "$START_TIMEOUT" "kubelet healthz" "$dir/run/kubelet.pid" kubelet \
+        sh -c "[ \"\$(curl -s --max-time 2 http://127.0.0.1:$healthz_port/healthz)\" = ok ]" ||
+        die "kubelet not healthy"
+    wait_for "$START_TIMEOUT" "node $NODE_NAME Ready" "$dir/run/kubelet.pid" kubelet node_ready ||
+        die "node $NODE_NAME not Ready"
+
+    cat >"$dir/info" <<EOF
+kubeconfig=$KUBECONFIG_PATH
+docker_host=unix://$dir/docker.sock
+node=$NODE_NAME
+pod_cidr=$POD_CIDR
+bridge=$BRIDGE
+gateway=$gw
+pause_image=$pause_tag
+flaskapp_image=$flask_tag
+cache=$cache
+EOF
+    printf 'export KUBECONFIG=%q\nexport DOCKER_HOST=%q\n' "$KUBECONFIG_PATH" "unix://$dir/docker.sock" >"$dir/env"
+    trap - EXIT INT TERM HUP
+    START_DIR=""
+    log "node $NODE_NAME Ready after $((SECONDS - t0))s; flaskapp image: $flask_tag"
+    log "ready: source $dir/env   (stop with: $PROG stop $dir)"
+    printf '%s\n' "$KUBECONFIG_PATH"
+}
+
+# Stop everything of DIR and undo what it did to the host. Tolerates any
+# partial state; safe to repeat.
+cleanup_node() {
+    local d="$1" p
+    # kubelet first, so it restarts nothing.
+    stop_one kubelet "$d/run/kubelet.pid" 15
+    stop_one kube-scheduler "$d/run/kube-scheduler.pid"
+    # Pods: remove every container while dockerd still runs (the pods'
+    # network namespaces go with their sandboxes, and with them the veths).
+    if pid_alive "$d/run/dockerd.pid" dockerd; then
+        local ids
+        ids="$(DOCKER_HOST="unix://$d/docker.sock" timeout 30 "$DOCKER" ps -aq 2>/dev/null || true)"
+        if [[ -n "$ids" ]]; then
+            log "removing $(wc -w <<<"$ids") containers"
+            # shellcheck disable=SC2086
+            DOCKER_HOST="unix://$d/docker.sock" timeout 60 "$DOCKER" rm -f $ids >/dev/null 2>&1 || true
+        fi
+    fi
+    stop_one dockerd "$d/run/dockerd.pid" 30
+    # Anything still alive that belongs to DIR (containerd, shims after a
+    # crash), then whatever is left in the pods' cgroups.
+    local pids
+    pids="$(node_pids "$d")"
+    if [[ -n "$pids" ]]; then
+        log "killing leftover processes: ${pids//$'\n'/ }"
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null || true
+        sleep 0.5
+    fi
+    kill_kubepods_processes
+    umount_under "$d"
+    remove_kubepods_cgroups
+    # The API server we started (it listens on the bridge address).
+    if [[ -f "$d/run/own-apiserver" ]]; then
+        "$SCRIPT_DIR/test-apiserver.sh" stop "$d/apiserver" || true
+        rm -f "$d/run/own-apiserver"
+    fi
+    # Network: the bridge (routes for the pod range go with its address) and
+    # any veth still attached to it.
+    if ip link show "$BRIDGE" >/dev/null 2>&1 && [[ -f "$d/run/bridge-created" ]]; then
+        for p in $(ip -o link show master "$BRIDGE" 2>/dev/null | awk -F': ' '{ print $2 }' | cut -d@ -f1); do
+            ip link del "$p" 2>/dev/null || true
+        done
+        ip link del "$BRIDGE" 2>/dev/null || log "warning: could not delete $BRIDGE"
+    fi
+    rm -f "$d/run/bridge-created"
+    remove_forward_chain
+    restore_host_state "$d"
+    # Files the kubelet left outside DIR for our pods.
+    if [[ -d /var/log/pods && -d "$d/kubelet/pods" ]]; then
+        for p in "$d"/kubelet/pods/*/; do
+            p="$(basename "$p")"
+            [[ "$p" =~ ^[0-9a-f-]{36}$ ]] || continue
+            rm -rf /var/log/pods/*_"$p"
+        done
+    fi
+    if [[ -d /var/log/containers ]]; then
+        find /var/log/containers -maxdepth 1 -type l -lname "$d/*" -delete 2>/dev/null || true
+    fi
+    if [[ -f "$LOCK_FILE" && "$(cat "$LOCK_FILE" 2>/dev/null)" == "$d" ]]; then
+        rm -f "$LOCK_FILE"
+    fi
+    verify_clean "$d"
+}
+
+# Report anything the node left behind; returns 1 if something is left.
+verify_clean() {
+    local d="$1" left=0 x
+    x="$(node_pids "$d")"
+    [[ -z "$x" ]] || { log "LEFT: processes ${x//$'\n'/ }"; left=1; }
+    for f in kubelet.pid kube-scheduler.pid dockerd.pid; do
+        [[ ! -f "$d/run/$f" ]] || { log "LEFT: $d/run/$f"; left=1; }
+    done
+    x="$(awk -v d="$d" '{ if ($5 == d || index($5, d "/") == 1) print $5 }' /proc/self/mountinfo)"
+    [[ -z "$x" ]] || { log "LEFT: mounts ${x//$'\n'/ }"; left=1; }
+    x="$(ip -o link show 2>/dev/null | awk -F': ' -v b="$BRIDGE" '$2 == b || $0 ~ ("master " b " ") { print $2 }')"
+    [[ -z "$x" ]] || { log "LEFT: links ${x//$'\n'/ }"; left=1; }
+    x="$(ip -4 route show table all 2>/dev/null | grep -F "${POD_CIDR%.0/24}." || true)"
+    [[ -z "$x" ]] || { log "LEFT: routes: $x"; left=1; }
+    x="$(kubepods_cgroups)"
+    [[ -z "$x" ]] || { log "LEFT: cgroups ${x//$'\n'/ }"; left=1; }
+    if [[ -f "$d/run/iptables-chains" ]]; then
+        x="$(iptables_chains | grep -vxF -f "$d/run/iptables-chains" || true)"
+        [[ -z "$x" ]] || { log "LEFT: iptables chains ${x//$'\n'/ }"; left=1; }
+    fi
+    if [[ $left -eq 0 ]]; then
+        log "clean: no processes, mounts, links, routes, cgroups or iptables chains of $d left"
+    fi
+    return $left
+}
+
+cmd_stop() {
+    [[ $(id -u) -eq 0 ]] || die "stop must run as root"
+    local dir="$1"
+    if [[ ! -d "$dir" ]]; then
+        log "$dir does not exist; nothing to stop"
+        return 0
+    fi
+    dir="$(cd "$dir" && pwd -P)"
+    # `||` turns off errexit inside: cleanup goes on past any failing step.
+    local rc=0
+    cleanup_node "$dir" || rc=$?
+    [[ $rc -eq 0 ]] || die "stopped, but something was left behind (see LEFT above)"
+    log "stopped (state and logs kept in $dir)"
+}
+
+cmd_env() {
+    local dir
+    dir="$(abs_dir "$1")"
+    printf 'export KUBECONFIG=%q\nexport DOCKER_HOST=%q\n' "$dir/kubeconfig" "unix://$dir/docker.sock"
+}
+
+main() {
+    local cmd="${1:-}"
+    case "$cmd" in
+        build)
+            [[ $# -eq 1 ]] || { usage; exit 2; }
+            cmd_build
+            ;;
+        start)
+            [[ $# -ge 2 && $# -le 3 && -n "$2" ]] || { usage; exit 2; }
+            cmd_start "$2" "${3:-}"
+            ;;
+        stop | env)
+            [[ $# -eq 2 && -n "$2" ]] || { usage; exit 2; }
+            "cmd_$cmd" "$2"
+            ;;
+        -h | --help | help)
+            usage
+            ;;
+        *)
+            usage
+            exit 2
+            ;;
+    esac
+}
+
+main "$@"
