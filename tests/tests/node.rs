@@ -2,10 +2,8 @@
 //! flaskapp pods, the real EndpointSlice controller of Kubernetes 1.20 lists
 //! them (`discovery.k8s.io/v1beta1`), and they answer on their pod addresses.
 //!
-//! Ignored by default: it needs `scripts/test-node.sh build` (kubelet,
-//! kube-scheduler and two images, cached by version), which `cargo xtask test`
-//! does not run yet. Run it with
-//!   scripts/test-node.sh build && cargo test -p mesh-tests --test node -- --ignored
+//! It needs `scripts/test-node.sh build` (kubelet, kube-scheduler and two
+//! images, cached by version), which `cargo xtask test` runs.
 
 use std::{
     collections::BTreeSet,
@@ -102,7 +100,6 @@ fn slice_addresses(node: &Node) -> anyhow::Result<BTreeSet<IpAddr>> {
 }
 
 #[test]
-#[ignore = "needs `scripts/test-node.sh build`; run with --ignored"]
 fn flaskapp_pods_run_answer_and_fill_the_endpointslice() -> anyhow::Result<()> {
     mesh_tools::require_root();
     let t0 = Instant::now();

@@ -136,6 +136,11 @@ fn main() -> anyhow::Result<()> {
             run(Command::new("bash")
                 .arg(workspace().join("scripts/test-apiserver.sh"))
                 .arg("build"))?;
+            // A real node (kubelet on docker, scheduler, CNI, images) for the
+            // node tests: built once and cached the same way.
+            run(Command::new("bash")
+                .arg(workspace().join("scripts/test-node.sh"))
+                .arg("build"))?;
             // The privileged tests run the real binaries (mesh-agent, and
             // mesh-tools' clients); build them first. (The default members:
             // mesh-ebpf only builds for the BPF target, through mesh-user's build
