@@ -31,11 +31,12 @@ enum Command {
         /// Where objects come from: file:DIR (a folder of YAML manifests, watched) or kubernetes.
         #[arg(long, env = "MESH_SOURCE")]
         source: SourceSpec,
-        /// The cgroup v2 directory to attach to: the pods' root (kubepods,
-        /// kubepods.slice) with --mesh-scope pods; else every process in it and
-        /// below is meshed.
+        /// The cgroup v2 directory to attach to: with --mesh-scope pods, the pods'
+        /// root (default: kubepods.slice or kubepods at the top of a cgroup v2
+        /// mount, found by itself); with --mesh-scope cgroup (required then),
+        /// every process in it and below is meshed.
         #[arg(long, env = "MESH_CGROUP")]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
         /// Which processes are meshed: `pods`, Istio's scope (pods of this node in a
         /// namespace the --namespace-selector matches, not opted out with
         /// sidecar.istio.io/inject=false, not on the host network; their cgroups are
@@ -189,6 +190,13 @@ fn main() -> anyhow::Result<()> {
                         "--mesh-scope pods needs this node's name: --node-name or NODE_NAME",
                     )?,
                 },
+            };
+            let cgroup = match (cgroup, &scope) {
+                (Some(cgroup), _) => cgroup,
+                (None, Scope::Pods { .. }) => mesh_user::kernel::pod_cgroups::detect_root()?,
+                (None, Scope::Cgroup) => {
+                    anyhow::bail!("--mesh-scope cgroup needs --cgroup (or MESH_CGROUP)")
+                }
             };
             if let SourceSpec::Kubernetes(options) = &mut source {
                 options.kubeconfig = kubeconfig;

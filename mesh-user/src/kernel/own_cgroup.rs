@@ -64,7 +64,7 @@ fn unified_path(proc_cgroup: &str) -> Option<&str> {
 }
 
 /// (root within the hierarchy, mount point) of every cgroup2 mount.
-fn cgroup2_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
+pub(super) fn cgroup2_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
     mountinfo
         .lines()
         .filter_map(|line| {

@@ -11,6 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::own_cgroup;
 use crate::compile::scope::PodUid;
 
 /// A pod's cgroup: its directory and id.
@@ -68,6 +69,39 @@ fn cgroup(dir: &Path) -> Option<PodCgroup> {
         path: dir.to_owned(),
         id,
     })
+}
+
+/// The kubelet's names for the pods' cgroup root: systemd's driver, cgroupfs'.
+const POD_ROOTS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no kubepods.slice or kubepods directory at the top of a cgroup v2 mount (looked in: {looked}); give --cgroup"
+)]
+pub struct DetectError {
+    looked: String,
+}
+
+/// The pods' cgroup root of this node: `kubepods.slice` or `kubepods` at the
+/// top of a cgroup2 mount this process sees (the host's, mounted into the
+/// agent's container; unified or hybrid layout alike).
+pub fn detect_root() -> Result<PathBuf, DetectError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts: Vec<PathBuf> = own_cgroup::cgroup2_mounts(&mountinfo)
+        .into_iter()
+        .map(|(_, mount_point)| mount_point)
+        .collect();
+    mounts
+        .iter()
+        .flat_map(|m| POD_ROOTS.map(|name| m.join(name)))
+        .find(|dir| dir.is_dir())
+        .ok_or_else(|| DetectError {
+            looked: mounts
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 #[cfg(test)]
