@@ -797,9 +797,12 @@ fn a_server_serving_only_v1beta1_endpoint_slices_is_followed() -> anyhow::Result
     let (node, _backends, mut pods) = topology_with(&api, true, endpoint_slice_v1beta1)?;
     let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
     let mut agent = Agent::start_kubernetes(&api.kubeconfig, cgroup.path())?;
-    let watching = agent.records("watching discovery.k8s.io EndpointSlices");
+    let watching = agent.records("watching discovery.k8s.io");
     assert_eq!(
-        watching.first().and_then(|r| r["version"].as_str()),
+        watching
+            .iter()
+            .find(|r| r["kind"] == "EndpointSlice")
+            .and_then(|r| r["version"].as_str()),
         Some("v1beta1"),
         "{}",
         agent.log_text()

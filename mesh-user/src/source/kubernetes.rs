@@ -617,75 +617,60 @@ where
 /// EndpointSlices in the version the server prefers: `discovery.k8s.io/v1`
 /// (typed), else `v1beta1` (Kubernetes 1.17 to 1.20, whose controller writes
 /// only that; converted at the model's boundary, `topology` to `nodeName` and
-/// `zone`). Discovered with backoff until served, and again if the version
-/// stops being served (a server upgraded under the agent).
+/// `zone`). Discovered again if the version stops being served (a server
+/// upgraded under the agent).
 async fn watch_endpoint_slices(client: Client, tx: UpdateSender) {
     let kind = Kind::EndpointSlice;
-    let mut backoff = Backoff::default();
-    loop {
-        let missing = match served_resource(&client, kind).await {
-            Ok(resource) => {
-                backoff.reset();
-                info!(version = %resource.version, "watching {ENDPOINT_SLICE_GROUP} EndpointSlices");
-                let ended = if resource.version == "v1" {
-                    watch_events(
-                        Api::<EndpointSlice>::all(client.clone()),
-                        watcher::Config::default(),
-                        &tx,
-                        kind,
-                        |o| Ok(sourced(Resource::EndpointSlice(Box::new(o)))),
-                        None,
-                    )
-                    .await
-                } else {
-                    watch_events(
-                        Api::<DynamicObject>::all_with(client.clone(), &resource),
-                        watcher::Config::default(),
-                        &tx,
-                        kind,
-                        move |object| convert_dynamic(kind, &object),
-                        None,
-                    )
-                    .await
-                };
-                if ended == Ended::Closed {
-                    return;
-                }
-                DiscoveryError::NotServed { kind }
+    watch_discovered(&client, kind, |resource| {
+        let (client, tx) = (client.clone(), tx.clone());
+        async move {
+            if resource.version == "v1" {
+                let api = Api::<EndpointSlice>::all(client);
+                let convert = |o| Ok(sourced(Resource::EndpointSlice(Box::new(o))));
+                watch_events(api, watcher::Config::default(), &tx, kind, convert, None).await
+            } else {
+                let api = Api::<DynamicObject>::all_with(client, &resource);
+                let convert = move |object: DynamicObject| convert_dynamic(kind, &object);
+                watch_events(api, watcher::Config::default(), &tx, kind, convert, None).await
             }
-            Err(e) => e,
-        };
-        let delay = backoff.delay();
-        warn!("{missing}; retrying in {delay:?}");
-        tokio::time::sleep(delay).await;
-    }
+        }
+    })
+    .await;
+}
+
+/// An Istio kind in the version the server prefers; its objects' versions are
+/// tracked for the Events on them.
+async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
+    watch_discovered(&client, kind, |resource| {
+        let (client, tx, seen) = (client.clone(), tx.clone(), seen.clone());
+        async move {
+            let api = Api::<DynamicObject>::all_with(client, &resource);
+            let convert = move |object: DynamicObject| convert_dynamic(kind, &object);
+            let track = Some((&seen, resource.api_version.as_str()));
+            watch_events(api, watcher::Config::default(), &tx, kind, convert, track).await
+        }
+    })
+    .await;
 }
 
 /// Discovers `kind` (retrying with backoff, saying what is missing each time),
-/// then watches it; again if it stops being served. Until it has been listed,
+/// then runs `watch` on the served version; again if it stops being served
+/// (its objects stay as last seen until it is back). Until it has been listed,
 /// its `Listed` is not sent, so the agent makes no first write without it.
-async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
+async fn watch_discovered<F, W>(client: &Client, kind: Kind, mut watch: F)
+where
+    F: FnMut(ApiResource) -> W,
+    W: std::future::Future<Output = Ended>,
+{
     let mut backoff = Backoff::default();
     loop {
-        let missing = match served_resource(&client, kind).await {
+        let missing = match served_resource(client, kind).await {
             Ok(resource) => {
                 backoff.reset();
-                info!(kind = %kind, version = %resource.version, "watching {}", istio::GROUP);
-                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                let ended = watch_events(
-                    api,
-                    watcher::Config::default(),
-                    &tx,
-                    kind,
-                    move |object| convert_dynamic(kind, &object),
-                    Some((&seen, &resource.api_version)),
-                )
-                .await;
-                if ended == Ended::Closed {
+                info!(kind = %kind, version = %resource.version, "watching {}", group_of(kind));
+                if watch(resource).await == Ended::Closed {
                     return;
                 }
-                // The CRD went away (or this version of it): its objects stay as
-                // last seen until it is back.
                 DiscoveryError::NotServed { kind }
             }
             Err(e) => e,
