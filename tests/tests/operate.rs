@@ -107,12 +107,7 @@ fn an_upgrade_swaps_changed_programs_live() -> anyhow::Result<()> {
         "getpeername answered the VIP before, during and after the swap"
     );
     // Only getpeername4 differs in the new object; it was swapped in place.
-    let swapped: Vec<String> = canary
-        .agent
-        .records("program swapped")
-        .iter()
-        .map(|r| r["program"].as_str().unwrap_or("").to_owned())
-        .collect();
+    let swapped = swapped_programs(&canary.agent);
     assert_eq!(swapped, ["mesh_getpeername4"]);
     assert_eq!(canary.agent.records("program unchanged").len(), 4);
 
@@ -571,13 +566,7 @@ fn a_pinned_map_of_another_layout_is_replaced_never_misread() -> anyhow::Result<
         "{replaced:?}"
     );
     // The programs that read the map now read the new one: swapped in place.
-    let mut swapped: Vec<String> = canary
-        .agent
-        .records("program swapped")
-        .iter()
-        .map(|r| r["program"].as_str().unwrap_or("").to_owned())
-        .collect();
-    swapped.sort();
+    let swapped = swapped_programs(&canary.agent);
     assert_eq!(swapped, ["mesh_connect4", "mesh_connect6"]);
     let after = canary.probe(&vip4(), 2000)?;
     assert_eq!(after.failed(), 0, "{after:?}");
@@ -720,13 +709,7 @@ fn replacing_revnat_alone_fails_no_connect_and_keeps_the_vip_of_open_sockets() -
     // at most one per prober thread in each of its two windows.
     let vip = across.peers.get(&vip4()).copied().unwrap_or(0);
     assert!(across.ok - vip <= 8, "{across:?}");
-    let mut swapped: Vec<String> = canary
-        .agent
-        .records("program swapped")
-        .iter()
-        .map(|r| r["program"].as_str().unwrap_or("").to_owned())
-        .collect();
-    swapped.sort();
+    let swapped = swapped_programs(&canary.agent);
     assert_eq!(
         swapped,
         [
@@ -847,13 +830,7 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
             .filter_map(|r| r["map"].as_str().map(str::to_owned))
             .collect();
         assert_eq!(unpinned, [previous], "{}", canary.agent.log_text());
-        let mut programs: Vec<String> = canary
-            .agent
-            .records("program swapped")
-            .iter()
-            .map(|r| r["program"].as_str().unwrap_or("").to_owned())
-            .collect();
-        programs.sort();
+        let programs = swapped_programs(&canary.agent);
         assert_eq!(programs, swapped, "{previous}");
         // Only the current names are left, each once.
         let mut left: Vec<String> = std::fs::read_dir(&maps)?
@@ -866,4 +843,15 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
     assert_eq!(after.failed(), 0, "{after:?}");
     assert_share(after.share(V2), 0.20, after.ok, "after the renames");
     Ok(())
+}
+
+/// The programs the agent swapped in place (`program swapped`), sorted.
+fn swapped_programs(agent: &mesh_tools::agent::Agent) -> Vec<String> {
+    let mut swapped: Vec<String> = agent
+        .records("program swapped")
+        .iter()
+        .map(|r| r["program"].as_str().unwrap_or("").to_owned())
+        .collect();
+    swapped.sort();
+    swapped
 }
