@@ -3,10 +3,10 @@
 # `kubernetes` source package (Kubernetes v1.20.2 with vendor/) and cache them in
 #   ${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}/<debian-source-version>/
 #
-# Sourced by scripts/test-node.sh. The recipe is the one of
-# scripts/test-apiserver.sh (which keeps its own copy, so that existing tests
-# are not touched): GOPATH mode, GOPROXY=off, CGO_ENABLED=0, Debian's Go 1.19,
-# the vendored modern-go/reflect2 1.0.1 replaced by Debian's 1.0.2, `make WHAT=...`.
+# Sourced by scripts/test-apiserver.sh (whose `build` makes every binary the
+# tests use, in one build) and scripts/test-node.sh. The recipe: GOPATH mode,
+# GOPROXY=off, CGO_ENABLED=0, Debian's Go 1.19, the vendored modern-go/reflect2
+# 1.0.1 replaced by Debian's 1.0.2, `make WHAT=...`.
 #
 # The caller defines log() and die().
 

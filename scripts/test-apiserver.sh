@@ -42,10 +42,14 @@
 set -euo pipefail
 
 CACHE_ROOT="${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}"
-SRC_PKG=kubernetes
-GO_BIN_DIR=/usr/lib/go-1.19/bin
-REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
-BUILD_DEPS=(golang-1.19-go etcd-server rsync golang-github-modern-go-reflect2-dev openssl dpkg-dev)
+# The build recipe (Debian's source, Go 1.19, offline make) and its constants.
+# shellcheck source=scripts/lib-kube.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-kube.sh"
+# Every Kubernetes binary the tests run, built together (they share most of
+# their packages, so one build costs little more than the API server's alone):
+# the API server's, and the test node's (scripts/test-node.sh).
+KUBE_BINS=(kube-apiserver kube-controller-manager kubelet kube-scheduler)
+KUBE_SOURCES=(build/pause/linux/pause.c build/pause/Makefile)
 START_TIMEOUT="${MESH_TEST_APISERVER_TIMEOUT:-90}"
 NODE_MODE="${MESH_TEST_APISERVER_NODE:-0}"
 API_ADDRESS="${MESH_TEST_APISERVER_ADDRESS:-127.0.0.1}"
@@ -70,7 +74,7 @@ usage() {
 Usage: $PROG build | start DIR | stop DIR | env DIR | stop-apiserver DIR | start-apiserver DIR
 
   build       Build kube-apiserver and kube-controller-manager from Debian's
-              '$SRC_PKG' source package and cache them under
+              '$KUBE_SRC_PKG' source package and cache them under
               $CACHE_ROOT/<debian-version>/ (no-op when already cached; needs root).
   start DIR   Start etcd + kube-apiserver + kube-controller-manager on 127.0.0.1
               (free ports), state/logs/kubeconfig under DIR; waits until ready
@@ -84,22 +88,6 @@ EOF
 # version / cache resolution
 # ---------------------------------------------------------------------------
 
-# Debian source version of the `kubernetes` package, from the binary package
-# `kubernetes-client` which is built from it (no deb-src entries needed).
-debian_src_version() {
-    local out src ver
-    out="$(apt-cache show --no-all-versions kubernetes-client 2>/dev/null || true)"
-    [[ -n "$out" ]] || return 1
-    ver="$(printf '%s\n' "$out" | sed -n 's/^Version: *//p' | head -n1)"
-    src="$(printf '%s\n' "$out" | sed -n 's/^Source: *//p' | head -n1)"
-    # "Source: kubernetes (X)" means the source version differs from the binary one.
-    if [[ "$src" =~ \((.*)\) ]]; then
-        ver="${BASH_REMATCH[1]}"
-    fi
-    [[ -n "$ver" ]] || return 1
-    printf '%s\n' "$ver"
-}
-
 # Directory holding cached binaries for `start`: the one for the current
 # Debian version if built, else the newest complete cache directory.
 find_bin_dir() {
@@ -108,7 +96,7 @@ find_bin_dir() {
         printf '%s\n' "$MESH_TEST_APISERVER_BIN_DIR"
         return 0
     fi
-    if ver="$(debian_src_version)" && [[ -x "$CACHE_ROOT/$ver/kube-apiserver" && -x "$CACHE_ROOT/$ver/kube-controller-manager" ]]; then
+    if ver="$(kube_debian_src_version)" && [[ -x "$CACHE_ROOT/$ver/kube-apiserver" && -x "$CACHE_ROOT/$ver/kube-controller-manager" ]]; then
         printf '%s\n' "$CACHE_ROOT/$ver"
         return 0
     fi
@@ -124,187 +112,27 @@ find_bin_dir() {
 # build
 # ---------------------------------------------------------------------------
 
-pkg_installed() {
-    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
-}
-
-ensure_packages() {
-    local missing=() p
-    for p in "$@"; do
-        pkg_installed "$p" || missing+=("$p")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    log "installing missing Debian packages: ${missing[*]}"
-    # Never let package installation start system services (e.g. etcd on :2379).
-    local added_policy=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        added_policy=1
-    fi
-    local rc=0
-    {
-        apt-get update -qq &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    } >&2 || rc=$?
-    [[ $added_policy -eq 1 ]] && rm -f /usr/sbin/policy-rc.d
-    [[ $rc -eq 0 ]] || die "apt-get install ${missing[*]} failed (rc=$rc)"
-}
-
-# Write deb-src variants of the machine's own apt sources into $1/sources.list
-# and $1/sources.list.d/*.sources (one-line and deb822 formats).
-derive_deb_src_sources() {
-    local out="$1" f n=0
-    mkdir -p "$out/sources.list.d"
-    : >"$out/sources.list"
-    local list_files=()
-    [[ -f /etc/apt/sources.list ]] && list_files+=(/etc/apt/sources.list)
-    for f in /etc/apt/sources.list.d/*.list; do
-        [[ -f "$f" ]] && list_files+=("$f")
-    done
-    for f in "${list_files[@]}"; do
-        # "deb [opts] uri suite comps" -> "deb-src [opts] uri suite comps"
-        sed -n -E 's/^[[:space:]]*deb[[:space:]]+/deb-src /p' "$f" >>"$out/sources.list"
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f "$f" ]] || continue
-        n=$((n + 1))
-        # deb822: keep every stanza, but make its Types deb-src; drop disabled ones.
-        awk '
-            function flush() {
-                if (buf != "" && !disabled && hasdeb) printf "%s\n", buf
-                buf = ""; disabled = 0; hasdeb = 0
-            }
-            /^[[:space:]]*$/ { flush(); next }
-            /^[[:space:]]*#/ { next }
-            tolower($1) == "types:" {
-                for (i = 2; i <= NF; i++) if ($i == "deb") hasdeb = 1
-                buf = buf "Types: deb-src\n"; next
-            }
-            tolower($1) == "enabled:" && tolower($2) == "no" { disabled = 1 }
-            { buf = buf $0 "\n" }
-            END { flush() }
-        ' "$f" >"$out/sources.list.d/derived-$n.sources"
-    done
-    if ! grep -qs . "$out/sources.list" "$out"/sources.list.d/*.sources; then
-        die "could not derive any deb-src entry from /etc/apt/sources.list{,.d/*}"
-    fi
-}
-
 cmd_build() {
     [[ $(id -u) -eq 0 ]] || die "build must run as root (it installs Debian packages and writes $CACHE_ROOT)"
-    local ver
-    if ! ver="$(debian_src_version)"; then
-        log "apt lists have no 'kubernetes-client'; running apt-get update"
-        apt-get update -qq >&2 || die "apt-get update failed"
-        ver="$(debian_src_version)" || die "Debian package 'kubernetes-client' (source '$SRC_PKG') not found in apt"
-    fi
+    local ver b f missing=()
+    ver="$(kube_debian_src_version_or_update)"
     local dest="$CACHE_ROOT/$ver"
-    if [[ -x "$dest/kube-apiserver" && -x "$dest/kube-controller-manager" ]]; then
+    for b in "${KUBE_BINS[@]}"; do [[ -x "$dest/$b" ]] || missing+=("$b"); done
+    for f in "${KUBE_SOURCES[@]}"; do [[ -f "$dest/src/$f" ]] || missing+=("$f"); done
+    kube_ensure_packages etcd-server openssl
+    if [[ ${#missing[@]} -eq 0 ]]; then
         log "binaries already cached in $dest (nothing to build)"
-        ensure_packages etcd-server openssl
         return 0
     fi
-
-    local t0=$SECONDS
-    log "building kube-apiserver + kube-controller-manager from Debian source '$SRC_PKG' $ver"
-    ensure_packages "${BUILD_DEPS[@]}"
-    [[ -x "$GO_BIN_DIR/go" ]] || die "$GO_BIN_DIR/go missing (package golang-1.19-go)"
-    [[ -f "$REFLECT2_SRC/reflect2.go" ]] || die "$REFLECT2_SRC missing (package golang-github-modern-go-reflect2-dev)"
-
-    local work
+    local t0=$SECONDS work
+    log "building ${KUBE_BINS[*]} from Debian source '$KUBE_SRC_PKG' $ver (missing: ${missing[*]})"
     work="$(mktemp -d /var/tmp/mesh-test-apiserver-build.XXXXXX)"
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" EXIT
-    chmod 755 "$work"
-
-    # --- source download with a private, derived deb-src configuration ------
-    local aptdir="$work/apt"
-    derive_deb_src_sources "$aptdir"
-    mkdir -p "$aptdir/lists/partial" "$work/src"
-    chown -R _apt:root "$aptdir/lists" "$work/src" 2>/dev/null || true
-    local aptopts=(
-        -o "Dir::Etc::SourceList=$aptdir/sources.list"
-        -o "Dir::Etc::SourceParts=$aptdir/sources.list.d"
-        -o "Dir::State::Lists=$aptdir/lists"
-        -o "Dir::Cache::pkgcache="
-        -o "Dir::Cache::srcpkgcache="
-    )
-    log "apt-get update (deb-src variants of this machine's sources, private lists dir)"
-    # Third-party repositories may lack deb-src; tolerate that, apt-get source decides.
-    apt-get "${aptopts[@]}" update -qq >&2 || log "warning: some deb-src indexes failed to download (continuing)"
-    log "downloading source package $SRC_PKG=$ver"
-    (cd "$work/src" && apt-get "${aptopts[@]}" source --download-only -qq "$SRC_PKG=$ver" >&2) ||
-        die "apt-get source $SRC_PKG=$ver failed"
-    local dsc
-    dsc="$(ls "$work/src"/"${SRC_PKG}"_*.dsc | head -n1)" || die "no .dsc downloaded"
-    log "unpacking $(basename "$dsc")"
-    dpkg-source --no-check -x "$dsc" "$work/tree" >/dev/null ||
-        die "dpkg-source -x failed"
-    local tree="$work/tree"
-    [[ -d "$tree/vendor" && -f "$tree/Makefile" ]] || die "unexpected source tree layout in $tree"
-
-    # --- replace vendored reflect2 1.0.1 (crashes under Go >= 1.18) ---------
-    local vr="$tree/vendor/github.com/modern-go/reflect2"
-    [[ -d "$vr" ]] || die "vendor/github.com/modern-go/reflect2 not found"
-    log "replacing vendored modern-go/reflect2 with Debian's $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev)"
-    rm -rf "$vr"
-    mkdir -p "$vr"
-    local f
-    for f in "$REFLECT2_SRC"/*; do
-        case "$(basename "$f")" in
-            *_test.go) ;;
-            *.go | *.s | LICENSE | go.mod) cp -L "$f" "$vr/" ;;
-        esac
-    done
-
-    # --- upstream version for ldflags ---------------------------------------
-    local up="${ver#*:}"
-    up="${up%-*}"
-    [[ "$up" == *really* ]] && up="${up##*really}"
-    up="${up%%+*}"
-    [[ "$up" =~ ^([0-9]+)\.([0-9]+)\.[0-9]+ ]] || die "cannot parse upstream version from '$ver'"
-    local major="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}"
-
-    # --- build (GOPATH mode, offline) ---------------------------------------
-    log "make WHAT=\"cmd/kube-apiserver cmd/kube-controller-manager\" (v$up, go $("$GO_BIN_DIR/go" env GOVERSION)); this takes a few minutes"
-    (
-        cd "$tree"
-        unset GOFLAGS GO111MODULE GOPATH GOROOT GOBIN
-        export PATH="$GO_BIN_DIR:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-        export GOPROXY=off GOSUMDB=off CGO_ENABLED=0
-        export GOCACHE="$work/gocache" HOME="$work/home"
-        export KUBE_GIT_VERSION="v$up" KUBE_GIT_MAJOR="$major" KUBE_GIT_MINOR="$minor"
-        export KUBE_GIT_COMMIT="${KUBE_GIT_COMMIT:-0000000000000000000000000000000000000000}"
-        export KUBE_GIT_TREE_STATE=clean
-        export KUBE_VERBOSE=1
-        mkdir -p "$HOME"
-        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1
-    ) || {
-        tail -n 40 "$work/build.log" >&2 || true
-        die "kubernetes build failed (log tail above)"
-    }
-
-    local b out tmpdest
-    mkdir -p "$CACHE_ROOT"
-    tmpdest="$(mktemp -d "$CACHE_ROOT/.tmp.XXXXXX")"
-    for b in kube-apiserver kube-controller-manager; do
-        out=""
-        for f in "$tree/_output/bin/$b" "$tree/_output/local/bin/linux/amd64/$b" "$tree/_output/local/go/bin/$b"; do
-            [[ -x "$f" ]] && { out="$f"; break; }
-        done
-        [[ -n "$out" ]] || out="$(find "$tree/_output" -type f -name "$b" -perm -u+x | head -n1)"
-        [[ -n "$out" ]] || die "built binary $b not found under $tree/_output"
-        install -m 0755 "$out" "$tmpdest/$b"
-    done
-    printf '%s\n' "$ver" >"$tmpdest/DEBIAN_SOURCE_VERSION"
-    rm -rf "$dest"
-    mv "$tmpdest" "$dest"
-    chmod 755 "$dest"
-
+    kube_build_from_source "$work" "$ver" "$dest" "${KUBE_BINS[@]}" -- "${KUBE_SOURCES[@]}"
     rm -rf "$work"
     trap - EXIT
-    log "cached $dest/{kube-apiserver,kube-controller-manager} ($("$dest/kube-apiserver" --version 2>/dev/null)); build took $((SECONDS - t0))s"
+    log "cached $dest/{${KUBE_BINS[*]// /,}} ($("$dest/kube-apiserver" --version 2>/dev/null)); build took $((SECONDS - t0))s"
 }
 
 # ---------------------------------------------------------------------------
