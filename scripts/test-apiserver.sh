@@ -47,8 +47,9 @@ CACHE_ROOT="${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}"
 source "$(dirname "${BASH_SOURCE[0]}")/lib-kube.sh"
 # Every Kubernetes binary the tests run, built together (they share most of
 # their packages, so one build costs little more than the API server's alone):
-# the API server's, and the test node's (scripts/test-node.sh).
-KUBE_BINS=(kube-apiserver kube-controller-manager kubelet kube-scheduler)
+# the API server's, and the test node's (scripts/test-node.sh; kube-proxy runs
+# beside the mesh, as in a real cluster).
+KUBE_BINS=(kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy)
 KUBE_SOURCES=(build/pause/linux/pause.c build/pause/Makefile)
 START_TIMEOUT="${MESH_TEST_APISERVER_TIMEOUT:-90}"
 NODE_MODE="${MESH_TEST_APISERVER_NODE:-0}"
@@ -124,15 +125,18 @@ cmd_build() {
         log "binaries already cached in $dest (nothing to build)"
         return 0
     fi
-    local t0=$SECONDS work
-    log "building ${KUBE_BINS[*]} from Debian source '$KUBE_SRC_PKG' $ver (missing: ${missing[*]})"
+    # Only what is missing (a binary added to the list later costs only itself).
+    local build=() t0=$SECONDS work
+    for b in "${KUBE_BINS[@]}"; do [[ -x "$dest/$b" ]] || build+=("$b"); done
+    [[ ${#build[@]} -gt 0 ]] || build=(kube-apiserver) # only the sources are missing
+    log "building ${build[*]} from Debian source '$KUBE_SRC_PKG' $ver (missing: ${missing[*]})"
     work="$(mktemp -d /var/tmp/mesh-test-apiserver-build.XXXXXX)"
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" EXIT
-    kube_build_from_source "$work" "$ver" "$dest" "${KUBE_BINS[@]}" -- "${KUBE_SOURCES[@]}"
+    kube_build_from_source "$work" "$ver" "$dest" "${build[@]}" -- "${KUBE_SOURCES[@]}"
     rm -rf "$work"
     trap - EXIT
-    log "cached $dest/{${KUBE_BINS[*]// /,}} ($("$dest/kube-apiserver" --version 2>/dev/null)); build took $((SECONDS - t0))s"
+    log "cached $dest/{${build[*]// /,}} ($("$dest/kube-apiserver" --version 2>/dev/null)); build took $((SECONDS - t0))s"
 }
 
 # ---------------------------------------------------------------------------
