@@ -57,14 +57,15 @@ struct Cluster {
 /// and their EndpointSlice in the API server) and its Service; with `istio`, its
 /// DestinationRule and VirtualService too.
 fn topology(api: &ApiServer, istio: bool) -> anyhow::Result<(Node, Vec<Backend>, Pods)> {
-    topology_with(api, istio, endpoint_slice)
+    topology_with(api, istio, Some(endpoint_slice))
 }
 
-/// The same, with the EndpointSlice written by `slice` (a version's writer).
+/// The same, with the EndpointSlice written by `slice` (a version's writer;
+/// none: the server's controllers write what they write).
 fn topology_with(
     api: &ApiServer,
     istio: bool,
-    slice: fn(&[(String, IpAddr, bool)]) -> String,
+    slice: Option<fn(&[(String, IpAddr, bool)]) -> String>,
 ) -> anyhow::Result<(Node, Vec<Backend>, Pods)> {
     let mut node = Node::new()?;
     node.add_pod("client", 2)?;
@@ -81,7 +82,9 @@ fn topology_with(
     if istio {
         apply_istio_example(api)?;
     }
-    api.apply(&slice(&pods))?;
+    if let Some(slice) = slice {
+        api.apply(&slice(&pods))?;
+    }
     Ok((node, backends, pods))
 }
 
@@ -794,7 +797,7 @@ fn a_server_serving_only_v1beta1_endpoint_slices_is_followed() -> anyhow::Result
     let api = ApiServer::start_serving_v1beta1_slices()?;
     api.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
     api.install_istio_crds()?;
-    let (node, _backends, mut pods) = topology_with(&api, true, endpoint_slice_v1beta1)?;
+    let (node, _backends, mut pods) = topology_with(&api, true, Some(endpoint_slice_v1beta1))?;
     let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
     let mut agent = Agent::start_kubernetes(&api.kubeconfig, cgroup.path())?;
     let watching = agent.records("watching discovery.k8s.io");
@@ -960,5 +963,30 @@ fn only_pods_of_labelled_namespaces_are_meshed() -> anyhow::Result<()> {
     assert_share(s.share(V2), 0.20, N, "labelled: 80/20");
     let (added_labelled, _) = sockets()?;
     assert!(added_labelled >= added + N, "{added_labelled} added");
+    Ok(())
+}
+
+#[test]
+fn a_server_without_endpoint_slices_is_read_through_endpoints() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    // Neither discovery.k8s.io version served (no v1 CRD, v1beta1 off): the
+    // endpoints controller's core Endpoints are all there is.
+    let api = ApiServer::start()?;
+    api.kubectl(&["label", "namespace", "default", "istio-injection=enabled"])?;
+    api.install_istio_crds()?;
+    let (node, _backends, _pods) = topology_with(&api, true, None)?;
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
+    let agent = Agent::start_kubernetes(&api.kubeconfig, cgroup.path())?;
+    assert!(
+        agent
+            .messages("WARN")
+            .iter()
+            .any(|m| m.contains("reading core Endpoints")),
+        "{}",
+        agent.log_text()
+    );
+    let s = probe::probe(&node.pod("client").ns, Some(&cgroup), &vip4(), N, 4)?;
+    assert_eq!(s.failed(), 0, "{s:?}");
+    assert_share(s.share(V2), 0.20, N, "80/20 over Endpoints");
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 pub mod convert;
 pub mod diag;
+pub mod endpoints;
 pub mod host;
 pub mod istio;
 

@@ -20,7 +20,7 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, ObjectReference, Pod, Service},
+        core::v1::{Endpoints, Namespace, ObjectReference, Pod, Service},
         discovery::v1::EndpointSlice,
         events::v1::Event as KubeEvent,
     },
@@ -617,33 +617,62 @@ where
 /// EndpointSlices in the version the server prefers: `discovery.k8s.io/v1`
 /// (typed), else `v1beta1` (Kubernetes 1.17 to 1.20, whose controller writes
 /// only that; converted at the model's boundary, `topology` to `nodeName` and
-/// `zone`). Discovered again if the version stops being served (a server
-/// upgraded under the agent).
+/// `zone`), else, where neither is served, core `Endpoints` read as slices
+/// (`model::endpoints`). Discovered again if the version stops being served
+/// (a server upgraded under the agent).
 async fn watch_endpoint_slices(client: Client, tx: UpdateSender) {
     let kind = Kind::EndpointSlice;
-    watch_discovered(&client, kind, |resource| {
+    watch_discovered(&client, kind, |served| {
         let (client, tx) = (client.clone(), tx.clone());
         async move {
-            if resource.version == "v1" {
-                let api = Api::<EndpointSlice>::all(client);
-                let convert = |o| Ok(sourced(Resource::EndpointSlice(Box::new(o))));
-                watch_events(api, watcher::Config::default(), &tx, kind, convert, None).await
-            } else {
-                let api = Api::<DynamicObject>::all_with(client, &resource);
-                let convert = move |object: DynamicObject| convert_dynamic(kind, &object);
-                watch_events(api, watcher::Config::default(), &tx, kind, convert, None).await
+            let config = watcher::Config::default();
+            match served {
+                Some(resource) if resource.version == "v1" => {
+                    let api = Api::<EndpointSlice>::all(client);
+                    let convert = |o| Ok(sourced(Resource::EndpointSlice(Box::new(o))));
+                    watch_events(api, config, &tx, kind, convert, None).await
+                }
+                Some(resource) => {
+                    let api = Api::<DynamicObject>::all_with(client, &resource);
+                    let convert = move |object: DynamicObject| convert_dynamic(kind, &object);
+                    watch_events(api, config, &tx, kind, convert, None).await
+                }
+                None => {
+                    warn!(
+                        "{ENDPOINT_SLICE_GROUP} EndpointSlices not served; reading core Endpoints"
+                    );
+                    let api = Api::<Endpoints>::all(client);
+                    watch_events(api, config, &tx, kind, convert_endpoints, None).await
+                }
             }
         }
     })
     .await;
 }
 
+/// Endpoints, as the slice the EndpointSlice mirroring controller would make.
+fn convert_endpoints(endpoints: Endpoints) -> Result<Sourced, Box<Invalid>> {
+    let r = ObjectRef::from_meta(Kind::EndpointSlice, &endpoints.metadata);
+    crate::model::endpoints::as_slice(endpoints)
+        .map(|slice| sourced(Resource::EndpointSlice(Box::new(slice))))
+        .map_err(|ConvertError { field, message }| {
+            Box::new(Invalid {
+                object: r.clone(),
+                diagnostic: Diagnostic::error(&r, field, message).with_origin(ORIGIN),
+            })
+        })
+}
+
 /// An Istio kind in the version the server prefers; its objects' versions are
 /// tracked for the Events on them.
 async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
-    watch_discovered(&client, kind, |resource| {
+    watch_discovered(&client, kind, |served| {
         let (client, tx, seen) = (client.clone(), tx.clone(), seen.clone());
         async move {
+            // Not served: discover again (CRDs installed later).
+            let Some(resource) = served else {
+                return Ended::NotServed;
+            };
             let api = Api::<DynamicObject>::all_with(client, &resource);
             let convert = move |object: DynamicObject| convert_dynamic(kind, &object);
             let track = Some((&seen, resource.api_version.as_str()));
@@ -654,12 +683,14 @@ async fn watch_istio(client: Client, tx: UpdateSender, kind: Kind, seen: Seen) {
 }
 
 /// Discovers `kind` (retrying with backoff, saying what is missing each time),
-/// then runs `watch` on the served version; again if it stops being served
-/// (its objects stay as last seen until it is back). Until it has been listed,
-/// its `Listed` is not sent, so the agent makes no first write without it.
+/// then runs `watch` on the served version, or on `None` if the server does not
+/// serve the kind (a fallback, or `Ended::NotServed` to look again); again
+/// whenever it stops being served (its objects stay as last seen until it is
+/// back). Until it has been listed, its `Listed` is not sent, so the agent
+/// makes no first write without it.
 async fn watch_discovered<F, W>(client: &Client, kind: Kind, mut watch: F)
 where
-    F: FnMut(ApiResource) -> W,
+    F: FnMut(Option<ApiResource>) -> W,
     W: std::future::Future<Output = Ended>,
 {
     let mut backoff = Backoff::default();
@@ -668,7 +699,13 @@ where
             Ok(resource) => {
                 backoff.reset();
                 info!(kind = %kind, version = %resource.version, "watching {}", group_of(kind));
-                if watch(resource).await == Ended::Closed {
+                if watch(Some(resource)).await == Ended::Closed {
+                    return;
+                }
+                DiscoveryError::NotServed { kind }
+            }
+            Err(DiscoveryError::NotServed { .. }) => {
+                if watch(None).await == Ended::Closed {
                     return;
                 }
                 DiscoveryError::NotServed { kind }
