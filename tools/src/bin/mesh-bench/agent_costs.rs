@@ -42,7 +42,7 @@ pub(crate) fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
                 1 + n % 250
             );
         }
-        // A file per SERVICES_PER_FILE Services: all 10k are ~8 MB, over the
+        // A file per SERVICES_PER_FILE Services: all 10k are ~10 MB, over the
         // file source's 4 MiB per file.
         if (i + 1) % SERVICES_PER_FILE == 0 || i + 1 == services {
             let file = format!("scale-{:03}.yaml", i / SERVICES_PER_FILE);

@@ -44,7 +44,7 @@ pub(crate) fn services_dir(
     Ok(dir)
 }
 
-/// Services per file of a generated folder: ~0.2 MB of fillers, ~0.8 MB of
+/// Services per file of a generated folder: ~0.2 MB of fillers, ~1 MB of
 /// Services with ten endpoints each, well under the file source's 4 MiB per file.
 pub(crate) const SERVICES_PER_FILE: usize = 1000;
 
