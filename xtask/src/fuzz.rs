@@ -7,11 +7,14 @@
 //! The targets are built without a sanitizer and with debug assertions and
 //! overflow checks ([`BUILD_FLAGS`]): the code fuzzed is safe Rust, so what we
 //! hunt is panics (an index, a slice, a byte truncation, an `unwrap`), overflows,
-//! hangs and unbounded memory, which need no sanitizer; AddressSanitizer would
-//! instrument every dependency and cost CI several times the build time. The
-//! build goes to a cache outside the repository, one directory per nightly
-//! rustc, cargo-fuzz version and `fuzz/Cargo.lock` ([`target_dir`]), so a
-//! second run on the same machine only rebuilds what changed in the tree.
+//! hangs and unbounded memory, which need no sanitizer. Measured on the 2-core
+//! machine: AddressSanitizer made the cold build only ~10% costlier (13.2 against
+//! 12.0 CPU-minutes: release builds of the dependencies are the cost), but
+//! `file_parse` ran 5.4 times slower (1322 against 7205 inputs/s) and 7 times
+//! larger (296 against 40 MB). The build goes to a cache outside the repository,
+//! one directory per nightly rustc, cargo-fuzz version and `fuzz/Cargo.lock`
+//! ([`target_dir`]), so a second run on the same machine only rebuilds what
+//! changed in the tree.
 
 use std::{
     path::{Path, PathBuf},
