@@ -14,7 +14,10 @@ use mesh_tools::{
     manifests::{self, ManifestDir},
 };
 
-use crate::report::{median, quantile};
+use crate::{
+    report::{median, quantile},
+    services::SERVICES_PER_FILE,
+};
 
 /// The agent's own costs: compile + apply and memory at 10k services / 100k
 /// endpoints, and how fast a weight edit reaches the kernel.
@@ -39,8 +42,13 @@ pub(crate) fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
                 1 + n % 250
             );
         }
+        // A file per SERVICES_PER_FILE Services: all 10k are ~10 MB, over the
+        // file source's 4 MiB per file.
+        if (i + 1) % SERVICES_PER_FILE == 0 || i + 1 == services {
+            let file = format!("scale-{:03}.yaml", i / SERVICES_PER_FILE);
+            dir.write(&file, &std::mem::take(&mut yaml))?;
+        }
     }
-    dir.write("scale.yaml", &yaml)?;
     let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
     let t = Instant::now();
     let agent = Agent::start_flags(dir.path(), cgroup.path(), &["--no-redirect"])?;

@@ -28,19 +28,25 @@ pub(crate) fn services_dir(
         "pod.yaml",
         &manifests::pod("bench-0", "bench", "v1", &[server], true),
     )?;
-    let mut fill = String::new();
-    for i in 0..fillers {
-        let vip = filler_vip(i);
-        let _ = writeln!(
-            fill,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: filler-{i}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: filler-{i}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]"
-        );
-    }
-    if fillers > 0 {
-        dir.write("fillers.yaml", &fill)?;
+    // Files of at most SERVICES_PER_FILE Services: the file source reads at most
+    // 4 MiB per file (mesh-user's `Limits`), and 50k fillers are ~10 MB.
+    for (k, start) in (0..fillers).step_by(SERVICES_PER_FILE).enumerate() {
+        let mut fill = String::new();
+        for i in start..fillers.min(start + SERVICES_PER_FILE) {
+            let vip = filler_vip(i);
+            let _ = writeln!(
+                fill,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: filler-{i}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: filler-{i}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]"
+            );
+        }
+        dir.write(&format!("fillers-{k:03}.yaml"), &fill)?;
     }
     Ok(dir)
 }
+
+/// Services per file of a generated folder: ~0.2 MB of fillers, ~1 MB of
+/// Services with ten endpoints each, well under the file source's 4 MiB per file.
+pub(crate) const SERVICES_PER_FILE: usize = 1000;
 
 /// Service `i` of a variant with N: the target (last) at VIP -> `target`, the
 /// others filler VIPs -> filler backends. (VIP, backend IP, backend port.)
