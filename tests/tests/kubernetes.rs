@@ -26,6 +26,9 @@ const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// Each flaskapp pod: name, address, ready.
 type Pods = Vec<(String, IpAddr, bool)>;
 
+/// Writes the EndpointSlice of the flaskapp pods (in one API version).
+type SliceWriter = fn(&[(String, IpAddr, bool)]) -> String;
+
 fn endpoint_slice(pods: &[(String, IpAddr, bool)]) -> String {
     mesh_tools::apiserver::endpoint_slice("flaskapp", 5000, pods)
 }
@@ -65,7 +68,7 @@ fn topology(api: &ApiServer, istio: bool) -> anyhow::Result<(Node, Vec<Backend>,
 fn topology_with(
     api: &ApiServer,
     istio: bool,
-    slice: Option<fn(&[(String, IpAddr, bool)]) -> String>,
+    slice: Option<SliceWriter>,
 ) -> anyhow::Result<(Node, Vec<Backend>, Pods)> {
     let mut node = Node::new()?;
     node.add_pod("client", 2)?;
