@@ -373,6 +373,7 @@ impl Reconciler {
         }
         self.telemetry
             .apply_failed(errors.iter().map(|e| e.reason()), result.errors.len());
+        self.telemetry.synced();
         self.failures = now;
         info!(
             generation = self.generation,

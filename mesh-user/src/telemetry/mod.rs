@@ -186,11 +186,17 @@ impl Telemetry {
         (quiet > STALL).then_some(quiet)
     }
 
-    /// One apply: its latency in seconds and generation; the agent is ready from the first.
+    /// One apply: its latency in seconds and generation.
     pub fn applied(&self, latency_seconds: f64, generation: u64) {
         self.sync_latency.observe(latency_seconds);
         self.generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    /// The first full sync is in the kernel: ready (unless services are not
+    /// applied, see [`Telemetry::apply_failed`]). Said before the agent logs
+    /// "config applied", so that whoever waits for that line finds it ready.
+    pub fn synced(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
 
