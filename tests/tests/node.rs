@@ -503,6 +503,17 @@ fn mesh_on_the_node(
         },
     )?;
     eprintln!("client meshed {:?} after the pods were ready", t1.elapsed());
+    // `kubectl logs` reads the agent (JSON lines): it found the meshed pods.
+    let logs = node.kubectl(&["logs", "-n", "mesh-system", &agent_pod])?;
+    let meshed: Vec<&str> = logs.lines().filter(|l| l.contains("pod meshed")).collect();
+    assert!(meshed.len() >= 5, "4 flaskapp pods and the client: {logs}");
+    assert!(
+        !meshed.iter().any(|l| l.contains("mesh-system")),
+        "the unlabelled mesh-system namespace is meshed: {meshed:?}"
+    );
+    if let Some(line) = logs.lines().find(|l| l.contains("pod meshed")) {
+        eprintln!("agent log: {line}");
+    }
 
     let n = 500;
     let (by_pod, failed) = from_client(node, &addr, n)?;
