@@ -498,6 +498,20 @@ fn stop_stale() {
     {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // And the agent's state of its deploy_mesh, if any: removing the pins is
+    // what `mesh-agent cleanup` does (the links go with their last
+    // reference, and the programs detach).
+    if let Some(name) = dir.file_name() {
+        for left in [
+            Path::new("/sys/fs/bpf").join(name),
+            Path::new("/run").join(name),
+        ] {
+            if left.exists() {
+                eprintln!("removing {} of the stale node's agent", left.display());
+                let _ = std::fs::remove_dir_all(&left);
+            }
+        }
+    }
 }
 
 /// Polls `f` every 200 ms until it returns `Some`, for at most `timeout`;
