@@ -219,6 +219,14 @@ int main(int argc, char **argv) {
 EOF
 }
 
+# The flaskapp image's tag: a hash of its sources. Its tarball is cached as
+# images/flaskapp-<hash>.tar, so checkouts with different sources (the cache is
+# per machine, shared by every checkout) each find their own and never rebuild
+# over each other; images/flaskapp.tar and IMAGES name the last one built.
+flaskapp_tag() {
+    printf 'mesh-test-node/flaskapp:%s\n' "$({ flaskapp_c; client_c; } | sha256sum | cut -c1-12)"
+}
+
 bin_dir_for_build() { printf '%s/%s\n' "$KUBE_CACHE_ROOT" "$1"; }
 
 # Cache directory with everything `start` needs (current Debian version first,
@@ -438,8 +446,8 @@ build_images() {
     pause_tag="$(sed -n 's/^TAG *= *//p' "$dest/src/build/pause/Makefile" | head -n1)"
     [[ -n "$pause_tag" ]] || die "no TAG in $dest/src/build/pause/Makefile"
     pause_tag="mesh-test-node/pause:$pause_tag-$(kube_upstream_version "$ver")"
-    flask_tag="mesh-test-node/flaskapp:$({ flaskapp_c; client_c; } | sha256sum | cut -c1-12)"
-    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" && grep -qx "flaskapp=$flask_tag" "$out/IMAGES"; then
+    flask_tag="$(flaskapp_tag)"
+    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" && [[ -f "$out/flaskapp-${flask_tag##*:}.tar" ]]; then
         log "images already cached in $out ($pause_tag, $flask_tag)"
         return 0
     fi
@@ -475,6 +483,7 @@ build_images() {
     [[ $rc -eq 0 ]] || die "docker build/save failed (rc=$rc; dockerd log $dd/logs/dockerd.log)"
     mkdir -p "$out"
     install -m 0644 "$work/pause.tar" "$out/pause.tar"
+    install -m 0644 "$work/flaskapp.tar" "$out/flaskapp-${flask_tag##*:}.tar"
     install -m 0644 "$work/flaskapp.tar" "$out/flaskapp.tar"
     printf 'pause=%s\nflaskapp=%s\n' "$pause_tag" "$flask_tag" >"$out/IMAGES.tmp"
     mv -f "$out/IMAGES.tmp" "$out/IMAGES"
@@ -878,9 +887,11 @@ EOF
     export DOCKER_HOST="unix://$dir/docker.sock"
     local pause_tag flask_tag
     pause_tag="$(sed -n 's/^pause=//p' "$cache/images/IMAGES")"
-    flask_tag="$(sed -n 's/^flaskapp=//p' "$cache/images/IMAGES")"
+    flask_tag="$(flaskapp_tag)"
+    [[ -f "$cache/images/flaskapp-${flask_tag##*:}.tar" ]] ||
+        die "image $flask_tag not cached (another checkout's sources built the cache); run '$PROG build'"
     "$DOCKER" load -q -i "$cache/images/pause.tar" >&2 || die "docker load pause.tar failed"
-    "$DOCKER" load -q -i "$cache/images/flaskapp.tar" >&2 || die "docker load flaskapp.tar failed"
+    "$DOCKER" load -q -i "$cache/images/flaskapp-${flask_tag##*:}.tar" >&2 || die "docker load $flask_tag failed"
 
     # --- kube-scheduler -------------------------------------------------------
     local sched_port kubelet_port healthz_port

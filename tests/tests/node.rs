@@ -560,6 +560,46 @@ fn mesh_on_the_node(
         "v2 at 50/50",
     );
 
+    // The agent pod deleted: connections keep working on the pinned state
+    // while the DaemonSet makes a new pod, which adopts it.
+    node.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "mesh-system",
+        &agent_pod,
+        "--wait=false",
+    ])?;
+    let t3 = Instant::now();
+    let (by_pod, failed) = from_client(node, &addr, 200)?;
+    eprintln!("agent pod deleted: {by_pod:?}, failed {}", failed.len());
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    let new_pod = poll(Duration::from_secs(120), "a new agent pod Ready", || {
+        Ok(
+            ready_named(node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?
+                .filter(|v| v[0] != agent_pod)
+                .map(|mut v| v.remove(0)),
+        )
+    })?;
+    eprintln!(
+        "new agent pod {new_pod} Ready {:?} after the delete",
+        t3.elapsed()
+    );
+    let (by_pod, failed) = from_client(node, &addr, n)?;
+    eprintln!(
+        "50/50 after the restart: {by_pod:?}, failed {}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    let (hit, total) = share(&by_pod, &v2);
+    assert_eq!(total, n);
+    common::assert_share(
+        f64::from(hit) / f64::from(n),
+        0.5,
+        u64::from(n),
+        "v2 at 50/50 after the agent's restart",
+    );
+
     // The kernel programs sit on the pods' cgroup (cgroup v2 of this hybrid
     // host), pinned in the pin dir the overlay gave.
     let progs = attached("/sys/fs/cgroup/unified/kubepods")?;
