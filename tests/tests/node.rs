@@ -202,6 +202,25 @@ spec:
     image: {image}
     imagePullPolicy: Never
     env: [{{name: VERSION, value: client}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: plain
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: plain
+  labels: {{app: client}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: client
+    image: {image}
+    imagePullPolicy: Never
+    env: [{{name: VERSION, value: client}}]
 "#,
         v1 = deployment("v1", 3),
         v2 = deployment("v2", 1),
@@ -295,13 +314,21 @@ fn from_client(
     addr: &str,
     n: u32,
 ) -> anyhow::Result<(BTreeMap<String, u32>, Vec<String>)> {
+    from_client_in(node, "default", addr, n)
+}
+
+/// The same from the pod `client` of namespace `ns`.
+fn from_client_in(
+    node: &Node,
+    ns: &str,
+    addr: &str,
+    n: u32,
+) -> anyhow::Result<(BTreeMap<String, u32>, Vec<String>)> {
     let (ip, port) = addr.split_once(':').context("addr")?;
     let n = n.to_string();
     // /client exits 1 when a connection failed: its output says which.
     let out = std::process::Command::new("kubectl")
-        .args([
-            "exec", "-n", "default", "client", "--", "/client", ip, port, &n,
-        ])
+        .args(["exec", "-n", ns, "client", "--", "/client", ip, port, &n])
         .env("KUBECONFIG", &node.kubeconfig)
         .output()?;
     let mut by_pod = BTreeMap::new();
@@ -470,9 +497,11 @@ fn mesh_on_the_node(
     let v2 = poll(Duration::from_secs(120), "1 ready v2 pod", || {
         ready_named(node, "default", "app=business,version=v2", 1)
     })?;
-    poll(Duration::from_secs(120), "the client pod ready", || {
-        ready_named(node, "default", "app=client", 1)
-    })?;
+    for ns in ["default", "plain"] {
+        poll(Duration::from_secs(120), "the client pods ready", || {
+            ready_named(node, ns, "app=client", 1)
+        })?;
+    }
     let vip = node.kubectl(&[
         "get",
         "service",
@@ -534,6 +563,28 @@ fn mesh_on_the_node(
         0.2,
         u64::from(n),
         "v2 at 80/20",
+    );
+
+    // A pod of a namespace without the label is not meshed: the ClusterIP
+    // does not answer it. Labelling the namespace meshes it, without a restart.
+    let (by_pod, failed) = from_client_in(node, "plain", &addr, 2)?;
+    assert!(
+        by_pod.is_empty() && failed.len() == 2,
+        "the unlabelled namespace's client reached {by_pod:?}"
+    );
+    node.kubectl(&["label", "namespace", "plain", "istio-injection=enabled"])?;
+    let t2 = Instant::now();
+    poll(
+        Duration::from_secs(60),
+        "the newly labelled namespace's client meshed",
+        || {
+            let (by_pod, _) = from_client_in(node, "plain", &addr, 1)?;
+            Ok((!by_pod.is_empty()).then_some(()))
+        },
+    )?;
+    eprintln!(
+        "namespace plain labelled: its client meshed within {:?}",
+        t2.elapsed()
     );
 
     // The live edit.
