@@ -76,12 +76,17 @@ impl Node {
             .stderr(Stdio::inherit())
             .output()?;
         if !out.status.success() {
-            // `start` cleans up after itself on failure; make sure.
-            let _ = Command::new("bash")
-                .arg(script())
-                .arg("stop")
-                .arg(&dir)
-                .status();
+            // `start` cleans up after itself on failure; make sure, if it got
+            // as far as making DIR/run. (Not before: it refused to start, e.g.
+            // because another node runs, and `stop` would kill that node's
+            // pods: it kills whatever runs in the kubepods cgroups.)
+            if dir.join("run").exists() {
+                let _ = Command::new("bash")
+                    .arg(script())
+                    .arg("stop")
+                    .arg(&dir)
+                    .status();
+            }
             let _ = std::fs::remove_dir_all(&dir);
             bail!("test node did not start (build it with `scripts/test-node.sh build`)");
         }
@@ -473,6 +478,11 @@ impl Drop for Node {
 /// (its directory is `/tmp/mesh-node-<pid>x<n>` and that pid is gone): stopped,
 /// so that this process may start one.
 fn stop_stale() {
+    stop_stale_node();
+    sweep_agent_dirs();
+}
+
+fn stop_stale_node() {
     let Ok(owner) = std::fs::read_to_string("/run/mesh-test-node.owner") else {
         return;
     };
@@ -485,7 +495,7 @@ fn stop_stale() {
         return;
     };
     let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+    if pid.is_empty() || alive(&pid) {
         return;
     }
     eprintln!("stopping a stale test node in {}", dir.display());
@@ -498,20 +508,38 @@ fn stop_stale() {
     {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    // And the agent's state of its deploy_mesh, if any: removing the pins is
-    // what `mesh-agent cleanup` does (the links go with their last
-    // reference, and the programs detach).
-    if let Some(name) = dir.file_name() {
-        for left in [
-            Path::new("/sys/fs/bpf").join(name),
-            Path::new("/run").join(name),
-        ] {
-            if left.exists() {
-                eprintln!("removing {} of the stale node's agent", left.display());
-                let _ = std::fs::remove_dir_all(&left);
+}
+
+/// An agent's pin dir and run dir (deploy_mesh) of a node whose test process
+/// is gone, however the node was stopped: removing the pins is what
+/// `mesh-agent cleanup` does (links go with their last reference, and the
+/// programs detach).
+fn sweep_agent_dirs() {
+    for dir in ["/sys/fs/bpf", "/run"] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("mesh-node-") else {
+                continue;
+            };
+            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if !pid.is_empty() && rest[pid.len()..].starts_with('x') && !alive(&pid) {
+                eprintln!(
+                    "removing {} of a stale node's agent",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
+}
+
+/// Process `pid` runs (a zombie does not: a test process SIGKILLed whose parent
+/// has not reaped it yet).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// Polls `f` every 200 ms until it returns `Some`, for at most `timeout`;
