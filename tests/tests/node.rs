@@ -625,6 +625,20 @@ fn mesh_on_the_node(
     let (by_pod, failed) = from_client(node, &addr, 200)?;
     eprintln!("agent pod deleted: {by_pod:?}, failed {}", failed.len());
     assert!(failed.is_empty(), "failed connections: {failed:?}");
+    poll(
+        Duration::from_secs(60),
+        "the deleted agent pod gone",
+        || {
+            let pods = node.kubectl_json(&["get", "pods", "-n", "mesh-system"])?;
+            Ok((!pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["metadata"]["name"] == agent_pod.as_str()))
+            .then_some(()))
+        },
+    )?;
+    eprintln!("deleted agent pod gone {:?} after the delete", t3.elapsed());
     let new_pod = poll(Duration::from_secs(120), "a new agent pod Ready", || {
         Ok(
             ready_named(node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?
