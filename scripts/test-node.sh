@@ -62,6 +62,9 @@ SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
     kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 # Host paths the kubelet or containerd create whatever their flags say; removed
 # at stop when they did not exist before start.
+# Mounts made shared while the node runs (see save_host_state), as systemd
+# would have them: the agent's DaemonSet mounts them with HostToContainer.
+SHARED_MOUNTS=(/sys/fs/cgroup /sys/fs/bpf)
 HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /run/containerd /var/lib/dockershim /run/docker)
 
 usage() {
@@ -145,6 +148,83 @@ int main(void) {
     }
 }
 EOF
+}
+
+# A tiny static HTTP client shipped in the flaskapp image as /client, for tests
+# run from inside a pod (`kubectl exec POD -- /client HOST PORT N`): N
+# connections one after another, each `GET /`, one line per connection: the
+# response body (the flaskapp's `host=... version=...`) or `error <what>`.
+# Connect and read time out after 3 s.
+client_c() {
+    cat <<'EOF'
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: client HOST PORT N\n");
+        return 2;
+    }
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons((unsigned short)atoi(argv[2]));
+    if (inet_pton(AF_INET, argv[1], &a.sin_addr) != 1) {
+        fprintf(stderr, "client: bad IPv4 address %s\n", argv[1]);
+        return 2;
+    }
+    int n = atoi(argv[3]), failed = 0;
+    for (int i = 0; i < n; i++) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        struct timeval tv = {3, 0};
+        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
+            printf("error connect: %s\n", strerror(errno));
+            failed++;
+            if (s >= 0) close(s);
+            continue;
+        }
+        static const char req[] = "GET / HTTP/1.0\r\nHost: client\r\n\r\n";
+        char resp[4096];
+        size_t got = 0;
+        ssize_t r;
+        if (write(s, req, sizeof req - 1) < 0) {
+            printf("error write: %s\n", strerror(errno));
+            failed++;
+            close(s);
+            continue;
+        }
+        while (got < sizeof resp - 1 && (r = read(s, resp + got, sizeof resp - 1 - got)) > 0) got += (size_t)r;
+        resp[got] = 0;
+        close(s);
+        char *body = strstr(resp, "\r\n\r\n");
+        if (!body) {
+            printf("error response: %zu bytes without a body\n", got);
+            failed++;
+            continue;
+        }
+        body += 4;
+        body[strcspn(body, "\r\n")] = 0;
+        printf("%s\n", body);
+    }
+    return failed ? 1 : 0;
+}
+EOF
+}
+
+# The flaskapp image's tag: a hash of its sources. Its tarball is cached as
+# images/flaskapp-<hash>.tar, so checkouts with different sources (the cache is
+# per machine, shared by every checkout) each find their own and never rebuild
+# over each other; images/flaskapp.tar and IMAGES name the last one built.
+flaskapp_tag() {
+    printf 'mesh-test-node/flaskapp:%s\n' "$({ flaskapp_c; client_c; } | sha256sum | cut -c1-12)"
 }
 
 bin_dir_for_build() { printf '%s/%s\n' "$KUBE_CACHE_ROOT" "$1"; }
@@ -282,6 +362,12 @@ write_runtime_wrapper() {
 # (or in an exec's process.json) and then runs the real runc unchanged. On a
 # normal machine (or a real node) it is not needed and should not be used: it
 # only changes which processes the kernel OOM killer prefers.
+#
+# Same VM, same cause: CAP_SYS_RESOURCE is not in this machine's bounding set,
+# so runc fails any container that asks for it ("unable to apply caps:
+# operation not permitted"), such as the mesh agent's DaemonSet (which wants it
+# for memlock limits on kernels older than 5.11, not on this one). When the
+# bounding set lacks it, it is removed from the bundle's capability sets.
 set -eu
 bundle="" process="" cmd="" prev=""
 for a in "$@"; do
@@ -302,13 +388,18 @@ clamp() {
     t="$f.oomclamp.$$"
     if jq -c "$filter" "$f" >"$t"; then mv -f "$t" "$f"; else rm -f "$t"; fi
 }
+nocaps='.'
+bnd="$(sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status)"
+if [ -n "$bnd" ] && [ $(((0x$bnd >> 24) & 1)) -eq 0 ]; then
+    nocaps='if .capabilities then .capabilities |= with_entries(.value |= (if type == "array" then map(select(. != "CAP_SYS_RESOURCE")) else . end)) else . end'
+fi
 case "$cmd" in
     create | run)
         [ -n "$bundle" ] || bundle="$(pwd)"
-        clamp "$bundle/config.json" 'if (.process.oomScoreAdj // 0) < 0 then .process.oomScoreAdj = 0 else . end'
+        clamp "$bundle/config.json" "(if (.process.oomScoreAdj // 0) < 0 then .process.oomScoreAdj = 0 else . end) | .process |= ($nocaps)"
         ;;
     exec)
-        [ -z "$process" ] || clamp "$process" 'if (.oomScoreAdj // 0) < 0 then .oomScoreAdj = 0 else . end'
+        [ -z "$process" ] || clamp "$process" "(if (.oomScoreAdj // 0) < 0 then .oomScoreAdj = 0 else . end) | $nocaps"
         ;;
 esac
 exec /usr/sbin/runc "$@"
@@ -355,8 +446,8 @@ build_images() {
     pause_tag="$(sed -n 's/^TAG *= *//p' "$dest/src/build/pause/Makefile" | head -n1)"
     [[ -n "$pause_tag" ]] || die "no TAG in $dest/src/build/pause/Makefile"
     pause_tag="mesh-test-node/pause:$pause_tag-$(kube_upstream_version "$ver")"
-    flask_tag="mesh-test-node/flaskapp:$(flaskapp_c | sha256sum | cut -c1-12)"
-    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" && grep -qx "flaskapp=$flask_tag" "$out/IMAGES"; then
+    flask_tag="$(flaskapp_tag)"
+    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" && [[ -f "$out/flaskapp-${flask_tag##*:}.tar" ]]; then
         log "images already cached in $out ($pause_tag, $flask_tag)"
         return 0
     fi
@@ -370,7 +461,9 @@ build_images() {
     printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$work/pause/Dockerfile"
     flaskapp_c >"$work/flaskapp/flaskapp.c"
     gcc -O2 -static -s -Wall -o "$work/flaskapp/flaskapp" "$work/flaskapp/flaskapp.c" || die "gcc -static flaskapp.c failed"
-    printf 'FROM scratch\nCOPY flaskapp /flaskapp\nEXPOSE 5000\nENV PORT=5000\nENTRYPOINT ["/flaskapp"]\n' >"$work/flaskapp/Dockerfile"
+    client_c >"$work/flaskapp/client.c"
+    gcc -O2 -static -s -Wall -o "$work/flaskapp/client" "$work/flaskapp/client.c" || die "gcc -static client.c failed"
+    printf 'FROM scratch\nCOPY flaskapp /flaskapp\nCOPY client /client\nEXPOSE 5000\nENV PORT=5000\nENTRYPOINT ["/flaskapp"]\n' >"$work/flaskapp/Dockerfile"
 
     # A throwaway dockerd, only to run `docker build` and `docker save`.
     local dd="$work/d" run_docker_absent=0
@@ -390,6 +483,7 @@ build_images() {
     [[ $rc -eq 0 ]] || die "docker build/save failed (rc=$rc; dockerd log $dd/logs/dockerd.log)"
     mkdir -p "$out"
     install -m 0644 "$work/pause.tar" "$out/pause.tar"
+    install -m 0644 "$work/flaskapp.tar" "$out/flaskapp-${flask_tag##*:}.tar"
     install -m 0644 "$work/flaskapp.tar" "$out/flaskapp.tar"
     printf 'pause=%s\nflaskapp=%s\n' "$pause_tag" "$flask_tag" >"$out/IMAGES.tmp"
     mv -f "$out/IMAGES.tmp" "$out/IMAGES"
@@ -510,6 +604,21 @@ save_host_state() {
         [[ -e "$p" ]] || echo "$p" >>"$d/run/host-paths-absent"
     done
     iptables_chains >"$d/run/iptables-chains" 2>/dev/null || true
+    # Mount propagation, as on a real node. The agent's DaemonSet mounts the
+    # host's /sys/fs/cgroup and /sys/fs/bpf with mountPropagation
+    # HostToContainer (rslave), which docker refuses unless the source mount is
+    # shared or slave ("... is mounted on ... but it is not a shared or slave
+    # mount": CreateContainerError). systemd makes every mount shared; this VM
+    # has no systemd and its mounts are private. Made shared here (only these
+    # two, only if private), made private again at stop.
+    : >"$d/run/made-shared"
+    for p in "${SHARED_MOUNTS[@]}"; do
+        mountpoint -q "$p" || continue
+        if [[ "$(findmnt -n -o PROPAGATION --mountpoint "$p" 2>/dev/null)" == private ]] &&
+            mount --make-shared "$p"; then
+            echo "$p" >>"$d/run/made-shared"
+        fi
+    done
 }
 
 iptables_chains() {
@@ -552,6 +661,15 @@ restore_host_state() {
             grep -qx "$t $c" "$d/run/iptables-chains" && continue
             iptables -w 5 -t "$t" -X "$c" 2>/dev/null || true
         done < <(iptables_chains)
+    fi
+    if [[ -f "$d/run/made-shared" ]]; then
+        while IFS= read -r p; do
+            [[ -n "$p" ]] || continue
+            if ! { mountpoint -q "$p" && mount --make-private "$p"; }; then
+                log "warning: could not make $p private again"
+            fi
+        done <"$d/run/made-shared"
+        rm -f "$d/run/made-shared"
     fi
     if [[ -f "$d/run/host-paths-absent" ]]; then
         while IFS= read -r p; do
@@ -769,9 +887,11 @@ EOF
     export DOCKER_HOST="unix://$dir/docker.sock"
     local pause_tag flask_tag
     pause_tag="$(sed -n 's/^pause=//p' "$cache/images/IMAGES")"
-    flask_tag="$(sed -n 's/^flaskapp=//p' "$cache/images/IMAGES")"
+    flask_tag="$(flaskapp_tag)"
+    [[ -f "$cache/images/flaskapp-${flask_tag##*:}.tar" ]] ||
+        die "image $flask_tag not cached (another checkout's sources built the cache); run '$PROG build'"
     "$DOCKER" load -q -i "$cache/images/pause.tar" >&2 || die "docker load pause.tar failed"
-    "$DOCKER" load -q -i "$cache/images/flaskapp.tar" >&2 || die "docker load flaskapp.tar failed"
+    "$DOCKER" load -q -i "$cache/images/flaskapp-${flask_tag##*:}.tar" >&2 || die "docker load $flask_tag failed"
 
     # --- kube-scheduler -------------------------------------------------------
     local sched_port kubelet_port healthz_port

@@ -34,7 +34,31 @@ pub struct Node {
     pub docker_host: String,
     /// `key=value` lines of `DIR/info` (node, pod_cidr, gateway, images...).
     pub info: BTreeMap<String, String>,
+    /// The mesh deployed by [`Node::deploy_mesh`], removed on drop.
+    mesh: Mutex<Option<Mesh>>,
     _one: MutexGuard<'static, ()>,
+}
+
+/// What [`Node::deploy_mesh`] deployed, for its removal.
+#[derive(Debug)]
+struct Mesh {
+    overlay: PathBuf,
+    agent_binary: PathBuf,
+    /// On the host: the agent's bpffs directory and its run directory.
+    pin_dir: PathBuf,
+    run_dir: PathBuf,
+}
+
+/// The agent's image and what the test node's overlay set.
+#[derive(Clone, Debug)]
+pub struct MeshDeployed {
+    /// `mesh-test-node/mesh-agent:<hash of the image's files>`.
+    pub image: String,
+    /// The overlay directory (`kustomization.yaml` + `node.yaml`).
+    pub overlay: PathBuf,
+    /// On the host: where the agent pins (`MESH_PIN_DIR`) and records (`/run/mesh`'s hostPath).
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
 }
 
 impl Node {
@@ -52,12 +76,17 @@ impl Node {
             .stderr(Stdio::inherit())
             .output()?;
         if !out.status.success() {
-            // `start` cleans up after itself on failure; make sure.
-            let _ = Command::new("bash")
-                .arg(script())
-                .arg("stop")
-                .arg(&dir)
-                .status();
+            // `start` cleans up after itself on failure; make sure, if it got
+            // as far as making DIR/run. (Not before: it refused to start, e.g.
+            // because another node runs, and `stop` would kill that node's
+            // pods: it kills whatever runs in the kubepods cgroups.)
+            if dir.join("run").exists() {
+                let _ = Command::new("bash")
+                    .arg(script())
+                    .arg("stop")
+                    .arg(&dir)
+                    .status();
+            }
             let _ = std::fs::remove_dir_all(&dir);
             bail!("test node did not start (build it with `scripts/test-node.sh build`)");
         }
@@ -76,6 +105,7 @@ impl Node {
             kubeconfig,
             docker_host,
             info,
+            mesh: Mutex::new(None),
             _one: one,
         })
     }
@@ -140,8 +170,293 @@ impl Node {
     }
 }
 
+/// The shipped manifests, as a user applies them.
+fn manifests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+impl Node {
+    /// `docker ARGS` on the node's dockerd, failing with its stderr.
+    pub fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("docker")
+            .args(args)
+            .env("DOCKER_HOST", &self.docker_host)
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .context("docker")?;
+        if !out.status.success() {
+            bail!(
+                "docker {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Builds the agent's image into the node's docker: `FROM scratch`, the
+    /// binary (debug info stripped) at `/mesh-agent` and the shared libraries
+    /// `ldd` names at their paths. Tagged by a hash of those files, so an
+    /// unchanged binary is not built again.
+    pub fn build_agent_image(&self, agent_binary: &Path) -> anyhow::Result<String> {
+        let ctx = self.dir.join("agent-image");
+        let _ = std::fs::remove_dir_all(&ctx);
+        let root = ctx.join("rootfs");
+        std::fs::create_dir_all(&root)?;
+        let status = Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(root.join("mesh-agent"))
+            .arg(agent_binary)
+            .status()
+            .context("strip")?;
+        if !status.success() {
+            bail!("strip {} failed", agent_binary.display());
+        }
+        let ldd = Command::new("ldd").arg(agent_binary).output()?;
+        let mut files = vec![PathBuf::from("mesh-agent")];
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)",
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)", "linux-vdso.so.1 (0x...)".
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            let Some(path) = path.filter(|p| p.starts_with('/')) else {
+                continue;
+            };
+            let rel = PathBuf::from(path.trim_start_matches('/'));
+            let dest = root.join(&rel);
+            std::fs::create_dir_all(dest.parent().context("a library's directory")?)?;
+            // Follows symlinks: the image gets the library itself under the
+            // name the loader looks for.
+            std::fs::copy(path, &dest).with_context(|| format!("copying {path}"))?;
+            files.push(rel);
+        }
+        files.sort();
+        let sums = Command::new("sh")
+            .args(["-c", "sha256sum \"$@\" | sha256sum", "sh"])
+            .args(&files)
+            .current_dir(&root)
+            .output()
+            .context("sha256sum")?;
+        if !sums.status.success() {
+            bail!("sha256sum: {}", String::from_utf8_lossy(&sums.stderr));
+        }
+        let digest: String = String::from_utf8_lossy(&sums.stdout)
+            .chars()
+            .take(12)
+            .collect();
+        let image = format!("mesh-test-node/mesh-agent:{digest}");
+        if self.docker(&["image", "inspect", &image]).is_ok() {
+            return Ok(image);
+        }
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"/mesh-agent\"]\n",
+        )?;
+        let ctx_arg = ctx.to_str().context("UTF-8 path")?;
+        self.docker(&["build", "-q", "-t", &image, ctx_arg])?;
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(image)
+    }
+
+    /// Deploys the mesh as a user does: the agent's image built into the
+    /// node's docker ([`Node::build_agent_image`]), `manifests/crds` applied,
+    /// and `manifests/deploy` applied as shipped through an overlay
+    /// (`kubectl apply -k`) that sets only what this node needs: the image, the
+    /// pods' cgroup root (cgroupfs driver on hybrid cgroups), the API server's
+    /// address (no kube-proxy here, so the `kubernetes` Service's ClusterIP
+    /// does not answer), and a pin dir and run dir of this node's own. Does not
+    /// wait for the agent to be Ready. Removed on drop, before the node stops.
+    pub fn deploy_mesh(&self, agent_binary: &Path) -> anyhow::Result<MeshDeployed> {
+        let image = self.build_agent_image(agent_binary)?;
+        let crds = manifests().join("crds");
+        self.kubectl(&["apply", "-f", crds.to_str().context("UTF-8 path")?])?;
+        for crd in [
+            "virtualservices.networking.istio.io",
+            "destinationrules.networking.istio.io",
+        ] {
+            self.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                &format!("crd/{crd}"),
+            ])?;
+        }
+        let server = self.kubectl(&[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ])?;
+        let hostport = server
+            .trim()
+            .strip_prefix("https://")
+            .with_context(|| format!("API server {server:?}"))?;
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .with_context(|| format!("API server {server:?}"))?;
+        let name = self
+            .dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("node dir name")?
+            .to_owned();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let run_dir = PathBuf::from(format!("/run/{name}"));
+        let overlay = self.dir.join("mesh-overlay");
+        std::fs::create_dir_all(&overlay)?;
+        // kustomize takes only relative paths to a base.
+        let base = manifests().join("deploy").canonicalize()?;
+        let up = "../".repeat(overlay.canonicalize()?.components().count() - 1);
+        let base = format!(
+            "{up}{}",
+            base.strip_prefix("/").context("absolute")?.display()
+        );
+        let (image_name, tag) = image.rsplit_once(':').context("image tag")?;
+        std::fs::write(
+            overlay.join("kustomization.yaml"),
+            format!(
+                r#"# The test node's overlay of the shipped manifests (tools/src/node.rs).
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {base}
+images:
+  - name: mesh-agent
+    newName: {image_name}
+    newTag: "{tag}"
+patches:
+  - path: node.yaml
+"#,
+            ),
+        )?;
+        std::fs::write(
+            overlay.join("node.yaml"),
+            format!(
+                r#"# What differs on the test node (scripts/test-node.sh).
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: mesh-agent
+  namespace: mesh-system
+spec:
+  template:
+    spec:
+      containers:
+        - name: agent
+          env:
+            # cgroupfs driver on hybrid cgroups: the pods' cgroup v2 root.
+            - name: MESH_CGROUP
+              value: /host/sys/fs/cgroup/unified/kubepods
+            # No kube-proxy on this node: the API server's own address, not
+            # the kubernetes Service's ClusterIP.
+            - name: KUBERNETES_SERVICE_HOST
+              value: "{host}"
+            - name: KUBERNETES_SERVICE_PORT
+              value: "{port}"
+            # This node's own, so that nothing else on the machine shares it.
+            - name: MESH_PIN_DIR
+              value: {pin_dir}
+      volumes:
+        - name: run
+          hostPath:
+            path: {run_dir}
+"#,
+                pin_dir = pin_dir.display(),
+                run_dir = run_dir.display()
+            ),
+        )?;
+        *self.mesh.lock().unwrap_or_else(PoisonError::into_inner) = Some(Mesh {
+            overlay: overlay.clone(),
+            agent_binary: agent_binary.to_owned(),
+            pin_dir: pin_dir.clone(),
+            run_dir: run_dir.clone(),
+        });
+        self.kubectl(&["apply", "-k", overlay.to_str().context("UTF-8 path")?])?;
+        Ok(MeshDeployed {
+            image,
+            overlay,
+            pin_dir,
+            run_dir,
+        })
+    }
+
+    /// As a user uninstalls: the DaemonSet deleted (its pod gone), then
+    /// `mesh-agent cleanup` on the node (here: the host) for its pin dir and
+    /// run dir, as manifests/uninstall does; then the rest of the overlay.
+    fn remove_mesh(&self, mesh: &Mesh) -> anyhow::Result<()> {
+        let deleted = self
+            .kubectl(&[
+                "delete",
+                "daemonset",
+                "-n",
+                "mesh-system",
+                "mesh-agent",
+                "--ignore-not-found",
+                "--wait=true",
+                "--timeout=60s",
+            ])
+            .and_then(|_| {
+                poll(Duration::from_secs(60), "the agent pods to go", || {
+                    let pods = self.kubectl_json(&["get", "pods", "-n", "mesh-system"])?;
+                    Ok(pods["items"]
+                        .as_array()
+                        .is_none_or(Vec::is_empty)
+                        .then_some(()))
+                })
+            });
+        if let Err(e) = &deleted {
+            // The node's stop kills it anyway; cleanup runs after it then.
+            eprintln!("deleting the agent's DaemonSet: {e:#}");
+        }
+        let _ = self.kubectl(&[
+            "delete",
+            "-k",
+            mesh.overlay.to_str().context("UTF-8 path")?,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+        let out = Command::new(&mesh.agent_binary)
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(&mesh.pin_dir)
+            .arg("--run-dir")
+            .arg(&mesh.run_dir)
+            .output()
+            .context("mesh-agent cleanup")?;
+        if !out.status.success() {
+            bail!(
+                "mesh-agent cleanup: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The hostPath directories the kubelet made (DirectoryOrCreate).
+        let _ = std::fs::remove_dir(&mesh.run_dir);
+        let _ = std::fs::remove_dir(&mesh.pin_dir);
+        for dir in [&mesh.pin_dir, &mesh.run_dir] {
+            if dir.exists() {
+                bail!("{} is left after mesh-agent cleanup", dir.display());
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if let Some(mesh) = self
+            .mesh
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            && let Err(e) = self.remove_mesh(&mesh)
+        {
+            eprintln!("removing the mesh from the test node: {e:#}");
+        }
         let ok = Command::new("bash")
             .arg(script())
             .arg("stop")
@@ -163,6 +478,11 @@ impl Drop for Node {
 /// (its directory is `/tmp/mesh-node-<pid>x<n>` and that pid is gone): stopped,
 /// so that this process may start one.
 fn stop_stale() {
+    stop_stale_node();
+    sweep_agent_dirs();
+}
+
+fn stop_stale_node() {
     let Ok(owner) = std::fs::read_to_string("/run/mesh-test-node.owner") else {
         return;
     };
@@ -175,7 +495,7 @@ fn stop_stale() {
         return;
     };
     let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+    if pid.is_empty() || alive(&pid) {
         return;
     }
     eprintln!("stopping a stale test node in {}", dir.display());
@@ -188,6 +508,38 @@ fn stop_stale() {
     {
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// An agent's pin dir and run dir (deploy_mesh) of a node whose test process
+/// is gone, however the node was stopped: removing the pins is what
+/// `mesh-agent cleanup` does (links go with their last reference, and the
+/// programs detach).
+fn sweep_agent_dirs() {
+    for dir in ["/sys/fs/bpf", "/run"] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("mesh-node-") else {
+                continue;
+            };
+            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if !pid.is_empty() && rest[pid.len()..].starts_with('x') && !alive(&pid) {
+                eprintln!(
+                    "removing {} of a stale node's agent",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Process `pid` runs (a zombie does not: a test process SIGKILLed whose parent
+/// has not reaped it yet).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// Polls `f` every 200 ms until it returns `Some`, for at most `timeout`;
