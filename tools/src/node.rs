@@ -348,9 +348,6 @@ spec:
       containers:
         - name: agent
           env:
-            # cgroupfs driver on hybrid cgroups: the pods' cgroup v2 root.
-            - name: MESH_CGROUP
-              value: /host/sys/fs/cgroup/unified/kubepods
             # No kube-proxy on this node: the API server's own address, not
             # the kubernetes Service's ClusterIP.
             - name: KUBERNETES_SERVICE_HOST

@@ -180,7 +180,7 @@ pub fn print_status(s: &Status) {
             );
             match &a.scope {
                 Some(s) => println!(
-                    "mesh scope: pods of mesh namespaces on this node: {} meshed, {} waiting for their cgroup",
+                    "mesh scope: pods of mesh namespaces on this node: {} meshed, {} waiting (no sandbox yet, or its namespace unreadable: see the log)",
                     s.meshed_pods, s.waiting_pods
                 ),
                 None => println!("mesh scope: every process in cgroup {}", a.cgroup.display()),

@@ -11,11 +11,18 @@ use std::{
 };
 
 /// The network namespace cookie of the first process found in `cgroup` or
-/// below (at most three levels: pod, container).
-pub fn of_cgroup(cgroup: &Path) -> Option<u64> {
-    pids(cgroup, 3)
-        .into_iter()
-        .find_map(|pid| of_process(pid).ok())
+/// below (at most three levels: pod, container); `None` when it holds no
+/// process yet. An error when no process's namespace could be read (without
+/// CAP_SYS_PTRACE and CAP_SYS_ADMIN, or without the host's PIDs).
+pub fn of_cgroup(cgroup: &Path) -> std::io::Result<Option<u64>> {
+    let mut last = None;
+    for pid in pids(cgroup, 3) {
+        match of_process(pid) {
+            Ok(cookie) => return Ok(Some(cookie)),
+            Err(e) => last = Some(e),
+        }
+    }
+    last.map_or(Ok(None), Err)
 }
 
 fn pids(dir: &Path, depth: u32) -> Vec<u32> {

@@ -37,6 +37,8 @@ pub struct PodScope {
     written: BTreeSet<u64>,
     /// The last write failed somewhere: try again on the next tick.
     failed: bool,
+    /// Pods whose namespace could not be read (warned about once).
+    unreadable: BTreeSet<PodUid>,
 }
 
 impl std::fmt::Debug for PodScope {
@@ -74,6 +76,7 @@ impl PodScope {
             pods: BTreeMap::new(),
             written,
             failed: false,
+            unreadable: BTreeSet::new(),
         }
     }
 
@@ -123,8 +126,19 @@ impl PodScope {
             .collect();
         if !missing.is_empty() {
             for (uid, cgroup) in pod_cgroups::find(&self.root, &missing) {
-                let Some(netns) = netns::of_cgroup(&cgroup.path) else {
-                    continue; // no process yet: next tick
+                let netns = match netns::of_cgroup(&cgroup.path) {
+                    Ok(Some(netns)) => netns,
+                    Ok(None) => continue, // no process yet: next tick
+                    Err(e) => {
+                        // Said once per pod: it is looked for again every tick.
+                        if self.unreadable.insert(uid.clone()) {
+                            warn!(
+                                %uid, cgroup = %cgroup.path.display(),
+                                "cannot read the network namespace of a meshed pod (the agent needs CAP_SYS_PTRACE, CAP_SYS_ADMIN and the host's PIDs): {e}"
+                            );
+                        }
+                        continue;
+                    }
                 };
                 if let Some((name, found)) = self.pods.get_mut(&uid) {
                     info!(pod = %name, %uid, cgroup = %cgroup.path.display(), netns, "pod meshed");
