@@ -327,15 +327,16 @@ fn service_account_kubeconfig(api: &ApiServer) -> anyhow::Result<std::path::Path
 fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_account()
 -> anyhow::Result<()> {
     let c = Cluster::start_as(service_account_kubeconfig)?;
-    // Every manifest we ship is accepted by a real API server.
-    for dir in [
-        "manifests/crds",
-        "manifests/deploy",
-        "manifests/uninstall",
-        "manifests/examples/flaskapp",
+    // Every manifest we ship is accepted by a real API server, applied as a
+    // user applies it (the deployment through its kustomization).
+    for (how, dir) in [
+        ("-f", "manifests/crds"),
+        ("-k", "manifests/deploy"),
+        ("-f", "manifests/uninstall"),
+        ("-f", "manifests/examples/flaskapp"),
     ] {
         c.api
-            .kubectl(&["apply", "--dry-run=server", "-f", &format!("{ROOT}/{dir}")])?;
+            .kubectl(&["apply", "--dry-run=server", how, &format!("{ROOT}/{dir}")])?;
     }
     // The cluster example names the same Service as the file-source one (which
     // this cluster holds, with a fixed clusterIP): check it in a namespace of its own.
