@@ -219,3 +219,35 @@ kube_build_from_source() {
     done
     [[ -f "$dest/DEBIAN_SOURCE_VERSION" ]] || printf '%s\n' "$ver" >"$dest/DEBIAN_SOURCE_VERSION"
 }
+
+# --- process and port helpers, shared by test-apiserver.sh and test-node.sh ---
+
+# Absolute, physical path of directory $1 (created if missing).
+abs_dir() {
+    local d="$1"
+    mkdir -p "$d"
+    (cd "$d" && pwd -P)
+}
+
+# Whether nothing listens on TCP port $1 (IPv4 or IPv6).
+port_free() {
+    local hex
+    hex="$(printf ':%04X' "$1")"
+    ! awk -v h="$hex" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# A free TCP port not in USED_PORTS (the caller adds it there: this runs in a
+# command substitution, a subshell).
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 30000))
+        [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
+        if port_free "$p"; then
+            printf '%s\n' "$p"
+            return 0
+        fi
+    done
+    die "no free TCP port found"
+}

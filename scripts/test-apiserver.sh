@@ -143,33 +143,9 @@ cmd_build() {
 # start / stop
 # ---------------------------------------------------------------------------
 
-abs_dir() {
-    local d="$1"
-    mkdir -p "$d"
-    (cd "$d" && pwd -P)
-}
 
-# Is TCP port $1 free (nothing listening, IPv4 or IPv6)?
-port_free() {
-    local hex
-    hex="$(printf ':%04X' "$1")"
-    ! awk -v h="$hex" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
 
 declare -a USED_PORTS=()
-free_port() {
-    local p i
-    for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 30000))
-        [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
-        if port_free "$p"; then
-            printf '%s\n' "$p"
-            return 0
-        fi
-    done
-    die "no free TCP port found"
-}
 
 # Set to 0 while `start` runs: its children may not have exec'ed yet, so
 # their command line cannot be checked (a fresh pid cannot be a reused one).

@@ -305,27 +305,8 @@ stop_one() {
     rm -f "$pidfile"
 }
 
-port_free() {
-    local hex
-    hex="$(printf ':%04X' "$1")"
-    ! awk -v h="$hex" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
 
 declare -a USED_PORTS=()
-free_port() {
-    local p i
-    for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 30000))
-        [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
-        if port_free "$p"; then
-            USED_PORTS+=("$p")
-            printf '%s\n' "$p"
-            return 0
-        fi
-    done
-    die "no free TCP port found"
-}
 
 # wait_for SECONDS DESCRIPTION PIDFILE NAME CMD...: poll CMD every 0.2 s while
 # the process in PIDFILE lives.
@@ -739,11 +720,6 @@ remove_kubepods_cgroups() {
 # start / stop
 # ---------------------------------------------------------------------------
 
-abs_dir() {
-    local d="$1"
-    mkdir -p "$d"
-    (cd "$d" && pwd -P)
-}
 
 kubectl_k() { kubectl --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 
@@ -895,9 +871,9 @@ EOF
 
     # --- kube-scheduler -------------------------------------------------------
     local sched_port kubelet_port healthz_port
-    sched_port="$(free_port)"
-    kubelet_port="$(free_port)"
-    healthz_port="$(free_port)"
+    sched_port="$(free_port)"; USED_PORTS+=("$sched_port")
+    kubelet_port="$(free_port)"; USED_PORTS+=("$kubelet_port")
+    healthz_port="$(free_port)"; USED_PORTS+=("$healthz_port")
     start_bg kube-scheduler "$dir/run/kube-scheduler.pid" "$dir/logs/kube-scheduler.log" \
         "$cache/kube-scheduler" \
         --kubeconfig "$KUBECONFIG_PATH" \

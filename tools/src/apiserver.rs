@@ -3,7 +3,6 @@
 //! in front of it that a test can cut.
 
 use std::{
-    io::Write as _,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -251,31 +250,7 @@ impl ApiServer {
 
     /// `kubectl ARGS` with `stdin` on its standard input.
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        let mut child = Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("kubectl")?;
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .context("stdin")?
-                .write_all(text.as_bytes())?;
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::kubectl(&self.kubeconfig, args, stdin)
     }
 }
 

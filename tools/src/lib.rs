@@ -49,6 +49,43 @@ pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program ARGS` (with `input` on its standard input, if any) and
+/// returns its standard output; fails with its standard error.
+pub fn checked_output(mut cmd: Command, input: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let what = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {what}"))?;
+    if let Some(text) = input {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `kubectl ARGS` on `kubeconfig`, with `input` on its standard input.
+pub fn kubectl(kubeconfig: &Path, args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
+    let mut cmd = Command::new("kubectl");
+    cmd.args(args).env("KUBECONFIG", kubeconfig);
+    checked_output(cmd, input)
+}
+
 /// A name prefix unique to this process and call, so parallel tests never collide.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

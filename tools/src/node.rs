@@ -142,31 +142,7 @@ impl Node {
     }
 
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        let mut child = Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("kubectl")?;
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .context("stdin")?
-                .write_all(text.as_bytes())?;
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::kubectl(&self.kubeconfig, args, stdin)
     }
 }
 
@@ -178,20 +154,11 @@ fn manifests() -> PathBuf {
 impl Node {
     /// `docker ARGS` on the node's dockerd, failing with its stderr.
     pub fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("docker")
-            .args(args)
+        let mut cmd = Command::new("docker");
+        cmd.args(args)
             .env("DOCKER_HOST", &self.docker_host)
-            .env("DOCKER_BUILDKIT", "0")
-            .output()
-            .context("docker")?;
-        if !out.status.success() {
-            bail!(
-                "docker {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            .env("DOCKER_BUILDKIT", "0");
+        crate::checked_output(cmd, None)
     }
 
     /// Builds the agent's image into the node's docker: `FROM scratch`, the
