@@ -351,6 +351,33 @@ fn from_client_in(
     Ok((by_pod, failed))
 }
 
+/// Polls (bounded) until the agent's record of what the kernel holds for
+/// flaskapp's ClusterIP, (weight, backends) per destination, satisfies `done`.
+/// The record is in the DaemonSet's run dir, a hostPath the test reads.
+fn in_the_kernel(
+    mesh: &mesh_tools::node::MeshDeployed,
+    what: &str,
+    done: impl Fn(&[(u64, usize)]) -> bool,
+) -> anyhow::Result<()> {
+    let destinations = || -> Option<Vec<(u64, usize)>> {
+        let text = std::fs::read_to_string(mesh.run_dir.join("state.json")).ok()?;
+        let record: Value = serde_json::from_str(&text).ok()?;
+        let service = record["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["service"] == "default/flaskapp")?;
+        service["destinations"]
+            .as_array()?
+            .iter()
+            .map(|d| Some((d["weight"].as_u64()?, d["backends"].as_array()?.len())))
+            .collect()
+    };
+    poll(Duration::from_secs(30), what, || {
+        Ok(destinations().filter(|d| done(d)).map(drop))
+    })
+    .with_context(|| format!("the agent's record: {:?}", destinations()))
+}
+
 /// Share of connections answered by `pods`.
 fn share(by_pod: &BTreeMap<String, u32>, pods: &[String]) -> (u32, u32) {
     let total = by_pod.values().sum();
@@ -598,7 +625,7 @@ fn mesh_on_the_node(
         "-p",
         r#"[{"op":"replace","path":"/spec/http/0/route/0/weight","value":50},{"op":"replace","path":"/spec/http/0/route/1/weight","value":50}]"#,
     ])?;
-    std::thread::sleep(Duration::from_secs(3));
+    in_the_kernel(&mesh, "the 50/50 edit", |d| d == [(50, 3), (50, 1)])?;
     let (by_pod, failed) = from_client(node, &addr, n)?;
     eprintln!("50/50: {by_pod:?}, failed {}", failed.len());
     assert!(failed.is_empty(), "failed connections: {failed:?}");
@@ -609,6 +636,33 @@ fn mesh_on_the_node(
         0.5,
         u64::from(n),
         "v2 at 50/50",
+    );
+
+    // `kubectl scale` down: the next connections reach only the pods left.
+    node.kubectl(&[
+        "scale",
+        "deployment",
+        "-n",
+        "default",
+        "flaskapp-v1",
+        "--replicas=1",
+    ])?;
+    let left = poll(Duration::from_secs(60), "one v1 pod left", || {
+        ready_named(node, "default", "app=business,version=v1", 1)
+    })?;
+    in_the_kernel(&mesh, "v1 scaled to one pod", |d| d == [(50, 1), (50, 1)])?;
+    let (by_pod, failed) = from_client(node, &addr, n)?;
+    eprintln!("v1 scaled to 1: {by_pod:?}, failed {}", failed.len());
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    let answered: BTreeSet<&String> = by_pod.keys().collect();
+    let expected: BTreeSet<&String> = left.iter().chain(&v2).collect();
+    assert_eq!(answered, expected, "only the pods left answer");
+    let (hit, _) = share(&by_pod, &v2);
+    common::assert_share(
+        f64::from(hit) / f64::from(n),
+        0.5,
+        u64::from(n),
+        "v2 at 50/50 with one v1 pod",
     );
 
     // The agent pod deleted: connections keep working on the pinned state
