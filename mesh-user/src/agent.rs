@@ -18,7 +18,7 @@ use crate::{
         counters::{Connections, SockStats},
         loader, own_cgroup,
         pin::PinDir,
-        record::{AgentRecord, ScopeRecord},
+        record::AgentRecord,
         scope::{PodScope, Scope},
     },
     model::{Diagnostic, Severity},
@@ -291,10 +291,7 @@ impl Reconciler {
         // Before the first attach: the pods meshed from the first connect on.
         if let Some((node, pods)) = &mut self.pods {
             pods.set(compile::scope::meshed_pods(&self.index, node));
-            self.record.scope = Some(ScopeRecord {
-                meshed_pods: pods.meshed(),
-                waiting_pods: pods.waiting(),
-            });
+            self.record.scope = Some(pods.record());
         }
         self.apply(seen, compile_us)?;
         self.telemetry.set_rejected(&diagnostics);
@@ -304,28 +301,28 @@ impl Reconciler {
         self.record.generation = self.generation;
         self.record.applied_at_ms = crate::kernel::record::now_ms();
         self.record.services = AgentRecord::services_from(&self.desired.services);
-        if let Err(e) = self.record.write(&self.run_dir) {
-            warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
-        }
+        self.write_record();
         self.telemetry
             .applied(seen.elapsed().as_secs_f64(), self.generation);
         Ok(new)
+    }
+
+    /// What `status`, `dump` and `explain` read.
+    fn write_record(&self) {
+        if let Err(e) = self.record.write(&self.run_dir) {
+            warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
+        }
     }
 
     /// Once a second: free replaced tables, and retry writes that failed.
     fn tick(&mut self) {
         self.applier.collect_garbage(Instant::now());
         if let Some((_, pods)) = &mut self.pods {
-            let waiting = pods.waiting();
             pods.retry();
-            if pods.waiting() != waiting {
-                self.record.scope = Some(ScopeRecord {
-                    meshed_pods: pods.meshed(),
-                    waiting_pods: pods.waiting(),
-                });
-                if let Err(e) = self.record.write(&self.run_dir) {
-                    warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
-                }
+            let scope = Some(pods.record());
+            if self.record.scope != scope {
+                self.record.scope = scope;
+                self.write_record();
             }
         }
         if !self.failures.is_empty() {

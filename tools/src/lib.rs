@@ -35,18 +35,9 @@ use anyhow::{Context as _, bail};
 
 /// Runs a command, failing with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("spawning {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    checked_output(cmd, None)
 }
 
 /// Runs `program ARGS` (with `input` on its standard input, if any) and
@@ -74,7 +65,7 @@ pub fn checked_output(mut cmd: Command, input: Option<&str>) -> anyhow::Result<S
     drop(child.stdin.take());
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

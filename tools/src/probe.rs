@@ -78,17 +78,28 @@ pub struct Plan {
     pub interval: Option<Duration>,
 }
 
+/// One request on a connected `stream` to `target`, and the whole answer (the
+/// backend closes the connection after it).
+pub fn exchange(
+    stream: &mut TcpStream,
+    target: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
 /// One connection: connect, request, read the answer.
 fn one(target: SocketAddr, timeout: Duration, into: &mut Summary) {
     let result = (|| -> std::io::Result<(String, String)> {
         let mut stream = TcpStream::connect_timeout(&target, timeout)?;
         let peer = stream.peer_addr()?.to_string();
-        stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(
-            format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
+        let answer = exchange(&mut stream, target, timeout)?;
         Ok((peer, answer))
     })();
     match result {
@@ -171,12 +182,11 @@ pub fn run(plan: &Plan, mut on_interval: impl FnMut(&Summary)) -> Summary {
 /// (bounded: 60 s), prints it again. For tests of what outlives an event
 /// (an upgrade) on open sockets.
 pub fn hold(target: SocketAddr, n: usize, until: &std::path::Path) -> anyhow::Result<()> {
-    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(5);
     let sockets = (0..n)
         .map(|_| {
-            let mut s = std::net::TcpStream::connect(target)?;
-            s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")?;
-            s.read_to_end(&mut Vec::new())?;
+            let mut s = TcpStream::connect_timeout(&target, timeout)?;
+            exchange(&mut s, target, timeout)?;
             Ok(s)
         })
         .collect::<std::io::Result<Vec<_>>>()?;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::{
     maps::{KernelMap, sync_set},
     netns, pod_cgroups,
+    record::ScopeRecord,
 };
 use crate::{compile::scope::PodUid, model::NamespacedName};
 
@@ -115,6 +116,14 @@ impl PodScope {
     /// Meshed pods in the map.
     pub fn meshed(&self) -> usize {
         self.pods.len() - self.waiting()
+    }
+
+    /// How many pods are meshed and waiting, for the agent's record.
+    pub fn record(&self) -> ScopeRecord {
+        ScopeRecord {
+            meshed_pods: self.meshed(),
+            waiting_pods: self.waiting(),
+        }
     }
 
     fn sync(&mut self) -> Vec<ScopeError> {

@@ -655,12 +655,20 @@ fn convert_endpoints(endpoints: Endpoints) -> Result<Sourced, Box<Invalid>> {
     let r = ObjectRef::from_meta(Kind::EndpointSlice, &endpoints.metadata);
     crate::model::endpoints::as_slice(endpoints)
         .map(|slice| sourced(Resource::EndpointSlice(Box::new(slice))))
-        .map_err(|ConvertError { field, message }| {
-            Box::new(Invalid {
-                object: r.clone(),
-                diagnostic: Diagnostic::error(&r, field, message).with_origin(ORIGIN),
-            })
-        })
+        .map_err(|e| rejected(&r, e))
+}
+
+/// An object that did not convert: the index keeps its last good version.
+fn rejected(object: &ObjectRef, ConvertError { field, message }: ConvertError) -> Box<Invalid> {
+    Box::new(Invalid {
+        object: object.clone(),
+        diagnostic: Diagnostic::error(
+            object,
+            field,
+            format!("{message}; keeping its last good version"),
+        )
+        .with_origin(ORIGIN),
+    })
 }
 
 /// An Istio kind in the version the server prefers; its objects' versions are
@@ -723,21 +731,18 @@ where
 /// it what a server could send.
 pub fn convert_dynamic(kind: Kind, object: &DynamicObject) -> Result<Sourced, Box<Invalid>> {
     let r = ObjectRef::from_meta(kind, &object.metadata);
-    let invalid = |field: String, message: String| {
-        Box::new(Invalid {
-            object: r.clone(),
-            diagnostic: Diagnostic::error(
-                &r,
-                field,
-                format!("{message}; keeping its last good version"),
-            )
-            .with_origin(ORIGIN),
-        })
-    };
-    let value = serde_json::to_value(object).map_err(|e| invalid(String::new(), e.to_string()))?;
+    let value = serde_json::to_value(object).map_err(|e| {
+        rejected(
+            &r,
+            ConvertError {
+                field: String::new(),
+                message: e.to_string(),
+            },
+        )
+    })?;
     Resource::try_from(Document { kind, value })
         .map(sourced)
-        .map_err(|ConvertError { field, message }| invalid(field, message))
+        .map_err(|e| rejected(&r, e))
 }
 
 /// The mesh namespaces, sent whole on every change.

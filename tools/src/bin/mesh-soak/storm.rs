@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, BufWriter, Read as _, Write as _},
+    io::{BufRead as _, BufReader, BufWriter, Write as _},
     net::{SocketAddr, TcpStream},
     process::{Child, ChildStdout},
     sync::{
@@ -79,13 +79,7 @@ pub fn client(args: &StormArgs) -> anyhow::Result<()> {
 fn one(target: SocketAddr, timeout: Duration) -> Result<String, String> {
     let answer = (|| -> std::io::Result<String> {
         let mut stream = TcpStream::connect_timeout(&target, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(
-            format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
-        Ok(answer)
+        mesh_tools::probe::exchange(&mut stream, target, timeout)
     })()
     .map_err(|e| {
         e.raw_os_error().map_or_else(
