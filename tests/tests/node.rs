@@ -378,6 +378,28 @@ fn in_the_kernel(
     .with_context(|| format!("the agent's record: {:?}", destinations()))
 }
 
+/// `n` connections from the client pod, none failed: how many each pod answered.
+fn answered(node: &Node, addr: &str, n: u32, what: &str) -> anyhow::Result<BTreeMap<String, u32>> {
+    let (by_pod, failed) = from_client(node, addr, n)?;
+    eprintln!("{what}: {by_pod:?}, failed {}", failed.len());
+    assert!(failed.is_empty(), "{what}: failed connections: {failed:?}");
+    Ok(by_pod)
+}
+
+/// All `n` connections answered, and `pods` answered `expected` of them
+/// (within the binomial tolerance of `common::assert_share`).
+fn assert_share_of(
+    by_pod: &BTreeMap<String, u32>,
+    pods: &[String],
+    n: u32,
+    expected: f64,
+    what: &str,
+) {
+    let (hit, total) = share(by_pod, pods);
+    assert_eq!(total, n, "{what}: {by_pod:?}");
+    common::assert_share(f64::from(hit) / f64::from(n), expected, u64::from(n), what);
+}
+
 /// Share of connections answered by `pods`.
 fn share(by_pod: &BTreeMap<String, u32>, pods: &[String]) -> (u32, u32) {
     let total = by_pod.values().sum();
@@ -626,17 +648,8 @@ fn mesh_on_the_node(
         r#"[{"op":"replace","path":"/spec/http/0/route/0/weight","value":50},{"op":"replace","path":"/spec/http/0/route/1/weight","value":50}]"#,
     ])?;
     in_the_kernel(&mesh, "the 50/50 edit", |d| d == [(50, 3), (50, 1)])?;
-    let (by_pod, failed) = from_client(node, &addr, n)?;
-    eprintln!("50/50: {by_pod:?}, failed {}", failed.len());
-    assert!(failed.is_empty(), "failed connections: {failed:?}");
-    let (hit, total) = share(&by_pod, &v2);
-    assert_eq!(total, n);
-    common::assert_share(
-        f64::from(hit) / f64::from(n),
-        0.5,
-        u64::from(n),
-        "v2 at 50/50",
-    );
+    let by_pod = answered(node, &addr, n, "50/50")?;
+    assert_share_of(&by_pod, &v2, n, 0.5, "v2 at 50/50");
 
     // `kubectl scale` down: the next connections reach only the pods left.
     node.kubectl(&[
@@ -651,19 +664,11 @@ fn mesh_on_the_node(
         ready_named(node, "default", "app=business,version=v1", 1)
     })?;
     in_the_kernel(&mesh, "v1 scaled to one pod", |d| d == [(50, 1), (50, 1)])?;
-    let (by_pod, failed) = from_client(node, &addr, n)?;
-    eprintln!("v1 scaled to 1: {by_pod:?}, failed {}", failed.len());
-    assert!(failed.is_empty(), "failed connections: {failed:?}");
-    let answered: BTreeSet<&String> = by_pod.keys().collect();
+    let by_pod = answered(node, &addr, n, "v1 scaled to 1")?;
+    let pods: BTreeSet<&String> = by_pod.keys().collect();
     let expected: BTreeSet<&String> = left.iter().chain(&v2).collect();
-    assert_eq!(answered, expected, "only the pods left answer");
-    let (hit, _) = share(&by_pod, &v2);
-    common::assert_share(
-        f64::from(hit) / f64::from(n),
-        0.5,
-        u64::from(n),
-        "v2 at 50/50 with one v1 pod",
-    );
+    assert_eq!(pods, expected, "only the pods left answer");
+    assert_share_of(&by_pod, &v2, n, 0.5, "v2 at 50/50 with one v1 pod");
 
     // The agent pod deleted: connections keep working on the pinned state
     // while the DaemonSet makes a new pod, which adopts it.
@@ -704,18 +709,12 @@ fn mesh_on_the_node(
         "new agent pod {new_pod} Ready {:?} after the delete",
         t3.elapsed()
     );
-    let (by_pod, failed) = from_client(node, &addr, n)?;
-    eprintln!(
-        "50/50 after the restart: {by_pod:?}, failed {}",
-        failed.len()
-    );
-    assert!(failed.is_empty(), "failed connections: {failed:?}");
-    let (hit, total) = share(&by_pod, &v2);
-    assert_eq!(total, n);
-    common::assert_share(
-        f64::from(hit) / f64::from(n),
+    let by_pod = answered(node, &addr, n, "50/50 after the restart")?;
+    assert_share_of(
+        &by_pod,
+        &v2,
+        n,
         0.5,
-        u64::from(n),
         "v2 at 50/50 after the agent's restart",
     );
 
