@@ -135,8 +135,8 @@ pub mod global_stat {
     /// feature: the upgrade test's proof that a swapped-in program really runs.
     /// Always 0 with a normal build.
     pub const PEER_REWRITTEN_BY_VARIANT: u32 = 5;
-    /// Connects of the agent itself (its cgroup is in `AGENT_CGROUP_V1`), left
-    /// alone whatever they dial.
+    /// Connects of the agent itself (its cgroup is in `AGENT_CGROUP_V1`) to a
+    /// mesh service, left alone.
     pub const AGENT_BYPASSED: u32 = 6;
     /// Connects to a mesh service from a socket outside the mesh scope (a pod
     /// of an unlabelled namespace), left alone.

@@ -38,9 +38,6 @@ enum Verdict {
 }
 
 pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
-    if from_agent() {
-        return ALLOW;
-    }
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
     // loads as the verifier requires.
@@ -75,9 +72,6 @@ pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
 }
 
 pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
-    if from_agent() {
-        return ALLOW;
-    }
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
     // loads as the verifier requires.
@@ -133,8 +127,9 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-/// Is the caller the agent (or a process it started)? Its connects reach the API
-/// server as kube-proxy routes them, never through the tables it writes.
+/// Is the caller the agent (or a process it started)? Its connects to services
+/// (the API server's, above all) go as kube-proxy routes them, never through
+/// the tables it writes.
 #[inline(always)]
 fn from_agent() -> bool {
     let Some(&agent) = AGENT_CGROUP.get(0) else {
@@ -165,10 +160,9 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
             // The service was deleted while we looked: it is gone, let it be.
             return Verdict::Untouched;
         };
-        // Scope is checked only for service connects: everything else pays
-        // one lookup, as before.
-        if attempt == 0 && !in_scope(ctx) {
-            bump(global_stat::NOT_MESHED);
+        // The agent and the scope are checked only for service connects:
+        // everything else pays one lookup, as before.
+        if attempt == 0 && (from_agent() || !in_scope(ctx)) {
             return Verdict::Untouched;
         }
         if svc.slot_count == 0 {
@@ -200,7 +194,11 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
 #[inline(always)]
 fn in_scope(ctx: &SockAddrContext) -> bool {
     // SAFETY: the helper accepts a sock_addr context.
-    scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+    if scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
+        return true;
+    }
+    bump(global_stat::NOT_MESHED);
+    false
 }
 
 /// Fails the connect with `EHOSTUNREACH`, as Cilium does for a service without
