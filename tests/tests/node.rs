@@ -107,11 +107,14 @@ fn flaskapp_pods_run_answer_and_fill_the_endpointslice() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let node = Node::start()?;
     eprintln!("node Ready after {:?}", t0.elapsed());
+    node.explain_failure(pods_answer(&node))
+}
 
+fn pods_answer(node: &Node) -> anyhow::Result<()> {
     let t1 = Instant::now();
     node.apply(&flaskapp(node.flaskapp_image()?))?;
     let pods = poll(Duration::from_secs(120), "3 ready flaskapp pods", || {
-        ready_pods(&node, 3)
+        ready_pods(node, 3)
     })?;
     eprintln!("3 pods ready after {:?}", t1.elapsed());
 
@@ -127,7 +130,7 @@ fn flaskapp_pods_run_answer_and_fill_the_endpointslice() -> anyhow::Result<()> {
     poll(
         Duration::from_secs(60),
         "the EndpointSlice to list the pods",
-        || Ok((slice_addresses(&node)? == want).then_some(())),
+        || Ok((slice_addresses(node)? == want).then_some(())),
     )?;
     eprintln!(
         "EndpointSlice lists them {:?} after they are ready",
@@ -450,18 +453,8 @@ fn the_shipped_daemonset_meshes_real_pods_80_20_then_50_50() -> anyhow::Result<(
     }
     if result.is_err() {
         eprintln!("---- agent logs ----\n{}", agent_logs(&node));
-        for args in [
-            &["get", "pods", "-A", "-o", "wide"][..],
-            &["get", "events", "-n", "mesh-system"],
-        ] {
-            eprintln!(
-                "---- kubectl {} ----\n{}",
-                args.join(" "),
-                node.kubectl(args).unwrap_or_else(|e| format!("{e:#}"))
-            );
-        }
     }
-    result.map(|_| ())
+    node.explain_failure(result).map(|_| ())
 }
 
 /// The ids of the programs attached to `cgroup` (bpftool).

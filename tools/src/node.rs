@@ -144,6 +144,36 @@ impl Node {
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
         crate::kubectl(&self.kubeconfig, args, stdin)
     }
+
+    /// What a failed test prints to say why: the node (conditions, taints,
+    /// allocatable), every pod and event, and the tails of the node's logs.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for args in [
+            &["describe", "nodes"][..],
+            &["get", "pods", "-A", "-o", "wide"],
+            &["get", "events", "-A", "--sort-by=.lastTimestamp"],
+        ] {
+            let got = self.kubectl(args).unwrap_or_else(|e| format!("{e:#}"));
+            out += &format!("---- kubectl {} ----\n{got}\n", args.join(" "));
+        }
+        for log in ["kube-scheduler", "kubelet", "dockerd"] {
+            let path = self.dir.join("logs").join(format!("{log}.log"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("{e}"));
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            out += &format!("---- tail of {} ----\n{tail}\n", path.display());
+        }
+        out
+    }
+
+    /// `result`, with [`Node::diagnostics`] printed first when it failed.
+    pub fn explain_failure<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            eprintln!("{}", self.diagnostics());
+        }
+        result
+    }
 }
 
 /// The shipped manifests, as a user applies them.
