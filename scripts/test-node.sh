@@ -723,8 +723,16 @@ remove_kubepods_cgroups() {
 
 kubectl_k() { kubectl --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 
+# Ready, and schedulable: no taints left (the node lifecycle controller
+# removes not-ready once it sees Ready; a pressure condition adds its own).
 node_ready() {
-    [[ "$(kubectl_k get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]
+    [[ "$(kubectl_k get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.spec.taints}' 2>/dev/null)" == True/ ]]
+}
+
+# Why node_ready is false, for the log.
+node_state() {
+    kubectl_k get node "$NODE_NAME" \
+        -o jsonpath='{range .status.conditions[*]}{.type}={.status} {end}taints={.spec.taints}' 2>&1 || true
 }
 
 START_DIR=""
@@ -919,7 +927,10 @@ EOF
         --anonymous-auth=false \
         --authorization-mode AlwaysAllow \
         "${kubelet_auth[@]}" \
-        --eviction-hard 'memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
+        `# Absolute, not percentages: this VM's disk reports a capacity far` \
+        `# above what is free (252G, 8G available), and a DiskPressure taint` \
+        `# would leave every pod Pending.` \
+        --eviction-hard 'memory.available<100Mi,nodefs.available<64Mi,imagefs.available<64Mi,nodefs.inodesFree<1000,imagefs.inodesFree<1000' \
         --image-gc-high-threshold 100 \
         --image-gc-low-threshold 99 \
         --max-pods 100 \
@@ -927,8 +938,8 @@ EOF
     wait_for "$START_TIMEOUT" "kubelet healthz" "$dir/run/kubelet.pid" kubelet \
         sh -c "[ \"\$(curl -s --max-time 2 http://127.0.0.1:$healthz_port/healthz)\" = ok ]" ||
         die "kubelet not healthy"
-    wait_for "$START_TIMEOUT" "node $NODE_NAME Ready" "$dir/run/kubelet.pid" kubelet node_ready ||
-        die "node $NODE_NAME not Ready"
+    wait_for "$START_TIMEOUT" "node $NODE_NAME Ready and untainted" "$dir/run/kubelet.pid" kubelet node_ready ||
+        die "node $NODE_NAME not Ready and untainted: $(node_state)"
 
     cat >"$dir/info" <<EOF
 kubeconfig=$KUBECONFIG_PATH
