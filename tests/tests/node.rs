@@ -6,76 +6,19 @@
 //! images, cached by version), which `cargo xtask test` runs.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use mesh_tools::node::{Node, http_get, poll};
+use mesh_tools::{
+    node::{MeshDeployed, Node, http_get, poll},
+    seed::{self, Answers},
+};
 use serde_json::Value;
 
 mod common;
-
-fn flaskapp(image: &str) -> String {
-    format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: flaskapp
-  namespace: default
-spec:
-  replicas: 3
-  selector:
-    matchLabels: {{app: business, version: v1}}
-  template:
-    metadata:
-      labels: {{app: business, version: v1}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: flaskapp
-        image: {image}
-        imagePullPolicy: Never
-        env: [{{name: VERSION, value: v1}}]
-        ports: [{{name: http, containerPort: 5000}}]
-        readinessProbe:
-          tcpSocket: {{port: 5000}}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: flaskapp
-  namespace: default
-  labels: {{app: business}}
-spec:
-  selector: {{app: business}}
-  ports: [{{name: http, port: 5000, targetPort: 5000}}]
-"#
-    )
-}
-
-/// (name, IP) of the ready flaskapp pods, once there are `n`.
-fn ready_pods(node: &Node, n: usize) -> anyhow::Result<Option<Vec<(String, IpAddr)>>> {
-    let list = node.kubectl_json(&["get", "pods", "-n", "default", "-l", "app=business"])?;
-    let mut pods = Vec::new();
-    for p in list["items"].as_array().context("items")? {
-        let ready = p["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        let ip = p["status"]["podIP"].as_str().and_then(|s| s.parse().ok());
-        if let (true, Some(ip)) = (ready, ip) {
-            pods.push((
-                p["metadata"]["name"].as_str().context("name")?.to_owned(),
-                ip,
-            ));
-        }
-    }
-    Ok((pods.len() == n).then_some(pods))
-}
 
 /// Ready addresses of the flaskapp Service's v1beta1 EndpointSlices.
 fn slice_addresses(node: &Node) -> anyhow::Result<BTreeSet<IpAddr>> {
@@ -112,14 +55,22 @@ fn flaskapp_pods_run_answer_and_fill_the_endpointslice() -> anyhow::Result<()> {
 
 fn pods_answer(node: &Node) -> anyhow::Result<()> {
     let t1 = Instant::now();
-    node.apply(&flaskapp(node.flaskapp_image()?))?;
+    // The seed's manifests as shipped: redis, then flaskapp v1 (3 pods).
+    seed::apply(node, "flaskapp.yaml")?;
+    poll(Duration::from_secs(120), "redis ready", || {
+        seed::ready_pods(node, "default", "app=redis", 1)
+    })?;
     let pods = poll(Duration::from_secs(120), "3 ready flaskapp pods", || {
-        ready_pods(node, 3)
+        seed::ready_pods(node, "default", "app=business", 3)
     })?;
     eprintln!("3 pods ready after {:?}", t1.elapsed());
 
     // Pod addresses come from the node's range.
     let prefix = node.info("pod_cidr")?.trim_end_matches("0/24").to_owned();
+    let pods: Vec<(String, IpAddr)> = pods
+        .into_iter()
+        .map(|p| Ok((p.name, p.ip.context("a ready pod without an IP")?)))
+        .collect::<anyhow::Result<_>>()?;
     for (name, ip) in &pods {
         assert!(ip.to_string().starts_with(&prefix), "{name} at {ip}");
     }
@@ -137,277 +88,101 @@ fn pods_answer(node: &Node) -> anyhow::Result<()> {
         t2.elapsed()
     );
 
-    // Each pod answers from the host with its own name and version.
+    // Each pod answers from the host with its own name and version. (Its
+    // visit count: redis's ClusterIP answers nothing here, neither mesh nor
+    // kube-proxy runs, so `visits=error`; the mesh test counts through it.)
     for (name, ip) in &pods {
         let body = http_get(SocketAddr::new(*ip, 5000), Duration::from_secs(5))?;
         assert!(
-            body.starts_with(&format!("host={name} version=v1 client=")),
+            body.starts_with(&format!("host={name} version=v1 client="))
+                && body.trim_end().ends_with(" visits=error"),
             "{ip}: {body:?}"
         );
     }
     Ok(())
 }
 
-/// The seed's canary on the node: flaskapp v1 (3 pods) and v2 (1 pod) behind
-/// the Service `flaskapp` (port 5000, selector `app: business`), and a client
-/// pod (the flaskapp image has `/client`), all in `default`.
-fn canary(image: &str) -> String {
-    let deployment = |version: &str, replicas: u32| {
-        format!(
-            r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: flaskapp-{version}
-  namespace: default
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{app: business, version: {version}}}
-  template:
-    metadata:
-      labels: {{app: business, version: {version}}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: flaskapp
-        image: {image}
-        imagePullPolicy: Never
-        env: [{{name: VERSION, value: {version}}}]
-        ports: [{{name: http, containerPort: 5000}}]
-        readinessProbe:
-          tcpSocket: {{port: 5000}}
-          periodSeconds: 1
----
-"#
-        )
-    };
-    format!(
-        r#"{v1}{v2}apiVersion: v1
-kind: Service
-metadata:
-  name: flaskapp
-  namespace: default
-  labels: {{app: business}}
-spec:
-  selector: {{app: business}}
-  ports: [{{name: http, port: 5000, targetPort: 5000}}]
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: client
-  namespace: default
-  labels: {{app: client}}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: client
-    image: {image}
-    imagePullPolicy: Never
-    env: [{{name: VERSION, value: client}}]
----
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: plain
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: client
-  namespace: plain
-  labels: {{app: client}}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: client
-    image: {image}
-    imagePullPolicy: Never
-    env: [{{name: VERSION, value: client}}]
-"#,
-        v1 = deployment("v1", 3),
-        v2 = deployment("v2", 1),
-    )
+/// The seed on the node, as its user applies it (`manifests/examples/seed`,
+/// in `default`): redis, flaskapp v1 (3 pods) and v2 (1 pod) behind the
+/// Service `flaskapp` (port 5000, selector `app: business`), the client pod;
+/// and a second client pod in the namespace `plain`, not labelled.
+fn deploy_seed(node: &Node) -> anyhow::Result<()> {
+    deploy_seed_apps(node)?;
+    node.kubectl(&["create", "namespace", "plain"])?;
+    let client = seed::manifest("client.yaml");
+    node.kubectl(&[
+        "apply",
+        "-n",
+        "plain",
+        "-f",
+        client.to_str().context("path")?,
+    ])?;
+    Ok(())
 }
 
-const DESTINATION_RULE: &str = r#"apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: flaskapp
-  namespace: default
-spec:
-  host: flaskapp
-  subsets:
-    - name: v1
-      labels: {version: v1}
-    - name: v2
-      labels: {version: v2}
-"#;
-
-fn virtual_service(v1: u32, v2: u32) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: flaskapp
-  namespace: default
-spec:
-  hosts: [flaskapp]
-  http:
-    - route:
-        - destination: {{host: flaskapp, subset: v1}}
-          weight: {v1}
-        - destination: {{host: flaskapp, subset: v2}}
-          weight: {v2}
-"#
-    )
-}
-
-fn is_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-}
-
-/// The ready pods of `selector` in `ns`, by name, once there are `n`.
-fn ready_named(
-    node: &Node,
-    ns: &str,
-    selector: &str,
-    n: usize,
-) -> anyhow::Result<Option<Vec<String>>> {
-    let list = node.kubectl_json(&["get", "pods", "-n", ns, "-l", selector])?;
-    for p in list["items"].as_array().into_iter().flatten() {
-        for c in p["status"]["containerStatuses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            let waiting = &c["state"]["waiting"];
-            if let Some(reason) = waiting["reason"].as_str()
-                && matches!(
-                    reason,
-                    "CreateContainerError" | "CreateContainerConfigError" | "ErrImageNeverPull"
-                )
-            {
-                // poll() retries errors: this one will not go away.
-                panic!(
-                    "{}: {reason}: {}",
-                    p["metadata"]["name"], waiting["message"]
-                );
-            }
-        }
+/// The seed's apps and client pod in `default`, labelled.
+fn deploy_seed_apps(node: &Node) -> anyhow::Result<()> {
+    node.kubectl(&[
+        "label",
+        "namespace",
+        "default",
+        "istio-injection=enabled",
+        "--overwrite",
+    ])?;
+    for file in ["flaskapp.yaml", "flaskapp-v2.yaml", "client.yaml"] {
+        seed::apply(node, file)?;
     }
-    let names: Vec<String> = list["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .filter(|p| is_ready(p))
-        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
-        .collect();
-    Ok((names.len() == n).then_some(names))
-}
-
-/// `n` connections from the client pod to `addr`, one after another: how many
-/// each flaskapp pod answered, and the failures.
-fn from_client(
-    node: &Node,
-    addr: &str,
-    n: u32,
-) -> anyhow::Result<(BTreeMap<String, u32>, Vec<String>)> {
-    from_client_in(node, "default", addr, n)
-}
-
-/// The same from the pod `client` of namespace `ns`.
-fn from_client_in(
-    node: &Node,
-    ns: &str,
-    addr: &str,
-    n: u32,
-) -> anyhow::Result<(BTreeMap<String, u32>, Vec<String>)> {
-    let (ip, port) = addr.split_once(':').context("addr")?;
-    let n = n.to_string();
-    // /client exits 1 when a connection failed: its output says which.
-    let out = std::process::Command::new("kubectl")
-        .args(["exec", "-n", ns, "client", "--", "/client", ip, port, &n])
-        .env("KUBECONFIG", &node.kubeconfig)
-        .output()?;
-    let mut by_pod = BTreeMap::new();
-    let mut failed = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        match line
-            .strip_prefix("host=")
-            .and_then(|l| l.split_whitespace().next())
-        {
-            Some(host) => *by_pod.entry(host.to_owned()).or_insert(0) += 1,
-            None => failed.push(line.to_owned()),
-        }
-    }
-    if by_pod.is_empty() && failed.is_empty() {
-        anyhow::bail!(
-            "kubectl exec client: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok((by_pod, failed))
+    Ok(())
 }
 
 /// Polls (bounded) until the agent's record of what the kernel holds for
 /// flaskapp's ClusterIP, (weight, backends) per destination, satisfies `done`.
 /// The record is in the DaemonSet's run dir, a hostPath the test reads.
 fn in_the_kernel(
-    mesh: &mesh_tools::node::MeshDeployed,
+    mesh: &MeshDeployed,
     what: &str,
     done: impl Fn(&[(u64, usize)]) -> bool,
 ) -> anyhow::Result<()> {
-    let destinations = || -> Option<Vec<(u64, usize)>> {
-        let text = std::fs::read_to_string(mesh.run_dir.join("state.json")).ok()?;
-        let record: Value = serde_json::from_str(&text).ok()?;
-        let service = record["services"]
-            .as_array()?
-            .iter()
-            .find(|s| s["service"] == "default/flaskapp")?;
-        service["destinations"]
-            .as_array()?
-            .iter()
-            .map(|d| Some((d["weight"].as_u64()?, d["backends"].as_array()?.len())))
-            .collect()
-    };
+    let destinations = || seed::kernel_destinations(&mesh.run_dir, "default/flaskapp");
     poll(Duration::from_secs(30), what, || {
         Ok(destinations().filter(|d| done(d)).map(drop))
     })
     .with_context(|| format!("the agent's record: {:?}", destinations()))
 }
 
-/// `n` connections from the client pod, none failed: how many each pod answered.
-fn answered(node: &Node, addr: &str, n: u32, what: &str) -> anyhow::Result<BTreeMap<String, u32>> {
-    let (by_pod, failed) = from_client(node, addr, n)?;
-    eprintln!("{what}: {by_pod:?}, failed {}", failed.len());
-    assert!(failed.is_empty(), "{what}: failed connections: {failed:?}");
-    Ok(by_pod)
+/// `n` requests from the client pod of `default`, none failed.
+fn answered(node: &Node, addr: &str, n: u32, what: &str) -> anyhow::Result<Answers> {
+    let answers = seed::from_client(node, "default", addr, n)?;
+    eprintln!(
+        "{what}: {:?}, failed {}",
+        answers.by_pod,
+        answers.failed.len()
+    );
+    assert!(
+        answers.failed.is_empty(),
+        "{what}: failed connections: {:?}",
+        answers.failed
+    );
+    Ok(answers)
 }
 
-/// All `n` connections answered, and `pods` answered `expected` of them
+/// All `n` requests answered, and `pods` answered `expected` of them
 /// (within the binomial tolerance of `common::assert_share`).
-fn assert_share_of(
-    by_pod: &BTreeMap<String, u32>,
-    pods: &[String],
-    n: u32,
-    expected: f64,
-    what: &str,
-) {
-    let (hit, total) = share(by_pod, pods);
-    assert_eq!(total, n, "{what}: {by_pod:?}");
+fn assert_share_of(answers: &Answers, pods: &[String], n: u32, expected: f64, what: &str) {
+    let (hit, total) = answers.share(pods);
+    assert_eq!(total, n, "{what}: {:?}", answers.by_pod);
     common::assert_share(f64::from(hit) / f64::from(n), expected, u64::from(n), what);
 }
 
-/// Share of connections answered by `pods`.
-fn share(by_pod: &BTreeMap<String, u32>, pods: &[String]) -> (u32, u32) {
-    let total = by_pod.values().sum();
-    let hit = pods.iter().filter_map(|p| by_pod.get(p)).sum();
-    (hit, total)
+/// The agent pod, once one is Ready (other than `not`, a pod deleted).
+fn agent_ready(node: &Node, not: Option<&str>) -> anyhow::Result<String> {
+    poll(Duration::from_secs(120), "an agent pod Ready", || {
+        Ok(
+            seed::ready_names(node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?
+                .filter(|v| Some(v[0].as_str()) != not)
+                .map(|mut v| v.remove(0)),
+        )
+    })
 }
 
 fn agent_logs(node: &Node) -> String {
@@ -480,14 +255,7 @@ fn mesh_on_the_node(
     node: &Node,
     agent_binary: &std::path::Path,
 ) -> anyhow::Result<(mesh_tools::node::MeshDeployed, Vec<String>)> {
-    node.kubectl(&[
-        "label",
-        "namespace",
-        "default",
-        "istio-injection=enabled",
-        "--overwrite",
-    ])?;
-    node.apply(&canary(node.flaskapp_image()?))?;
+    deploy_seed(node)?;
 
     let t0 = Instant::now();
     let mesh = node.deploy_mesh(agent_binary)?;
@@ -496,12 +264,7 @@ fn mesh_on_the_node(
         mesh.image,
         t0.elapsed()
     );
-    let agent_pod = poll(Duration::from_secs(120), "the agent pod Ready", || {
-        Ok(
-            ready_named(node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?
-                .map(|mut v| v.remove(0)),
-        )
-    })?;
+    let agent_pod = agent_ready(node, None)?;
     eprintln!(
         "agent pod {agent_pod} Ready {:?} after the apply",
         t0.elapsed()
@@ -531,29 +294,23 @@ fn mesh_on_the_node(
     assert_eq!(live_c["resources"], shipped_c["resources"]);
     assert_eq!(live_c["image"], mesh.image.as_str());
 
-    node.apply(DESTINATION_RULE)?;
-    node.apply(&virtual_service(80, 20))?;
+    seed::apply(node, "destinationrule.yaml")?;
+    seed::apply(node, "virtualservice.yaml")?;
     let v1 = poll(Duration::from_secs(120), "3 ready v1 pods", || {
-        ready_named(node, "default", "app=business,version=v1", 3)
+        seed::ready_names(node, "default", "app=business,version=v1", 3)
     })?;
     let v2 = poll(Duration::from_secs(120), "1 ready v2 pod", || {
-        ready_named(node, "default", "app=business,version=v2", 1)
+        seed::ready_names(node, "default", "app=business,version=v2", 1)
+    })?;
+    poll(Duration::from_secs(120), "redis ready", || {
+        seed::ready_names(node, "default", "app=redis", 1)
     })?;
     for ns in ["default", "plain"] {
         poll(Duration::from_secs(120), "the client pods ready", || {
-            ready_named(node, ns, "app=client", 1)
+            seed::ready_names(node, ns, "app=client", 1)
         })?;
     }
-    let vip = node.kubectl(&[
-        "get",
-        "service",
-        "-n",
-        "default",
-        "flaskapp",
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])?;
-    let addr = format!("{}:5000", vip.trim());
+    let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
 
     // Nothing but the mesh answers the ClusterIP here, and the host's own
     // processes are not meshed (--mesh-scope pods).
@@ -569,36 +326,42 @@ fn mesh_on_the_node(
         Duration::from_secs(60),
         "the client pod's connections to reach v1 and v2",
         || {
-            let (by_pod, _) = from_client(node, &addr, 40)?;
-            Ok((share(&by_pod, &v1).0 > 0 && share(&by_pod, &v2).0 > 0).then_some(()))
+            let answers = seed::from_client(node, "default", &addr, 40)?;
+            Ok((answers.share(&v1).0 > 0 && answers.share(&v2).0 > 0).then_some(()))
         },
     )?;
     eprintln!("client meshed {:?} after the pods were ready", t1.elapsed());
     // `kubectl logs` reads the agent (JSON lines): it found the meshed pods.
     let logs = node.kubectl(&["logs", "-n", "mesh-system", &agent_pod])?;
     let meshed: Vec<&str> = logs.lines().filter(|l| l.contains("pod meshed")).collect();
-    assert!(meshed.len() >= 5, "4 flaskapp pods and the client: {logs}");
+    assert!(
+        meshed.len() >= 6,
+        "4 flaskapp pods, redis and the client: {logs}"
+    );
     assert!(
         !meshed.iter().any(|l| l.contains("mesh-system")),
         "the unlabelled mesh-system namespace is meshed: {meshed:?}"
     );
-    if let Some(line) = logs.lines().find(|l| l.contains("pod meshed")) {
+    if let Some(line) = meshed.first() {
         eprintln!("agent log: {line}");
     }
 
     let n = 500;
-    let (by_pod, failed) = from_client(node, &addr, n)?;
-    eprintln!("80/20: {by_pod:?}, failed {}", failed.len());
-    assert!(failed.is_empty(), "failed connections: {failed:?}");
-    let (hit, total) = share(&by_pod, &v2);
+    let answers = answered(node, &addr, n, "80/20")?;
+    let (hit, total) = answers.share(&v2);
     assert_eq!(total, n);
     assert_eq!(
-        share(&by_pod, &v1).0 + hit,
+        answers.share(&v1).0 + hit,
         n,
-        "only flaskapp pods answer: {by_pod:?}"
+        "only flaskapp pods answer: {:?}",
+        answers.by_pod
     );
     for pod in &v1 {
-        assert!(by_pod.contains_key(pod), "{pod} never answered: {by_pod:?}");
+        assert!(
+            answers.by_pod.contains_key(pod),
+            "{pod} never answered: {:?}",
+            answers.by_pod
+        );
     }
     common::assert_share(
         f64::from(hit) / f64::from(n),
@@ -606,13 +369,23 @@ fn mesh_on_the_node(
         u64::from(n),
         "v2 at 80/20",
     );
+    // flaskapp counted each visit in redis, through redis's ClusterIP, which
+    // only the mesh answers here: the pods' own connections are meshed too.
+    let visits: u64 = answers
+        .last_visits
+        .as_deref()
+        .context("no visits= in the answers")?
+        .parse()
+        .with_context(|| format!("visits {:?}: redis not reached", answers.last_visits))?;
+    assert!(visits >= u64::from(n), "{visits} visits after {n} requests");
 
     // A pod of a namespace without the label is not meshed: the ClusterIP
     // does not answer it. Labelling the namespace meshes it, without a restart.
-    let (by_pod, failed) = from_client_in(node, "plain", &addr, 2)?;
+    let plain = seed::from_client(node, "plain", &addr, 2)?;
     assert!(
-        by_pod.is_empty() && failed.len() == 2,
-        "the unlabelled namespace's client reached {by_pod:?}"
+        plain.by_pod.is_empty() && plain.failed.len() == 2,
+        "the unlabelled namespace's client reached {:?}",
+        plain.by_pod
     );
     node.kubectl(&["label", "namespace", "plain", "istio-injection=enabled"])?;
     let t2 = Instant::now();
@@ -620,8 +393,8 @@ fn mesh_on_the_node(
         Duration::from_secs(60),
         "the newly labelled namespace's client meshed",
         || {
-            let (by_pod, _) = from_client_in(node, "plain", &addr, 1)?;
-            Ok((!by_pod.is_empty()).then_some(()))
+            let answers = seed::from_client(node, "plain", &addr, 1)?;
+            Ok((!answers.by_pod.is_empty()).then_some(()))
         },
     )?;
     eprintln!(
@@ -629,20 +402,37 @@ fn mesh_on_the_node(
         t2.elapsed()
     );
 
-    // The live edit.
-    node.kubectl(&[
-        "patch",
-        "virtualservice",
-        "-n",
-        "default",
-        "flaskapp",
-        "--type=json",
-        "-p",
-        r#"[{"op":"replace","path":"/spec/http/0/route/0/weight","value":50},{"op":"replace","path":"/spec/http/0/route/1/weight","value":50}]"#,
-    ])?;
+    // The live edit, as the seed's user makes it: `kubectl edit`.
+    seed::edit(
+        node,
+        "virtualservice/flaskapp",
+        &[("weight: 80", "weight: 50"), ("weight: 20", "weight: 50")],
+    )?;
     in_the_kernel(&mesh, "the 50/50 edit", |d| d == [(50, 3), (50, 1)])?;
-    let by_pod = answered(node, &addr, n, "50/50")?;
-    assert_share_of(&by_pod, &v2, n, 0.5, "v2 at 50/50");
+    let answers = answered(node, &addr, n, "50/50")?;
+    assert_share_of(&answers, &v2, n, 0.5, "v2 at 50/50");
+
+    // `kubectl delete pod`: the Deployment replaces it; new connections reach
+    // only the ready pods, never the deleted one.
+    let deleted = &v1[0];
+    node.kubectl(&["delete", "pod", "-n", "default", deleted, "--wait=false"])?;
+    let v1_now = poll(
+        Duration::from_secs(120),
+        "a replacement v1 pod ready",
+        || {
+            Ok(
+                seed::ready_names(node, "default", "app=business,version=v1", 3)?
+                    .filter(|names| !names.contains(deleted)),
+            )
+        },
+    )?;
+    in_the_kernel(&mesh, "the deleted pod replaced", |d| {
+        d == [(50, 3), (50, 1)]
+    })?;
+    let answers = answered(node, &addr, n, "v1 pod deleted and replaced")?;
+    let pods: BTreeSet<&String> = answers.by_pod.keys().collect();
+    let expected: BTreeSet<&String> = v1_now.iter().chain(&v2).collect();
+    assert_eq!(pods, expected, "only the ready pods answer");
 
     // `kubectl scale` down: the next connections reach only the pods left.
     node.kubectl(&[
@@ -650,18 +440,18 @@ fn mesh_on_the_node(
         "deployment",
         "-n",
         "default",
-        "flaskapp-v1",
+        "flaskapp",
         "--replicas=1",
     ])?;
     let left = poll(Duration::from_secs(60), "one v1 pod left", || {
-        ready_named(node, "default", "app=business,version=v1", 1)
+        seed::ready_names(node, "default", "app=business,version=v1", 1)
     })?;
     in_the_kernel(&mesh, "v1 scaled to one pod", |d| d == [(50, 1), (50, 1)])?;
-    let by_pod = answered(node, &addr, n, "v1 scaled to 1")?;
-    let pods: BTreeSet<&String> = by_pod.keys().collect();
+    let answers = answered(node, &addr, n, "v1 scaled to 1")?;
+    let pods: BTreeSet<&String> = answers.by_pod.keys().collect();
     let expected: BTreeSet<&String> = left.iter().chain(&v2).collect();
     assert_eq!(pods, expected, "only the pods left answer");
-    assert_share_of(&by_pod, &v2, n, 0.5, "v2 at 50/50 with one v1 pod");
+    assert_share_of(&answers, &v2, n, 0.5, "v2 at 50/50 with one v1 pod");
 
     // The agent pod deleted: connections keep working on the pinned state
     // while the DaemonSet makes a new pod, which adopts it.
@@ -674,37 +464,15 @@ fn mesh_on_the_node(
         "--wait=false",
     ])?;
     let t3 = Instant::now();
-    let (by_pod, failed) = from_client(node, &addr, 200)?;
-    eprintln!("agent pod deleted: {by_pod:?}, failed {}", failed.len());
-    assert!(failed.is_empty(), "failed connections: {failed:?}");
-    poll(
-        Duration::from_secs(60),
-        "the deleted agent pod gone",
-        || {
-            let pods = node.kubectl_json(&["get", "pods", "-n", "mesh-system"])?;
-            Ok((!pods["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["metadata"]["name"] == agent_pod.as_str()))
-            .then_some(()))
-        },
-    )?;
-    eprintln!("deleted agent pod gone {:?} after the delete", t3.elapsed());
-    let new_pod = poll(Duration::from_secs(120), "a new agent pod Ready", || {
-        Ok(
-            ready_named(node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?
-                .filter(|v| v[0] != agent_pod)
-                .map(|mut v| v.remove(0)),
-        )
-    })?;
+    answered(node, &addr, 200, "agent pod deleted")?;
+    let new_pod = agent_ready(node, Some(&agent_pod))?;
     eprintln!(
         "new agent pod {new_pod} Ready {:?} after the delete",
         t3.elapsed()
     );
-    let by_pod = answered(node, &addr, n, "50/50 after the restart")?;
+    let answers = answered(node, &addr, n, "50/50 after the restart")?;
     assert_share_of(
-        &by_pod,
+        &answers,
         &v2,
         n,
         0.5,
@@ -723,4 +491,103 @@ fn mesh_on_the_node(
     }
     assert!(mesh.pin_dir.is_dir(), "{} missing", mesh.pin_dir.display());
     Ok((mesh, progs.into_iter().map(|(id, _)| id).collect()))
+}
+
+/// Rolling restarts under a connect storm from a meshed pod: of the
+/// application (`kubectl rollout restart deployment/flaskapp`, with readiness
+/// probes: new pods get connections once ready, old ones none once
+/// terminating) and of the agent (`kubectl rollout restart daemonset`: the
+/// kernel keeps routing on the pinned state while the agent is replaced).
+/// Not one connection fails.
+#[test]
+fn rolling_restarts_under_a_connect_storm_fail_no_connection() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    let agent_binary = mesh_tools::agent::sibling_binary("mesh-agent")?;
+    let node = Node::start()?;
+    let result = restarts_under_storm(&node, &agent_binary);
+    if result.is_err() {
+        eprintln!("---- agent logs ----\n{}", agent_logs(&node));
+    }
+    node.explain_failure(result)
+}
+
+fn restarts_under_storm(node: &Node, agent_binary: &std::path::Path) -> anyhow::Result<()> {
+    deploy_seed_apps(node)?;
+    let mesh = node.deploy_mesh(agent_binary)?;
+    let agent_pod = agent_ready(node, None)?;
+    seed::apply(node, "destinationrule.yaml")?;
+    seed::apply(node, "virtualservice.yaml")?;
+    let v1 = poll(Duration::from_secs(120), "3 ready v1 pods", || {
+        seed::ready_names(node, "default", "app=business,version=v1", 3)
+    })?;
+    poll(Duration::from_secs(120), "the client pod ready", || {
+        seed::ready_names(node, "default", "app=client", 1)
+    })?;
+    let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
+    poll(Duration::from_secs(60), "the client pod meshed", || {
+        let answers = seed::from_client(node, "default", &addr, 10)?;
+        Ok((answers.failed.is_empty() && answers.by_pod.len() > 1).then_some(()))
+    })?;
+    in_the_kernel(&mesh, "80/20 in the kernel", |d| d == [(80, 3), (20, 1)])?;
+
+    // The application's rolling restart.
+    seed::start_storm(node, "default", &addr, 4)?;
+    let t0 = Instant::now();
+    node.kubectl(&["rollout", "restart", "deployment/flaskapp"])?;
+    node.kubectl(&["rollout", "status", "deployment/flaskapp", "--timeout=180s"])?;
+    let v1_new = poll(Duration::from_secs(120), "3 new v1 pods alone", || {
+        Ok(
+            seed::ready_names(node, "default", "app=business,version=v1", 3)?
+                .filter(|names| names.iter().all(|n| !v1.contains(n))),
+        )
+    })?;
+    in_the_kernel(&mesh, "the new v1 pods in the kernel", |d| {
+        d == [(80, 3), (20, 1)]
+    })?;
+    // A few more connections to the new pods before the storm stops.
+    let _ = answered(node, &addr, 20, "after the rollout")?;
+    let storm = seed::stop_storm(node, "default")?;
+    eprintln!("deployment rollout ({:?}): {storm:?}", t0.elapsed());
+    assert_eq!(storm.failed, 0, "failed connections: {:?}", storm.errors);
+    assert!(storm.ok > 100, "the storm barely ran: {storm:?}");
+    for pod in v1.iter().chain(&v1_new) {
+        assert!(
+            storm.by_pod.contains_key(pod),
+            "{pod} (old or new) never answered the storm: {:?}",
+            storm.by_pod
+        );
+    }
+
+    // The agent's rolling restart.
+    seed::start_storm(node, "default", &addr, 4)?;
+    let t1 = Instant::now();
+    node.kubectl(&[
+        "rollout",
+        "restart",
+        "-n",
+        "mesh-system",
+        "daemonset/mesh-agent",
+    ])?;
+    node.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "mesh-system",
+        "daemonset/mesh-agent",
+        "--timeout=180s",
+    ])?;
+    let new_agent = agent_ready(node, Some(&agent_pod))?;
+    // The new agent adopted the tables and applies changes again.
+    node.kubectl(&["scale", "deployment", "flaskapp", "--replicas=2"])?;
+    in_the_kernel(&mesh, "the new agent applied a scale-down", |d| {
+        d == [(80, 2), (20, 1)]
+    })?;
+    let storm = seed::stop_storm(node, "default")?;
+    eprintln!(
+        "daemonset rollout ({:?}, new agent {new_agent}): {storm:?}",
+        t1.elapsed()
+    );
+    assert_eq!(storm.failed, 0, "failed connections: {:?}", storm.errors);
+    assert!(storm.ok > 100, "the storm barely ran: {storm:?}");
+    Ok(())
 }

@@ -23,6 +23,7 @@ pub mod manifests;
 pub mod netns;
 pub mod node;
 pub mod probe;
+pub mod seed;
 pub mod xfer;
 
 use std::{

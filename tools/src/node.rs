@@ -36,8 +36,18 @@ pub struct Node {
     pub info: BTreeMap<String, String>,
     /// The mesh deployed by [`Node::deploy_mesh`], removed on drop.
     mesh: Mutex<Option<Mesh>>,
-    _one: MutexGuard<'static, ()>,
+    /// A test's node ([`Node::start`]) is stopped on drop; a cluster's
+    /// ([`Node::up`]) is left running for `mesh-cluster down`.
+    owned: bool,
+    _one: Option<MutexGuard<'static, ()>>,
 }
+
+/// The tags the seed's manifests (`manifests/examples/seed`) name: the node's
+/// images, tagged so by [`Node::start`] and [`Node::up`].
+pub const SEED_IMAGES: [(&str, &str); 2] = [
+    ("flaskapp_image", "mesh-seed/flaskapp:local"),
+    ("redis_image", "mesh-seed/redis:local"),
+];
 
 /// What [`Node::deploy_mesh`] deployed, for its removal.
 #[derive(Debug)]
@@ -63,34 +73,61 @@ pub struct MeshDeployed {
 
 impl Node {
     /// Starts one and waits until it is Ready (the binaries and images must be
-    /// built: `scripts/test-node.sh build`).
+    /// built: `scripts/test-node.sh build`). Stopped on drop.
     pub fn start() -> anyhow::Result<Self> {
         let one = ONE_NODE.lock().unwrap_or_else(PoisonError::into_inner);
         stop_stale();
         // Short: dockerd's and containerd's unix sockets live under it.
         let dir = PathBuf::from("/tmp").join(crate::unique("mesh-node-"));
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&dir)
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            // `start` cleans up after itself on failure; make sure, if it got
-            // as far as making DIR/run. (Not before: it refused to start, e.g.
-            // because another node runs, and `stop` would kill that node's
-            // pods: it kills whatever runs in the kubepods cgroups.)
-            if dir.join("run").exists() {
-                let _ = Command::new("bash")
-                    .arg(script())
-                    .arg("stop")
-                    .arg(&dir)
-                    .status();
+        let kubeconfig = match run_start(&dir) {
+            Ok(k) => k,
+            Err(e) => {
+                // `start` cleans up after itself on failure; make sure, if it
+                // got as far as making DIR/run. (Not before: it refused to
+                // start, e.g. because another node runs, and `stop` would kill
+                // that node's pods: it kills whatever runs in the kubepods
+                // cgroups.)
+                if dir.join("run").exists() {
+                    let _ = Command::new("bash")
+                        .arg(script())
+                        .arg("stop")
+                        .arg(&dir)
+                        .status();
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
             }
-            let _ = std::fs::remove_dir_all(&dir);
-            bail!("test node did not start (build it with `scripts/test-node.sh build`)");
+        };
+        let node = Self::attach(dir, kubeconfig, true, Some(one))?;
+        node.tag_seed_images()?;
+        Ok(node)
+    }
+
+    /// The node of `dir`, started unless it already runs there (idempotent),
+    /// and left running when dropped: `mesh-cluster up`.
+    pub fn up(dir: &Path) -> anyhow::Result<Self> {
+        let kubeconfig = run_start(dir)?;
+        let node = Self::attach(dir.to_owned(), kubeconfig, false, None)?;
+        node.tag_seed_images()?;
+        Ok(node)
+    }
+
+    /// The node of `dir` when it runs and answers, else `None`.
+    pub fn running(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let kubeconfig = dir.join("kubeconfig");
+        if !kubeconfig.exists() || !dir.join("info").exists() {
+            return Ok(None);
         }
-        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        let node = Self::attach(dir.to_owned(), kubeconfig, false, None)?;
+        Ok(node.kubectl(&["get", "nodes"]).is_ok().then_some(node))
+    }
+
+    fn attach(
+        dir: PathBuf,
+        kubeconfig: PathBuf,
+        owned: bool,
+        one: Option<MutexGuard<'static, ()>>,
+    ) -> anyhow::Result<Self> {
         let info: BTreeMap<String, String> = std::fs::read_to_string(dir.join("info"))?
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -106,8 +143,19 @@ impl Node {
             docker_host,
             info,
             mesh: Mutex::new(None),
+            owned,
             _one: one,
         })
+    }
+
+    /// The node's images under the names the seed's manifests use.
+    fn tag_seed_images(&self) -> anyhow::Result<()> {
+        for (key, seed) in SEED_IMAGES {
+            if let Some(image) = self.info.get(key) {
+                self.docker(&["tag", image, seed])?;
+            }
+        }
+        Ok(())
     }
 
     /// A value of `DIR/info`.
@@ -295,15 +343,12 @@ impl Node {
         let (host, port) = hostport
             .rsplit_once(':')
             .with_context(|| format!("API server {server:?}"))?;
-        let name = self
-            .dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("node dir name")?
-            .to_owned();
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
-        let run_dir = PathBuf::from(format!("/run/{name}"));
-        let overlay = self.dir.join("mesh-overlay");
+        let Mesh {
+            overlay,
+            pin_dir,
+            run_dir,
+            ..
+        } = self.mesh_at(agent_binary)?;
         std::fs::create_dir_all(&overlay)?;
         // kustomize takes only relative paths to a base.
         let base = manifests().join("deploy").canonicalize()?;
@@ -378,6 +423,32 @@ spec:
         })
     }
 
+    /// Where [`Node::deploy_mesh`] puts the mesh of this node: the overlay in
+    /// the node's directory, a pin dir and run dir named after it.
+    fn mesh_at(&self, agent_binary: &Path) -> anyhow::Result<Mesh> {
+        let name = self
+            .dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("node dir name")?;
+        Ok(Mesh {
+            overlay: self.dir.join("mesh-overlay"),
+            agent_binary: agent_binary.to_owned(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
+            run_dir: PathBuf::from(format!("/run/{name}")),
+        })
+    }
+
+    /// Uninstalls a mesh that [`Node::deploy_mesh`] deployed, from any
+    /// process (`mesh-cluster down`); nothing to do when none was.
+    pub fn remove_deployed_mesh(&self, agent_binary: &Path) -> anyhow::Result<()> {
+        let mesh = self.mesh_at(agent_binary)?;
+        if mesh.overlay.exists() || mesh.pin_dir.exists() {
+            self.remove_mesh(&mesh)?;
+        }
+        Ok(())
+    }
+
     /// As a user uninstalls: the DaemonSet deleted (its pod gone), then
     /// `mesh-agent cleanup` on the node (here: the host) for its pin dir and
     /// run dir, as manifests/uninstall does; then the rest of the overlay.
@@ -442,6 +513,9 @@ spec:
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Some(mesh) = self
             .mesh
             .get_mut()
@@ -466,6 +540,43 @@ impl Drop for Node {
             );
         }
     }
+}
+
+/// Stops the node of `dir` (if any runs) and removes what it made, `dir`
+/// included: `mesh-cluster down`. Remove its mesh first
+/// ([`Node::remove_deployed_mesh`]).
+pub fn stop(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let ok = Command::new("bash")
+        .arg(script())
+        .arg("stop")
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!(
+            "the node in {} was not stopped cleanly; its state is kept",
+            dir.display()
+        );
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// `test-node.sh start DIR`: the kubeconfig it prints once the node is Ready.
+fn run_start(dir: &Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(script())
+        .arg("start")
+        .arg(dir)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the node did not start (build it with `scripts/test-node.sh build`)");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 /// A node left running by a test process that was killed without unwinding
@@ -536,8 +647,21 @@ fn alive(pid: &str) -> bool {
     })
 }
 
+/// An error that waiting will not mend: [`poll`] fails at once on it.
+#[derive(Debug)]
+pub struct Permanent(pub String);
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Permanent {}
+
 /// Polls `f` every 200 ms until it returns `Some`, for at most `timeout`;
-/// fails with `what` and the last error `f` returned.
+/// fails with `what` and the last error `f` returned (at once if that is
+/// [`Permanent`]).
 pub fn poll<T>(
     timeout: Duration,
     what: &str,
@@ -549,6 +673,9 @@ pub fn poll<T>(
         match f() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
+            Err(e) if e.downcast_ref::<Permanent>().is_some() => {
+                return Err(e.context(format!("waiting for {what}")));
+            }
             Err(e) => last = Some(e),
         }
         if Instant::now() >= deadline {

@@ -3,7 +3,9 @@
 //!
 //! - `cargo xtask setup`      toolchain pieces and packages (idempotent)
 //! - `cargo xtask build-ebpf` the kernel object alone
-//! - `cargo xtask demo`       the seed's 80/20 canary, observed live (root)
+//! - `cargo xtask demo`       the seed's 80/20 canary, observed live (root);
+//!   `--cluster` on the real node
+//! - `cargo xtask cluster`    up | down | status: a real node with the mesh (root)
 //! - `cargo xtask test`       every test: unit, property, and privileged (root)
 //! - `cargo xtask fuzz`       each fuzz target for a bounded time (nightly)
 //! - `cargo xtask soak`       faults and churn at once, then a check (root)
@@ -40,6 +42,16 @@ enum Cmd {
         /// Seconds to show each split.
         #[arg(long, default_value_t = 8)]
         seconds: u64,
+        /// On the real node (`cargo xtask cluster up`, which it runs): the
+        /// seed's pods, Deployments and `kubectl edit`, as its user types them.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// A real single-node Kubernetes on this machine with the mesh deployed
+    /// as shipped (kubelet on docker, every controller; docs/node.md).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCmd,
     },
     /// Benchmarks side by side (docs/benchmarks.md): ours vs direct, iptables,
     /// nftables, a proxy hop, AF_UNIX; plus the agent's own costs.
@@ -79,6 +91,17 @@ enum Cmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Start it (idempotent), deploy the mesh, print `export KUBECONFIG=...`
+    /// and `export DOCKER_HOST=...`.
+    Up,
+    /// Uninstall the mesh and stop the node; nothing is left behind.
+    Down,
+    /// Whether it runs, its pods, the exports.
+    Status,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::ensure_all(),
@@ -86,7 +109,19 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_all()?;
             build_ebpf(upgrade_test)
         }
-        Cmd::Demo { seconds } => {
+        Cmd::Demo {
+            seconds,
+            cluster: true,
+        } => cluster(&["demo", "--seconds", &seconds.to_string()]),
+        Cmd::Cluster { action } => cluster(&[match action {
+            ClusterCmd::Up => "up",
+            ClusterCmd::Down => "down",
+            ClusterCmd::Status => "status",
+        }]),
+        Cmd::Demo {
+            seconds,
+            cluster: false,
+        } => {
             setup::ensure_all()?;
             require_root("the demo creates network namespaces and cgroups and loads BPF programs")?;
             cargo(&["build", "--release", "--bins"])?;
@@ -158,6 +193,27 @@ fn main() -> anyhow::Result<()> {
             cargo_test(&all)
         }
     }
+}
+
+/// `mesh-cluster ARGS` (tools/src/bin/mesh-cluster.rs), after building what
+/// it runs: the node's binaries and images (cached by version), the release
+/// binaries (the agent's image is made of the release `mesh-agent`).
+fn cluster(args: &[&str]) -> anyhow::Result<()> {
+    setup::ensure_all()?;
+    require_root("the cluster runs a kubelet, docker and BPF programs on this machine")?;
+    if args != ["down"] && args != ["status"] {
+        for script in ["scripts/test-apiserver.sh", "scripts/test-node.sh"] {
+            run(Command::new("bash")
+                .arg(workspace().join(script))
+                .arg("build"))?;
+        }
+    }
+    cargo(&["build", "--release", "--bins"])?;
+    run(
+        Command::new(workspace().join("target/release/mesh-cluster"))
+            .args(args)
+            .current_dir(workspace()),
+    )
 }
 
 /// The kernel object on its own, built exactly as mesh-user's build script does.

@@ -1,0 +1,255 @@
+//! `mesh-cluster` (`cargo xtask cluster up|down|status`, `cargo xtask demo
+//! --cluster`): a real single-node Kubernetes on this machine
+//! (`scripts/test-node.sh`: kubelet on docker, every controller, its own API
+//! server) that stays up, with the mesh deployed as shipped
+//! (`manifests/deploy` through an overlay), and the seed's story on it.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mesh_tools::{
+    agent::sibling_binary,
+    node::{self, MeshDeployed, Node, poll},
+    seed,
+};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Where the cluster keeps its state (short: docker's sockets live there).
+    #[arg(long, global = true, default_value = "/tmp/mesh-cluster")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the node (idempotent), deploy the mesh, print the exports.
+    Up,
+    /// Uninstall the mesh and stop the node; nothing is left behind.
+    Down,
+    /// Whether it runs, its node, pods and the exports.
+    Status,
+    /// The seed's story on the node (brings it up first).
+    Demo {
+        /// Seconds to show each split.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Up => {
+            up(&args.dir)?;
+            print_exports(&args.dir);
+            Ok(())
+        }
+        Cmd::Down => down(&args.dir),
+        Cmd::Status => status(&args.dir),
+        Cmd::Demo { seconds } => {
+            let (node, mesh) = up(&args.dir)?;
+            demo(&node, &mesh.run_dir, Duration::from_secs(seconds))?;
+            println!();
+            println!("The cluster stays up for your own kubectl commands:");
+            print_exports(&args.dir);
+            println!("Take it down with: cargo xtask cluster down");
+            Ok(())
+        }
+    }
+}
+
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    sibling_binary("mesh-agent")
+}
+
+/// The node up and the mesh on it, its agent Ready.
+fn up(dir: &Path) -> anyhow::Result<(Node, MeshDeployed)> {
+    let t0 = Instant::now();
+    let node = Node::up(dir)?;
+    let mesh = node.deploy_mesh(&agent_binary()?)?;
+    let agent = poll(Duration::from_secs(120), "the agent pod Ready", || {
+        seed::ready_names(&node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)
+    })
+    .with_context(|| node.diagnostics())?;
+    eprintln!(
+        "mesh-cluster: up in {:.1?}: node Ready, agent {} Ready (image {}, pins in {})",
+        t0.elapsed(),
+        agent[0],
+        mesh.image,
+        mesh.pin_dir.display()
+    );
+    Ok((node, mesh))
+}
+
+fn down(dir: &Path) -> anyhow::Result<()> {
+    if let Some(node) = Node::running(dir)? {
+        node.remove_deployed_mesh(&agent_binary()?)?;
+    }
+    node::stop(dir)?;
+    eprintln!("mesh-cluster: down; nothing of {} is left", dir.display());
+    Ok(())
+}
+
+fn status(dir: &Path) -> anyhow::Result<()> {
+    let Some(node) = Node::running(dir)? else {
+        println!("not running (start it with: cargo xtask cluster up)");
+        return Ok(());
+    };
+    for args in [
+        &["get", "nodes", "-o", "wide"][..],
+        &["get", "pods", "-A", "-o", "wide"],
+    ] {
+        println!("$ kubectl {}", args.join(" "));
+        println!("{}", node.kubectl(args)?);
+    }
+    print_exports(dir);
+    Ok(())
+}
+
+fn print_exports(dir: &Path) {
+    println!("export KUBECONFIG={}", dir.join("kubeconfig").display());
+    println!(
+        "export DOCKER_HOST=unix://{}",
+        dir.join("docker.sock").display()
+    );
+}
+
+/// Shows a command, runs it, shows what it printed.
+fn kubectl(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    println!("$ kubectl {}", args.join(" "));
+    let out = node.kubectl(args)?;
+    for line in out.lines() {
+        println!("  {line}");
+    }
+    Ok(out)
+}
+
+fn apply(node: &Node, file: &str) -> anyhow::Result<()> {
+    let path = format!("manifests/examples/seed/{file}");
+    println!("$ kubectl apply -f {path}");
+    for line in seed::apply(node, file)?.lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+fn wait_ready(node: &Node, selector: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    poll(Duration::from_secs(180), selector, || {
+        seed::ready_names(node, "default", selector, n)
+    })
+}
+
+/// Requests from the client pod for `how_long`, in batches, the split by
+/// version after each.
+fn watch_split(node: &Node, addr: &str, how_long: Duration) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut total = seed::Answers::default();
+    while t0.elapsed() < how_long {
+        let batch = seed::from_client(node, "default", addr, 50)?;
+        for (version, n) in &batch.by_version {
+            *total.by_version.entry(version.clone()).or_insert(0) += n;
+        }
+        total.failed.extend(batch.failed);
+        let all: u32 = total.by_version.values().sum();
+        let shares: Vec<String> = total
+            .by_version
+            .iter()
+            .map(|(v, n)| format!("{v} {:5.1}%", 100.0 * f64::from(*n) / f64::from(all.max(1))))
+            .collect();
+        println!(
+            "  {:>5.1}s  {} connections: {}  failed {}  (visits in redis: {})",
+            t0.elapsed().as_secs_f64(),
+            all,
+            shares.join("  "),
+            total.failed.len(),
+            batch.last_visits.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+/// The seed, step by step, as its user types it.
+fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
+    // A second run starts the story again.
+    for what in [
+        "virtualservice/flaskapp",
+        "destinationrule/flaskapp",
+        "deployment/flaskapp-v2",
+    ] {
+        node.kubectl(&["delete", what, "--ignore-not-found", "--wait=true"])?;
+    }
+    println!("\n# 1. Mesh the namespace, run flaskapp (3 pods of v1) and redis");
+    kubectl(
+        node,
+        &[
+            "label",
+            "namespace",
+            "default",
+            "istio-injection=enabled",
+            "--overwrite",
+        ],
+    )?;
+    apply(node, "flaskapp.yaml")?;
+    apply(node, "client.yaml")?;
+    wait_ready(node, "app=redis", 1)?;
+    wait_ready(node, "app=business,version=v1", 3)?;
+    wait_ready(node, "app=client", 1)?;
+    let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
+    println!(
+        "$ kubectl exec client -- /client {} 3",
+        addr.replace(':', " ")
+    );
+    poll(Duration::from_secs(60), "the client pod meshed", || {
+        let a = seed::from_client(node, "default", &addr, 1)?;
+        Ok(a.failed.is_empty().then_some(()))
+    })?;
+    let out = node.kubectl(&[
+        "exec",
+        "client",
+        "--",
+        "/client",
+        addr.split(':').next().unwrap_or_default(),
+        "5000",
+        "3",
+    ])?;
+    for line in out.lines() {
+        println!("  {line}");
+    }
+
+    println!("\n# 2. Deploy flaskapp-v2: without a VirtualService, even over 4 pods");
+    apply(node, "flaskapp-v2.yaml")?;
+    wait_ready(node, "app=business,version=v2", 1)?;
+    watch_split(node, &addr, each)?;
+
+    println!("\n# 3. The canary: a DestinationRule (subsets) and the VirtualService at 80/20");
+    apply(node, "destinationrule.yaml")?;
+    apply(node, "virtualservice.yaml")?;
+    poll(Duration::from_secs(30), "80/20 in the kernel", || {
+        Ok(seed::kernel_destinations(run_dir, "default/flaskapp")
+            .filter(|d| d.iter().map(|(w, _)| *w).eq([80, 20]))
+            .map(drop))
+    })?;
+    watch_split(node, &addr, each)?;
+
+    println!("\n# 4. Change it live: kubectl edit virtualservice flaskapp (80/20 -> 50/50)");
+    let t = Instant::now();
+    seed::edit(
+        node,
+        "virtualservice/flaskapp",
+        &[("weight: 80", "weight: 50"), ("weight: 20", "weight: 50")],
+    )?;
+    poll(Duration::from_secs(30), "50/50 in the kernel", || {
+        Ok(seed::kernel_destinations(run_dir, "default/flaskapp")
+            .filter(|d| d.iter().map(|(w, _)| *w).eq([50, 50]))
+            .map(drop))
+    })?;
+    println!("  in the kernel {:.0?} after the edit", t.elapsed());
+    watch_split(node, &addr, each)?;
+    Ok(())
+}
