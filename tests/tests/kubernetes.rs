@@ -338,15 +338,18 @@ fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_ac
         c.api
             .kubectl(&["apply", "--dry-run=server", how, &format!("{ROOT}/{dir}")])?;
     }
-    // The cluster example names the same Service as the file-source one (which
-    // this cluster holds, with a fixed clusterIP): check it in a namespace of its own.
+    // The seed's manifests for a cluster name the same Service as the
+    // file-source ones (which this cluster holds, with a fixed clusterIP):
+    // checked in a namespace of their own (they name none, as the seed's).
     c.api.kubectl(&["create", "namespace", "dryrun"])?;
-    let example = std::fs::read_to_string(format!(
-        "{ROOT}/manifests/examples/kubernetes/flaskapp.yaml"
-    ))?;
-    let example = example.replace("namespace: default", "namespace: dryrun");
-    c.api
-        .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&example))?;
+    c.api.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        "dryrun",
+        "-f",
+        &format!("{ROOT}/manifests/examples/seed"),
+    ])?;
     // The agent, with only its ServiceAccount's rights, follows the cluster.
     let s = c.probe()?;
     assert_eq!(s.failed(), 0, "{s:?}\n{}", c.agent.log_text());
