@@ -59,7 +59,11 @@ static int get_once(const struct sockaddr_in *a, char *out, size_t len) {
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (connect(s, (const struct sockaddr *)a, sizeof *a) < 0) {
-        snprintf(out, len, "connect: %s", strerror(errno));
+        /* A connect that hit SO_SNDTIMEO fails with EINPROGRESS. */
+        if (errno == EINPROGRESS || errno == EAGAIN)
+            snprintf(out, len, "connect: timed out after 3 s");
+        else
+            snprintf(out, len, "connect: %s", strerror(errno));
         close(s);
         return -1;
     }
@@ -78,7 +82,9 @@ static int get_once(const struct sockaddr_in *a, char *out, size_t len) {
     close(s);
     char *body = strstr(resp, "\r\n\r\n");
     if (!body) {
-        if (rerr)
+        if (rerr == EAGAIN || rerr == EWOULDBLOCK)
+            snprintf(out, len, "read: timed out after 3 s");
+        else if (rerr)
             snprintf(out, len, "read: %s", strerror(rerr));
         else
             snprintf(out, len, "response: %zu bytes without a body", got);
