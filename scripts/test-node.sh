@@ -19,9 +19,10 @@
 # Binaries are built from Debian bookworm's `kubernetes` source package with
 # the recipe of scripts/test-apiserver.sh (scripts/lib-kube.sh) and cached in
 #   ${MESH_TEST_APISERVER_CACHE:-/var/cache/mesh-test-apiserver}/<debian-source-version>/
-# next to kube-apiserver; images (pause, and a tiny static HTTP server usable as
-# the seed's flaskapp) are built offline with `docker build` FROM scratch and
-# cached as `docker save` tarballs in .../<version>/images/.
+# next to kube-apiserver; images (pause; flaskapp, a tiny static HTTP server
+# usable as the seed's flaskapp, with a /client; redis, Debian's redis-server)
+# are built offline with `docker build` FROM scratch from images/ (repo root)
+# and cached as `docker save` tarballs in .../<version>/images/.
 #
 # Only one node per machine: the kubelet hardcodes some host paths
 # (/var/lib/kubelet/device-plugins, /var/log/pods) and the pods' cgroups are
@@ -74,157 +75,37 @@ EOF
 }
 
 # ---------------------------------------------------------------------------
-# images: sources embedded here, versioned by their content
+# images: sources in images/ (repo root), versioned by their content
 # ---------------------------------------------------------------------------
 
-# A tiny HTTP/1.0 server standing in for the seed's flaskapp: every request on
-# $PORT (default 5000) gets "host=<hostname> version=<$VERSION> client=<ip>:<port>".
-# Static, one process per connection, exits at once on SIGTERM (it is PID 1).
-flaskapp_c() {
-    cat <<'EOF'
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
+IMAGES_SRC="$(cd "$SCRIPT_DIR/.." && pwd -P)/images"
+REDIS_SERVER=/usr/bin/redis-server
 
-static void on_term(int sig) { (void)sig; _exit(0); }
-
-static void serve(int c, const struct sockaddr_in *peer) {
-    char req[4096], host[256] = "unknown", body[512], head[256];
-    size_t got = 0;
-    struct timeval tv = {5, 0};
-    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    while (got < sizeof req - 1) {
-        ssize_t n = read(c, req + got, sizeof req - 1 - got);
-        if (n <= 0) break;
-        got += (size_t)n;
-        req[got] = 0;
-        if (strstr(req, "\r\n\r\n") || strstr(req, "\n\n")) break;
-    }
-    gethostname(host, sizeof host - 1);
-    const char *ver = getenv("VERSION");
-    char ip[INET_ADDRSTRLEN] = "?";
-    inet_ntop(AF_INET, &peer->sin_addr, ip, sizeof ip);
-    int bl = snprintf(body, sizeof body, "host=%s version=%s client=%s:%u\n", host,
-                      ver ? ver : "unknown", ip, ntohs(peer->sin_port));
-    int hl = snprintf(head, sizeof head,
-                      "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                      "Connection: close\r\n\r\n", bl);
-    if (write(c, head, (size_t)hl) < 0 || write(c, body, (size_t)bl) < 0) { /* peer gone */ }
-    shutdown(c, SHUT_WR);
-}
-
-int main(void) {
-    signal(SIGTERM, on_term);
-    signal(SIGINT, on_term);
-    signal(SIGCHLD, SIG_IGN);
-    signal(SIGPIPE, SIG_IGN);
-    const char *p = getenv("PORT");
-    int port = p ? atoi(p) : 5000;
-    int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {0};
-    a.sin_family = AF_INET;
-    a.sin_port = htons((unsigned short)port);
-    a.sin_addr.s_addr = htonl(INADDR_ANY);
-    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 1024) < 0) {
-        perror("flaskapp: listen");
-        return 1;
-    }
-    fprintf(stderr, "flaskapp: listening on 0.0.0.0:%d\n", port);
-    for (;;) {
-        struct sockaddr_in peer;
-        socklen_t pl = sizeof peer;
-        int c = accept(s, (struct sockaddr *)&peer, &pl);
-        if (c < 0) continue;
-        pid_t pid = fork();
-        if (pid == 0) { close(s); serve(c, &peer); close(c); _exit(0); }
-        close(c);
-    }
-}
-EOF
-}
-
-# A tiny static HTTP client shipped in the flaskapp image as /client, for tests
-# run from inside a pod (`kubectl exec POD -- /client HOST PORT N`): N
-# connections one after another, each `GET /`, one line per connection: the
-# response body (the flaskapp's `host=... version=...`) or `error <what>`.
-# Connect and read time out after 3 s.
-client_c() {
-    cat <<'EOF'
-#include <arpa/inet.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
-
-int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: client HOST PORT N\n");
-        return 2;
-    }
-    struct sockaddr_in a = {0};
-    a.sin_family = AF_INET;
-    a.sin_port = htons((unsigned short)atoi(argv[2]));
-    if (inet_pton(AF_INET, argv[1], &a.sin_addr) != 1) {
-        fprintf(stderr, "client: bad IPv4 address %s\n", argv[1]);
-        return 2;
-    }
-    int n = atoi(argv[3]), failed = 0;
-    for (int i = 0; i < n; i++) {
-        int s = socket(AF_INET, SOCK_STREAM, 0);
-        struct timeval tv = {3, 0};
-        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
-            printf("error connect: %s\n", strerror(errno));
-            failed++;
-            if (s >= 0) close(s);
-            continue;
-        }
-        static const char req[] = "GET / HTTP/1.0\r\nHost: client\r\n\r\n";
-        char resp[4096];
-        size_t got = 0;
-        ssize_t r;
-        if (write(s, req, sizeof req - 1) < 0) {
-            printf("error write: %s\n", strerror(errno));
-            failed++;
-            close(s);
-            continue;
-        }
-        while (got < sizeof resp - 1 && (r = read(s, resp + got, sizeof resp - 1 - got)) > 0) got += (size_t)r;
-        resp[got] = 0;
-        close(s);
-        char *body = strstr(resp, "\r\n\r\n");
-        if (!body) {
-            printf("error response: %zu bytes without a body\n", got);
-            failed++;
-            continue;
-        }
-        body += 4;
-        body[strcspn(body, "\r\n")] = 0;
-        printf("%s\n", body);
-    }
-    return failed ? 1 : 0;
-}
-EOF
-}
-
-# The flaskapp image's tag: a hash of its sources. Its tarball is cached as
-# images/flaskapp-<hash>.tar, so checkouts with different sources (the cache is
-# per machine, shared by every checkout) each find their own and never rebuild
-# over each other; images/flaskapp.tar and IMAGES name the last one built.
+# images/flaskapp: flaskapp.c, a tiny HTTP/1.0 server standing in for the
+# seed's Flask app ("host=<hostname> version=<$VERSION> client=<ip>:<port>
+# visits=<N>", N counted in redis), and client.c, shipped as /client for tests
+# run from inside a pod (`client HOST PORT N`, `client --storm ...`). Both
+# static. The tag is a hash of every file in images/flaskapp. Its tarball is
+# cached as images/flaskapp-<hash>.tar, so checkouts with different sources
+# (the cache is per machine, shared by every checkout) each find their own and
+# never rebuild over each other; images/flaskapp.tar and IMAGES name the last
+# one built.
 flaskapp_tag() {
-    printf 'mesh-test-node/flaskapp:%s\n' "$({ flaskapp_c; client_c; } | sha256sum | cut -c1-12)"
+    local h
+    h="$(cd "$IMAGES_SRC/flaskapp" && LC_ALL=C find . -type f | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum | cut -c1-12)" ||
+        die "cannot hash $IMAGES_SRC/flaskapp"
+    printf 'mesh-test-node/flaskapp:%s\n' "$h"
+}
+
+# images/redis: Debian's redis-server with its shared libraries, FROM scratch.
+# The tag is a hash of the Dockerfile and `redis-server --version`; cached as
+# images/redis-<hash>.tar.
+redis_tag() {
+    local v h
+    [[ -x "$REDIS_SERVER" ]] || die "$REDIS_SERVER missing; run '$PROG build' (installs redis-server)"
+    v="$("$REDIS_SERVER" --version)" || die "$REDIS_SERVER --version failed"
+    h="$({ cat "$IMAGES_SRC/redis/Dockerfile"; printf '%s\n' "$v"; } | sha256sum | cut -c1-12)"
+    printf 'mesh-test-node/redis:%s\n' "$h"
 }
 
 bin_dir_for_build() { printf '%s/%s\n' "$KUBE_CACHE_ROOT" "$1"; }
@@ -421,30 +302,79 @@ start_dockerd() {
 # build
 # ---------------------------------------------------------------------------
 
+# Debian's redis-server for the redis image: installed if missing, never left
+# running on the host (kube_ensure_packages installs with a policy-rc.d that
+# denies starting services; whatever started anyway is stopped here).
+ensure_redis_server() {
+    [[ -x "$REDIS_SERVER" ]] && return 0
+    local before after p
+    before="$(pgrep -x redis-server || true)"
+    kube_ensure_packages redis-server
+    [[ -x "$REDIS_SERVER" ]] || die "apt-get install redis-server did not give $REDIS_SERVER"
+    if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+        systemctl disable --now redis-server >/dev/null 2>&1 || true
+    else
+        command -v update-rc.d >/dev/null && { update-rc.d redis-server disable >/dev/null 2>&1 || true; }
+        command -v service >/dev/null && { service redis-server stop >/dev/null 2>&1 || true; }
+    fi
+    # Any redis-server the package started (never one that ran before).
+    after="$(pgrep -x redis-server || true)"
+    for p in $after; do
+        grep -qx "$p" <<<"$before" && continue
+        log "stopping redis-server pid $p started by the package install"
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for _ in $(seq 50); do
+        after="$(pgrep -x redis-server | grep -vxF -f <(printf '%s\n' "$before") || true)"
+        [[ -z "$after" ]] && break
+        sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    [[ -z "$after" ]] || kill -KILL $after 2>/dev/null || true
+    log "installed $("$REDIS_SERVER" --version)"
+}
+
+# rootfs for the redis image in $1: redis-server and the libraries ldd names
+# (symlinks followed: the file itself under the name the loader looks for).
+redis_rootfs() {
+    local root="$1" lib
+    mkdir -p "$root/usr/bin"
+    cp -L "$REDIS_SERVER" "$root/usr/bin/redis-server"
+    while read -r lib; do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done < <(ldd "$REDIS_SERVER" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) { print $i; break } }')
+    [[ -n "$(find "$root" -name 'ld-linux*' -print -quit)" ]] || die "ldd $REDIS_SERVER named no dynamic loader"
+}
+
 build_images() {
     local dest="$1" ver="$2" out="$1/images"
-    local pause_tag flask_tag
+    local pause_tag flask_tag redis_tag
     pause_tag="$(sed -n 's/^TAG *= *//p' "$dest/src/build/pause/Makefile" | head -n1)"
     [[ -n "$pause_tag" ]] || die "no TAG in $dest/src/build/pause/Makefile"
     pause_tag="mesh-test-node/pause:$pause_tag-$(kube_upstream_version "$ver")"
     flask_tag="$(flaskapp_tag)"
-    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" && [[ -f "$out/flaskapp-${flask_tag##*:}.tar" ]]; then
-        log "images already cached in $out ($pause_tag, $flask_tag)"
+    redis_tag="$(redis_tag)"
+    if [[ -f "$out/IMAGES" ]] && grep -qx "pause=$pause_tag" "$out/IMAGES" &&
+        [[ -f "$out/flaskapp-${flask_tag##*:}.tar" && -f "$out/redis-${redis_tag##*:}.tar" ]]; then
+        log "images already cached in $out ($pause_tag, $flask_tag, $redis_tag)"
         return 0
     fi
-    log "building images $pause_tag and $flask_tag offline (FROM scratch, gcc -static)"
+    log "building images $pause_tag, $flask_tag and $redis_tag offline (FROM scratch)"
     local work
     work="$(mktemp -d /var/tmp/mesh-test-node-img.XXXXXX)"
     BUILD_WORK="$work"
-    mkdir -p "$work/pause" "$work/flaskapp"
-    gcc -Os -static -s -Wall -DVERSION="${pause_tag##*:}" -o "$work/pause/pause" "$dest/src/build/pause/linux/pause.c" ||
+    mkdir -p "$work/pause" "$work/flaskapp" "$work/redis"
+    nice gcc -Os -static -s -Wall -DVERSION="${pause_tag##*:}" -o "$work/pause/pause" "$dest/src/build/pause/linux/pause.c" ||
         die "gcc -static pause.c failed"
     printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$work/pause/Dockerfile"
-    flaskapp_c >"$work/flaskapp/flaskapp.c"
-    gcc -O2 -static -s -Wall -o "$work/flaskapp/flaskapp" "$work/flaskapp/flaskapp.c" || die "gcc -static flaskapp.c failed"
-    client_c >"$work/flaskapp/client.c"
-    gcc -O2 -static -s -Wall -o "$work/flaskapp/client" "$work/flaskapp/client.c" || die "gcc -static client.c failed"
-    printf 'FROM scratch\nCOPY flaskapp /flaskapp\nCOPY client /client\nEXPOSE 5000\nENV PORT=5000\nENTRYPOINT ["/flaskapp"]\n' >"$work/flaskapp/Dockerfile"
+    cp "$IMAGES_SRC/flaskapp/Dockerfile" "$work/flaskapp/"
+    nice gcc -O2 -static -s -Wall -Wextra -o "$work/flaskapp/flaskapp" "$IMAGES_SRC/flaskapp/flaskapp.c" ||
+        die "gcc -static flaskapp.c failed"
+    nice gcc -O2 -static -s -Wall -Wextra -pthread -o "$work/flaskapp/client" "$IMAGES_SRC/flaskapp/client.c" ||
+        die "gcc -static client.c failed"
+    cp "$IMAGES_SRC/redis/Dockerfile" "$work/redis/"
+    redis_rootfs "$work/redis/rootfs"
 
     # A throwaway dockerd, only to run `docker build` and `docker save`.
     local dd="$work/d" run_docker_absent=0
@@ -455,8 +385,10 @@ build_images() {
         export DOCKER_HOST="unix://$dd/docker.sock" DOCKER_BUILDKIT=0
         "$DOCKER" build -q -t "$pause_tag" "$work/pause" >&2 &&
             "$DOCKER" build -q -t "$flask_tag" "$work/flaskapp" >&2 &&
+            "$DOCKER" build -q -t "$redis_tag" "$work/redis" >&2 &&
             "$DOCKER" save -o "$work/pause.tar" "$pause_tag" &&
-            "$DOCKER" save -o "$work/flaskapp.tar" "$flask_tag"
+            "$DOCKER" save -o "$work/flaskapp.tar" "$flask_tag" &&
+            "$DOCKER" save -o "$work/redis.tar" "$redis_tag"
     ) || rc=$?
     stop_one dockerd "$dd/run/dockerd.pid" 20
     umount_under "$dd"
@@ -466,11 +398,12 @@ build_images() {
     install -m 0644 "$work/pause.tar" "$out/pause.tar"
     install -m 0644 "$work/flaskapp.tar" "$out/flaskapp-${flask_tag##*:}.tar"
     install -m 0644 "$work/flaskapp.tar" "$out/flaskapp.tar"
-    printf 'pause=%s\nflaskapp=%s\n' "$pause_tag" "$flask_tag" >"$out/IMAGES.tmp"
+    install -m 0644 "$work/redis.tar" "$out/redis-${redis_tag##*:}.tar"
+    printf 'pause=%s\nflaskapp=%s\nredis=%s\n' "$pause_tag" "$flask_tag" "$redis_tag" >"$out/IMAGES.tmp"
     mv -f "$out/IMAGES.tmp" "$out/IMAGES"
     rm -rf "$work"
     BUILD_WORK=""
-    log "cached images in $out: $pause_tag, $flask_tag"
+    log "cached images in $out: $pause_tag, $flask_tag, $redis_tag"
 }
 
 BUILD_WORK=""
@@ -513,6 +446,7 @@ cmd_build() {
     else
         log "${NODE_BINS[*]} already cached in $dest"
     fi
+    ensure_redis_server
     build_images "$dest" "$ver"
     trap - EXIT
     log "build done in $((SECONDS - t0))s: $dest"
@@ -869,13 +803,17 @@ EOF
     # --- dockerd + images ----------------------------------------------------
     start_dockerd "$dir" || die "dockerd did not start"
     export DOCKER_HOST="unix://$dir/docker.sock"
-    local pause_tag flask_tag
+    local pause_tag flask_tag redis_tag
     pause_tag="$(sed -n 's/^pause=//p' "$cache/images/IMAGES")"
     flask_tag="$(flaskapp_tag)"
+    redis_tag="$(redis_tag)"
     [[ -f "$cache/images/flaskapp-${flask_tag##*:}.tar" ]] ||
         die "image $flask_tag not cached (another checkout's sources built the cache); run '$PROG build'"
+    [[ -f "$cache/images/redis-${redis_tag##*:}.tar" ]] ||
+        die "image $redis_tag not cached (built before the redis image existed, or redis-server changed); run '$PROG build'"
     "$DOCKER" load -q -i "$cache/images/pause.tar" >&2 || die "docker load pause.tar failed"
     "$DOCKER" load -q -i "$cache/images/flaskapp-${flask_tag##*:}.tar" >&2 || die "docker load $flask_tag failed"
+    "$DOCKER" load -q -i "$cache/images/redis-${redis_tag##*:}.tar" >&2 || die "docker load $redis_tag failed"
 
     # --- kube-scheduler -------------------------------------------------------
     local sched_port kubelet_port healthz_port
@@ -950,12 +888,13 @@ bridge=$BRIDGE
 gateway=$gw
 pause_image=$pause_tag
 flaskapp_image=$flask_tag
+redis_image=$redis_tag
 cache=$cache
 EOF
     printf 'export KUBECONFIG=%q\nexport DOCKER_HOST=%q\n' "$KUBECONFIG_PATH" "unix://$dir/docker.sock" >"$dir/env"
     trap - EXIT INT TERM HUP
     START_DIR=""
-    log "node $NODE_NAME Ready after $((SECONDS - t0))s; flaskapp image: $flask_tag"
+    log "node $NODE_NAME Ready after $((SECONDS - t0))s; images: $flask_tag, $redis_tag"
     log "ready: source $dir/env   (stop with: $PROG stop $dir)"
     printf '%s\n' "$KUBECONFIG_PATH"
 }
