@@ -12,7 +12,10 @@
  * configured: visits=none; configured but unreachable, timed out or a reply
  * that is not an integer: visits=error. The request never fails for redis.
  *
- * One process per connection; exits at once on SIGTERM (it is PID 1).
+ * One process per connection. On SIGTERM it keeps serving for $DRAIN_SECONDS
+ * (default 2, 0: exit at once), then exits (it is PID 1): the time every
+ * load balancer, kube-proxy or a mesh, takes to stop sending new connections
+ * to a terminating pod; a rolling restart then fails no request.
  */
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -25,7 +28,15 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-static void on_term(int sig) { (void)sig; _exit(0); }
+static unsigned drain_seconds = 2;
+
+static void on_alarm(int sig) { (void)sig; _exit(0); }
+
+static void on_term(int sig) {
+    (void)sig;
+    if (drain_seconds == 0) _exit(0);
+    alarm(drain_seconds);
+}
 
 static const char *env(const char *name) {
     const char *v = getenv(name);
@@ -129,8 +140,11 @@ static void serve(int c, const struct sockaddr_in *peer) {
 }
 
 int main(void) {
+    const char *drain = getenv("DRAIN_SECONDS");
+    if (drain) drain_seconds = (unsigned)atoi(drain);
+    signal(SIGALRM, on_alarm);
     signal(SIGTERM, on_term);
-    signal(SIGINT, on_term);
+    signal(SIGINT, on_alarm);
     signal(SIGCHLD, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
     const char *p = getenv("PORT");
@@ -152,7 +166,14 @@ int main(void) {
         int c = accept(s, (struct sockaddr *)&peer, &pl);
         if (c < 0) continue;
         pid_t pid = fork();
-        if (pid == 0) { close(s); serve(c, &peer); close(c); _exit(0); }
+        if (pid == 0) {
+            signal(SIGTERM, SIG_DFL);
+            alarm(0);
+            close(s);
+            serve(c, &peer);
+            close(c);
+            _exit(0);
+        }
         close(c);
     }
 }
