@@ -167,7 +167,8 @@ impl Node {
     }
 
     /// The cached image of the flaskapp stand-in (HTTP on $PORT, default 5000,
-    /// answering `host=<pod> version=<$VERSION> client=<ip>:<port>`).
+    /// answering `host=<pod> version=<$VERSION> client=<ip>:<port> visits=<N>`,
+    /// images/flaskapp).
     pub fn flaskapp_image(&self) -> anyhow::Result<&str> {
         self.info("flaskapp_image")
     }
