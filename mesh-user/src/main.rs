@@ -89,6 +89,11 @@ enum Command {
         /// with nothing attached, until stopped).
         #[arg(long)]
         force: bool,
+        /// Then wait for SIGTERM: the uninstall DaemonSet's container
+        /// (manifests/uninstall), Running once its node is clean, with no image
+        /// but the agent's.
+        #[arg(long)]
+        then_wait: bool,
     },
     /// Programs attached, map occupancy, services and backends, last sync.
     Status {
@@ -273,7 +278,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { state, force } => {
+        Command::Cleanup {
+            state,
+            force,
+            then_wait,
+        } => {
             init_logging("text");
             let removed = cli::cleanup(&PinDir::new(&state.pin_dir), &state.run_dir, force)
                 .with_context(|| format!("cleaning up {}", state.pin_dir.display()))?;
@@ -282,6 +291,15 @@ fn main() -> anyhow::Result<()> {
                 removed.len(),
                 state.pin_dir.display()
             );
+            if then_wait {
+                use nix::sys::signal::{SigSet, Signal};
+                let mut stop = SigSet::empty();
+                stop.add(Signal::SIGTERM);
+                stop.add(Signal::SIGINT);
+                stop.thread_block()?;
+                println!("clean; waiting for SIGTERM");
+                stop.wait()?;
+            }
             Ok(())
         }
     }

@@ -332,7 +332,7 @@ fn manifests_pass_server_dry_run_and_the_agent_works_with_its_least_privilege_ac
     for (how, dir) in [
         ("-f", "manifests/crds"),
         ("-k", "manifests/deploy"),
-        ("-f", "manifests/uninstall"),
+        ("-k", "manifests/uninstall"),
         ("-f", "manifests/examples/flaskapp"),
     ] {
         c.api

@@ -210,11 +210,14 @@ fn the_shipped_daemonset_meshes_real_pods_80_20_then_50_50() -> anyhow::Result<(
     let node = Node::start()?;
     let result = mesh_on_the_node(&node, &agent_binary);
     if let Ok((mesh, progs)) = &result {
-        // Removed with the node: the DaemonSet deleted, `mesh-agent cleanup`
-        // on the host, the node stopped. Nothing of the agent's is left on the
-        // host: its pin dir and run dir (hostPaths), and the programs it
-        // attached to the pods' cgroup.
-        drop(node);
+        // Uninstalled as a user does: the DaemonSet deleted, then
+        // manifests/uninstall (`mesh-agent cleanup` on the node, in the
+        // agent's image) until its pod is Ready, then deleted. Nothing of the
+        // agent's is left on the host: its pin dir and run dir (hostPaths),
+        // and the programs it attached to the pods' cgroup.
+        let t = Instant::now();
+        node.explain_failure(node.uninstall_mesh())?;
+        eprintln!("uninstalled with manifests/uninstall in {:?}", t.elapsed());
         for dir in [&mesh.pin_dir, &mesh.run_dir] {
             assert!(!dir.exists(), "{} left", dir.display());
         }

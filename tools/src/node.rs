@@ -53,6 +53,8 @@ pub const SEED_IMAGES: [(&str, &str); 2] = [
 #[derive(Debug)]
 struct Mesh {
     overlay: PathBuf,
+    /// The overlay of manifests/uninstall, with the same image and values.
+    uninstall: PathBuf,
     agent_binary: PathBuf,
     /// On the host: the agent's bpffs directory and its run directory.
     pin_dir: PathBuf,
@@ -346,36 +348,12 @@ impl Node {
             .with_context(|| format!("API server {server:?}"))?;
         let Mesh {
             overlay,
+            uninstall,
             pin_dir,
             run_dir,
             ..
         } = self.mesh_at(agent_binary)?;
-        std::fs::create_dir_all(&overlay)?;
-        // kustomize takes only relative paths to a base.
-        let base = manifests().join("deploy").canonicalize()?;
-        let up = "../".repeat(overlay.canonicalize()?.components().count() - 1);
-        let base = format!(
-            "{up}{}",
-            base.strip_prefix("/").context("absolute")?.display()
-        );
-        let (image_name, tag) = image.rsplit_once(':').context("image tag")?;
-        std::fs::write(
-            overlay.join("kustomization.yaml"),
-            format!(
-                r#"# The test node's overlay of the shipped manifests (tools/src/node.rs).
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - {base}
-images:
-  - name: mesh-agent
-    newName: {image_name}
-    newTag: "{tag}"
-patches:
-  - path: node.yaml
-"#,
-            ),
-        )?;
+        write_kustomization(&overlay, "deploy", &image)?;
         std::fs::write(
             overlay.join("node.yaml"),
             format!(
@@ -409,8 +387,38 @@ spec:
                 run_dir = run_dir.display()
             ),
         )?;
+        // The uninstall as shipped, with the same values.
+        write_kustomization(&uninstall, "uninstall", &image)?;
+        std::fs::write(
+            uninstall.join("node.yaml"),
+            format!(
+                r#"# What differs on the test node (tools/src/node.rs).
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: mesh-cleanup
+  namespace: mesh-system
+spec:
+  template:
+    spec:
+      initContainers:
+        - name: cleanup
+          env: [{{name: MESH_PIN_DIR, value: {pin_dir}}}]
+      containers:
+        - name: done
+          env: [{{name: MESH_PIN_DIR, value: {pin_dir}}}]
+      volumes:
+        - name: run
+          hostPath:
+            path: {run_dir}
+"#,
+                pin_dir = pin_dir.display(),
+                run_dir = run_dir.display()
+            ),
+        )?;
         *self.mesh.lock().unwrap_or_else(PoisonError::into_inner) = Some(Mesh {
             overlay: overlay.clone(),
+            uninstall,
             agent_binary: agent_binary.to_owned(),
             pin_dir: pin_dir.clone(),
             run_dir: run_dir.clone(),
@@ -434,6 +442,7 @@ spec:
             .context("node dir name")?;
         Ok(Mesh {
             overlay: self.dir.join("mesh-overlay"),
+            uninstall: self.dir.join("mesh-uninstall"),
             agent_binary: agent_binary.to_owned(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             run_dir: PathBuf::from(format!("/run/{name}")),
@@ -450,66 +459,143 @@ spec:
         Ok(())
     }
 
-    /// As a user uninstalls: the DaemonSet deleted (its pod gone), then
-    /// `mesh-agent cleanup` on the node (here: the host) for its pin dir and
-    /// run dir, as manifests/uninstall does; then the rest of the overlay.
-    fn remove_mesh(&self, mesh: &Mesh) -> anyhow::Result<()> {
-        let deleted = self
-            .kubectl(&[
-                "delete",
-                "daemonset",
-                "-n",
-                "mesh-system",
-                "mesh-agent",
-                "--ignore-not-found",
-                "--wait=true",
-                "--timeout=60s",
-            ])
-            .and_then(|_| {
-                poll(Duration::from_secs(60), "the agent pods to go", || {
-                    let pods = self.kubectl_json(&["get", "pods", "-n", "mesh-system"])?;
-                    Ok(pods["items"]
-                        .as_array()
-                        .is_none_or(Vec::is_empty)
-                        .then_some(()))
-                })
-            });
-        if let Err(e) = &deleted {
-            // The node's stop kills it anyway; cleanup runs after it then.
-            eprintln!("deleting the agent's DaemonSet: {e:#}");
+    /// Uninstalls the mesh [`Node::deploy_mesh`] deployed, as a user does
+    /// (below), and checks that nothing of it is left on the host. Also done
+    /// on drop; a test that calls it sees its errors.
+    pub fn uninstall_mesh(&self) -> anyhow::Result<()> {
+        let mesh = self
+            .mesh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match mesh {
+            Some(mesh) => self.remove_mesh(&mesh),
+            None => Ok(()),
         }
-        let _ = self.kubectl(&[
-            "delete",
-            "-k",
-            mesh.overlay.to_str().context("UTF-8 path")?,
-            "--ignore-not-found",
-            "--wait=false",
-        ]);
-        let out = Command::new(&mesh.agent_binary)
-            .arg("cleanup")
-            .arg("--pin-dir")
-            .arg(&mesh.pin_dir)
-            .arg("--run-dir")
-            .arg(&mesh.run_dir)
-            .output()
-            .context("mesh-agent cleanup")?;
-        if !out.status.success() {
-            bail!(
-                "mesh-agent cleanup: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+    }
+
+    /// As a user uninstalls: the agent's DaemonSet deleted (its pod gone),
+    /// then manifests/uninstall applied (`mesh-agent cleanup` on the node)
+    /// until its pod is Ready, then both deleted. Should that fail (the API
+    /// server gone), `mesh-agent cleanup` runs on the host instead, and the
+    /// failure is still returned.
+    fn remove_mesh(&self, mesh: &Mesh) -> anyhow::Result<()> {
+        let shipped = self.delete_agent().and_then(|()| self.run_uninstall(mesh));
+        for dir in [&mesh.uninstall, &mesh.overlay] {
+            let _ = self.kubectl(&[
+                "delete",
+                "-k",
+                dir.to_str().context("UTF-8 path")?,
+                "--ignore-not-found",
+                "--wait=false",
+            ]);
+        }
+        if shipped.is_err() {
+            let out = Command::new(&mesh.agent_binary)
+                .arg("cleanup")
+                .arg("--pin-dir")
+                .arg(&mesh.pin_dir)
+                .arg("--run-dir")
+                .arg(&mesh.run_dir)
+                .output()
+                .context("mesh-agent cleanup")?;
+            if !out.status.success() {
+                bail!(
+                    "mesh-agent cleanup: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
         // The hostPath directories the kubelet made (DirectoryOrCreate).
         let _ = std::fs::remove_dir(&mesh.run_dir);
         let _ = std::fs::remove_dir(&mesh.pin_dir);
+        shipped.context("uninstalling with manifests/uninstall")?;
         for dir in [&mesh.pin_dir, &mesh.run_dir] {
             if dir.exists() {
-                bail!("{} is left after mesh-agent cleanup", dir.display());
+                bail!("{} is left after the uninstall", dir.display());
             }
         }
         Ok(())
     }
+
+    /// `kubectl delete daemonset mesh-agent`, until its pods are gone.
+    fn delete_agent(&self) -> anyhow::Result<()> {
+        self.kubectl(&[
+            "delete",
+            "daemonset",
+            "-n",
+            "mesh-system",
+            "mesh-agent",
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+        ])?;
+        poll(Duration::from_secs(60), "the agent pods to go", || {
+            Ok(self
+                .pods("app.kubernetes.io/name=mesh-agent")?
+                .is_empty()
+                .then_some(()))
+        })
+    }
+
+    /// manifests/uninstall through its overlay, until its pod is Ready (its
+    /// init container cleaned up), then deleted.
+    fn run_uninstall(&self, mesh: &Mesh) -> anyhow::Result<()> {
+        let dir = mesh.uninstall.to_str().context("UTF-8 path")?;
+        self.kubectl(&["apply", "-k", dir])?;
+        poll(Duration::from_secs(120), "the cleanup pod Ready", || {
+            let pods = self.pods("app.kubernetes.io/name=mesh-cleanup")?;
+            let ready = pods.iter().any(|p| {
+                p["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            Ok(ready.then_some(()))
+        })?;
+        self.kubectl(&["delete", "-k", dir, "--wait=true", "--timeout=60s"])?;
+        Ok(())
+    }
+
+    /// The pods of `selector` in mesh-system.
+    fn pods(&self, selector: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let list = self.kubectl_json(&["get", "pods", "-n", "mesh-system", "-l", selector])?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// `DIR/kustomization.yaml`: the shipped `manifests/NAME` as its only
+/// resource, the agent's image set, and `node.yaml` as a patch.
+fn write_kustomization(dir: &Path, name: &str, image: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    // kustomize takes only relative paths to a base.
+    let base = manifests().join(name).canonicalize()?;
+    let up = "../".repeat(dir.canonicalize()?.components().count() - 1);
+    let base = format!(
+        "{up}{}",
+        base.strip_prefix("/").context("absolute")?.display()
+    );
+    let (image_name, tag) = image.rsplit_once(':').context("image tag")?;
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            r#"# The test node's overlay of the shipped manifests/{name} (tools/src/node.rs).
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {base}
+images:
+  - name: mesh-agent
+    newName: {image_name}
+    newTag: "{tag}"
+patches:
+  - path: node.yaml
+"#,
+        ),
+    )?;
+    Ok(())
 }
 
 impl Drop for Node {
