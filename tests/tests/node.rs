@@ -205,34 +205,41 @@ fn agent_logs(node: &Node) -> String {
 /// `kubectl patch` of the VirtualService.
 #[test]
 fn the_shipped_daemonset_meshes_real_pods_80_20_then_50_50() -> anyhow::Result<()> {
+    let (node, (mesh, progs)) = on_a_node(mesh_on_the_node)?;
+    // Uninstalled as a user does: the DaemonSet deleted, then
+    // manifests/uninstall (`mesh-agent cleanup` on the node, in the agent's
+    // image) until its pod is Ready, then deleted. Nothing of the agent's is
+    // left on the host: its pin dir and run dir (hostPaths), and the programs
+    // it attached to the pods' cgroup.
+    let t = Instant::now();
+    node.explain_failure(node.uninstall_mesh())?;
+    eprintln!("uninstalled with manifests/uninstall in {:?}", t.elapsed());
+    for dir in [&mesh.pin_dir, &mesh.run_dir] {
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    for id in progs {
+        assert!(
+            mesh_tools::sh("bpftool", &["prog", "show", "id", &id]).is_err(),
+            "program {id} still loaded"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `body` on a node of its own, with the agent's binary to deploy; when
+/// it fails, prints the agent's logs and the node's state first.
+fn on_a_node<T>(
+    body: impl FnOnce(&Node, &std::path::Path) -> anyhow::Result<T>,
+) -> anyhow::Result<(Node, T)> {
     mesh_tools::require_root();
     let agent_binary = mesh_tools::agent::sibling_binary("mesh-agent")?;
     let node = Node::start()?;
-    let result = mesh_on_the_node(&node, &agent_binary);
-    if let Ok((mesh, progs)) = &result {
-        // Uninstalled as a user does: the DaemonSet deleted, then
-        // manifests/uninstall (`mesh-agent cleanup` on the node, in the
-        // agent's image) until its pod is Ready, then deleted. Nothing of the
-        // agent's is left on the host: its pin dir and run dir (hostPaths),
-        // and the programs it attached to the pods' cgroup.
-        let t = Instant::now();
-        node.explain_failure(node.uninstall_mesh())?;
-        eprintln!("uninstalled with manifests/uninstall in {:?}", t.elapsed());
-        for dir in [&mesh.pin_dir, &mesh.run_dir] {
-            assert!(!dir.exists(), "{} left", dir.display());
-        }
-        for id in progs {
-            assert!(
-                mesh_tools::sh("bpftool", &["prog", "show", "id", id]).is_err(),
-                "program {id} still loaded"
-            );
-        }
-        return Ok(());
-    }
+    let result = body(&node, &agent_binary);
     if result.is_err() {
         eprintln!("---- agent logs ----\n{}", agent_logs(&node));
     }
-    node.explain_failure(result).map(|_| ())
+    let value = node.explain_failure(result)?;
+    Ok((node, value))
 }
 
 /// The ids of the programs attached to `cgroup` (bpftool).
@@ -299,19 +306,11 @@ fn mesh_on_the_node(
 
     seed::apply(node, "destinationrule.yaml")?;
     seed::apply(node, "virtualservice.yaml")?;
-    let v1 = poll(Duration::from_secs(120), "3 ready v1 pods", || {
-        seed::ready_names(node, "default", "app=business,version=v1", 3)
-    })?;
-    let v2 = poll(Duration::from_secs(120), "1 ready v2 pod", || {
-        seed::ready_names(node, "default", "app=business,version=v2", 1)
-    })?;
-    poll(Duration::from_secs(120), "redis ready", || {
-        seed::ready_names(node, "default", "app=redis", 1)
-    })?;
+    let v1 = seed::wait_ready(node, "default", "app=business,version=v1", 3)?;
+    let v2 = seed::wait_ready(node, "default", "app=business,version=v2", 1)?;
+    seed::wait_ready(node, "default", "app=redis", 1)?;
     for ns in ["default", "plain"] {
-        poll(Duration::from_secs(120), "the client pods ready", || {
-            seed::ready_names(node, ns, "app=client", 1)
-        })?;
+        seed::wait_ready(node, ns, "app=client", 1)?;
     }
     let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
 
@@ -504,14 +503,7 @@ fn mesh_on_the_node(
 /// Not one connection fails.
 #[test]
 fn rolling_restarts_under_a_connect_storm_fail_no_connection() -> anyhow::Result<()> {
-    mesh_tools::require_root();
-    let agent_binary = mesh_tools::agent::sibling_binary("mesh-agent")?;
-    let node = Node::start()?;
-    let result = restarts_under_storm(&node, &agent_binary);
-    if result.is_err() {
-        eprintln!("---- agent logs ----\n{}", agent_logs(&node));
-    }
-    node.explain_failure(result)
+    on_a_node(restarts_under_storm).map(drop)
 }
 
 fn restarts_under_storm(node: &Node, agent_binary: &std::path::Path) -> anyhow::Result<()> {
@@ -520,12 +512,8 @@ fn restarts_under_storm(node: &Node, agent_binary: &std::path::Path) -> anyhow::
     let agent_pod = agent_ready(node, None)?;
     seed::apply(node, "destinationrule.yaml")?;
     seed::apply(node, "virtualservice.yaml")?;
-    let v1 = poll(Duration::from_secs(120), "3 ready v1 pods", || {
-        seed::ready_names(node, "default", "app=business,version=v1", 3)
-    })?;
-    poll(Duration::from_secs(120), "the client pod ready", || {
-        seed::ready_names(node, "default", "app=client", 1)
-    })?;
+    let v1 = seed::wait_ready(node, "default", "app=business,version=v1", 3)?;
+    seed::wait_ready(node, "default", "app=client", 1)?;
     let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
     poll(Duration::from_secs(60), "the client pod meshed", || {
         let answers = seed::from_client(node, "default", &addr, 10)?;

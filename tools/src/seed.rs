@@ -105,6 +105,16 @@ pub fn ready_names(
     Ok(ready_pods(node, ns, selector, n)?.map(|p| p.into_iter().map(|p| p.name).collect()))
 }
 
+/// Waits (bounded: 3 minutes, image loads and probes included) for exactly
+/// `n` ready pods of `selector` in `ns`: their names.
+pub fn wait_ready(node: &Node, ns: &str, selector: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    crate::node::poll(
+        std::time::Duration::from_secs(180),
+        &format!("{n} ready pods of {ns}/{selector}"),
+        || ready_names(node, ns, selector, n),
+    )
+}
+
 /// The ClusterIP of Service `ns/name`.
 pub fn cluster_ip(node: &Node, ns: &str, name: &str) -> anyhow::Result<IpAddr> {
     let ip = node.kubectl(&[
@@ -166,12 +176,8 @@ impl Answers {
 /// `client` of `ns` to `addr` (`/client` of the flaskapp image).
 pub fn from_client(node: &Node, ns: &str, addr: &str, n: u32) -> anyhow::Result<Answers> {
     let (ip, port) = addr.split_once(':').context("addr")?;
-    let n = n.to_string();
     // /client exits 1 when a request failed: its output says which.
-    let out = Command::new("kubectl")
-        .args(["exec", "-n", ns, "client", "--", "/client", ip, port, &n])
-        .env("KUBECONFIG", &node.kubeconfig)
-        .output()?;
+    let out = client(node, ns, &[ip, port, &n.to_string()])?;
     let mut answers = Answers::default();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         answers.add(line);
@@ -241,42 +247,33 @@ const STORM_OUT: &str = "/tmp/storm";
 pub fn start_storm(node: &Node, ns: &str, addr: &str, threads: u32) -> anyhow::Result<()> {
     let (ip, port) = addr.split_once(':').context("addr")?;
     let threads = threads.to_string();
-    node.kubectl(&[
-        "exec",
-        "-n",
+    let out = client(
+        node,
         ns,
-        "client",
-        "--",
-        "/client",
-        "--storm",
-        "0",
-        "--threads",
-        &threads,
-        "--daemon",
-        "--out",
-        STORM_OUT,
-        ip,
-        port,
-    ])?;
+        &[
+            "--storm",
+            "0",
+            "--threads",
+            &threads,
+            "--daemon",
+            "--out",
+            STORM_OUT,
+            ip,
+            port,
+        ],
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "starting the storm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 /// Stops the storm [`start_storm`] started and reads what it counted.
 pub fn stop_storm(node: &Node, ns: &str) -> anyhow::Result<Storm> {
     // Exits 1 when a request failed: the summary says which.
-    let out = Command::new("kubectl")
-        .args([
-            "exec",
-            "-n",
-            ns,
-            "client",
-            "--",
-            "/client",
-            "--stop-storm",
-            STORM_OUT,
-        ])
-        .env("KUBECONFIG", &node.kubeconfig)
-        .output()?;
+    let out = client(node, ns, &["--stop-storm", STORM_OUT])?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut storm = Storm::default();
     let mut summary = false;
@@ -301,4 +298,13 @@ pub fn stop_storm(node: &Node, ns: &str) -> anyhow::Result<Storm> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(storm)
+}
+
+/// `kubectl exec -n NS client -- /client ARGS`, whatever its exit status.
+fn client(node: &Node, ns: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new("kubectl")
+        .args(["exec", "-n", ns, "client", "--", "/client"])
+        .args(args)
+        .env("KUBECONFIG", &node.kubeconfig)
+        .output()?)
 }

@@ -139,12 +139,6 @@ fn apply(node: &Node, file: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_ready(node: &Node, selector: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    poll(Duration::from_secs(180), selector, || {
-        seed::ready_names(node, "default", selector, n)
-    })
-}
-
 /// Requests from the client pod for `how_long`, in batches, the split by
 /// version after each.
 fn watch_split(node: &Node, addr: &str, how_long: Duration) -> anyhow::Result<()> {
@@ -197,9 +191,9 @@ fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
     )?;
     apply(node, "flaskapp.yaml")?;
     apply(node, "client.yaml")?;
-    wait_ready(node, "app=redis", 1)?;
-    wait_ready(node, "app=business,version=v1", 3)?;
-    wait_ready(node, "app=client", 1)?;
+    seed::wait_ready(node, "default", "app=redis", 1)?;
+    seed::wait_ready(node, "default", "app=business,version=v1", 3)?;
+    seed::wait_ready(node, "default", "app=client", 1)?;
     let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
     println!(
         "$ kubectl exec client -- /client {} 3",
@@ -224,7 +218,7 @@ fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
 
     println!("\n# 2. Deploy flaskapp-v2: without a VirtualService, even over 4 pods");
     apply(node, "flaskapp-v2.yaml")?;
-    wait_ready(node, "app=business,version=v2", 1)?;
+    seed::wait_ready(node, "default", "app=business,version=v2", 1)?;
     watch_split(node, &addr, each)?;
 
     println!("\n# 3. The canary: a DestinationRule (subsets) and the VirtualService at 80/20");
