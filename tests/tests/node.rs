@@ -582,3 +582,77 @@ fn restarts_under_storm(node: &Node, agent_binary: &std::path::Path) -> anyhow::
     assert!(storm.ok > 100, "the storm barely ran: {storm:?}");
     Ok(())
 }
+
+/// `cargo xtask cluster up|status|down` and `cargo xtask demo --cluster`
+/// (the `mesh-cluster` program they run): up is idempotent, the demo tells
+/// the seed's story on the node and shows each split, down leaves nothing.
+#[test]
+fn the_cluster_comes_up_tells_the_seed_and_goes_down() -> anyhow::Result<()> {
+    mesh_tools::require_root();
+    let _one = mesh_tools::node::one_node();
+    let cluster = mesh_tools::agent::sibling_binary("mesh-cluster")?;
+    // Named as a test's node: swept if this process dies.
+    let dir = std::path::PathBuf::from("/tmp").join(mesh_tools::unique("mesh-node-"));
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let mut cmd = std::process::Command::new(&cluster);
+        cmd.arg("--dir").arg(&dir).args(args);
+        mesh_tools::checked_output(cmd, None)
+    };
+    let result = (|| -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        let up = run(&["up"])?;
+        eprintln!("up in {:?}", t0.elapsed());
+        let exports = format!("export KUBECONFIG={}/kubeconfig", dir.display());
+        assert!(up.contains(&exports), "{up}");
+        let t1 = Instant::now();
+        run(&["up"])?;
+        eprintln!("up again (idempotent) in {:?}", t1.elapsed());
+
+        let demo = run(&["demo", "--seconds", "4"])?;
+        eprintln!("{demo}");
+        let split = |step: &str| -> anyhow::Result<(f64, u64)> {
+            let part = demo
+                .split("\n# ")
+                .find(|p| p.starts_with(step))
+                .with_context(|| format!("no step {step} in the demo"))?;
+            let last = part
+                .lines()
+                .rfind(|l| l.contains(" connections: "))
+                .with_context(|| format!("no split in step {step}"))?;
+            assert!(last.contains("failed 0"), "{last}");
+            let words: Vec<&str> = last.split_whitespace().collect();
+            let n: u64 = words[1].parse()?;
+            let v2 = words
+                .iter()
+                .position(|w| *w == "v2")
+                .with_context(|| format!("no v2 in {last:?}"))?;
+            let share: f64 = words[v2 + 1].trim_end_matches('%').parse()?;
+            Ok((share / 100.0, n))
+        };
+        let (even, n) = split("2.")?;
+        common::assert_share(even, 0.25, n, "v2 of 4 pods without a VirtualService");
+        let (canary, n) = split("3.")?;
+        common::assert_share(canary, 0.2, n, "v2 at 80/20");
+        let (edited, n) = split("4.")?;
+        common::assert_share(edited, 0.5, n, "v2 at 50/50 after kubectl edit");
+        assert!(demo.contains("in the kernel"), "{demo}");
+
+        let status = run(&["status"])?;
+        assert!(status.contains(" Ready "), "{status}");
+        Ok(())
+    })();
+    let down = run(&["down"]);
+    result?;
+    down?;
+    assert!(!dir.exists(), "{} left after down", dir.display());
+    let name = dir.file_name().context("name")?;
+    for left in [
+        std::path::Path::new("/sys/fs/bpf").join(name),
+        std::path::Path::new("/run").join(name),
+    ] {
+        assert!(!left.exists(), "{} left after down", left.display());
+    }
+    let status = run(&["status"])?;
+    assert!(status.contains("not running"), "{status}");
+    Ok(())
+}

@@ -26,6 +26,12 @@ fn script() -> PathBuf {
 
 static ONE_NODE: Mutex<()> = Mutex::new(());
 
+/// This process's turn at the machine's one node, for a test that starts it
+/// otherwise (`mesh-cluster`); [`Node::start`] takes it itself.
+pub fn one_node() -> MutexGuard<'static, ()> {
+    ONE_NODE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[derive(Debug)]
 pub struct Node {
     pub dir: PathBuf,
@@ -77,7 +83,7 @@ impl Node {
     /// Starts one and waits until it is Ready (the binaries and images must be
     /// built: `scripts/test-node.sh build`). Stopped on drop.
     pub fn start() -> anyhow::Result<Self> {
-        let one = ONE_NODE.lock().unwrap_or_else(PoisonError::into_inner);
+        let one = one_node();
         stop_stale();
         // Short: dockerd's and containerd's unix sockets live under it.
         let dir = PathBuf::from("/tmp").join(crate::unique("mesh-node-"));
