@@ -185,6 +185,83 @@ fn agent_ready(node: &Node, not: Option<&str>) -> anyhow::Result<String> {
     })
 }
 
+/// The agent pod's `/metrics` as Prometheus would scrape it: with the token
+/// of a ServiceAccount bound to the shipped `mesh-metrics-reader`
+/// ClusterRole. Checks first that no token gets 401 and the token of an
+/// account without the binding 403.
+fn scrape_metrics(node: &Node, agent_pod: &str) -> anyhow::Result<String> {
+    node.kubectl(&["create", "serviceaccount", "-n", "default", "prometheus"])?;
+    node.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "prometheus-mesh-metrics",
+        "--clusterrole=mesh-metrics-reader",
+        "--serviceaccount=default:prometheus",
+    ])?;
+    // Kubernetes 1.20: the token controller writes each account's token
+    // into a Secret.
+    let token = |account: &str| {
+        poll(Duration::from_secs(60), "a ServiceAccount token", || {
+            let secret = node.kubectl(&[
+                "get",
+                "serviceaccount",
+                "-n",
+                "default",
+                account,
+                "-o",
+                "jsonpath={.secrets[0].name}",
+            ])?;
+            if secret.trim().is_empty() {
+                return Ok(None);
+            }
+            let encoded = node.kubectl(&[
+                "get",
+                "secret",
+                "-n",
+                "default",
+                secret.trim(),
+                "-o",
+                "jsonpath={.data.token}",
+            ])?;
+            let mut cmd = std::process::Command::new("base64");
+            cmd.arg("-d");
+            Ok(Some(mesh_tools::checked_output(cmd, Some(encoded.trim()))?))
+        })
+    };
+    let ip = node.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        "mesh-system",
+        agent_pod,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])?;
+    let url = format!("http://{}:9090/metrics", ip.trim());
+    let get = |token: Option<&str>| -> anyhow::Result<(String, String)> {
+        let mut args = vec!["-s", "-m", "10", "-w", "\n%{http_code}"];
+        let header;
+        if let Some(t) = token {
+            header = format!("Authorization: Bearer {t}");
+            args.extend(["-H", &header]);
+        }
+        args.push(&url);
+        let out = mesh_tools::sh("curl", &args)?;
+        let (body, code) = out.rsplit_once('\n').context("curl's status line")?;
+        Ok((code.to_owned(), body.to_owned()))
+    };
+    assert_eq!(get(None)?.0, "401", "/metrics without a token");
+    let stranger = token("default")?;
+    assert_eq!(
+        get(Some(&stranger))?.0,
+        "403",
+        "/metrics for an account without the role"
+    );
+    let (code, body) = get(Some(&token("prometheus")?))?;
+    assert_eq!(code, "200", "{body}");
+    Ok(body)
+}
+
 fn agent_logs(node: &Node) -> String {
     node.kubectl(&[
         "logs",
@@ -380,6 +457,29 @@ fn mesh_on_the_node(
         .parse()
         .with_context(|| format!("visits {:?}: redis not reached", answers.last_visits))?;
     assert!(visits >= u64::from(n), "{visits} visits after {n} requests");
+
+    // The agent's /metrics, read as the shipped `mesh-metrics-reader`
+    // ClusterRole lets a ServiceAccount bound to it (30-metrics-reader.yaml's
+    // own instructions); anyone else is refused. The kernel counted the
+    // client's connects to flaskapp and flaskapp's to redis.
+    let metrics = scrape_metrics(node, &agent_pod)?;
+    let connects = |service: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("mesh_service_connections_total{")
+                    && l.contains(&format!("service=\"{service}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    eprintln!(
+        "/metrics: {} connects to flaskapp, {} to redis",
+        connects("default/flaskapp"),
+        connects("default/redis")
+    );
+    assert!(connects("default/flaskapp") >= u64::from(n), "{metrics}");
+    assert!(connects("default/redis") >= u64::from(n), "{metrics}");
 
     // A pod of a namespace without the label is not meshed: the ClusterIP
     // does not answer it. Labelling the namespace meshes it, without a restart.
