@@ -10,19 +10,40 @@ use std::{
     path::Path,
 };
 
-/// The network namespace cookie of the first process found in `cgroup` or
-/// below (at most three levels: pod, container); `None` when it holds no
-/// process yet. An error when no process's namespace could be read (without
+/// A network namespace as the agent knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Netns {
+    /// Its cookie: the key of `MESHED_PODS_V1`.
+    pub cookie: u64,
+    /// Its inode in nsfs: cheap to read again (a stat, no setns), so a
+    /// namespace replaced under a pod (its sandbox recreated) is noticed.
+    pub ino: u64,
+}
+
+/// The network namespace of the first process found in `cgroup` or below (at
+/// most three levels: pod, container); `None` when it holds no process yet.
+/// An error when no process's namespace could be read (without
 /// CAP_SYS_PTRACE and CAP_SYS_ADMIN, or without the host's PIDs).
-pub fn of_cgroup(cgroup: &Path) -> std::io::Result<Option<u64>> {
+pub fn of_cgroup(cgroup: &Path) -> std::io::Result<Option<Netns>> {
     let mut last = None;
     for pid in pids(cgroup, 3) {
         match of_process(pid) {
-            Ok(cookie) => return Ok(Some(cookie)),
+            Ok(netns) => return Ok(Some(netns)),
             Err(e) => last = Some(e),
         }
     }
     last.map_or(Ok(None), Err)
+}
+
+/// The nsfs inode of the network namespace of the first process in `cgroup`
+/// or below, `None` when no process there can be read.
+pub fn ino_of_cgroup(cgroup: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    pids(cgroup, 3).into_iter().find_map(|pid| {
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .map(|m| m.ino())
+    })
 }
 
 fn pids(dir: &Path, depth: u32) -> Vec<u32> {
@@ -42,16 +63,19 @@ fn pids(dir: &Path, depth: u32) -> Vec<u32> {
     found
 }
 
-/// The cookie of process `pid`'s network namespace: a short-lived thread
-/// enters it (setns affects only the calling thread) and asks a socket.
-pub fn of_process(pid: u32) -> std::io::Result<u64> {
+/// Process `pid`'s network namespace: a short-lived thread enters it (setns
+/// affects only the calling thread) and asks a socket for the cookie.
+pub fn of_process(pid: u32) -> std::io::Result<Netns> {
+    use std::os::unix::fs::MetadataExt as _;
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::spawn(move || {
+    let ino = ns.metadata()?.ino();
+    let cookie = std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
         cookie_here()
     })
     .join()
-    .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+    .map_err(|_| std::io::Error::other("the netns thread panicked"))??;
+    Ok(Netns { cookie, ino })
 }
 
 /// The cookie of the calling thread's network namespace.
@@ -89,7 +113,7 @@ mod tests {
     fn a_process_of_this_namespace_has_its_cookie() -> std::io::Result<()> {
         let here = cookie_here()?;
         assert_ne!(here, 0);
-        assert_eq!(of_process(std::process::id())?, here);
+        assert_eq!(of_process(std::process::id())?.cookie, here);
         Ok(())
     }
 }

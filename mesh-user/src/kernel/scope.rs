@@ -2,9 +2,10 @@
 //! node's meshed pods (see `compile::scope` for which pods, `pod_cgroups` for
 //! where their cgroups are, `netns` for a cgroup's namespace). A pod whose
 //! cgroup or process is not there yet (the kubelet has not made its sandbox)
-//! waits and is looked for again on every tick. A pod's namespace is looked up
-//! once: a sandbox recreated under the same pod (rare) is seen only when the
-//! pod leaves and comes back.
+//! waits and is looked for again on every tick. A found pod's namespace is
+//! checked on every tick by its nsfs inode (a stat): a sandbox recreated under
+//! the same pod (its pause container died; a new network namespace, often a
+//! new address) is looked up again, and the old cookie removed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -55,7 +56,7 @@ impl std::fmt::Debug for PodScope {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Found {
     cgroup: PathBuf,
-    netns: u64,
+    netns: netns::Netns,
 }
 
 /// A write to `MESHED_PODS_V1` that failed (tried again on the next change or tick).
@@ -100,12 +101,32 @@ impl PodScope {
         self.sync()
     }
 
-    /// Looks again for the cgroups of waiting pods.
+    /// Looks again for the cgroups of waiting pods, and again for the
+    /// namespace of pods whose namespace changed.
     pub fn retry(&mut self) -> Vec<ScopeError> {
-        if self.waiting() == 0 && !self.failed {
+        let changed = self.forget_replaced();
+        if self.waiting() == 0 && !self.failed && !changed {
             return Vec::new();
         }
         self.sync()
+    }
+
+    /// Found pods whose cgroup's processes are in another network namespace
+    /// now, or in none: looked for again. Whether any was.
+    fn forget_replaced(&mut self) -> bool {
+        let mut changed = false;
+        for (uid, (name, found)) in &mut self.pods {
+            let Some(f) = found else { continue };
+            if netns::ino_of_cgroup(&f.cgroup) != Some(f.netns.ino) {
+                info!(
+                    pod = %name, %uid, old_netns = f.netns.cookie,
+                    "pod's network namespace replaced (sandbox recreated): looking it up again"
+                );
+                *found = None;
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Meshed pods whose cgroup was not found yet.
@@ -150,7 +171,7 @@ impl PodScope {
                     }
                 };
                 if let Some((name, found)) = self.pods.get_mut(&uid) {
-                    info!(pod = %name, %uid, cgroup = %cgroup.path.display(), netns, "pod meshed");
+                    info!(pod = %name, %uid, cgroup = %cgroup.path.display(), netns = netns.cookie, "pod meshed");
                     *found = Some(Found {
                         cgroup: cgroup.path,
                         netns,
@@ -161,7 +182,7 @@ impl PodScope {
         let desired: BTreeSet<u64> = self
             .pods
             .values()
-            .filter_map(|(_, f)| f.as_ref().map(|f| f.netns))
+            .filter_map(|(_, f)| f.as_ref().map(|f| f.netns.cookie))
             .collect();
         let failed = sync_set(&mut *self.map, &mut self.written, &desired, |id| id);
         for (id, e) in &failed {
@@ -208,7 +229,45 @@ mod tests {
             assert!(scope.set(BTreeMap::from([pod("a"), pod("b")])).is_empty());
             // b has a cgroup but no process yet: it waits.
             assert_eq!((scope.meshed(), scope.waiting()), (1, 1));
-            let here = netns::of_process(std::process::id())?;
+            let here = netns::of_process(std::process::id())?.cookie;
+            assert_eq!(map.keys(), [here]);
+            // Its sandbox recreated: the process replaced by one in a new
+            // network namespace. The next tick finds the new namespace.
+            sleeper.kill()?;
+            sleeper.wait()?;
+            let mut sandbox = std::process::Command::new("unshare")
+                .args(["--net", "sleep", "30"])
+                .spawn()?;
+            std::fs::write(
+                root.join("besteffort/poda/cgroup.procs"),
+                sandbox.id().to_string(),
+            )?;
+            // unshare(1) execs sleep once the namespace is made: wait for it.
+            let new = (0..100)
+                .find_map(|_| {
+                    let ns = netns::of_process(sandbox.id()).ok()?.cookie;
+                    if ns == here {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        return None;
+                    }
+                    Some(ns)
+                })
+                .expect("unshare --net made no namespace");
+            assert!(scope.retry().is_empty());
+            assert_eq!(map.keys(), [new], "the new namespace replaces the old");
+            assert_eq!((scope.meshed(), scope.waiting()), (1, 1));
+            sandbox.kill()?;
+            sandbox.wait()?;
+            // No process left (the sandbox gone, not yet recreated): waiting.
+            assert!(scope.retry().is_empty());
+            assert!(map.keys().is_empty(), "a gone namespace is not kept");
+            assert_eq!((scope.meshed(), scope.waiting()), (0, 2));
+            let mut sleeper = std::process::Command::new("sleep").arg("30").spawn()?;
+            std::fs::write(
+                root.join("besteffort/poda/cgroup.procs"),
+                sleeper.id().to_string(),
+            )?;
+            assert!(scope.retry().is_empty());
             assert_eq!(map.keys(), [here]);
             // a leaves (deleted, or its namespace unlabelled).
             assert!(scope.set(BTreeMap::from([pod("b")])).is_empty());
