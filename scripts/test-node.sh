@@ -573,7 +573,7 @@ iptables_chains() {
 kube_iptables_rules() {
     local t
     for t in filter nat mangle; do
-        iptables -w 5 -t "$t" -S 2>/dev/null | grep -F -- KUBE- | sed "s/^/$t /"
+        iptables -w 5 -t "$t" -S 2>/dev/null | grep -F -- KUBE- | sed "s/^/$t /" || true
     done
 }
 
@@ -942,9 +942,10 @@ EOF
 
     # --- kube-proxy (opt-in) ------------------------------------------------------
     if [[ "$KUBE_PROXY_MODE" == iptables ]]; then
-        local t_kp=$SECONDS
+        local t_kp
+        t_kp="$(date +%s%N)"
         start_kube_proxy "$dir" "$cache" "$gw" || die "kube-proxy did not start"
-        log "kube-proxy (iptables) serving Services after $((SECONDS - t_kp))s"
+        log "kube-proxy (iptables) serving Services $((($(date +%s%N) - t_kp) / 1000000)) ms after its start"
     fi
 
     cat >"$dir/info" <<EOF
@@ -1051,7 +1052,7 @@ cleanup_kube_proxy() {
     bin="$(cat "$d/run/kube-proxy-started")"
     if [[ -x "$bin" ]]; then
         log "kube-proxy --cleanup (log $d/logs/kube-proxy-cleanup.log)"
-        # It exits 255 whenever a step failed; without the `ipset` command
+        # It exits non-zero (1) whenever a step failed; without the `ipset` command
         # (not installed here) every `ipset destroy KUBE-...` of the IPVS
         # step fails, which is fine: only the IPVS mode makes ipsets.
         local rc=0
@@ -1069,7 +1070,7 @@ cleanup_kube_proxy() {
     fi
     if [[ -f "$d/run/iptables-kube-rules" ]]; then
         x="$(kube_iptables_rules | grep -vxF -f "$d/run/iptables-kube-rules" || true)"
-        [[ -z "$x" ]] || log "KUBE- rules/chains left after kube-proxy --cleanup (its canary chains, the kubelet's), removed below: $(awk '$2 == "-N" { printf "%s %s; ", $1, $3 }' <<<"$x")"
+        [[ -z "$x" ]] || log "KUBE- chains kube-proxy --cleanup does not remove (its canaries, KUBE-MARK-*), removed below: $(awk '$2 == "-N" { printf "%s %s; ", $1, $3 }' <<<"$x")"
     fi
     rm -f "$d/run/kube-proxy-started"
 }
