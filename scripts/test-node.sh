@@ -34,6 +34,8 @@
 #   MESH_TEST_NODE_BRIDGE     CNI bridge name (default meshnode0)
 #   MESH_TEST_NODE_NAME       node name (default mesh-node)
 #   MESH_TEST_NODE_TIMEOUT    seconds to wait for each component (default 120)
+#   MESH_TEST_NODE_KUBE_PROXY `iptables`: also run kube-proxy (iptables mode) on the node;
+#                             unset, empty or `none` (default): no kube-proxy
 #   DOCKER                    docker client (default /usr/bin/docker from docker.io)
 #
 # See docs/node.md.
@@ -53,12 +55,14 @@ NODE_NAME="${MESH_TEST_NODE_NAME:-mesh-node}"
 START_TIMEOUT="${MESH_TEST_NODE_TIMEOUT:-120}"
 DOCKER="${DOCKER:-/usr/bin/docker}"
 LOCK_FILE=/run/mesh-test-node.owner
-NODE_BINS=(kubelet kube-scheduler)
+NODE_BINS=(kubelet kube-scheduler kube-proxy)
+KUBE_PROXY_MODE="${MESH_TEST_NODE_KUBE_PROXY:-none}"
 NODE_PKGS=(docker.io containernetworking-plugins jq gcc libc6-dev iproute2 iptables curl)
 CNI_BIN_DIR=/usr/lib/cni
 # Sysctls the kubelet sets on the host (container_manager_linux.go,
 # setupKernelTunables): saved at start, restored at stop. (net.ipv4.ip_forward
-# is not ours: the node never changes it, other tests on the machine do.)
+# is not ours: the node never changes it, other tests on the machine do; the
+# one exception is kube-proxy's, see start_kube_proxy.)
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
     kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 # Host paths the kubelet or containerd create whatever their flags say; removed
@@ -66,6 +70,14 @@ SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
 # Mounts made shared while the node runs (see save_host_state), as systemd
 # would have them: the agent's DaemonSet mounts them with HostToContainer.
 SHARED_MOUNTS=(/sys/fs/cgroup /sys/fs/bpf)
+# Host settings kube-proxy (iptables mode, flags of start_kube_proxy) may
+# change: route_localnet it sets to 1 (Kubernetes 1.20 always does, for
+# NodePorts on 127.0.0.1); the conntrack ones its flags tell it to leave alone,
+# saved anyway so that stop restores them should a flag ever be lost.
+# bridge-nf-call-iptables it only reads. Saved with SYSCTLS when it runs.
+KUBE_PROXY_SYSCTLS=(net.ipv4.conf.all.route_localnet net.netfilter.nf_conntrack_max
+    net.netfilter.nf_conntrack_tcp_timeout_established net.netfilter.nf_conntrack_tcp_timeout_close_wait
+    net.bridge.bridge-nf-call-iptables)
 HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /run/containerd /var/lib/dockershim /run/docker)
 
 usage() {
@@ -511,7 +523,9 @@ check_pod_cidr() {
 save_host_state() {
     local d="$1" s p
     : >"$d/run/sysctls"
-    for s in "${SYSCTLS[@]}"; do
+    local sysctls=("${SYSCTLS[@]}")
+    [[ "$KUBE_PROXY_MODE" == none ]] || sysctls+=("${KUBE_PROXY_SYSCTLS[@]}")
+    for s in "${sysctls[@]}"; do
         printf '%s=%s\n' "$s" "$(sysctl -n "$s" 2>/dev/null || echo '?')" >>"$d/run/sysctls"
     done
     : >"$d/run/host-paths-absent"
@@ -519,6 +533,18 @@ save_host_state() {
         [[ -e "$p" ]] || echo "$p" >>"$d/run/host-paths-absent"
     done
     iptables_chains >"$d/run/iptables-chains" 2>/dev/null || true
+    # Every KUBE- rule and chain already there (none on a machine without
+    # Kubernetes): anything KUBE- beyond these at stop is kube-proxy's leftover.
+    kube_iptables_rules >"$d/run/iptables-kube-rules" 2>/dev/null || true
+    # With the nf_tables backend, a table appears in nft on first use (kube-proxy
+    # makes KUBE-PROXY-CANARY in mangle): the tables absent now, deleted at
+    # stop if empty again.
+    : >"$d/run/nft-tables-absent"
+    if iptables -V 2>/dev/null | grep -q nf_tables && command -v nft >/dev/null; then
+        for p in filter nat mangle raw; do
+            nft list table ip "$p" >/dev/null 2>&1 || echo "$p" >>"$d/run/nft-tables-absent"
+        done
+    fi
     # Mount propagation, as on a real node. The agent's DaemonSet mounts the
     # host's /sys/fs/cgroup and /sys/fs/bpf with mountPropagation
     # HostToContainer (rslave), which docker refuses unless the source mount is
@@ -543,6 +569,14 @@ iptables_chains() {
     done
 }
 
+# KUBE- chains and rules (iptables -S lines) of the filter, nat and mangle tables.
+kube_iptables_rules() {
+    local t
+    for t in filter nat mangle; do
+        iptables -w 5 -t "$t" -S 2>/dev/null | grep -F -- KUBE- | sed "s/^/$t /" || true
+    done
+}
+
 restore_host_state() {
     local d="$1" line k v cur p
     if [[ -f "$d/run/sysctls" ]]; then
@@ -555,6 +589,15 @@ restore_host_state() {
                 sysctl -q -w "$k=$v" >/dev/null 2>&1 || log "warning: could not restore $k"
             fi
         done <"$d/run/sysctls"
+    fi
+    # net.ipv4.ip_forward: set to 1 by start only for kube-proxy, and only when
+    # it was 0 (see start_kube_proxy); back to 0 then, else left alone.
+    if [[ -f "$d/run/ip-forward-set" ]]; then
+        if [[ "$(sysctl -n net.ipv4.ip_forward 2>/dev/null)" != 0 ]]; then
+            log "restoring sysctl net.ipv4.ip_forward=0 (set to 1 for kube-proxy)"
+            sysctl -q -w net.ipv4.ip_forward=0 >/dev/null 2>&1 || log "warning: could not restore net.ipv4.ip_forward"
+        fi
+        rm -f "$d/run/ip-forward-set"
     fi
     # iptables chains created since start (the kubelet's util chains are
     # disabled by flag; this catches anything else): unlink, flush, delete.
@@ -576,6 +619,18 @@ restore_host_state() {
             grep -qx "$t $c" "$d/run/iptables-chains" && continue
             iptables -w 5 -t "$t" -X "$c" 2>/dev/null || true
         done < <(iptables_chains)
+    fi
+    if [[ -s "$d/run/nft-tables-absent" ]]; then
+        local rules
+        while IFS= read -r p; do
+            [[ -n "$p" ]] || continue
+            nft list table ip "$p" >/dev/null 2>&1 || continue
+            rules="$(iptables -w 5 -t "$p" -S 2>/dev/null | grep -v '^-P [A-Z]* ACCEPT$' || true)"
+            if [[ -z "$rules" ]]; then
+                log "removing nft table ip $p (empty; created while the node ran)"
+                nft delete table ip "$p" 2>/dev/null || log "warning: could not delete nft table ip $p"
+            fi
+        done <"$d/run/nft-tables-absent"
     fi
     if [[ -f "$d/run/made-shared" ]]; then
         while IFS= read -r p; do
@@ -611,7 +666,7 @@ node_pids() {
         [[ "$p" == "$$" || "$p" == "$BASHPID" ]] && continue
         exe="$(readlink "/proc/$p/exe" 2>/dev/null || true)"
         case "$(basename "$exe")" in
-            dockerd | containerd | containerd-shim* | runc | kubelet | kube-scheduler | docker-proxy | docker-init) ;;
+            dockerd | containerd | containerd-shim* | runc | kubelet | kube-scheduler | kube-proxy | docker-proxy | docker-init) ;;
             *) continue ;;
         esac
         tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$d/" && echo "$p"
@@ -675,7 +730,7 @@ on_start_exit() {
     [[ -n "$START_DIR" ]] || return 0
     local f
     log "start failed (rc=$rc); cleaning up"
-    for f in dockerd kube-scheduler kubelet; do
+    for f in dockerd kube-scheduler kubelet kube-proxy; do
         if [[ -s "$START_DIR/logs/$f.log" ]]; then
             log "---- last lines of $START_DIR/logs/$f.log ----"
             tail -n 15 "$START_DIR/logs/$f.log" >&2 || true
@@ -689,6 +744,10 @@ cmd_start() {
     [[ $(id -u) -eq 0 ]] || die "start must run as root"
     local dir ext_kubeconfig="${2:-}"
     dir="$(abs_dir "$1")"
+    case "$KUBE_PROXY_MODE" in
+        none | iptables) ;;
+        *) die "MESH_TEST_NODE_KUBE_PROXY must be iptables, none or empty (got '$KUBE_PROXY_MODE')" ;;
+    esac
     local cache
     cache="$(find_node_dir)" || die "no complete cache in $KUBE_CACHE_ROOT; run '$PROG build' first"
     local p
@@ -701,7 +760,9 @@ cmd_start() {
 
     # Already running as asked: idempotent.
     if pid_alive "$dir/run/kubelet.pid" kubelet && pid_alive "$dir/run/dockerd.pid" dockerd &&
-        pid_alive "$dir/run/kube-scheduler.pid" kube-scheduler && [[ -f "$dir/kubeconfig" ]]; then
+        pid_alive "$dir/run/kube-scheduler.pid" kube-scheduler && [[ -f "$dir/kubeconfig" ]] &&
+        grep -qx "kube_proxy=$KUBE_PROXY_MODE" "$dir/info" 2>/dev/null &&
+        { [[ "$KUBE_PROXY_MODE" == none ]] || pid_alive "$dir/run/kube-proxy.pid" kube-proxy; }; then
         KUBECONFIG_PATH="$dir/kubeconfig"
         if node_ready; then
             log "node $NODE_NAME already running from $dir"
@@ -879,6 +940,14 @@ EOF
     wait_for "$START_TIMEOUT" "node $NODE_NAME Ready and untainted" "$dir/run/kubelet.pid" kubelet node_ready ||
         die "node $NODE_NAME not Ready and untainted: $(node_state)"
 
+    # --- kube-proxy (opt-in) ------------------------------------------------------
+    if [[ "$KUBE_PROXY_MODE" == iptables ]]; then
+        local t_kp
+        t_kp="$(date +%s%N)"
+        start_kube_proxy "$dir" "$cache" "$gw" || die "kube-proxy did not start"
+        log "kube-proxy (iptables) serving Services $((($(date +%s%N) - t_kp) / 1000000)) ms after its start"
+    fi
+
     cat >"$dir/info" <<EOF
 kubeconfig=$KUBECONFIG_PATH
 docker_host=unix://$dir/docker.sock
@@ -890,6 +959,7 @@ pause_image=$pause_tag
 flaskapp_image=$flask_tag
 redis_image=$redis_tag
 cache=$cache
+kube_proxy=$KUBE_PROXY_MODE
 EOF
     printf 'export KUBECONFIG=%q\nexport DOCKER_HOST=%q\n' "$KUBECONFIG_PATH" "unix://$dir/docker.sock" >"$dir/env"
     trap - EXIT INT TERM HUP
@@ -899,10 +969,119 @@ EOF
     printf '%s\n' "$KUBECONFIG_PATH"
 }
 
+# kube-proxy in iptables mode (MESH_TEST_NODE_KUBE_PROXY=iptables), a host
+# process like the kubelet, with the admin kubeconfig. Flags:
+#   --masquerade-all: every packet to a ClusterIP is SNATed (to the bridge
+#     address, 10.253.0.1). Needed for a pod reaching a Service whose backend is
+#     another pod on the same bridge: the DNATed packet is routed back onto the
+#     bridge, and the backend's reply goes straight to the client over the
+#     bridge, never through the host's conntrack to be un-DNATed (the client
+#     would get a reply from the pod's address, not the ClusterIP, and reset
+#     it), unless the bridge hands bridged frames to iptables
+#     (br_netfilter, net.bridge.bridge-nf-call-iptables=1). That is a host-wide
+#     switch for every bridge on the machine (docker's too) and a module we
+#     could not unload; masquerading changes nothing outside the node's own
+#     rules. The price: backends see the bridge address, not the client pod's,
+#     as the source of Service traffic that went through kube-proxy (a meshed
+#     pod's traffic does not: the agent connects it to the backend directly).
+#   --cluster-cidr: the pod range (what kube-proxy calls local traffic).
+#   --bind-address / --nodeport-addresses: the node's address (the bridge's);
+#     NodePorts answer on it only, never on the machine's other addresses.
+#   --healthz/--metrics-bind-address: 127.0.0.1 on free ports.
+#   --conntrack-max-per-core 0, --conntrack-tcp-timeout-established 0,
+#   --conntrack-tcp-timeout-close-wait 0: leave the host's conntrack sysctls
+#     alone (by default it raises nf_conntrack_max and sets both timeouts).
+#   --oom-score-adj 0: the default -999 is denied on this VM (it only logs).
+# What it changes on the host anyway: net.ipv4.conf.all.route_localnet=1
+# (saved and restored with the other sysctls), its KUBE-* chains and jumps in
+# filter/nat/mangle (removed at stop by `kube-proxy --cleanup`, then by our
+# own removal of any chain that appeared), and conntrack entries. It also puts
+# its KUBE-FORWARD jump first in FORWARD, ahead of MESH-TEST-NODE-FWD, where
+# it would ACCEPT service traffic DNATed to an address beyond the bridge: our
+# chain is moved back to first place once kube-proxy's rules are in (it only
+# checks that its jump exists, so it does not move it again).
+# net.ipv4.ip_forward must be 1 for pod -> ClusterIP -> pod (the host routes
+# the DNATed packet back onto the bridge): set if 0, and put back to 0 at stop.
+start_kube_proxy() {
+    local dir="$1" cache="$2" gw="$3" hz_port metrics_port
+    hz_port="$(free_port)"; USED_PORTS+=("$hz_port")
+    metrics_port="$(free_port)"; USED_PORTS+=("$metrics_port")
+    if [[ "$(sysctl -n net.ipv4.ip_forward)" == 0 ]]; then
+        touch "$dir/run/ip-forward-set"
+        log "setting net.ipv4.ip_forward=1 for kube-proxy (0 again at stop)"
+        sysctl -q -w net.ipv4.ip_forward=1 >/dev/null || return 1
+    fi
+    # Marks that stop must run `kube-proxy --cleanup` (names the binary).
+    printf '%s\n' "$cache/kube-proxy" >"$dir/run/kube-proxy-started"
+    start_bg kube-proxy "$dir/run/kube-proxy.pid" "$dir/logs/kube-proxy.log" \
+        "$cache/kube-proxy" \
+        --kubeconfig "$KUBECONFIG_PATH" \
+        --proxy-mode iptables \
+        --hostname-override "$NODE_NAME" \
+        --cluster-cidr "$POD_CIDR" \
+        --masquerade-all \
+        --bind-address "$gw" \
+        --nodeport-addresses "$gw/32" \
+        --healthz-bind-address "127.0.0.1:$hz_port" \
+        --metrics-bind-address "127.0.0.1:$metrics_port" \
+        --conntrack-max-per-core 0 \
+        --conntrack-tcp-timeout-established 0 \
+        --conntrack-tcp-timeout-close-wait 0 \
+        --oom-score-adj 0
+    wait_for "$START_TIMEOUT" "kube-proxy healthz" "$dir/run/kube-proxy.pid" kube-proxy \
+        curl -sf --max-time 2 "http://127.0.0.1:$hz_port/healthz" || return 1
+    wait_for "$START_TIMEOUT" "kube-proxy rules for default/kubernetes" "$dir/run/kube-proxy.pid" kube-proxy \
+        kube_proxy_rules_ready || return 1
+    iptables -w 5 -D FORWARD -j MESH-TEST-NODE-FWD 2>/dev/null || true
+    iptables -w 5 -I FORWARD 1 -j MESH-TEST-NODE-FWD
+    [[ "$(iptables -w 5 -S FORWARD | sed -n 2p)" == "-A FORWARD -j MESH-TEST-NODE-FWD" ]] ||
+        { log "MESH-TEST-NODE-FWD is not the first rule of FORWARD: $(iptables -w 5 -S FORWARD | tr '\n' ';')"; return 1; }
+}
+
+kube_proxy_rules_ready() {
+    iptables -w 5 -t nat -S KUBE-SERVICES 2>/dev/null | grep -qF 'default/kubernetes'
+}
+
+# After kube-proxy stopped: `kube-proxy --cleanup` removes its iptables chains
+# and rules (and, where IPVS is usable, flushes IPVS and its ipsets: there is
+# no IPVS on this VM), then says what it left (restore_host_state removes any
+# chain that appeared since start, verify_clean reports what is still there).
+cleanup_kube_proxy() {
+    local d="$1" bin x
+    [[ -f "$d/run/kube-proxy-started" ]] || return 0
+    bin="$(cat "$d/run/kube-proxy-started")"
+    if [[ -x "$bin" ]]; then
+        log "kube-proxy --cleanup (log $d/logs/kube-proxy-cleanup.log)"
+        # It exits non-zero (1) whenever a step failed; without the `ipset` command
+        # (not installed here) every `ipset destroy KUBE-...` of the IPVS
+        # step fails, which is fine: only the IPVS mode makes ipsets.
+        local rc=0
+        timeout 60 "$bin" --cleanup >"$d/logs/kube-proxy-cleanup.log" 2>&1 || rc=$?
+        if [[ $rc -ne 0 ]]; then
+            x="$(grep '^E' "$d/logs/kube-proxy-cleanup.log" | grep -v 'ipset.*executable file not found' || true)"
+            if [[ -z "$x" ]] && ! command -v ipset >/dev/null; then
+                log "kube-proxy --cleanup exited $rc: only its ipset steps failed (no ipset command; iptables mode makes no ipsets)"
+            else
+                log "warning: kube-proxy --cleanup exited $rc: $(head -n 3 <<<"$x")"
+            fi
+        fi
+    else
+        log "warning: $bin missing; cannot run kube-proxy --cleanup"
+    fi
+    if [[ -f "$d/run/iptables-kube-rules" ]]; then
+        x="$(kube_iptables_rules | grep -vxF -f "$d/run/iptables-kube-rules" || true)"
+        [[ -z "$x" ]] || log "KUBE- chains kube-proxy --cleanup does not remove (its canaries, KUBE-MARK-*), removed below: $(awk '$2 == "-N" { printf "%s %s; ", $1, $3 }' <<<"$x")"
+    fi
+    rm -f "$d/run/kube-proxy-started"
+}
+
 # Stop everything of DIR and undo what it did to the host. Tolerates any
 # partial state; safe to repeat.
 cleanup_node() {
     local d="$1" p
+    # kube-proxy first, so it rewrites no rule while they are removed.
+    stop_one kube-proxy "$d/run/kube-proxy.pid"
+    cleanup_kube_proxy "$d"
     # kubelet first, so it restarts nothing.
     stop_one kubelet "$d/run/kubelet.pid" 15
     stop_one kube-scheduler "$d/run/kube-scheduler.pid"
@@ -969,7 +1148,7 @@ verify_clean() {
     local d="$1" left=0 x
     x="$(node_pids "$d")"
     [[ -z "$x" ]] || { log "LEFT: processes ${x//$'\n'/ }"; left=1; }
-    for f in kubelet.pid kube-scheduler.pid dockerd.pid; do
+    for f in kubelet.pid kube-scheduler.pid kube-proxy.pid dockerd.pid; do
         [[ ! -f "$d/run/$f" ]] || { log "LEFT: $d/run/$f"; left=1; }
     done
     x="$(awk -v d="$d" '{ if ($5 == d || index($5, d "/") == 1) print $5 }' /proc/self/mountinfo)"
@@ -984,8 +1163,19 @@ verify_clean() {
         x="$(iptables_chains | grep -vxF -f "$d/run/iptables-chains" || true)"
         [[ -z "$x" ]] || { log "LEFT: iptables chains ${x//$'\n'/ }"; left=1; }
     fi
+    if [[ -s "$d/run/nft-tables-absent" ]]; then
+        while IFS= read -r x; do
+            [[ -n "$x" ]] || continue
+            ! nft list table ip "$x" >/dev/null 2>&1 || { log "LEFT: nft table ip $x"; left=1; }
+        done <"$d/run/nft-tables-absent"
+    fi
+    # kube-proxy's: any KUBE- chain or rule in filter/nat/mangle not there at start.
+    if [[ -f "$d/run/iptables-kube-rules" ]]; then
+        x="$(kube_iptables_rules | grep -vxF -f "$d/run/iptables-kube-rules" || true)"
+        [[ -z "$x" ]] || { log "LEFT: KUBE- iptables rules: ${x//$'\n'/; }"; left=1; }
+    fi
     if [[ $left -eq 0 ]]; then
-        log "clean: no processes, mounts, links, routes, cgroups or iptables chains of $d left"
+        log "clean: no processes, mounts, links, routes, cgroups, iptables chains or KUBE- rules of $d left"
     fi
     return $left
 }
