@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_tools::{
-    node::{MeshDeployed, Node, http_get, poll},
+    node::{KubeProxy, MeshDeployed, Node, http_get, poll},
     seed::{self, Answers},
 };
 use serde_json::Value;
@@ -150,7 +150,9 @@ fn in_the_kernel(
     .with_context(|| format!("the agent's record: {:?}", destinations()))
 }
 
-/// `n` requests from the client pod of `default`, none failed.
+/// `n` requests from the client pod of `default`, none failed, every one
+/// meshed: the pods saw the client's own address (kube-proxy, where it runs,
+/// shows them the node's).
 fn answered(node: &Node, addr: &str, n: u32, what: &str) -> anyhow::Result<Answers> {
     let answers = seed::from_client(node, "default", addr, n)?;
     eprintln!(
@@ -163,7 +165,29 @@ fn answered(node: &Node, addr: &str, n: u32, what: &str) -> anyhow::Result<Answe
         "{what}: failed connections: {:?}",
         answers.failed
     );
+    let client = pod_ip(node, "default", "client")?;
+    assert_eq!(
+        answers.clients,
+        BTreeSet::from([client]),
+        "{what}: not every connection was meshed"
+    );
     Ok(answers)
+}
+
+/// The address of pod `ns/name`.
+fn pod_ip(node: &Node, ns: &str, name: &str) -> anyhow::Result<IpAddr> {
+    let ip = node.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        ns,
+        name,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])?;
+    ip.trim()
+        .parse()
+        .with_context(|| format!("pod {ns}/{name} has no address: {ip:?}"))
 }
 
 /// All `n` requests answered, and `pods` answered `expected` of them
@@ -282,7 +306,7 @@ fn agent_logs(node: &Node) -> String {
 /// `kubectl patch` of the VirtualService.
 #[test]
 fn the_shipped_daemonset_meshes_real_pods_80_20_then_50_50() -> anyhow::Result<()> {
-    let (node, (mesh, progs)) = on_a_node(mesh_on_the_node)?;
+    let (node, (mesh, progs)) = on_a_node(KubeProxy::Iptables, mesh_on_the_node)?;
     // Uninstalled as a user does: the DaemonSet deleted, then
     // manifests/uninstall (`mesh-agent cleanup` on the node, in the agent's
     // image) until its pod is Ready, then deleted. Nothing of the agent's is
@@ -306,11 +330,12 @@ fn the_shipped_daemonset_meshes_real_pods_80_20_then_50_50() -> anyhow::Result<(
 /// Runs `body` on a node of its own, with the agent's binary to deploy; when
 /// it fails, prints the agent's logs and the node's state first.
 fn on_a_node<T>(
+    kube_proxy: KubeProxy,
     body: impl FnOnce(&Node, &std::path::Path) -> anyhow::Result<T>,
 ) -> anyhow::Result<(Node, T)> {
     mesh_tools::require_root();
     let agent_binary = mesh_tools::agent::sibling_binary("mesh-agent")?;
-    let node = Node::start()?;
+    let node = Node::start_with(kube_proxy)?;
     let result = body(&node, &agent_binary);
     if result.is_err() {
         eprintln!("---- agent logs ----\n{}", agent_logs(&node));
@@ -390,23 +415,36 @@ fn mesh_on_the_node(
         seed::wait_ready(node, ns, "app=client", 1)?;
     }
     let addr = format!("{}:5000", seed::cluster_ip(node, "default", "flaskapp")?);
+    let client = pod_ip(node, "default", "client")?;
+    let bridge: IpAddr = node.info("gateway")?.parse()?;
 
-    // Nothing but the mesh answers the ClusterIP here, and the host's own
-    // processes are not meshed (--mesh-scope pods).
+    // kube-proxy runs beside the mesh, as in a real cluster: the host's own
+    // processes are not meshed (--mesh-scope pods), so kube-proxy answers
+    // them (the pod sees the node's address: --masquerade-all).
+    // (Polled: kube-proxy syncs its rules at most once a second.)
+    let body = poll(
+        Duration::from_secs(30),
+        "kube-proxy to answer the host",
+        || Ok(http_get(addr.parse()?, Duration::from_secs(5)).ok()),
+    )?;
     assert!(
-        http_get(addr.parse()?, Duration::from_secs(2)).is_err(),
-        "{addr} answered the host: is a kube-proxy running?"
+        body.contains(&format!("client={bridge}:")),
+        "the host's request to {addr} was not kube-proxy's: {body}"
     );
 
-    // The client pod meshed (found under the pods' cgroup) and the weights in
-    // the kernel: both v1 and v2 answer.
+    // The client pod meshed (found under the pods' cgroup): the mesh connects
+    // it to the pods directly, so they see its own address; and the weights
+    // are in the kernel: both v1 and v2 answer.
     let t1 = Instant::now();
     poll(
         Duration::from_secs(60),
-        "the client pod's connections to reach v1 and v2",
+        "the client pod's connections meshed, reaching v1 and v2",
         || {
             let answers = seed::from_client(node, "default", &addr, 40)?;
-            Ok((answers.share(&v1).0 > 0 && answers.share(&v2).0 > 0).then_some(()))
+            Ok((answers.clients == BTreeSet::from([client])
+                && answers.share(&v1).0 > 0
+                && answers.share(&v2).0 > 0)
+                .then_some(()))
         },
     )?;
     eprintln!("client meshed {:?} after the pods were ready", t1.elapsed());
@@ -481,14 +519,15 @@ fn mesh_on_the_node(
     assert!(connects("default/flaskapp") >= u64::from(n), "{metrics}");
     assert!(connects("default/redis") >= u64::from(n), "{metrics}");
 
-    // A pod of a namespace without the label is not meshed: the ClusterIP
-    // does not answer it. Labelling the namespace meshes it, without a restart.
-    let plain = seed::from_client(node, "plain", &addr, 2)?;
+    // A pod of a namespace without the label is not meshed: kube-proxy
+    // connects it (the pods see the node's address). Labelling the namespace
+    // meshes it, without a restart: the pods see its own address.
+    let plain = seed::from_client(node, "plain", &addr, 4)?;
     assert!(
-        plain.by_pod.is_empty() && plain.failed.len() == 2,
-        "the unlabelled namespace's client reached {:?}",
-        plain.by_pod
+        plain.failed.is_empty() && plain.clients == BTreeSet::from([bridge]),
+        "the unlabelled namespace's client was meshed: {plain:?}"
     );
+    let plain_ip = pod_ip(node, "plain", "client")?;
     node.kubectl(&["label", "namespace", "plain", "istio-injection=enabled"])?;
     let t2 = Instant::now();
     poll(
@@ -496,12 +535,55 @@ fn mesh_on_the_node(
         "the newly labelled namespace's client meshed",
         || {
             let answers = seed::from_client(node, "plain", &addr, 1)?;
-            Ok((!answers.by_pod.is_empty()).then_some(()))
+            Ok((answers.clients == BTreeSet::from([plain_ip])).then_some(()))
         },
     )?;
     eprintln!(
         "namespace plain labelled: its client meshed within {:?}",
         t2.elapsed()
+    );
+
+    // The client pod's sandbox recreated (its pause container killed: the
+    // kubelet makes a new network namespace, and restarts the container in
+    // it): meshed again, without the pod changing.
+    let sandbox = |node: &Node| -> anyhow::Result<String> {
+        Ok(node
+            .docker(&[
+                "ps",
+                "-q",
+                "--filter",
+                "label=io.kubernetes.pod.namespace=default",
+                "--filter",
+                "label=io.kubernetes.pod.name=client",
+                "--filter",
+                "label=io.kubernetes.docker.type=podsandbox",
+            ])?
+            .trim()
+            .to_owned())
+    };
+    let old_sandbox = sandbox(node)?;
+    node.docker(&["kill", &old_sandbox])?;
+    let t = Instant::now();
+    poll(
+        Duration::from_secs(120),
+        "the client meshed in its new sandbox",
+        || {
+            let now = sandbox(node)?;
+            if now.is_empty() || now == old_sandbox {
+                return Ok(None);
+            }
+            let ip = pod_ip(node, "default", "client")?;
+            let answers = seed::from_client(node, "default", &addr, 4)?;
+            Ok(
+                (answers.failed.is_empty() && answers.clients == BTreeSet::from([ip]))
+                    .then_some(()),
+            )
+        },
+    )?;
+    eprintln!(
+        "client sandbox recreated: meshed again {:?} after the kill (address {})",
+        t.elapsed(),
+        pod_ip(node, "default", "client")?
     );
 
     // The live edit, as the seed's user makes it: `kubectl edit`.
@@ -603,7 +685,9 @@ fn mesh_on_the_node(
 /// Not one connection fails.
 #[test]
 fn rolling_restarts_under_a_connect_storm_fail_no_connection() -> anyhow::Result<()> {
-    on_a_node(restarts_under_storm).map(drop)
+    // No kube-proxy: a connect the mesh did not rewrite fails, so any
+    // failure of the mesh shows.
+    on_a_node(KubeProxy::None, restarts_under_storm).map(drop)
 }
 
 fn restarts_under_storm(node: &Node, agent_binary: &std::path::Path) -> anyhow::Result<()> {

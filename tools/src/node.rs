@@ -81,13 +81,19 @@ pub struct MeshDeployed {
 
 impl Node {
     /// Starts one and waits until it is Ready (the binaries and images must be
-    /// built: `scripts/test-node.sh build`). Stopped on drop.
+    /// built: `scripts/test-node.sh build`). Stopped on drop. No kube-proxy:
+    /// ClusterIPs answer meshed pods only.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(KubeProxy::None)
+    }
+
+    /// The same, with `kube_proxy`.
+    pub fn start_with(kube_proxy: KubeProxy) -> anyhow::Result<Self> {
         let one = one_node();
         stop_stale();
         // Short: dockerd's and containerd's unix sockets live under it.
         let dir = PathBuf::from("/tmp").join(crate::unique("mesh-node-"));
-        let kubeconfig = match run_start(&dir) {
+        let kubeconfig = match run_start(&dir, kube_proxy) {
             Ok(k) => k,
             Err(e) => {
                 // `start` cleans up after itself on failure; make sure, if it
@@ -112,9 +118,10 @@ impl Node {
     }
 
     /// The node of `dir`, started unless it already runs there (idempotent),
-    /// and left running when dropped: `mesh-cluster up`.
+    /// and left running when dropped: `mesh-cluster up`. With kube-proxy, as a
+    /// real cluster runs it beside a mesh.
     pub fn up(dir: &Path) -> anyhow::Result<Self> {
-        let kubeconfig = run_start(dir)?;
+        let kubeconfig = run_start(dir, KubeProxy::Iptables)?;
         let node = Self::attach(dir.to_owned(), kubeconfig, false, None)?;
         node.tag_seed_images()?;
         Ok(node)
@@ -338,20 +345,35 @@ impl Node {
                 &format!("crd/{crd}"),
             ])?;
         }
-        let server = self.kubectl(&[
-            "config",
-            "view",
-            "--minify",
-            "-o",
-            "jsonpath={.clusters[0].cluster.server}",
-        ])?;
-        let hostport = server
-            .trim()
-            .strip_prefix("https://")
-            .with_context(|| format!("API server {server:?}"))?;
-        let (host, port) = hostport
-            .rsplit_once(':')
-            .with_context(|| format!("API server {server:?}"))?;
+        // Without kube-proxy the `kubernetes` Service's ClusterIP answers
+        // nobody: the agent is given the API server's own address.
+        let api_server = if self.info.get("kube_proxy").is_some_and(|m| m != "none") {
+            String::new()
+        } else {
+            let server = self.kubectl(&[
+                "config",
+                "view",
+                "--minify",
+                "-o",
+                "jsonpath={.clusters[0].cluster.server}",
+            ])?;
+            let hostport = server
+                .trim()
+                .strip_prefix("https://")
+                .with_context(|| format!("API server {server:?}"))?;
+            let (host, port) = hostport
+                .rsplit_once(':')
+                .with_context(|| format!("API server {server:?}"))?;
+            format!(
+                r#"            # No kube-proxy on this node: the API server's own address,
+            # not the kubernetes Service's ClusterIP.
+            - name: KUBERNETES_SERVICE_HOST
+              value: "{host}"
+            - name: KUBERNETES_SERVICE_PORT
+              value: "{port}"
+"#
+            )
+        };
         let Mesh {
             overlay,
             uninstall,
@@ -375,13 +397,7 @@ spec:
       containers:
         - name: agent
           env:
-            # No kube-proxy on this node: the API server's own address, not
-            # the kubernetes Service's ClusterIP.
-            - name: KUBERNETES_SERVICE_HOST
-              value: "{host}"
-            - name: KUBERNETES_SERVICE_PORT
-              value: "{port}"
-            # This node's own, so that nothing else on the machine shares it.
+{api_server}            # This node's own, so that nothing else on the machine shares it.
             - name: MESH_PIN_DIR
               value: {pin_dir}
       volumes:
@@ -658,12 +674,26 @@ pub fn stop(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the node runs kube-proxy (`MESH_TEST_NODE_KUBE_PROXY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeProxy {
+    None,
+    /// iptables mode, `--masquerade-all`: a backend reached through it sees
+    /// the node's bridge address as the client (docs/node.md).
+    Iptables,
+}
+
 /// `test-node.sh start DIR`: the kubeconfig it prints once the node is Ready.
-fn run_start(dir: &Path) -> anyhow::Result<PathBuf> {
+fn run_start(dir: &Path, kube_proxy: KubeProxy) -> anyhow::Result<PathBuf> {
+    let mode = match kube_proxy {
+        KubeProxy::None => "none",
+        KubeProxy::Iptables => "iptables",
+    };
     let out = Command::new("bash")
         .arg(script())
         .arg("start")
         .arg(dir)
+        .env("MESH_TEST_NODE_KUBE_PROXY", mode)
         .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {

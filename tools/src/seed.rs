@@ -138,6 +138,10 @@ pub struct Answers {
     pub by_pod: BTreeMap<String, u32>,
     /// Answers per version (`version=` of the answer).
     pub by_version: BTreeMap<String, u32>,
+    /// The client addresses the pods saw (`client=<ip>:<port>`): the client
+    /// pod's own when the mesh connected it, the node's bridge address when
+    /// kube-proxy (`--masquerade-all`) did.
+    pub clients: std::collections::BTreeSet<IpAddr>,
     /// The last visit count redis gave (`visits=`), if any answer had one.
     pub last_visits: Option<String>,
     /// Failed requests, as `/client` reported them (`error ...`).
@@ -165,6 +169,11 @@ impl Answers {
                 *self.by_version.entry(version).or_insert(0) += 1;
                 if let Some(v) = field("visits=") {
                     self.last_visits = Some(v);
+                }
+                if let Some(addr) =
+                    field("client=").and_then(|c| c.parse::<std::net::SocketAddr>().ok())
+                {
+                    self.clients.insert(addr.ip());
                 }
             }
             None => self.failed.push(line.to_owned()),
