@@ -88,10 +88,14 @@ fn up(dir: &Path) -> anyhow::Result<(Node, MeshDeployed)> {
 }
 
 fn down(dir: &Path) -> anyhow::Result<()> {
-    if let Some(node) = Node::running(dir)? {
-        node.remove_deployed_mesh(&agent_binary()?)?;
-    }
+    // The node stops even when the uninstall failed (its fallback has cleaned
+    // the host then); the failure is still reported.
+    let uninstalled = match Node::running(dir)? {
+        Some(node) => node.remove_deployed_mesh(&agent_binary()?),
+        None => Ok(()),
+    };
     node::stop(dir)?;
+    uninstalled?;
     eprintln!("mesh-cluster: down; nothing of {} is left", dir.display());
     Ok(())
 }
