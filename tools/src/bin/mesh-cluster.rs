@@ -148,12 +148,19 @@ fn apply(node: &Node, file: &str) -> anyhow::Result<()> {
 fn watch_split(node: &Node, addr: &str, how_long: Duration) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut total = seed::Answers::default();
+    let mut shown = Duration::ZERO;
     while t0.elapsed() < how_long {
         let batch = seed::from_client(node, "default", addr, 50)?;
         for (version, n) in &batch.by_version {
             *total.by_version.entry(version.clone()).or_insert(0) += n;
         }
         total.failed.extend(batch.failed);
+        // About a line a second, and the last one.
+        let done = t0.elapsed() >= how_long;
+        if t0.elapsed() < shown + Duration::from_secs(1) && !done {
+            continue;
+        }
+        shown = t0.elapsed();
         let all: u32 = total.by_version.values().sum();
         let shares: Vec<String> = total
             .by_version
