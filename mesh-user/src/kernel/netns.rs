@@ -13,11 +13,48 @@ use std::{
 /// A network namespace as the agent knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Netns {
-    /// Its cookie: the key of `MESHED_PODS_V1`.
+    /// Its cookie: the key of `MESHED_PODS_V1` (never reused while the
+    /// system runs).
     pub cookie: u64,
-    /// Its inode in nsfs: cheap to read again (a stat, no setns), so a
-    /// namespace replaced under a pod (its sandbox recreated) is noticed.
-    pub ino: u64,
+    /// The process it was read from, which holds it: while that process
+    /// lives, the namespace is the same. (Cheaper to check than the cookie,
+    /// which takes a setns; and unlike the namespace's nsfs inode, a
+    /// process's pid and start time are not reused at once: a sandbox
+    /// recreated right after its namespace was freed may get the same inode.)
+    pub holder: Holder,
+}
+
+/// A process, told apart from a later one with the same pid by its start
+/// time (`/proc/<pid>/stat`, field 22, in clock ticks since boot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Holder {
+    fn of(pid: u32) -> std::io::Result<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The command name (field 2) is in parentheses and may hold spaces:
+        // count from the last ')'.
+        let start = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/stat: no start time")))?;
+        Ok(Self { pid, start })
+    }
+
+    /// Whether the process still runs (a zombie no longer holds namespaces).
+    pub fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
+        !zombie && Self::of(self.pid).is_ok_and(|now| now == *self)
+    }
 }
 
 /// The network namespace of the first process found in `cgroup` or below (at
@@ -33,17 +70,6 @@ pub fn of_cgroup(cgroup: &Path) -> std::io::Result<Option<Netns>> {
         }
     }
     last.map_or(Ok(None), Err)
-}
-
-/// The nsfs inode of the network namespace of the first process in `cgroup`
-/// or below, `None` when no process there can be read.
-pub fn ino_of_cgroup(cgroup: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    pids(cgroup, 3).into_iter().find_map(|pid| {
-        std::fs::metadata(format!("/proc/{pid}/ns/net"))
-            .ok()
-            .map(|m| m.ino())
-    })
 }
 
 fn pids(dir: &Path, depth: u32) -> Vec<u32> {
@@ -66,16 +92,17 @@ fn pids(dir: &Path, depth: u32) -> Vec<u32> {
 /// Process `pid`'s network namespace: a short-lived thread enters it (setns
 /// affects only the calling thread) and asks a socket for the cookie.
 pub fn of_process(pid: u32) -> std::io::Result<Netns> {
-    use std::os::unix::fs::MetadataExt as _;
+    let holder = Holder::of(pid)?;
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    let ino = ns.metadata()?.ino();
     let cookie = std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
         cookie_here()
     })
     .join()
     .map_err(|_| std::io::Error::other("the netns thread panicked"))??;
-    Ok(Netns { cookie, ino })
+    // The pid may have been reused between the two reads: then the holder
+    // is not that process, and the next check looks again.
+    Ok(Netns { cookie, holder })
 }
 
 /// The cookie of the calling thread's network namespace.

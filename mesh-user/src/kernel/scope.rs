@@ -3,15 +3,16 @@
 //! where their cgroups are, `netns` for a cgroup's namespace). A pod whose
 //! cgroup or process is not there yet (the kubelet has not made its sandbox)
 //! waits and is looked for again on every tick. A found pod's namespace is
-//! checked on every tick by its nsfs inode (a stat): a sandbox recreated under
-//! the same pod (its pause container died; a new network namespace, often a
-//! new address) is looked up again, and the old cookie removed.
+//! checked on every tick by the process it was read from (its pid and start
+//! time): when that process is gone (the sandbox recreated under the same pod:
+//! its pause container died; or a container restarted), the namespace is
+//! looked up again, and a cookie that changed is replaced in the map.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use aya::maps::MapError;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     maps::{KernelMap, sync_set},
@@ -111,16 +112,16 @@ impl PodScope {
         self.sync()
     }
 
-    /// Found pods whose cgroup's processes are in another network namespace
-    /// now, or in none: looked for again. Whether any was.
+    /// Found pods whose namespace's holder process is gone: looked for again
+    /// (`sync` logs the pod again, with its cookie). Whether any was.
     fn forget_replaced(&mut self) -> bool {
         let mut changed = false;
         for (uid, (name, found)) in &mut self.pods {
             let Some(f) = found else { continue };
-            if netns::ino_of_cgroup(&f.cgroup) != Some(f.netns.ino) {
-                info!(
-                    pod = %name, %uid, old_netns = f.netns.cookie,
-                    "pod's network namespace replaced (sandbox recreated): looking it up again"
+            if !f.netns.holder.alive() {
+                debug!(
+                    pod = %name, %uid, netns = f.netns.cookie, pid = f.netns.holder.pid,
+                    "the process holding a meshed pod's network namespace is gone: looking it up again"
                 );
                 *found = None;
                 changed = true;

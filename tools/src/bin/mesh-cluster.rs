@@ -73,10 +73,18 @@ fn up(dir: &Path) -> anyhow::Result<(Node, MeshDeployed)> {
     let t0 = Instant::now();
     let node = Node::up(dir)?;
     let mesh = node.deploy_mesh(&agent_binary()?)?;
-    let agent = poll(Duration::from_secs(120), "the agent pod Ready", || {
-        seed::ready_names(&node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)
-    })
+    // Until the DaemonSet's pod runs this image (an `up` after a rebuild
+    // rolls it).
+    node.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "mesh-system",
+        "daemonset/mesh-agent",
+        "--timeout=180s",
+    ])
     .with_context(|| node.diagnostics())?;
+    let agent = seed::wait_ready(&node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?;
     eprintln!(
         "mesh-cluster: up in {:.1?}: node Ready, agent {} Ready (image {}, pins in {})",
         t0.elapsed(),
