@@ -239,10 +239,15 @@ port_free() {
 
 # A free TCP port not in USED_PORTS (the caller adds it there: this runs in a
 # command substitution, a subshell).
+# A free TCP port below the kernel's ephemeral range (ip_local_port_range):
+# a port in that range can be taken by any process's outgoing connection
+# between this check and the server's bind (CI saw etcd fail so).
 free_port() {
-    local p i
+    local p i lo=10000 hi
+    hi="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+    ((hi > lo + 2000)) || { lo=20000; hi=50000; }
     for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 30000))
+        p=$((lo + RANDOM % (hi - lo)))
         [[ " ${USED_PORTS[*]-} " == *" $p "* ]] && continue
         if port_free "$p"; then
             printf '%s\n' "$p"

@@ -91,25 +91,35 @@ impl Node {
     pub fn start_with(kube_proxy: KubeProxy) -> anyhow::Result<Self> {
         let one = one_node();
         stop_stale();
-        // Short: dockerd's and containerd's unix sockets live under it.
-        let dir = PathBuf::from("/tmp").join(crate::unique("mesh-node-"));
-        let kubeconfig = match run_start(&dir, kube_proxy) {
-            Ok(k) => k,
-            Err(e) => {
-                // `start` cleans up after itself on failure; make sure, if it
-                // got as far as making DIR/run. (Not before: it refused to
-                // start, e.g. because another node runs, and `stop` would kill
-                // that node's pods: it kills whatever runs in the kubepods
-                // cgroups.)
-                if dir.join("run").exists() {
-                    let _ = Command::new("bash")
-                        .arg(script())
-                        .arg("stop")
-                        .arg(&dir)
-                        .status();
+        // A start can fail for a reason of the moment (a port taken between
+        // the script's check and a server's bind): tried once more.
+        const ATTEMPTS: usize = 2;
+        let mut attempt = 1;
+        let (dir, kubeconfig) = loop {
+            // Short: dockerd's and containerd's unix sockets live under it.
+            let dir = PathBuf::from("/tmp").join(crate::unique("mesh-node-"));
+            match run_start(&dir, kube_proxy) {
+                Ok(k) => break (dir, k),
+                Err(e) => {
+                    // `start` cleans up after itself on failure; make sure,
+                    // if it got as far as making DIR/run. (Not before: it
+                    // refused to start, e.g. because another node runs, and
+                    // `stop` would kill that node's pods: it kills whatever
+                    // runs in the kubepods cgroups.)
+                    if dir.join("run").exists() {
+                        let _ = Command::new("bash")
+                            .arg(script())
+                            .arg("stop")
+                            .arg(&dir)
+                            .status();
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                    if attempt == ATTEMPTS {
+                        return Err(e);
+                    }
+                    eprintln!("the test node did not start ({e:#}); trying again");
+                    attempt += 1;
                 }
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
             }
         };
         let node = Self::attach(dir, kubeconfig, true, Some(one))?;
