@@ -256,3 +256,23 @@ free_port() {
     done
     die "no free TCP port found"
 }
+
+# Starts a component in the background in its own session, its pid in PIDFILE
+# (both scripts' servers; pid_alive checks it by name).
+start_bg() {
+    local name="$1" pidfile="$2" logf="$3"
+    shift 3
+    # Remember the command, so one component can be restarted as it was.
+    printf '%s\0' "$@" >"$pidfile.cmd"
+    setsid "$@" </dev/null >>"$logf" 2>&1 &
+    local pid=$! i
+    echo "$pid" >"$pidfile"
+    # Until the child has exec'd "$1": before that its cmdline is this
+    # script's, and pid_alive would call it gone (seen under load in CI).
+    for ((i = 0; i < 100; i++)); do
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$1" && break
+        [[ -d "/proc/$pid" ]] || break
+        sleep 0.02
+    done
+    log "started $name (pid $pid, log $logf)"
+}

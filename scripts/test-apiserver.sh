@@ -172,15 +172,6 @@ pid_alive() {
 }
 
 # start_bg NAME PIDFILE LOG CMD...   (own session, survives this script)
-start_bg() {
-    local name="$1" pidfile="$2" logf="$3"
-    shift 3
-    # Remember the command, so one component can be restarted as it was.
-    printf '%s\0' "$@" >"$pidfile.cmd"
-    setsid "$@" </dev/null >>"$logf" 2>&1 &
-    echo $! >"$pidfile"
-    log "started $name (pid $!, log $logf)"
-}
 
 stop_one() {
     local name="$1" pidfile="$2" pid i

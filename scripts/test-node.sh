@@ -165,14 +165,6 @@ pid_alive() {
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"
 }
 
-start_bg() {
-    local name="$1" pidfile="$2" logf="$3"
-    shift 3
-    printf '%s\0' "$@" >"$pidfile.cmd"
-    setsid "$@" </dev/null >>"$logf" 2>&1 &
-    echo $! >"$pidfile"
-    log "started $name (pid $!, log $logf)"
-}
 
 stop_one() {
     local name="$1" pidfile="$2" secs="${3:-10}" pid i
