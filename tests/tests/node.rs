@@ -743,14 +743,7 @@ fn restarts_under_storm(node: &Node, agent_binary: &std::path::Path) -> anyhow::
         "mesh-system",
         "daemonset/mesh-agent",
     ])?;
-    node.kubectl(&[
-        "rollout",
-        "status",
-        "-n",
-        "mesh-system",
-        "daemonset/mesh-agent",
-        "--timeout=180s",
-    ])?;
+    node.agent_rolled_out()?;
     let new_agent = agent_ready(node, Some(&agent_pod))?;
     // The new agent adopted the tables and applies changes again.
     node.kubectl(&["scale", "deployment", "flaskapp", "--replicas=2"])?;

@@ -464,6 +464,20 @@ spec:
         })
     }
 
+    /// Waits (bounded) until the agent's DaemonSet has rolled out: its pod
+    /// runs the current template and is available.
+    pub fn agent_rolled_out(&self) -> anyhow::Result<()> {
+        self.kubectl(&[
+            "rollout",
+            "status",
+            "-n",
+            "mesh-system",
+            "daemonset/mesh-agent",
+            "--timeout=180s",
+        ])
+        .map(drop)
+    }
+
     /// Where [`Node::deploy_mesh`] puts the mesh of this node: the overlay in
     /// the node's directory, a pin dir and run dir named after it.
     fn mesh_at(&self, agent_binary: &Path) -> anyhow::Result<Mesh> {

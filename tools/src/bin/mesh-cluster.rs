@@ -75,15 +75,8 @@ fn up(dir: &Path) -> anyhow::Result<(Node, MeshDeployed)> {
     let mesh = node.deploy_mesh(&agent_binary()?)?;
     // Until the DaemonSet's pod runs this image (an `up` after a rebuild
     // rolls it).
-    node.kubectl(&[
-        "rollout",
-        "status",
-        "-n",
-        "mesh-system",
-        "daemonset/mesh-agent",
-        "--timeout=180s",
-    ])
-    .with_context(|| node.diagnostics())?;
+    node.agent_rolled_out()
+        .with_context(|| node.diagnostics())?;
     let agent = seed::wait_ready(&node, "mesh-system", "app.kubernetes.io/name=mesh-agent", 1)?;
     eprintln!(
         "mesh-cluster: up in {:.1?}: node Ready, agent {} Ready (image {}, pins in {})",
