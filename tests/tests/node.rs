@@ -143,11 +143,7 @@ fn in_the_kernel(
     what: &str,
     done: impl Fn(&[(u64, usize)]) -> bool,
 ) -> anyhow::Result<()> {
-    let destinations = || seed::kernel_destinations(&mesh.run_dir, "default/flaskapp");
-    poll(Duration::from_secs(30), what, || {
-        Ok(destinations().filter(|d| done(d)).map(drop))
-    })
-    .with_context(|| format!("the agent's record: {:?}", destinations()))
+    seed::in_the_kernel(&mesh.run_dir, "default/flaskapp", what, done)
 }
 
 /// `n` requests from the client pod of `default`, none failed, every one
@@ -252,16 +248,10 @@ fn scrape_metrics(node: &Node, agent_pod: &str) -> anyhow::Result<String> {
             Ok(Some(mesh_tools::checked_output(cmd, Some(encoded.trim()))?))
         })
     };
-    let ip = node.kubectl(&[
-        "get",
-        "pod",
-        "-n",
-        "mesh-system",
-        agent_pod,
-        "-o",
-        "jsonpath={.status.podIP}",
-    ])?;
-    let url = format!("http://{}:9090/metrics", ip.trim());
+    let url = format!(
+        "http://{}:9090/metrics",
+        pod_ip(node, "mesh-system", agent_pod)?
+    );
     let get = |token: Option<&str>| -> anyhow::Result<(String, String)> {
         let mut args = vec!["-s", "-m", "10", "-w", "\n%{http_code}"];
         let header;

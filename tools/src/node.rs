@@ -592,14 +592,7 @@ spec:
         self.kubectl(&["apply", "-k", dir])?;
         poll(Duration::from_secs(120), "the cleanup pod Ready", || {
             let pods = self.pods("app.kubernetes.io/name=mesh-cleanup")?;
-            let ready = pods.iter().any(|p| {
-                p["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            });
-            Ok(ready.then_some(()))
+            Ok(pods.iter().any(is_ready).then_some(()))
         })?;
         self.kubectl(&["delete", "-k", dir, "--wait=true", "--timeout=60s"])?;
         Ok(())
@@ -792,6 +785,15 @@ fn alive(pid: &str) -> bool {
         stat.rsplit_once(") ")
             .is_some_and(|(_, rest)| !rest.starts_with('Z'))
     })
+}
+
+/// Whether a pod (as `kubectl get -o json` shows it) is Ready.
+pub fn is_ready(pod: &serde_json::Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
 /// An error that waiting will not mend: [`poll`] fails at once on it.

@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::node::{Node, Permanent};
+use crate::node::{Node, Permanent, is_ready};
 
 /// `manifests/examples/seed/NAME`.
 pub fn manifest(name: &str) -> PathBuf {
@@ -34,14 +34,6 @@ pub fn apply(node: &Node, name: &str) -> anyhow::Result<String> {
 pub struct ReadyPod {
     pub name: String,
     pub ip: Option<IpAddr>,
-}
-
-fn is_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
 /// The ready pods of `selector` in `ns`, once there are exactly `n` (for
@@ -316,4 +308,19 @@ fn client(node: &Node, ns: &str, args: &[&str]) -> anyhow::Result<std::process::
         .args(args)
         .env("KUBECONFIG", &node.kubeconfig)
         .output()?)
+}
+
+/// Polls (bounded: 30 s) until the agent's record of `service`'s table
+/// ([`kernel_destinations`]) satisfies `done`.
+pub fn in_the_kernel(
+    run_dir: &Path,
+    service: &str,
+    what: &str,
+    done: impl Fn(&[(u64, usize)]) -> bool,
+) -> anyhow::Result<()> {
+    let destinations = || kernel_destinations(run_dir, service);
+    crate::node::poll(std::time::Duration::from_secs(30), what, || {
+        Ok(destinations().filter(|d| done(d)).map(drop))
+    })
+    .with_context(|| format!("the agent's record: {:?}", destinations()))
 }

@@ -34,26 +34,30 @@ pub struct Holder {
 
 impl Holder {
     fn of(pid: u32) -> std::io::Result<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // The command name (field 2) is in parentheses and may hold spaces:
-        // count from the last ')'.
-        let start = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/stat: no start time")))?;
+        let (_, start) = Self::stat(pid)?;
         Ok(Self { pid, start })
+    }
+
+    /// The state letter and start time of `/proc/<pid>/stat`. The command
+    /// name (field 2) is in parentheses and may hold spaces: fields are
+    /// counted from the last ')'.
+    fn stat(pid: u32) -> std::io::Result<(char, u64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let state = fields.first().and_then(|f| f.chars().next());
+        let start = fields.get(19).and_then(|f| f.parse().ok());
+        state.zip(start).ok_or_else(|| {
+            std::io::Error::other(format!("/proc/{pid}/stat: no state or start time"))
+        })
     }
 
     /// Whether the process still runs (a zombie no longer holds namespaces).
     pub fn alive(&self) -> bool {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return false;
-        };
-        let zombie = stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
-        !zombie && Self::of(self.pid).is_ok_and(|now| now == *self)
+        Self::stat(self.pid)
+            .is_ok_and(|(state, start)| start == self.start && !matches!(state, 'Z' | 'X'))
     }
 }
 

@@ -236,10 +236,8 @@ fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
     println!("\n# 3. The canary: a DestinationRule (subsets) and the VirtualService at 80/20");
     apply(node, "destinationrule.yaml")?;
     apply(node, "virtualservice.yaml")?;
-    poll(Duration::from_secs(30), "80/20 in the kernel", || {
-        Ok(seed::kernel_destinations(run_dir, "default/flaskapp")
-            .filter(|d| d.iter().map(|(w, _)| *w).eq([80, 20]))
-            .map(drop))
+    seed::in_the_kernel(run_dir, "default/flaskapp", "80/20 in the kernel", |d| {
+        d.iter().map(|(w, _)| *w).eq([80, 20])
     })?;
     watch_split(node, &addr, each)?;
 
@@ -250,10 +248,8 @@ fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
         "virtualservice/flaskapp",
         &[("weight: 80", "weight: 50"), ("weight: 20", "weight: 50")],
     )?;
-    poll(Duration::from_secs(30), "50/50 in the kernel", || {
-        Ok(seed::kernel_destinations(run_dir, "default/flaskapp")
-            .filter(|d| d.iter().map(|(w, _)| *w).eq([50, 50]))
-            .map(drop))
+    seed::in_the_kernel(run_dir, "default/flaskapp", "50/50 in the kernel", |d| {
+        d.iter().map(|(w, _)| *w).eq([50, 50])
     })?;
     println!("  in the kernel {:.0?} after the edit", t.elapsed());
     watch_split(node, &addr, each)?;
