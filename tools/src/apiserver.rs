@@ -150,6 +150,7 @@ impl ApiServer {
         self.install_crds(&[
             "manifests/crds/virtualservices.yaml",
             "manifests/crds/destinationrules.yaml",
+            "manifests/crds/gateways.yaml",
         ])
     }
 

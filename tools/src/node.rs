@@ -347,6 +347,7 @@ impl Node {
         for crd in [
             "virtualservices.networking.istio.io",
             "destinationrules.networking.istio.io",
+            "gateways.networking.istio.io",
         ] {
             self.kubectl(&[
                 "wait",

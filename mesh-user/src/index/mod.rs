@@ -22,7 +22,7 @@ use k8s_openapi::api::{
 
 use crate::{
     model::{
-        DestinationRule, Diagnostic, Fqdn, Kind, NamespacedName, ObjectRef, Resource,
+        DestinationRule, Diagnostic, Fqdn, Gateway, Kind, NamespacedName, ObjectRef, Resource,
         VirtualService,
     },
     source::{Event, Invalid, Sourced},
@@ -49,6 +49,9 @@ pub struct Index {
     pub endpoint_slices: BTreeMap<NamespacedName, Entry<EndpointSlice>>,
     virtual_services: BTreeMap<NamespacedName, Validated<VirtualService>>,
     destination_rules: BTreeMap<NamespacedName, Validated<DestinationRule>>,
+    /// Istio Gateways: checked by compile (a bad server is reported and skipped,
+    /// the rest served), so no accepted version is kept.
+    pub gateways: BTreeMap<NamespacedName, Entry<Gateway>>,
     /// Namespaces whose Services are meshed; `None`: all (the file source).
     pub mesh_namespaces: Option<BTreeSet<String>>,
     /// Objects whose newest version did not convert (their last good version, if
@@ -115,6 +118,7 @@ impl Index {
                 key,
                 Entry { origin, object: *o },
             ),
+            Resource::Gateway(o) => put(&mut self.gateways, key, Entry { origin, object: *o }),
         }
     }
 
@@ -127,6 +131,7 @@ impl Index {
             Kind::EndpointSlice => self.endpoint_slices.remove(&key).is_some(),
             Kind::VirtualService => self.virtual_services.remove(&key).is_some(),
             Kind::DestinationRule => self.destination_rules.remove(&key).is_some(),
+            Kind::Gateway => self.gateways.remove(&key).is_some(),
         }
     }
 
@@ -212,6 +217,7 @@ impl Index {
             .chain(refs(Kind::EndpointSlice, &self.endpoint_slices))
             .chain(refs(Kind::VirtualService, &self.virtual_services))
             .chain(refs(Kind::DestinationRule, &self.destination_rules))
+            .chain(refs(Kind::Gateway, &self.gateways))
             .collect()
     }
 

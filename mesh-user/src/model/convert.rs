@@ -48,6 +48,7 @@ impl TryFrom<Document> for Resource {
             }
             Kind::VirtualService => Resource::VirtualService(typed(value)?),
             Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
+            Kind::Gateway => Resource::Gateway(typed(value)?),
         })
     }
 }

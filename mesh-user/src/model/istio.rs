@@ -170,3 +170,63 @@ pub struct Subset {
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }
+
+/// An Istio `Gateway`: ports a gateway workload (here: every node whose
+/// `--gateway-labels` its `selector` matches) serves, and the hosts it accepts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewaySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Labels of the gateway workloads; `None` (absent): every workload.
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub servers: Vec<Server>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// One `servers[]` entry: a port, its protocol and the hosts it exposes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Server {
+    #[serde(default)]
+    pub port: ServerPort,
+    /// `host`, `ns/host`, `./host`, `*/host`, `*.suffix` or `*`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// TLS settings (HTTPS, TLS, httpsRedirect): not served yet, reported.
+    #[serde(default)]
+    pub tls: Option<Value>,
+    /// A specific address to listen on: served on the node's addresses instead, reported.
+    #[serde(default)]
+    pub bind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// defaultEndpoint, ...
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerPort {
+    /// Signed so that an out-of-range number is reported, not a parse error.
+    #[serde(default)]
+    pub number: i64,
+    /// HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS (case-insensitive).
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub target_port: Option<i64>,
+}

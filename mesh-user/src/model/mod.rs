@@ -18,7 +18,7 @@ use k8s_openapi::{
 
 pub use diag::{Diagnostic, Severity};
 pub use host::Fqdn;
-pub use istio::{DestinationRule, VirtualService};
+pub use istio::{DestinationRule, Gateway, VirtualService};
 
 /// One object of a kind we watch.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +28,7 @@ pub enum Resource {
     EndpointSlice(Box<EndpointSlice>),
     VirtualService(Box<VirtualService>),
     DestinationRule(Box<DestinationRule>),
+    Gateway(Box<Gateway>),
 }
 
 /// The kinds we watch.
@@ -38,15 +39,17 @@ pub enum Kind {
     EndpointSlice,
     VirtualService,
     DestinationRule,
+    Gateway,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::Pod,
         Kind::EndpointSlice,
         Kind::VirtualService,
         Kind::DestinationRule,
+        Kind::Gateway,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
         }
     }
 
@@ -70,6 +74,7 @@ impl Kind {
             ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
             (istio::GROUP, "VirtualService") => Some(Kind::VirtualService),
             (istio::GROUP, "DestinationRule") => Some(Kind::DestinationRule),
+            (istio::GROUP, "Gateway") => Some(Kind::Gateway),
             _ => None,
         }
     }
@@ -196,6 +201,7 @@ impl Resource {
             Resource::EndpointSlice(_) => Kind::EndpointSlice,
             Resource::VirtualService(_) => Kind::VirtualService,
             Resource::DestinationRule(_) => Kind::DestinationRule,
+            Resource::Gateway(_) => Kind::Gateway,
         }
     }
 
@@ -206,6 +212,7 @@ impl Resource {
             Resource::EndpointSlice(o) => &o.metadata,
             Resource::VirtualService(o) => &o.metadata,
             Resource::DestinationRule(o) => &o.metadata,
+            Resource::Gateway(o) => &o.metadata,
         }
     }
 

@@ -90,7 +90,7 @@ enum DiscoveryError {
 /// The API group of the kinds found through discovery.
 fn group_of(kind: Kind) -> &'static str {
     match kind {
-        Kind::VirtualService | Kind::DestinationRule => istio::GROUP,
+        Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => istio::GROUP,
         Kind::EndpointSlice => ENDPOINT_SLICE_GROUP,
         Kind::Service | Kind::Pod => "",
     }
@@ -98,7 +98,7 @@ fn group_of(kind: Kind) -> &'static str {
 
 fn hint(kind: Kind) -> &'static str {
     match kind {
-        Kind::VirtualService | Kind::DestinationRule => {
+        Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => {
             "install the CRDs (manifests/crds) or Istio"
         }
         _ => "Kubernetes 1.17 or later serves it",
@@ -166,7 +166,7 @@ pub async fn start(
         watch_tx.clone(),
         options.namespace_selector.clone(),
     ));
-    for kind in [Kind::VirtualService, Kind::DestinationRule] {
+    for kind in [Kind::VirtualService, Kind::DestinationRule, Kind::Gateway] {
         tasks.spawn(watch_istio(
             client.clone(),
             watch_tx.clone(),
