@@ -7,6 +7,7 @@
 //! source  a folder or an API server -> typed events on a channel
 //! index   events -> objects, validated; last accepted versions (pure)
 //! compile index -> desired slot tables + diagnostics (pure)
+//! router  the HTTP router of gateway ports whose routes need a per-request decision
 //! kernel  the programs, the pinned maps, and apply: the only writer of the maps
 //! agent   the loop: events in, index, compile, apply
 //! cli     check, status, dump, explain, cleanup
@@ -18,5 +19,6 @@ pub mod compile;
 pub mod index;
 pub mod kernel;
 pub mod model;
+pub mod router;
 pub mod source;
 pub mod telemetry;

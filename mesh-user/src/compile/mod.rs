@@ -2,6 +2,7 @@
 //! maps (one slot table per service VIP, port and protocol), plus diagnostics.
 
 pub mod endpoints;
+pub mod gateway;
 mod plan;
 pub mod redirect;
 pub mod routes;
