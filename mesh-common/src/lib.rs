@@ -86,13 +86,14 @@ pub mod map_names {
     pub const AGENT_CGROUP: &str = "AGENT_CGROUP_V1";
     pub const MESH_SCOPE: &str = "MESH_SCOPE_V1";
     pub const MESHED_PODS: &str = "MESHED_PODS_V1";
+    pub const GATEWAY_NETNS: &str = "GATEWAY_NETNS_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -106,6 +107,7 @@ pub mod map_names {
         AGENT_CGROUP,
         MESH_SCOPE,
         MESHED_PODS,
+        GATEWAY_NETNS,
     ];
 }
 
@@ -115,6 +117,8 @@ pub mod program_names {
     pub const CONNECT6: &str = "mesh_connect6";
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    pub const GATEWAY_CONNECT4: &str = "mesh_gateway_connect4";
+    pub const GATEWAY_CONNECT6: &str = "mesh_gateway_connect6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
 }
@@ -426,10 +430,16 @@ pub struct ServiceValue {
     pub revision: u32,
     /// Number of slots in the live table; 0 means "no backend": refuse the connect.
     pub slot_count: u32,
-    /// Reserved for flags; zero.
+    /// `SERVICE_FLAG_*` bits; the others zero.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// [`ServiceValue::flags`]: a gateway port on one of the node's addresses
+/// (`127.0.0.1:80`, a node IP). Only the gateway's connect hooks translate it,
+/// and only for sockets in the node's network namespace (`GATEWAY_NETNS_V1`);
+/// the mesh hooks leave it alone, so a pod's own `localhost:80` is untouched.
+pub const SERVICE_FLAG_GATEWAY: u32 = 1;
 
 /// Key of `SLOTS_V1`: one slot of one revision of one service's table.
 #[repr(C)]

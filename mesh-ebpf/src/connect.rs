@@ -10,13 +10,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst, ServiceKey, SlotKey, V4_MAPPED_WORD,
-    global_stat, is_v4_mapped,
+    Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst, SERVICE_FLAG_GATEWAY, ServiceKey, SlotKey,
+    V4_MAPPED_WORD, global_stat, is_v4_mapped,
 };
 
 use crate::{
     ctx::{read_ip6, write_ip6},
-    maps::{AGENT_CGROUP, REVNAT, SERVICES, SLOTS},
+    maps::{AGENT_CGROUP, GATEWAY_NETNS, REVNAT, SERVICES, SLOTS},
     scope,
     stats::{bump, bump_backend, bump_service},
 };
@@ -26,6 +26,16 @@ const ALLOW: i32 = 1;
 /// Fail the syscall; the errno is the one set with `bpf_set_retval`.
 const REJECT: i32 = 0;
 const EHOSTUNREACH: i32 = 113;
+
+/// Which program runs: the mesh's (service VIPs, for meshed sockets) or the
+/// gateway's (gateway ports on the node's addresses, for sockets of the node's
+/// own network namespace). Both read the same tables; each takes only its own
+/// entries, so a socket under both attach points is translated once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Mesh,
+    Gateway,
+}
 
 /// What a lookup decided for one connect.
 enum Verdict {
@@ -37,7 +47,7 @@ enum Verdict {
     To(Backend),
 }
 
-pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
+pub fn try_connect4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
     // loads as the verifier requires.
@@ -54,7 +64,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
         proto: proto as u8,
         family: FAMILY_V4,
     };
-    match choose(ctx, &key) {
+    match choose(ctx, &key, hook) {
         Verdict::Untouched => ALLOW,
         Verdict::NoBackend => refuse(),
         Verdict::To(backend) if backend.family == FAMILY_V4 => {
@@ -71,7 +81,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
+pub fn try_connect6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid bpf_sock_addr; fields are read with 4-byte
     // loads as the verifier requires.
@@ -100,7 +110,7 @@ pub fn try_connect6(ctx: &SockAddrContext) -> i32 {
             family: FAMILY_V6,
         }
     };
-    match choose(ctx, &key) {
+    match choose(ctx, &key, hook) {
         Verdict::Untouched => ALLOW,
         Verdict::NoBackend => refuse(),
         Verdict::To(backend) => {
@@ -146,7 +156,7 @@ fn from_agent() -> bool {
 /// Looks the service up and draws a slot: `random % slot_count`, O(1) whatever the
 /// number of services or backends.
 #[inline(always)]
-fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
+fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
     // Two tries: if the agent flipped the service to a new table between our two
     // lookups and already freed the old one, the second read sees the new table.
     for attempt in 0..2u32 {
@@ -160,9 +170,13 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
             // The service was deleted while we looked: it is gone, let it be.
             return Verdict::Untouched;
         };
+        let gateway = svc.flags & SERVICE_FLAG_GATEWAY != 0;
+        if gateway != (hook == Hook::Gateway) {
+            return Verdict::Untouched;
+        }
         // The agent and the scope are checked only for service connects:
         // everything else pays one lookup, as before.
-        if attempt == 0 && (from_agent() || !in_scope(ctx)) {
+        if attempt == 0 && (from_agent() || !in_scope(ctx, hook)) {
             return Verdict::Untouched;
         }
         if svc.slot_count == 0 {
@@ -190,15 +204,23 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     Verdict::NoBackend
 }
 
-/// Whether the connecting socket is in the mesh scope (see `scope`).
+/// Whether the connecting socket is one this hook translates: in the mesh scope
+/// (see `scope`), or, for the gateway, in the node's network namespace (a pod
+/// dialling its own `127.0.0.1:80` is left alone).
 #[inline(always)]
-fn in_scope(ctx: &SockAddrContext) -> bool {
+fn in_scope(ctx: &SockAddrContext, hook: Hook) -> bool {
     // SAFETY: the helper accepts a sock_addr context.
-    if scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
-        return true;
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let inside = match hook {
+        Hook::Mesh => scope::meshed(netns),
+        Hook::Gateway => GATEWAY_NETNS
+            .get(0)
+            .is_some_and(|&node| node != 0 && node == netns),
+    };
+    if !inside {
+        bump(global_stat::NOT_MESHED);
     }
-    bump(global_stat::NOT_MESHED);
-    false
+    inside
 }
 
 /// Fails the connect with `EHOSTUNREACH`, as Cilium does for a service without

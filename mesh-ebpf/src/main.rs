@@ -22,14 +22,27 @@ use aya_ebpf::{
 /// `connect()` of an IPv4 socket (TCP or UDP) in the attached cgroup.
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    connect::try_connect4(&ctx)
+    connect::try_connect4(&ctx, connect::Hook::Mesh)
 }
 
 /// `connect()` of an IPv6 socket, including IPv4-mapped destinations of dual-stack
 /// sockets.
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    connect::try_connect6(&ctx)
+    connect::try_connect6(&ctx, connect::Hook::Mesh)
+}
+
+/// `connect()` of an IPv4 socket below the gateway's cgroup (the node's
+/// processes): gateway ports on the node's addresses.
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_gateway_connect4(ctx: SockAddrContext) -> i32 {
+    connect::try_connect4(&ctx, connect::Hook::Gateway)
+}
+
+/// `connect()` of an IPv6 socket below the gateway's cgroup.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_gateway_connect6(ctx: SockAddrContext) -> i32 {
+    connect::try_connect6(&ctx, connect::Hook::Gateway)
 }
 
 /// `getpeername()` of an IPv4 socket: answer with the VIP the application dialled.

@@ -91,3 +91,9 @@ pub static MESH_SCOPE: Array<MeshScope> = Array::with_max_entries(1, 0);
 #[map(name = "MESHED_PODS_V1")]
 pub static MESHED_PODS: HashMap<u64, u32> =
     HashMap::with_max_entries(MAX_MESHED_PODS, BPF_F_NO_PREALLOC);
+
+/// Index 0: the network namespace cookie (host byte order) of the node's own
+/// namespace, where the gateway's connect hooks translate gateway ports; 0: none.
+/// Writer: agent, at start.
+#[map(name = "GATEWAY_NETNS_V1")]
+pub static GATEWAY_NETNS: Array<u64> = Array::with_max_entries(1, 0);

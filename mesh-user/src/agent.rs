@@ -2,7 +2,7 @@
 //! validate, compile and apply; the programs attached after the first full sync.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
@@ -11,17 +11,21 @@ use std::{
 use tracing::{error, info, warn};
 
 use crate::{
-    compile::{self, Compiled},
+    compile::{
+        self, Compiled,
+        gateway::{self, RouterAddrs, Serve},
+    },
     index::Index,
     kernel::{
         apply::{Applier, ApplyError, Hold},
         counters::{Connections, SockStats},
         loader, own_cgroup,
         pin::PinDir,
-        record::AgentRecord,
+        record::{AgentRecord, GatewayRecord},
         scope::{PodScope, Scope},
     },
     model::{Diagnostic, Severity},
+    router::Router,
     source::{self, Event, SourceSpec},
     telemetry::Telemetry,
 };
@@ -47,6 +51,9 @@ pub struct Config {
     pub metrics_auth: crate::telemetry::auth::MetricsAuth,
     /// Which sockets the mesh takes.
     pub scope: Scope,
+    /// The cgroup whose processes' connects to gateway ports are translated
+    /// (the node's processes); `None`: no gateway.
+    pub gateway_cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,16 @@ pub async fn run(
     // Before the first dial of the API server: the agent must reach it the way
     // kube-proxy routes it, never through tables only it can repair.
     let pods = set_scope(&mut loaded, &config.scope, &config.cgroup)?;
+    if config.gateway_cgroup.is_some() {
+        // The gateway translates connects made in the agent's own network
+        // namespace: the node's (a DaemonSet on the host network).
+        match crate::kernel::netns::cookie_here() {
+            Ok(cookie) => loaded.set_gateway_netns(cookie)?,
+            Err(e) => warn!(
+                "cannot read the node's network namespace cookie; the gateway's connect hooks stay off: {e}"
+            ),
+        }
+    }
     let own_cgroup = match own_cgroup::current() {
         Ok(own) => {
             loaded.set_agent_cgroup(own.id)?;
@@ -166,7 +183,10 @@ pub async fn run(
             cgroup: config.cgroup.clone(),
             redirect: config.redirect,
             sock_stats: sock_stats.clone(),
+            gateway: config.gateway_cgroup.clone(),
         }),
+        gateway: config.gateway_cgroup.is_some().then(Router::new),
+        router_addrs: BTreeMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     let mut synced = false;
@@ -239,6 +259,7 @@ struct PendingAttach {
     cgroup: PathBuf,
     redirect: bool,
     sock_stats: Arc<SockStats>,
+    gateway: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PendingAttach {
@@ -271,6 +292,10 @@ struct Reconciler {
     /// What `status`, `dump` and `explain` read, and where.
     record: AgentRecord,
     run_dir: PathBuf,
+    /// The gateway's HTTP router (`None`: no gateway).
+    gateway: Option<Router>,
+    /// Where the router listens, per gateway port.
+    router_addrs: BTreeMap<u16, RouterAddrs>,
 }
 
 impl Reconciler {
@@ -286,6 +311,8 @@ impl Reconciler {
         let compiled = compile::compile(&self.index, &self.compile);
         let compile_us = compile_started.elapsed().as_micros() as u64;
         diagnostics.extend(compiled.diagnostics.iter().cloned());
+        let mut compiled = compiled;
+        self.serve_gateways(&mut compiled, &mut diagnostics);
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
         // Before the first attach: the pods meshed from the first connect on.
@@ -305,6 +332,78 @@ impl Reconciler {
         self.telemetry
             .applied(seen.elapsed().as_secs_f64(), self.generation);
         Ok(new)
+    }
+
+    /// The gateway ports: the router serves the tables that need it, then
+    /// each port's kernel tables (its routes, or the router's listener) join
+    /// the services. Without a gateway, Gateways are reported as not served.
+    fn serve_gateways(&mut self, compiled: &mut Compiled, diagnostics: &mut Vec<Diagnostic>) {
+        let Some(router) = &mut self.gateway else {
+            compiled.gateways.clear();
+            self.record.gateways.clear();
+            return;
+        };
+        let tables: Vec<_> = compiled
+            .gateways
+            .iter()
+            .filter_map(|p| match &p.serve {
+                Serve::Router { table } => Some(table.clone()),
+                _ => None,
+            })
+            .collect();
+        match router.update(tables) {
+            Ok(addrs) => {
+                self.router_addrs = addrs
+                    .into_iter()
+                    .map(|(port, l)| {
+                        (
+                            port,
+                            RouterAddrs {
+                                v4: Some(l.v4),
+                                v6: l.v6,
+                            },
+                        )
+                    })
+                    .collect();
+            }
+            // Not an object's fault: logged each time (the ports keep the
+            // listeners they had).
+            Err(e) => error!("the gateway's router: {e}"),
+        }
+        let node = node_addresses();
+        for p in &compiled.gateways {
+            if let (Some(who), Some(server)) = (bound_elsewhere(p.port), p.servers.first()) {
+                diagnostics.push(Diagnostic::warning(
+                    &server.object(),
+                    format!("spec.servers[{}].port.number", server.index),
+                    format!("port {} is also bound on the node by {who}: the node's own connects to it go to the gateway, others reach that process", p.port),
+                ));
+            }
+        }
+        let plans = gateway::service_plans(
+            &compiled.gateways,
+            &node,
+            &self.router_addrs,
+            self.compile.max_slots,
+        );
+        for (addr, plan) in plans {
+            if compiled.services.contains_key(&addr) {
+                let gateway =
+                    crate::model::ObjectRef::new(crate::model::Kind::Gateway, plan.service.clone());
+                diagnostics.push(Diagnostic::error(
+                    &gateway,
+                    "spec.servers",
+                    format!("{addr} is also a Service's address; the Service keeps it"),
+                ));
+                continue;
+            }
+            compiled.services.insert(addr, plan);
+        }
+        self.record.gateways = compiled
+            .gateways
+            .iter()
+            .map(|p| GatewayRecord::of(p, self.router_addrs.get(&p.port)))
+            .collect();
     }
 
     /// What `status`, `dump` and `explain` read.
@@ -427,6 +526,7 @@ fn attach_pending(attach: &mut Option<PendingAttach>) -> Result<(), AgentError> 
             &pending.cgroup,
             pending.redirect,
             pending.sock_stats.socket_map(),
+            pending.gateway.as_deref(),
         )?;
         let cgroup = pending.cgroup.display();
         for (program, how) in linked {
@@ -460,4 +560,53 @@ fn report(diagnostics: &[Diagnostic], reported: &mut BTreeSet<Diagnostic>) -> Ve
     }
     *reported = now;
     new
+}
+
+/// The node's addresses a gateway port is served on, besides loopback: every
+/// address of an interface of this network namespace (IPv6 link-local left
+/// out: it needs a scope).
+fn node_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
+                    .filter(
+                        |ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()),
+                    )
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a process of this network namespace listens on TCP `port`
+/// (`/proc/net/tcp{,6}`, state 0A): who, as the socket's inode.
+fn bound_elsewhere(port: u16) -> Option<String> {
+    let hex = format!("{port:04X}");
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if *state == "0A" && local.rsplit(':').next() == Some(hex.as_str()) {
+                return Some(format!("a listening socket (inode {inode}, {table})"));
+            }
+        }
+    }
+    None
 }

@@ -80,6 +80,12 @@ enum Command {
         /// another capacity is replaced and refilled.
         #[arg(long, env = "MESH_MAP_CAPACITY", default_value = "")]
         map_capacity: mesh_user::kernel::loader::MapCapacities,
+        /// The cgroup v2 directory whose processes' connects to gateway ports on
+        /// the node's addresses (127.0.0.1, ::1, the node's IPs) are served by
+        /// the gateway: `auto` (the top of the cgroup v2 mount holding --cgroup:
+        /// every process of the node), a path, or `off` (no gateway).
+        #[arg(long, env = "MESH_GATEWAY_CGROUP", default_value = "auto")]
+        gateway_cgroup: String,
     },
     /// Detach and unpin everything the agent pinned (nothing else); stop the agent first.
     Cleanup {
@@ -156,14 +162,42 @@ struct CompileArgs {
     /// The cluster DNS domain.
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// The labels of this node's gateway: Istio Gateways whose `selector` these
+    /// satisfy are served here (KEY=VALUE[,KEY=VALUE...]).
+    #[arg(
+        long,
+        env = "MESH_GATEWAY_LABELS",
+        default_value = "istio=ingressgateway"
+    )]
+    gateway_labels: String,
+    /// The namespace the gateway counts as running in (VirtualService
+    /// `exportTo`, server hosts `./host`).
+    #[arg(long, env = "MESH_GATEWAY_NAMESPACE", default_value = "istio-system")]
+    gateway_namespace: String,
 }
 
 impl CompileArgs {
-    fn config(&self) -> compile::Config {
-        compile::Config {
-            cluster_domain: self.cluster_domain.clone(),
-            ..Default::default()
+    fn config(&self) -> anyhow::Result<compile::Config> {
+        let mut labels = std::collections::BTreeMap::new();
+        for pair in self
+            .gateway_labels
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("--gateway-labels: {pair:?} is not KEY=VALUE"))?;
+            labels.insert(k.trim().to_owned(), v.trim().to_owned());
         }
+        Ok(compile::Config {
+            cluster_domain: self.cluster_domain.clone(),
+            gateway: compile::gateway::GatewayConfig {
+                labels,
+                namespace: self.gateway_namespace.clone(),
+            },
+            ..Default::default()
+        })
     }
 }
 
@@ -185,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             ebpf_object,
             map_capacity,
             metrics_auth,
+            gateway_cgroup,
         } => {
             init_logging(&log_format);
             let kubernetes = matches!(source, SourceSpec::Kubernetes(_));
@@ -203,6 +238,19 @@ fn main() -> anyhow::Result<()> {
                     anyhow::bail!("--mesh-scope cgroup needs --cgroup (or MESH_CGROUP)")
                 }
             };
+            let gateway_cgroup = match gateway_cgroup.as_str() {
+                "off" => None,
+                "auto" => Some(
+                    mesh_user::kernel::own_cgroup::tree_root_of(&cgroup).with_context(|| {
+                        format!(
+                            "--gateway-cgroup auto: {} is not on cgroup v2; give a path or off",
+                            cgroup.display()
+                        )
+                    })?,
+                ),
+                path => Some(PathBuf::from(path)),
+            };
+            let compile = compile.config()?;
             if let SourceSpec::Kubernetes(options) = &mut source {
                 options.kubeconfig = kubeconfig;
                 options.namespace_selector = namespace_selector;
@@ -221,7 +269,7 @@ fn main() -> anyhow::Result<()> {
                 let config = agent::Config {
                     source,
                     cgroup,
-                    compile: compile.config(),
+                    compile,
                     metrics_addr,
                     redirect: !no_redirect,
                     pin_dir: state.pin_dir,
@@ -230,6 +278,7 @@ fn main() -> anyhow::Result<()> {
                     map_capacity,
                     metrics_auth,
                     scope,
+                    gateway_cgroup,
                 };
                 agent::run(config, shutdown_signal())
                     .await
@@ -240,7 +289,7 @@ fn main() -> anyhow::Result<()> {
             let SourceSpec::File(dir) = source else {
                 anyhow::bail!("check reads a folder: --source file:DIR");
             };
-            let checked = cli::check::check(&dir, &compile.config());
+            let checked = cli::check::check(&dir, &compile.config()?);
             print!("{}", checked.report);
             if checked.errors {
                 anyhow::bail!("{} contains errors", dir.display());

@@ -62,6 +62,18 @@ fn tables(compiled: &Compiled, out: &mut Vec<String>) {
             });
         }
     }
+    for p in &compiled.gateways {
+        let r = crate::kernel::record::GatewayRecord::of(p, None);
+        out.push(format!(
+            "gateway port {}/{}  served by {}  [{}]",
+            r.port,
+            r.protocol,
+            r.served_by,
+            r.servers.join(", ")
+        ));
+        out.push(format!("    {}", r.why));
+        out.extend(r.routes.iter().map(|route| format!("    {route}")));
+    }
     for endpoint in &compiled.redirect_excluded {
         out.push(format!(
             "{endpoint}  same-node redirect off (excludeInboundPorts)"

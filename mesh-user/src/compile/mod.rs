@@ -31,6 +31,8 @@ pub struct Config {
     pub cluster_domain: String,
     /// Largest slot table per service port (see [`slots`]).
     pub max_slots: usize,
+    /// Which Gateways this node serves.
+    pub gateway: gateway::GatewayConfig,
 }
 
 impl Default for Config {
@@ -38,6 +40,7 @@ impl Default for Config {
         Self {
             cluster_domain: "cluster.local".to_owned(),
             max_slots: mesh_common::MAX_SLOTS_PER_SERVICE as usize,
+            gateway: gateway::GatewayConfig::default(),
         }
     }
 }
@@ -149,11 +152,13 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                                 backends: g.members.clone(),
                             })
                             .collect(),
+                        gateway: false,
                     },
                 );
             }
         }
     }
+    out.gateways = gateway::compile(index, config, &mut out.diagnostics);
     out.redirect_excluded = redirect::excluded_endpoints(index, &mut out.diagnostics);
     out.diagnostics.sort();
     out.diagnostics.dedup();

@@ -60,6 +60,8 @@ pub enum RouteRef {
     VirtualService { name: NamespacedName, field: String },
     /// No VirtualService route applies: even balancing over the ready endpoints.
     Even,
+    /// A gateway port whose routes are decided per request: to the HTTP router.
+    Router { port: u16 },
 }
 
 impl fmt::Display for RouteRef {
@@ -67,6 +69,12 @@ impl fmt::Display for RouteRef {
         match self {
             RouteRef::VirtualService { name, field } => write!(f, "VirtualService {name} {field}"),
             RouteRef::Even => f.write_str("no VirtualService route: even balancing"),
+            RouteRef::Router { port } => {
+                write!(
+                    f,
+                    "gateway port {port}: routes decided per request by the HTTP router"
+                )
+            }
         }
     }
 }
@@ -81,6 +89,20 @@ pub struct ServicePlan {
     /// What the table was built from: each destination of the route (a subset,
     /// or every endpoint), its weight, and its ready endpoints of this family.
     pub destinations: Vec<DestinationPlan>,
+    /// A gateway port on a node address: translated only for sockets of the
+    /// node's own network namespace, by the gateway's programs.
+    pub gateway: bool,
+}
+
+impl ServicePlan {
+    /// `ServiceValue::flags` of this table.
+    pub fn flags(&self) -> u32 {
+        if self.gateway {
+            mesh_common::SERVICE_FLAG_GATEWAY
+        } else {
+            0
+        }
+    }
 }
 
 /// One weighted destination of a route.
@@ -95,6 +117,9 @@ pub struct DestinationPlan {
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {
     pub services: BTreeMap<ServiceAddr, ServicePlan>,
+    /// This node's gateway ports and what serves each (their kernel tables are
+    /// added by [`super::gateway::service_plans`] once the router listens).
+    pub gateways: Vec<super::gateway::GatewayPort>,
     /// Endpoints whose connections the same-node redirect leaves to TCP.
     pub redirect_excluded: BTreeSet<BackendAddr>,
     /// Service ports with no accepted VirtualService but a rejected one that was

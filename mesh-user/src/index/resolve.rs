@@ -18,6 +18,8 @@ pub enum Connecting<'a> {
         service: &'a NamespacedName,
         port: &'a ServicePort,
     },
+    /// Compile: a connection to a gateway's `port`.
+    Gateway { port: u16 },
 }
 
 /// A destination, resolved.
@@ -105,6 +107,14 @@ pub fn resolve<'a>(
                 })?,
         ),
         (None, Connecting::Nothing) => None,
+        (None, Connecting::Gateway { port }) => Some(match ports.as_slice() {
+            [only] => *only,
+            _ => ports
+                .iter()
+                .find(|p| p.port == i32::from(port))
+                .copied()
+                .ok_or_else(|| ResolveError::WhichPort { fqdn: fqdn.clone() })?,
+        }),
         (None, Connecting::To { service: s, port }) if *s == name => Some(port),
         (None, Connecting::To { port, .. }) => Some(match ports.as_slice() {
             [only] => *only,

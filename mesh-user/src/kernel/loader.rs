@@ -99,6 +99,12 @@ impl Loaded {
         self.set_first(map_names::MESH_SCOPE, scope)
     }
 
+    /// Names the node's network namespace (its cookie) to the gateway's
+    /// connect hooks (`GATEWAY_NETNS_V1`); 0 turns them off.
+    pub fn set_gateway_netns(&mut self, cookie: u64) -> Result<(), LoadError> {
+        self.set_first(map_names::GATEWAY_NETNS, cookie)
+    }
+
     /// `MESHED_PODS_V1`, for its only writer ([`super::scope::PodScope`]).
     pub fn take_meshed_pods(&mut self) -> Result<HashMap<MapData, u64, u32>, LoadError> {
         take(&mut self.ebpf, map_names::MESHED_PODS)
@@ -132,6 +138,13 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::GETPEERNAME4,
     program_names::CONNECT6,
     program_names::GETPEERNAME6,
+];
+
+/// The gateway's connect hooks, attached to the gateway's cgroup (with the
+/// getpeername hooks when that is not the mesh's cgroup).
+const GATEWAY_PROGRAMS: [&str; 2] = [
+    program_names::GATEWAY_CONNECT4,
+    program_names::GATEWAY_CONNECT6,
 ];
 
 /// What became of one program's attachment.
@@ -277,7 +290,7 @@ pub fn load(
     }
     let mut ebpf = loader.load(object)?;
     carry.at_load(pins);
-    for name in SOCK_ADDR_PROGRAMS {
+    for name in SOCK_ADDR_PROGRAMS.into_iter().chain(GATEWAY_PROGRAMS) {
         load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
     load_program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?;
@@ -318,20 +331,20 @@ pub fn load(
 }
 
 /// Attaches (or adopts, or swaps) every program on `cgroup`; with `redirect`,
-/// also `sockops` there and `sk_msg` on the socket map. Then unpins what the
-/// previous agent attached elsewhere and maps of older layouts.
+/// also `sockops` there and `sk_msg` on the socket map; with `gateway`, the
+/// gateway's connect hooks on that cgroup (and getpeername there too when it is
+/// another one). Then unpins what the previous agent attached elsewhere and
+/// maps of older layouts.
 pub fn attach(
     loaded: &mut Loaded,
     cgroup: &Path,
     redirect: bool,
     sockets: &SockHash<MapData, ConnKey>,
+    gateway: Option<&Path>,
 ) -> Result<Vec<(&'static str, Linked)>, LoadError> {
     let fd = open_cgroup2(cgroup)?;
     let links = loaded.pins.cgroup_links(super::pin::inode(cgroup)?);
-    std::fs::create_dir_all(&links).map_err(|source| PinError::Io {
-        path: links.clone(),
-        source,
-    })?;
+    make_dir(&links)?;
     let mut report = Vec::new();
     // sk_msg first: a socket takes the map's programs when it is added, so one
     // added before would never be redirected. BPF_PROG_ATTACH on a map replaces
@@ -348,6 +361,21 @@ pub fn attach(
         // Dropping the link would detach the program from the map.
         std::mem::forget(link);
     }
+    // The gateway's cgroup: the mesh's own, or another one (then its links
+    // live apart, and it needs getpeername too).
+    let gateway = match gateway {
+        Some(path) => {
+            let ino = super::pin::inode(path)?;
+            let gw_links = loaded.pins.cgroup_links(ino);
+            if gw_links == links {
+                Some((gw_links, None))
+            } else {
+                make_dir(&gw_links)?;
+                Some((gw_links, Some(open_cgroup2(path)?)))
+            }
+        }
+        None => None,
+    };
     // A replaced REVNAT is copied just before the connect and getpeername
     // programs are swapped, and again just after (see `carry`).
     if let Some(carry) = &loaded.carry {
@@ -357,26 +385,71 @@ pub fn attach(
         let linked = attach_linked::<CgroupSockAddr>(loaded, name, &links, &fd)?;
         report.push((name, linked));
     }
+    let mut keep = vec![links.clone()];
+    match &gateway {
+        Some((gw_links, gw_fd)) => {
+            let peer = [program_names::GETPEERNAME4, program_names::GETPEERNAME6];
+            let extra: &[&'static str] = if gw_fd.is_some() { &peer } else { &[] };
+            for name in GATEWAY_PROGRAMS.iter().chain(extra) {
+                let linked = attach_linked::<CgroupSockAddr>(
+                    loaded,
+                    name,
+                    gw_links,
+                    gw_fd.as_ref().unwrap_or(&fd),
+                )?;
+                report.push((name, linked));
+            }
+            if gw_fd.is_some() {
+                keep.push(gw_links.clone());
+                unpin(&links, &GATEWAY_PROGRAMS, &mut report)?;
+            }
+        }
+        None => unpin(&links, &GATEWAY_PROGRAMS, &mut report)?,
+    }
     if let Some(carry) = loaded.carry.take() {
         carry.after_swap(&loaded.pins);
     }
     let name = program_names::SOCKOPS;
-    let path = links.join(name);
     if redirect {
         let linked = attach_linked::<SockOps>(loaded, name, &links, &fd)?;
         report.push((name, linked));
-    } else if path.exists() {
-        std::fs::remove_file(&path).map_err(|source| PinError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        report.push((name, Linked::Detached));
+    } else {
+        unpin(&links, &[name], &mut report)?;
     }
-    for stale in loaded.pins.unpin_other_cgroups(&links) {
+    for stale in loaded.pins.unpin_other_cgroups(&keep) {
         info!(links = %stale.display(), "detached programs of a cgroup this agent no longer serves");
     }
     loaded.pins.remove_stray_maps(&map_names::ALL);
     Ok(report)
+}
+
+fn make_dir(dir: &Path) -> Result<(), LoadError> {
+    std::fs::create_dir_all(dir).map_err(|source| {
+        PinError::Io {
+            path: dir.to_owned(),
+            source,
+        }
+        .into()
+    })
+}
+
+/// Unpins the links of `names` in `links` (which detaches those programs).
+fn unpin(
+    links: &Path,
+    names: &[&'static str],
+    report: &mut Vec<(&'static str, Linked)>,
+) -> Result<(), LoadError> {
+    for &name in names {
+        let path = links.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| PinError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            report.push((name, Linked::Detached));
+        }
+    }
+    Ok(())
 }
 
 /// The kinds of program we load.

@@ -110,7 +110,7 @@ pub fn of_process(pid: u32) -> std::io::Result<Netns> {
 }
 
 /// The cookie of the calling thread's network namespace.
-fn cookie_here() -> std::io::Result<u64> {
+pub fn cookie_here() -> std::io::Result<u64> {
     // SAFETY: socket(2) with constant arguments; the fd is owned at once.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {

@@ -63,6 +63,24 @@ fn unified_path(proc_cgroup: &str) -> Option<&str> {
         .map(str::trim_end)
 }
 
+/// The top of the cgroup v2 mount that holds `cgroup`: its highest ancestor
+/// still on cgroup2. The gateway's default cgroup: with the pods' root
+/// (`/host/sys/fs/cgroup/kubepods`), the node's whole tree as the agent's
+/// container sees it, so every process of the node is below it.
+pub fn tree_root_of(cgroup: &Path) -> Option<PathBuf> {
+    let is_cgroup2 = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|fs| fs.filesystem_type().0 == 0x6367_7270)
+    };
+    if !is_cgroup2(cgroup) {
+        return None;
+    }
+    let mut top = cgroup.to_owned();
+    while let Some(parent) = top.parent().filter(|p| is_cgroup2(p)) {
+        top = parent.to_owned();
+    }
+    Some(top)
+}
+
 /// (root within the hierarchy, mount point) of every cgroup2 mount.
 pub(super) fn cgroup2_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
     mountinfo

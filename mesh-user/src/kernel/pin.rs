@@ -266,13 +266,13 @@ impl PinDir {
 
     /// Unpins the link directories of cgroups other than `keep` (the agent moved
     /// to another cgroup), which detaches their programs. Returns those removed.
-    pub fn unpin_other_cgroups(&self, keep: &Path) -> Vec<PathBuf> {
+    pub fn unpin_other_cgroups(&self, keep: &[PathBuf]) -> Vec<PathBuf> {
         fs::read_dir(self.links_dir())
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p != keep && remove_tree(p, &mut Vec::new()).is_ok())
+            .filter(|p| !keep.contains(p) && remove_tree(p, &mut Vec::new()).is_ok())
             .collect()
     }
 

@@ -13,7 +13,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile::{DestinationPlan, ServiceAddr, ServicePlan},
+    compile::{
+        DestinationPlan, ServiceAddr, ServicePlan,
+        gateway::{GatewayPort, Protocol, RouterAddrs, Serve},
+    },
     model::NamespacedName,
 };
 
@@ -37,6 +40,27 @@ pub struct AgentRecord {
     /// Unix time of the last apply, in milliseconds.
     pub applied_at_ms: u64,
     pub services: Vec<ServiceRecord>,
+    /// This node's gateway ports (empty with the gateway off).
+    #[serde(default)]
+    pub gateways: Vec<GatewayRecord>,
+}
+
+/// One gateway port, as `check`, `dump` and `explain` show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GatewayRecord {
+    pub port: u16,
+    /// `HTTP` or `TCP`.
+    pub protocol: String,
+    /// `Gateway ns/name spec.servers[i]`, oldest first.
+    pub servers: Vec<String>,
+    /// `kernel`, `router` or `nothing`.
+    pub served_by: String,
+    pub why: String,
+    /// Where the router listens for this port (router only).
+    pub router: Vec<String>,
+    /// The routes in the order they are tried: `host: VirtualService ns/name
+    /// spec.http[i] (matches) -> destinations`.
+    pub routes: Vec<String>,
 }
 
 /// The meshed pods of this node.
@@ -91,4 +115,81 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl GatewayRecord {
+    /// The record of one gateway port; `router`: where the router listens for
+    /// it, if it does.
+    pub fn of(p: &GatewayPort, router: Option<&RouterAddrs>) -> Self {
+        let (served_by, routes) = match &p.serve {
+            Serve::Kernel {
+                vs,
+                field,
+                destinations,
+            } => (
+                "kernel",
+                vec![format!(
+                    "*: VirtualService {vs} {field} -> {}",
+                    describe(destinations)
+                )],
+            ),
+            Serve::Router { table } => (
+                "router",
+                table
+                    .hosts
+                    .iter()
+                    .flat_map(|h| {
+                        h.routes.iter().map(move |r| {
+                            format!(
+                                "{}: VirtualService {} {} ({}) -> {}",
+                                h.domain,
+                                r.vs,
+                                r.field,
+                                if r.matches.is_empty() {
+                                    "every request".to_owned()
+                                } else {
+                                    format!("{:?}", r.matches)
+                                },
+                                describe(&r.destinations)
+                            )
+                        })
+                    })
+                    .collect(),
+            ),
+            Serve::Nothing => ("nothing", Vec::new()),
+        };
+        GatewayRecord {
+            port: p.port,
+            protocol: match p.protocol {
+                Protocol::Http => "HTTP",
+                Protocol::Tcp => "TCP",
+            }
+            .to_owned(),
+            servers: p.servers.iter().map(ToString::to_string).collect(),
+            served_by: served_by.to_owned(),
+            why: p.why.clone(),
+            router: router
+                .into_iter()
+                .flat_map(|a| a.v4.into_iter().chain(a.v6))
+                .map(|a| a.to_string())
+                .collect(),
+            routes,
+        }
+    }
+}
+
+/// `name (weight w, n endpoints), ...`.
+fn describe(destinations: &[DestinationPlan]) -> String {
+    destinations
+        .iter()
+        .map(|d| {
+            format!(
+                "{} (weight {}, {} endpoints)",
+                d.name,
+                d.weight,
+                d.backends.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

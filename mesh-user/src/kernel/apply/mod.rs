@@ -160,6 +160,8 @@ struct Live {
     /// `None` for a table adopted from a previous agent, until it is applied again.
     service: Option<NamespacedName>,
     slots: Vec<Option<BackendAddr>>,
+    /// `ServiceValue::flags` as written.
+    flags: u32,
 }
 
 #[derive(Debug)]
@@ -215,7 +217,7 @@ impl Applier {
         let mut report = Report::default();
         for (addr, plan) in desired {
             if let Some(live) = self.live.get_mut(addr) {
-                if live.slots == plan.slots {
+                if live.slots == plan.slots && live.flags == plan.flags() {
                     live.service = Some(plan.service.clone());
                     live.adopted = false;
                     report.unchanged += 1;
@@ -316,7 +318,7 @@ impl Applier {
                 service_id,
                 revision,
                 slot_count: plan.slots.len() as u32,
-                flags: 0,
+                flags: plan.flags(),
             };
             self.maps
                 .services
@@ -349,6 +351,7 @@ impl Applier {
                 adopted: false,
                 service: Some(plan.service.clone()),
                 slots: plan.slots.clone(),
+                flags: plan.flags(),
             },
         );
         if let Some(old) = previous {
@@ -418,7 +421,7 @@ impl Applier {
             service_id,
             revision: 0,
             slot_count: 0,
-            flags: 0,
+            flags: plan.flags(),
         };
         if let Err(source) = self.maps.services.insert(service_key(addr), value) {
             self.service_ids.give(service_id);
@@ -436,6 +439,7 @@ impl Applier {
                 adopted: false,
                 service: Some(plan.service.clone()),
                 slots: Vec::new(),
+                flags: plan.flags(),
             },
         );
         Ok(())
@@ -586,6 +590,7 @@ impl Applier {
                     adopted: true,
                     service: None,
                     slots,
+                    flags: value.flags,
                 },
             );
             adopted.services += 1;

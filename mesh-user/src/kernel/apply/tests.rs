@@ -46,6 +46,7 @@ fn plan(name: &str, backends: &[u8]) -> ServicePlan {
             })
             .collect(),
         destinations: Vec::new(),
+        gateway: false,
     }
 }
 
