@@ -56,6 +56,8 @@ pub struct Agent {
     env: Vec<(String, String)>,
     /// The cgroup the agent itself runs in (see [`Agent::spawn_kubernetes_meshed`]).
     inside: Option<PathBuf>,
+    /// The network namespace the agent runs in, if not the test's.
+    netns: Option<std::fs::File>,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
 }
@@ -98,6 +100,7 @@ impl Agent {
             cgroup,
             vec![("NODE_NAME".to_owned(), node.to_owned())],
             None,
+            None,
         )
     }
 
@@ -121,11 +124,27 @@ impl Agent {
             cgroup,
             vec![("NODE_NAME".to_owned(), node.to_owned())],
             Some(inside),
+            None,
         )
     }
 
+    /// `start_flags` with the agent in network namespace `netns`: the node's,
+    /// for the gateway (which serves the agent's own namespace).
+    pub fn start_in_netns(
+        dir: &Path,
+        cgroup: &Path,
+        netns: &crate::netns::Netns,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![format!("file:{}", dir.display())];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        let mut agent = Self::launch(&args, cgroup, Vec::new(), None, Some(netns))?;
+        agent.wait_applied(1, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
-        let mut agent = Self::launch(source, cgroup, Vec::new(), None)?;
+        let mut agent = Self::launch(source, cgroup, Vec::new(), None, None)?;
         agent.wait_applied(1, Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -135,6 +154,7 @@ impl Agent {
         cgroup: &Path,
         env: Vec<(String, String)>,
         inside: Option<&Path>,
+        netns: Option<&crate::netns::Netns>,
     ) -> anyhow::Result<Self> {
         crate::sweep_stale();
         ensure_bpffs()?;
@@ -151,6 +171,11 @@ impl Agent {
         .to_vec();
         args.extend(source.iter().cloned());
         args.extend(["--cgroup".to_owned(), cgroup.display().to_string()]);
+        // The gateway's hooks go on the test's cgroup, never on the machine's
+        // root (the default), unless a test says otherwise.
+        if !source.iter().any(|a| a == "--gateway-cgroup") {
+            args.extend(["--gateway-cgroup".to_owned(), cgroup.display().to_string()]);
+        }
         // Tests stand pods in for network namespaces in one cgroup: every process
         // there is a mesh client, unless a test asks for Istio's pod scope.
         if source.first().is_some_and(|s| s == "kubernetes")
@@ -160,13 +185,15 @@ impl Agent {
         }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let run_dir = std::env::temp_dir().join(format!("{name}-run"));
-        let (child, log) = spawn(&args, &env, &pin_dir, &run_dir, inside)?;
+        let netns_file = netns.map(crate::netns::Netns::open).transpose()?;
+        let (child, log) = spawn(&args, &env, &pin_dir, &run_dir, inside, netns_file.as_ref())?;
         Ok(Agent {
             child,
             log,
             args,
             env,
             inside: inside.map(Path::to_owned),
+            netns: netns_file,
             pin_dir,
             run_dir,
         })
@@ -194,6 +221,7 @@ impl Agent {
             &self.pin_dir,
             &self.run_dir,
             self.inside.as_deref(),
+            self.netns.as_ref(),
         )?;
         self.child = child;
         self.log = log;
@@ -446,6 +474,7 @@ fn spawn(
     pin_dir: &Path,
     run_dir: &Path,
     inside: Option<&Path>,
+    netns: Option<&std::fs::File>,
 ) -> anyhow::Result<(Child, Log)> {
     let procs = inside
         .map(|cgroup| {
@@ -478,7 +507,7 @@ fn spawn(
     }
     crate::join_before_exec(
         &mut command,
-        None,
+        netns.map(std::os::fd::AsRawFd::as_raw_fd),
         procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
     );
     let mut child = command.spawn().context("spawning mesh-agent")?;

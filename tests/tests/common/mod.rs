@@ -21,6 +21,10 @@ pub const VIP6: &str = "fd00:10:96::80";
 pub const PORT: u16 = 80;
 pub const TARGET_PORT: u16 = 5000;
 
+/// The node's addresses on the pods' bridge (with [`Canary::start_on_node`]).
+pub const NODE4: &str = "10.244.0.1";
+pub const NODE6: &str = "fd00:10:244::1";
+
 pub const V1: [&str; 3] = ["flaskapp-v1-0", "flaskapp-v1-1", "flaskapp-v1-2"];
 pub const V2: &str = "flaskapp-v2-0";
 
@@ -44,8 +48,35 @@ impl Canary {
 
     /// The same, with more `mesh-agent run` flags.
     pub fn start_flags(weights: Option<(i64, i64)>, flags: &[&str]) -> anyhow::Result<Self> {
+        Self::start_where(weights, flags, false)
+    }
+
+    /// The topology with the agent in the node's network namespace, which has
+    /// addresses on the pods' bridge ([`NODE4`], [`NODE6`]): the gateway's view.
+    pub fn start_on_node(flags: &[&str]) -> anyhow::Result<Self> {
+        Self::start_where(None, flags, true)
+    }
+
+    fn start_where(
+        weights: Option<(i64, i64)>,
+        flags: &[&str],
+        on_node: bool,
+    ) -> anyhow::Result<Self> {
         mesh_tools::require_root();
         let mut node = Node::new()?;
+        if on_node {
+            node.bridge
+                .ip(&["addr", "add", &format!("{NODE4}/24"), "dev", "br0"])?;
+            node.bridge.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{NODE6}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
+        }
         node.add_pod("client", 2)?;
         let mut backends = Vec::new();
         let dir = ManifestDir::new()?;
@@ -78,7 +109,11 @@ impl Canary {
             )?;
         }
         let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
-        let agent = Agent::start_flags(dir.path(), cgroup.path(), flags)?;
+        let agent = if on_node {
+            Agent::start_in_netns(dir.path(), cgroup.path(), &node.bridge, flags)?
+        } else {
+            Agent::start_flags(dir.path(), cgroup.path(), flags)?
+        };
         Ok(Canary {
             agent,
             backends,
@@ -103,6 +138,13 @@ impl Canary {
         Ok(())
     }
 
+    /// Removes a file of the manifest folder and waits until the agent applied it.
+    pub fn remove(&mut self, file: &str) -> anyhow::Result<Duration> {
+        let next = self.agent.generation() + 1;
+        std::fs::remove_file(self.dir.path().join(file))?;
+        self.agent.wait_applied(next, Duration::from_secs(10))
+    }
+
     /// Writes a file into the manifest folder and waits until the agent applied it.
     pub fn write(&mut self, file: &str, content: &str) -> anyhow::Result<Duration> {
         let next = self.agent.generation() + 1;
@@ -119,6 +161,12 @@ impl Canary {
             count,
             4,
         )
+    }
+
+    /// `count` connections from a process of the node's network namespace,
+    /// inside the cgroup (the gateway's clients).
+    pub fn probe_from_node(&self, target: &str, count: u64) -> anyhow::Result<Summary> {
+        probe::probe(&self.node.bridge, Some(&self.cgroup), target, count, 4)
     }
 
     /// The same, from a process of the client pod that is not in the mesh cgroup.

@@ -1,0 +1,124 @@
+//! The gateway through the real kernel: Istio Gateway + VirtualService, the
+//! node's own processes dialling `127.0.0.1:80`, `[::1]:80` or the node's
+//! address, with the agent in the tests' node namespace.
+
+mod common;
+
+use common::{Canary, NODE4, NODE6, V1, V2, assert_share};
+
+const N: u64 = 2000;
+
+/// The seed's Gateway (gateway.yaml without its VirtualService).
+fn seed_gateway() -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/examples/seed/gateway.yaml"
+    ))?;
+    Ok(text.split("\n---\n").next().unwrap_or_default().to_owned())
+}
+
+/// A gateway-bound VirtualService with one route and no L7 match.
+fn weighted_vs(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: flaskapp-edge, namespace: default}}
+spec:
+  hosts: [\"*\"]
+  gateways: [flaskapp-gateway]
+  http:
+    - route:
+        - {{destination: {{host: flaskapp, subset: v1}}, weight: {v1}}}
+        - {{destination: {{host: flaskapp, subset: v2}}, weight: {v2}}}
+"
+    )
+}
+
+#[test]
+fn a_pure_weight_gateway_route_is_split_in_the_kernel_for_the_nodes_own_clients()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start_on_node(&[])?;
+    canary.write("gateway.yaml", &seed_gateway()?)?;
+    canary.write("edge.yaml", &weighted_vs(80, 20))?;
+
+    for target in [
+        "127.0.0.1:80".to_owned(),
+        "[::1]:80".to_owned(),
+        format!("{NODE4}:80"),
+        format!("[{NODE6}]:80"),
+    ] {
+        let split = canary.probe_from_node(&target, N)?;
+        assert_eq!(split.failed(), 0, "{target}: {split:?}");
+        assert_share(
+            split.share("flaskapp-v2"),
+            0.20,
+            N,
+            &format!("v2 through {target}"),
+        );
+        for pod in V1 {
+            assert_share(split.share(pod), 0.80 / 3.0, N, pod);
+        }
+        // getpeername shows what the client dialled, not the pod.
+        assert_eq!(
+            split.peers.keys().collect::<Vec<_>>(),
+            vec![&target],
+            "{split:?}"
+        );
+    }
+
+    // A pod's own localhost is its own: not the gateway.
+    let in_pod = canary.probe("127.0.0.1:80", 5)?;
+    assert_eq!(in_pod.errors.get("ECONNREFUSED"), Some(&5), "{in_pod:?}");
+
+    // explain answers for the gateway's address.
+    let explained = canary.agent.cli(&["explain", "127.0.0.1:80"])?;
+    assert!(
+        explained.contains("default/flaskapp-gateway"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("VirtualService default/flaskapp-edge spec.http[0]"),
+        "{explained}"
+    );
+
+    // A live edit moves new connections.
+    canary.write("edge.yaml", &weighted_vs(0, 100))?;
+    let all_v2 = canary.probe_from_node("127.0.0.1:80", 200)?;
+    assert_eq!(all_v2.backends.get(V2), Some(&200), "{all_v2:?}");
+
+    // The Gateway deleted: its port is not served any more (nothing listens
+    // on the node's port 80 in this namespace).
+    canary.remove("gateway.yaml")?;
+    let gone = canary.probe_from_node("127.0.0.1:80", 5)?;
+    assert_eq!(gone.errors.get("ECONNREFUSED"), Some(&5), "{gone:?}");
+    Ok(())
+}
+
+#[test]
+fn a_gateway_selected_by_other_labels_or_with_tls_is_not_served_and_says_why() -> anyhow::Result<()>
+{
+    let mut canary = Canary::start_on_node(&["--gateway-labels", "istio=edge"])?;
+    canary.write("gateway.yaml", &seed_gateway()?)?;
+    canary.write("edge.yaml", &weighted_vs(80, 20))?;
+    // The seed's Gateway selects istio=ingressgateway: not this node.
+    let other = canary.probe_from_node("127.0.0.1:80", 5)?;
+    assert_eq!(other.errors.get("ECONNREFUSED"), Some(&5), "{other:?}");
+
+    let tls = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: secure, namespace: default}
+spec:
+  selector: {istio: edge}
+  servers:
+    - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [\"*\"], tls: {mode: SIMPLE}}
+";
+    canary.write("tls.yaml", tls)?;
+    let said = canary.agent.messages("ERROR").join("\n");
+    assert!(
+        said.contains("Gateway default/secure: spec.servers[0].port.protocol"),
+        "{said}"
+    );
+    let refused = canary.probe_from_node("127.0.0.1:443", 5)?;
+    assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&5), "{refused:?}");
+    Ok(())
+}
