@@ -4,9 +4,76 @@
 
 mod common;
 
-use common::{Canary, NODE4, NODE6, V1, V2, assert_share};
+use std::collections::BTreeMap;
+
+use common::{Canary, NODE4, NODE6, V1, V2, VIP4, VIP6, assert_share};
+use mesh_tools::manifests;
 
 const N: u64 = 2000;
+
+/// The seed's gateway files, verbatim.
+fn seed_file(name: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(format!(
+        "{}/../manifests/examples/seed/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))?)
+}
+
+/// What `count` requests of a real `curl` from the node's namespace (in the
+/// cgroup) got: answers per pod, and status codes.
+#[derive(Debug, Default)]
+struct Curled {
+    pods: BTreeMap<String, u64>,
+    codes: BTreeMap<u16, u64>,
+}
+
+impl Curled {
+    fn share(&self, prefix: &str) -> f64 {
+        let total: u64 = self.pods.values().sum();
+        let hits: u64 = self
+            .pods
+            .iter()
+            .filter(|(p, _)| p.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum();
+        hits as f64 / total.max(1) as f64
+    }
+}
+
+fn curl(canary: &Canary, url: &str, count: u64) -> anyhow::Result<Curled> {
+    // One curl, `count` requests (it keeps its connection to the gateway
+    // alive between them: the router decides per request).
+    let mut args = vec!["-sS", "--max-time", "60", "-w", "\ncode=%{http_code}\n"];
+    args.extend(std::iter::repeat_n(url, count as usize));
+    let child = mesh_tools::spawn_in_pod(
+        std::path::Path::new("curl"),
+        &canary.node.bridge,
+        Some(&canary.cgroup),
+        &args,
+    )?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut curled = Curled::default();
+    for line in text.lines() {
+        if let Some(code) = line.strip_prefix("code=") {
+            *curled.codes.entry(code.trim().parse()?).or_default() += 1;
+        } else if let Some(rest) = line.strip_prefix("Hello World by ") {
+            let pod = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *curled.pods.entry(pod).or_default() += 1;
+        }
+    }
+    anyhow::ensure!(
+        curled.codes.values().sum::<u64>() == count,
+        "curl {url}: {} answers of {count} ({}): {text:.400}",
+        curled.codes.values().sum::<u64>(),
+        out.status
+    );
+    Ok(curled)
+}
 
 /// The seed's Gateway (gateway.yaml without its VirtualService).
 fn seed_gateway() -> anyhow::Result<String> {
@@ -120,5 +187,58 @@ spec:
     );
     let refused = canary.probe_from_node("127.0.0.1:443", 5)?;
     assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&5), "{refused:?}");
+    Ok(())
+}
+
+#[test]
+fn the_seed_gateway_files_route_real_curl_per_request() -> anyhow::Result<()> {
+    let mut canary = Canary::start_on_node(&[])?;
+    // The seed's Service: port 5000, as its VirtualService names.
+    let vips = [VIP4.parse()?, VIP6.parse()?];
+    canary.write(
+        "service.yaml",
+        &manifests::service("flaskapp", &vips, 5000, 5000),
+    )?;
+    canary.write("gateway.yaml", &seed_file("gateway.yaml")?)?;
+
+    // gateway.yaml: `/` reaches every pod evenly; nothing else is routed.
+    let root = curl(&canary, "http://localhost/", 1000)?;
+    assert_eq!(root.codes, BTreeMap::from([(200, 1000)]), "{root:?}");
+    for pod in V1.iter().chain([&V2]) {
+        assert_share(root.share(pod), 0.25, 1000, pod);
+    }
+    let other = curl(&canary, "http://localhost/other", 20)?;
+    assert_eq!(other.codes, BTreeMap::from([(404, 20)]), "{other:?}");
+    let explained = canary.agent.cli(&["explain", "127.0.0.1:80"])?;
+    assert!(explained.contains("router"), "{explained}");
+
+    // gateway2.yaml, applied over it: `/` as before, anything else 80/20.
+    canary.write("gateway.yaml", &seed_file("gateway2.yaml")?)?;
+    let root = curl(&canary, "http://localhost/", 1000)?;
+    assert_eq!(root.codes, BTreeMap::from([(200, 1000)]), "{root:?}");
+    for pod in V1.iter().chain([&V2]) {
+        assert_share(root.share(pod), 0.25, 1000, pod);
+    }
+    for url in [
+        "http://localhost/other".to_owned(),
+        format!("http://{NODE4}/other"),
+        format!("http://[{NODE6}]/x/y"),
+    ] {
+        let split = curl(&canary, &url, 1000)?;
+        assert_eq!(
+            split.codes,
+            BTreeMap::from([(200, 1000)]),
+            "{url}: {split:?}"
+        );
+        assert_share(
+            split.share("flaskapp-v2"),
+            0.20,
+            1000,
+            &format!("v2 through {url}"),
+        );
+        for pod in V1 {
+            assert_share(split.share(pod), 0.80 / 3.0, 1000, pod);
+        }
+    }
     Ok(())
 }
