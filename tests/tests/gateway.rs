@@ -210,7 +210,11 @@ fn the_seed_gateway_files_route_real_curl_per_request() -> anyhow::Result<()> {
     let other = curl(&canary, "http://localhost/other", 20)?;
     assert_eq!(other.codes, BTreeMap::from([(404, 20)]), "{other:?}");
     let explained = canary.agent.cli(&["explain", "127.0.0.1:80"])?;
-    assert!(explained.contains("router"), "{explained}");
+    assert!(explained.contains("served by the router"), "{explained}");
+    assert!(
+        explained.contains("VirtualService default/flaskapp spec.http[0]"),
+        "{explained}"
+    );
 
     // gateway2.yaml, applied over it: `/` as before, anything else 80/20.
     canary.write("gateway.yaml", &seed_file("gateway2.yaml")?)?;

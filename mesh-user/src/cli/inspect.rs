@@ -233,6 +233,9 @@ pub struct ServiceDump {
     pub revision: u32,
     pub slot_count: u32,
     pub destinations: Vec<DestinationDump>,
+    /// A gateway port on a node address: the gateway's port, as recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<record::GatewayRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -375,6 +378,15 @@ pub fn dump(
                     .collect(),
             });
         }
+        let gateway = (table.value.flags & mesh_common::SERVICE_FLAG_GATEWAY != 0)
+            .then(|| {
+                record
+                    .gateways
+                    .iter()
+                    .find(|g| g.port == addr.port)
+                    .cloned()
+            })
+            .flatten();
         out.push(ServiceDump {
             vip: addr.vip,
             port: addr.port,
@@ -384,6 +396,7 @@ pub fn dump(
             revision: table.value.revision,
             slot_count: table.value.slot_count,
             destinations,
+            gateway,
         });
     }
     Ok(out)
@@ -401,6 +414,28 @@ pub fn print_dump(services: &[ServiceDump]) {
             s.revision
         );
         print_destinations(s);
+        print_gateway(s);
+    }
+}
+
+/// A gateway port: which Gateway servers, who serves it and why, its routes.
+fn print_gateway(s: &ServiceDump) {
+    let Some(g) = &s.gateway else {
+        return;
+    };
+    println!(
+        "    gateway port {}/{} of {}: served by the {}: {}",
+        g.port,
+        g.protocol,
+        g.servers.join(", "),
+        g.served_by,
+        g.why
+    );
+    if !g.router.is_empty() {
+        println!("    the router listens on {}", g.router.join(", "));
+    }
+    for r in &g.routes {
+        println!("      {r}");
     }
 }
 
@@ -437,7 +472,16 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
         return;
     }
     for s in services {
-        println!("{target}/{} is service {}.", s.proto, service_name(s));
+        if s.gateway.is_some() {
+            println!(
+                "{target}/{} is a gateway port of {}, for the node's own processes.",
+                s.proto,
+                service_name(s)
+            );
+            print_gateway(s);
+        } else {
+            println!("{target}/{} is service {}.", s.proto, service_name(s));
+        }
         println!("route: {}", s.route);
         let total: u64 = s.destinations.iter().filter_map(|d| d.weight).sum();
         if s.destinations.len() > 1 {
