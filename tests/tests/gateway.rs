@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{Canary, NODE4, NODE6, V1, V2, VIP4, VIP6, assert_share};
-use mesh_tools::manifests;
+use mesh_tools::{curl::Curled, manifests};
 
 const N: u64 = 2000;
 
@@ -19,60 +19,9 @@ fn seed_file(name: &str) -> anyhow::Result<String> {
     ))?)
 }
 
-/// What `count` requests of a real `curl` from the node's namespace (in the
-/// cgroup) got: answers per pod, and status codes.
-#[derive(Debug, Default)]
-struct Curled {
-    pods: BTreeMap<String, u64>,
-    codes: BTreeMap<u16, u64>,
-}
-
-impl Curled {
-    fn share(&self, prefix: &str) -> f64 {
-        let total: u64 = self.pods.values().sum();
-        let hits: u64 = self
-            .pods
-            .iter()
-            .filter(|(p, _)| p.starts_with(prefix))
-            .map(|(_, n)| n)
-            .sum();
-        hits as f64 / total.max(1) as f64
-    }
-}
-
+/// `count` requests of a real `curl` from the node's namespace, in the cgroup.
 fn curl(canary: &Canary, url: &str, count: u64) -> anyhow::Result<Curled> {
-    // One curl, `count` requests (it keeps its connection to the gateway
-    // alive between them: the router decides per request).
-    let mut args = vec!["-sS", "--max-time", "60", "-w", "\ncode=%{http_code}\n"];
-    args.extend(std::iter::repeat_n(url, count as usize));
-    let child = mesh_tools::spawn_in_pod(
-        std::path::Path::new("curl"),
-        &canary.node.bridge,
-        Some(&canary.cgroup),
-        &args,
-    )?;
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut curled = Curled::default();
-    for line in text.lines() {
-        if let Some(code) = line.strip_prefix("code=") {
-            *curled.codes.entry(code.trim().parse()?).or_default() += 1;
-        } else if let Some(rest) = line.strip_prefix("Hello World by ") {
-            let pod = rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            *curled.pods.entry(pod).or_default() += 1;
-        }
-    }
-    anyhow::ensure!(
-        curled.codes.values().sum::<u64>() == count,
-        "curl {url}: {} answers of {count} ({}): {text:.400}",
-        curled.codes.values().sum::<u64>(),
-        out.status
-    );
-    Ok(curled)
+    mesh_tools::curl::curl(&canary.node.bridge, Some(&canary.cgroup), url, count)
 }
 
 /// The seed's Gateway (gateway.yaml without its VirtualService).

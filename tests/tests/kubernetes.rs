@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use common::{V1, V2, VIP4, assert_share, vip4};
+use common::{V1, V2, VIP4, assert_share};
 use mesh_tools::{
     agent::Agent,
     apiserver::{ApiProxy, ApiServer},
@@ -78,7 +78,8 @@ fn topology_with(
         let version = if name.contains("v2") { "v2" } else { "v1" };
         let p = node.add_pod(name, 11 + i as u8)?;
         backends.push(Backend::spawn(&p.ns, name, version, 5000)?);
-        api.running_pod(name, "flaskapp", version, p.ipv4)?;
+        // The seed's label, which the example Service selects.
+        api.running_pod(name, "business", version, p.ipv4)?;
         pods.push((name.to_string(), p.ipv4, true));
     }
     api.kubectl(&["apply", "-f", &example("service.yaml")])?;
@@ -89,6 +90,13 @@ fn topology_with(
         api.apply(&slice(&pods))?;
     }
     Ok((node, backends, pods))
+}
+
+/// The example Service's VIP and port (the seed's: 5000).
+const EXAMPLE_PORT: u16 = 5000;
+
+fn vip4() -> String {
+    format!("{VIP4}:{EXAMPLE_PORT}")
 }
 
 fn example(file: &str) -> String {
@@ -887,7 +895,7 @@ fn client_pod(
             "-d",
             VIP4,
             "--dport",
-            "80",
+            "5000",
             "-j",
             "DNAT",
             "--to-destination",

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod backend;
 pub mod cgroup;
+pub mod curl;
 pub mod kube_proxy;
 pub mod load;
 pub mod manifests;

@@ -92,7 +92,7 @@ mod tests {
         assert!(!checked.errors, "{}", checked.report);
         assert!(
             checked.report.contains(
-                "10.96.0.80:80/TCP  default/flaskapp  [VirtualService default/flaskapp spec.http[0]]"
+                "10.96.0.80:5000/TCP  default/flaskapp  [VirtualService default/flaskapp spec.http[0]]"
             ),
             "{}",
             checked.report

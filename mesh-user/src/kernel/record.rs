@@ -148,7 +148,11 @@ impl GatewayRecord {
                                 if r.matches.is_empty() {
                                     "every request".to_owned()
                                 } else {
-                                    format!("{:?}", r.matches)
+                                    r.matches
+                                        .iter()
+                                        .map(ToString::to_string)
+                                        .collect::<Vec<_>>()
+                                        .join(" or ")
                                 },
                                 describe(&r.destinations)
                             )

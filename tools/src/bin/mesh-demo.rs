@@ -2,7 +2,10 @@
 //! machine. Three flaskapp v1 pods and one v2 pod as network namespaces, the real
 //! agent on the example manifests, a client in the mesh cgroup calling the Service
 //! VIP, the split shown live; then the VirtualService is edited from 80/20 to 50/50
-//! and the split moves. Ctrl-C cleans everything up.
+//! and the split moves. Then the seed's gateway: its `gateway.yaml` and
+//! `gateway2.yaml` applied as they are, and `curl http://localhost/...` on the
+//! node as the seed's user runs it, each path's answers counted; then a live
+//! edit of the gateway's weights. Ctrl-C cleans everything up.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -45,7 +48,12 @@ const PODS: [(&str, &str, u8); 4] = [
     ("flaskapp-v1-2", "v1", 13),
     ("flaskapp-v2-0", "v2", 21),
 ];
-const VIP: &str = "10.96.0.80:80";
+const VIP: &str = "10.96.0.80:5000";
+/// The node's address on the pods' bridge (the agent runs in the node's
+/// namespace, where the gateway serves `localhost` and this address).
+const NODE_ADDR: &str = "10.244.0.1";
+/// The seed's gateway files.
+const SEED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/seed");
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -62,6 +70,8 @@ fn main() -> anyhow::Result<()> {
 
     println!("== Setting up: one node, a client pod and four flaskapp pods (network namespaces)");
     let mut node = Node::new()?;
+    node.bridge
+        .ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", "br0"])?;
     node.add_pod("client", 2)?;
     let mut backends = Vec::new();
     for (name, version, host) in PODS {
@@ -85,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         dir.path().display(),
         cgroup.path().display()
     );
-    let mut agent = Agent::start(dir.path(), cgroup.path())?;
+    let mut agent = Agent::start_in_netns(dir.path(), cgroup.path(), &node.bridge, &[])?;
 
     println!(
         "\n== VirtualService flaskapp: v1 80%, v2 20%. Client in the mesh cgroup -> http://{VIP}/"
@@ -106,6 +116,9 @@ fn main() -> anyhow::Result<()> {
         );
         show_split(&node, &cgroup, args.seconds)?;
     }
+    if !INTERRUPTED.load(Ordering::Relaxed) {
+        gateway(&node, &cgroup, &dir, &mut agent)?;
+    }
     if INTERRUPTED.load(Ordering::Relaxed) {
         println!("\ninterrupted");
     }
@@ -114,6 +127,74 @@ fn main() -> anyhow::Result<()> {
     drop(backends);
     drop((cgroup, node, dir));
     println!("done");
+    Ok(())
+}
+
+/// The seed's gateway, as its user runs it: `kubectl apply -f gateway.yaml`,
+/// `curl http://localhost/`; then `gateway2.yaml`, and a live weight edit.
+fn gateway(
+    node: &Node,
+    cgroup: &Cgroup,
+    dir: &ManifestDir,
+    agent: &mut Agent,
+) -> anyhow::Result<()> {
+    let apply = |agent: &mut Agent, file: &str, text: &str| -> anyhow::Result<()> {
+        let next = agent.generation() + 1;
+        dir.write(file, text)?;
+        agent.wait_applied(next, Duration::from_secs(10))?;
+        Ok(())
+    };
+    let seed = |name: &str| std::fs::read_to_string(format!("{SEED}/{name}"));
+    // The seed's gateway VirtualService is named flaskapp too: it replaces
+    // the mesh one, as `kubectl apply` does in the seed.
+    std::fs::remove_file(dir.path().join("virtualservice.yaml"))?;
+    println!(
+        "\n== The seed's gateway.yaml (Gateway flaskapp-gateway, port 80; VirtualService: uri exact / -> flaskapp:5000)"
+    );
+    apply(agent, "gateway.yaml", &seed("gateway.yaml")?)?;
+    curl_show(node, cgroup, "http://localhost/")?;
+    curl_show(node, cgroup, "http://localhost/other")?;
+    println!("\n== The seed's gateway2.yaml (adds a route for every other path: v1 80%, v2 20%)");
+    apply(agent, "gateway.yaml", &seed("gateway2.yaml")?)?;
+    curl_show(node, cgroup, "http://localhost/")?;
+    curl_show(node, cgroup, "http://localhost/other")?;
+    curl_show(node, cgroup, &format!("http://{NODE_ADDR}/hello"))?;
+    println!("\n   mesh-agent explain 127.0.0.1:80 says:");
+    for line in agent.cli(&["explain", "127.0.0.1:80"])?.lines() {
+        println!("   | {line}");
+    }
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let edited = seed("gateway2.yaml")?
+        .replace("weight: 80", "weight: 50")
+        .replace("weight: 20", "weight: 50");
+    apply(agent, "gateway.yaml", &edited)?;
+    println!(
+        "\n== kubectl edit virtualservice flaskapp: 80/20 -> 50/50; served {:.0} ms after the save",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    curl_show(node, cgroup, "http://localhost/other")?;
+    Ok(())
+}
+
+/// 200 requests of one real `curl` on the node; who answered, how often.
+fn curl_show(node: &Node, cgroup: &Cgroup, url: &str) -> anyhow::Result<()> {
+    const N: u64 = 200;
+    let got = mesh_tools::curl::curl(&node.bridge, Some(cgroup), url, N)?;
+    let codes: Vec<String> = got
+        .codes
+        .iter()
+        .map(|(c, n)| format!("{n} x {c}"))
+        .collect();
+    println!("   $ curl {url}   ({N} requests: {})", codes.join(", "));
+    for (pod, n) in &got.pods {
+        println!(
+            "          {pod:<14} {n:>4}  {:5.1}%",
+            100.0 * *n as f64 / N as f64
+        );
+    }
     Ok(())
 }
 

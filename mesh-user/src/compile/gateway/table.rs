@@ -74,3 +74,36 @@ pub enum StringMatch {
     Prefix(String),
     Regex(String),
 }
+
+impl std::fmt::Display for StringMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StringMatch::Exact(s) => write!(f, "exact {s:?}"),
+            StringMatch::Prefix(s) => write!(f, "prefix {s:?}"),
+            StringMatch::Regex(s) => write!(f, "regex {s:?}"),
+        }
+    }
+}
+
+/// `uri exact "/" and header x-user exact "a"`; `every request` when empty.
+impl std::fmt::Display for RequestMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(m) = &self.uri {
+            parts.push(format!("uri {m}"));
+        }
+        if let Some(m) = &self.method {
+            parts.push(format!("method {m}"));
+        }
+        if let Some(m) = &self.authority {
+            parts.push(format!("authority {m}"));
+        }
+        for (name, m) in &self.headers {
+            parts.push(format!("header {name} {m}"));
+        }
+        if parts.is_empty() {
+            return f.write_str("every request");
+        }
+        f.write_str(&parts.join(" and "))
+    }
+}

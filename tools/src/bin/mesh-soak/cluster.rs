@@ -14,8 +14,10 @@ use mesh_tools::{
 pub const HOST: &str = "flaskapp";
 /// What `apiserver::endpoint_slice` names the Service's slice.
 pub const SLICE: &str = "flaskapp-abcde";
-pub const VIP: &str = "10.96.0.80:80";
+pub const VIP: &str = "10.96.0.80:5000";
 pub const TARGET_PORT: u16 = 5000;
+/// The pods' `app` label, which the example Service selects (the seed's).
+const APP: &str = "business";
 /// (pod, version, host number).
 pub const PODS: [(&str, &str, u8); 5] = [
     ("flaskapp-v1-0", "v1", 11),
@@ -78,7 +80,7 @@ impl Cluster {
         for (name, version, host) in PODS {
             let pod = node.add_pod(name, host)?;
             backends.push(Backend::spawn(&pod.ns, name, version, TARGET_PORT)?);
-            api.running_pod(name, HOST, version, pod.ipv4)?;
+            api.running_pod(name, APP, version, pod.ipv4)?;
             println!("   pod {name:<14} version {version}  {}", pod.ipv4);
             pods.push(PodInfo {
                 name: name.to_owned(),

@@ -190,7 +190,7 @@ mod tests {
     }
 
     fn vip() -> SocketAddr {
-        SocketAddr::from(([10, 96, 0, 80], 80))
+        SocketAddr::from(([10, 96, 0, 80], 5000))
     }
 
     #[test]
