@@ -653,6 +653,52 @@ fn mesh_on_the_node(
         "v2 at 50/50 after the agent's restart",
     );
 
+    // The seed's gateway: `kubectl apply -f gateway.yaml` (its VirtualService
+    // replaces the mesh one, same name), then `curl http://localhost/` on the
+    // node, as the seed's user runs it: the node's processes reach the pods
+    // through the agent's router (the route matches `uri: exact /`).
+    let ready: BTreeSet<String> = left.iter().chain(&v2).cloned().collect();
+    seed::apply(node, "gateway.yaml")?;
+    let root = poll(
+        Duration::from_secs(60),
+        "curl http://localhost/ served",
+        || {
+            Ok(mesh_tools::curl::curl_here("http://localhost/", 200)
+                .ok()
+                .filter(|c| c.codes.get(&200) == Some(&200)))
+        },
+    )?;
+    let pods: BTreeSet<String> = root.pods.keys().cloned().collect();
+    assert_eq!(pods, ready, "every ready pod answers /: {root:?}");
+    let other = mesh_tools::curl::curl_here("http://localhost/other", 20)?;
+    assert_eq!(other.codes.get(&404), Some(&20), "{other:?}");
+    // gateway2.yaml: any other path takes the 80/20 route.
+    seed::apply(node, "gateway2.yaml")?;
+    let split = poll(Duration::from_secs(60), "gateway2.yaml served", || {
+        Ok(
+            mesh_tools::curl::curl_here("http://localhost/other", u64::from(n))
+                .ok()
+                .filter(|c| c.codes.get(&200) == Some(&u64::from(n))),
+        )
+    })?;
+    common::assert_share(
+        split.share(&v2[0]),
+        0.2,
+        u64::from(n),
+        "gateway2 /other: v2 at 80/20",
+    );
+    eprintln!(
+        "the seed's gateway on the node: / {:?}, /other {:?}",
+        root.pods, split.pods
+    );
+    let gateway_progs = attached("/sys/fs/cgroup/unified")?;
+    assert!(
+        gateway_progs
+            .iter()
+            .any(|(_, t)| t.contains("cgroup_inet4_connect")),
+        "no gateway connect program on the node's cgroup root: {gateway_progs:?}"
+    );
+
     // The kernel programs sit on the pods' cgroup (cgroup v2 of this hybrid
     // host), pinned in the pin dir the overlay gave.
     let progs = attached("/sys/fs/cgroup/unified/kubepods")?;
@@ -664,7 +710,14 @@ fn mesh_on_the_node(
         );
     }
     assert!(mesh.pin_dir.is_dir(), "{} missing", mesh.pin_dir.display());
-    Ok((mesh, progs.into_iter().map(|(id, _)| id).collect()))
+    Ok((
+        mesh,
+        progs
+            .into_iter()
+            .chain(gateway_progs)
+            .map(|(id, _)| id)
+            .collect(),
+    ))
 }
 
 /// Rolling restarts under a connect storm from a meshed pod: of the

@@ -180,7 +180,7 @@ impl ApiServer {
         ip: std::net::IpAddr,
     ) -> anyhow::Result<()> {
         self.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: {app}, version: {version}}}\nspec:\n  containers: [{{name: {app}, image: istio/examples-flaskapp, ports: [{{name: http, containerPort: 5000}}]}}]\n"
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: {app}, version: {version}}}\nspec:\n  containers: [{{name: flaskapp, image: istio/examples-flaskapp, ports: [{{name: http, containerPort: 5000}}]}}]\n"
         ))?;
         let status = format!(
             r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"conditions":[{{"type":"Ready","status":"True"}}]}}}}"#
