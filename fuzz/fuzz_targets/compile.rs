@@ -25,7 +25,21 @@ fuzz_target!(|data: &[u8]| {
     });
     let config = compile::Config::default();
     index.revalidate(&config.cluster_domain);
-    let _ = compile::compile(&index, &config);
+    let compiled = compile::compile(&index, &config);
+    // The gateway ports' tables, for a node address and a router listening.
+    let node = [std::net::IpAddr::from([192, 0, 2, 1])];
+    let router = compiled
+        .gateways
+        .iter()
+        .map(|p| {
+            let addrs = compile::gateway::RouterAddrs {
+                v4: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 40000))),
+                v6: None,
+            };
+            (p.port, addrs)
+        })
+        .collect();
+    let _ = compile::gateway::service_plans(&compiled.gateways, &node, &router, 64);
     // A small table limit sends most routes through the apportioning path.
     let small = compile::Config {
         max_slots: 7,

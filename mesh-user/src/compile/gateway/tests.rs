@@ -32,11 +32,10 @@ fn pod(name: &str, version: &str, ip: &str) -> String {
 
 /// Compiles the folder made of `extra` YAML documents and seed files.
 fn compile_with(seed_files: &[&str], extra: &[String]) -> Compiled {
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "mesh-gw-test-{}-{}",
-        std::process::id(),
-        seed_files.join("-").replace('.', "_")
-    ));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("mesh-gw-test-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     for f in seed_files {
@@ -229,4 +228,144 @@ spec:
     let ports: Vec<u16> = c.gateways.iter().map(|p| p.port).collect();
     assert_eq!(ports, [9000]);
     assert_eq!(c.gateways[0].serve, Serve::Nothing);
+}
+
+fn gateway(name: &str, created: &str, port: u16, hosts: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: default, creationTimestamp: \"{created}\"}}\n\
+         spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n    - {{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: {hosts}}}\n"
+    )
+}
+
+fn vs(name: &str, created: &str, extra: &str, http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: default, creationTimestamp: \"{created}\"}}\n\
+         spec:\n  hosts: [\"*\"]\n{extra}  http:\n{http}"
+    )
+}
+
+fn router_table(port: &GatewayPort) -> &super::table::HttpTable {
+    match &port.serve {
+        Serve::Router { table } => table,
+        other => panic!("not the router: {other:?}"),
+    }
+}
+
+#[test]
+fn http_gateways_on_one_port_merge_and_catch_alls_go_last_across_virtual_services() {
+    let docs = [
+        gateway("gw-old", "2026-01-01T00:00:00Z", 80, "[\"*\"]"),
+        gateway("gw-new", "2026-02-01T00:00:00Z", 80, "[\"*\"]"),
+        vs(
+            "a-older",
+            "2026-01-01T00:00:00Z",
+            "  gateways: [gw-new]\n",
+            "    - route: [{destination: {host: flaskapp}}]\n    - match: [{uri: {exact: /dropped}}]\n      route: [{destination: {host: flaskapp}}]\n",
+        ),
+        vs(
+            "b-newer",
+            "2026-03-01T00:00:00Z",
+            "  gateways: [gw-old]\n",
+            "    - match: [{uri: {prefix: /b}}]\n      route: [{destination: {host: flaskapp, subset: v2}}]\n",
+        ),
+    ];
+    let c = compile_with(&["destinationrule.yaml"], &docs);
+    let port = only_port(&c);
+    let servers: Vec<String> = port
+        .servers
+        .iter()
+        .map(|s| s.gateway.name.clone())
+        .collect();
+    assert_eq!(servers, ["gw-old", "gw-new"], "merged, oldest first");
+    let routes = &router_table(port).hosts[0].routes;
+    let order: Vec<(String, &str)> = routes
+        .iter()
+        .map(|r| (r.vs.name.clone(), r.field.as_str()))
+        .collect();
+    // b-newer's match comes first: a-older's catch-all moved to the end, and
+    // its routes after that catch-all were dropped, as Istio does.
+    assert_eq!(
+        order,
+        [
+            ("b-newer".to_owned(), "spec.http[0]"),
+            ("a-older".to_owned(), "spec.http[0]")
+        ]
+    );
+}
+
+#[test]
+fn a_host_specific_server_needs_the_router_and_export_to_is_honoured() {
+    let docs = [
+        gateway("gw", "2026-01-01T00:00:00Z", 80, "[\"shop.example.com\"]"),
+        vs(
+            "shop",
+            "2026-01-01T00:00:00Z",
+            "  gateways: [gw]\n",
+            "    - route: [{destination: {host: flaskapp}}]\n",
+        ),
+        vs(
+            "private",
+            "2026-01-02T00:00:00Z",
+            "  gateways: [gw]\n  exportTo: [\".\"]\n",
+            "    - match: [{uri: {exact: /p}}]\n      route: [{destination: {host: flaskapp}}]\n",
+        ),
+    ];
+    let c = compile_with(&["destinationrule.yaml"], &docs);
+    let port = only_port(&c);
+    let table = router_table(port);
+    let hosts: Vec<&str> = table.hosts.iter().map(|h| h.domain.as_str()).collect();
+    assert_eq!(
+        hosts,
+        ["shop.example.com"],
+        "a request for another host gets 404"
+    );
+    // `private` is exported to its own namespace only, not the gateway's.
+    let from: Vec<&str> = table.hosts[0]
+        .routes
+        .iter()
+        .map(|r| r.vs.name.as_str())
+        .collect();
+    assert_eq!(from, ["shop"]);
+}
+
+#[test]
+fn route_features_the_router_lacks_are_reported_and_answer_changing_ones_not_served() {
+    let docs = [
+        gateway("gw", "2026-01-01T00:00:00Z", 80, "[\"*\"]"),
+        vs(
+            "edge",
+            "2026-01-01T00:00:00Z",
+            "  gateways: [gw]\n",
+            "    - match: [{uri: {exact: /old}}]\n      redirect: {uri: /new}\n    - match: [{uri: {regex: \"/x[\"}}]\n      route: [{destination: {host: flaskapp}}]\n    - match: [{queryParams: {a: {exact: b}}}]\n      route: [{destination: {host: flaskapp}}]\n    - retries: {attempts: 3}\n      route: [{destination: {host: flaskapp}}]\n",
+        ),
+    ];
+    let c = compile_with(&["destinationrule.yaml"], &docs);
+    let has = |severity: Severity, needle: &str| {
+        c.diagnostics
+            .iter()
+            .any(|d| d.severity == severity && d.to_string().contains(needle))
+    };
+    let said = &c.diagnostics;
+    for field in [
+        "spec.http[0].redirect",
+        "spec.http[1].match[0].uri",
+        "spec.http[2].match[0].queryParams",
+    ] {
+        let needle = format!("VirtualService default/edge: {field}");
+        assert!(has(Severity::Error, &needle), "{needle}: {said:#?}");
+    }
+    assert!(
+        has(
+            Severity::Warning,
+            "VirtualService default/edge: spec.http[3].retries"
+        ),
+        "{said:#?}"
+    );
+    assert_eq!(c.gateways.len(), 1);
+    // Only the route with retries is served (without them): a catch-all, so
+    // the kernel serves the port.
+    let Serve::Kernel { field, .. } = &c.gateways[0].serve else {
+        panic!("{:?}", c.gateways[0].serve);
+    };
+    assert_eq!(field, "spec.http[3]");
 }
