@@ -195,3 +195,36 @@ fn the_seed_gateway_files_route_real_curl_per_request() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_gateway_port_a_node_process_listens_on_is_reported_and_the_cgroup_still_reaches_the_gateway()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start_on_node(&[])?;
+    // A process of the node already listens on the port a Gateway then asks for.
+    let _squatter =
+        mesh_tools::backend::Backend::spawn(&canary.node.bridge, "node-process", "none", 8081)?;
+    let gateway = seed_gateway()?.replace("number: 80", "number: 8081");
+    canary.write("gateway.yaml", &gateway)?;
+    canary.write("edge.yaml", &weighted_vs(80, 20))?;
+    let warned = canary.agent.messages("WARN").join("\n");
+    assert!(
+        warned.contains(
+            "Gateway default/flaskapp-gateway: spec.servers[0].port.number: port 8081 is also bound on the node"
+        ),
+        "{warned}"
+    );
+    // The node's processes in the gateway cgroup reach the gateway...
+    let served = canary.probe_from_node("127.0.0.1:8081", 400)?;
+    assert_eq!(served.failed(), 0, "{served:?}");
+    assert_eq!(served.backends.get("node-process"), None, "{served:?}");
+    assert_share(
+        served.share("flaskapp-v2"),
+        0.20,
+        400,
+        "v2 through the gateway",
+    );
+    // ...the others reach the process that listens there.
+    let others = mesh_tools::probe::probe(&canary.node.bridge, None, "127.0.0.1:8081", 20, 1)?;
+    assert_eq!(others.backends.get("node-process"), Some(&20), "{others:?}");
+    Ok(())
+}

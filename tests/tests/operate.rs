@@ -55,7 +55,8 @@ fn sigkill_and_restart_lose_no_connection_and_keep_the_split() -> anyhow::Result
     assert_eq!(field(adopted.first(), "services"), Some(2), "{adopted:?}");
     let applied = canary.agent.records("config applied");
     assert_eq!(field(applied.first(), "written"), Some(0), "{applied:?}");
-    assert_eq!(canary.agent.records("program unchanged").len(), 5);
+    // connect4/6, getpeername4/6, sockops, and the gateway's connect4/6.
+    assert_eq!(canary.agent.records("program unchanged").len(), 7);
     Ok(())
 }
 
@@ -109,7 +110,7 @@ fn an_upgrade_swaps_changed_programs_live() -> anyhow::Result<()> {
     // Only getpeername4 differs in the new object; it was swapped in place.
     let swapped = swapped_programs(&canary.agent);
     assert_eq!(swapped, ["mesh_getpeername4"]);
-    assert_eq!(canary.agent.records("program unchanged").len(), 4);
+    assert_eq!(canary.agent.records("program unchanged").len(), 6);
 
     // The kernel runs the new code: only it counts PEER_REWRITTEN_BY_VARIANT.
     let after = canary.probe(&vip4(), 200)?;
@@ -140,7 +141,7 @@ fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Res
         .collect();
     assert_eq!(
         (program_ids.len(), map_ids.len()),
-        (5, mesh_common::map_names::ALL.len()),
+        (7, mesh_common::map_names::ALL.len()),
         "{status}"
     );
 
@@ -462,7 +463,7 @@ fn status_dump_and_explain_read_the_pinned_state_with_or_without_an_agent() -> a
         let status: serde_json::Value =
             serde_json::from_str(&agent.cli(&["status", "--output", "json"])?)?;
         assert_eq!(status["agent"]["running"], running, "{status}");
-        assert_eq!(status["programs"].as_array().map(Vec::len), Some(5));
+        assert_eq!(status["programs"].as_array().map(Vec::len), Some(7));
         assert_eq!(status["services"], 2, "{status}");
         assert_eq!(status["backends"], 8, "4 pods, IPv4 and IPv6: {status}");
         let slots = status["maps"]
@@ -567,7 +568,15 @@ fn a_pinned_map_of_another_layout_is_replaced_never_misread() -> anyhow::Result<
     );
     // The programs that read the map now read the new one: swapped in place.
     let swapped = swapped_programs(&canary.agent);
-    assert_eq!(swapped, ["mesh_connect4", "mesh_connect6"]);
+    assert_eq!(
+        swapped,
+        [
+            "mesh_connect4",
+            "mesh_connect6",
+            "mesh_gateway_connect4",
+            "mesh_gateway_connect6"
+        ]
+    );
     let after = canary.probe(&vip4(), 2000)?;
     assert_eq!(after.failed(), 0, "{after:?}");
     assert_share(after.share(V2), 0.20, after.ok, "80/20 on the new map");
@@ -715,6 +724,8 @@ fn replacing_revnat_alone_fails_no_connect_and_keeps_the_vip_of_open_sockets() -
         [
             "mesh_connect4",
             "mesh_connect6",
+            "mesh_gateway_connect4",
+            "mesh_gateway_connect6",
             "mesh_getpeername4",
             "mesh_getpeername6"
         ]
@@ -791,13 +802,23 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
             "SLOTS_V1",
             "SLOTS_V0",
             &["SERVICES_V1"][..],
-            &["mesh_connect4", "mesh_connect6"][..],
+            &[
+                "mesh_connect4",
+                "mesh_connect6",
+                "mesh_gateway_connect4",
+                "mesh_gateway_connect6",
+            ][..],
         ),
         (
             "SERVICES_V1",
             "SERVICES_V0",
             &["SLOTS_V1"],
-            &["mesh_connect4", "mesh_connect6"],
+            &[
+                "mesh_connect4",
+                "mesh_connect6",
+                "mesh_gateway_connect4",
+                "mesh_gateway_connect6",
+            ],
         ),
         (
             "REVNAT_V1",
@@ -806,6 +827,8 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
             &[
                 "mesh_connect4",
                 "mesh_connect6",
+                "mesh_gateway_connect4",
+                "mesh_gateway_connect6",
                 "mesh_getpeername4",
                 "mesh_getpeername6",
             ],
