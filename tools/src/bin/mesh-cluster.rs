@@ -187,6 +187,7 @@ fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
         "virtualservice/flaskapp",
         "destinationrule/flaskapp",
         "deployment/flaskapp-v2",
+        "gateway/flaskapp-gateway",
     ] {
         node.kubectl(&["delete", what, "--ignore-not-found", "--wait=true"])?;
     }
@@ -253,5 +254,42 @@ fn demo(node: &Node, run_dir: &Path, each: Duration) -> anyhow::Result<()> {
     })?;
     println!("  in the kernel {:.0?} after the edit", t.elapsed());
     watch_split(node, &addr, each)?;
+
+    println!("\n# 5. The seed's gateway: kubectl apply -f gateway.yaml, then curl on the node");
+    apply(node, "gateway.yaml")?;
+    curl_localhost("http://localhost/")?;
+    curl_localhost("http://localhost/other")?;
+    println!("\n# 6. gateway2.yaml: / as before, every other path 80/20 between v1 and v2");
+    apply(node, "gateway2.yaml")?;
+    curl_localhost("http://localhost/")?;
+    curl_localhost("http://localhost/other")?;
+    println!("\n# 7. kubectl edit virtualservice flaskapp (the gateway's: 80/20 -> 50/50)");
+    seed::edit(
+        node,
+        "virtualservice/flaskapp",
+        &[("weight: 80", "weight: 50"), ("weight: 20", "weight: 50")],
+    )?;
+    curl_localhost("http://localhost/other")?;
+    Ok(())
+}
+
+/// `curl` on the node, as the seed's user runs it (200 requests, once the
+/// gateway answers them all): who answered how often.
+fn curl_localhost(url: &str) -> anyhow::Result<()> {
+    const N: u64 = 200;
+    let got = poll(Duration::from_secs(60), "the gateway to answer", || {
+        Ok(mesh_tools::curl::curl_here(url, N)
+            .ok()
+            .filter(|c| c.codes.keys().all(|code| *code != 503)))
+    })?;
+    let codes: Vec<String> = got
+        .codes
+        .iter()
+        .map(|(c, n)| format!("{n} x {c}"))
+        .collect();
+    println!("$ curl {url}   ({N} requests: {})", codes.join(", "));
+    for (pod, n) in &got.pods {
+        println!("  {pod:<36} {n:>4}  {:5.1}%", 100.0 * *n as f64 / N as f64);
+    }
     Ok(())
 }
