@@ -856,6 +856,21 @@ fn the_cluster_comes_up_tells_the_seed_and_goes_down() -> anyhow::Result<()> {
         let (edited, n) = split("4.")?;
         common::assert_share(edited, 0.5, n, "v2 at 50/50 after kubectl edit");
         assert!(demo.contains("in the kernel"), "{demo}");
+        // The seed's gateway on the node: `/` answered, `/other` 404 under
+        // gateway.yaml, then answered under gateway2.yaml.
+        let step = |s: &str| {
+            demo.split("\n# ")
+                .find(|p| p.starts_with(s))
+                .unwrap_or_default()
+        };
+        assert!(
+            step("5.").contains("200 x 200") && step("5.").contains("200 x 404"),
+            "{demo}"
+        );
+        assert!(
+            !step("6.").contains("x 404") && step("6.").contains("200 x 200"),
+            "{demo}"
+        );
 
         let status = run(&["status"])?;
         assert!(status.contains(" Ready "), "{status}");
