@@ -100,6 +100,16 @@ impl Stats {
     }
 }
 
+/// A handle on the router's request counts.
+#[derive(Clone, Debug)]
+pub struct StatsHandle(Arc<Stats>);
+
+impl StatsHandle {
+    pub fn snapshot(&self) -> Vec<RouteStat> {
+        self.0.snapshot()
+    }
+}
+
 type HttpClient = Client<HttpConnector, Incoming>;
 
 /// What every connection of one port shares.
@@ -186,6 +196,11 @@ impl Router {
     /// Requests served so far per (port, vs, field, status code).
     pub fn stats(&self) -> Vec<RouteStat> {
         self.stats.snapshot()
+    }
+
+    /// The same counts, readable after the router moved elsewhere (/metrics).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.stats.clone())
     }
 
     fn serve(&self, port: u16, table: Arc<Table>) -> Result<Served, RouterError> {

@@ -350,3 +350,49 @@ mod tests {
         assert!(!text.contains("spec.tls"), "{text}");
     }
 }
+
+/// The gateway router's request counts, as `mesh_gateway_requests_total`.
+#[derive(Debug)]
+pub struct RouterRequests(pub crate::router::StatsHandle);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RouteLabels {
+    port: u16,
+    /// `ns/name` of the VirtualService; empty when no route matched.
+    virtual_service: String,
+    /// `spec.http[i]`; empty when no route matched.
+    route: String,
+    code: u16,
+}
+
+impl prometheus_client::collector::Collector for RouterRequests {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(0u64);
+        let mut e = encoder.encode_descriptor(
+            "gateway_requests",
+            "Requests the gateway's HTTP router answered, by port, route and status code",
+            None,
+            counter.metric_type(),
+        )?;
+        for s in self.0.snapshot() {
+            let vs = if s.field.is_empty() {
+                String::new()
+            } else {
+                s.vs.to_string()
+            };
+            prometheus_client::metrics::counter::ConstCounter::new(s.requests).encode(
+                e.encode_family(&RouteLabels {
+                    port: s.port,
+                    virtual_service: vs,
+                    route: s.field,
+                    code: s.code,
+                })?,
+            )?;
+        }
+        Ok(())
+    }
+}
