@@ -1,0 +1,367 @@
+//! The gateway for clients outside the node, per packet in tc: a client's TCP
+//! packets to (node address, gateway port) are translated to a backend chosen by
+//! weighted Maglev on the flow's first SYN and kept by a conntrack entry
+//! (`GATEWAY_CT_V1`); the backend's replies leaving by the same device get their
+//! source translated back, so the client sees answers from what it dialled.
+//!
+//! Both programs return `TC_ACT_UNSPEC` (TCX "next") for what they leave alone
+//! and after a rewrite, so that programs attached after them still run; they
+//! drop only a SYN that drew no backend.
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use mesh_common::{
+    Backend, CT_FIN_BACKEND, CT_FIN_CLIENT, CT_RST, FAMILY_V4, FAMILY_V6, FLOW_FORWARD, FLOW_REPLY,
+    GATEWAY_CT_TOUCH_NS, GatewayFlow, GatewayNat, MaglevKey, PROTO_TCP, ServiceKey, gateway_stat,
+};
+
+use crate::{
+    maps::{GATEWAY_CT, GATEWAY_STATS, GATEWAY_VIPS, MAGLEV},
+    stats,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// Offsets in the IPv4 header.
+const IP4_FRAG: usize = 6;
+const IP4_PROTO: usize = 9;
+const IP4_CSUM: usize = 10;
+const IP4_SADDR: usize = 12;
+const IP4_DADDR: usize = 16;
+/// Offsets in the IPv6 header (no extension headers: anything else is left alone).
+const IP6_NEXT: usize = 6;
+const IP6_SADDR: usize = 8;
+const IP6_DADDR: usize = 24;
+const IP6_HLEN: usize = 40;
+/// Offsets in the TCP header.
+const TCP_SPORT: usize = 0;
+const TCP_DPORT: usize = 2;
+const TCP_FLAGS: usize = 13;
+const TCP_CSUM: usize = 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A parsed TCP packet: addresses and ports as they are on the wire.
+struct Packet {
+    family: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    /// Offset of the IP header's source address; the destination follows at
+    /// +4 (IPv4) or +16 (IPv6).
+    l3: usize,
+    /// Offset of the TCP header.
+    l4: usize,
+}
+
+/// The TCP packet in `ctx`, if it is one we may translate (IPv4 unfragmented,
+/// or IPv6 with TCP as the first next header).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if proto == ETH_P_IP {
+        let ver_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+        if ver_ihl >> 4 != 4 || ihl < 20 || ihl > 60 {
+            return None;
+        }
+        let l4proto: u8 = ctx.load(ETH_HLEN + IP4_PROTO).ok()?;
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + IP4_FRAG).ok()?);
+        if l4proto != PROTO_TCP || frag & 0x3fff != 0 {
+            return None;
+        }
+        let l4 = ETH_HLEN + ihl;
+        Some(Packet {
+            family: FAMILY_V4,
+            saddr: [ctx.load(ETH_HLEN + IP4_SADDR).ok()?, 0, 0, 0],
+            daddr: [ctx.load(ETH_HLEN + IP4_DADDR).ok()?, 0, 0, 0],
+            sport: ctx.load(l4 + TCP_SPORT).ok()?,
+            dport: ctx.load(l4 + TCP_DPORT).ok()?,
+            flags: ctx.load(l4 + TCP_FLAGS).ok()?,
+            l3: ETH_HLEN + IP4_SADDR,
+            l4,
+        })
+    } else if proto == ETH_P_IPV6 {
+        let next: u8 = ctx.load(ETH_HLEN + IP6_NEXT).ok()?;
+        if next != PROTO_TCP {
+            return None;
+        }
+        let l4 = ETH_HLEN + IP6_HLEN;
+        Some(Packet {
+            family: FAMILY_V6,
+            saddr: ctx.load(ETH_HLEN + IP6_SADDR).ok()?,
+            daddr: ctx.load(ETH_HLEN + IP6_DADDR).ok()?,
+            sport: ctx.load(l4 + TCP_SPORT).ok()?,
+            dport: ctx.load(l4 + TCP_DPORT).ok()?,
+            flags: ctx.load(l4 + TCP_FLAGS).ok()?,
+            l3: ETH_HLEN + IP6_SADDR,
+            l4,
+        })
+    } else {
+        None
+    }
+}
+
+/// murmur3's 32-bit finaliser over the flow's words: the flow hash that picks
+/// a Maglev slot. Any fixed mix will do: the table, not the hash, is shared
+/// across nodes and restarts; this only has to spread flows evenly.
+#[inline(always)]
+fn flow_hash(p: &Packet) -> u32 {
+    let mut h: u32 = 0x9747_b28c;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h, p.saddr[i]);
+        h = mix(h, p.daddr[i]);
+        i += 1;
+    }
+    h = mix(h, ((p.sport as u32) << 16) | p.dport as u32);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// Rewrites one address of the packet (`at`: its offset) with the checksums
+/// that cover it: IPv4's header checksum, and TCP's pseudo-header sum.
+#[inline(always)]
+fn rewrite_addr(ctx: &TcContext, p: &Packet, at: usize, old: &[u32; 4], new: &[u32; 4]) -> bool {
+    let l4_csum = p.l4 + TCP_CSUM;
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | 4;
+    if p.family == FAMILY_V4 {
+        ctx.l4_csum_replace(l4_csum, old[0] as u64, new[0] as u64, pseudo)
+            .is_ok()
+            && ctx
+                .l3_csum_replace(ETH_HLEN + IP4_CSUM, old[0] as u64, new[0] as u64, 4)
+                .is_ok()
+            && ctx.store(at, &new[0], 0).is_ok()
+    } else {
+        let mut i = 0;
+        while i < 4 {
+            if ctx
+                .l4_csum_replace(l4_csum, old[i] as u64, new[i] as u64, pseudo)
+                .is_err()
+            {
+                return false;
+            }
+            i += 1;
+        }
+        ctx.store(at, new, 0).is_ok()
+    }
+}
+
+/// Rewrites one TCP port (`at`: its offset in the TCP header) and the checksum.
+#[inline(always)]
+fn rewrite_port(ctx: &TcContext, p: &Packet, at: usize, old: u16, new: u16) -> bool {
+    ctx.l4_csum_replace(p.l4 + TCP_CSUM, old as u64, new as u64, 2)
+        .is_ok()
+        && ctx.store(p.l4 + at, &new, 0).is_ok()
+}
+
+/// tc ingress of a gateway device: a client's packet to a gateway address.
+#[inline(always)]
+pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let vip_key = ServiceKey {
+        addr: p.daddr,
+        port: p.dport,
+        proto: PROTO_TCP,
+        family: p.family,
+    };
+    // SAFETY: a hash map value, read by copy; the agent replaces values whole.
+    let Some(vip) = (unsafe { GATEWAY_VIPS.get(&vip_key) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
+    let fwd = GatewayFlow {
+        a: p.saddr,
+        b: p.daddr,
+        a_port: p.sport,
+        b_port: p.dport,
+        family: p.family,
+        proto: PROTO_TCP,
+        dir: FLOW_FORWARD,
+        _pad: 0,
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let syn = p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = if p.flags & TCP_RST != 0 {
+        CT_RST
+    } else if p.flags & TCP_FIN != 0 {
+        CT_FIN_CLIENT
+    } else {
+        0
+    };
+    let mut to = None;
+    if let Some(entry) = GATEWAY_CT.get_ptr_mut(&fwd) {
+        // SAFETY: a value of the LRU map, valid for this run; racing writers
+        // only set flag bits and timestamps, which are advisory.
+        let e = unsafe { &mut *entry };
+        // A SYN on a flow that was closing is a new connection reusing the
+        // tuple: it gets a fresh choice.
+        let reused = syn && e.flags != 0;
+        if !reused && !e.expired(now) {
+            if closing != 0 {
+                e.flags |= closing;
+            }
+            if now.saturating_sub(e.last_seen_ns) > GATEWAY_CT_TOUCH_NS {
+                e.last_seen_ns = now;
+            }
+            to = Some((e.addr, e.port));
+        }
+    }
+    let (addr, port) = match to {
+        Some(to) => to,
+        None if syn => {
+            let Some(backend) = pick(&p, vip.table_id, vip.slot_count) else {
+                stats::add(&GATEWAY_STATS, gateway_stat::NO_BACKEND, 1);
+                return TC_ACT_SHOT as i32;
+            };
+            let nat = GatewayNat {
+                addr: backend.addr,
+                port: backend.port,
+                family: p.family,
+                _pad: 0,
+                flags: 0,
+                last_seen_ns: now,
+                backend_id: backend.backend_id,
+                _pad2: 0,
+            };
+            let reply = GatewayFlow {
+                a: backend.addr,
+                b: p.saddr,
+                a_port: backend.port,
+                b_port: p.sport,
+                family: p.family,
+                proto: PROTO_TCP,
+                dir: FLOW_REPLY,
+                _pad: 0,
+            };
+            let back = GatewayNat {
+                addr: p.daddr,
+                port: p.dport,
+                family: p.family,
+                _pad: 0,
+                flags: 0,
+                last_seen_ns: now,
+                backend_id: 0,
+                _pad2: 0,
+            };
+            // Reply entry first: the backend answers only after the SYN.
+            if GATEWAY_CT.insert(&reply, &back, 0).is_err()
+                || GATEWAY_CT.insert(&fwd, &nat, 0).is_err()
+            {
+                stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
+                return TC_ACT_SHOT as i32;
+            }
+            stats::add(&GATEWAY_STATS, gateway_stat::NEW_FLOWS, 1);
+            (backend.addr, backend.port)
+        }
+        None => {
+            stats::add(&GATEWAY_STATS, gateway_stat::NO_FLOW, 1);
+            return TC_ACT_UNSPEC;
+        }
+    };
+    let dst = if p.family == FAMILY_V4 {
+        p.l3 + 4
+    } else {
+        p.l3 + 16
+    };
+    if !rewrite_port(ctx, &p, TCP_DPORT, p.dport, port)
+        || !rewrite_addr(ctx, &p, dst, &p.daddr, &addr)
+    {
+        stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
+        return TC_ACT_SHOT as i32;
+    }
+    stats::add(&GATEWAY_STATS, gateway_stat::FORWARDED, 1);
+    TC_ACT_UNSPEC
+}
+
+/// The backend of the flow's Maglev slot, of the packet's family.
+#[inline(always)]
+fn pick(p: &Packet, table_id: u32, slot_count: u32) -> Option<Backend> {
+    if slot_count == 0 {
+        return None;
+    }
+    let key = MaglevKey {
+        table_id,
+        slot: flow_hash(p) % slot_count,
+    };
+    // SAFETY: a hash map value, read by copy.
+    let backend = unsafe { MAGLEV.get(&key) }.copied()?;
+    (backend.family == p.family).then_some(backend)
+}
+
+/// tc egress of a gateway device: a backend's reply to a client of the gateway.
+#[inline(always)]
+pub fn try_gateway_egress(ctx: &TcContext) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let reply = GatewayFlow {
+        a: p.saddr,
+        b: p.daddr,
+        a_port: p.sport,
+        b_port: p.dport,
+        family: p.family,
+        proto: PROTO_TCP,
+        dir: FLOW_REPLY,
+        _pad: 0,
+    };
+    // SAFETY: a value of the LRU map, read by copy.
+    let Some(back) = (unsafe { GATEWAY_CT.get(&reply) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
+    if p.flags & (TCP_FIN | TCP_RST) != 0 {
+        let fwd = GatewayFlow {
+            a: p.daddr,
+            b: back.addr,
+            a_port: p.dport,
+            b_port: back.port,
+            family: p.family,
+            proto: PROTO_TCP,
+            dir: FLOW_FORWARD,
+            _pad: 0,
+        };
+        if let Some(entry) = GATEWAY_CT.get_ptr_mut(&fwd) {
+            let bit = if p.flags & TCP_RST != 0 {
+                CT_RST
+            } else {
+                CT_FIN_BACKEND
+            };
+            // SAFETY: a value of the LRU map, valid for this run; flag bits
+            // are advisory.
+            unsafe { (*entry).flags |= bit };
+        }
+    }
+    if !rewrite_port(ctx, &p, TCP_SPORT, p.sport, back.port)
+        || !rewrite_addr(ctx, &p, p.l3, &p.saddr, &back.addr)
+    {
+        stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
+        return TC_ACT_SHOT as i32;
+    }
+    stats::add(&GATEWAY_STATS, gateway_stat::REPLIED, 1);
+    TC_ACT_UNSPEC
+}
