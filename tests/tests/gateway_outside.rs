@@ -333,17 +333,32 @@ fn outside_flows_keep_their_backend_across_a_weight_edit_and_an_agent_restart() 
         )?;
     }
     // `cleanup` detaches the tc programs (TCX links pinned by the agent).
-    let attached = canary
-        .node
-        .bridge
-        .exec("bpftool", &["net", "show", "dev", "up0"])?;
-    assert_eq!(attached.matches("mesh_gateway").count(), 2, "{attached}");
+    assert_eq!(tcx_programs(&canary.node.bridge)?, 2);
     canary.agent.stop()?;
     canary.agent.cli(&["cleanup"])?;
-    let left = canary
-        .node
-        .bridge
-        .exec("bpftool", &["net", "show", "dev", "up0"])?;
-    assert!(!left.contains("mesh_gateway"), "{left}");
+    assert_eq!(tcx_programs(&canary.node.bridge)?, 0);
     Ok(())
+}
+
+/// The gateway's programs attached to `up0` by TCX (ingress and egress).
+fn tcx_programs(node: &Netns) -> anyhow::Result<usize> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let ns = node.open()?;
+    std::thread::spawn(move || -> anyhow::Result<usize> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let mut n = 0;
+        for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, programs) = SchedClassifier::query_tcx("up0", at)?;
+            n += programs
+                .iter()
+                .filter(|p| {
+                    p.name_as_str()
+                        .is_some_and(|n| n.starts_with("mesh_gateway"))
+                })
+                .count();
+        }
+        Ok(n)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))?
 }
