@@ -9,7 +9,7 @@
 //! drop only a SYN that drew no backend.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -23,6 +23,8 @@ use crate::{
     stats,
 };
 
+/// `TC_ACT_SHOT` (drop), as the programs return it.
+const TC_ACT_SHOT: i32 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -70,7 +72,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     if proto == ETH_P_IP {
         let ver_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
         let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-        if ver_ihl >> 4 != 4 || ihl < 20 || ihl > 60 {
+        if ver_ihl >> 4 != 4 || !(20..=60).contains(&ihl) {
             return None;
         }
         let l4proto: u8 = ctx.load(ETH_HLEN + IP4_PROTO).ok()?;
@@ -191,7 +193,7 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
         family: p.family,
     };
     // SAFETY: a hash map value, read by copy; the agent replaces values whole.
-    let Some(vip) = (unsafe { GATEWAY_VIPS.get(&vip_key) }).copied() else {
+    let Some(vip) = (unsafe { GATEWAY_VIPS.get(vip_key) }).copied() else {
         return TC_ACT_UNSPEC;
     };
     let fwd = GatewayFlow {
@@ -215,7 +217,7 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
         0
     };
     let mut to = None;
-    if let Some(entry) = GATEWAY_CT.get_ptr_mut(&fwd) {
+    if let Some(entry) = GATEWAY_CT.get_ptr_mut(fwd) {
         // SAFETY: a value of the LRU map, valid for this run; racing writers
         // only set flag bits and timestamps, which are advisory.
         let e = unsafe { &mut *entry };
@@ -237,7 +239,7 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
         None if syn => {
             let Some(backend) = pick(&p, vip.table_id, vip.slot_count) else {
                 stats::add(&GATEWAY_STATS, gateway_stat::NO_BACKEND, 1);
-                return TC_ACT_SHOT as i32;
+                return TC_ACT_SHOT;
             };
             let nat = GatewayNat {
                 addr: backend.addr,
@@ -270,11 +272,10 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
                 _pad2: 0,
             };
             // Reply entry first: the backend answers only after the SYN.
-            if GATEWAY_CT.insert(&reply, &back, 0).is_err()
-                || GATEWAY_CT.insert(&fwd, &nat, 0).is_err()
+            if GATEWAY_CT.insert(reply, back, 0).is_err() || GATEWAY_CT.insert(fwd, nat, 0).is_err()
             {
                 stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
-                return TC_ACT_SHOT as i32;
+                return TC_ACT_SHOT;
             }
             stats::add(&GATEWAY_STATS, gateway_stat::NEW_FLOWS, 1);
             (backend.addr, backend.port)
@@ -293,7 +294,7 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
         || !rewrite_addr(ctx, &p, dst, &p.daddr, &addr)
     {
         stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     stats::add(&GATEWAY_STATS, gateway_stat::FORWARDED, 1);
     TC_ACT_UNSPEC
@@ -310,7 +311,7 @@ fn pick(p: &Packet, table_id: u32, slot_count: u32) -> Option<Backend> {
         slot: flow_hash(p) % slot_count,
     };
     // SAFETY: a hash map value, read by copy.
-    let backend = unsafe { MAGLEV.get(&key) }.copied()?;
+    let backend = unsafe { MAGLEV.get(key) }.copied()?;
     (backend.family == p.family).then_some(backend)
 }
 
@@ -331,7 +332,7 @@ pub fn try_gateway_egress(ctx: &TcContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: a value of the LRU map, read by copy.
-    let Some(back) = (unsafe { GATEWAY_CT.get(&reply) }).copied() else {
+    let Some(back) = (unsafe { GATEWAY_CT.get(reply) }).copied() else {
         return TC_ACT_UNSPEC;
     };
     if p.flags & (TCP_FIN | TCP_RST) != 0 {
@@ -345,7 +346,7 @@ pub fn try_gateway_egress(ctx: &TcContext) -> i32 {
             dir: FLOW_FORWARD,
             _pad: 0,
         };
-        if let Some(entry) = GATEWAY_CT.get_ptr_mut(&fwd) {
+        if let Some(entry) = GATEWAY_CT.get_ptr_mut(fwd) {
             let bit = if p.flags & TCP_RST != 0 {
                 CT_RST
             } else {
@@ -360,7 +361,7 @@ pub fn try_gateway_egress(ctx: &TcContext) -> i32 {
         || !rewrite_addr(ctx, &p, p.l3, &p.saddr, &back.addr)
     {
         stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     stats::add(&GATEWAY_STATS, gateway_stat::REPLIED, 1);
     TC_ACT_UNSPEC

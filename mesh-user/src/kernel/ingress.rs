@@ -390,10 +390,16 @@ mod tests {
         let mut o = Outside::new(Box::new(vips.clone()), Box::new(maglev.clone()), t0);
         let node = [
             IpAddr::from([192, 168, 77, 1]),
-            "fd00:77::1".parse().unwrap(),
+            std::net::Ipv6Addr::from([0xfd00, 0x77, 0, 0, 0, 0, 0, 1]).into(),
         ];
         assert!(o.update(&[port(80, 20)], &node, t0).is_empty());
-        let first: Vec<GatewayVip> = vips.0.lock().unwrap().values().copied().collect();
+        let first: Vec<GatewayVip> = vips
+            .0
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .copied()
+            .collect();
         assert_eq!(first.len(), 1, "one IPv4 address, no IPv6 backend");
         assert_eq!(first[0].slot_count, maglev::DEFAULT_SIZE);
         assert_eq!(maglev.keys().len(), maglev::DEFAULT_SIZE as usize);
@@ -403,7 +409,13 @@ mod tests {
         // New weights: a second table, the entry flipped, the first kept
         // until the grace is over.
         assert!(o.update(&[port(0, 100)], &node, t0).is_empty());
-        let second: Vec<GatewayVip> = vips.0.lock().unwrap().values().copied().collect();
+        let second: Vec<GatewayVip> = vips
+            .0
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .copied()
+            .collect();
         assert_ne!(second[0].table_id, first[0].table_id);
         assert_eq!(maglev.keys().len(), 2 * maglev::DEFAULT_SIZE as usize);
         o.collect_garbage(t0 + GRACE / 2);
@@ -413,7 +425,13 @@ mod tests {
         // A restarted writer keeps what it finds until it has flipped away.
         let mut again = Outside::new(Box::new(vips.clone()), Box::new(maglev.clone()), t0);
         assert!(again.update(&[port(0, 100)], &node, t0).is_empty());
-        let third: Vec<GatewayVip> = vips.0.lock().unwrap().values().copied().collect();
+        let third: Vec<GatewayVip> = vips
+            .0
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .copied()
+            .collect();
         assert!(third[0].table_id > second[0].table_id);
         again.collect_garbage(t0 + GRACE);
         assert_eq!(maglev.keys().len(), maglev::DEFAULT_SIZE as usize);

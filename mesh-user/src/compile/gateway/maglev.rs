@@ -226,7 +226,7 @@ mod tests {
         let flows: Vec<u32> = (0..10_000).map(|_| rng.random()).collect();
         for n in [4u8, 10, 50] {
             let all: Vec<(BackendAddr, u64)> = (1..=n).map(|i| (b(i), 1)).collect();
-            let size = table_size(all.len()).unwrap();
+            let size = table_size(all.len()).expect("a listed size");
             let before = build(&all, size);
             let after = build(&all[1..], size);
             let moved = flows
@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn families_are_kept_apart_and_weight_zero_is_out() {
         let v6 = BackendAddr {
-            ip: "fd00::1".parse().unwrap(),
+            ip: std::net::Ipv6Addr::from([0xfd00, 0, 0, 0, 0, 0, 0, 1]).into(),
             port: 1,
         };
         let destinations = vec![
