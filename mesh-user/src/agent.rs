@@ -244,6 +244,10 @@ pub async fn run(
         }
     };
     log_counters(&connections, &sock_stats);
+    // gateway-tc: the outside clients' counters.
+    if reconciler.outside.is_some() {
+        crate::kernel::ingress::log_stats(&pins);
+    }
     info!("exiting; programs and maps stay pinned (mesh-agent cleanup removes them)");
     result
 }

@@ -88,9 +88,9 @@ enum Command {
         gateway_cgroup: String,
         /// The network devices whose clients (outside the node) reach the
         /// gateway's kernel-served ports on the node's addresses, translated
-        /// per packet in tc: NAME[,NAME...], `auto` (every non-loopback
-        /// interface holding one of the node's addresses) or `none`. Needs
-        /// IP forwarding on in the agent's network namespace.
+        /// per packet in tc: NAME[,NAME...], `auto` (every non-loopback,
+        /// non-bridge interface holding one of the node's addresses) or
+        /// `none`. Needs IP forwarding on in the agent's network namespace.
         #[arg(long, env = "MESH_GATEWAY_DEVICE", default_value = "auto")]
         gateway_device: mesh_user::kernel::ingress::Devices,
     },

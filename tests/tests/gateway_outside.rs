@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use common::{Canary, Echo, V1, V2, assert_share};
 use mesh_tools::{netns::Netns, probe};
 
@@ -335,6 +336,16 @@ fn outside_flows_keep_their_backend_across_a_weight_edit_and_an_agent_restart() 
     // `cleanup` detaches the tc programs (TCX links pinned by the agent).
     assert_eq!(tcx_programs(&canary.node.bridge)?, 2);
     canary.agent.stop()?;
+    // The counters it logs on the way out: every flow had a backend and
+    // every rewrite worked (20 held, 50 + 200 + 20 new, per family).
+    let counted = canary.agent.records("gateway tc counters");
+    let counted = counted.last().context("no gateway tc counters logged")?;
+    eprintln!("gateway tc counters: {counted}");
+    let n = |k: &str| counted[k].as_u64().unwrap_or(u64::MAX);
+    assert!(n("new_flows") >= 580, "{counted}");
+    assert!(n("forwarded") > n("new_flows"), "{counted}");
+    assert!(n("replied") > 0, "{counted}");
+    assert_eq!((n("no_backend"), n("rewrite_failed")), (0, 0), "{counted}");
     canary.agent.cli(&["cleanup"])?;
     assert_eq!(tcx_programs(&canary.node.bridge)?, 0);
     Ok(())

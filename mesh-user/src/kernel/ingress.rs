@@ -233,7 +233,8 @@ impl Outside {
 /// `--gateway-device`: which devices carry the gateway's outside clients.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Devices {
-    /// Every non-loopback interface holding one of the node's addresses.
+    /// Every non-loopback interface holding one of the node's addresses,
+    /// bridges left out (see `is_bridge`).
     #[default]
     Auto,
     /// None: outside clients are not served.
@@ -281,6 +282,7 @@ impl Devices {
                             })
                     })
                     .map(|a| a.interface_name)
+                    .filter(|d| !is_bridge(d))
                     .collect();
                 out.sort();
                 out.dedup();
@@ -288,6 +290,44 @@ impl Devices {
             }
         }
     }
+}
+
+/// The tc programs' counters (`GATEWAY_STATS_V1`, summed over CPUs), read
+/// from the pin: (forwarded, new flows, no flow, no backend, replied,
+/// rewrite failed).
+pub fn log_stats(pins: &super::pin::PinDir) {
+    use aya::maps::{Map, MapData, PerCpuArray};
+    use mesh_common::gateway_stat as g;
+    let map = MapData::from_pin(pins.map(mesh_common::map_names::GATEWAY_STATS))
+        .and_then(|data| PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(data)));
+    let map = match map {
+        Ok(map) => map,
+        Err(e) => {
+            warn!("cannot read the gateway's tc counters: {e}");
+            return;
+        }
+    };
+    let at = |i: u32| -> u64 { map.get(&i, 0).map_or(0, |v| v.iter().sum()) };
+    info!(
+        forwarded = at(g::FORWARDED),
+        new_flows = at(g::NEW_FLOWS),
+        no_flow = at(g::NO_FLOW),
+        no_backend = at(g::NO_BACKEND),
+        replied = at(g::REPLIED),
+        rewrite_failed = at(g::REWRITE_FAILED),
+        "gateway tc counters"
+    );
+}
+
+/// Whether `device` is a bridge (`/sys/class/net/<device>/bridge`): the pods'
+/// own bridge holds a node address, but a pod's reply to another pod on it is
+/// bridged, never leaving by the bridge device's egress, so it could not be
+/// translated back.
+fn is_bridge(device: &str) -> bool {
+    std::path::Path::new("/sys/class/net")
+        .join(device)
+        .join("bridge")
+        .exists()
 }
 
 /// Warns when this namespace does not forward IP packets: a translated
