@@ -172,6 +172,17 @@ fn outside_clients_are_split_by_weight_in_tc_and_see_the_address_they_dialled() 
         );
         eprintln!("{target}: {:?}", split.backends);
     }
+    // The Gateway deleted: its addresses are not translated any more, and
+    // nothing on the node listens there.
+    canary.remove("gateway.yaml")?;
+    for target in [format!("{OUT4}:80"), format!("[{OUT6}]:80")] {
+        let gone = probe::probe(&outside, None, &target, 5, 1)?;
+        assert_eq!(
+            gone.errors.get("ECONNREFUSED"),
+            Some(&5),
+            "{target}: {gone:?}"
+        );
+    }
     Ok(())
 }
 
