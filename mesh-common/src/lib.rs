@@ -610,8 +610,28 @@ pub struct GatewayNat {
     /// reply entries.
     pub backend_id: u32,
     pub _pad2: u32,
+    /// Forward entry of a backend on another node: the client's packets also
+    /// get this source address (the node's, towards that backend), network
+    /// byte order; zero otherwise.
+    pub snat_addr: [u32; 4],
+    /// With `snat_addr`: the source port, from [`SNAT_PORT_MIN`]..+[`SNAT_PORTS`],
+    /// network byte order.
+    pub snat_port: u16,
+    pub _pad3: u16,
+    /// With `snat_addr`: the device the packets are redirected out of
+    /// (`bpf_redirect_neigh`); 0: a backend on this node (the kernel routes).
+    pub ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<GatewayNat>() == 40);
+const _: () = assert!(core::mem::size_of::<GatewayNat>() == 64);
+
+/// [`GatewayFlow::dir`]: a remote backend's reply to the node's SNAT address
+/// and port (`a` = backend, `b` = node address); the value is the client.
+pub const FLOW_SNAT_REPLY: u8 = 3;
+/// First source port of the SNAT towards backends on other nodes: above the
+/// default `ip_local_port_range` (32768..60999), so never a local socket's.
+pub const SNAT_PORT_MIN: u16 = 61000;
+/// Number of SNAT source ports (61000..=65535).
+pub const SNAT_PORTS: u16 = 4536;
 
 impl GatewayNat {
     /// Whether this forward entry is over: idle too long, or closed (FIN both
@@ -640,7 +660,13 @@ pub mod gateway_stat {
     pub const REPLIED: u32 = 4;
     /// Packets that could not be rewritten (helper error).
     pub const REWRITE_FAILED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// New flows to a backend on another node (source-translated).
+    pub const SNAT_FLOWS: u32 = 6;
+    /// Remote backends' replies translated back to the client (destination).
+    pub const SNAT_REPLIED: u32 = 7;
+    /// SYNs to a remote backend with no free SNAT port or no route: dropped.
+    pub const SNAT_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 #[cfg(feature = "user")]

@@ -9,22 +9,31 @@
 //! drop only a SYN that drew no backend.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    EbpfContext as _,
+    bindings::{
+        BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST,
+        TC_ACT_UNSPEC, bpf_fib_lookup as FibLookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
     programs::TcContext,
 };
 use mesh_common::{
     Backend, CT_FIN_BACKEND, CT_FIN_CLIENT, CT_RST, FAMILY_V4, FAMILY_V6, FLOW_FORWARD, FLOW_REPLY,
-    GATEWAY_CT_TOUCH_NS, GatewayFlow, GatewayNat, MaglevKey, PROTO_TCP, ServiceKey, gateway_stat,
+    FLOW_SNAT_REPLY, GATEWAY_CT_TOUCH_NS, GatewayFlow, GatewayNat, GatewayVip, MaglevKey,
+    PROTO_TCP, SNAT_PORT_MIN, SNAT_PORTS, ServiceKey, gateway_stat,
 };
 
 use crate::{
-    maps::{GATEWAY_CT, GATEWAY_STATS, GATEWAY_VIPS, MAGLEV},
+    maps::{GATEWAY_CT, GATEWAY_STATS, GATEWAY_VIPS, MAGLEV, SCRATCH},
     stats,
 };
 
 /// `TC_ACT_SHOT` (drop), as the programs return it.
 const TC_ACT_SHOT: i32 = 2;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// Tries at a free SNAT port per new remote flow.
+const SNAT_TRIES: u16 = 8;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -194,6 +203,9 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
     };
     // SAFETY: a hash map value, read by copy; the agent replaces values whole.
     let Some(vip) = (unsafe { GATEWAY_VIPS.get(vip_key) }).copied() else {
+        if u16::from_be(p.dport) >= SNAT_PORT_MIN {
+            return snat_reply(ctx, &p);
+        }
         return TC_ACT_UNSPEC;
     };
     let fwd = GatewayFlow {
@@ -216,7 +228,7 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
     } else {
         0
     };
-    let mut to = None;
+    let mut to: *const GatewayNat = core::ptr::null();
     if let Some(entry) = GATEWAY_CT.get_ptr_mut(fwd) {
         // SAFETY: a value of the LRU map, valid for this run; racing writers
         // only set flag bits and timestamps, which are advisory.
@@ -231,73 +243,251 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
             if now.saturating_sub(e.last_seen_ns) > GATEWAY_CT_TOUCH_NS {
                 e.last_seen_ns = now;
             }
-            to = Some((e.addr, e.port));
+            to = entry;
         }
     }
-    let (addr, port) = match to {
-        Some(to) => to,
-        None if syn => {
-            let Some(backend) = pick(&p, vip.table_id, vip.slot_count) else {
-                stats::add(&GATEWAY_STATS, gateway_stat::NO_BACKEND, 1);
-                return TC_ACT_SHOT;
-            };
-            let nat = GatewayNat {
-                addr: backend.addr,
-                port: backend.port,
-                family: p.family,
-                _pad: 0,
-                flags: 0,
-                last_seen_ns: now,
-                backend_id: backend.backend_id,
-                _pad2: 0,
-            };
-            let reply = GatewayFlow {
-                a: backend.addr,
-                b: p.saddr,
-                a_port: backend.port,
-                b_port: p.sport,
-                family: p.family,
-                proto: PROTO_TCP,
-                dir: FLOW_REPLY,
-                _pad: 0,
-            };
-            let back = GatewayNat {
-                addr: p.daddr,
-                port: p.dport,
-                family: p.family,
-                _pad: 0,
-                flags: 0,
-                last_seen_ns: now,
-                backend_id: 0,
-                _pad2: 0,
-            };
-            // Reply entry first: the backend answers only after the SYN.
-            if GATEWAY_CT.insert(reply, back, 0).is_err() || GATEWAY_CT.insert(fwd, nat, 0).is_err()
-            {
-                stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
-                return TC_ACT_SHOT;
-            }
-            stats::add(&GATEWAY_STATS, gateway_stat::NEW_FLOWS, 1);
-            (backend.addr, backend.port)
-        }
-        None => {
+    if to.is_null() {
+        if !syn {
             stats::add(&GATEWAY_STATS, gateway_stat::NO_FLOW, 1);
             return TC_ACT_UNSPEC;
         }
+        to = match new_flow(ctx, &p, &fwd, &vip) {
+            Ok(nat) => nat,
+            Err(verdict) => return verdict,
+        };
+    }
+    // SAFETY: the flow's conntrack value or this CPU's scratch copy of it,
+    // both valid for this run.
+    let nat = unsafe { &*to };
+    let dst = if p.family == FAMILY_V4 {
+        p.l3 + 4
+    } else {
+        p.l3 + 16
+    };
+    if !rewrite_port(ctx, &p, TCP_DPORT, p.dport, nat.port)
+        || !rewrite_addr(ctx, &p, dst, &p.daddr, &nat.addr)
+    {
+        stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
+        return TC_ACT_SHOT;
+    }
+    stats::add(&GATEWAY_STATS, gateway_stat::FORWARDED, 1);
+    if nat.ifindex == 0 {
+        return TC_ACT_UNSPEC;
+    }
+    // Remote backend: the source too, then straight out of the device
+    // towards it (the stack would drop a packet arriving with one of the
+    // node's own addresses as its source).
+    if !rewrite_port(ctx, &p, TCP_SPORT, p.sport, nat.snat_port)
+        || !rewrite_addr(ctx, &p, p.l3, &p.saddr, &nat.snat_addr)
+    {
+        stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: no parameters: the kernel looks the neighbour up itself.
+    unsafe { bpf_redirect_neigh(nat.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// The route to `backend` if it is on another node (reached through a
+/// gateway): the node's source address towards it and the device; `None` for
+/// a directly connected backend (this node's pods) or no route.
+#[inline(always)]
+fn remote_route(ctx: &TcContext, p: &Packet, backend: &Backend) -> Option<([u32; 4], u32)> {
+    // The lookup's 64 bytes live in a per-CPU scratch value, not on the
+    // 512-byte stack.
+    let params = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch value, valid for this run; nothing else
+    // runs on this CPU meanwhile. All-zero is a valid `bpf_fib_lookup`.
+    let params: &mut FibLookup = unsafe {
+        core::ptr::write_bytes(params, 0, 1);
+        &mut (*params).fib
+    };
+    params.family = if p.family == FAMILY_V4 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    params.l4_protocol = PROTO_TCP;
+    params.sport = p.sport;
+    params.dport = backend.port;
+    // SAFETY: the context's `__sk_buff`, valid for this run.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if p.family == FAMILY_V4 {
+        params.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    } else {
+        params.__bindgen_anon_4.ipv6_dst = backend.addr;
+    }
+    // SAFETY: `params` is a valid, writable `bpf_fib_lookup` of the size given.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            params,
+            core::mem::size_of::<FibLookup>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: union fields of plain integers, written by the helper.
+    let (nexthop, src) = unsafe {
+        if p.family == FAMILY_V4 {
+            (
+                [params.__bindgen_anon_4.ipv4_dst, 0, 0, 0],
+                [params.__bindgen_anon_3.ipv4_src, 0, 0, 0],
+            )
+        } else {
+            (
+                params.__bindgen_anon_4.ipv6_dst,
+                params.__bindgen_anon_3.ipv6_src,
+            )
+        }
+    };
+    (nexthop != backend.addr).then_some((src, params.ifindex))
+}
+
+/// A free SNAT port for a new flow from the client to `backend` seen from
+/// `src`: its [`FLOW_SNAT_REPLY`] entry (backend -> node) is created here.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the value is passed by pointer into the scratch map: a copy would take the 512-byte stack"
+)]
+fn snat_port(p: &Packet, backend: &Backend, src: &[u32; 4]) -> Option<u16> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch value, valid for this run (see `remote_route`).
+    let client: &mut GatewayNat = unsafe {
+        core::ptr::write_bytes(&mut (*scratch).nat, 0, 1);
+        &mut (*scratch).nat
+    };
+    client.addr = p.saddr;
+    client.port = p.sport;
+    client.family = p.family;
+    let h = flow_hash(p);
+    let mut i: u16 = 0;
+    while i < SNAT_TRIES {
+        let port = (SNAT_PORT_MIN + ((h as u16).wrapping_add(i) % SNAT_PORTS)).to_be();
+        let key = GatewayFlow {
+            a: backend.addr,
+            b: *src,
+            a_port: backend.port,
+            b_port: port,
+            family: p.family,
+            proto: PROTO_TCP,
+            dir: FLOW_SNAT_REPLY,
+            _pad: 0,
+        };
+        if GATEWAY_CT.insert(key, &*client, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A remote backend's reply to the node's SNAT address: its destination goes
+/// back to the client; the stack forwards it, and the egress of the client's
+/// device restores the gateway address as its source.
+#[inline(always)]
+fn snat_reply(ctx: &TcContext, p: &Packet) -> i32 {
+    let key = GatewayFlow {
+        a: p.saddr,
+        b: p.daddr,
+        a_port: p.sport,
+        b_port: p.dport,
+        family: p.family,
+        proto: PROTO_TCP,
+        dir: FLOW_SNAT_REPLY,
+        _pad: 0,
+    };
+    // SAFETY: a value of the LRU map, read by copy.
+    let Some(client) = (unsafe { GATEWAY_CT.get(key) }).copied() else {
+        return TC_ACT_UNSPEC;
     };
     let dst = if p.family == FAMILY_V4 {
         p.l3 + 4
     } else {
         p.l3 + 16
     };
-    if !rewrite_port(ctx, &p, TCP_DPORT, p.dport, port)
-        || !rewrite_addr(ctx, &p, dst, &p.daddr, &addr)
+    if !rewrite_port(ctx, p, TCP_DPORT, p.dport, client.port)
+        || !rewrite_addr(ctx, p, dst, &p.daddr, &client.addr)
     {
         stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
         return TC_ACT_SHOT;
     }
-    stats::add(&GATEWAY_STATS, gateway_stat::FORWARDED, 1);
+    stats::add(&GATEWAY_STATS, gateway_stat::SNAT_REPLIED, 1);
     TC_ACT_UNSPEC
+}
+
+/// A SYN without a flow: the backend of its Maglev slot, the conntrack
+/// entries of the new flow (forward, reply, and for a backend on another node
+/// the SNAT reply), and what to rewrite.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the value is passed by pointer into the scratch map: a copy would take the 512-byte stack"
+)]
+fn new_flow(
+    ctx: &TcContext,
+    p: &Packet,
+    fwd: &GatewayFlow,
+    vip: &GatewayVip,
+) -> Result<*const GatewayNat, i32> {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(backend) = pick(p, vip.table_id, vip.slot_count) else {
+        stats::add(&GATEWAY_STATS, gateway_stat::NO_BACKEND, 1);
+        return Err(TC_ACT_SHOT);
+    };
+    // A backend on another node: its replies must come back here, so the
+    // client's address is replaced by the node's.
+    let mut snat = ([0u32; 4], 0u16, 0u32);
+    if let Some((src, ifindex)) = remote_route(ctx, p, &backend) {
+        let Some(port) = snat_port(p, &backend, &src) else {
+            stats::add(&GATEWAY_STATS, gateway_stat::SNAT_FAILED, 1);
+            return Err(TC_ACT_SHOT);
+        };
+        snat = (src, port, ifindex);
+        stats::add(&GATEWAY_STATS, gateway_stat::SNAT_FLOWS, 1);
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(TC_ACT_SHOT);
+    };
+    // SAFETY: this CPU's scratch value, valid for this run (see
+    // `remote_route`); all-zero is a valid `GatewayNat`.
+    let (nat, back) = unsafe {
+        core::ptr::write_bytes(&mut (*scratch).fwd, 0, 1);
+        core::ptr::write_bytes(&mut (*scratch).back, 0, 1);
+        (&mut (*scratch).fwd, &mut (*scratch).back)
+    };
+    nat.addr = backend.addr;
+    nat.port = backend.port;
+    nat.family = p.family;
+    nat.last_seen_ns = now;
+    nat.backend_id = backend.backend_id;
+    nat.snat_addr = snat.0;
+    nat.snat_port = snat.1;
+    nat.ifindex = snat.2;
+    back.addr = p.daddr;
+    back.port = p.dport;
+    back.family = p.family;
+    back.last_seen_ns = now;
+    let reply = GatewayFlow {
+        a: backend.addr,
+        b: p.saddr,
+        a_port: backend.port,
+        b_port: p.sport,
+        family: p.family,
+        proto: PROTO_TCP,
+        dir: FLOW_REPLY,
+        _pad: 0,
+    };
+    // Reply entry first: the backend answers only after the SYN.
+    if GATEWAY_CT.insert(reply, &*back, 0).is_err() || GATEWAY_CT.insert(*fwd, &*nat, 0).is_err() {
+        stats::add(&GATEWAY_STATS, gateway_stat::REWRITE_FAILED, 1);
+        return Err(TC_ACT_SHOT);
+    }
+    stats::add(&GATEWAY_STATS, gateway_stat::NEW_FLOWS, 1);
+    Ok(nat)
 }
 
 /// The backend of the flow's Maglev slot, of the packet's family.

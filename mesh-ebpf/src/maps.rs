@@ -126,3 +126,21 @@ pub static GATEWAY_CT: LruHashMap<GatewayFlow, GatewayNat> =
 /// Writer: kernel.
 #[map(name = "GATEWAY_STATS_V1")]
 pub static GATEWAY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(gateway_stat::COUNT, 0);
+
+/// Per-CPU scratch space of the gateway's tc programs (values too large for
+/// the 512-byte stack). Not pinned, no writer but the program running on that
+/// CPU, nothing kept between runs.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`SCRATCH`]'s value.
+#[repr(C)]
+pub struct Scratch {
+    /// `bpf_fib_lookup`'s parameters (`remote_route`).
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+    /// A conntrack value being built (`snat_port`).
+    pub nat: GatewayNat,
+    /// A new flow's forward and reply values (`new_flow`).
+    pub fwd: GatewayNat,
+    pub back: GatewayNat,
+}

@@ -384,3 +384,184 @@ fn tcx_programs(node: &Netns) -> anyhow::Result<usize> {
     .join()
     .map_err(|_| anyhow::anyhow!("thread panicked"))?
 }
+
+/// A second node (its own namespace, joined to ours by `peer0`) with one v2
+/// pod, `flaskapp-v2-1`, on its own pod network (10.245.0.0/24,
+/// fd00:10:245::/64), routed from our node through the second node's address.
+struct RemoteNode {
+    _pod: Netns,
+    _node: Netns,
+    _backend: mesh_tools::backend::Backend,
+}
+
+const REMOTE_POD: &str = "flaskapp-v2-1";
+
+fn start_with_remote() -> anyhow::Result<(Canary, Netns, RemoteNode)> {
+    let outside = Netns::create(&format!("{}-out", mesh_tools::unique("mt")))?;
+    let node_b = Netns::create(&format!("{}-nodeb", mesh_tools::unique("mt")))?;
+    let pod = Netns::create(&format!("{}-rpod", mesh_tools::unique("mt")))?;
+    let canary = Canary::start_on_node_prepared(&["--gateway-device", "up0,peer0"], |node| {
+        let a = &node.bridge;
+        a.ip(&[
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &outside.name,
+        ])?;
+        a.ip(&["addr", "add", &format!("{OUT4}/24"), "dev", "up0"])?;
+        a.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{OUT6}/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ])?;
+        a.ip(&["link", "set", "up0", "up"])?;
+        outside.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"])?;
+        outside.ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"])?;
+        outside.ip(&["link", "set", "eth0", "up"])?;
+        // Our node <-> node B.
+        a.ip(&[
+            "link",
+            "add",
+            "peer0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &node_b.name,
+        ])?;
+        a.ip(&["addr", "add", "172.20.0.1/24", "dev", "peer0"])?;
+        a.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:20::1/64",
+            "dev",
+            "peer0",
+            "nodad",
+        ])?;
+        a.ip(&["link", "set", "peer0", "up"])?;
+        node_b.ip(&["addr", "add", "172.20.0.2/24", "dev", "eth0"])?;
+        node_b.ip(&["-6", "addr", "add", "fd00:20::2/64", "dev", "eth0", "nodad"])?;
+        node_b.ip(&["link", "set", "eth0", "up"])?;
+        a.ip(&["route", "add", "10.245.0.0/24", "via", "172.20.0.2"])?;
+        a.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:10:245::/64",
+            "via",
+            "fd00:20::2",
+        ])?;
+        // Node B's pod.
+        node_b.ip(&[
+            "link", "add", "v21", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+        ])?;
+        node_b.ip(&["addr", "add", "10.245.0.1/24", "dev", "v21"])?;
+        node_b.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:10:245::1/64",
+            "dev",
+            "v21",
+            "nodad",
+        ])?;
+        node_b.ip(&["link", "set", "v21", "up"])?;
+        pod.ip(&["addr", "add", "10.245.0.21/24", "dev", "eth0"])?;
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:10:245::21/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        pod.ip(&["link", "set", "eth0", "up"])?;
+        pod.ip(&["route", "add", "default", "via", "10.245.0.1"])?;
+        pod.ip(&["-6", "route", "add", "default", "via", "fd00:10:245::1"])?;
+        for ns in [a, &node_b] {
+            ns.exec(
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            )?;
+        }
+        for p in node.pods.iter().filter(|p| p.name.starts_with("flaskapp")) {
+            p.ns.ip(&["route", "add", "192.168.77.0/24", "via", common::NODE4])?;
+            p.ns.ip(&["-6", "route", "add", "fd00:77::/64", "via", common::NODE6])?;
+        }
+        Ok(())
+    })?;
+    let backend = mesh_tools::backend::Backend::spawn(&pod, REMOTE_POD, "v2", common::TARGET_PORT)?;
+    let mut canary = canary;
+    canary.pods.push((
+        REMOTE_POD.to_owned(),
+        "v2".to_owned(),
+        vec!["10.245.0.21".parse()?, "fd00:10:245::21".parse()?],
+        false,
+    ));
+    canary.set_ready(REMOTE_POD, true)?;
+    Ok((
+        canary,
+        outside,
+        RemoteNode {
+            _pod: pod,
+            _node: node_b,
+            _backend: backend,
+        },
+    ))
+}
+
+#[test]
+fn a_backend_on_another_node_is_reached_through_snat_and_answers_from_the_dialled_address()
+-> anyhow::Result<()> {
+    let (mut canary, outside, _remote) = start_with_remote()?;
+    canary.write("gateway.yaml", &seed_gateway()?)?;
+    // v2: one pod here, one on node B.
+    canary.write(
+        "edge.yaml",
+        &weighted_vs("flaskapp-edge", "flaskapp-gateway", "flaskapp", 0, 100),
+    )?;
+    let n = 1000;
+    for target in [format!("{OUT4}:80"), format!("[{OUT6}]:80")] {
+        let split = probe::probe(&outside, None, &target, n, 4)?;
+        assert_eq!(split.failed(), 0, "{target}: {split:?}");
+        assert_share(split.share(V2), 0.5, n, &format!("{V2} through {target}"));
+        assert_share(
+            split.share(REMOTE_POD),
+            0.5,
+            n,
+            &format!("{REMOTE_POD} through {target}"),
+        );
+        assert_eq!(
+            split.peers.keys().collect::<Vec<_>>(),
+            vec![&target],
+            "{split:?}"
+        );
+        eprintln!("{target}: {:?}", split.backends);
+    }
+    canary.agent.stop()?;
+    let counted = canary.agent.records("gateway tc counters");
+    let counted = counted.last().context("no gateway tc counters logged")?;
+    eprintln!("gateway tc counters: {counted}");
+    let c = |k: &str| counted[k].as_u64().unwrap_or(0);
+    assert!(c("snat_flows") > 0 && c("snat_replied") > 0, "{counted}");
+    assert_eq!(c("snat_failed"), 0, "{counted}");
+    Ok(())
+}

@@ -315,6 +315,9 @@ pub fn log_stats(pins: &super::pin::PinDir) {
         no_backend = at(g::NO_BACKEND),
         replied = at(g::REPLIED),
         rewrite_failed = at(g::REWRITE_FAILED),
+        snat_flows = at(g::SNAT_FLOWS),
+        snat_replied = at(g::SNAT_REPLIED),
+        snat_failed = at(g::SNAT_FAILED),
         "gateway tc counters"
     );
 }
