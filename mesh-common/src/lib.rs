@@ -625,7 +625,10 @@ pub struct GatewayNat {
 const _: () = assert!(core::mem::size_of::<GatewayNat>() == 64);
 
 /// [`GatewayFlow::dir`]: a remote backend's reply to the node's SNAT address
-/// and port (`a` = backend, `b` = node address); the value is the client.
+/// and port (`a` = backend, `b` = node address); the value is the client
+/// (`addr`, `port`), with the gateway address it dialled in `snat_addr` and
+/// `snat_port` (to find the flow's forward entry: a port whose flow is over
+/// is taken again).
 pub const FLOW_SNAT_REPLY: u8 = 3;
 /// First source port of the SNAT towards backends on other nodes: above the
 /// default `ip_local_port_range` (32768..60999), so never a local socket's.

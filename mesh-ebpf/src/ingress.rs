@@ -352,7 +352,7 @@ fn remote_route(ctx: &TcContext, p: &Packet, backend: &Backend) -> Option<([u32;
     clippy::needless_borrows_for_generic_args,
     reason = "the value is passed by pointer into the scratch map: a copy would take the 512-byte stack"
 )]
-fn snat_port(p: &Packet, backend: &Backend, src: &[u32; 4]) -> Option<u16> {
+fn snat_port(p: &Packet, backend: &Backend, src: &[u32; 4], now: u64) -> Option<u16> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch value, valid for this run (see `remote_route`).
     let client: &mut GatewayNat = unsafe {
@@ -362,6 +362,9 @@ fn snat_port(p: &Packet, backend: &Backend, src: &[u32; 4]) -> Option<u16> {
     client.addr = p.saddr;
     client.port = p.sport;
     client.family = p.family;
+    // What the client dialled: finds the flow's forward entry (`snat_stale`).
+    client.snat_addr = p.daddr;
+    client.snat_port = p.dport;
     let h = flow_hash(p);
     let mut i: u16 = 0;
     while i < SNAT_TRIES {
@@ -379,9 +382,38 @@ fn snat_port(p: &Packet, backend: &Backend, src: &[u32; 4]) -> Option<u16> {
         if GATEWAY_CT.insert(key, &*client, BPF_NOEXIST as u64).is_ok() {
             return Some(port);
         }
+        // Taken: by a flow that is over (its forward entry expired, gone, or
+        // now using another port), the port is free again.
+        if snat_stale(&key, src, port, now) && GATEWAY_CT.insert(key, &*client, 0).is_ok() {
+            return Some(port);
+        }
         i += 1;
     }
     None
+}
+
+/// Whether the SNAT port of `key` belongs to no live flow any more.
+#[inline(always)]
+fn snat_stale(key: &GatewayFlow, src: &[u32; 4], port: u16, now: u64) -> bool {
+    // SAFETY: a value of the LRU map, read by copy.
+    let Some(old) = (unsafe { GATEWAY_CT.get(key) }).copied() else {
+        return true;
+    };
+    let fwd = GatewayFlow {
+        a: old.addr,
+        b: old.snat_addr,
+        a_port: old.port,
+        b_port: old.snat_port,
+        family: key.family,
+        proto: PROTO_TCP,
+        dir: FLOW_FORWARD,
+        _pad: 0,
+    };
+    // SAFETY: a value of the LRU map, read by copy.
+    match unsafe { GATEWAY_CT.get(fwd) } {
+        None => true,
+        Some(f) => f.expired(now) || f.snat_port != port || f.snat_addr != *src,
+    }
 }
 
 /// A remote backend's reply to the node's SNAT address: its destination goes
@@ -442,7 +474,7 @@ fn new_flow(
     // client's address is replaced by the node's.
     let mut snat = ([0u32; 4], 0u16, 0u32);
     if let Some((src, ifindex)) = remote_route(ctx, p, &backend) {
-        let Some(port) = snat_port(p, &backend, &src) else {
+        let Some(port) = snat_port(p, &backend, &src, now) else {
             stats::add(&GATEWAY_STATS, gateway_stat::SNAT_FAILED, 1);
             return Err(TC_ACT_SHOT);
         };
