@@ -4,9 +4,28 @@
 //! (`GATEWAY_CT_V1`); the backend's replies leaving by the same device get their
 //! source translated back, so the client sees answers from what it dialled.
 //!
+//! - **Conntrack**: an LRU of 262144 entries (`MAX_GATEWAY_CT`), two per flow
+//!   (forward: client -> backend; reply: backend -> client), three for a
+//!   remote backend (plus the SNAT reply). An entry is over after 6 h idle, or
+//!   10 s after FINs both ways or an RST (`GatewayNat::expired`); a SYN on a
+//!   closing flow is a new connection and picks again. Only a SYN creates a
+//!   flow: another packet without one passes untouched (the node's stack
+//!   answers it with an RST) and is counted (`NO_FLOW`).
+//! - **Local backends** (directly connected: this node's pods): destination
+//!   translated, then the kernel forwards (IP forwarding must be on).
+//! - **Remote backends** (the route to them has a gateway, per
+//!   `bpf_fib_lookup`): the source is also translated, to the node's address
+//!   towards them and a port of 61000..=65535 (`SNAT_PORT_MIN`), and the packet
+//!   leaves by `bpf_redirect_neigh`; their replies, arriving on a gateway
+//!   device to that port, get the client back as destination, and the client's
+//!   device's egress restores the gateway address as source. A port is taken
+//!   again once its flow is over, so one (node address, backend) pair carries
+//!   at most 4536 flows that are open or closed less than 10 s ago.
+//! - Left alone: IPv4 fragments, IPv6 with extension headers, non-TCP.
+//!
 //! Both programs return `TC_ACT_UNSPEC` (TCX "next") for what they leave alone
 //! and after a rewrite, so that programs attached after them still run; they
-//! drop only a SYN that drew no backend.
+//! drop only a SYN that drew no backend, or whose rewrite failed.
 
 use aya_ebpf::{
     EbpfContext as _,
