@@ -87,13 +87,17 @@ pub mod map_names {
     pub const MESH_SCOPE: &str = "MESH_SCOPE_V1";
     pub const MESHED_PODS: &str = "MESHED_PODS_V1";
     pub const GATEWAY_NETNS: &str = "GATEWAY_NETNS_V1";
+    pub const GATEWAY_VIPS: &str = "GATEWAY_VIPS_V1";
+    pub const MAGLEV: &str = "MAGLEV_V1";
+    pub const GATEWAY_CT: &str = "GATEWAY_CT_V1";
+    pub const GATEWAY_STATS: &str = "GATEWAY_STATS_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -108,6 +112,10 @@ pub mod map_names {
         MESH_SCOPE,
         MESHED_PODS,
         GATEWAY_NETNS,
+        GATEWAY_VIPS,
+        MAGLEV,
+        GATEWAY_CT,
+        GATEWAY_STATS,
     ];
 }
 
@@ -121,6 +129,8 @@ pub mod program_names {
     pub const GATEWAY_CONNECT6: &str = "mesh_gateway_connect6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
+    pub const GATEWAY_INGRESS: &str = "mesh_gateway_ingress";
+    pub const GATEWAY_EGRESS: &str = "mesh_gateway_egress";
 }
 
 /// Indexes into the per-CPU `GLOBAL_STATS_V1` array.
@@ -493,6 +503,175 @@ pub struct BackendStats {
 }
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 8);
 
+// ---- The gateway for clients outside the node (tc, per packet) ----
+
+/// Capacity of `GATEWAY_VIPS_V1`: (node address, gateway port) pairs.
+pub const MAX_GATEWAY_VIPS: u32 = 4096;
+/// Capacity of `MAGLEV_V1`: every live Maglev table's slots plus the tables
+/// being replaced (64 tables of the default 16381 slots).
+pub const MAX_MAGLEV_SLOTS: u32 = 1 << 20;
+/// Capacity of the gateway's conntrack LRU (`GATEWAY_CT_V1`): two entries per
+/// flow (forward and reverse), so 131072 flows before the LRU evicts the
+/// least recently used.
+pub const MAX_GATEWAY_CT: u32 = 262_144;
+
+/// Idle lifetime of a gateway conntrack entry: an established TCP flow with no
+/// packet for this long is forgotten (as Cilium's TCP established timeout).
+pub const GATEWAY_CT_IDLE_NS: u64 = 6 * 3600 * 1_000_000_000;
+/// Lifetime of an entry after a FIN was seen both ways or an RST either way.
+pub const GATEWAY_CT_CLOSE_NS: u64 = 10 * 1_000_000_000;
+/// `last_seen_ns` is rewritten at most this often (a write per packet would
+/// bounce the entry's cache line between CPUs).
+pub const GATEWAY_CT_TOUCH_NS: u64 = 1_000_000_000;
+
+/// Value of `GATEWAY_VIPS_V1` (key: [`ServiceKey`], the node address and
+/// gateway port a client outside the node dials; `proto` TCP). Written by the
+/// agent only, after every slot of `table_id` is in `MAGLEV_V1`: this write
+/// flips the port to its new table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct GatewayVip {
+    /// Agent-assigned id of the live Maglev table (a new id per new table).
+    pub table_id: u32,
+    /// Slots of that table, a prime M; 0: no backend (the SYN is dropped).
+    pub slot_count: u32,
+}
+const _: () = assert!(core::mem::size_of::<GatewayVip>() == 8);
+
+/// Key of `MAGLEV_V1` (value: [`Backend`]). Written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct MaglevKey {
+    /// [`GatewayVip::table_id`].
+    pub table_id: u32,
+    /// `0..slot_count`, host byte order.
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
+
+/// [`GatewayFlow::dir`]: a client's packet towards the gateway address.
+pub const FLOW_FORWARD: u8 = 1;
+/// [`GatewayFlow::dir`]: a backend's reply towards the client.
+pub const FLOW_REPLY: u8 = 2;
+
+/// Key of `GATEWAY_CT_V1`, the gateway's conntrack (LRU). Written by the tc
+/// programs only. A flow has two entries: [`FLOW_FORWARD`] keyed as the
+/// client's packets arrive (`a` = client, `b` = gateway address), whose value
+/// is the backend; [`FLOW_REPLY`] keyed as the backend's replies leave (`a` =
+/// backend, `b` = client), whose value is the gateway address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct GatewayFlow {
+    /// Source address of the packet, network byte order; IPv4 in `a[0]`.
+    pub a: [u32; 4],
+    /// Destination address of the packet, same encoding.
+    pub b: [u32; 4],
+    /// Source port, network byte order.
+    pub a_port: u16,
+    /// Destination port, network byte order.
+    pub b_port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// [`PROTO_TCP`].
+    pub proto: u8,
+    /// [`FLOW_FORWARD`] or [`FLOW_REPLY`].
+    pub dir: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<GatewayFlow>() == 40);
+
+/// [`GatewayNat::flags`]: the client sent a FIN.
+pub const CT_FIN_CLIENT: u32 = 1;
+/// [`GatewayNat::flags`]: the backend sent a FIN.
+pub const CT_FIN_BACKEND: u32 = 2;
+/// [`GatewayNat::flags`]: either side sent an RST.
+pub const CT_RST: u32 = 4;
+
+/// Value of `GATEWAY_CT_V1`: what the packet's destination (forward) or
+/// source (reply) is rewritten to. Written by the tc programs only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct GatewayNat {
+    /// Forward: the backend's address; reply: the gateway address the client
+    /// dialled. Network byte order; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+    /// The port to match `addr`, network byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: u8,
+    /// `CT_*` bits, kept on the forward entry (the reply path sets them there).
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` of the last packet (refreshed at most every
+    /// [`GATEWAY_CT_TOUCH_NS`]); entries idle for [`GATEWAY_CT_IDLE_NS`], or
+    /// closed for [`GATEWAY_CT_CLOSE_NS`], count as absent.
+    pub last_seen_ns: u64,
+    /// Backend id of the chosen backend (forward entry), for counters; 0 for
+    /// reply entries.
+    pub backend_id: u32,
+    pub _pad2: u32,
+    /// Forward entry of a backend on another node: the client's packets also
+    /// get this source address (the node's, towards that backend), network
+    /// byte order; zero otherwise.
+    pub snat_addr: [u32; 4],
+    /// With `snat_addr`: the source port, from [`SNAT_PORT_MIN`]..+[`SNAT_PORTS`],
+    /// network byte order.
+    pub snat_port: u16,
+    pub _pad3: u16,
+    /// With `snat_addr`: the device the packets are redirected out of
+    /// (`bpf_redirect_neigh`); 0: a backend on this node (the kernel routes).
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<GatewayNat>() == 64);
+
+/// [`GatewayFlow::dir`]: a remote backend's reply to the node's SNAT address
+/// and port (`a` = backend, `b` = node address); the value is the client
+/// (`addr`, `port`), with the gateway address it dialled in `snat_addr` and
+/// `snat_port` (to find the flow's forward entry: a port whose flow is over
+/// is taken again).
+pub const FLOW_SNAT_REPLY: u8 = 3;
+/// First source port of the SNAT towards backends on other nodes: above the
+/// default `ip_local_port_range` (32768..60999), so never a local socket's.
+pub const SNAT_PORT_MIN: u16 = 61000;
+/// Number of SNAT source ports (61000..=65535).
+pub const SNAT_PORTS: u16 = 4536;
+
+impl GatewayNat {
+    /// Whether this forward entry is over: idle too long, or closed (FIN both
+    /// ways, or an RST) for longer than the close grace.
+    pub fn expired(&self, now_ns: u64) -> bool {
+        let idle = now_ns.saturating_sub(self.last_seen_ns);
+        let closed = self.flags & CT_RST != 0
+            || self.flags & (CT_FIN_CLIENT | CT_FIN_BACKEND) == CT_FIN_CLIENT | CT_FIN_BACKEND;
+        idle > GATEWAY_CT_IDLE_NS || (closed && idle > GATEWAY_CT_CLOSE_NS)
+    }
+}
+
+/// Indexes into the per-CPU `GATEWAY_STATS_V1` array (the tc programs).
+pub mod gateway_stat {
+    /// Client packets translated to a backend (forward).
+    pub const FORWARDED: u32 = 0;
+    /// New flows (SYNs that created a conntrack entry).
+    pub const NEW_FLOWS: u32 = 1;
+    /// Packets to a gateway address:port that were not SYNs and had no
+    /// conntrack entry: passed untouched (the node's stack answers with RST).
+    pub const NO_FLOW: u32 = 2;
+    /// SYNs that drew no backend (empty table, or a slot missing during a
+    /// table swap): dropped, the client retries.
+    pub const NO_BACKEND: u32 = 3;
+    /// Replies translated back to the gateway address.
+    pub const REPLIED: u32 = 4;
+    /// Packets that could not be rewritten (helper error).
+    pub const REWRITE_FAILED: u32 = 5;
+    /// New flows to a backend on another node (source-translated).
+    pub const SNAT_FLOWS: u32 = 6;
+    /// Remote backends' replies translated back to the client (destination).
+    pub const SNAT_REPLIED: u32 = 7;
+    /// SYNs to a remote backend with no free SNAT port or no route: dropped.
+    pub const SNAT_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are `bytemuck::Pod`: plain old data, no padding bytes.
@@ -507,6 +686,10 @@ mod user {
     unsafe impl aya::Pod for super::SockConn {}
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::MeshScope {}
+    unsafe impl aya::Pod for super::GatewayVip {}
+    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::GatewayFlow {}
+    unsafe impl aya::Pod for super::GatewayNat {}
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 mod connect;
 mod ctx;
+mod ingress;
 mod maps;
 mod peer;
 mod redirect;
@@ -15,8 +16,8 @@ mod scope;
 mod stats;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_msg, sock_ops},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, classifier, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 
 /// `connect()` of an IPv4 socket (TCP or UDP) in the attached cgroup.
@@ -68,6 +69,20 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     redirect::try_sk_msg(&ctx)
+}
+
+/// tc ingress of a gateway device: clients outside the node dialling a
+/// gateway port of a node address are translated to a Maglev-chosen backend.
+#[classifier]
+pub fn mesh_gateway_ingress(ctx: TcContext) -> i32 {
+    ingress::try_gateway_ingress(&ctx)
+}
+
+/// tc egress of a gateway device: the backends' replies to those clients are
+/// translated back to the gateway address.
+#[classifier]
+pub fn mesh_gateway_egress(ctx: TcContext) -> i32 {
+    ingress::try_gateway_egress(&ctx)
 }
 
 // Only on the BPF target: host checks (clippy) link std, which has its own.

@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendStats, ConnKey, EndpointKey, MAX_BACKENDS, MAX_MESHED_PODS,
-    MAX_REDIRECT_EXCLUDED, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MeshScope, OrigDst,
-    ServiceKey, ServiceValue, SlotKey, SockConn, SockKey, global_stat, sock_stat,
+    Backend, BackendStats, ConnKey, EndpointKey, GatewayFlow, GatewayNat, GatewayVip, MAX_BACKENDS,
+    MAX_GATEWAY_CT, MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_REDIRECT_EXCLUDED,
+    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope, OrigDst, ServiceKey,
+    ServiceValue, SlotKey, SockConn, SockKey, gateway_stat, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -97,3 +98,49 @@ pub static MESHED_PODS: HashMap<u64, u32> =
 /// Writer: agent, at start.
 #[map(name = "GATEWAY_NETNS_V1")]
 pub static GATEWAY_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// (node address, gateway port, TCP, family) -> the live Maglev table of that
+/// gateway port, for clients outside the node (tc). Writer: agent, which
+/// fills a new table in `MAGLEV_V1` before flipping the entry to it.
+#[map(name = "GATEWAY_VIPS_V1")]
+pub static GATEWAY_VIPS: HashMap<ServiceKey, GatewayVip> =
+    HashMap::with_max_entries(MAX_GATEWAY_VIPS, BPF_F_NO_PREALLOC);
+
+/// (table id, slot) -> backend: the gateway's weighted Maglev tables. Writer:
+/// agent (a table is never changed once a `GATEWAY_VIPS_V1` entry names it;
+/// it is deleted a few seconds after none does).
+#[map(name = "MAGLEV_V1")]
+pub static MAGLEV: HashMap<MaglevKey, Backend> =
+    HashMap::with_max_entries(MAX_MAGLEV_SLOTS, BPF_F_NO_PREALLOC);
+
+/// The gateway's conntrack: each flow's forward entry (client -> gateway
+/// address: the backend) and reply entry (backend -> client: the gateway
+/// address). Writers: the tc programs only. LRU: under pressure the least
+/// recently used flows are forgotten; lifetimes are in `mesh_common`
+/// (`GATEWAY_CT_*_NS`).
+#[map(name = "GATEWAY_CT_V1")]
+pub static GATEWAY_CT: LruHashMap<GatewayFlow, GatewayNat> =
+    LruHashMap::with_max_entries(MAX_GATEWAY_CT, 0);
+
+/// Per-CPU counters of the tc programs, indexed by `mesh_common::gateway_stat`.
+/// Writer: kernel.
+#[map(name = "GATEWAY_STATS_V1")]
+pub static GATEWAY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(gateway_stat::COUNT, 0);
+
+/// Per-CPU scratch space of the gateway's tc programs (values too large for
+/// the 512-byte stack). Not pinned, no writer but the program running on that
+/// CPU, nothing kept between runs.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`SCRATCH`]'s value.
+#[repr(C)]
+pub struct Scratch {
+    /// `bpf_fib_lookup`'s parameters (`remote_route`).
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+    /// A conntrack value being built (`snat_port`).
+    pub nat: GatewayNat,
+    /// A new flow's forward and reply values (`new_flow`).
+    pub fwd: GatewayNat,
+    pub back: GatewayNat,
+}

@@ -54,6 +54,9 @@ pub struct Config {
     /// The cgroup whose processes' connects to gateway ports are translated
     /// (the node's processes); `None`: no gateway.
     pub gateway_cgroup: Option<PathBuf>,
+    /// gateway-tc: the devices whose outside clients the gateway serves in tc
+    /// (with a gateway only).
+    pub gateway_devices: crate::kernel::ingress::Devices,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,24 @@ pub async fn run(
             ),
         }
     }
+    // gateway-tc: the gateway's clients outside the node, on these devices.
+    let devices = if config.gateway_cgroup.is_some() {
+        config.gateway_devices.resolve()
+    } else {
+        Vec::new()
+    };
+    let outside = if devices.is_empty() {
+        None
+    } else {
+        info!(devices = ?devices, "the gateway serves clients outside the node on these devices (tc)");
+        crate::kernel::ingress::warn_if_not_forwarding();
+        let (vips, maglev) = loaded.take_gateway_maps()?;
+        Some(crate::kernel::ingress::Outside::new(
+            Box::new(vips),
+            Box::new(maglev),
+            Instant::now(),
+        ))
+    };
     let own_cgroup = match own_cgroup::current() {
         Ok(own) => {
             loaded.set_agent_cgroup(own.id)?;
@@ -184,7 +205,9 @@ pub async fn run(
             redirect: config.redirect,
             sock_stats: sock_stats.clone(),
             gateway: config.gateway_cgroup.clone(),
+            devices,
         }),
+        outside,
         gateway: config.gateway_cgroup.is_some().then(Router::new),
         router_addrs: BTreeMap::new(),
     };
@@ -221,6 +244,10 @@ pub async fn run(
         }
     };
     log_counters(&connections, &sock_stats);
+    // gateway-tc: the outside clients' counters.
+    if reconciler.outside.is_some() {
+        crate::kernel::ingress::log_stats(&pins);
+    }
     info!("exiting; programs and maps stay pinned (mesh-agent cleanup removes them)");
     result
 }
@@ -260,6 +287,8 @@ struct PendingAttach {
     redirect: bool,
     sock_stats: Arc<SockStats>,
     gateway: Option<PathBuf>,
+    /// gateway-tc: the gateway devices.
+    devices: Vec<String>,
 }
 
 impl std::fmt::Debug for PendingAttach {
@@ -296,6 +325,9 @@ struct Reconciler {
     gateway: Option<Router>,
     /// Where the router listens, per gateway port.
     router_addrs: BTreeMap<u16, RouterAddrs>,
+    /// gateway-tc: the writer of the outside clients' tables (`None`: no
+    /// gateway device).
+    outside: Option<crate::kernel::ingress::Outside>,
 }
 
 impl Reconciler {
@@ -371,6 +403,12 @@ impl Reconciler {
             Err(e) => error!("the gateway's router: {e}"),
         }
         let node = node_addresses();
+        // gateway-tc: the outside clients' Maglev tables, before the attach.
+        if let Some(outside) = &mut self.outside {
+            for e in outside.update(&compiled.gateways, &node, Instant::now()) {
+                error!("{e}");
+            }
+        }
         for p in &compiled.gateways {
             if let (Some(who), Some(server)) = (bound_elsewhere(p.port), p.servers.first()) {
                 diagnostics.push(Diagnostic::warning(
@@ -416,6 +454,9 @@ impl Reconciler {
     /// Once a second: free replaced tables, and retry writes that failed.
     fn tick(&mut self) {
         self.applier.collect_garbage(Instant::now());
+        if let Some(outside) = &mut self.outside {
+            outside.collect_garbage(Instant::now());
+        }
         if let Some((_, pods)) = &mut self.pods {
             pods.retry();
             let scope = Some(pods.record());
@@ -528,6 +569,11 @@ fn attach_pending(attach: &mut Option<PendingAttach>) -> Result<(), AgentError> 
             pending.sock_stats.socket_map(),
             pending.gateway.as_deref(),
         )?;
+        // gateway-tc: the gateway devices' tc programs (none: unpins any).
+        for (device, program, how) in loader::attach_devices(&mut pending.loaded, &pending.devices)?
+        {
+            info!(program, %device, how = ?how, "gateway tc program");
+        }
         let cgroup = pending.cgroup.display();
         for (program, how) in linked {
             match how {

@@ -86,6 +86,13 @@ enum Command {
         /// every process of the node), a path, or `off` (no gateway).
         #[arg(long, env = "MESH_GATEWAY_CGROUP", default_value = "auto")]
         gateway_cgroup: String,
+        /// The network devices whose clients (outside the node) reach the
+        /// gateway's kernel-served ports on the node's addresses, translated
+        /// per packet in tc: NAME[,NAME...], `auto` (every non-loopback,
+        /// non-bridge interface holding one of the node's addresses) or
+        /// `none`. Needs IP forwarding on in the agent's network namespace.
+        #[arg(long, env = "MESH_GATEWAY_DEVICE", default_value = "auto")]
+        gateway_device: mesh_user::kernel::ingress::Devices,
     },
     /// Detach and unpin everything the agent pinned (nothing else); stop the agent first.
     Cleanup {
@@ -220,6 +227,7 @@ fn main() -> anyhow::Result<()> {
             map_capacity,
             metrics_auth,
             gateway_cgroup,
+            gateway_device,
         } => {
             init_logging(&log_format);
             let kubernetes = matches!(source, SourceSpec::Kubernetes(_));
@@ -279,6 +287,7 @@ fn main() -> anyhow::Result<()> {
                     metrics_auth,
                     scope,
                     gateway_cgroup,
+                    gateway_devices: gateway_device,
                 };
                 agent::run(config, shutdown_signal())
                     .await

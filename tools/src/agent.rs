@@ -176,6 +176,12 @@ impl Agent {
         if !source.iter().any(|a| a == "--gateway-cgroup") {
             args.extend(["--gateway-cgroup".to_owned(), cgroup.display().to_string()]);
         }
+        // The gateway's tc programs go on no device (the default is every
+        // interface with an address: the machine's own, for an agent in the
+        // host's namespace), unless a test names one.
+        if !source.iter().any(|a| a == "--gateway-device") {
+            args.extend(["--gateway-device".to_owned(), "none".to_owned()]);
+        }
         // Tests stand pods in for network namespaces in one cgroup: every process
         // there is a mesh client, unless a test asks for Istio's pod scope.
         if source.first().is_some_and(|s| s == "kubernetes")

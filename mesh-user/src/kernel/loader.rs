@@ -13,11 +13,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuHashMap, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramInfo, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramInfo, SchedClassifier, SkMsg, SockOps,
+        TcAttachType,
         links::{FdLink, PinnedLink},
+        tc::{NlOptions, TcAttachOptions},
     },
 };
-use mesh_common::{BackendStats, ConnKey, map_names, program_names};
+use mesh_common::{
+    Backend, BackendStats, ConnKey, GatewayVip, MaglevKey, ServiceKey, map_names, program_names,
+};
 use tracing::{info, warn};
 
 use super::{
@@ -110,6 +114,26 @@ impl Loaded {
         take(&mut self.ebpf, map_names::MESHED_PODS)
     }
 
+    // --- gateway-tc: the gateway for clients outside the node ---
+
+    /// `GATEWAY_VIPS_V1` and `MAGLEV_V1`, for their only writer
+    /// ([`super::ingress::Outside`]).
+    #[allow(clippy::type_complexity, reason = "two map types, named once")]
+    pub fn take_gateway_maps(
+        &mut self,
+    ) -> Result<
+        (
+            HashMap<MapData, ServiceKey, GatewayVip>,
+            HashMap<MapData, MaglevKey, Backend>,
+        ),
+        LoadError,
+    > {
+        Ok((
+            take(&mut self.ebpf, map_names::GATEWAY_VIPS)?,
+            take(&mut self.ebpf, map_names::MAGLEV)?,
+        ))
+    }
+
     /// Sets entry 0 of a one-entry array map.
     fn set_first<T: aya::Pod>(&mut self, name: &'static str, value: T) -> Result<(), LoadError> {
         let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
@@ -145,6 +169,12 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 const GATEWAY_PROGRAMS: [&str; 2] = [
     program_names::GATEWAY_CONNECT4,
     program_names::GATEWAY_CONNECT6,
+];
+
+/// gateway-tc: the gateway devices' programs and where each goes.
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (program_names::GATEWAY_INGRESS, TcAttachType::Ingress),
+    (program_names::GATEWAY_EGRESS, TcAttachType::Egress),
 ];
 
 /// What became of one program's attachment.
@@ -294,6 +324,10 @@ pub fn load(
         load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
     load_program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?;
+    // gateway-tc: the gateway devices' programs (attached by `attach_devices`).
+    for name in TC_PROGRAMS.map(|(name, _)| name) {
+        load_program::<SchedClassifier>(&mut ebpf, name)?;
+    }
     load_program::<SkMsg>(&mut ebpf, program_names::SK_MSG)?;
     let maps = Maps {
         capacity,
@@ -423,6 +457,72 @@ pub fn attach(
     Ok(report)
 }
 
+/// gateway-tc: attaches (or adopts, or swaps) the gateway's tc programs on
+/// each of `devices`, ingress and egress, by TCX links pinned under
+/// `links/tc-<device>/` (kernel 6.6+), so they outlive the agent; then unpins
+/// those of devices no longer listed. Without TCX, falls back to a clsact
+/// qdisc filter (not pinned: it stays until the qdisc goes; `cleanup` does
+/// not remove it). Returns (device, program, what happened).
+pub fn attach_devices(
+    loaded: &mut Loaded,
+    devices: &[String],
+) -> Result<Vec<(String, &'static str, Linked)>, LoadError> {
+    let mut report = Vec::new();
+    let mut keep = Vec::new();
+    for device in devices {
+        let links = loaded.pins.device_links(device);
+        make_dir(&links)?;
+        keep.push(links.clone());
+        for (name, attach_type) in TC_PROGRAMS {
+            let program = program::<SchedClassifier>(&mut loaded.ebpf, name)?;
+            let new_fd = program_fd(program.fd(), name)?;
+            let info = program_info(program.info(), name)?;
+            let path = links.join(name);
+            let mut fallback = false;
+            let linked = link_program(name, &path, info, new_fd.as_fd(), || {
+                let err = |source| LoadError::Program { name, source };
+                match program.attach_with_options(
+                    device,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                ) {
+                    Ok(id) => {
+                        let link = program.take_link(id).map_err(err)?;
+                        FdLink::try_from(link).map_err(|e| link_err(name, &path, e))
+                    }
+                    Err(tcx) => {
+                        warn!(%device, program = name, "TCX attach failed ({tcx}); falling back to a clsact qdisc filter (not pinned)");
+                        fallback = true;
+                        let _ = aya::programs::tc::qdisc_add_clsact(device);
+                        let id = program
+                            .attach_with_options(
+                                device,
+                                attach_type,
+                                TcAttachOptions::Netlink(NlOptions::default()),
+                            )
+                            .map_err(err)?;
+                        let link = program.take_link(id).map_err(err)?;
+                        // The filter stays attached when the agent exits.
+                        std::mem::forget(link);
+                        Err(LoadError::MissingProgram(
+                            "(clsact fallback: nothing to pin)",
+                        ))
+                    }
+                }
+            });
+            let linked = match linked {
+                Err(LoadError::MissingProgram(_)) if fallback => Linked::Attached,
+                other => other?,
+            };
+            report.push((device.clone(), name, linked));
+        }
+    }
+    for stale in loaded.pins.unpin_other_devices(&keep) {
+        info!(links = %stale.display(), "detached the gateway's tc programs from a device no longer listed");
+    }
+    Ok(report)
+}
+
 fn make_dir(dir: &Path) -> Result<(), LoadError> {
     std::fs::create_dir_all(dir).map_err(|source| {
         PinError::Io {
@@ -466,7 +566,7 @@ macro_rules! load {
         }
     )*};
 }
-load!(CgroupSockAddr, SockOps, SkMsg);
+load!(CgroupSockAddr, SockOps, SkMsg, SchedClassifier);
 
 fn load_program<P: Load>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError>
 where

@@ -11,6 +11,7 @@ pub mod apply;
 mod carry;
 pub mod codec;
 pub mod counters;
+pub mod ingress;
 pub mod loader;
 pub mod maps;
 pub mod netns;

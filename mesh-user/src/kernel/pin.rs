@@ -5,6 +5,7 @@
 //! ```text
 //! <root>/maps/<MAP_NAME_Vn>          every map of the object
 //! <root>/links/cg<ino>/<program>     a bpf_link per program, per cgroup (inode)
+//! <root>/links/tc-<dev>/<program>    the gateway's tc programs, per device (TCX)
 //! ```
 //!
 //! Nothing outside `<root>` is ever touched.
@@ -272,6 +273,33 @@ impl PinDir {
             .flatten()
             .flatten()
             .map(|e| e.path())
+            // Cgroups' directories only (the gateway devices' are `tc-*`).
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("cg"))
+            })
+            .filter(|p| !keep.contains(p) && remove_tree(p, &mut Vec::new()).is_ok())
+            .collect()
+    }
+
+    /// Links of the gateway's tc programs on one network device (TCX), named
+    /// by the device's name: `<root>/links/tc-<device>/<program>`.
+    pub fn device_links(&self, device: &str) -> PathBuf {
+        self.links_dir().join(format!("tc-{device}"))
+    }
+
+    /// Unpins the tc links of devices other than `keep` (no longer gateway
+    /// devices), which detaches their programs. Returns those removed.
+    pub fn unpin_other_devices(&self, keep: &[PathBuf]) -> Vec<PathBuf> {
+        fs::read_dir(self.links_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("tc-"))
+            })
             .filter(|p| !keep.contains(p) && remove_tree(p, &mut Vec::new()).is_ok())
             .collect()
     }

@@ -216,3 +216,145 @@ pub fn assert_share(observed: f64, expected: f64, n: u64, what: &str) {
         tolerance * 100.0
     );
 }
+
+// ---- gateway-tc: clients outside the node ----
+
+impl Canary {
+    /// [`Canary::start_on_node`], with `prepare` run on the node before the
+    /// agent starts (devices the agent must find at start).
+    pub fn start_on_node_prepared(
+        flags: &[&str],
+        prepare: impl FnOnce(&mut Node) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        mesh_tools::require_root();
+        let mut node = Node::new()?;
+        node.bridge
+            .ip(&["addr", "add", &format!("{NODE4}/24"), "dev", "br0"])?;
+        node.bridge.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        node.add_pod("client", 2)?;
+        let mut backends = Vec::new();
+        let dir = ManifestDir::new()?;
+        let vips: Vec<IpAddr> = vec![VIP4.parse()?, VIP6.parse()?];
+        dir.write(
+            "service.yaml",
+            &manifests::service("flaskapp", &vips, PORT, TARGET_PORT),
+        )?;
+        let mut pods = Vec::new();
+        for (i, name) in V1.iter().chain([&V2]).enumerate() {
+            let version = if name.contains("v2") { "v2" } else { "v1" };
+            let pod = node.add_pod(name, 11 + i as u8)?;
+            backends.push(Backend::spawn(&pod.ns, name, version, TARGET_PORT)?);
+            pods.push((
+                name.to_string(),
+                version.to_owned(),
+                vec![pod.ipv4, pod.ipv6],
+                true,
+            ));
+        }
+        write_pods(&dir, &pods)?;
+        dir.write(
+            "destinationrule.yaml",
+            &manifests::destination_rule("flaskapp", &["v1", "v2"]),
+        )?;
+        prepare(&mut node)?;
+        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
+        let agent = Agent::start_in_netns(dir.path(), cgroup.path(), &node.bridge, flags)?;
+        Ok(Canary {
+            agent,
+            backends,
+            pods,
+            cgroup,
+            node,
+            dir,
+        })
+    }
+}
+
+/// A TCP server in a pod that first sends its pod's name and a newline, then
+/// echoes what it reads until EOF: a connection that can be held open and
+/// tells which pod it reached. Stops on drop.
+pub struct Echo {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn spawn(ns: &mesh_tools::netns::Netns, pod: &str, port: u16) -> anyhow::Result<Self> {
+        use std::{
+            io::{Read as _, Write as _},
+            os::fd::AsFd as _,
+            sync::atomic::Ordering,
+        };
+        let file = ns.open()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let pod = pod.to_owned();
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let listener = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| {
+                        Ok(std::net::TcpListener::bind(std::net::SocketAddr::from((
+                            [0u16; 8], port,
+                        )))?)
+                    });
+                let listener = match listener {
+                    Ok(l) => {
+                        let _ = tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let mut fds = [nix::poll::PollFd::new(
+                        listener.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    if !matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u8)), Ok(n) if n > 0)
+                    {
+                        continue;
+                    }
+                    let Ok((mut stream, _)) = listener.accept() else {
+                        continue;
+                    };
+                    let pod = pod.clone();
+                    std::thread::spawn(move || {
+                        let _ = stream.write_all(format!("{pod}\n").as_bytes());
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = stream.read(&mut buf) {
+                            if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        rx.recv()??;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

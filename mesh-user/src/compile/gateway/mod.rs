@@ -4,6 +4,7 @@
 //! Istio's rules, with their sources, are in docs/gateway-research.md.
 
 pub mod bind;
+pub mod maglev;
 mod routes;
 pub mod table;
 #[cfg(test)]
