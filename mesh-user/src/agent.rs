@@ -156,11 +156,15 @@ pub async fn run(
         .ebpf_object
         .as_ref()
         .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string());
-    let telemetry = Telemetry::new(
-        vec![Box::new(sock_stats.clone()), Box::new(connections.clone())],
-        view,
-        &object_label,
-    );
+    let router = config.gateway_cgroup.is_some().then(Router::new);
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
+        vec![Box::new(sock_stats.clone()), Box::new(connections.clone())];
+    if let Some(router) = &router {
+        collectors.push(Box::new(crate::telemetry::RouterRequests(
+            router.stats_handle(),
+        )));
+    }
+    let telemetry = Telemetry::new(collectors, view, &object_label);
     if let Some(addr) = config.metrics_addr {
         let auth = match config.metrics_auth {
             crate::telemetry::auth::MetricsAuth::None => None,
@@ -208,7 +212,7 @@ pub async fn run(
             devices,
         }),
         outside,
-        gateway: config.gateway_cgroup.is_some().then(Router::new),
+        gateway: router,
         router_addrs: BTreeMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);

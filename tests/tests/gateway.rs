@@ -160,6 +160,15 @@ fn the_seed_gateway_files_route_real_curl_per_request() -> anyhow::Result<()> {
     assert_eq!(other.codes, BTreeMap::from([(404, 20)]), "{other:?}");
     let explained = canary.agent.cli(&["explain", "127.0.0.1:80"])?;
     assert!(explained.contains("served by the router"), "{explained}");
+    // The router counted them, by route and status code.
+    let counted = |route: &str, code: &str| {
+        canary.agent.metric_with(
+            "mesh_gateway_requests_total",
+            &[&format!("route=\"{route}\""), &format!("code=\"{code}\"")],
+        )
+    };
+    assert_eq!(counted("spec.http[0]", "200")?, 1000);
+    assert_eq!(counted("", "404")?, 20);
     assert!(
         explained.contains("VirtualService default/flaskapp spec.http[0]"),
         "{explained}"

@@ -330,14 +330,31 @@ impl Agent {
             .first()
             .and_then(|f| f["addr"].as_str().map(str::to_owned))
             .context("the agent logged no metrics address")?;
-        let mut stream = std::net::TcpStream::connect(&addr)?;
         let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
+        let exchange = || -> anyhow::Result<String> {
+            let mut stream = std::net::TcpStream::connect(&addr)?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        };
+        // An agent in another network namespace listens there: ask from a
+        // thread that joined it.
+        let response = match &self.netns {
+            None => exchange()?,
+            Some(ns) => std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                        exchange()
+                    })
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the request thread panicked"))?
+            })?,
+        };
         let status = response
             .split_whitespace()
             .nth(1)
