@@ -411,6 +411,12 @@ spec:
 {api_server}            # This node's own, so that nothing else on the machine shares it.
             - name: MESH_PIN_DIR
               value: {pin_dir}
+            # The test node is this machine's host network: its real
+            # interfaces carry the machine's own traffic and no outside client,
+            # so the gateway's per-packet programs stay off them (the node's
+            # own processes are still served, at connect).
+            - name: MESH_GATEWAY_DEVICE
+              value: none
       volumes:
         - name: run
           hostPath:
