@@ -533,7 +533,9 @@ pub const GATEWAY_CT_TOUCH_NS: u64 = 1_000_000_000;
 pub struct GatewayVip {
     /// Agent-assigned id of the live Maglev table (a new id per new table).
     pub table_id: u32,
-    /// Slots of that table, a prime M; 0: no backend (the SYN is dropped).
+    /// Slots of that table, a prime M; 0: no table (no backend, or the address
+    /// draining): a SYN goes on to the node's stack, flows in progress keep
+    /// their conntrack entries.
     pub slot_count: u32,
 }
 const _: () = assert!(core::mem::size_of::<GatewayVip>() == 8);

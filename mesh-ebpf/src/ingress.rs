@@ -25,7 +25,10 @@
 //!
 //! Both programs return `TC_ACT_UNSPEC` (TCX "next") for what they leave alone
 //! and after a rewrite, so that programs attached after them still run; they
-//! drop only a SYN that drew no backend, or whose rewrite failed.
+//! drop only a SYN whose table slot held no backend of its family, or whose
+//! rewrite failed. An address with no table (`slot_count` 0: no backend, or
+//! draining after its port stopped being served) lets a SYN through to the
+//! node's stack, which refuses it; its flows in progress keep their entries.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -483,6 +486,13 @@ fn new_flow(
     fwd: &GatewayFlow,
     vip: &GatewayVip,
 ) -> Result<*const GatewayNat, i32> {
+    // No table: an address draining (its port no longer served), or no
+    // backend at all. The node's stack answers the SYN (nothing listens: an
+    // RST, so the client fails at once); flows in progress kept theirs.
+    if vip.slot_count == 0 {
+        stats::add(&GATEWAY_STATS, gateway_stat::NO_BACKEND, 1);
+        return Err(TC_ACT_UNSPEC);
+    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(backend) = pick(p, vip.table_id, vip.slot_count) else {

@@ -44,8 +44,23 @@ pub struct Outside {
     tables: BTreeMap<(u16, bool), Table>,
     /// Tables no entry names any more: (id, size) -> since when.
     retired: BTreeMap<(u32, u32), Instant>,
+    /// Addresses no longer served, kept as "no new flow" entries so that
+    /// flows in progress keep their translation: since when.
+    draining: BTreeMap<ServiceKey, Instant>,
     next_id: u32,
 }
+
+/// How long an address no longer served keeps translating its flows in
+/// progress: the conntrack's idle timeout, so only a flow busy for longer
+/// than that is cut (its next packet reaches the node's stack: an RST).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// A draining address: no table, so a SYN passes to the node's stack
+/// (nothing listens: RST), while conntrack still carries flows in progress.
+const NO_NEW_FLOWS: GatewayVip = GatewayVip {
+    table_id: 0,
+    slot_count: 0,
+};
 
 impl std::fmt::Debug for Outside {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,6 +98,7 @@ impl Outside {
             maglev,
             tables: BTreeMap::new(),
             retired,
+            draining: BTreeMap::new(),
             next_id,
         }
     }
@@ -136,9 +152,24 @@ impl Outside {
                 ));
             }
         }
+        // Addresses no longer served (a Gateway deleted, a port now the
+        // router's): no new flow, flows in progress drain (see [`DRAIN`]).
+        self.draining.retain(|key, _| !desired.contains_key(key));
         for key in self.vips.keys() {
-            if !desired.contains_key(&key) {
+            if desired.contains_key(&key) {
+                continue;
+            }
+            let since = *self.draining.entry(key).or_insert(now);
+            if now.duration_since(since) >= DRAIN {
                 let _ = self.vips.remove(&key);
+                self.draining.remove(&key);
+            } else if self.vips.get(&key) != Some(NO_NEW_FLOWS)
+                && let Err(e) = self.vips.insert(key, NO_NEW_FLOWS)
+            {
+                errors.push(format!(
+                    "gateway address {:?}: cannot mark it draining in GATEWAY_VIPS_V1: {e}",
+                    codec::service_addr(&key)
+                ));
             }
         }
         let gone: Vec<(u16, bool)> = self
@@ -478,8 +509,22 @@ mod tests {
         assert!(third[0].table_id > second[0].table_id);
         again.collect_garbage(t0 + GRACE);
         assert_eq!(maglev.keys().len(), maglev::DEFAULT_SIZE as usize);
-        // The port gone: no entry.
+        // The port gone: its address drains (no new flow, no table named),
+        // then goes after DRAIN.
         assert!(again.update(&[], &node, t0).is_empty());
+        let draining: Vec<GatewayVip> = vips
+            .0
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .copied()
+            .collect();
+        assert_eq!(draining, [NO_NEW_FLOWS]);
+        again.collect_garbage(t0 + 2 * GRACE);
+        assert!(maglev.keys().is_empty(), "the drained port's table freed");
+        assert!(again.update(&[], &node, t0 + DRAIN / 2).is_empty());
+        assert_eq!(vips.keys().len(), 1);
+        assert!(again.update(&[], &node, t0 + DRAIN).is_empty());
         assert!(vips.keys().is_empty());
     }
 }
