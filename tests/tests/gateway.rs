@@ -202,6 +202,11 @@ fn the_seed_gateway_files_route_real_curl_per_request() -> anyhow::Result<()> {
             assert_share(split.share(pod), 0.80 / 3.0, 1000, pod);
         }
     }
+    // SIGTERM: the agent exits promptly, its router's connections with it.
+    let t = std::time::Instant::now();
+    let status = canary.agent.stop()?;
+    assert!(status.success(), "{status}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t.elapsed());
     Ok(())
 }
 
