@@ -584,7 +584,9 @@ spec:
             "--wait=true",
             "--timeout=60s",
         ])?;
-        poll(Duration::from_secs(60), "the agent pods to go", || {
+        // The kubelet kills a container still there after its 30 s grace
+        // period; a loaded machine's docker may take a while more to reap it.
+        poll(Duration::from_secs(120), "the agent pods to go", || {
             Ok(self
                 .pods("app.kubernetes.io/name=mesh-agent")?
                 .is_empty()
