@@ -389,14 +389,22 @@ impl Reconciler {
             .collect();
         match router.update(tables) {
             Ok(addrs) => {
+                // The node's own processes dial the router on loopback.
+                let local = |a: std::net::SocketAddr| {
+                    let ip = match a.ip() {
+                        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    };
+                    std::net::SocketAddr::new(ip, a.port())
+                };
                 self.router_addrs = addrs
                     .into_iter()
                     .map(|(port, l)| {
                         (
                             port,
                             RouterAddrs {
-                                v4: Some(l.v4),
-                                v6: l.v6,
+                                v4: Some(local(l.v4)),
+                                v6: l.v6.map(local),
                             },
                         )
                     })
@@ -409,7 +417,8 @@ impl Reconciler {
         let node = node_addresses();
         // gateway-tc: the outside clients' Maglev tables, before the attach.
         if let Some(outside) = &mut self.outside {
-            for e in outside.update(&compiled.gateways, &node, Instant::now()) {
+            let ports = gateway::outside_ports(&compiled.gateways, &node, &self.router_addrs);
+            for e in outside.update(&ports, &node, Instant::now()) {
                 error!("{e}");
             }
         }

@@ -206,7 +206,11 @@ fn the_seed_gateway_files_route_real_curl_per_request() -> anyhow::Result<()> {
     let t = std::time::Instant::now();
     let status = canary.agent.stop()?;
     assert!(status.success(), "{status}");
-    assert!(t.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     Ok(())
 }
 

@@ -597,3 +597,44 @@ fn a_backend_on_another_node_is_reached_through_snat_and_answers_from_the_dialle
     assert_eq!(c("snat_failed"), 0, "{counted}");
     Ok(())
 }
+
+#[test]
+fn the_seed_gateway2_is_routed_per_request_for_clients_outside_the_node() -> anyhow::Result<()> {
+    let (mut canary, outside, _echoes) = start()?;
+    // The seed's Service (port 5000, which its VirtualService names) and its
+    // gateway2.yaml verbatim: routes on the path, so the router serves them;
+    // tc hands outside clients' flows to it on the node's address.
+    let vips = [common::VIP4.parse()?, common::VIP6.parse()?];
+    canary.write(
+        "service.yaml",
+        &mesh_tools::manifests::service("flaskapp", &vips, 5000, 5000),
+    )?;
+    let gateway2 = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/examples/seed/gateway2.yaml"
+    ))?;
+    canary.write("gateway.yaml", &gateway2)?;
+    for host in [OUT4.to_owned(), format!("[{OUT6}]")] {
+        settle(&outside, &format!("{host}:80"))?;
+        let root = mesh_tools::curl::curl(&outside, None, &format!("http://{host}/"), 1000)?;
+        assert_eq!(root.codes.get(&200), Some(&1000), "{host}: {root:?}");
+        for pod in V1.iter().chain([&V2]) {
+            assert_share(
+                root.share(pod),
+                0.25,
+                1000,
+                &format!("{pod} through {host}/"),
+            );
+        }
+        let other = mesh_tools::curl::curl(&outside, None, &format!("http://{host}/other"), 1000)?;
+        assert_eq!(other.codes.get(&200), Some(&1000), "{host}: {other:?}");
+        assert_share(
+            other.share("flaskapp-v2"),
+            0.20,
+            1000,
+            &format!("v2 through {host}/other"),
+        );
+        eprintln!("{host}: / {:?}, /other {:?}", root.pods, other.pods);
+    }
+    Ok(())
+}

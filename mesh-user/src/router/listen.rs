@@ -19,19 +19,22 @@ use super::{Listening, PortCtx, RouterError, Served, forward};
 
 type TableRx = watch::Receiver<Arc<Table>>;
 
-/// Binds the port's loopback listeners and starts accepting.
+/// Binds the port's listeners and starts accepting: on every address of the
+/// node (IPv4 and IPv6), so that the node's own processes reach them on
+/// loopback and clients outside the node through the gateway's tc programs,
+/// which translate (node address, gateway port) to (node address, this port).
 pub(super) fn serve(ctx: Arc<PortCtx>, table: Arc<Table>) -> Result<Served, RouterError> {
     let runtime = Handle::try_current()?;
     let port = ctx.port;
     let (tx, rx) = watch::channel(table);
-    let v4 = bind(port, (Ipv4Addr::LOCALHOST, 0).into())?;
+    let v4 = bind(port, (Ipv4Addr::UNSPECIFIED, 0).into())?;
     let (v4, task) = start(&runtime, port, v4, ctx.clone(), rx.clone())?;
     let mut served = Served {
         listening: Listening { v4, v6: None },
         table: tx,
         accept: vec![task],
     };
-    match bind(port, (Ipv6Addr::LOCALHOST, 0).into())
+    match bind(port, (Ipv6Addr::UNSPECIFIED, 0).into())
         .and_then(|v6| start(&runtime, port, v6, ctx, rx))
     {
         Ok((v6, task)) => {

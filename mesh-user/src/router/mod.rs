@@ -162,7 +162,7 @@ impl Router {
     }
 
     /// Serves exactly `tables` (one per gateway port): a new port gets
-    /// listeners on `127.0.0.1:0` and `[::1]:0`; a port already served keeps
+    /// listeners on `0.0.0.0:0` and `[::]:0`; a port already served keeps
     /// its listeners and switches new requests to its new table; a port no
     /// longer in `tables` stops accepting while requests in flight finish.
     /// On error nothing changes. Returns the addresses of every served port.

@@ -410,3 +410,53 @@ pub fn service_plans(
     }
     out
 }
+
+/// The gateway ports as the per-packet path serves them to clients outside
+/// the node: a kernel port as it is; a router port as one destination, the
+/// router's listener on a node address of each family (a local delivery: the
+/// router listens on every address), once it listens.
+pub fn outside_ports(
+    ports: &[GatewayPort],
+    node: &[IpAddr],
+    router: &BTreeMap<u16, RouterAddrs>,
+) -> Vec<GatewayPort> {
+    let first = |v4: bool| {
+        node.iter()
+            .find(|ip| ip.is_ipv4() == v4 && !ip.is_loopback())
+    };
+    ports
+        .iter()
+        .filter_map(|p| {
+            let Serve::Router { .. } = &p.serve else {
+                return Some(p.clone());
+            };
+            let addrs = router.get(&p.port)?;
+            let backends = [(first(true), addrs.v4), (first(false), addrs.v6)]
+                .into_iter()
+                .filter_map(|(ip, listener)| {
+                    Some(BackendAddr {
+                        ip: *ip?,
+                        port: listener?.port(),
+                    })
+                })
+                .collect();
+            let owner = p
+                .servers
+                .first()
+                .map(|s| s.gateway.clone())
+                .unwrap_or_default();
+            Some(GatewayPort {
+                serve: Serve::Kernel {
+                    vs: owner,
+                    field: String::new(),
+                    destinations: vec![DestinationPlan {
+                        name: "the gateway's HTTP router".to_owned(),
+                        weight: 1,
+                        backends,
+                    }],
+                },
+                ..p.clone()
+            })
+        })
+        .collect()
+}
