@@ -338,9 +338,14 @@ fn outside_flows_keep_their_backend_across_a_weight_edit_and_an_agent_restart() 
         let fresh = pods_reached(&outside, target, 20)?;
         assert!(fresh.iter().all(|p| p == V2), "{target}: {fresh:?}");
 
-        // The port no longer served (its only route deleted): new
-        // connections are refused at once, flows in progress drain.
-        canary.remove("echo-edge.yaml")?;
+        // The port no longer served (its Gateway deleted): new connections
+        // are refused at once, flows in progress drain.
+        let without_gateway: Vec<String> = echo_objects()
+            .split("---\n")
+            .filter(|d| !d.contains("kind: Gateway"))
+            .map(str::to_owned)
+            .collect();
+        canary.write("echo.yaml", &without_gateway.join("---\n"))?;
         let refused = probe::probe(&outside, None, &target.to_string(), 5, 1)?;
         assert_eq!(
             refused.errors.get("ECONNREFUSED"),
@@ -360,10 +365,11 @@ fn outside_flows_keep_their_backend_across_a_weight_edit_and_an_agent_restart() 
             Held::Opened(_) => anyhow::bail!("opened twice"),
         }
         eprintln!(
-            "{target}: {on_v1} of 20 held connections on v1 survived 0/100, a restart and the port's route deleted"
+            "{target}: {on_v1} of 20 held connections on v1 survived 0/100, a restart and their Gateway deleted"
         );
 
-        // Back to 80/20 for the other family.
+        // The Gateway back, at 80/20, for the other family.
+        canary.write("echo.yaml", &echo_objects())?;
         canary.write(
             "echo-edge.yaml",
             &weighted_vs("echo-edge", "echo-gateway", "flaskecho", 80, 20),
