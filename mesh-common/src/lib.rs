@@ -653,13 +653,15 @@ impl GatewayNat {
 pub mod gateway_stat {
     /// Client packets translated to a backend (forward).
     pub const FORWARDED: u32 = 0;
-    /// New flows (SYNs that created a conntrack entry).
+    /// New flows (conntrack entries created: a SYN, or a flow picked again).
     pub const NEW_FLOWS: u32 = 1;
     /// Packets to a gateway address:port that were not SYNs and had no
-    /// conntrack entry: passed untouched (the node's stack answers with RST).
+    /// conntrack entry: picked again by Maglev (a FIN or RST: passed
+    /// untouched).
     pub const NO_FLOW: u32 = 2;
-    /// SYNs that drew no backend (empty table, or a slot missing during a
-    /// table swap): dropped, the client retries.
+    /// Flows that drew no backend: an address with no table (passed to the
+    /// node's stack, which refuses it), or a slot missing during a table swap
+    /// (dropped, the client retries).
     pub const NO_BACKEND: u32 = 3;
     /// Replies translated back to the gateway address.
     pub const REPLIED: u32 = 4;

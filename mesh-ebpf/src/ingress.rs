@@ -8,9 +8,11 @@
 //!   (forward: client -> backend; reply: backend -> client), three for a
 //!   remote backend (plus the SNAT reply). An entry is over after 6 h idle, or
 //!   10 s after FINs both ways or an RST (`GatewayNat::expired`); a SYN on a
-//!   closing flow is a new connection and picks again. Only a SYN creates a
-//!   flow: another packet without one passes untouched (the node's stack
-//!   answers it with an RST) and is counted (`NO_FLOW`).
+//!   closing flow is a new connection and picks again. A packet of a flow
+//!   whose entry is gone (evicted, or a map replaced) picks again too: the
+//!   Maglev table gives it the same backend (unless the weights changed
+//!   since), so an established flow to a local backend survives a conntrack
+//!   miss; counted (`NO_FLOW`). A FIN or RST without an entry passes untouched.
 //! - **Local backends** (directly connected: this node's pods): destination
 //!   translated, then the kernel forwards (IP forwarding must be on).
 //! - **Remote backends** (the route to them has a gateway, per
@@ -270,8 +272,15 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
     }
     if to.is_null() {
         if !syn {
+            // A flow without its entry (evicted from the LRU, or the map
+            // replaced): Maglev gives the same backend for the same flow, so
+            // it is picked again, as Katran does; a flow to a remote backend
+            // lost its SNAT port and cannot be resumed. A closing packet is
+            // let through (nothing to resume).
             stats::add(&GATEWAY_STATS, gateway_stat::NO_FLOW, 1);
-            return TC_ACT_UNSPEC;
+            if closing != 0 {
+                return TC_ACT_UNSPEC;
+            }
         }
         to = match new_flow(ctx, &p, &fwd, &vip) {
             Ok(nat) => nat,

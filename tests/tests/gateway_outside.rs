@@ -644,3 +644,80 @@ fn the_seed_gateway2_is_routed_per_request_for_clients_outside_the_node() -> any
     }
     Ok(())
 }
+
+/// Deletes every entry of the gateway's conntrack map (as an LRU eviction or
+/// a replaced map would lose them), with bpftool; returns how many.
+fn flush_conntrack(canary: &Canary) -> anyhow::Result<usize> {
+    let pinned = canary
+        .agent
+        .pin_dir
+        .join("maps")
+        .join(mesh_common::map_names::GATEWAY_CT);
+    let pinned = pinned.to_str().context("UTF-8 path")?;
+    let dump = mesh_tools::sh("bpftool", &["-j", "map", "dump", "pinned", pinned])?;
+    let entries: serde_json::Value = serde_json::from_str(&dump)?;
+    let mut n = 0;
+    for e in entries.as_array().into_iter().flatten() {
+        let key: Vec<String> = e["key"]
+            .as_array()
+            .context("no key")?
+            .iter()
+            .filter_map(|b| b.as_str().map(|s| s.trim_start_matches("0x").to_owned()))
+            .collect();
+        let mut args = vec!["map", "delete", "pinned", pinned, "key", "hex"];
+        args.extend(key.iter().map(String::as_str));
+        mesh_tools::sh("bpftool", &args)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[test]
+fn outside_flows_keep_their_backend_across_a_conntrack_miss() -> anyhow::Result<()> {
+    let (mut canary, outside, _echoes) = start()?;
+    canary.write("echo.yaml", &echo_objects())?;
+    canary.write(
+        "echo-edge.yaml",
+        &weighted_vs("echo-edge", "echo-gateway", "flaskecho", 80, 20),
+    )?;
+    for target in [
+        SocketAddr::new(OUT4.parse()?, ECHO_PORT),
+        SocketAddr::new(OUT6.parse()?, ECHO_PORT),
+    ] {
+        settle_echo(&outside, target)?;
+        let (rx, go) = hold(&outside, target, 20, 256 * 1024)?;
+        let opened = match rx.recv_timeout(Duration::from_secs(30))?? {
+            Held::Opened(pods) => pods,
+            Held::Echoed(_) => anyhow::bail!("echoed before opening"),
+        };
+        // Every conntrack entry gone: the held flows' next packets find
+        // none, and Maglev gives each the backend it had.
+        let flushed = flush_conntrack(&canary)?;
+        assert!(flushed >= 40, "{target}: {flushed} entries for 20 flows");
+        go.send(())?;
+        match rx.recv_timeout(Duration::from_secs(60))?? {
+            Held::Echoed(results) => {
+                let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+                assert!(
+                    failed.is_empty(),
+                    "{target}: flows broke after a conntrack miss: {failed:?} (of {opened:?})"
+                );
+            }
+            Held::Opened(_) => anyhow::bail!("opened twice"),
+        }
+        eprintln!(
+            "{target}: 20 held flows ({opened:?}) survived losing {flushed} conntrack entries"
+        );
+    }
+    Ok(())
+}
+
+/// `settle` for the echo port: a few connections reach a pod at once.
+fn settle_echo(outside: &Netns, target: SocketAddr) -> anyhow::Result<()> {
+    for _ in 0..20 {
+        if pods_reached(outside, target, 4).is_ok_and(|p| p.len() == 4) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("{target}: never answered")
+}
