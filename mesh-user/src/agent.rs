@@ -164,6 +164,12 @@ pub async fn run(
             router.stats_handle(),
         )));
     }
+    if outside.is_some() {
+        match crate::kernel::ingress::GatewayCounters::open(&pins) {
+            Ok(counters) => collectors.push(Box::new(counters)),
+            Err(e) => warn!("the gateway's tc counters are not in /metrics: {e}"),
+        }
+    }
     let telemetry = Telemetry::new(collectors, view, &object_label);
     if let Some(addr) = config.metrics_addr {
         let auth = match config.metrics_auth {

@@ -174,6 +174,10 @@ fn outside_clients_are_split_by_weight_in_tc_and_see_the_address_they_dialled() 
         );
         eprintln!("{target}: {:?}", split.backends);
     }
+    // The tc programs' counters in /metrics: every connection a new flow.
+    let flows = canary.agent.metric("mesh_gateway_tc_new_flows_total")?;
+    assert!(flows >= 2 * N, "{flows} new flows for {} connections", 2 * N);
+    assert_eq!(canary.agent.metric("mesh_gateway_tc_rewrite_failed_total")?, 0);
     // The Gateway deleted: its addresses are not translated any more, and
     // nothing on the node listens there.
     canary.remove("gateway.yaml")?;

@@ -323,32 +323,132 @@ impl Devices {
     }
 }
 
-/// The tc programs' counters (`GATEWAY_STATS_V1`, summed over CPUs), read
-/// from the pin: (forwarded, new flows, no flow, no backend, replied,
-/// rewrite failed).
-pub fn log_stats(pins: &super::pin::PinDir) {
-    use aya::maps::{Map, MapData, PerCpuArray};
+/// The tc programs' counters (`GATEWAY_STATS_V1`, per CPU, summed): for
+/// /metrics and the agent's exit log.
+pub struct GatewayCounters {
+    map: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+}
+
+impl std::fmt::Debug for GatewayCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayCounters").finish_non_exhaustive()
+    }
+}
+
+/// (index, name, help) of each counter.
+const COUNTERS: [(u32, &str, &str); 9] = {
     use mesh_common::gateway_stat as g;
-    let map = MapData::from_pin(pins.map(mesh_common::map_names::GATEWAY_STATS))
-        .and_then(|data| PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(data)));
-    let map = match map {
-        Ok(map) => map,
+    [
+        (
+            g::FORWARDED,
+            "forwarded",
+            "Client packets translated to a backend",
+        ),
+        (
+            g::NEW_FLOWS,
+            "new_flows",
+            "Conntrack flows created (a SYN, or a flow picked again)",
+        ),
+        (
+            g::NO_FLOW,
+            "no_flow",
+            "Client packets of a flow without its conntrack entry",
+        ),
+        (
+            g::NO_BACKEND,
+            "no_backend",
+            "Flows that drew no backend (no table: refused by the node)",
+        ),
+        (
+            g::REPLIED,
+            "replied",
+            "Replies translated back to the gateway address",
+        ),
+        (
+            g::REWRITE_FAILED,
+            "rewrite_failed",
+            "Packets that could not be rewritten",
+        ),
+        (
+            g::SNAT_FLOWS,
+            "snat_flows",
+            "New flows to a backend on another node",
+        ),
+        (
+            g::SNAT_REPLIED,
+            "snat_replied",
+            "Replies of backends on other nodes translated back",
+        ),
+        (
+            g::SNAT_FAILED,
+            "snat_failed",
+            "SYNs to a remote backend with no SNAT port or route",
+        ),
+    ]
+};
+
+impl GatewayCounters {
+    pub fn open(pins: &super::pin::PinDir) -> Result<Self, aya::maps::MapError> {
+        use aya::maps::{Map, MapData, PerCpuArray};
+        let data = MapData::from_pin(pins.map(mesh_common::map_names::GATEWAY_STATS))?;
+        Ok(Self {
+            map: PerCpuArray::try_from(Map::PerCpuArray(data))?,
+        })
+    }
+
+    /// (name, help, value) of every counter.
+    pub fn read(&self) -> Vec<(&'static str, &'static str, u64)> {
+        COUNTERS
+            .iter()
+            .map(|&(i, name, help)| {
+                let value = self.map.get(&i, 0).map_or(0, |v| v.iter().sum());
+                (name, help, value)
+            })
+            .collect()
+    }
+}
+
+impl prometheus_client::collector::Collector for GatewayCounters {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric as _, metrics::counter::ConstCounter};
+        for (name, help, value) in self.read() {
+            let counter = ConstCounter::new(value);
+            let full = format!("gateway_tc_{name}");
+            let metric = encoder.encode_descriptor(
+                &full,
+                help,
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// Logs the tc programs' counters (at exit).
+pub fn log_stats(pins: &super::pin::PinDir) {
+    let counters = match GatewayCounters::open(pins) {
+        Ok(c) => c.read(),
         Err(e) => {
             warn!("cannot read the gateway's tc counters: {e}");
             return;
         }
     };
-    let at = |i: u32| -> u64 { map.get(&i, 0).map_or(0, |v| v.iter().sum()) };
+    let at = |name: &str| counters.iter().find(|c| c.0 == name).map_or(0, |c| c.2);
     info!(
-        forwarded = at(g::FORWARDED),
-        new_flows = at(g::NEW_FLOWS),
-        no_flow = at(g::NO_FLOW),
-        no_backend = at(g::NO_BACKEND),
-        replied = at(g::REPLIED),
-        rewrite_failed = at(g::REWRITE_FAILED),
-        snat_flows = at(g::SNAT_FLOWS),
-        snat_replied = at(g::SNAT_REPLIED),
-        snat_failed = at(g::SNAT_FAILED),
+        forwarded = at("forwarded"),
+        new_flows = at("new_flows"),
+        no_flow = at("no_flow"),
+        no_backend = at("no_backend"),
+        replied = at("replied"),
+        rewrite_failed = at("rewrite_failed"),
+        snat_flows = at("snat_flows"),
+        snat_replied = at("snat_replied"),
+        snat_failed = at("snat_failed"),
         "gateway tc counters"
     );
 }
