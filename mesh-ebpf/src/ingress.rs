@@ -232,16 +232,7 @@ pub fn try_gateway_ingress(ctx: &TcContext) -> i32 {
         }
         return TC_ACT_UNSPEC;
     };
-    let fwd = GatewayFlow {
-        a: p.saddr,
-        b: p.daddr,
-        a_port: p.sport,
-        b_port: p.dport,
-        family: p.family,
-        proto: PROTO_TCP,
-        dir: FLOW_FORWARD,
-        _pad: 0,
-    };
+    let fwd = tuple(&p, FLOW_FORWARD);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let syn = p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -447,21 +438,27 @@ fn snat_stale(key: &GatewayFlow, src: &[u32; 4], port: u16, now: u64) -> bool {
     }
 }
 
-/// A remote backend's reply to the node's SNAT address: its destination goes
-/// back to the client; the stack forwards it, and the egress of the client's
-/// device restores the gateway address as its source.
+/// The packet's own tuple (source as `a`), as a conntrack key of `dir`.
 #[inline(always)]
-fn snat_reply(ctx: &TcContext, p: &Packet) -> i32 {
-    let key = GatewayFlow {
+fn tuple(p: &Packet, dir: u8) -> GatewayFlow {
+    GatewayFlow {
         a: p.saddr,
         b: p.daddr,
         a_port: p.sport,
         b_port: p.dport,
         family: p.family,
         proto: PROTO_TCP,
-        dir: FLOW_SNAT_REPLY,
+        dir,
         _pad: 0,
-    };
+    }
+}
+
+/// A remote backend's reply to the node's SNAT address: its destination goes
+/// back to the client; the stack forwards it, and the egress of the client's
+/// device restores the gateway address as its source.
+#[inline(always)]
+fn snat_reply(ctx: &TcContext, p: &Packet) -> i32 {
+    let key = tuple(p, FLOW_SNAT_REPLY);
     // SAFETY: a value of the LRU map, read by copy.
     let Some(client) = (unsafe { GATEWAY_CT.get(key) }).copied() else {
         return TC_ACT_UNSPEC;
@@ -581,16 +578,7 @@ pub fn try_gateway_egress(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let reply = GatewayFlow {
-        a: p.saddr,
-        b: p.daddr,
-        a_port: p.sport,
-        b_port: p.dport,
-        family: p.family,
-        proto: PROTO_TCP,
-        dir: FLOW_REPLY,
-        _pad: 0,
-    };
+    let reply = tuple(&p, FLOW_REPLY);
     // SAFETY: a value of the LRU map, read by copy.
     let Some(back) = (unsafe { GATEWAY_CT.get(reply) }).copied() else {
         return TC_ACT_UNSPEC;

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Canary, NODE4, NODE6, V1, V2, VIP4, VIP6, assert_share};
+use common::{Canary, NODE4, NODE6, V1, V2, VIP4, VIP6, assert_share, seed_gateway};
 use mesh_tools::{curl::Curled, manifests};
 
 const N: u64 = 2000;
@@ -24,30 +24,9 @@ fn curl(canary: &Canary, url: &str, count: u64) -> anyhow::Result<Curled> {
     mesh_tools::curl::curl(&canary.node.bridge, Some(&canary.cgroup), url, count)
 }
 
-/// The seed's Gateway (gateway.yaml without its VirtualService).
-fn seed_gateway() -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/examples/seed/gateway.yaml"
-    ))?;
-    Ok(text.split("\n---\n").next().unwrap_or_default().to_owned())
-}
-
-/// A gateway-bound VirtualService with one route and no L7 match.
-fn weighted_vs(v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: flaskapp-edge, namespace: default}}
-spec:
-  hosts: [\"*\"]
-  gateways: [flaskapp-gateway]
-  http:
-    - route:
-        - {{destination: {{host: flaskapp, subset: v1}}, weight: {v1}}}
-        - {{destination: {{host: flaskapp, subset: v2}}, weight: {v2}}}
-"
-    )
+/// The gateway-bound VirtualService of these tests, at these weights.
+fn edge_vs(v1: u32, v2: u32) -> String {
+    common::weighted_vs("flaskapp-edge", "flaskapp-gateway", "flaskapp", v1, v2)
 }
 
 #[test]
@@ -55,7 +34,7 @@ fn a_pure_weight_gateway_route_is_split_in_the_kernel_for_the_nodes_own_clients(
 -> anyhow::Result<()> {
     let mut canary = Canary::start_on_node(&[])?;
     canary.write("gateway.yaml", &seed_gateway()?)?;
-    canary.write("edge.yaml", &weighted_vs(80, 20))?;
+    canary.write("edge.yaml", &edge_vs(80, 20))?;
 
     for target in [
         "127.0.0.1:80".to_owned(),
@@ -64,22 +43,7 @@ fn a_pure_weight_gateway_route_is_split_in_the_kernel_for_the_nodes_own_clients(
         format!("[{NODE6}]:80"),
     ] {
         let split = canary.probe_from_node(&target, N)?;
-        assert_eq!(split.failed(), 0, "{target}: {split:?}");
-        assert_share(
-            split.share("flaskapp-v2"),
-            0.20,
-            N,
-            &format!("v2 through {target}"),
-        );
-        for pod in V1 {
-            assert_share(split.share(pod), 0.80 / 3.0, N, pod);
-        }
-        // getpeername shows what the client dialled, not the pod.
-        assert_eq!(
-            split.peers.keys().collect::<Vec<_>>(),
-            vec![&target],
-            "{split:?}"
-        );
+        common::assert_80_20_seen_as(&split, &target, N);
     }
 
     // A pod's own localhost is its own: not the gateway.
@@ -98,7 +62,7 @@ fn a_pure_weight_gateway_route_is_split_in_the_kernel_for_the_nodes_own_clients(
     );
 
     // A live edit moves new connections.
-    canary.write("edge.yaml", &weighted_vs(0, 100))?;
+    canary.write("edge.yaml", &edge_vs(0, 100))?;
     let all_v2 = canary.probe_from_node("127.0.0.1:80", 200)?;
     assert_eq!(all_v2.backends.get(V2), Some(&200), "{all_v2:?}");
 
@@ -115,7 +79,7 @@ fn a_gateway_selected_by_other_labels_or_with_tls_is_not_served_and_says_why() -
 {
     let mut canary = Canary::start_on_node(&["--gateway-labels", "istio=edge"])?;
     canary.write("gateway.yaml", &seed_gateway()?)?;
-    canary.write("edge.yaml", &weighted_vs(80, 20))?;
+    canary.write("edge.yaml", &edge_vs(80, 20))?;
     // The seed's Gateway selects istio=ingressgateway: not this node.
     let other = canary.probe_from_node("127.0.0.1:80", 5)?;
     assert_eq!(other.errors.get("ECONNREFUSED"), Some(&5), "{other:?}");
@@ -223,7 +187,7 @@ fn a_gateway_port_a_node_process_listens_on_is_reported_and_the_cgroup_still_rea
         mesh_tools::backend::Backend::spawn(&canary.node.bridge, "node-process", "none", 8081)?;
     let gateway = seed_gateway()?.replace("number: 80", "number: 8081");
     canary.write("gateway.yaml", &gateway)?;
-    canary.write("edge.yaml", &weighted_vs(80, 20))?;
+    canary.write("edge.yaml", &edge_vs(80, 20))?;
     let warned = canary.agent.messages("WARN").join("\n");
     assert!(
         warned.contains(

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use common::{Canary, Echo, V1, V2, assert_share};
+use common::{Canary, Echo, V1, V2, assert_share, seed_gateway, weighted_vs};
 use mesh_tools::{netns::Netns, probe};
 
 const N: u64 = 2000;
@@ -23,31 +23,6 @@ const OUT6: &str = "fd00:77::1";
 const ECHO_PORT: u16 = 7000;
 
 /// The seed's Gateway (gateway.yaml without its VirtualService).
-fn seed_gateway() -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/examples/seed/gateway.yaml"
-    ))?;
-    Ok(text.split("\n---\n").next().unwrap_or_default().to_owned())
-}
-
-/// A gateway-bound VirtualService with one route and no L7 match.
-fn weighted_vs(name: &str, gateway: &str, host: &str, v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: {name}, namespace: default}}
-spec:
-  hosts: [\"*\"]
-  gateways: [{gateway}]
-  http:
-    - route:
-        - {{destination: {{host: {host}, subset: v1}}, weight: {v1}}}
-        - {{destination: {{host: {host}, subset: v2}}, weight: {v2}}}
-"
-    )
-}
-
 /// A second gateway port (7000) whose backends are the flaskapp pods' echo
 /// servers: connections that can be held open.
 fn echo_objects() -> String {
@@ -87,33 +62,13 @@ spec:
 fn start() -> anyhow::Result<(Canary, Netns, Vec<Echo>)> {
     let outside = Netns::create(&format!("{}-out", mesh_tools::unique("mt")))?;
     let canary = Canary::start_on_node_prepared(&["--gateway-device", "up0"], |node| {
-        node.bridge.ip(&[
-            "link",
-            "add",
+        link(
+            &node.bridge,
             "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &outside.name,
-        ])?;
-        node.bridge
-            .ip(&["addr", "add", &format!("{OUT4}/24"), "dev", "up0"])?;
-        node.bridge.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{OUT6}/64"),
-            "dev",
-            "up0",
-            "nodad",
-        ])?;
-        node.bridge.ip(&["link", "set", "up0", "up"])?;
-        outside.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"])?;
-        outside.ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"])?;
-        outside.ip(&["link", "set", "eth0", "up"])?;
+            &outside,
+            (OUT4, OUT6),
+            ("192.168.77.2", "fd00:77::2"),
+        )?;
         node.bridge.exec(
             "sysctl",
             &[
@@ -155,29 +110,22 @@ fn outside_clients_are_split_by_weight_in_tc_and_see_the_address_they_dialled() 
         settle(&outside, &target)?;
         let split = probe::probe(&outside, None, &target, N, 4)?;
         eprintln!("{target}: {} ms", split.elapsed_ms);
-        assert_eq!(split.failed(), 0, "{target}: {split:?}");
-        assert_eq!(split.ok, N, "{target}: {split:?}");
-        assert_share(
-            split.share("flaskapp-v2"),
-            0.20,
-            N,
-            &format!("v2 through {target}"),
-        );
-        for pod in V1 {
-            assert_share(split.share(pod), 0.80 / 3.0, N, pod);
-        }
-        // The replies come from the address the client dialled.
-        assert_eq!(
-            split.peers.keys().collect::<Vec<_>>(),
-            vec![&target],
-            "{split:?}"
-        );
+        common::assert_80_20_seen_as(&split, &target, N);
         eprintln!("{target}: {:?}", split.backends);
     }
     // The tc programs' counters in /metrics: every connection a new flow.
     let flows = canary.agent.metric("mesh_gateway_tc_new_flows_total")?;
-    assert!(flows >= 2 * N, "{flows} new flows for {} connections", 2 * N);
-    assert_eq!(canary.agent.metric("mesh_gateway_tc_rewrite_failed_total")?, 0);
+    assert!(
+        flows >= 2 * N,
+        "{flows} new flows for {} connections",
+        2 * N
+    );
+    assert_eq!(
+        canary
+            .agent
+            .metric("mesh_gateway_tc_rewrite_failed_total")?,
+        0
+    );
     // The Gateway deleted: its addresses are not translated any more, and
     // nothing on the node listens there.
     canary.remove("gateway.yaml")?;
@@ -358,16 +306,7 @@ fn outside_flows_keep_their_backend_across_a_weight_edit_and_an_agent_restart() 
         );
 
         go.send(())?;
-        match rx.recv_timeout(Duration::from_secs(60))?? {
-            Held::Echoed(results) => {
-                let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-                assert!(
-                    failed.is_empty(),
-                    "{target}: held connections broke: {failed:?} (of {opened:?})"
-                );
-            }
-            Held::Opened(_) => anyhow::bail!("opened twice"),
-        }
+        all_echoed(&rx, target, &opened, "held connections broke")?;
         eprintln!(
             "{target}: {on_v1} of 20 held connections on v1 survived 0/100, a restart and their Gateway deleted"
         );
@@ -442,59 +381,21 @@ fn start_with_remote() -> anyhow::Result<(Canary, Netns, RemoteNode)> {
     let pod = Netns::create(&format!("{}-rpod", mesh_tools::unique("mt")))?;
     let canary = Canary::start_on_node_prepared(&["--gateway-device", "up0,peer0"], |node| {
         let a = &node.bridge;
-        a.ip(&[
-            "link",
-            "add",
+        link(
+            a,
             "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &outside.name,
-        ])?;
-        a.ip(&["addr", "add", &format!("{OUT4}/24"), "dev", "up0"])?;
-        a.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{OUT6}/64"),
-            "dev",
-            "up0",
-            "nodad",
-        ])?;
-        a.ip(&["link", "set", "up0", "up"])?;
-        outside.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"])?;
-        outside.ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"])?;
-        outside.ip(&["link", "set", "eth0", "up"])?;
+            &outside,
+            (OUT4, OUT6),
+            ("192.168.77.2", "fd00:77::2"),
+        )?;
         // Our node <-> node B.
-        a.ip(&[
-            "link",
-            "add",
+        link(
+            a,
             "peer0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &node_b.name,
-        ])?;
-        a.ip(&["addr", "add", "172.20.0.1/24", "dev", "peer0"])?;
-        a.ip(&[
-            "-6",
-            "addr",
-            "add",
-            "fd00:20::1/64",
-            "dev",
-            "peer0",
-            "nodad",
-        ])?;
-        a.ip(&["link", "set", "peer0", "up"])?;
-        node_b.ip(&["addr", "add", "172.20.0.2/24", "dev", "eth0"])?;
-        node_b.ip(&["-6", "addr", "add", "fd00:20::2/64", "dev", "eth0", "nodad"])?;
-        node_b.ip(&["link", "set", "eth0", "up"])?;
+            &node_b,
+            ("172.20.0.1", "fd00:20::1"),
+            ("172.20.0.2", "fd00:20::2"),
+        )?;
         a.ip(&["route", "add", "10.245.0.0/24", "via", "172.20.0.2"])?;
         a.ip(&[
             "-6",
@@ -699,16 +600,7 @@ fn outside_flows_keep_their_backend_across_a_conntrack_miss() -> anyhow::Result<
         let flushed = flush_conntrack(&canary)?;
         assert!(flushed >= 40, "{target}: {flushed} entries for 20 flows");
         go.send(())?;
-        match rx.recv_timeout(Duration::from_secs(60))?? {
-            Held::Echoed(results) => {
-                let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-                assert!(
-                    failed.is_empty(),
-                    "{target}: flows broke after a conntrack miss: {failed:?} (of {opened:?})"
-                );
-            }
-            Held::Opened(_) => anyhow::bail!("opened twice"),
-        }
+        all_echoed(&rx, target, &opened, "flows broke after a conntrack miss")?;
         eprintln!(
             "{target}: 20 held flows ({opened:?}) survived losing {flushed} conntrack entries"
         );
@@ -724,4 +616,53 @@ fn settle_echo(outside: &Netns, target: SocketAddr) -> anyhow::Result<()> {
         }
     }
     anyhow::bail!("{target}: never answered")
+}
+
+/// Waits for the held connections' echo and asserts every one came back
+/// whole (`what` says what they went through).
+fn all_echoed(
+    rx: &mpsc::Receiver<anyhow::Result<Held>>,
+    target: SocketAddr,
+    opened: &[String],
+    what: &str,
+) -> anyhow::Result<()> {
+    match rx.recv_timeout(Duration::from_secs(60))?? {
+        Held::Echoed(results) => {
+            let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+            assert!(
+                failed.is_empty(),
+                "{target}: {what}: {failed:?} (of {opened:?})"
+            );
+            Ok(())
+        }
+        Held::Opened(_) => anyhow::bail!("opened twice"),
+    }
+}
+
+/// A veth pair: `dev` in `a` and `eth0` in `b`, with these (IPv4 /24, IPv6
+/// /64) addresses at each end, both up.
+fn link(
+    a: &Netns,
+    dev: &str,
+    b: &Netns,
+    at_a: (&str, &str),
+    at_b: (&str, &str),
+) -> anyhow::Result<()> {
+    a.ip(&[
+        "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", &b.name,
+    ])?;
+    for (ns, name, (v4, v6)) in [(a, dev, at_a), (b, "eth0", at_b)] {
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", name])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            name,
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", name, "up"])?;
+    }
+    Ok(())
 }

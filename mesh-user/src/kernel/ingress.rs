@@ -417,12 +417,7 @@ impl prometheus_client::collector::Collector for GatewayCounters {
         for (name, help, value) in self.read() {
             let counter = ConstCounter::new(value);
             let full = format!("gateway_tc_{name}");
-            let metric = encoder.encode_descriptor(
-                &full,
-                help,
-                None,
-                counter.metric_type(),
-            )?;
+            let metric = encoder.encode_descriptor(&full, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
         Ok(())

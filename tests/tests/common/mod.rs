@@ -48,23 +48,32 @@ impl Canary {
 
     /// The same, with more `mesh-agent run` flags.
     pub fn start_flags(weights: Option<(i64, i64)>, flags: &[&str]) -> anyhow::Result<Self> {
-        Self::start_where(weights, flags, false)
+        Self::start_where(weights, flags, None::<fn(&mut Node) -> anyhow::Result<()>>)
     }
 
     /// The topology with the agent in the node's network namespace, which has
     /// addresses on the pods' bridge ([`NODE4`], [`NODE6`]): the gateway's view.
     pub fn start_on_node(flags: &[&str]) -> anyhow::Result<Self> {
-        Self::start_where(None, flags, true)
+        Self::start_on_node_prepared(flags, |_| Ok(()))
+    }
+
+    /// The same, with `prepare` run on the node (more namespaces, links,
+    /// sysctls) before the agent starts.
+    pub fn start_on_node_prepared(
+        flags: &[&str],
+        prepare: impl FnOnce(&mut Node) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        Self::start_where(None, flags, Some(prepare))
     }
 
     fn start_where(
         weights: Option<(i64, i64)>,
         flags: &[&str],
-        on_node: bool,
+        on_node: Option<impl FnOnce(&mut Node) -> anyhow::Result<()>>,
     ) -> anyhow::Result<Self> {
         mesh_tools::require_root();
         let mut node = Node::new()?;
-        if on_node {
+        if on_node.is_some() {
             node.bridge
                 .ip(&["addr", "add", &format!("{NODE4}/24"), "dev", "br0"])?;
             node.bridge.ip(&[
@@ -109,10 +118,12 @@ impl Canary {
             )?;
         }
         let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
-        let agent = if on_node {
-            Agent::start_in_netns(dir.path(), cgroup.path(), &node.bridge, flags)?
-        } else {
-            Agent::start_flags(dir.path(), cgroup.path(), flags)?
+        let agent = match on_node {
+            Some(prepare) => {
+                prepare(&mut node)?;
+                Agent::start_in_netns(dir.path(), cgroup.path(), &node.bridge, flags)?
+            }
+            None => Agent::start_flags(dir.path(), cgroup.path(), flags)?,
         };
         Ok(Canary {
             agent,
@@ -217,65 +228,34 @@ pub fn assert_share(observed: f64, expected: f64, n: u64, what: &str) {
     );
 }
 
-// ---- gateway-tc: clients outside the node ----
+// ---- the gateway ----
 
-impl Canary {
-    /// [`Canary::start_on_node`], with `prepare` run on the node before the
-    /// agent starts (devices the agent must find at start).
-    pub fn start_on_node_prepared(
-        flags: &[&str],
-        prepare: impl FnOnce(&mut Node) -> anyhow::Result<()>,
-    ) -> anyhow::Result<Self> {
-        mesh_tools::require_root();
-        let mut node = Node::new()?;
-        node.bridge
-            .ip(&["addr", "add", &format!("{NODE4}/24"), "dev", "br0"])?;
-        node.bridge.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{NODE6}/64"),
-            "dev",
-            "br0",
-            "nodad",
-        ])?;
-        node.add_pod("client", 2)?;
-        let mut backends = Vec::new();
-        let dir = ManifestDir::new()?;
-        let vips: Vec<IpAddr> = vec![VIP4.parse()?, VIP6.parse()?];
-        dir.write(
-            "service.yaml",
-            &manifests::service("flaskapp", &vips, PORT, TARGET_PORT),
-        )?;
-        let mut pods = Vec::new();
-        for (i, name) in V1.iter().chain([&V2]).enumerate() {
-            let version = if name.contains("v2") { "v2" } else { "v1" };
-            let pod = node.add_pod(name, 11 + i as u8)?;
-            backends.push(Backend::spawn(&pod.ns, name, version, TARGET_PORT)?);
-            pods.push((
-                name.to_string(),
-                version.to_owned(),
-                vec![pod.ipv4, pod.ipv6],
-                true,
-            ));
-        }
-        write_pods(&dir, &pods)?;
-        dir.write(
-            "destinationrule.yaml",
-            &manifests::destination_rule("flaskapp", &["v1", "v2"]),
-        )?;
-        prepare(&mut node)?;
-        let cgroup = Cgroup::create(&mesh_tools::unique("mesh-test-"))?;
-        let agent = Agent::start_in_netns(dir.path(), cgroup.path(), &node.bridge, flags)?;
-        Ok(Canary {
-            agent,
-            backends,
-            pods,
-            cgroup,
-            node,
-            dir,
-        })
-    }
+/// The seed's Gateway (the first document of its gateway.yaml).
+pub fn seed_gateway() -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/examples/seed/gateway.yaml"
+    ))?;
+    Ok(text.split("\n---\n").next().unwrap_or_default().to_owned())
+}
+
+/// A gateway-bound VirtualService with one route and no L7 match.
+/// A gateway-bound VirtualService `name` with one route and no L7 match:
+/// `host`'s subsets v1 and v2 at these weights.
+pub fn weighted_vs(name: &str, gateway: &str, host: &str, v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [\"*\"]
+  gateways: [{gateway}]
+  http:
+    - route:
+        - {{destination: {{host: {host}, subset: v1}}, weight: {v1}}}
+        - {{destination: {{host: {host}, subset: v2}}, weight: {v2}}}
+"
+    )
 }
 
 /// A TCP server in a pod that first sends its pod's name and a newline, then
@@ -357,4 +337,26 @@ impl Drop for Echo {
             let _ = t.join();
         }
     }
+}
+
+/// `split` (of `n` connections to `target`) is the canary's 80/20 with no
+/// failure: v2 at 20%, each of the three v1 pods at 80/3%, and every
+/// `getpeername` answering what the client dialled.
+pub fn assert_80_20_seen_as(split: &Summary, target: &str, n: u64) {
+    assert_eq!(split.failed(), 0, "{target}: {split:?}");
+    assert_eq!(split.ok, n, "{target}: {split:?}");
+    assert_share(
+        split.share("flaskapp-v2"),
+        0.20,
+        n,
+        &format!("v2 through {target}"),
+    );
+    for pod in V1 {
+        assert_share(split.share(pod), 0.80 / 3.0, n, pod);
+    }
+    assert_eq!(
+        split.peers.keys().collect::<Vec<_>>(),
+        vec![target],
+        "{split:?}"
+    );
 }
