@@ -265,23 +265,6 @@ impl PinDir {
         removed
     }
 
-    /// Unpins the link directories of cgroups other than `keep` (the agent moved
-    /// to another cgroup), which detaches their programs. Returns those removed.
-    pub fn unpin_other_cgroups(&self, keep: &[PathBuf]) -> Vec<PathBuf> {
-        fs::read_dir(self.links_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            // Cgroups' directories only (the gateway devices' are `tc-*`).
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("cg"))
-            })
-            .filter(|p| !keep.contains(p) && remove_tree(p, &mut Vec::new()).is_ok())
-            .collect()
-    }
-
     /// Links of the gateway's tc programs on one network device (TCX), named
     /// by the device's name: `<root>/links/tc-<device>/<program>`.
     pub fn device_links(&self, device: &str) -> PathBuf {
@@ -291,6 +274,18 @@ impl PinDir {
     /// Unpins the tc links of devices other than `keep` (no longer gateway
     /// devices), which detaches their programs. Returns those removed.
     pub fn unpin_other_devices(&self, keep: &[PathBuf]) -> Vec<PathBuf> {
+        self.unpin_other_links("tc-", keep)
+    }
+
+    /// Unpins the link directories of cgroups other than `keep` (the agent moved
+    /// to another cgroup), which detaches their programs. Returns those removed.
+    pub fn unpin_other_cgroups(&self, keep: &[PathBuf]) -> Vec<PathBuf> {
+        self.unpin_other_links("cg", keep)
+    }
+
+    /// Unpins the link directories named `<prefix>...` (cgroups' `cg<inode>`,
+    /// devices' `tc-<name>`) other than `keep`.
+    fn unpin_other_links(&self, prefix: &str, keep: &[PathBuf]) -> Vec<PathBuf> {
         fs::read_dir(self.links_dir())
             .into_iter()
             .flatten()
@@ -298,7 +293,7 @@ impl PinDir {
             .map(|e| e.path())
             .filter(|p| {
                 p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("tc-"))
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
             })
             .filter(|p| !keep.contains(p) && remove_tree(p, &mut Vec::new()).is_ok())
             .collect()
