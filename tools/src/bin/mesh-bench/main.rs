@@ -7,9 +7,12 @@
 //! - [`services`]: the N services a variant holds (agent, iptables, nftables)
 //! - [`workloads`]: the kinds of load, and the rounds that measure them
 //! - [`report`]: medians and quantiles, the tables, the method
+//! - [`mod@gateway`]: the gateway for the node's own clients (kernel path,
+//!   router path) against direct, an iptables NodePort and HAProxy
 //! - [`mod@agent_costs`]: the agent's own compile, apply, memory and propagation
 
 mod agent_costs;
+mod gateway;
 mod report;
 mod services;
 mod variants;
@@ -25,6 +28,7 @@ use clap::Parser;
 
 use crate::{
     agent_costs::agent_costs,
+    gateway::gateway,
     report::{header, method, tables},
     variants::Topology,
 };
@@ -39,10 +43,32 @@ struct Args {
     /// Write the report here too (e.g. docs/benchmarks.md).
     #[arg(long)]
     write: Option<PathBuf>,
+    /// Run only this section (the report then holds only it).
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// The gateway: direct, kernel path, router path, iptables NodePort, HAProxy.
+    Gateway,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Internal {
+    /// The gateway section's client, which the bench runs inside the node's
+    /// namespace and the gateway cgroup.
+    #[command(hide = true)]
+    GatewayClient(gateway::ClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Internal::GatewayClient(client)) = &args.internal {
+        return gateway::client(client);
+    }
     mesh_tools::require_root();
     let rounds = args.rounds.unwrap_or(5).max(1);
     let (warmup, duration) = if args.quick {
@@ -59,17 +85,27 @@ fn main() -> anyhow::Result<()> {
     let mut report = String::new();
     header(&mut report, &args, rounds, duration)?;
 
+    if args.only == Some(Section::Gateway) {
+        gateway(&mut report, args.quick, rounds)?;
+        return finish(&report, args.write.as_deref(), started);
+    }
     let bench = Topology::build(&counts)?;
     eprintln!("topology ready in {:.1} s", started.elapsed().as_secs_f64());
     let results = bench.run(rounds, warmup, duration)?;
     tables(&mut report, &bench.variants, &results);
     drop(bench);
 
+    gateway(&mut report, args.quick, rounds)?;
     agent_costs(&mut report, args.quick)?;
     method(&mut report);
+    finish(&report, args.write.as_deref(), started)
+}
+
+/// Prints the report, writes it to `write` if given.
+fn finish(report: &str, write: Option<&std::path::Path>, started: Instant) -> anyhow::Result<()> {
     print!("{report}");
-    if let Some(path) = args.write {
-        std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(path) = write {
+        std::fs::write(path, report).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());

@@ -25,7 +25,7 @@ const VIP_ON: &str = "10.96.0.81";
 const VIP_OFF: &str = "10.96.0.82";
 /// Clients on CPU 0, servers (and the proxy) on CPU 1.
 pub(crate) const CLIENT_CPU: &str = "0";
-const SERVER_CPU: &str = "1";
+pub(crate) const SERVER_CPU: &str = "1";
 
 /// One row of every table: a client in `ns` (meshed if `cgroup`) dialling `target`.
 pub(crate) struct Variant {
@@ -49,7 +49,7 @@ pub(crate) struct Topology {
 }
 
 /// A child process killed on drop.
-struct Killed(std::process::Child);
+pub(crate) struct Killed(pub(crate) std::process::Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -81,7 +81,7 @@ fn serve(ns: &Netns, cgroup: Option<&Cgroup>, port: u16) -> anyhow::Result<Kille
 }
 
 /// Sysctls of a client namespace: many short connections need ports.
-fn client_sysctls(ns: &Netns) -> anyhow::Result<()> {
+pub(crate) fn client_sysctls(ns: &Netns) -> anyhow::Result<()> {
     for kv in [
         "net.ipv4.tcp_tw_reuse=1",
         "net.ipv4.ip_local_port_range=1024 65000",
