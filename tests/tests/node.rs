@@ -818,65 +818,70 @@ fn the_cluster_comes_up_tells_the_seed_and_goes_down() -> anyhow::Result<()> {
         cmd.arg("--dir").arg(&dir).args(args);
         mesh_tools::checked_output(cmd, None)
     };
-    let result = (|| -> anyhow::Result<()> {
-        let t0 = Instant::now();
-        let up = run(&["up"])?;
-        eprintln!("up in {:?}", t0.elapsed());
-        let exports = format!("export KUBECONFIG={}/kubeconfig", dir.display());
-        assert!(up.contains(&exports), "{up}");
-        let t1 = Instant::now();
-        run(&["up"])?;
-        eprintln!("up again (idempotent) in {:?}", t1.elapsed());
+    // A failed assertion must not leave the cluster up (the next node test
+    // could not start): the closure's panic is caught, `down` runs, then it
+    // goes on.
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<()> {
+            let t0 = Instant::now();
+            let up = run(&["up"])?;
+            eprintln!("up in {:?}", t0.elapsed());
+            let exports = format!("export KUBECONFIG={}/kubeconfig", dir.display());
+            assert!(up.contains(&exports), "{up}");
+            let t1 = Instant::now();
+            run(&["up"])?;
+            eprintln!("up again (idempotent) in {:?}", t1.elapsed());
 
-        let demo = run(&["demo", "--seconds", "4"])?;
-        eprintln!("{demo}");
-        let split = |step: &str| -> anyhow::Result<(f64, u64)> {
-            let part = demo
-                .split("\n# ")
-                .find(|p| p.starts_with(step))
-                .with_context(|| format!("no step {step} in the demo"))?;
-            let last = part
-                .lines()
-                .rfind(|l| l.contains(" connections: "))
-                .with_context(|| format!("no split in step {step}"))?;
-            assert!(last.contains("failed 0"), "{last}");
-            let words: Vec<&str> = last.split_whitespace().collect();
-            let n: u64 = words[1].parse()?;
-            let v2 = words
-                .iter()
-                .position(|w| *w == "v2")
-                .with_context(|| format!("no v2 in {last:?}"))?;
-            let share: f64 = words[v2 + 1].trim_end_matches('%').parse()?;
-            Ok((share / 100.0, n))
-        };
-        let (even, n) = split("2.")?;
-        common::assert_share(even, 0.25, n, "v2 of 4 pods without a VirtualService");
-        let (canary, n) = split("3.")?;
-        common::assert_share(canary, 0.2, n, "v2 at 80/20");
-        let (edited, n) = split("4.")?;
-        common::assert_share(edited, 0.5, n, "v2 at 50/50 after kubectl edit");
-        assert!(demo.contains("in the kernel"), "{demo}");
-        // The seed's gateway on the node: `/` answered, `/other` 404 under
-        // gateway.yaml, then answered under gateway2.yaml.
-        let step = |s: &str| {
-            demo.split("\n# ")
-                .find(|p| p.starts_with(s))
-                .unwrap_or_default()
-        };
-        assert!(
-            step("5.").contains("200 x 200") && step("5.").contains("200 x 404"),
-            "{demo}"
-        );
-        assert!(
-            !step("6.").contains("x 404") && step("6.").contains("200 x 200"),
-            "{demo}"
-        );
+            let demo = run(&["demo", "--seconds", "4"])?;
+            eprintln!("{demo}");
+            let split = |step: &str| -> anyhow::Result<(f64, u64)> {
+                let part = demo
+                    .split("\n# ")
+                    .find(|p| p.starts_with(step))
+                    .with_context(|| format!("no step {step} in the demo"))?;
+                let last = part
+                    .lines()
+                    .rfind(|l| l.contains(" connections: "))
+                    .with_context(|| format!("no split in step {step}"))?;
+                assert!(last.contains("failed 0"), "{last}");
+                let words: Vec<&str> = last.split_whitespace().collect();
+                let n: u64 = words[1].parse()?;
+                let v2 = words
+                    .iter()
+                    .position(|w| *w == "v2")
+                    .with_context(|| format!("no v2 in {last:?}"))?;
+                let share: f64 = words[v2 + 1].trim_end_matches('%').parse()?;
+                Ok((share / 100.0, n))
+            };
+            let (even, n) = split("2.")?;
+            common::assert_share(even, 0.25, n, "v2 of 4 pods without a VirtualService");
+            let (canary, n) = split("3.")?;
+            common::assert_share(canary, 0.2, n, "v2 at 80/20");
+            let (edited, n) = split("4.")?;
+            common::assert_share(edited, 0.5, n, "v2 at 50/50 after kubectl edit");
+            assert!(demo.contains("in the kernel"), "{demo}");
+            // The seed's gateway on the node: `/` answered, `/other` 404 under
+            // gateway.yaml, then answered under gateway2.yaml.
+            let step = |s: &str| {
+                demo.split("\n# ")
+                    .find(|p| p.starts_with(s))
+                    .unwrap_or_default()
+            };
+            assert!(
+                step("5.").contains("200 x 200") && step("5.").contains("200 x 404"),
+                "{demo}"
+            );
+            assert!(
+                !step("6.").contains("x 404") && step("6.").contains("200 x 200"),
+                "{demo}"
+            );
 
-        let status = run(&["status"])?;
-        assert!(status.contains(" Ready "), "{status}");
-        Ok(())
-    })();
+            let status = run(&["status"])?;
+            assert!(status.contains(" Ready "), "{status}");
+            Ok(())
+        }));
     let down = run(&["down"]);
+    let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     result?;
     down?;
     assert!(!dir.exists(), "{} left after down", dir.display());
