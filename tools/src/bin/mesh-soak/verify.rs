@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn reads_the_agents_json() -> anyhow::Result<()> {
         let dump = serde_json::json!([{
-            "vip": "10.96.0.80", "port": 80, "proto": "Tcp", "slot_count": 5,
+            "vip": "10.96.0.80", "port": 5000, "proto": "Tcp", "slot_count": 5,
             "destinations": [
                 {"name": "v1", "weight": 3, "backends": [
                     {"addr": {"ip": "10.0.0.1", "port": TARGET_PORT}, "slots": 3, "share": 0.6}
