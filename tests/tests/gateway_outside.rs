@@ -101,11 +101,7 @@ fn start() -> anyhow::Result<(Canary, Netns, Vec<Echo>)> {
 fn outside_clients_are_split_by_weight_in_tc_and_see_the_address_they_dialled() -> anyhow::Result<()>
 {
     let (mut canary, outside, _echoes) = start()?;
-    canary.write("gateway.yaml", &seed_gateway()?)?;
-    canary.write(
-        "edge.yaml",
-        &weighted_vs("flaskapp-edge", "flaskapp-gateway", "flaskapp", 80, 20),
-    )?;
+    seed_edge(&mut canary)?;
     for target in [format!("{OUT4}:80"), format!("[{OUT6}]:80")] {
         settle(&outside, &target)?;
         let split = probe::probe(&outside, None, &target, N, 4)?;
@@ -238,11 +234,7 @@ fn pods_reached(outside: &Netns, target: SocketAddr, n: usize) -> anyhow::Result
 fn outside_flows_keep_their_backend_across_a_weight_edit_and_an_agent_restart() -> anyhow::Result<()>
 {
     let (mut canary, outside, _echoes) = start()?;
-    canary.write("gateway.yaml", &seed_gateway()?)?;
-    canary.write(
-        "edge.yaml",
-        &weighted_vs("flaskapp-edge", "flaskapp-gateway", "flaskapp", 80, 20),
-    )?;
+    seed_edge(&mut canary)?;
     canary.write("echo.yaml", &echo_objects())?;
     canary.write(
         "echo-edge.yaml",
@@ -664,5 +656,15 @@ fn link(
         ])?;
         ns.ip(&["link", "set", name, "up"])?;
     }
+    Ok(())
+}
+
+/// The seed's Gateway and a pure-weight VirtualService (80/20) bound to it.
+fn seed_edge(canary: &mut Canary) -> anyhow::Result<()> {
+    canary.write("gateway.yaml", &seed_gateway()?)?;
+    canary.write(
+        "edge.yaml",
+        &weighted_vs("flaskapp-edge", "flaskapp-gateway", "flaskapp", 80, 20),
+    )?;
     Ok(())
 }
