@@ -91,13 +91,14 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV_V1";
     pub const GATEWAY_CT: &str = "GATEWAY_CT_V1";
     pub const GATEWAY_STATS: &str = "GATEWAY_STATS_V1";
+    pub const ROUTER_MARK: &str = "ROUTER_MARK_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -116,6 +117,7 @@ pub mod map_names {
         MAGLEV,
         GATEWAY_CT,
         GATEWAY_STATS,
+        ROUTER_MARK,
     ];
 }
 
@@ -128,6 +130,7 @@ pub mod program_names {
     pub const GATEWAY_CONNECT4: &str = "mesh_gateway_connect4";
     pub const GATEWAY_CONNECT6: &str = "mesh_gateway_connect6";
     pub const SOCKOPS: &str = "mesh_sockops";
+    pub const ROUTER_SOCKOPS: &str = "mesh_router_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
     pub const GATEWAY_INGRESS: &str = "mesh_gateway_ingress";
     pub const GATEWAY_EGRESS: &str = "mesh_gateway_egress";

@@ -62,7 +62,15 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 /// same-node socket map. (Named apart from its section: `fn sockops` fails to link.)
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
-    redirect::try_sockops(&ctx)
+    redirect::try_sockops(&ctx, redirect::Adds::Meshed)
+}
+
+/// TCP socket events in the agent's own cgroup: adds the gateway router's
+/// sockets to backends (marked), so the router and a backend on this node are
+/// joined by the same-node shortcut.
+#[sock_ops]
+pub fn mesh_router_sockops(ctx: SockOpsContext) -> u32 {
+    redirect::try_sockops(&ctx, redirect::Adds::Router)
 }
 
 /// Every message sent on a socket of the same-node socket map.

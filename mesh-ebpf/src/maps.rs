@@ -99,6 +99,13 @@ pub static MESHED_PODS: HashMap<u64, u32> =
 #[map(name = "GATEWAY_NETNS_V1")]
 pub static GATEWAY_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Index 0: the `SO_MARK` (host byte order) the agent's gateway router sets on
+/// its sockets to backends; 0: none. Writer: agent, at start. Reader:
+/// `mesh_router_sockops`, on the agent's own cgroup, which adds only sockets
+/// with that mark to `SOCKETS_V2` (the agent's other sockets stay on TCP).
+#[map(name = "ROUTER_MARK_V1")]
+pub static ROUTER_MARK: Array<u32> = Array::with_max_entries(1, 0);
+
 /// (node address, gateway port, TCP, family) -> the live Maglev table of that
 /// gateway port, for clients outside the node (tc). Writer: agent, which
 /// fills a new table in `MAGLEV_V1` before flipping the entry to it.

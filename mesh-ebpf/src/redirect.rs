@@ -12,6 +12,13 @@
 //! deletes when that socket closes: a socket is in `SOCKETS_V2` only while it owns
 //! its tuple's record, so the record `sk_msg` reads is its own.
 //!
+//! Two sockops programs share this code: `mesh_sockops` on the mesh's cgroup
+//! adds meshed pods' sockets; `mesh_router_sockops` on the agent's own cgroup
+//! adds only the gateway router's sockets to backends (those carrying
+//! `ROUTER_MARK_V1`), so a router and a backend on this node are joined too.
+//! Where both run on one socket (the agent's cgroup below the mesh's), the
+//! second finds the socket already added and leaves it.
+//!
 //! Ordering: a connection whose first message goes through TCP stays on TCP
 //! (`path` of the record). Without that, a client that writes before the server
 //! end is added (the server's handshake completes a few microseconds after the
@@ -32,7 +39,7 @@ use mesh_common::{EndpointKey, SockConn, SockKey, sock_path, sock_stat};
 
 use crate::{
     ctx::read_ip6,
-    maps::{REDIRECT_EXCLUDED, SOCK_CONN, SOCK_STATS, SOCKETS},
+    maps::{REDIRECT_EXCLUDED, ROUTER_MARK, SOCK_CONN, SOCK_STATS, SOCKETS},
     scope,
     stats::add,
 };
@@ -40,10 +47,19 @@ use crate::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
+/// Which sockops program runs: which sockets it may add.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Adds {
+    /// Sockets of meshed pods (`MESH_SCOPE_V1`), on the mesh's cgroup.
+    Meshed,
+    /// The router's sockets (`ROUTER_MARK_V1`), on the agent's own cgroup.
+    Router,
+}
+
 /// sockops: on both ends' "established", record the socket's connection under
 /// its tuple and add it under its own key; when a socket of ours closes, delete
 /// its record.
-pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
+pub fn try_sockops(ctx: &SockOpsContext, adds: Adds) -> u32 {
     let op = ctx.op();
     let established =
         op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
@@ -59,24 +75,34 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     if closed {
         // Only the owner's close deletes a record (another sockops program on
         // the cgroup may ask for state changes of sockets we never added).
-        if SOCK_CONN
-            .get_ptr(key)
-            // SAFETY: a live entry of a map value type we own; read only.
-            .is_some_and(|conn| unsafe { (*conn).cookie } == cookie)
-        {
+        if owns(key, cookie) {
             let _ = SOCK_CONN.remove(key);
         }
+        return 1;
+    }
+    // SAFETY: the kernel hands a valid bpf_sock_ops.
+    let ops = unsafe { &mut *ctx.ops };
+    let ours = match adds {
+        // The router's sockets are few and marked: others are not counted.
+        Adds::Router => {
+            if !router_socket(ops) {
+                return 1;
+            }
+            true
+        }
+        // SAFETY: the helper accepts a sock_ops context. (The key's netns is 0
+        // for some tuples; the scope needs the namespace itself.)
+        Adds::Meshed => scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }),
+    };
+    // The other program added it already.
+    if owns(key, cookie) {
         return 1;
     }
     if excluded(&key) {
         add(&SOCK_STATS, sock_stat::EXCLUDED, 1);
         return 1;
     }
-    // SAFETY: the kernel hands a valid bpf_sock_ops.
-    let ops = unsafe { &mut *ctx.ops };
-    // SAFETY: the helper accepts a sock_ops context. (The key's netns is 0
-    // for some tuples; the scope needs the namespace itself.)
-    if !scope::meshed(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) {
+    if !ours {
         add(&SOCK_STATS, sock_stat::NOT_MESHED, 1);
         return 1;
     }
@@ -116,6 +142,25 @@ pub fn try_sockops(ctx: &SockOpsContext) -> u32 {
     // Ask for state changes, to delete the record when this socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     1
+}
+
+/// Whether the socket `cookie` owns the record of its tuple `key`.
+fn owns(key: SockKey, cookie: u64) -> bool {
+    SOCK_CONN
+        .get_ptr(key)
+        // SAFETY: a live entry of a map value type we own; read only.
+        .is_some_and(|conn| unsafe { (*conn).cookie } == cookie)
+}
+
+/// Whether the socket carries the router's mark (none configured: no socket).
+fn router_socket(ops: &aya_ebpf::bindings::bpf_sock_ops) -> bool {
+    let Some(&mark) = ROUTER_MARK.get(0) else {
+        return false;
+    };
+    // SAFETY: `sk` is the kernel's socket pointer of this context (null for a
+    // request socket); `mark` is a readable field of `bpf_sock`.
+    let sk = unsafe { ops.__bindgen_anon_2.sk };
+    mark != 0 && !sk.is_null() && unsafe { (*sk).mark } == mark
 }
 
 /// The socket's own key, from a sock_ops context.

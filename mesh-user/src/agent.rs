@@ -57,6 +57,9 @@ pub struct Config {
     /// gateway-tc: the devices whose outside clients the gateway serves in tc
     /// (with a gateway only).
     pub gateway_devices: crate::kernel::ingress::Devices,
+    /// The `SO_MARK` of the router's connections to backends, which joins
+    /// them to backends on this node by the shortcut; 0: not joined.
+    pub router_mark: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +159,14 @@ pub async fn run(
         .ebpf_object
         .as_ref()
         .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string());
-    let router = config.gateway_cgroup.is_some().then(Router::new);
+    let (router_mark, shortcut) = router_shortcut(&config, own_cgroup.as_deref());
+    if let Some(mark) = router_mark {
+        loaded.set_router_mark(mark)?;
+    }
+    let router = config
+        .gateway_cgroup
+        .is_some()
+        .then(|| Router::with_mark(router_mark));
     let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
         vec![Box::new(sock_stats.clone()), Box::new(connections.clone())];
     if let Some(router) = &router {
@@ -194,7 +204,7 @@ pub async fn run(
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cgroup: config.cgroup.clone(),
-            own_cgroup,
+            own_cgroup: own_cgroup.clone(),
             redirect: config.redirect,
             pin_dir: config.pin_dir.clone(),
             ..Default::default()
@@ -215,8 +225,10 @@ pub async fn run(
             redirect: config.redirect,
             sock_stats: sock_stats.clone(),
             gateway: config.gateway_cgroup.clone(),
+            router: router_mark.and(own_cgroup.clone()),
             devices,
         }),
+        shortcut,
         outside,
         gateway: router,
         router_addrs: BTreeMap::new(),
@@ -297,6 +309,8 @@ struct PendingAttach {
     redirect: bool,
     sock_stats: Arc<SockStats>,
     gateway: Option<PathBuf>,
+    /// The agent's own cgroup, for the router's sockops (`None`: not joined).
+    router: Option<PathBuf>,
     /// gateway-tc: the gateway devices.
     devices: Vec<String>,
 }
@@ -335,6 +349,8 @@ struct Reconciler {
     gateway: Option<Router>,
     /// Where the router listens, per gateway port.
     router_addrs: BTreeMap<u16, RouterAddrs>,
+    /// Whether the router is joined to local backends, for the records.
+    shortcut: String,
     /// gateway-tc: the writer of the outside clients' tables (`None`: no
     /// gateway device).
     outside: Option<crate::kernel::ingress::Outside>,
@@ -459,7 +475,13 @@ impl Reconciler {
         self.record.gateways = compiled
             .gateways
             .iter()
-            .map(|p| GatewayRecord::of(p, self.router_addrs.get(&p.port)))
+            .map(|p| {
+                let mut record = GatewayRecord::of(p, self.router_addrs.get(&p.port));
+                if matches!(p.serve, Serve::Router { .. }) {
+                    record.shortcut = Some(self.shortcut.clone());
+                }
+                record
+            })
             .collect();
     }
 
@@ -587,6 +609,7 @@ fn attach_pending(attach: &mut Option<PendingAttach>) -> Result<(), AgentError> 
             pending.redirect,
             pending.sock_stats.socket_map(),
             pending.gateway.as_deref(),
+            pending.router.as_deref(),
         )?;
         // gateway-tc: the gateway devices' tc programs (none: unpins any).
         for (device, program, how) in loader::attach_devices(&mut pending.loaded, &pending.devices)?
@@ -610,6 +633,39 @@ fn attach_pending(attach: &mut Option<PendingAttach>) -> Result<(), AgentError> 
         }
     }
     Ok(())
+}
+
+/// The router's mark, when its connections can be joined to backends on this
+/// node (the shortcut on, the agent's cgroup known, the mark settable), and
+/// what the records say about it.
+fn router_shortcut(config: &Config, own_cgroup: Option<&std::path::Path>) -> (Option<u32>, String) {
+    let not = |why: &str| {
+        (
+            None,
+            format!("not joined to backends on this node by the shortcut: {why}"),
+        )
+    };
+    if config.gateway_cgroup.is_none() {
+        return not("no gateway");
+    }
+    if !config.redirect {
+        return not("--no-redirect");
+    }
+    if config.router_mark == 0 {
+        return not("--router-mark 0");
+    }
+    if own_cgroup.is_none() {
+        return not("the agent's own cgroup is unknown");
+    }
+    if let Err(e) = crate::router::can_set_mark(config.router_mark) {
+        warn!("the router's connections are not joined to backends on this node: SO_MARK: {e}");
+        return not(&format!("SO_MARK cannot be set ({e})"));
+    }
+    let mark = config.router_mark;
+    (
+        Some(mark),
+        format!("joined to backends on this node by the same-node shortcut (SO_MARK {mark:#x})"),
+    )
 }
 
 /// Logs diagnostics that are new since the last round (each once, not every

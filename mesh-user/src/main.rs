@@ -93,6 +93,13 @@ enum Command {
         /// `none`. Needs IP forwarding on in the agent's network namespace.
         #[arg(long, env = "MESH_GATEWAY_DEVICE", default_value = "auto")]
         gateway_device: mesh_user::kernel::ingress::Devices,
+        /// The socket mark (SO_MARK) of the gateway router's connections to
+        /// backends, by which the same-node shortcut joins them to backends on
+        /// this node; 0: not joined. Pick one no rule of the node matches: the
+        /// default has no bit of kube-proxy's 0xc000, Cilium's 0xf00 or
+        /// Calico's 0xffff0000.
+        #[arg(long, env = "MESH_ROUTER_MARK", default_value = "0x1057", value_parser = parse_mark)]
+        router_mark: u32,
     },
     /// Detach and unpin everything the agent pinned (nothing else); stop the agent first.
     Cleanup {
@@ -228,6 +235,7 @@ fn main() -> anyhow::Result<()> {
             metrics_auth,
             gateway_cgroup,
             gateway_device,
+            router_mark,
         } => {
             init_logging(&log_format);
             let kubernetes = matches!(source, SourceSpec::Kubernetes(_));
@@ -288,6 +296,7 @@ fn main() -> anyhow::Result<()> {
                     scope,
                     gateway_cgroup,
                     gateway_devices: gateway_device,
+                    router_mark,
                 };
                 agent::run(config, shutdown_signal())
                     .await
@@ -393,4 +402,13 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// `--router-mark`: hexadecimal (`0x...`) or decimal.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a mark (0x... or decimal): {e}"))
 }

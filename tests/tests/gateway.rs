@@ -210,3 +210,120 @@ fn a_gateway_port_a_node_process_listens_on_is_reported_and_the_cgroup_still_rea
     assert_eq!(others.backends.get("node-process"), Some(&20), "{others:?}");
     Ok(())
 }
+
+/// A Service of one port (5001) whose only endpoint is flaskapp-v2, and a
+/// route of the seed's Gateway to it for `/bytes/` (an L7 match: the router).
+const BULK: &str = "apiVersion: v1
+kind: Service
+metadata: {name: bulk, namespace: default}
+spec:
+  clusterIP: 10.96.0.90
+  selector: {app: flaskapp, version: v2}
+  ports: [{name: http, port: 5001, targetPort: 5001}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bulk, namespace: default}
+spec:
+  hosts: [\"*\"]
+  gateways: [flaskapp-gateway]
+  http:
+    - match: [{uri: {prefix: /bytes/}}]
+      route: [{destination: {host: bulk}}]
+";
+
+/// The router and a backend on this node are joined by the same-node
+/// shortcut: answers of 16 MiB from a meshed pod reach `curl` through the
+/// router while the pod's namespace sees a few TCP segments per request (the
+/// kernel's own counters); with `--router-mark 0` the same answers take TCP.
+#[test]
+fn the_router_reaches_a_backend_on_this_node_by_the_shortcut() -> anyhow::Result<()> {
+    const SIZE: u64 = 16 << 20;
+    const REQUESTS: usize = 4;
+    let mut segments = Vec::new();
+    for flags in [&[][..], &["--router-mark", "0"][..]] {
+        let mut canary = Canary::start_on_node(flags)?;
+        canary.write("gateway.yaml", &format!("{}\n---\n{BULK}", seed_gateway()?))?;
+        let pod = &canary.node.pod(V2).ns;
+        // A process in the pod's namespace and the mesh cgroup: meshed.
+        let _server = mesh_tools::xfer::Server::start(
+            pod,
+            Some(&canary.cgroup),
+            &["--listen", "[::]:5001", "--mode", "http"],
+        )?;
+        let explained = canary.agent.cli(&["explain", "127.0.0.1:80"])?;
+        let segs = || -> anyhow::Result<u64> {
+            Ok(pod.snmp("Tcp", "InSegs")? + pod.snmp("Tcp", "OutSegs")?)
+        };
+        let (segs_before, bytes_before) =
+            (segs()?, canary.agent.metric("mesh_redirect_bytes_total")?);
+        let url = format!("http://localhost/bytes/{SIZE}");
+        let got = download(&canary, &[url.as_str(); REQUESTS])?;
+        let used = segs()? - segs_before;
+        let redirected = canary.agent.metric("mesh_redirect_bytes_total")? - bytes_before;
+        assert_eq!(got, vec![(200, SIZE); REQUESTS], "{flags:?}");
+        if flags.is_empty() {
+            assert!(
+                explained.contains("joined to backends on this node by the same-node shortcut"),
+                "{explained}"
+            );
+            assert!(
+                redirected >= REQUESTS as u64 * SIZE,
+                "{redirected} bytes redirected"
+            );
+        } else {
+            assert!(
+                explained.contains(
+                    "not joined to backends on this node by the shortcut: --router-mark 0"
+                ),
+                "{explained}"
+            );
+            assert!(redirected < SIZE, "{redirected} bytes redirected");
+        }
+        segments.push(used);
+    }
+    eprintln!(
+        "TCP segments in and out of the backend pod for {REQUESTS} x 16 MiB through the router: joined {} / not joined {}",
+        segments[0], segments[1]
+    );
+    // Per request: the handshake and the FINs (~8); 16 MiB through TCP is
+    // ~11 600 segments out alone (1448-byte MSS).
+    assert!(segments[0] < 20 * REQUESTS as u64, "joined: {segments:?}");
+    assert!(
+        segments[1] > 10_000 * REQUESTS as u64,
+        "not joined: {segments:?}"
+    );
+    Ok(())
+}
+
+/// One `curl` fetching each of `urls` from the node's namespace (in the
+/// cgroup), body discarded: (status, bytes) per URL.
+fn download(canary: &Canary, urls: &[&str]) -> anyhow::Result<Vec<(u16, u64)>> {
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "60",
+        "-w",
+        "%{http_code} %{size_download}\n",
+    ];
+    for url in urls {
+        args.extend(["-o", "/dev/null", url]);
+    }
+    let child = mesh_tools::spawn_in_pod(
+        std::path::Path::new("curl"),
+        &canary.node.bridge,
+        Some(&canary.cgroup),
+        &args,
+    )?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "curl: {}", out.status);
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|line| {
+            let (code, size) = line
+                .split_once(' ')
+                .ok_or_else(|| anyhow::anyhow!("curl printed {line:?}"))?;
+            Ok((code.parse()?, size.parse()?))
+        })
+        .collect()
+}

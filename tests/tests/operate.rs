@@ -55,8 +55,9 @@ fn sigkill_and_restart_lose_no_connection_and_keep_the_split() -> anyhow::Result
     assert_eq!(field(adopted.first(), "services"), Some(2), "{adopted:?}");
     let applied = canary.agent.records("config applied");
     assert_eq!(field(applied.first(), "written"), Some(0), "{applied:?}");
-    // connect4/6, getpeername4/6, sockops, and the gateway's connect4/6.
-    assert_eq!(canary.agent.records("program unchanged").len(), 7);
+    // connect4/6, getpeername4/6, sockops, the gateway's connect4/6 and the
+    // router's sockops.
+    assert_eq!(canary.agent.records("program unchanged").len(), 8);
     Ok(())
 }
 
@@ -110,7 +111,7 @@ fn an_upgrade_swaps_changed_programs_live() -> anyhow::Result<()> {
     // Only getpeername4 differs in the new object; it was swapped in place.
     let swapped = swapped_programs(&canary.agent);
     assert_eq!(swapped, ["mesh_getpeername4"]);
-    assert_eq!(canary.agent.records("program unchanged").len(), 6);
+    assert_eq!(canary.agent.records("program unchanged").len(), 7);
 
     // The kernel runs the new code: only it counts PEER_REWRITTEN_BY_VARIANT.
     let after = canary.probe(&vip4(), 200)?;
@@ -141,7 +142,7 @@ fn sigterm_keeps_routing_and_cleanup_removes_everything_of_ours() -> anyhow::Res
         .collect();
     assert_eq!(
         (program_ids.len(), map_ids.len()),
-        (7, mesh_common::map_names::ALL.len()),
+        (8, mesh_common::map_names::ALL.len()),
         "{status}"
     );
 
@@ -463,7 +464,7 @@ fn status_dump_and_explain_read_the_pinned_state_with_or_without_an_agent() -> a
         let status: serde_json::Value =
             serde_json::from_str(&agent.cli(&["status", "--output", "json"])?)?;
         assert_eq!(status["agent"]["running"], running, "{status}");
-        assert_eq!(status["programs"].as_array().map(Vec::len), Some(7));
+        assert_eq!(status["programs"].as_array().map(Vec::len), Some(8));
         assert_eq!(status["services"], 2, "{status}");
         assert_eq!(status["backends"], 8, "4 pods, IPv4 and IPv6: {status}");
         let slots = status["maps"]

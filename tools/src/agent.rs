@@ -60,6 +60,11 @@ pub struct Agent {
     netns: Option<std::fs::File>,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
+    /// The agent's own cgroup when no test named one: as a DaemonSet's agent
+    /// has its pod's, so what attaches to the agent's cgroup (the router's
+    /// sockops) never lands on the machine's root. Last: removed after the
+    /// agent stopped.
+    _own: Option<crate::cgroup::Cgroup>,
 }
 
 impl Agent {
@@ -192,6 +197,11 @@ impl Agent {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let run_dir = std::env::temp_dir().join(format!("{name}-run"));
         let netns_file = netns.map(crate::netns::Netns::open).transpose()?;
+        let own = match inside {
+            Some(_) => None,
+            None => Some(crate::cgroup::Cgroup::create(&format!("{name}-agent"))?),
+        };
+        let inside = inside.or(own.as_ref().map(crate::cgroup::Cgroup::path));
         let (child, log) = spawn(&args, &env, &pin_dir, &run_dir, inside, netns_file.as_ref())?;
         Ok(Agent {
             child,
@@ -202,6 +212,7 @@ impl Agent {
             netns: netns_file,
             pin_dir,
             run_dir,
+            _own: own,
         })
     }
 

@@ -1,5 +1,6 @@
 //! An HTTP backend inside a pod: answers every request with
-//! `Hello World by <pod> (<version>)`, as the seed's flaskapp does, and closes.
+//! `Hello World by <pod> (<version>)`, as the seed's flaskapp does (or, for
+//! `GET /bytes/N`, N bytes), and closes.
 //! It runs on a thread of the calling process that has entered the pod's network
 //! namespace; dropping the guard stops it.
 
@@ -85,7 +86,8 @@ impl Backend {
     }
 }
 
-fn answer(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
+/// Reads one request and answers it (see the module's doc), then half-closes.
+pub(crate) fn answer(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
@@ -96,11 +98,28 @@ fn answer(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
         }
         request.extend_from_slice(&buf[..n]);
     }
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    // `GET /bytes/N`: N bytes of `x` (bulk answers), else the greeting.
+    let bulk = std::str::from_utf8(&request)
+        .ok()
+        .and_then(|r| r.split(' ').nth(1))
+        .and_then(|path| path.strip_prefix("/bytes/"))
+        .and_then(|n| n.parse::<usize>().ok());
+    let length = bulk.unwrap_or(body.len());
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(response.as_bytes())?;
+    stream.write_all(head.as_bytes())?;
+    match bulk {
+        Some(mut left) => {
+            let chunk = [b'x'; 64 << 10];
+            while left > 0 {
+                let n = left.min(chunk.len());
+                stream.write_all(&chunk[..n])?;
+                left -= n;
+            }
+        }
+        None => stream.write_all(body.as_bytes())?,
+    }
     stream.shutdown(std::net::Shutdown::Write)
 }
 

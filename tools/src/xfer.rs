@@ -39,6 +39,9 @@ pub enum ServeMode {
     /// Read everything up to the client's half-close, then send it all back over
     /// the direction that is still open.
     Collect,
+    /// Answer one HTTP request as the test backends do (`GET /bytes/N`: N
+    /// bytes), from a process that can be meshed (the gateway router's tests).
+    Http,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +78,7 @@ fn serve_one(mut stream: TcpStream, options: &ServeOptions) -> anyhow::Result<()
     std::thread::sleep(options.delay);
     let limit = options.close_after.unwrap_or(u64::MAX);
     match options.mode {
+        ServeMode::Http => return Ok(crate::backend::answer(stream, "mesh-xfer\n")?),
         ServeMode::Collect => {
             let mut all = Vec::new();
             stream.read_to_end(&mut all)?;

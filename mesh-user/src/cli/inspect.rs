@@ -434,6 +434,9 @@ fn print_gateway(s: &ServiceDump) {
     if !g.router.is_empty() {
         println!("    the router listens on {}", g.router.join(", "));
     }
+    if let Some(shortcut) = &g.shortcut {
+        println!("    {shortcut}");
+    }
     for r in &g.routes {
         println!("      {r}");
     }

@@ -109,6 +109,12 @@ impl Loaded {
         self.set_first(map_names::GATEWAY_NETNS, cookie)
     }
 
+    /// Names the router's socket mark to its sockops (`ROUTER_MARK_V1`); 0
+    /// adds none of the agent's sockets.
+    pub fn set_router_mark(&mut self, mark: u32) -> Result<(), LoadError> {
+        self.set_first(map_names::ROUTER_MARK, mark)
+    }
+
     /// `MESHED_PODS_V1`, for its only writer ([`super::scope::PodScope`]).
     pub fn take_meshed_pods(&mut self) -> Result<HashMap<MapData, u64, u32>, LoadError> {
         take(&mut self.ebpf, map_names::MESHED_PODS)
@@ -323,7 +329,9 @@ pub fn load(
     for name in SOCK_ADDR_PROGRAMS.into_iter().chain(GATEWAY_PROGRAMS) {
         load_program::<CgroupSockAddr>(&mut ebpf, name)?;
     }
-    load_program::<SockOps>(&mut ebpf, program_names::SOCKOPS)?;
+    for name in [program_names::SOCKOPS, program_names::ROUTER_SOCKOPS] {
+        load_program::<SockOps>(&mut ebpf, name)?;
+    }
     // gateway-tc: the gateway devices' programs (attached by `attach_devices`).
     for name in TC_PROGRAMS.map(|(name, _)| name) {
         load_program::<SchedClassifier>(&mut ebpf, name)?;
@@ -367,14 +375,16 @@ pub fn load(
 /// Attaches (or adopts, or swaps) every program on `cgroup`; with `redirect`,
 /// also `sockops` there and `sk_msg` on the socket map; with `gateway`, the
 /// gateway's connect hooks on that cgroup (and getpeername there too when it is
-/// another one). Then unpins what the previous agent attached elsewhere and
-/// maps of older layouts.
+/// another one); with `router` (the agent's own cgroup) and `redirect`, the
+/// router's sockops there. Then unpins what the previous agent attached
+/// elsewhere and maps of older layouts.
 pub fn attach(
     loaded: &mut Loaded,
     cgroup: &Path,
     redirect: bool,
     sockets: &SockHash<MapData, ConnKey>,
     gateway: Option<&Path>,
+    router: Option<&Path>,
 ) -> Result<Vec<(&'static str, Linked)>, LoadError> {
     let fd = open_cgroup2(cgroup)?;
     let links = loaded.pins.cgroup_links(super::pin::inode(cgroup)?);
@@ -397,19 +407,9 @@ pub fn attach(
     }
     // The gateway's cgroup: the mesh's own, or another one (then its links
     // live apart, and it needs getpeername too).
-    let gateway = match gateway {
-        Some(path) => {
-            let ino = super::pin::inode(path)?;
-            let gw_links = loaded.pins.cgroup_links(ino);
-            if gw_links == links {
-                Some((gw_links, None))
-            } else {
-                make_dir(&gw_links)?;
-                Some((gw_links, Some(open_cgroup2(path)?)))
-            }
-        }
-        None => None,
-    };
+    let gateway = gateway
+        .map(|path| other_cgroup(loaded, path, &links))
+        .transpose()?;
     // A replaced REVNAT is copied just before the connect and getpeername
     // programs are swapped, and again just after (see `carry`).
     if let Some(carry) = &loaded.carry {
@@ -449,6 +449,23 @@ pub fn attach(
         report.push((name, linked));
     } else {
         unpin(&links, &[name], &mut report)?;
+    }
+    // The router's sockops, on the agent's own cgroup: only with the shortcut.
+    let name = program_names::ROUTER_SOCKOPS;
+    let router = match router.filter(|_| redirect) {
+        Some(path) => {
+            let (r_links, r_fd) = other_cgroup(loaded, path, &links)?;
+            let linked =
+                attach_linked::<SockOps>(loaded, name, &r_links, r_fd.as_ref().unwrap_or(&fd))?;
+            report.push((name, linked));
+            keep.push(r_links.clone());
+            Some(r_links)
+        }
+        None => None,
+    };
+    // Never a second copy where the agent's cgroup used to be.
+    for dir in keep.iter().filter(|d| Some(*d) != router.as_ref()) {
+        unpin(dir, &[name], &mut report)?;
     }
     for stale in loaded.pins.unpin_other_cgroups(&keep) {
         info!(links = %stale.display(), "detached programs of a cgroup this agent no longer serves");
@@ -534,6 +551,22 @@ fn make_dir(dir: &Path) -> Result<(), LoadError> {
 }
 
 /// Unpins the links of `names` in `links` (which detaches those programs).
+/// The links directory of a cgroup that may be the mesh's own (`links`): then
+/// no descriptor (the mesh's serves); else its own, created, and one.
+fn other_cgroup(
+    loaded: &Loaded,
+    path: &Path,
+    links: &Path,
+) -> Result<(PathBuf, Option<File>), LoadError> {
+    let other = loaded.pins.cgroup_links(super::pin::inode(path)?);
+    if other == links {
+        return Ok((other, None));
+    }
+    make_dir(&other)?;
+    let fd = open_cgroup2(path)?;
+    Ok((other, Some(fd)))
+}
+
 fn unpin(
     links: &Path,
     names: &[&'static str],

@@ -58,6 +58,10 @@ pub struct GatewayRecord {
     pub why: String,
     /// Where the router listens for this port (router only).
     pub router: Vec<String>,
+    /// Whether the router's connections to backends on this node take the
+    /// same-node shortcut, and why not (router only).
+    #[serde(default)]
+    pub shortcut: Option<String>,
     /// The routes in the order they are tried: `host: VirtualService ns/name
     /// spec.http[i] (matches) -> destinations`.
     pub routes: Vec<String>,
@@ -177,6 +181,7 @@ impl GatewayRecord {
                 .flat_map(|a| a.v4.into_iter().chain(a.v6))
                 .map(|a| a.to_string())
                 .collect(),
+            shortcut: None,
             routes,
         }
     }

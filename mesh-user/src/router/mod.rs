@@ -137,6 +137,20 @@ impl Drop for Served {
     }
 }
 
+/// Whether this process may set `mark` on its sockets (`SO_MARK` needs
+/// CAP_NET_ADMIN): checked once at start, so a router never fails its
+/// requests on it.
+pub fn can_set_mark(mark: u32) -> nix::Result<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socket, sockopt};
+    let probe = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&probe, sockopt::Mark, &mark)
+}
+
 #[derive(Debug)]
 pub struct Router {
     ports: BTreeMap<u16, Served>,
@@ -152,8 +166,15 @@ impl Default for Router {
 
 impl Router {
     pub fn new() -> Self {
+        Self::with_mark(None)
+    }
+
+    /// A router whose connections to backends carry `mark` (`SO_MARK`): the
+    /// agent's sockops adds those to the same-node shortcut.
+    pub fn with_mark(mark: Option<u32>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_mark(mark);
         Self {
             ports: BTreeMap::new(),
             client: Client::builder(TokioExecutor::new()).build(connector),

@@ -239,7 +239,6 @@ pub fn seed_gateway() -> anyhow::Result<String> {
     Ok(text.split("\n---\n").next().unwrap_or_default().to_owned())
 }
 
-/// A gateway-bound VirtualService with one route and no L7 match.
 /// A gateway-bound VirtualService `name` with one route and no L7 match:
 /// `host`'s subsets v1 and v2 at these weights.
 pub fn weighted_vs(name: &str, gateway: &str, host: &str, v1: u32, v2: u32) -> String {
