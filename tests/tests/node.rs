@@ -691,6 +691,21 @@ fn mesh_on_the_node(
         "the seed's gateway on the node: / {:?}, /other {:?}",
         root.pods, split.pods
     );
+    // The router reaches the pods on this node by the same-node shortcut.
+    let explained = node.kubectl(&[
+        "exec",
+        "-n",
+        "mesh-system",
+        &new_pod,
+        "--",
+        "/mesh-agent",
+        "explain",
+        "127.0.0.1:80",
+    ])?;
+    assert!(
+        explained.contains("joined to backends on this node by the same-node shortcut"),
+        "{explained}"
+    );
     let gateway_progs = attached("/sys/fs/cgroup/unified")?;
     assert!(
         gateway_progs
