@@ -121,7 +121,8 @@ pub enum Unhonoured {
     )]
     ZoneUnknown { node: String },
     #[error(
-        "the zone of node {node:?} is unknown (no Node with label {label}): its pods get no zone hint, so every endpoint is used",
+        "the zone of {} is unknown (no Node of that name with label {label}): its pods get no zone hint, so every endpoint is used",
+        .node.as_ref().map_or("a pod without spec.nodeName".to_owned(), |n| format!("node {n}")),
         label = node::ZONE_LABEL
     )]
     PodZoneUnknown { node: Option<String> },
