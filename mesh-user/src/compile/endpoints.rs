@@ -328,17 +328,21 @@ pub fn reachable(
     candidates.retain(|c| keep(&c.endpoint));
     let selection = select(&candidates, policy.internal, here);
     unhonoured.extend(selection.unhonoured);
+    if errors.is_empty() && unhonoured.is_empty() {
+        return selection.endpoints;
+    }
     let me = ObjectRef::new(Kind::Service, name.clone());
     let origin = lookup
         .index
         .services
         .get(name)
         .map_or("", |e| e.origin.as_str());
-    for e in errors {
-        diags.push(Diagnostic::warning(&me, e.field(), e.to_string()).with_origin(origin));
-    }
-    for u in unhonoured {
-        diags.push(Diagnostic::warning(&me, u.field(service), u.to_string()).with_origin(origin));
+    let said = errors
+        .iter()
+        .map(|e| (e.field(), e.to_string()))
+        .chain(unhonoured.iter().map(|u| (u.field(service), u.to_string())));
+    for (field, message) in said {
+        diags.push(Diagnostic::warning(&me, field, message).with_origin(origin));
     }
     selection.endpoints
 }
