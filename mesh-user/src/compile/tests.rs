@@ -854,3 +854,33 @@ fn slices_resolving_a_named_port_differently_keep_each_its_port() {
     got.sort();
     assert_eq!(got, ["10.244.2.1:8080", "10.244.2.2:9090"]);
 }
+
+#[test]
+fn a_subset_whose_pods_all_terminate_drains_to_them_while_the_other_is_ready() {
+    let versioned = |name: &str, version: &str, ip: &str, deleting: bool| {
+        pod_on(name, "web", ip, "node-a", true, deleting).replace(
+            "labels: {app: web}",
+            &format!("labels: {{app: web, version: {version}}}"),
+        )
+    };
+    let pods = [
+        versioned("web-v1-a", "v1", "10.244.1.1", false),
+        versioned("web-v2-a", "v2", "10.244.1.3", true),
+    ]
+    .join("---\n");
+    let c = build(&[BASE, &pods, &vs(SPLIT_80_20)]);
+    assert!(errors(&c).is_empty(), "{:?}", errors(&c));
+    // kube-proxy's rules apply within each subset: v2's share goes to its
+    // draining pod rather than failing.
+    let s = shares(&c, "10.96.1.1", 80);
+    assert_eq!(
+        (approx(&s, "10.244.1.1"), approx(&s, "10.244.1.3")),
+        (0.8, 0.2),
+        "{s:?}"
+    );
+    // Without the route, the Service as a whole has a ready pod: only it.
+    assert_eq!(
+        backends(&build(&[BASE, &pods]), "10.96.1.1"),
+        ["10.244.1.1"]
+    );
+}
