@@ -46,6 +46,7 @@ fuzz_target!(|data: &[u8]| {
             Some(Kind::Service) => typed(item, Resource::Service),
             Some(Kind::Pod) => typed(item, Resource::Pod),
             Some(Kind::EndpointSlice) => typed(item, Resource::EndpointSlice),
+            Some(Kind::Node) => typed(item, Resource::Node),
             Some(kind @ (Kind::VirtualService | Kind::DestinationRule | Kind::Gateway)) => {
                 serde_json::from_value::<DynamicObject>(item.clone())
                     .ok()

@@ -1,6 +1,12 @@
-//! The ready endpoints of one Service port: from its EndpointSlices when it has any
-//! (as kube-proxy does), else from the ready Pods its selector matches (for a
-//! folder of manifests with no endpoints controller behind it).
+//! The endpoints of one Service port that a client on this node reaches,
+//! chosen as kube-proxy chooses them (k8s.io/kubernetes pkg/proxy/topology.go,
+//! `CategorizeEndpoints`): from the Service's EndpointSlices when it has any,
+//! else from the Pods its selector matches, described as the EndpointSlice
+//! controller would describe them (a folder of manifests has no controller).
+//! [`select`] is the rule itself, a pure function over those [`Candidate`]s.
+
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,17 +16,23 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{Pod, Service, ServicePort},
-        discovery::v1::EndpointSlice,
+        discovery::v1::{self as discovery, EndpointSlice},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::{index::Index, model::NamespacedName};
+use crate::{
+    index::Index,
+    model::{
+        Diagnostic, Kind, NamespacedName, ObjectRef, node,
+        service::{InternalTrafficPolicy, TrafficDistribution, TrafficPolicy},
+    },
+};
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// One ready endpoint of a Service port.
+/// One endpoint of a Service port a client may be sent to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
     pub ip: IpAddr,
@@ -28,6 +40,223 @@ pub struct Endpoint {
     /// The pod behind it, if known: its name and labels (for subsets).
     pub pod: Option<String>,
     pub labels: BTreeMap<String, String>,
+}
+
+/// An endpoint's conditions, unset ones read as the API defines them (ready
+/// and serving true, terminating false), as kube-proxy reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Conditions {
+    pub const READY: Self = Self {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+
+    fn of(c: Option<&discovery::EndpointConditions>) -> Self {
+        Self {
+            ready: c.and_then(|c| c.ready).unwrap_or(true),
+            serving: c.and_then(|c| c.serving).unwrap_or(true),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        }
+    }
+
+    /// kube-proxy's fallback when nothing is ready: still serving while it
+    /// terminates (graceful termination).
+    fn draining(self) -> bool {
+        self.serving && self.terminating
+    }
+}
+
+/// One endpoint before selection: what kube-proxy's rules read of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub endpoint: Endpoint,
+    pub conditions: Conditions,
+    /// `nodeName`.
+    pub node: Option<String>,
+    /// `hints.forZones[].name`; empty: no zone hint.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`; empty: no node hint.
+    pub node_hints: Vec<String>,
+}
+
+/// Where the connecting client is: this agent's node, and that node's zone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Here<'a> {
+    pub node: Option<&'a str>,
+    pub zone: Option<&'a str>,
+}
+
+impl<'a> Here<'a> {
+    /// `node`, and its zone from the Node of that name in the index.
+    pub fn of(index: &'a Index, node: Option<&'a str>) -> Self {
+        let zone = node
+            .and_then(|n| index.node(n))
+            .and_then(|e| node::zone(&e.object));
+        Self { node, zone }
+    }
+}
+
+/// What kube-proxy would have done that this agent cannot; every endpoint is
+/// used instead (a bigger set, never a wrong empty one).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
+pub enum Unhonoured {
+    #[error(
+        "Local needs this node's name (--node-name or NODE_NAME), which the agent was not given: every endpoint is used, as with Cluster"
+    )]
+    LocalWithoutNode,
+    #[error(
+        "its endpoints carry topology hints, but the agent was not given this node's name (--node-name or NODE_NAME): every endpoint is used"
+    )]
+    HintsWithoutNode,
+    #[error(
+        "its endpoints carry zone hints, but this node's zone is unknown (no Node {node} with label {label}): every endpoint is used",
+        label = node::ZONE_LABEL
+    )]
+    ZoneUnknown { node: String },
+    #[error(
+        "the zone of {} is unknown (no Node of that name with label {label}): its pods get no zone hint, so every endpoint is used",
+        .node.as_ref().map_or("a pod without spec.nodeName".to_owned(), |n| format!("node {n}")),
+        label = node::ZONE_LABEL
+    )]
+    PodZoneUnknown { node: Option<String> },
+}
+
+impl Unhonoured {
+    /// The field of `service` this is about.
+    fn field(&self, service: &Service) -> &'static str {
+        match self {
+            Unhonoured::LocalWithoutNode => "spec.internalTrafficPolicy",
+            _ if service
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.traffic_distribution.is_some()) =>
+            {
+                "spec.trafficDistribution"
+            }
+            // Hints asked for the older way, or left by the controller.
+            _ => "metadata.annotations[service.kubernetes.io/topology-mode]",
+        }
+    }
+}
+
+/// The endpoints a client here reaches, and what could not be honoured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub endpoints: Vec<Endpoint>,
+    pub unhonoured: Vec<Unhonoured>,
+}
+
+/// Which endpoints topology hints leave (kube-proxy's topology mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    All,
+    SameNode(&'a str),
+    SameZone(&'a str),
+}
+
+/// kube-proxy's rule for a client on this node. `Local`: the ready endpoints
+/// on this node, else those serving while terminating there; none: empty,
+/// and the connect is refused. `Cluster`: the ready endpoints the hints leave
+/// for this node or its zone (all of them unless every ready endpoint has a
+/// hint and one names us), else every serving and terminating endpoint.
+pub fn select(
+    candidates: &[Candidate],
+    policy: InternalTrafficPolicy,
+    here: Here<'_>,
+) -> Selection {
+    let mut unhonoured = Vec::new();
+    let pick = |keep: &dyn Fn(&Candidate) -> bool| -> Vec<Endpoint> {
+        candidates
+            .iter()
+            .filter(|c| keep(c))
+            .map(|c| c.endpoint.clone())
+            .collect()
+    };
+    let local = match (policy, here.node) {
+        (InternalTrafficPolicy::Local, Some(node)) => Some(node),
+        (InternalTrafficPolicy::Local, None) => {
+            unhonoured.push(Unhonoured::LocalWithoutNode);
+            None
+        }
+        (InternalTrafficPolicy::Cluster, _) => None,
+    };
+    let mut endpoints = if let Some(node) = local {
+        let on_node = |c: &Candidate| c.node.as_deref() == Some(node);
+        let ready = pick(&|c| on_node(c) && c.conditions.ready);
+        if ready.is_empty() {
+            pick(&|c| on_node(c) && c.conditions.draining())
+        } else {
+            ready
+        }
+    } else {
+        let topology = topology(candidates, here, &mut unhonoured);
+        let ready = pick(&|c| {
+            c.conditions.ready
+                && match topology {
+                    Topology::All => true,
+                    Topology::SameNode(n) => c.node_hints.iter().any(|h| h == n),
+                    Topology::SameZone(z) => c.zone_hints.iter().any(|h| h == z),
+                }
+        });
+        // Hints never leave nothing while something is ready (topology()
+        // checked), so an empty list means nothing is ready anywhere.
+        if ready.is_empty() {
+            pick(&|c| c.conditions.draining())
+        } else {
+            ready
+        }
+    };
+    endpoints.sort();
+    endpoints.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+    Selection {
+        endpoints,
+        unhonoured,
+    }
+}
+
+/// kube-proxy's `topologyModeFromHints`: hints count only when every ready
+/// endpoint has one (node hints first, then zone hints) and some endpoint is
+/// hinted for us; else every endpoint.
+fn topology<'a>(
+    candidates: &[Candidate],
+    here: Here<'a>,
+    unhonoured: &mut Vec<Unhonoured>,
+) -> Topology<'a> {
+    let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.conditions.ready).collect();
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    let node_hinted = ready.iter().all(|c| !c.node_hints.is_empty());
+    let zone_hinted = ready.iter().all(|c| !c.zone_hints.is_empty());
+    let Some(node) = here.node else {
+        if node_hinted || zone_hinted {
+            unhonoured.push(Unhonoured::HintsWithoutNode);
+        }
+        return Topology::All;
+    };
+    if node_hinted && ready.iter().any(|c| c.node_hints.iter().any(|h| h == node)) {
+        return Topology::SameNode(node);
+    }
+    if zone_hinted {
+        match here.zone {
+            Some(zone) if ready.iter().any(|c| c.zone_hints.iter().any(|h| h == zone)) => {
+                return Topology::SameZone(zone);
+            }
+            // This zone has no endpoint: every endpoint, as kube-proxy.
+            Some(_) => {}
+            None => unhonoured.push(Unhonoured::ZoneUnknown {
+                node: node.to_owned(),
+            }),
+        }
+    }
+    Topology::All
 }
 
 fn protocol(p: Option<&String>) -> &str {
@@ -81,13 +310,53 @@ impl<'a> Lookup<'a> {
     }
 }
 
-/// The ready endpoints of `port` of the Service `name`, sorted.
-pub fn ready_endpoints(
+/// The endpoints of `port` of the Service `name` a client `here` reaches,
+/// sorted: the candidates `keep` accepts (a subset's labels), then
+/// [`select`]. What cannot be honoured is reported on the Service.
+pub fn reachable(
     lookup: &Lookup<'_>,
     name: &NamespacedName,
     service: &Service,
     port: &ServicePort,
+    here: Here<'_>,
+    keep: impl Fn(&Endpoint) -> bool,
+    diags: &mut Vec<Diagnostic>,
 ) -> Vec<Endpoint> {
+    let (policy, errors) = TrafficPolicy::of(service);
+    let mut unhonoured = Vec::new();
+    let mut candidates = candidates(lookup, name, service, port, policy, &mut unhonoured);
+    candidates.retain(|c| keep(&c.endpoint));
+    let selection = select(&candidates, policy.internal, here);
+    unhonoured.extend(selection.unhonoured);
+    if errors.is_empty() && unhonoured.is_empty() {
+        return selection.endpoints;
+    }
+    let me = ObjectRef::new(Kind::Service, name.clone());
+    let origin = lookup
+        .index
+        .services
+        .get(name)
+        .map_or("", |e| e.origin.as_str());
+    let said = errors
+        .iter()
+        .map(|e| (e.field(), e.to_string()))
+        .chain(unhonoured.iter().map(|u| (u.field(service), u.to_string())));
+    for (field, message) in said {
+        diags.push(Diagnostic::warning(&me, field, message).with_origin(origin));
+    }
+    selection.endpoints
+}
+
+/// Every endpoint of the Service port, whatever its conditions: from its
+/// EndpointSlices, else from its Pods.
+fn candidates(
+    lookup: &Lookup<'_>,
+    name: &NamespacedName,
+    service: &Service,
+    port: &ServicePort,
+    policy: TrafficPolicy,
+    unhonoured: &mut Vec<Unhonoured>,
+) -> Vec<Candidate> {
     let index = lookup.index;
     let namespace = name.namespace.as_str();
     let slices = lookup
@@ -95,64 +364,84 @@ pub fn ready_endpoints(
         .get(&(namespace, name.name.as_str()))
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let mut out = if slices.is_empty() {
-        from_pods(lookup, namespace, service, port)
-    } else {
-        let mut out = Vec::new();
-        for slice in slices {
-            let want_name = port.name.as_deref().unwrap_or("");
-            let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
-                p.name.as_deref().unwrap_or("") == want_name
-                    && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref())
-            }) else {
-                continue;
-            };
-            let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
-                continue;
-            };
-            for ep in slice.endpoints.iter().flatten() {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
-                    continue;
-                }
-                let pod = ep
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        let ns = r.namespace.as_deref().unwrap_or(namespace);
-                        Some(NamespacedName::new(ns, r.name.as_deref()?))
-                    });
-                let labels = pod
-                    .as_ref()
-                    .and_then(|k| index.pods.get(k))
-                    .and_then(|p| p.object.metadata.labels.clone())
-                    .unwrap_or_default();
-                for address in &ep.addresses {
-                    if let Ok(ip) = address.parse::<IpAddr>() {
-                        out.push(Endpoint {
+    if slices.is_empty() {
+        return from_pods(lookup, namespace, service, port, policy, unhonoured);
+    }
+    let mut out = Vec::new();
+    for slice in slices {
+        let want_name = port.name.as_deref().unwrap_or("");
+        // The controller resolves a named targetPort per pod and puts pods
+        // that resolve it alike in one slice: each slice has its own port.
+        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == want_name
+                && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref())
+        }) else {
+            continue;
+        };
+        let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(namespace);
+                    Some(NamespacedName::new(ns, r.name.as_deref()?))
+                });
+            let labels = pod
+                .as_ref()
+                .and_then(|k| index.pods.get(k))
+                .and_then(|p| p.object.metadata.labels.clone())
+                .unwrap_or_default();
+            let hints = ep.hints.as_ref();
+            let zone_hints: Vec<String> = hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect();
+            let node_hints: Vec<String> = hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect();
+            for address in &ep.addresses {
+                if let Ok(ip) = address.parse::<IpAddr>() {
+                    out.push(Candidate {
+                        endpoint: Endpoint {
                             ip,
                             port: target,
                             pod: pod.as_ref().map(|p| p.name.clone()),
                             labels: labels.clone(),
-                        });
-                    }
+                        },
+                        conditions: Conditions::of(ep.conditions.as_ref()),
+                        node: ep.node_name.clone(),
+                        zone_hints: zone_hints.clone(),
+                        node_hints: node_hints.clone(),
+                    });
                 }
             }
         }
-        out
-    };
-    out.sort();
-    out.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+    }
     out
 }
 
+/// The Pods the selector matches, as the EndpointSlice controller describes
+/// them: every pod with an address that has not finished (terminating ones
+/// too); serving when Ready, terminating when deleted, ready when serving and
+/// not terminating, or always with `publishNotReadyAddresses`; hinted for its
+/// node's zone (and node) when `trafficDistribution` asks for it.
 fn from_pods(
     lookup: &Lookup<'_>,
     namespace: &str,
     service: &Service,
     port: &ServicePort,
-) -> Vec<Endpoint> {
+    policy: TrafficPolicy,
+    unhonoured: &mut Vec<Unhonoured>,
+) -> Vec<Candidate> {
     let Some(selector) = service
         .spec
         .as_ref()
@@ -173,32 +462,67 @@ fn from_pods(
         .unwrap_or_default();
     for &(name, pod) in candidates {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || !is_ready(pod) {
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || has_finished(pod) {
             continue;
         }
         let Some(target) = target_port(pod, port) else {
             continue;
         };
+        let serving = has_ready_condition(pod);
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let conditions = Conditions {
+            ready: policy.publish_not_ready || (serving && !terminating),
+            serving,
+            terminating,
+        };
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let (mut zone_hints, mut node_hints) = (Vec::new(), Vec::new());
+        // The controller hints ready endpoints only.
+        if let Some(distribution) = policy.distribution.filter(|_| conditions.ready) {
+            let zone = node
+                .as_deref()
+                .and_then(|n| lookup.index.node(n))
+                .and_then(|e| node::zone(&e.object));
+            match zone {
+                Some(zone) => zone_hints.push(zone.to_owned()),
+                None => unhonoured.push(Unhonoured::PodZoneUnknown { node: node.clone() }),
+            }
+            if distribution == TrafficDistribution::PreferSameNode {
+                node_hints.extend(node.clone());
+            }
+        }
         for ip in pod_ips(pod) {
-            out.push(Endpoint {
-                ip,
-                port: target,
-                pod: Some(name.to_owned()),
-                labels: labels.clone(),
+            out.push(Candidate {
+                endpoint: Endpoint {
+                    ip,
+                    port: target,
+                    pod: Some(name.to_owned()),
+                    labels: labels.clone(),
+                },
+                conditions,
+                node: node.clone(),
+                zone_hints: zone_hints.clone(),
+                node_hints: node_hints.clone(),
             });
         }
     }
     out
 }
 
-/// Ready condition true, and not being deleted.
-pub fn is_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// Succeeded or Failed: its containers will not run again, so it is no
+/// endpoint at all.
+fn has_finished(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+}
+
+fn has_ready_condition(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {

@@ -33,6 +33,9 @@ pub struct Config {
     pub max_slots: usize,
     /// Which Gateways this node serves.
     pub gateway: gateway::GatewayConfig,
+    /// The agent's node: `internalTrafficPolicy: Local` and topology hints
+    /// (with the zone of the Node of this name in the index) need it.
+    pub node_name: Option<String>,
 }
 
 impl Default for Config {
@@ -41,6 +44,7 @@ impl Default for Config {
             cluster_domain: "cluster.local".to_owned(),
             max_slots: mesh_common::MAX_SLOTS_PER_SERVICE as usize,
             gateway: gateway::GatewayConfig::default(),
+            node_name: None,
         }
     }
 }
@@ -51,6 +55,7 @@ type Group = slots::Group<endpoints::Endpoint>;
 pub fn compile(index: &Index, config: &Config) -> Compiled {
     let mut out = Compiled::default();
     let lookup = endpoints::Lookup::new(index);
+    let here = endpoints::Here::of(index, config.node_name.as_deref());
     let domain = config.cluster_domain.as_str();
     for (name, entry) in &index.services {
         if !index.is_meshed(&name.namespace) {
@@ -99,13 +104,23 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                         &mut out.diagnostics,
                     ),
                 ),
+                // No endpoint: one "no backend" slot, so the connect is
+                // refused at once, never passed to the bare VIP.
                 None => (
                     RouteRef::Even,
                     vec![(
                         "every ready endpoint".to_owned(),
                         Group {
                             weight: 1,
-                            members: endpoints::ready_endpoints(&lookup, name, &entry.object, port),
+                            members: endpoints::reachable(
+                                &lookup,
+                                name,
+                                &entry.object,
+                                port,
+                                here,
+                                |_| true,
+                                &mut out.diagnostics,
+                            ),
                         },
                     )],
                 ),
@@ -187,6 +202,7 @@ fn weighted_groups(
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<(String, Group)> {
     let domain = config.cluster_domain.as_str();
+    let here = endpoints::Here::of(lookup.index, config.node_name.as_deref());
     let me = routes::vs_ref(&vs.object);
     let single = chosen.destinations.len() == 1;
     let mut groups = Vec::new();
@@ -209,26 +225,27 @@ fn weighted_groups(
             domain,
             connecting,
         ) {
-            Ok(resolved) => {
-                let mut members = match resolved.port {
-                    Some(port) => endpoints::ready_endpoints(
-                        lookup,
-                        &resolved.name,
-                        &resolved.service.object,
-                        port,
-                    ),
-                    None => Vec::new(),
-                };
-                if let Some(subset) = resolved.subset {
-                    members.retain(|e| {
-                        subset
-                            .labels
-                            .iter()
-                            .all(|(k, v)| e.labels.get(k) == Some(v))
-                    });
-                }
-                members
-            }
+            // The subset first, then kube-proxy's rules within it: a subset
+            // whose endpoints are all terminating still drains to them.
+            Ok(resolved) => match resolved.port {
+                Some(port) => endpoints::reachable(
+                    lookup,
+                    &resolved.name,
+                    &resolved.service.object,
+                    port,
+                    here,
+                    |e| {
+                        resolved.subset.is_none_or(|subset| {
+                            subset
+                                .labels
+                                .iter()
+                                .all(|(k, v)| e.labels.get(k) == Some(v))
+                        })
+                    },
+                    diags,
+                ),
+                None => Vec::new(),
+            },
             Err(e) => {
                 diags.push(
                     Diagnostic::error(

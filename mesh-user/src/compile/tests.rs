@@ -504,3 +504,383 @@ fn a_service_whose_only_virtualservice_was_never_accepted_is_undecided() {
     index.revalidate("cluster.local");
     assert!(compile(&index, &Config::default()).undecided.is_empty());
 }
+
+// kube-proxy parity: which endpoints a client on this node reaches.
+
+/// A Service `app` at `ip`, port 80 to `target`, with more `spec` lines.
+fn svc(app: &str, ip: &str, target: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {app}, namespace: prod}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 80, targetPort: {target}}}]\n{spec}"
+    )
+}
+
+/// A pod of `app` on `node`; `deleting`: it has a deletionTimestamp.
+fn pod_on(name: &str, app: &str, ip: &str, node: &str, ready: bool, deleting: bool) -> String {
+    let deletion = if deleting {
+        ", deletionTimestamp: \"2026-11-30T00:00:00Z\""
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: {app}}}{deletion}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+        if ready { "True" } else { "False" }
+    )
+}
+
+fn node(name: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n"
+    )
+}
+
+/// compile as the agent on `node` would.
+fn build_on(node: Option<&str>, docs: &[&str]) -> Compiled {
+    let (index, diags) = index_of(docs);
+    let config = Config {
+        node_name: node.map(str::to_owned),
+        ..Config::default()
+    };
+    let mut compiled = compile(&index, &config);
+    compiled.diagnostics.extend(diags);
+    compiled
+}
+
+/// The backend IPs of `vip:80`, sorted, without repeats.
+fn backends(c: &Compiled, vip: &str) -> Vec<String> {
+    shares(c, vip, 80).into_keys().collect()
+}
+
+const VIP: &str = "10.96.2.1";
+
+#[test]
+fn publish_not_ready_addresses_makes_every_pod_an_endpoint() {
+    let pods = [
+        pod_on("api-0", "api", "10.244.2.1", "node-a", true, false),
+        pod_on("api-1", "api", "10.244.2.2", "node-a", false, false),
+    ]
+    .join("---\n");
+    let plain = svc("api", VIP, "8080", "");
+    assert_eq!(backends(&build(&[&plain, &pods]), VIP), ["10.244.2.1"]);
+    let publish = svc("api", VIP, "8080", "  publishNotReadyAddresses: true\n");
+    assert_eq!(
+        backends(&build(&[&publish, &pods]), VIP),
+        ["10.244.2.1", "10.244.2.2"]
+    );
+}
+
+#[test]
+fn endpoint_slices_are_read_by_ready_as_the_controller_marks_published_ones() {
+    // The controller marks a published not-ready pod ready (serving false):
+    // `ready` decides, as in kube-proxy.
+    let slice = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: prod, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.244.2.1], conditions: {ready: true, serving: false, terminating: false}}
+  - {addresses: [10.244.2.2], conditions: {ready: false, serving: false, terminating: false}}
+"#;
+    let publish = svc("api", VIP, "8080", "  publishNotReadyAddresses: true\n");
+    assert_eq!(backends(&build(&[&publish, slice]), VIP), ["10.244.2.1"]);
+}
+
+#[test]
+fn terminating_pods_take_traffic_only_while_no_pod_is_ready() {
+    let service = svc("api", VIP, "8080", "");
+    let ready = pod_on("api-0", "api", "10.244.2.1", "node-a", true, false);
+    let draining = pod_on("api-1", "api", "10.244.2.2", "node-a", true, true);
+    let gone = pod_on("api-2", "api", "10.244.2.3", "node-a", false, true);
+    assert_eq!(
+        backends(&build(&[&service, &ready, &draining, &gone]), VIP),
+        ["10.244.2.1"]
+    );
+    assert_eq!(
+        backends(&build(&[&service, &draining, &gone]), VIP),
+        ["10.244.2.2"]
+    );
+}
+
+#[test]
+fn terminating_slice_endpoints_take_traffic_only_while_none_is_ready() {
+    let slice = |first_ready: bool| {
+        format!(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: api-1, namespace: prod, labels: {{kubernetes.io/service-name: api}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+  - {{addresses: [10.244.2.1], conditions: {{ready: {first_ready}}}}}
+  - {{addresses: [10.244.2.2], conditions: {{ready: false, serving: true, terminating: true}}}}
+  - {{addresses: [10.244.2.3], conditions: {{ready: false, serving: false, terminating: true}}}}
+"#
+        )
+    };
+    let service = svc("api", VIP, "8080", "");
+    assert_eq!(
+        backends(&build(&[&service, &slice(true)]), VIP),
+        ["10.244.2.1"]
+    );
+    assert_eq!(
+        backends(&build(&[&service, &slice(false)]), VIP),
+        ["10.244.2.2"]
+    );
+}
+
+fn local_pods() -> String {
+    [
+        pod_on("api-a", "api", "10.244.2.1", "node-a", true, false),
+        pod_on("api-b", "api", "10.244.2.2", "node-b", true, false),
+        pod_on("api-a2", "api", "10.244.2.3", "node-a", true, false),
+    ]
+    .join("---\n")
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+    let local = svc("api", VIP, "8080", "  internalTrafficPolicy: Local\n");
+    let pods = local_pods();
+    assert_eq!(
+        backends(&build_on(Some("node-a"), &[&local, &pods]), VIP),
+        ["10.244.2.1", "10.244.2.3"]
+    );
+    assert_eq!(
+        backends(&build_on(Some("node-b"), &[&local, &pods]), VIP),
+        ["10.244.2.2"]
+    );
+    // Cluster (the default) on the same node: all of them.
+    let cluster = svc("api", VIP, "8080", "");
+    assert_eq!(
+        backends(&build_on(Some("node-b"), &[&cluster, &pods]), VIP).len(),
+        3
+    );
+}
+
+#[test]
+fn local_with_no_endpoint_on_this_node_compiles_to_a_table_that_refuses() {
+    let local = svc("api", VIP, "8080", "  internalTrafficPolicy: Local\n");
+    let c = build_on(Some("node-c"), &[&local, &local_pods()]);
+    let addr = ServiceAddr {
+        vip: VIP.parse().unwrap_or(IpAddr::from([0; 4])),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    // An entry (a miss would let the connect through to the bare VIP) whose
+    // every slot is "no backend": the kernel fails the connect at once.
+    let plan = c.services.get(&addr).expect("a table for the VIP");
+    assert!(!plan.slots.is_empty() && plan.slots.iter().all(Option::is_none));
+    assert!(plan.destinations.iter().all(|d| d.backends.is_empty()));
+    assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+}
+
+#[test]
+fn local_without_a_node_name_warns_on_the_field_and_serves_as_cluster() {
+    let local = svc("api", VIP, "8080", "  internalTrafficPolicy: Local\n");
+    let c = build_on(None, &[&local, &local_pods()]);
+    assert_eq!(backends(&c, VIP).len(), 3);
+    let w = warnings(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("Service prod/api") && w[0].contains("spec.internalTrafficPolicy"),
+        "{w:?}"
+    );
+}
+
+fn zoned_pods() -> String {
+    [
+        pod_on("api-a", "api", "10.244.2.1", "node-a", true, false),
+        pod_on("api-b", "api", "10.244.2.2", "node-b", true, false),
+    ]
+    .join("---\n")
+}
+
+#[test]
+fn prefer_close_from_pods_prefers_this_zone_by_the_nodes_labels() {
+    let close = svc("api", VIP, "8080", "  trafficDistribution: PreferClose\n");
+    let (pods, a, b) = (zoned_pods(), node("node-a", "z1"), node("node-b", "z2"));
+    // This node (node-c) is in z1, as node-a.
+    let z1 = node("node-c", "z1");
+    let c = build_on(Some("node-c"), &[&close, &pods, &a, &b, &z1]);
+    assert_eq!(backends(&c, VIP), ["10.244.2.1"]);
+    assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+    // A zone without endpoints: all of them.
+    let z3 = node("node-c", "z3");
+    let c = build_on(Some("node-c"), &[&close, &pods, &a, &b, &z3]);
+    assert_eq!(backends(&c, VIP).len(), 2);
+    // Without trafficDistribution no zone is preferred.
+    let plain = svc("api", VIP, "8080", "");
+    let c = build_on(Some("node-c"), &[&plain, &pods, &a, &b, &z1]);
+    assert_eq!(backends(&c, VIP).len(), 2);
+}
+
+#[test]
+fn prefer_close_with_a_pods_zone_unknown_warns_and_uses_every_endpoint() {
+    let close = svc("api", VIP, "8080", "  trafficDistribution: PreferClose\n");
+    let (a, z1) = (node("node-a", "z1"), node("node-c", "z1"));
+    let c = build_on(Some("node-c"), &[&close, &zoned_pods(), &a, &z1]);
+    assert_eq!(backends(&c, VIP).len(), 2);
+    let w = warnings(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("spec.trafficDistribution") && w[0].contains("node node-b"),
+        "{w:?}"
+    );
+}
+
+const HINTED_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: prod, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.244.2.1], nodeName: node-a, zone: z1, hints: {forZones: [{name: z1}]}}
+  - {addresses: [10.244.2.2], nodeName: node-b, zone: z2, hints: {forZones: [{name: z2}]}}
+  - {addresses: [10.244.2.3], nodeName: node-c, zone: z1, hints: {forZones: [{name: z1}]}}
+"#;
+
+#[test]
+fn slice_zone_hints_follow_this_nodes_zone() {
+    let close = svc("api", VIP, "8080", "  trafficDistribution: PreferClose\n");
+    let me = node("node-x", "z1");
+    let c = build_on(Some("node-x"), &[&close, HINTED_SLICE, &me]);
+    assert_eq!(backends(&c, VIP), ["10.244.2.1", "10.244.2.3"]);
+    assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+    // Partial hints: every endpoint.
+    let partial = HINTED_SLICE.replace(", hints: {forZones: [{name: z2}]}", "");
+    let c = build_on(Some("node-x"), &[&close, &partial, &me]);
+    assert_eq!(backends(&c, VIP).len(), 3);
+}
+
+#[test]
+fn slice_zone_hints_without_this_nodes_zone_warn_and_use_every_endpoint() {
+    let close = svc("api", VIP, "8080", "  trafficDistribution: PreferClose\n");
+    // No Node object for node-x.
+    let c = build_on(Some("node-x"), &[&close, HINTED_SLICE]);
+    assert_eq!(backends(&c, VIP).len(), 3);
+    let w = warnings(&c);
+    assert!(
+        w.len() == 1 && w[0].contains("spec.trafficDistribution") && w[0].contains("node-x"),
+        "{w:?}"
+    );
+    // No node name at all.
+    let c = build_on(None, &[&close, HINTED_SLICE]);
+    assert_eq!(backends(&c, VIP).len(), 3);
+    assert!(
+        warnings(&c)
+            .iter()
+            .any(|w| w.contains("spec.trafficDistribution") && w.contains("NODE_NAME")),
+        "{:?}",
+        warnings(&c)
+    );
+}
+
+#[test]
+fn unknown_policy_values_are_reported_by_field() {
+    let odd = svc(
+        "api",
+        VIP,
+        "8080",
+        "  internalTrafficPolicy: Nearby\n  trafficDistribution: PreferFar\n",
+    );
+    let c = build_on(Some("node-a"), &[&odd, &local_pods()]);
+    assert_eq!(backends(&c, VIP).len(), 3);
+    let w = warnings(&c);
+    assert!(
+        w.iter().any(|w| w.contains("spec.internalTrafficPolicy"))
+            && w.iter().any(|w| w.contains("spec.trafficDistribution")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn a_named_target_port_resolves_per_pod() {
+    let named = svc("api", VIP, "http", "");
+    let other_port = pod_on("api-1", "api", "10.244.2.2", "node-a", true, false)
+        .replace("containerPort: 8080", "containerPort: 9090");
+    let unnamed =
+        pod_on("api-2", "api", "10.244.2.3", "node-a", true, false).replace("name: http, ", "");
+    let pods = [
+        pod_on("api-0", "api", "10.244.2.1", "node-a", true, false),
+        other_port,
+        unnamed,
+    ]
+    .join("---\n");
+    let c = build(&[&named, &pods]);
+    let addr = ServiceAddr {
+        vip: VIP.parse().unwrap_or(IpAddr::from([0; 4])),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    let mut got: Vec<String> = c.services[&addr]
+        .slots
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    got.sort();
+    got.dedup();
+    // api-2 names no port `http`: no endpoint, as the controller leaves it out.
+    assert_eq!(got, ["10.244.2.1:8080", "10.244.2.2:9090"]);
+}
+
+#[test]
+fn slices_resolving_a_named_port_differently_keep_each_its_port() {
+    let slice = |name: &str, port: u16, ip: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: prod, labels: {{kubernetes.io/service-name: api}}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [{ip}]}}]\n"
+        )
+    };
+    let named = svc("api", VIP, "http", "");
+    let c = build(&[
+        &named,
+        &slice("api-1", 8080, "10.244.2.1"),
+        &slice("api-2", 9090, "10.244.2.2"),
+    ]);
+    let addr = ServiceAddr {
+        vip: VIP.parse().unwrap_or(IpAddr::from([0; 4])),
+        port: 80,
+        proto: Proto::Tcp,
+    };
+    let mut got: Vec<String> = c.services[&addr]
+        .slots
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    got.sort();
+    assert_eq!(got, ["10.244.2.1:8080", "10.244.2.2:9090"]);
+}
+
+#[test]
+fn a_subset_whose_pods_all_terminate_drains_to_them_while_the_other_is_ready() {
+    let versioned = |name: &str, version: &str, ip: &str, deleting: bool| {
+        pod_on(name, "web", ip, "node-a", true, deleting).replace(
+            "labels: {app: web}",
+            &format!("labels: {{app: web, version: {version}}}"),
+        )
+    };
+    let pods = [
+        versioned("web-v1-a", "v1", "10.244.1.1", false),
+        versioned("web-v2-a", "v2", "10.244.1.3", true),
+    ]
+    .join("---\n");
+    let c = build(&[BASE, &pods, &vs(SPLIT_80_20)]);
+    assert!(errors(&c).is_empty(), "{:?}", errors(&c));
+    // kube-proxy's rules apply within each subset: v2's share goes to its
+    // draining pod rather than failing.
+    let s = shares(&c, "10.96.1.1", 80);
+    assert_eq!(
+        (approx(&s, "10.244.1.1"), approx(&s, "10.244.1.3")),
+        (0.8, 0.2),
+        "{s:?}"
+    );
+    // Without the route, the Service as a whole has a ready pod: only it.
+    assert_eq!(
+        backends(&build(&[BASE, &pods]), "10.96.1.1"),
+        ["10.244.1.1"]
+    );
+}

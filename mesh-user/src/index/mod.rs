@@ -16,7 +16,7 @@ mod validate;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 
@@ -52,6 +52,9 @@ pub struct Index {
     /// Istio Gateways: checked by compile (a bad server is reported and skipped,
     /// the rest served), so no accepted version is kept.
     pub gateways: BTreeMap<NamespacedName, Entry<Gateway>>,
+    /// Nodes, by name (empty namespace), trimmed to name and labels: compile
+    /// reads this node's zone. The Kubernetes source watches only this node.
+    pub nodes: BTreeMap<NamespacedName, Entry<Node>>,
     /// Namespaces whose Services are meshed; `None`: all (the file source).
     pub mesh_namespaces: Option<BTreeSet<String>>,
     /// Objects whose newest version did not convert (their last good version, if
@@ -119,6 +122,7 @@ impl Index {
                 Entry { origin, object: *o },
             ),
             Resource::Gateway(o) => put(&mut self.gateways, key, Entry { origin, object: *o }),
+            Resource::Node(o) => put(&mut self.nodes, key, Entry { origin, object: *o }),
         }
     }
 
@@ -132,6 +136,7 @@ impl Index {
             Kind::VirtualService => self.virtual_services.remove(&key).is_some(),
             Kind::DestinationRule => self.destination_rules.remove(&key).is_some(),
             Kind::Gateway => self.gateways.remove(&key).is_some(),
+            Kind::Node => self.nodes.remove(&key).is_some(),
         }
     }
 
@@ -218,6 +223,7 @@ impl Index {
             .chain(refs(Kind::VirtualService, &self.virtual_services))
             .chain(refs(Kind::DestinationRule, &self.destination_rules))
             .chain(refs(Kind::Gateway, &self.gateways))
+            .chain(refs(Kind::Node, &self.nodes))
             .collect()
     }
 
@@ -279,7 +285,8 @@ impl Index {
             .any(|d| d.severity == crate::model::Severity::Error)
     }
 
-    /// Whether the index holds no object at all.
+    /// Whether the index holds no object at all (a Node alone configures
+    /// nothing, so Nodes are not counted).
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
             && self.pods.is_empty()
@@ -293,6 +300,11 @@ impl Index {
         self.destination_rules
             .values()
             .filter_map(|v| v.accepted.as_ref())
+    }
+
+    /// The Node called `name`, if the sources gave it.
+    pub fn node(&self, name: &str) -> Option<&Entry<Node>> {
+        self.nodes.get(&NamespacedName::new("", name))
     }
 
     /// Whether Services of `namespace` are meshed.

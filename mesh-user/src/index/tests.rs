@@ -189,3 +189,45 @@ fn namespaces_decide_what_is_meshed() {
     assert!(!index.apply_event(Event::Namespaces(BTreeSet::from(["prod".to_owned()]))));
     assert!(!index.apply_event(Event::Synced));
 }
+
+/// A Node `name` in `zone`, with a heartbeat at `beat` in its status.
+fn node(name: &str, zone: &str, beat: &str) -> Resource {
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": beat}]}
+    }))
+    .unwrap_or_default();
+    Resource::Node(Box::new(crate::model::node::trim(node)))
+}
+
+#[test]
+fn nodes_are_kept_by_name_and_a_heartbeat_changes_nothing() {
+    let mut index = Index::default();
+    let listed = |objects: Vec<Resource>| Event::Listed {
+        kind: Kind::Node,
+        objects: objects.into_iter().map(sourced).collect(),
+        invalid: Vec::new(),
+    };
+    assert!(index.apply_event(listed(vec![node("node-a", "z1", "2026-11-30T00:00:00Z")])));
+    assert!(!index.apply_event(Event::Applied(sourced(node(
+        "node-a",
+        "z1",
+        "2026-11-30T00:00:10Z"
+    )))));
+    let zone = |index: &Index| {
+        index
+            .node("node-a")
+            .and_then(|e| crate::model::node::zone(&e.object))
+            .map(str::to_owned)
+    };
+    assert_eq!(zone(&index).as_deref(), Some("z1"));
+    assert!(index.apply_event(Event::Applied(sourced(node(
+        "node-a",
+        "z2",
+        "2026-11-30T00:00:20Z"
+    )))));
+    assert_eq!(zone(&index).as_deref(), Some("z2"));
+    assert!(index.is_empty(), "a Node alone configures nothing");
+    assert!(index.apply_event(listed(Vec::new())));
+    assert_eq!(zone(&index), None);
+}

@@ -26,8 +26,13 @@ impl TryFrom<Document> for Resource {
     type Error = ConvertError;
 
     fn try_from(Document { kind, mut value }: Document) -> Result<Self, Self::Error> {
-        // Fill in the namespace as `kubectl apply` would, so every object has one.
-        if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        // Fill in the namespace as `kubectl apply` would, so every namespaced
+        // object has one.
+        if let Some(meta) = value
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .filter(|_| kind.is_namespaced())
+        {
             meta.entry("namespace")
                 .or_insert_with(|| Value::String(DEFAULT_NAMESPACE.to_owned()));
         }
@@ -49,6 +54,7 @@ impl TryFrom<Document> for Resource {
             Kind::VirtualService => Resource::VirtualService(typed(value)?),
             Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
             Kind::Gateway => Resource::Gateway(typed(value)?),
+            Kind::Node => Resource::Node(Box::new(super::node::trim(*typed(value)?))),
         })
     }
 }

@@ -8,11 +8,16 @@ pub mod diag;
 pub mod endpoints;
 pub mod host;
 pub mod istio;
+pub mod node;
+pub mod service;
 
 use std::{fmt, str::FromStr};
 
 use k8s_openapi::{
-    api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -29,6 +34,8 @@ pub enum Resource {
     VirtualService(Box<VirtualService>),
     DestinationRule(Box<DestinationRule>),
     Gateway(Box<Gateway>),
+    /// Trimmed to name and labels ([`node::trim`]): heartbeats change nothing.
+    Node(Box<Node>),
 }
 
 /// The kinds we watch.
@@ -40,16 +47,18 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     Gateway,
+    Node,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::Pod,
         Kind::EndpointSlice,
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
+        Kind::Node,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,7 +69,13 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::Gateway => "Gateway",
+            Kind::Node => "Node",
         }
+    }
+
+    /// Whether objects of this kind live in a namespace (a Node does not).
+    pub fn is_namespaced(self) -> bool {
+        self != Kind::Node
     }
 
     /// The kind named by a manifest's `apiVersion` and `kind`, if it is one we read.
@@ -71,6 +86,7 @@ impl Kind {
         match (group, kind) {
             ("", "Service") => Some(Kind::Service),
             ("", "Pod") => Some(Kind::Pod),
+            ("", "Node") => Some(Kind::Node),
             ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
             (istio::GROUP, "VirtualService") => Some(Kind::VirtualService),
             (istio::GROUP, "DestinationRule") => Some(Kind::DestinationRule),
@@ -177,9 +193,17 @@ impl ObjectRef {
         }
     }
 
-    /// The object `meta` describes; no namespace means `default`, as kubectl does.
+    /// The object `meta` describes; no namespace means `default`, as kubectl
+    /// does, and a cluster-scoped kind has none (empty).
     pub fn from_meta(kind: Kind, meta: &ObjectMeta) -> Self {
-        Self::new(kind, NamespacedName::from_meta(meta))
+        if kind.is_namespaced() {
+            Self::new(kind, NamespacedName::from_meta(meta))
+        } else {
+            Self::new(
+                kind,
+                NamespacedName::new("", meta.name.as_deref().unwrap_or_default()),
+            )
+        }
     }
 
     pub fn namespaced_name(&self) -> NamespacedName {
@@ -189,6 +213,9 @@ impl ObjectRef {
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() && !self.kind.is_namespaced() {
+            return write!(f, "{} {}", self.kind, self.name);
+        }
         write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
     }
 }
@@ -202,6 +229,7 @@ impl Resource {
             Resource::VirtualService(_) => Kind::VirtualService,
             Resource::DestinationRule(_) => Kind::DestinationRule,
             Resource::Gateway(_) => Kind::Gateway,
+            Resource::Node(_) => Kind::Node,
         }
     }
 
@@ -213,6 +241,7 @@ impl Resource {
             Resource::VirtualService(o) => &o.metadata,
             Resource::DestinationRule(o) => &o.metadata,
             Resource::Gateway(o) => &o.metadata,
+            Resource::Node(o) => &o.metadata,
         }
     }
 

@@ -20,7 +20,7 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Endpoints, Namespace, ObjectReference, Pod, Service},
+        core::v1::{Endpoints, Namespace, Node, ObjectReference, Pod, Service},
         discovery::v1::EndpointSlice,
         events::v1::Event as KubeEvent,
     },
@@ -54,6 +54,9 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// Label selector of the mesh's namespaces.
     pub namespace_selector: String,
+    /// This node: its Node alone is watched, for its zone (compile's
+    /// `Config::node_name` names the same). `None`: no Node is watched.
+    pub node_name: Option<String>,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
         Self {
             kubeconfig: None,
             namespace_selector: "istio-injection=enabled".to_owned(),
+            node_name: None,
         }
     }
 }
@@ -92,7 +96,7 @@ fn group_of(kind: Kind) -> &'static str {
     match kind {
         Kind::VirtualService | Kind::DestinationRule | Kind::Gateway => istio::GROUP,
         Kind::EndpointSlice => ENDPOINT_SLICE_GROUP,
-        Kind::Service | Kind::Pod => "",
+        Kind::Service | Kind::Pod | Kind::Node => "",
     }
 }
 
@@ -166,6 +170,9 @@ pub async fn start(
         watch_tx.clone(),
         options.namespace_selector.clone(),
     ));
+    if let Some(node) = &options.node_name {
+        tasks.spawn(watch_node(client.clone(), watch_tx.clone(), node.clone()));
+    }
     for kind in [Kind::VirtualService, Kind::DestinationRule, Kind::Gateway] {
         tasks.spawn(watch_istio(
             client.clone(),
@@ -175,7 +182,8 @@ pub async fn start(
         ));
     }
     drop(watch_tx);
-    tasks.spawn(forward(watch_rx, tx));
+    let gate = SyncGate::new(options.node_name.is_some());
+    tasks.spawn(forward(watch_rx, tx, gate));
     let instance = std::env::var("NODE_NAME")
         .ok()
         .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
@@ -192,8 +200,7 @@ pub async fn start(
 
 /// Passes the watchers' updates on, and says [`Event::Synced`] once each of them
 /// has listed once (nothing is written to the kernel before).
-async fn forward(mut from: mpsc::UnboundedReceiver<Update>, to: UpdateSender) {
-    let mut gate = SyncGate::default();
+async fn forward(mut from: mpsc::UnboundedReceiver<Update>, to: UpdateSender, mut gate: SyncGate) {
     while let Some(update) = from.recv().await {
         let synced = gate.pass(&update.event);
         if to.send(update).is_err() || (synced && to.send(Update::now(Event::Synced)).is_err()) {
@@ -208,19 +215,19 @@ struct SyncGate {
     waiting: BTreeSet<Watched>,
 }
 
-impl Default for SyncGate {
-    fn default() -> Self {
+impl SyncGate {
+    /// Waits for every kind; for Nodes only if this node's is watched.
+    fn new(node: bool) -> Self {
         Self {
             waiting: Kind::ALL
                 .into_iter()
+                .filter(|&k| node || k != Kind::Node)
                 .map(Watched::Kind)
                 .chain([Watched::Namespaces])
                 .collect(),
         }
     }
-}
 
-impl SyncGate {
     /// Whether `event` completed the initial lists (true once).
     fn pass(&mut self, event: &Event) -> bool {
         let was_waiting = !self.waiting.is_empty();
@@ -614,6 +621,34 @@ where
     }
 }
 
+/// This node's Node alone (`metadata.name` field selector), trimmed to its
+/// name and labels: its status heartbeats never reach the index.
+async fn watch_node(client: Client, tx: UpdateSender, name: String) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let convert = |o| {
+        Ok(sourced(Resource::Node(Box::new(crate::model::node::trim(
+            o,
+        )))))
+    };
+    let mut backoff = Backoff::default();
+    while watch_events(
+        Api::<Node>::all(client.clone()),
+        config.clone(),
+        &tx,
+        Kind::Node,
+        convert,
+        None,
+    )
+    .await
+        != Ended::Closed
+    {
+        // Core v1 is always served; a 404 here is a server in trouble.
+        let delay = backoff.delay();
+        warn!("v1 Node not served by the API server; retrying in {delay:?}");
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// EndpointSlices in the version the server prefers: `discovery.k8s.io/v1`
 /// (typed), else `v1beta1` (Kubernetes 1.17 to 1.20, whose controller writes
 /// only that; converted at the model's boundary, `topology` to `nodeName` and
@@ -813,7 +848,7 @@ mod tests {
 
     #[test]
     fn synced_once_every_kind_and_the_namespaces_are_listed() {
-        let mut gate = SyncGate::default();
+        let mut gate = SyncGate::new(true);
         for kind in Kind::ALL {
             assert!(!gate.pass(&listed(kind)), "{kind}");
         }
@@ -824,6 +859,15 @@ mod tests {
         assert!(gate.pass(&Event::Namespaces(BTreeSet::new())));
         // A relist later does not say it again.
         assert!(!gate.pass(&listed(Kind::Service)));
+    }
+
+    #[test]
+    fn without_a_node_name_no_node_list_is_awaited() {
+        let mut gate = SyncGate::new(false);
+        for kind in Kind::ALL.into_iter().filter(|&k| k != Kind::Node) {
+            assert!(!gate.pass(&listed(kind)), "{kind}");
+        }
+        assert!(gate.pass(&Event::Namespaces(BTreeSet::new())));
     }
 
     #[test]
