@@ -44,8 +44,9 @@ enum Command {
         /// Default: pods with --source kubernetes, cgroup with a folder.
         #[arg(long, env = "MESH_SCOPE", value_enum)]
         mesh_scope: Option<ScopeArg>,
-        /// This node's name, for --mesh-scope pods (the DaemonSet sets it from the
-        /// downward API).
+        /// This node's name (the DaemonSet sets it from the downward API): for
+        /// --mesh-scope pods, Services' `internalTrafficPolicy: Local`, and
+        /// topology preferences (the zone label of its Node).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// With --source kubernetes: a kubeconfig (else KUBECONFIG, ~/.kube/config, or in-cluster).
@@ -242,7 +243,7 @@ fn main() -> anyhow::Result<()> {
             let scope = match (mesh_scope, kubernetes) {
                 (Some(ScopeArg::Cgroup), _) | (None, false) => Scope::Cgroup,
                 (Some(ScopeArg::Pods), _) | (None, true) => Scope::Pods {
-                    node: node_name.context(
+                    node: node_name.clone().context(
                         "--mesh-scope pods needs this node's name: --node-name or NODE_NAME",
                     )?,
                 },
@@ -266,10 +267,13 @@ fn main() -> anyhow::Result<()> {
                 ),
                 path => Some(PathBuf::from(path)),
             };
-            let compile = compile.config()?;
+            let mut compile = compile.config()?;
+            // internalTrafficPolicy Local and zone preferences are decided per node.
+            compile.node_name.clone_from(&node_name);
             if let SourceSpec::Kubernetes(options) = &mut source {
                 options.kubeconfig = kubeconfig;
                 options.namespace_selector = namespace_selector;
+                options.node_name = node_name;
             }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

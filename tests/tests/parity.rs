@@ -1,0 +1,207 @@
+//! kube-proxy parity through the real kernel: which endpoints a meshed pod's
+//! connect to a Service VIP may reach, as kube-proxy would choose them
+//! (`internalTrafficPolicy`, terminating endpoints, `trafficDistribution` and
+//! topology hints), from EndpointSlices in the agent's folder, with the agent
+//! told its node (`--node-name node-a`).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Canary, TARGET_PORT, V1, V2, VIP4, VIP6, assert_share, vip4};
+
+const N: u64 = 1000;
+
+/// One endpoint of the flaskapp slice: pod, node, zone hint, and conditions
+/// (ready, serving, terminating).
+struct Ep {
+    pod: &'static str,
+    node: &'static str,
+    hint: Option<&'static str>,
+    conditions: (bool, bool, bool),
+}
+
+const READY: (bool, bool, bool) = (true, true, false);
+const TERMINATING: (bool, bool, bool) = (false, true, true);
+const GONE: (bool, bool, bool) = (false, false, true);
+
+fn ep(pod: &'static str, node: &'static str, conditions: (bool, bool, bool)) -> Ep {
+    Ep {
+        pod,
+        node,
+        hint: None,
+        conditions,
+    }
+}
+
+/// The flaskapp Service, with more `spec` lines (policies).
+fn service(extra: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: flaskapp, namespace: default}}
+spec:
+  clusterIP: {VIP4}
+  clusterIPs: [{VIP4}, {VIP6}]
+  selector: {{app: flaskapp}}
+  ports: [{{name: http, port: 80, targetPort: {TARGET_PORT}}}]
+{extra}"
+    )
+}
+
+/// The flaskapp Service's IPv4 EndpointSlice, as the EndpointSlice controller
+/// writes it.
+fn slice(canary: &Canary, endpoints: &[Ep]) -> String {
+    let mut out = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: flaskapp-x1
+  namespace: default
+  labels: {{kubernetes.io/service-name: flaskapp}}
+addressType: IPv4
+ports: [{{name: http, port: {TARGET_PORT}, protocol: TCP}}]
+endpoints:
+"
+    );
+    for e in endpoints {
+        let ip = canary
+            .pods
+            .iter()
+            .find(|p| p.0 == e.pod)
+            .and_then(|p| p.2.iter().find(|a| a.is_ipv4()))
+            .expect("a pod of the topology");
+        let (ready, serving, terminating) = e.conditions;
+        out.push_str(&format!(
+            "  - addresses: [\"{ip}\"]
+    nodeName: {node}
+    conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}
+    targetRef: {{kind: Pod, name: {pod}, namespace: default}}
+",
+            node = e.node,
+            pod = e.pod,
+        ));
+        if let Some(zone) = e.hint {
+            out.push_str(&format!("    hints: {{forZones: [{{name: {zone}}}]}}\n"));
+        }
+    }
+    out
+}
+
+/// This node's Node object, in zone `zone`.
+fn node_a(zone: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels: {{topology.kubernetes.io/zone: {zone}}}
+"
+    )
+}
+
+/// `N` connects from the client pod; the pods that answered.
+fn answered(canary: &Canary) -> anyhow::Result<(mesh_tools::probe::Summary, BTreeSet<String>)> {
+    let seen = canary.probe(&vip4(), N)?;
+    let pods = seen.backends.keys().cloned().collect();
+    Ok((seen, pods))
+}
+
+fn set(pods: &[&str]) -> BTreeSet<String> {
+    pods.iter().map(|p| (*p).to_owned()).collect()
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_to_this_nodes_endpoints_and_refuses_without_one()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start_flags(None, &["--node-name", "node-a"])?;
+    let two_nodes = [
+        ep(V1[0], "node-a", READY),
+        ep(V1[1], "node-a", READY),
+        ep(V1[2], "node-b", READY),
+        ep(V2, "node-b", READY),
+    ];
+    canary.write("slice.yaml", &slice(&canary, &two_nodes))?;
+    canary.write("service.yaml", &service("  internalTrafficPolicy: Local\n"))?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0], V1[1]]), "{seen:?}");
+    assert_share(seen.share(V1[0]), 0.5, N, "node-a's first endpoint");
+
+    // None of them on this node: refused at once, as kube-proxy drops.
+    let elsewhere = [ep(V1[2], "node-b", READY), ep(V2, "node-b", READY)];
+    canary.write("slice.yaml", &slice(&canary, &elsewhere))?;
+    let refused = canary.probe(&vip4(), 20)?;
+    assert_eq!(refused.errors.get("EHOSTUNREACH"), Some(&20), "{refused:?}");
+    assert!(refused.elapsed_ms < 2000, "refused at once: {refused:?}");
+
+    // Cluster (the default): every ready endpoint, wherever it runs.
+    canary.write("slice.yaml", &slice(&canary, &two_nodes))?;
+    canary.write("service.yaml", &service(""))?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0], V1[1], V1[2], V2]), "{seen:?}");
+    Ok(())
+}
+
+#[test]
+fn terminating_endpoints_serve_only_while_no_endpoint_is_ready() -> anyhow::Result<()> {
+    let mut canary = Canary::start_flags(None, &["--node-name", "node-a"])?;
+    let one_ready = [
+        ep(V1[0], "node-a", READY),
+        ep(V1[1], "node-a", TERMINATING),
+        ep(V1[2], "node-a", TERMINATING),
+        ep(V2, "node-a", GONE),
+    ];
+    canary.write("slice.yaml", &slice(&canary, &one_ready))?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0]]), "the ready one alone: {seen:?}");
+
+    // The ready one goes: the serving, terminating ones take over (not the
+    // one that stopped serving).
+    let none_ready = [
+        ep(V1[0], "node-a", GONE),
+        ep(V1[1], "node-a", TERMINATING),
+        ep(V1[2], "node-a", TERMINATING),
+        ep(V2, "node-a", GONE),
+    ];
+    canary.write("slice.yaml", &slice(&canary, &none_ready))?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[1], V1[2]]), "{seen:?}");
+    assert_share(seen.share(V1[1]), 0.5, N, "a terminating endpoint");
+    Ok(())
+}
+
+#[test]
+fn prefer_close_keeps_to_this_zone_and_takes_every_endpoint_when_it_has_none() -> anyhow::Result<()>
+{
+    let mut canary = Canary::start_flags(None, &["--node-name", "node-a"])?;
+    canary.write("node.yaml", &node_a("zone-1"))?;
+    let hinted = |pod, node, zone| Ep {
+        hint: Some(zone),
+        ..ep(pod, node, READY)
+    };
+    let zones = [
+        hinted(V1[0], "node-a", "zone-1"),
+        hinted(V1[1], "node-c", "zone-1"),
+        hinted(V1[2], "node-b", "zone-2"),
+        hinted(V2, "node-b", "zone-2"),
+    ];
+    canary.write("slice.yaml", &slice(&canary, &zones))?;
+    canary.write(
+        "service.yaml",
+        &service("  trafficDistribution: PreferClose\n"),
+    )?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0], V1[1]]), "zone-1's endpoints: {seen:?}");
+
+    // This node moves to a zone no endpoint is hinted for: all of them.
+    canary.write("node.yaml", &node_a("zone-3"))?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0], V1[1], V1[2], V2]), "{seen:?}");
+    Ok(())
+}
