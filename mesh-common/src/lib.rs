@@ -38,6 +38,13 @@ pub const MAX_SLOTS: u32 = 1 << 21;
 pub const MAX_BACKENDS: u32 = 262_144;
 /// Capacity of the reverse-translation LRU (socket cookie -> dialled VIP).
 pub const MAX_REVNAT: u32 = 262_144;
+/// Capacity of the session-affinity LRU (client namespace, service port) ->
+/// backend: 64 Ki clients x service ports; the least recently used go first
+/// (their next connect draws again).
+pub const MAX_AFFINITY: u32 = 65_536;
+/// Capacity of the affinity members (service port, backend) of services with
+/// session affinity.
+pub const MAX_AFFINITY_MATCH: u32 = 65_536;
 
 /// Capacity of the same-node socket map and its per-socket decisions: established
 /// mesh TCP sockets on the node, both ends of each connection.
@@ -92,13 +99,15 @@ pub mod map_names {
     pub const GATEWAY_CT: &str = "GATEWAY_CT_V1";
     pub const GATEWAY_STATS: &str = "GATEWAY_STATS_V1";
     pub const ROUTER_MARK: &str = "ROUTER_MARK_V1";
+    pub const AFFINITY: &str = "AFFINITY_V1";
+    pub const AFFINITY_MATCH: &str = "AFFINITY_MATCH_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -118,6 +127,8 @@ pub mod map_names {
         GATEWAY_CT,
         GATEWAY_STATS,
         ROUTER_MARK,
+        AFFINITY,
+        AFFINITY_MATCH,
     ];
 }
 
@@ -158,7 +169,10 @@ pub mod global_stat {
     /// Connects to a mesh service from a socket outside the mesh scope (a pod
     /// of an unlabelled namespace), left alone.
     pub const NOT_MESHED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Connects of a client sent to the backend it drew before
+    /// (`sessionAffinity: ClientIP`), without a draw.
+    pub const AFFINITY_KEPT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).
@@ -454,6 +468,70 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 /// the mesh hooks leave it alone, so a pod's own `localhost:80` is untouched.
 pub const SERVICE_FLAG_GATEWAY: u32 = 1;
 
+/// [`ServiceValue::flags`]: `sessionAffinity: ClientIP`. A client (a network
+/// namespace: one pod, or the node) keeps the backend it drew
+/// (`AFFINITY_V1`) while it stays a member of the service
+/// (`AFFINITY_MATCH_V1`) and the client was not idle longer than the
+/// service's timeout.
+pub const SERVICE_FLAG_AFFINITY: u32 = 2;
+
+/// Key of `AFFINITY_V1`: one client of one service port.
+///
+/// The client is its network namespace's cookie, not its address: at
+/// `connect()` the socket has no source address yet, and a pod's namespace is
+/// one address (as Cilium's socket load balancer does).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// `bpf_get_netns_cookie` of the connecting socket (host byte order).
+    pub netns: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of `AFFINITY_V1`: the backend a client drew and when it last
+/// connected. Written by `connect4/6` only (LRU: idle clients age out).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Affinity {
+    pub backend: Backend,
+    /// `bpf_ktime_get_ns` of the client's last connect to the service.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Affinity>() == 32);
+
+/// Key of `AFFINITY_MATCH_V1`: a backend that is a member of a service port
+/// with session affinity; the value is the service's timeout in seconds.
+/// Written by the agent only: a backend leaving the service is deleted after
+/// the table without it is live, so a client pinned to it draws again. By
+/// address, not backend id: ids are reused for other backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct AffinityMatch {
+    pub service_id: u32,
+    /// As [`Backend::addr`]: network byte order, IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+    /// As [`Backend::port`]: network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<AffinityMatch>() == 24);
+
+impl AffinityMatch {
+    /// `backend` as a member of service port `service_id`.
+    pub fn of(service_id: u32, backend: &Backend) -> Self {
+        Self {
+            service_id,
+            addr: backend.addr,
+            port: backend.port,
+            family: backend.family,
+            _pad: 0,
+        }
+    }
+}
+
 /// Key of `SLOTS_V1`: one slot of one revision of one service's table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
@@ -697,6 +775,9 @@ mod user {
     unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::GatewayFlow {}
     unsafe impl aya::Pod for super::GatewayNat {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::AffinityMatch {}
 }
 
 #[cfg(test)]

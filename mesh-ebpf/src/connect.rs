@@ -5,18 +5,19 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_set_retval,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst, SERVICE_FLAG_GATEWAY, ServiceKey, SlotKey,
-    V4_MAPPED_WORD, global_stat, is_v4_mapped,
+    Affinity, AffinityKey, AffinityMatch, Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst,
+    SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, ServiceKey, ServiceValue, SlotKey, V4_MAPPED_WORD,
+    global_stat, is_v4_mapped,
 };
 
 use crate::{
     ctx::{read_ip6, write_ip6},
-    maps::{AGENT_CGROUP, GATEWAY_NETNS, REVNAT, SERVICES, SLOTS},
+    maps::{AFFINITY, AFFINITY_MATCH, AGENT_CGROUP, GATEWAY_NETNS, REVNAT, SERVICES, SLOTS},
     scope,
     stats::{bump, bump_backend, bump_service},
 };
@@ -183,8 +184,17 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             bump_service(svc.service_id);
             return Verdict::NoBackend;
         }
-        // SAFETY: helper without preconditions.
-        let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
+        let mut affinity = (svc.flags & SERVICE_FLAG_AFFINITY != 0).then(|| Client::of(ctx, &svc));
+        if let Some(backend) = affinity.as_mut().and_then(Client::backend) {
+            bump_service(svc.service_id);
+            return Verdict::To(backend);
+        }
+        let draw = match &affinity {
+            Some(client) => client.draw(&svc),
+            // SAFETY: helper without preconditions.
+            None => unsafe { bpf_get_prandom_u32() },
+        };
+        let slot = draw % svc.slot_count;
         let slot_key = SlotKey {
             service_id: svc.service_id,
             revision: svc.revision,
@@ -196,12 +206,93 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             if backend.family == FAMILY_NONE {
                 return Verdict::NoBackend;
             }
+            if let Some(client) = &affinity {
+                client.remember(backend);
+            }
             return Verdict::To(backend);
         }
         bump(global_stat::TABLE_RETRY);
     }
     // Two misses in a row: never send a mesh connect to the bare VIP.
     Verdict::NoBackend
+}
+
+/// A client of a service with session affinity: its network namespace (one
+/// pod, or the node) and the time of this connect.
+struct Client {
+    key: AffinityKey,
+    now: u64,
+    /// `last_used_ns` of an entry that no longer holds (idle too long,
+    /// backend gone); 0 for none.
+    stale: u64,
+}
+
+impl Client {
+    #[inline(always)]
+    fn of(ctx: &SockAddrContext, svc: &ServiceValue) -> Self {
+        Client {
+            key: AffinityKey {
+                // SAFETY: the helper accepts a sock_addr context.
+                netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+                service_id: svc.service_id,
+                _pad: 0,
+            },
+            // SAFETY: helper without preconditions.
+            now: unsafe { bpf_ktime_get_ns() },
+            stale: 0,
+        }
+    }
+
+    /// The backend this client drew before, if it is still a member of the
+    /// service and the client was not idle longer than the service's timeout
+    /// (kube-proxy's rule: the timeout runs from the last connection).
+    #[inline(always)]
+    fn backend(&mut self) -> Option<Backend> {
+        let entry = AFFINITY.get_ptr_mut(self.key)?;
+        // SAFETY: a live LRU element; another CPU may write `last_used_ns` at
+        // once, which only moves the deadline.
+        let entry = unsafe { &mut *entry };
+        self.stale = entry.last_used_ns;
+        let member = AffinityMatch::of(self.key.service_id, &entry.backend);
+        // SAFETY: a plain lookup; the value is copied.
+        let timeout_s = unsafe { AFFINITY_MATCH.get(member) }.copied()?;
+        if self.now.saturating_sub(entry.last_used_ns) > u64::from(timeout_s) * 1_000_000_000 {
+            return None;
+        }
+        entry.last_used_ns = self.now;
+        bump(global_stat::AFFINITY_KEPT);
+        Some(entry.backend)
+    }
+
+    /// The draw of a client with no backend that holds: a hash of the client,
+    /// the table and the entry that no longer holds, not a random number, so
+    /// connects of one client racing on several CPUs draw the same slot (each
+    /// records the same backend). Uniform over clients, so weights hold across
+    /// them; a new draw after a timeout (another `last_used_ns`) is a fresh one.
+    #[inline(always)]
+    fn draw(&self, svc: &ServiceValue) -> u32 {
+        let table = (u64::from(svc.service_id) << 32) | u64::from(svc.revision);
+        let mut h = self.key.netns ^ table.rotate_left(17) ^ self.stale.rotate_left(41);
+        // murmur3's 64-bit finalizer: every input bit moves every output bit.
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^= h >> 33;
+        h as u32
+    }
+
+    /// Records the backend this client just drew (racing connects of the
+    /// client drew the same one). A full LRU evicts the least recent client,
+    /// whose next connect draws.
+    #[inline(always)]
+    fn remember(&self, backend: Backend) {
+        let value = Affinity {
+            backend,
+            last_used_ns: self.now,
+        };
+        let _ = AFFINITY.insert(self.key, value, 0);
+    }
 }
 
 /// Whether the connecting socket is one this hook translates: in the mesh scope

@@ -6,10 +6,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    Backend, BackendStats, ConnKey, EndpointKey, GatewayFlow, GatewayNat, GatewayVip, MAX_BACKENDS,
-    MAX_GATEWAY_CT, MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_REDIRECT_EXCLUDED,
-    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope, OrigDst, ServiceKey,
-    ServiceValue, SlotKey, SockConn, SockKey, gateway_stat, global_stat, sock_stat,
+    Affinity, AffinityKey, AffinityMatch, Backend, BackendStats, ConnKey, EndpointKey, GatewayFlow,
+    GatewayNat, GatewayVip, MAX_AFFINITY, MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_GATEWAY_CT,
+    MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope, OrigDst, ServiceKey, ServiceValue,
+    SlotKey, SockConn, SockKey, gateway_stat, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -30,6 +31,20 @@ pub static SLOTS: HashMap<SlotKey, Backend> =
 /// reader: `getpeername4/6`. LRU: entries of closed sockets age out.
 #[map(name = "REVNAT_V1")]
 pub static REVNAT: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_REVNAT, 0);
+
+/// (client network namespace, service id) -> the backend it drew and when it
+/// last connected: `sessionAffinity: ClientIP`. Writer: `connect4/6` (LRU:
+/// idle clients age out; the agent never writes it).
+#[map(name = "AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+
+/// (service id, backend id) -> the service's affinity timeout in seconds, for
+/// each backend of each service with session affinity. Writer: agent. A
+/// client's affinity holds only while its backend is here.
+#[map(name = "AFFINITY_MATCH_V1")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatch, u32> =
+    HashMap::with_max_entries(MAX_AFFINITY_MATCH, BPF_F_NO_PREALLOC);
 
 /// Backend id -> per-CPU counters. The agent creates (zeroed) entries; the kernel
 /// only increments existing ones.

@@ -585,6 +585,7 @@ fn log_counters(connections: &Connections, redirect: &SockStats) {
         peer_rewritten_by_variant = g.peer_rewritten_by_variant,
         agent_bypassed = g.agent_bypassed,
         not_meshed = g.not_meshed,
+        affinity_kept = g.affinity_kept,
         "connect counters"
     );
     let r = redirect.read();

@@ -6,9 +6,10 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use common::{Canary, TARGET_PORT, V1, V2, VIP4, VIP6, assert_share, vip4};
+use mesh_tools::probe::{self, Summary};
 
 const N: u64 = 1000;
 
@@ -101,7 +102,7 @@ metadata:
 }
 
 /// `N` connects from the client pod; the pods that answered.
-fn answered(canary: &Canary) -> anyhow::Result<(mesh_tools::probe::Summary, BTreeSet<String>)> {
+fn answered(canary: &Canary) -> anyhow::Result<(Summary, BTreeSet<String>)> {
     let seen = canary.probe(&vip4(), N)?;
     let pods = seen.backends.keys().cloned().collect();
     Ok((seen, pods))
@@ -203,5 +204,82 @@ fn prefer_close_keeps_to_this_zone_and_takes_every_endpoint_when_it_has_none() -
     let (seen, pods) = answered(&canary)?;
     assert_eq!(seen.failed(), 0, "{seen:?}");
     assert_eq!(pods, set(&[V1[0], V1[1], V1[2], V2]), "{seen:?}");
+    Ok(())
+}
+
+/// `sessionAffinity: ClientIP` with this timeout.
+fn sticky(timeout_s: u32) -> String {
+    service(&format!(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout_s}}}}}\n"
+    ))
+}
+
+/// `count` connects from pod `pod`, meshed; the pods that answered.
+fn from(canary: &Canary, pod: &str, count: u64) -> anyhow::Result<Summary> {
+    let seen = probe::probe(
+        &canary.node.pod(pod).ns,
+        Some(&canary.cgroup),
+        &vip4(),
+        count,
+        4,
+    )?;
+    anyhow::ensure!(seen.failed() == 0, "{pod}: {seen:?}");
+    Ok(seen)
+}
+
+#[test]
+fn session_affinity_keeps_each_client_on_one_backend_until_it_idles_past_the_timeout()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.node.add_pod("client-b", 3)?;
+    canary.node.add_pod("client-c", 4)?;
+    canary.write("service.yaml", &sticky(1))?;
+    let mut pinned = BTreeSet::new();
+    for client in ["client", "client-b", "client-c"] {
+        let seen = from(&canary, client, N)?;
+        assert_eq!(
+            seen.backends.len(),
+            1,
+            "{client} kept one backend: {seen:?}"
+        );
+        pinned.extend(seen.backends.into_keys());
+    }
+    eprintln!("three clients pinned to {pinned:?}");
+
+    // Idle longer than the timeout between connects: each draws anew, so ten
+    // of them reach more than one backend (all on one: 1 in 262 144).
+    let mut drawn = BTreeSet::new();
+    for _ in 0..10 {
+        drawn.extend(from(&canary, "client", 1)?.backends.into_keys());
+        std::thread::sleep(Duration::from_millis(1300));
+    }
+    assert!(drawn.len() > 1, "drew {drawn:?} after idling past 1 s");
+
+    // Without affinity (the Service edited back): one client spreads at once.
+    canary.write("service.yaml", &service(""))?;
+    let seen = from(&canary, "client", N)?;
+    assert_eq!(seen.backends.len(), 4, "{seen:?}");
+    Ok(())
+}
+
+#[test]
+fn a_client_pinned_to_a_backend_that_leaves_moves_at_once_and_stays_moved() -> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.write("service.yaml", &sticky(3600))?;
+    let explained = canary.agent.cli(&["explain", &vip4()])?;
+    assert!(
+        explained.contains("session affinity ClientIP: a client (pod) keeps its backend while it stays, until idle 3600 s"),
+        "{explained}"
+    );
+    let seen = from(&canary, "client", 200)?;
+    let first = seen.backends.keys().next().cloned().unwrap_or_default();
+    assert_eq!(seen.backends.len(), 1, "{seen:?}");
+    canary.set_ready(&first, false)?;
+    let seen = from(&canary, "client", 200)?;
+    assert_eq!(seen.backends.len(), 1, "pinned anew: {seen:?}");
+    assert!(
+        !seen.backends.contains_key(&first),
+        "{first} left: {seen:?}"
+    );
     Ok(())
 }

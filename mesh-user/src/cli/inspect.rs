@@ -236,6 +236,15 @@ pub struct ServiceDump {
     /// A gateway port on a node address: the gateway's port, as recorded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<record::GatewayRecord>,
+    /// Session affinity in the kernel (`ClientIP`), with the recorded timeout.
+    pub affinity: Option<Affinity>,
+}
+
+/// A service port's session affinity, as the kernel holds it.
+#[derive(Debug, Serialize)]
+pub struct Affinity {
+    /// Seconds a client may idle and keep its backend (`None`: not recorded).
+    pub timeout_s: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -397,6 +406,11 @@ pub fn dump(
             slot_count: table.value.slot_count,
             destinations,
             gateway,
+            affinity: (table.value.flags & mesh_common::SERVICE_FLAG_AFFINITY != 0).then(|| {
+                Affinity {
+                    timeout_s: label.and_then(|l| l.affinity_timeout_s),
+                }
+            }),
         });
     }
     Ok(out)
@@ -413,8 +427,20 @@ pub fn print_dump(services: &[ServiceDump]) {
             s.slot_count,
             s.revision
         );
+        print_affinity(s);
         print_destinations(s);
         print_gateway(s);
+    }
+}
+
+fn print_affinity(s: &ServiceDump) {
+    if let Some(a) = &s.affinity {
+        let timeout = a
+            .timeout_s
+            .map_or_else(|| "a timeout not recorded".to_owned(), |t| format!("{t} s"));
+        println!(
+            "    session affinity ClientIP: a client (pod) keeps its backend while it stays, until idle {timeout}"
+        );
     }
 }
 
@@ -485,6 +511,7 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
         } else {
             println!("{target}/{} is service {}.", s.proto, service_name(s));
         }
+        print_affinity(s);
         println!("route: {}", s.route);
         let total: u64 = s.destinations.iter().filter_map(|d| d.weight).sum();
         if s.destinations.len() > 1 {

@@ -68,6 +68,16 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
         if vips.is_empty() {
             continue; // headless or ExternalName: nothing to translate
         }
+        let affinity = match crate::model::service::session_affinity(&entry.object) {
+            Ok(affinity) => affinity,
+            Err(e) => {
+                let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
+                out.diagnostics.push(
+                    Diagnostic::warning(&me, e.field(), e.to_string()).with_origin(&entry.origin),
+                );
+                None
+            }
+        };
         let fqdn = Fqdn::of_service(name, domain);
         let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
         let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
@@ -168,6 +178,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                             })
                             .collect(),
                         gateway: false,
+                        affinity_timeout_s: affinity,
                     },
                 );
             }

@@ -92,16 +92,22 @@ pub struct ServicePlan {
     /// A gateway port on a node address: translated only for sockets of the
     /// node's own network namespace, by the gateway's programs.
     pub gateway: bool,
+    /// `sessionAffinity: ClientIP`: a client keeps its backend until idle this
+    /// many seconds (or the backend leaves).
+    pub affinity_timeout_s: Option<u32>,
 }
 
 impl ServicePlan {
     /// `ServiceValue::flags` of this table.
     pub fn flags(&self) -> u32 {
+        let mut flags = 0;
         if self.gateway {
-            mesh_common::SERVICE_FLAG_GATEWAY
-        } else {
-            0
+            flags |= mesh_common::SERVICE_FLAG_GATEWAY;
         }
+        if self.affinity_timeout_s.is_some() {
+            flags |= mesh_common::SERVICE_FLAG_AFFINITY;
+        }
+        flags
     }
 }
 

@@ -216,6 +216,8 @@ pub struct ConnectCounts {
     pub peer_rewritten_by_variant: u64,
     pub agent_bypassed: u64,
     pub not_meshed: u64,
+    /// Connects sent to the backend their client drew before (session affinity).
+    pub affinity_kept: u64,
 }
 
 /// Reader of `SERVICE_STATS_V1`, `BACKEND_STATS_V1` and `GLOBAL_STATS_V1` (its
@@ -266,6 +268,7 @@ impl Connections {
             peer_rewritten_by_variant: at(g::PEER_REWRITTEN_BY_VARIANT),
             agent_bypassed: at(g::AGENT_BYPASSED),
             not_meshed: at(g::NOT_MESHED),
+            affinity_kept: at(g::AFFINITY_KEPT),
         }
     }
 

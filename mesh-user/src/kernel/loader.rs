@@ -202,7 +202,7 @@ pub struct MapCapacities(pub std::collections::BTreeMap<&'static str, u32>);
 
 /// The maps whose capacity can be set: the hash maps (arrays are indexed by
 /// counter, the socket map and the others by what the kernel holds).
-pub const SIZABLE_MAPS: [&str; 8] = [
+pub const SIZABLE_MAPS: [&str; 10] = [
     map_names::SERVICES,
     map_names::SLOTS,
     map_names::REVNAT,
@@ -211,6 +211,8 @@ pub const SIZABLE_MAPS: [&str; 8] = [
     map_names::SOCKETS,
     map_names::SOCK_CONN,
     map_names::REDIRECT_EXCLUDED,
+    map_names::AFFINITY,
+    map_names::AFFINITY_MATCH,
 ];
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -349,6 +351,10 @@ pub fn load(
         redirect_excluded: Box::new(take::<HashMap<_, _, _>>(
             &mut ebpf,
             map_names::REDIRECT_EXCLUDED,
+        )?),
+        affinity_match: Box::new(take::<HashMap<_, _, _>>(
+            &mut ebpf,
+            map_names::AFFINITY_MATCH,
         )?),
     };
     let sock_stats = SockStats::new(

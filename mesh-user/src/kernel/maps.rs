@@ -4,7 +4,9 @@
 //! unchanged.
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
-use mesh_common::{Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey};
+use mesh_common::{
+    AffinityMatch, Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey,
+};
 
 /// A hash map of the kernel's, as apply uses it.
 pub trait KernelMap<K, V> {
@@ -24,13 +26,36 @@ pub fn sync_set<T: Ord + Copy, K>(
     desired: &std::collections::BTreeSet<T>,
     key: impl Fn(T) -> K,
 ) -> Vec<(T, MapError)> {
+    let zero = |set: &std::collections::BTreeSet<T>| set.iter().map(|t| (*t, 0)).collect();
+    let mut held = zero(current);
+    let failed = sync_map(map, &mut held, &zero(desired), key);
+    *current = held.into_keys().collect();
+    failed
+}
+
+/// The same for a map whose values matter: writes what is new or changed,
+/// removes what is no longer desired.
+pub fn sync_map<T: Ord + Copy, K>(
+    map: &mut dyn KernelMap<K, u32>,
+    current: &mut std::collections::BTreeMap<T, u32>,
+    desired: &std::collections::BTreeMap<T, u32>,
+    key: impl Fn(T) -> K,
+) -> Vec<(T, MapError)> {
     let mut failed = Vec::new();
-    let add: Vec<T> = desired.difference(current).copied().collect();
-    let remove: Vec<T> = current.difference(desired).copied().collect();
-    for member in add {
-        match map.insert(key(member), 0) {
+    let write: Vec<(T, u32)> = desired
+        .iter()
+        .filter(|(t, v)| current.get(t) != Some(v))
+        .map(|(t, v)| (*t, *v))
+        .collect();
+    let remove: Vec<T> = current
+        .keys()
+        .filter(|t| !desired.contains_key(t))
+        .copied()
+        .collect();
+    for (member, value) in write {
+        match map.insert(key(member), value) {
             Ok(()) => {
-                current.insert(member);
+                current.insert(member, value);
             }
             Err(e) => failed.push((member, e)),
         }
@@ -75,6 +100,8 @@ pub struct Maps {
     pub service_stats: Box<dyn CounterMap + Send + Sync>,
     pub backend_stats: Box<dyn CounterMap + Send + Sync>,
     pub redirect_excluded: Box<dyn KernelMap<EndpointKey, u32> + Send + Sync>,
+    /// Members of services with session affinity -> their timeout.
+    pub affinity_match: Box<dyn KernelMap<AffinityMatch, u32> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -280,6 +307,7 @@ pub mod fake {
         pub service_stats: FakeMap<u32, u64>,
         pub backend_stats: FakeMap<u32, u64>,
         pub redirect_excluded: FakeMap<EndpointKey, u32>,
+        pub affinity_match: FakeMap<AffinityMatch, u32>,
     }
 
     impl FakeMaps {
@@ -296,6 +324,7 @@ pub mod fake {
                 service_stats: FakeMap::with_capacity(services),
                 backend_stats: FakeMap::with_capacity(backends),
                 redirect_excluded: FakeMap::with_capacity(64),
+                affinity_match: FakeMap::with_capacity(backends),
             }
         }
 
@@ -313,6 +342,7 @@ pub mod fake {
                 service_stats: Box::new(self.service_stats.clone()),
                 backend_stats: Box::new(self.backend_stats.clone()),
                 redirect_excluded: Box::new(self.redirect_excluded.clone()),
+                affinity_match: Box::new(self.affinity_match.clone()),
             }
         }
     }

@@ -83,6 +83,9 @@ pub struct ServiceRecord {
     /// What decided the table, as `explain` prints it.
     pub route: String,
     pub destinations: Vec<DestinationPlan>,
+    /// `sessionAffinity: ClientIP`'s timeout, in seconds.
+    #[serde(default)]
+    pub affinity_timeout_s: Option<u32>,
 }
 
 impl AgentRecord {
@@ -94,6 +97,7 @@ impl AgentRecord {
                 service: plan.service.clone(),
                 route: plan.route.to_string(),
                 destinations: plan.destinations.clone(),
+                affinity_timeout_s: plan.affinity_timeout_s,
             })
             .collect()
     }

@@ -39,6 +39,10 @@ pub enum PolicyError {
     InternalTrafficPolicy(String),
     #[error("unknown value {0:?} (PreferClose, PreferSameZone or PreferSameNode): ignored")]
     TrafficDistribution(String),
+    #[error("unknown value {0:?} (None or ClientIP): no session affinity")]
+    SessionAffinity(String),
+    #[error("{0} is not a timeout of 1 to 86400 seconds: no session affinity")]
+    AffinityTimeout(i32),
 }
 
 impl PolicyError {
@@ -47,6 +51,8 @@ impl PolicyError {
         match self {
             PolicyError::InternalTrafficPolicy(_) => "spec.internalTrafficPolicy",
             PolicyError::TrafficDistribution(_) => "spec.trafficDistribution",
+            PolicyError::SessionAffinity(_) => "spec.sessionAffinity",
+            PolicyError::AffinityTimeout(_) => "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
         }
     }
 }
@@ -82,6 +88,37 @@ impl TrafficPolicy {
             publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         };
         (policy, errors)
+    }
+}
+
+/// `sessionAffinity: ClientIP`'s timeout when Kubernetes gives none (3 h).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The longest timeout Kubernetes accepts (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// `spec.sessionAffinity`: `Some(timeout in seconds)` for `ClientIP`. A value
+/// the API server would refuse means no affinity, returned to be reported.
+pub fn session_affinity(service: &Service) -> Result<Option<u32>, PolicyError> {
+    let Some(spec) = &service.spec else {
+        return Ok(None);
+    };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => return Ok(None),
+        Some("ClientIP") => {}
+        Some(other) => return Err(PolicyError::SessionAffinity(other.to_owned())),
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+        Some(t) => u32::try_from(t)
+            .ok()
+            .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(t))
+            .map(Some)
+            .ok_or(PolicyError::AffinityTimeout(t)),
     }
 }
 
@@ -128,5 +165,35 @@ mod tests {
             fields,
             ["spec.internalTrafficPolicy", "spec.trafficDistribution"]
         );
+    }
+
+    #[test]
+    fn session_affinity_reads_client_ip_with_kubernetes_default_and_bounds() {
+        let affinity = |spec| session_affinity(&service(spec));
+        assert_eq!(affinity(serde_json::json!({})), Ok(None));
+        assert_eq!(
+            affinity(serde_json::json!({"sessionAffinity": "None"})),
+            Ok(None)
+        );
+        assert_eq!(
+            affinity(serde_json::json!({"sessionAffinity": "ClientIP"})),
+            Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S))
+        );
+        assert_eq!(
+            affinity(serde_json::json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}})),
+            Ok(Some(5))
+        );
+        for bad in [0, -1, 86_401] {
+            let err = affinity(serde_json::json!({"sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}}))
+            .expect_err("out of range");
+            assert_eq!(
+                err.field(),
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+            );
+        }
+        let err = affinity(serde_json::json!({"sessionAffinity": "Cookie"})).expect_err("unknown");
+        assert_eq!(err.field(), "spec.sessionAffinity");
     }
 }

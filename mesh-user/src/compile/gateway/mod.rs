@@ -404,6 +404,7 @@ pub fn service_plans(
                     slots: slots::build(&groups, max_slots),
                     destinations,
                     gateway: true,
+                    affinity_timeout_s: None,
                 },
             );
         }

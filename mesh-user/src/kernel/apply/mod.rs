@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::MapError;
-use mesh_common::{Backend, FAMILY_NONE, ServiceValue, SlotKey};
+use mesh_common::{AffinityMatch, Backend, FAMILY_NONE, ServiceValue, SlotKey};
 use tracing::warn;
 
 mod ids;
@@ -39,6 +39,15 @@ pub enum ApplyError {
     Write {
         service: NamespacedName,
         addr: ServiceAddr,
+        source: Box<MapError>,
+    },
+    #[error(
+        "service {service} ({addr}): session affinity to {backend}: writing the kernel map failed: {source}"
+    )]
+    Affinity {
+        service: NamespacedName,
+        addr: ServiceAddr,
+        backend: BackendAddr,
         source: Box<MapError>,
     },
     #[error("redirect exclusion of {endpoint}: writing the kernel map failed: {source}")]
@@ -103,7 +112,9 @@ impl ApplyError {
     /// A short, stable reason for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            ApplyError::Write { .. } | ApplyError::Exclusion { .. } => "map_write",
+            ApplyError::Write { .. }
+            | ApplyError::Exclusion { .. }
+            | ApplyError::Affinity { .. } => "map_write",
             ApplyError::SlotsFull { .. } => "slots_full",
             ApplyError::BackendsFull { .. } => "backends_full",
             ApplyError::ServicesFull { .. } => "services_full",
@@ -188,6 +199,9 @@ pub struct Applier {
     backend_pool: IdPool,
     /// What `REDIRECT_EXCLUDED_V1` holds.
     excluded: BTreeSet<BackendAddr>,
+    /// What `AFFINITY_MATCH_V1` holds: members of services with session
+    /// affinity, and their timeouts.
+    affinity: BTreeMap<AffinityMatch, u32>,
 }
 
 impl Applier {
@@ -202,6 +216,7 @@ impl Applier {
             backend_ids: BTreeMap::new(),
             backend_pool: IdPool::new(capacity.backends),
             excluded: BTreeSet::new(),
+            affinity: BTreeMap::new(),
         }
     }
 
@@ -251,8 +266,50 @@ impl Applier {
                 Err(e) => report.errors.push(e),
             }
         }
+        report.errors.extend(self.sync_affinity(desired));
         self.collect_garbage(now);
         report
+    }
+
+    /// Makes `AFFINITY_MATCH_V1` hold the backends of the live tables of the
+    /// services with session affinity. After the flips: a backend that left is
+    /// removed once no live table holds it, so a client pinned to it draws
+    /// again; a new one counts from its first connect.
+    fn sync_affinity(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>) -> Vec<ApplyError> {
+        let mut want: BTreeMap<AffinityMatch, u32> = BTreeMap::new();
+        let mut whose: BTreeMap<AffinityMatch, (ServiceAddr, NamespacedName, BackendAddr)> =
+            BTreeMap::new();
+        for (addr, plan) in desired {
+            let (Some(timeout), Some(live)) = (plan.affinity_timeout_s, self.live.get(addr)) else {
+                continue;
+            };
+            for backend in live.slots.iter().flatten() {
+                let member = AffinityMatch::of(live.service_id, &backend_value(*backend, 0));
+                want.insert(member, timeout);
+                whose.insert(member, (*addr, plan.service.clone(), *backend));
+            }
+        }
+        super::maps::sync_map(
+            &mut *self.maps.affinity_match,
+            &mut self.affinity,
+            &want,
+            |m| m,
+        )
+        .into_iter()
+        .filter_map(|(member, source)| {
+            // A removal that failed names no live service; logged only.
+            let Some((addr, service, backend)) = whose.remove(&member) else {
+                warn!(?member, "cannot remove a session-affinity member: {source}");
+                return None;
+            };
+            Some(ApplyError::Affinity {
+                service,
+                addr,
+                backend,
+                source: Box::new(source),
+            })
+        })
+        .collect()
     }
 
     fn write_service(
@@ -641,6 +698,14 @@ impl Applier {
             .keys()
             .iter()
             .filter_map(endpoint_addr)
+            .collect();
+        // The next apply keeps what still holds and removes the rest.
+        self.affinity = self
+            .maps
+            .affinity_match
+            .keys()
+            .into_iter()
+            .filter_map(|k| Some((k, self.maps.affinity_match.get(&k)?)))
             .collect();
         adopted
     }

@@ -47,6 +47,7 @@ fn plan(name: &str, backends: &[u8]) -> ServicePlan {
             .collect(),
         destinations: Vec::new(),
         gateway: false,
+        affinity_timeout_s: None,
     }
 }
 
@@ -556,4 +557,78 @@ fn tables_held_from_the_start_stay_until_the_source_can_say_what_replaces_them()
     // A table this agent wrote itself is never held.
     let report = restarted.apply(&desired(&[("10.96.0.1", plan("a", &[1]))]), hold, t0);
     assert_eq!((report.held, report.written), (0, 1));
+}
+
+#[test]
+fn session_affinity_members_follow_the_live_table_and_the_timeout_needs_no_rewrite() {
+    let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    let sticky = |backends: &[u8], timeout| ServicePlan {
+        affinity_timeout_s: Some(timeout),
+        ..plan("web", backends)
+    };
+    // (service id, last address byte) -> timeout, as the kernel map holds them.
+    let members = || -> BTreeMap<(u32, u8), u32> {
+        maps.affinity_match
+            .state()
+            .entries
+            .iter()
+            .map(|(k, t)| ((k.service_id, u32::from_be(k.addr[0]).to_be_bytes()[3]), *t))
+            .collect()
+    };
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", sticky(&[1, 2], 60))]),
+        Hold::NONE,
+        t0,
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let (value, _) = live(&maps, "10.96.0.1");
+    assert_eq!(
+        value.flags & mesh_common::SERVICE_FLAG_AFFINITY,
+        mesh_common::SERVICE_FLAG_AFFINITY
+    );
+    let id = value.service_id;
+    assert_eq!(members(), BTreeMap::from([((id, 1), 60), ((id, 2), 60)]));
+
+    // Another timeout: the members' values change, the table is not rewritten.
+    let report = applier.apply(
+        &desired(&[("10.96.0.1", sticky(&[1, 2], 5))]),
+        Hold::NONE,
+        t0,
+    );
+    assert_eq!((report.written, report.unchanged), (0, 1));
+    assert_eq!(members(), BTreeMap::from([((id, 1), 5), ((id, 2), 5)]));
+
+    // A backend leaves: it is no member any more (its clients draw again).
+    applier.apply(&desired(&[("10.96.0.1", sticky(&[2], 5))]), Hold::NONE, t0);
+    assert_eq!(members(), BTreeMap::from([((id, 2), 5)]));
+
+    // Affinity off, then the service gone: nothing left.
+    applier.apply(
+        &desired(&[("10.96.0.1", plan("web", &[2]))]),
+        Hold::NONE,
+        t0,
+    );
+    assert_eq!(members(), BTreeMap::new());
+    assert_eq!(live(&maps, "10.96.0.1").0.flags, 0);
+    applier.apply(&desired(&[("10.96.0.1", sticky(&[2], 5))]), Hold::NONE, t0);
+    applier.apply(&BTreeMap::new(), Hold::NONE, t0);
+    assert_eq!(members(), BTreeMap::new());
+}
+
+#[test]
+fn a_restarted_applier_adopts_affinity_members_and_drops_the_stale_ones() {
+    let maps = FakeMaps::new(16, 64);
+    let t0 = Instant::now();
+    let sticky = |backends: &[u8]| ServicePlan {
+        affinity_timeout_s: Some(30),
+        ..plan("web", backends)
+    };
+    Applier::new(maps.maps()).apply(&desired(&[("10.96.0.1", sticky(&[1, 2]))]), Hold::NONE, t0);
+    let mut next = Applier::new(maps.maps());
+    next.adopt(t0);
+    let report = next.apply(&desired(&[("10.96.0.1", sticky(&[1]))]), Hold::NONE, t0);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.affinity_match.state().entries.len(), 1);
 }
