@@ -4,6 +4,7 @@
 pub mod endpoints;
 pub mod gateway;
 mod plan;
+mod policy;
 pub mod redirect;
 pub mod routes;
 pub mod scope;
@@ -183,6 +184,9 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 );
             }
         }
+    }
+    for dr in index.destination_rules() {
+        out.diagnostics.extend(policy::unhonoured(dr));
     }
     out.gateways = gateway::compile(index, config, &mut out.diagnostics);
     out.redirect_excluded = redirect::excluded_endpoints(index, &mut out.diagnostics);
