@@ -475,6 +475,13 @@ pub const SERVICE_FLAG_GATEWAY: u32 = 1;
 /// service's timeout.
 pub const SERVICE_FLAG_AFFINITY: u32 = 2;
 
+/// [`ServiceValue::flags`]: DestinationRule `consistentHash.useSourceIp`. The
+/// slot is a hash of the client, not a random draw, over a weighted Maglev
+/// table: one client keeps its backend, and a backend added or removed moves
+/// about its own share of clients. The client is the socket's bound source
+/// address if it has one, else its network namespace (a pod).
+pub const SERVICE_FLAG_HASH_CLIENT: u32 = 4;
+
 /// Key of `AFFINITY_V1`: one client of one service port.
 ///
 /// The client is its network namespace's cookie, not its address: at

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst,
-    SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, ServiceKey, ServiceValue, SlotKey, V4_MAPPED_WORD,
-    global_stat, is_v4_mapped,
+    SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT, ServiceKey,
+    ServiceValue, SlotKey, V4_MAPPED_WORD, global_stat, is_v4_mapped,
 };
 
 use crate::{
@@ -191,6 +191,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
         }
         let draw = match &affinity {
             Some(client) => client.draw(&svc),
+            None if svc.flags & SERVICE_FLAG_HASH_CLIENT != 0 => mix(client_id(ctx)) as u32,
             // SAFETY: helper without preconditions.
             None => unsafe { bpf_get_prandom_u32() },
         };
@@ -272,14 +273,7 @@ impl Client {
     #[inline(always)]
     fn draw(&self, svc: &ServiceValue) -> u32 {
         let table = (u64::from(svc.service_id) << 32) | u64::from(svc.revision);
-        let mut h = self.key.netns ^ table.rotate_left(17) ^ self.stale.rotate_left(41);
-        // murmur3's 64-bit finalizer: every input bit moves every output bit.
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^= h >> 33;
-        h as u32
+        mix(self.key.netns ^ table.rotate_left(17) ^ self.stale.rotate_left(41)) as u32
     }
 
     /// Records the backend this client just drew (racing connects of the
@@ -293,6 +287,45 @@ impl Client {
         };
         let _ = AFFINITY.insert(self.key, value, 0);
     }
+}
+
+/// murmur3's 64-bit finalizer: every input bit moves every output bit.
+#[inline(always)]
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Who the client of a consistent-hash service is: the socket's bound source
+/// address (an application that binds, or many addresses of one pod), else
+/// its network namespace (a pod has one address; at `connect()` an unbound
+/// socket has none yet).
+#[inline(always)]
+fn client_id(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: in connect4/6 `sk` is the kernel's full socket of the call;
+    // `family` and the source fields are readable fields of `bpf_sock`.
+    let (family, v4, v6) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        (
+            core::ptr::read_volatile(&(*sk).family),
+            core::ptr::read_volatile(&(*sk).src_ip4),
+            read_ip6(&raw const (*sk).src_ip6),
+        )
+    };
+    let bound = if family == 2 {
+        u64::from(v4)
+    } else {
+        (u64::from(v6[0]) << 32 | u64::from(v6[1]))
+            ^ (u64::from(v6[2]) << 32 | u64::from(v6[3])).rotate_left(29)
+    };
+    if bound != 0 {
+        return bound;
+    }
+    // SAFETY: the helper accepts a sock_addr context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
 /// Whether the connecting socket is one this hook translates: in the mesh scope

@@ -283,3 +283,146 @@ fn a_client_pinned_to_a_backend_that_leaves_moves_at_once_and_stays_moved() -> a
     );
     Ok(())
 }
+
+/// The first of the client pod's extra addresses (`CLIENTS` of them).
+const FIRST_CLIENT: &str = "fd00:10:244::1:0";
+const CLIENTS: u32 = 1000;
+
+/// The canary's DestinationRule, hashing the client's address.
+const HASHED: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: flaskapp, namespace: default}
+spec:
+  host: flaskapp
+  trafficPolicy:
+    loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 16381}}}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+";
+
+/// `CLIENTS` more addresses on the client pod's interface. Each backend pod
+/// knows them as neighbours for good: found by solicitation, 1 000 clients x
+/// 4 backends would overflow the kernel's neighbour table (1 024 entries for
+/// all namespaces; permanent entries are not counted), and connects would
+/// time out for a reason that is not ours.
+fn add_client_addresses(canary: &Canary) -> anyhow::Result<()> {
+    let first: std::net::Ipv6Addr = FIRST_CLIENT.parse()?;
+    let addresses: Vec<std::net::Ipv6Addr> = (0..CLIENTS)
+        .map(|i| std::net::Ipv6Addr::from(u128::from(first) + u128::from(i)))
+        .collect();
+    let client = &canary.node.pod("client").ns;
+    let batch = |name: &str, line: &dyn Fn(&std::net::Ipv6Addr) -> String| {
+        let file = canary.dir.path().join(name);
+        std::fs::write(&file, addresses.iter().map(line).collect::<String>())?;
+        anyhow::Ok(file.display().to_string())
+    };
+    let adds = batch("addresses.batch", &|a| {
+        format!("address add {a}/64 dev eth0 nodad\n")
+    })?;
+    client.ip(&["-6", "-batch", &adds])?;
+    let link: serde_json::Value =
+        serde_json::from_str(&client.ip(&["-j", "link", "show", "eth0"])?)?;
+    let mac = link[0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no MAC for the client's eth0: {link}"))?
+        .to_owned();
+    let neighbours = batch("neighbours.batch", &|a| {
+        format!("neigh replace {a} lladdr {mac} dev eth0 nud permanent\n")
+    })?;
+    for pod in V1.iter().chain([&V2]) {
+        canary.node.pod(pod).ns.ip(&["-6", "-batch", &neighbours])?;
+    }
+    Ok(())
+}
+
+/// Two connects from each of the client pod's `CLIENTS` addresses to the
+/// IPv6 VIP: each address's pod (it must reach one only).
+fn by_client(canary: &Canary) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let sources = format!("{FIRST_CLIENT}+{CLIENTS}");
+    let seen = probe::finish(probe::spawn(
+        &canary.node.pod("client").ns,
+        Some(&canary.cgroup),
+        &[
+            "--target",
+            &common::vip6(),
+            "--count",
+            &(2 * CLIENTS).to_string(),
+            "--concurrency",
+            "4",
+            "--sources",
+            &sources,
+        ]
+        .map(str::to_owned),
+    )?)?;
+    anyhow::ensure!(
+        seen.failed() == 0 && seen.by_source.len() == CLIENTS as usize,
+        "{} clients answered; failures {:?}, pods {:?}",
+        seen.by_source.len(),
+        seen.errors,
+        seen.backends
+    );
+    seen.by_source
+        .into_iter()
+        .map(|(client, pods)| {
+            anyhow::ensure!(pods.len() == 1, "{client} reached {pods:?}");
+            let pod = pods.into_keys().next().unwrap_or_default();
+            Ok((client, pod))
+        })
+        .collect()
+}
+
+fn share(map: &std::collections::BTreeMap<String, String>, prefix: &str) -> f64 {
+    map.values().filter(|p| p.starts_with(prefix)).count() as f64 / map.len().max(1) as f64
+}
+
+#[test]
+fn consistent_hash_keeps_each_client_address_and_a_backend_removed_moves_only_its_clients()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    add_client_addresses(&canary)?;
+    canary.write("destinationrule.yaml", HASHED)?;
+    let explained = canary.agent.cli(&["explain", &common::vip6()])?;
+    assert!(
+        explained.contains("consistent hash of the client") && explained.contains("16381 slots"),
+        "{explained}"
+    );
+
+    // Each address keeps one pod; the addresses spread evenly over the four.
+    let before = by_client(&canary)?;
+    for pod in V1.iter().chain([&V2]) {
+        assert_share(share(&before, pod), 0.25, u64::from(CLIENTS), pod);
+    }
+
+    // One of four backends goes: its clients move, about no other does.
+    canary.set_ready(V1[0], false)?;
+    let after = by_client(&canary)?;
+    let moved: Vec<&String> = before
+        .keys()
+        .filter(|c| before.get(*c) != after.get(*c))
+        .collect();
+    let others = moved.iter().filter(|c| before[**c] != V1[0]).count();
+    eprintln!(
+        "backend {} removed: {} of {CLIENTS} clients moved, {others} of them not its own",
+        V1[0],
+        moved.len()
+    );
+    assert!(
+        moved.len() as f64 <= f64::from(CLIENTS) * (0.25 + 0.02),
+        "{} moved",
+        moved.len()
+    );
+    assert!(after.values().all(|p| p != V1[0]), "{after:?}");
+
+    // Weights hold across clients: 80/20 by subset.
+    canary.set_ready(V1[0], true)?;
+    canary.set_weights(80, 20)?;
+    let weighted = by_client(&canary)?;
+    assert_share(
+        share(&weighted, V2),
+        0.20,
+        u64::from(CLIENTS),
+        "v2 at 80/20",
+    );
+    Ok(())
+}

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     process::Child,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -32,6 +32,9 @@ pub struct Summary {
     /// Set on the periodic lines of `--interval-ms`; the last line is the total.
     #[serde(default)]
     pub interval: bool,
+    /// With [`Plan::sources`]: answers per source address, per pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_source: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl Summary {
@@ -61,6 +64,45 @@ impl Summary {
                 *map.entry(k.clone()).or_default() += v;
             }
         }
+        for (source, pods) in &other.by_source {
+            let mine = self.by_source.entry(source.clone()).or_default();
+            for (pod, n) in pods {
+                *mine.entry(pod.clone()).or_default() += n;
+            }
+        }
+    }
+}
+
+/// `n` client addresses from `first` on: connection `i` binds to the
+/// `i % n`-th (addresses the client's interface holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sources {
+    pub first: IpAddr,
+    pub n: u32,
+}
+
+impl Sources {
+    fn nth(&self, i: u64) -> IpAddr {
+        let k = (i % u64::from(self.n.max(1))) as u32;
+        match self.first {
+            IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(k).into()),
+            IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(u128::from(k)).into()),
+        }
+    }
+}
+
+impl std::str::FromStr for Sources {
+    type Err = anyhow::Error;
+
+    /// `FIRST+N`, e.g. `fd00:10:244::1:0+1000`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (first, n) = s
+            .rsplit_once('+')
+            .context("expected FIRST+N, e.g. fd00:10:244::1:0+1000")?;
+        Ok(Self {
+            first: first.parse()?,
+            n: n.parse()?,
+        })
     }
 }
 
@@ -76,6 +118,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// Print a summary of each interval (the demo's live view).
     pub interval: Option<Duration>,
+    /// Bind each connection to one of these addresses first.
+    pub sources: Option<Sources>,
 }
 
 /// One request on a connected `stream` to `target`, and the whole answer (the
@@ -95,9 +139,28 @@ pub fn exchange(
 }
 
 /// One connection: connect, request, read the answer.
-fn one(target: SocketAddr, timeout: Duration, into: &mut Summary) {
+/// A connection from `source` (bound first), or from wherever the kernel picks.
+fn connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(&target, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&target.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn one(target: SocketAddr, source: Option<IpAddr>, timeout: Duration, into: &mut Summary) {
     let result = (|| -> std::io::Result<(String, String)> {
-        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+        let mut stream = connect(target, source, timeout)?;
         let peer = stream.peer_addr()?.to_string();
         let answer = exchange(&mut stream, target, timeout)?;
         Ok((peer, answer))
@@ -112,6 +175,14 @@ fn one(target: SocketAddr, timeout: Duration, into: &mut Summary) {
                 into.ok += 1;
                 *into.backends.entry(pod.to_owned()).or_default() += 1;
                 *into.peers.entry(peer).or_default() += 1;
+                if let Some(source) = source {
+                    *into
+                        .by_source
+                        .entry(source.to_string())
+                        .or_default()
+                        .entry(pod.to_owned())
+                        .or_default() += 1;
+                }
             }
             None => *into.errors.entry("bad-response".to_owned()).or_default() += 1,
         },
@@ -136,16 +207,16 @@ pub fn run(plan: &Plan, mut on_interval: impl FnMut(&Summary)) -> Summary {
             std::thread::spawn(move || {
                 let mut total = Summary::default();
                 loop {
-                    if let Some(count) = plan.count
-                        && issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= count
-                    {
+                    let i = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if plan.count.is_some_and(|count| i >= count) {
                         break;
                     }
                     if plan.duration.is_some_and(|d| started.elapsed() >= d) {
                         break;
                     }
                     let mut one_result = Summary::default();
-                    one(plan.target, plan.timeout, &mut one_result);
+                    let source = plan.sources.map(|s| s.nth(i));
+                    one(plan.target, source, plan.timeout, &mut one_result);
                     total.merge(&one_result);
                     if let Ok(mut w) = window.lock() {
                         w.merge(&one_result);

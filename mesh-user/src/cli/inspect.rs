@@ -238,6 +238,9 @@ pub struct ServiceDump {
     pub gateway: Option<record::GatewayRecord>,
     /// Session affinity in the kernel (`ClientIP`), with the recorded timeout.
     pub affinity: Option<Affinity>,
+    /// The slot is a hash of the client over a Maglev table (DestinationRule
+    /// `consistentHash.useSourceIp`).
+    pub hash_client: bool,
 }
 
 /// A service port's session affinity, as the kernel holds it.
@@ -406,6 +409,7 @@ pub fn dump(
             slot_count: table.value.slot_count,
             destinations,
             gateway,
+            hash_client: table.value.flags & mesh_common::SERVICE_FLAG_HASH_CLIENT != 0,
             affinity: (table.value.flags & mesh_common::SERVICE_FLAG_AFFINITY != 0).then(|| {
                 Affinity {
                     timeout_s: label.and_then(|l| l.affinity_timeout_s),
@@ -433,7 +437,14 @@ pub fn print_dump(services: &[ServiceDump]) {
     }
 }
 
+/// How a connect picks its slot, when it is not a random draw.
 fn print_affinity(s: &ServiceDump) {
+    if s.hash_client {
+        println!(
+            "    consistent hash of the client (DestinationRule consistentHash.useSourceIp): a weighted Maglev table of {} slots; a client (its bound address, else its pod) keeps its backend",
+            s.slot_count
+        );
+    }
     if let Some(a) = &s.affinity {
         let timeout = a
             .timeout_s

@@ -80,6 +80,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
             }
         };
         let fqdn = Fqdn::of_service(name, domain);
+        let rule = index.destination_rule_for(&fqdn, domain);
         let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
         let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
         for port in spec.ports.iter().flatten() {
@@ -136,6 +137,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                     )],
                 ),
             };
+            let hash = rule.and_then(|dr| policy::client_hash(&dr.object, number));
             for vip in &vips {
                 if undecided && proto == Proto::Tcp {
                     out.undecided.insert(ServiceAddr {
@@ -159,6 +161,27 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                             .collect(),
                     })
                     .collect();
+                let destinations: Vec<DestinationPlan> = groups
+                    .iter()
+                    .zip(&family_groups)
+                    .map(|((name, _), g)| DestinationPlan {
+                        name: name.clone(),
+                        weight: g.weight,
+                        backends: g.members.clone(),
+                    })
+                    .collect();
+                let slots = match hash {
+                    // A destination with no endpoint has no slot here: its
+                    // share goes to the others (a hash cannot refuse a share).
+                    Some(h) => {
+                        let weighted = gateway::maglev::weighted(&destinations, vip.is_ipv4());
+                        gateway::maglev::build(&weighted, h.table_size)
+                            .into_iter()
+                            .map(Some)
+                            .collect()
+                    }
+                    None => slots::build(&family_groups, config.max_slots),
+                };
                 out.services.insert(
                     ServiceAddr {
                         vip: *vip,
@@ -168,18 +191,11 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                     ServicePlan {
                         service: name.clone(),
                         route: route.clone(),
-                        slots: slots::build(&family_groups, config.max_slots),
-                        destinations: groups
-                            .iter()
-                            .zip(&family_groups)
-                            .map(|((name, _), g)| DestinationPlan {
-                                name: name.clone(),
-                                weight: g.weight,
-                                backends: g.members.clone(),
-                            })
-                            .collect(),
+                        slots,
+                        destinations,
                         gateway: false,
                         affinity_timeout_s: affinity,
+                        hash_client: hash.is_some(),
                     },
                 );
             }

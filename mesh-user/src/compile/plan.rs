@@ -95,6 +95,9 @@ pub struct ServicePlan {
     /// `sessionAffinity: ClientIP`: a client keeps its backend until idle this
     /// many seconds (or the backend leaves).
     pub affinity_timeout_s: Option<u32>,
+    /// DestinationRule `consistentHash.useSourceIp`: `slots` is a weighted
+    /// Maglev table indexed by a hash of the client.
+    pub hash_client: bool,
 }
 
 impl ServicePlan {
@@ -106,6 +109,9 @@ impl ServicePlan {
         }
         if self.affinity_timeout_s.is_some() {
             flags |= mesh_common::SERVICE_FLAG_AFFINITY;
+        }
+        if self.hash_client {
+            flags |= mesh_common::SERVICE_FLAG_HASH_CLIENT;
         }
         flags
     }

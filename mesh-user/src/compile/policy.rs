@@ -7,19 +7,65 @@
 //! random per connection: a strict rotation would need a per-service cursor
 //! written on every connect, and over many connections it converges to the
 //! same shares (Envoy's own round robin is weighted and per proxy, not global).
+//! And `loadBalancer.consistentHash.useSourceIp` (with `maglev.tableSize`) at
+//! the rule's or a port's level: one weighted Maglev table per service port,
+//! indexed by a hash of the client ([`client_hash`]). Not per subset: the
+//! port's one table mixes the route's subsets.
 
 use serde_json::Value;
 
+use super::gateway::maglev;
 use crate::{
     index::Entry,
     model::{DestinationRule, Diagnostic, Kind, ObjectRef},
 };
 
-/// What is not honoured, and why.
+/// `consistentHash.useSourceIp`: the Maglev table size to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientHash {
+    pub table_size: u32,
+}
+
+/// The consistent hash `dr` asks for on service port `port`: its
+/// `portLevelSettings` for that port first, else the rule's own policy.
+pub fn client_hash(dr: &DestinationRule, port: u16) -> Option<ClientHash> {
+    let policy = dr.spec.other.get("trafficPolicy")?;
+    let for_port = policy
+        .get("portLevelSettings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|p| p.pointer("/port/number").and_then(Value::as_u64) == Some(u64::from(port)));
+    let lb = match for_port {
+        Some(settings) => settings.get("loadBalancer")?,
+        None => policy.get("loadBalancer")?,
+    };
+    let hash = lb.get("consistentHash")?;
+    if hash.get("useSourceIp").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    let table_size = hash
+        .pointer("/maglev/tableSize")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| maglev::PRIMES.contains(n))
+        .unwrap_or(maglev::DEFAULT_SIZE);
+    Some(ClientHash { table_size })
+}
+
+/// What is not honoured, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Unhonoured {
     /// A load balancer other than weighted random.
     Balancer,
+    /// A `simple` load balancer other than weighted random: its value.
+    Simple(String),
+    /// A consistent hash on something else than the client's address.
+    HashKey,
+    /// A Maglev table size we do not build.
+    TableSize,
+    /// A consistent hash on a subset: the port's one table mixes subsets.
+    SubsetHash,
     /// Pools, outlier detection, TLS...: not in this data plane yet.
     NotYet,
     /// TLS settings: the data plane does not terminate or originate TLS.
@@ -29,11 +75,25 @@ enum Unhonoured {
 }
 
 impl Unhonoured {
-    fn message(self, what: &str) -> String {
+    fn message(&self, what: &str) -> String {
         match self {
+            Unhonoured::Simple(value) => format!(
+                "{what} {value} is not honoured yet: connections are balanced by weight, at random"
+            ),
             Unhonoured::Balancer => {
                 format!("{what} is not honoured yet: connections are balanced by weight, at random")
             }
+            Unhonoured::HashKey => format!(
+                "{what}: only useSourceIp is honoured; connections are balanced by weight, at random"
+            ),
+            Unhonoured::TableSize => format!(
+                "{what}: not one of the table sizes built ({sizes:?}): {default} slots",
+                sizes = maglev::PRIMES,
+                default = maglev::DEFAULT_SIZE
+            ),
+            Unhonoured::SubsetHash => format!(
+                "{what} per subset is not honoured: a service port has one table for all its subsets; set it on the rule or its port"
+            ),
             Unhonoured::NotYet => format!("{what} is not honoured yet: ignored"),
             Unhonoured::Tls => {
                 format!(
@@ -51,14 +111,14 @@ pub fn unhonoured(dr: &Entry<DestinationRule>) -> Vec<Diagnostic> {
     let me = ObjectRef::from_meta(Kind::DestinationRule, &dr.object.metadata);
     let mut found = Vec::new();
     if let Some(policy) = dr.object.spec.other.get("trafficPolicy") {
-        walk_policy(policy, "spec.trafficPolicy", true, &mut found);
+        walk_policy(policy, "spec.trafficPolicy", Level::Rule, &mut found);
     }
     for (i, subset) in dr.object.spec.subsets.iter().enumerate() {
         if let Some(policy) = subset.other.get("trafficPolicy") {
             walk_policy(
                 policy,
                 &format!("spec.subsets[{i}].trafficPolicy"),
-                true,
+                Level::Subset,
                 &mut found,
             );
         }
@@ -72,24 +132,35 @@ pub fn unhonoured(dr: &Entry<DestinationRule>) -> Vec<Diagnostic> {
         .collect()
 }
 
-/// One policy object at `at`; `ports`: whether `portLevelSettings` may appear
-/// (not inside a port's own settings).
-fn walk_policy(policy: &Value, at: &str, ports: bool, found: &mut Vec<(String, Unhonoured)>) {
+/// Where a policy object is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Rule,
+    Port,
+    Subset,
+}
+
+/// One policy object at `at`.
+fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, Unhonoured)>) {
     let Some(fields) = policy.as_object() else {
         return;
     };
     for (key, value) in fields {
         let field = format!("{at}.{key}");
         match key.as_str() {
-            "loadBalancer" => load_balancer(value, &field, found),
-            "portLevelSettings" if ports => {
+            "loadBalancer" => load_balancer(value, &field, level, found),
+            "portLevelSettings" if level != Level::Port => {
                 for (j, port) in value.as_array().into_iter().flatten().enumerate() {
                     let at = format!("{field}[{j}]");
                     let mut settings = port.clone();
                     if let Some(o) = settings.as_object_mut() {
                         o.remove("port");
                     }
-                    walk_policy(&settings, &at, false, found);
+                    let level = match level {
+                        Level::Subset => Level::Subset,
+                        _ => Level::Port,
+                    };
+                    walk_policy(&settings, &at, level, found);
                 }
             }
             "connectionPool" | "outlierDetection" | "proxyProtocol" | "tunnel" => {
@@ -101,19 +172,50 @@ fn walk_policy(policy: &Value, at: &str, ports: bool, found: &mut Vec<(String, U
     }
 }
 
-fn load_balancer(lb: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
+fn load_balancer(lb: &Value, at: &str, level: Level, found: &mut Vec<(String, Unhonoured)>) {
     let Some(fields) = lb.as_object() else {
         return;
     };
     for (key, value) in fields {
         let field = format!("{at}.{key}");
-        let honoured = key == "simple"
-            && matches!(
-                value.as_str(),
-                Some("RANDOM" | "ROUND_ROBIN" | "UNSPECIFIED")
-            );
-        if !honoured {
-            found.push((field, Unhonoured::Balancer));
+        match key.as_str() {
+            "simple"
+                if matches!(
+                    value.as_str(),
+                    Some("RANDOM" | "ROUND_ROBIN" | "UNSPECIFIED")
+                ) => {}
+            "consistentHash" if level == Level::Subset => {
+                found.push((field, Unhonoured::SubsetHash));
+            }
+            "consistentHash" => consistent_hash(value, &field, found),
+            "simple" => {
+                let value = value.as_str().unwrap_or("?").to_owned();
+                found.push((field, Unhonoured::Simple(value)));
+            }
+            _ => found.push((field, Unhonoured::Balancer)),
+        }
+    }
+}
+
+/// `consistentHash`: `useSourceIp: true` with `maglev.tableSize` honoured.
+fn consistent_hash(hash: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
+    if hash.get("useSourceIp").and_then(Value::as_bool) != Some(true) {
+        found.push((at.to_owned(), Unhonoured::HashKey));
+        return;
+    }
+    for (key, value) in hash.as_object().into_iter().flatten() {
+        let field = format!("{at}.{key}");
+        match key.as_str() {
+            "useSourceIp" => {}
+            "maglev" => {
+                let size = value.get("tableSize").and_then(Value::as_u64);
+                let listed = size
+                    .is_none_or(|n| u32::try_from(n).is_ok_and(|n| maglev::PRIMES.contains(&n)));
+                if !listed {
+                    found.push((format!("{field}.tableSize"), Unhonoured::TableSize));
+                }
+            }
+            _ => found.push((field, Unhonoured::HashKey)),
         }
     }
 }
@@ -157,7 +259,7 @@ spec:
 spec:
   host: web
   trafficPolicy:
-    loadBalancer: {consistentHash: {useSourceIp: true}}
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
     connectionPool: {tcp: {maxConnections: 10}}
     portLevelSettings:
       - port: {number: 80}
@@ -183,11 +285,49 @@ spec:
         );
         let messages: Vec<String> = fields(&dr).into_iter().map(|(_, m)| m).collect();
         assert!(
-            messages[1].contains(
-                "consistentHash is not honoured yet: connections are balanced by weight, at random"
-            ),
+            messages[1].contains("consistentHash: only useSourceIp is honoured"),
             "{messages:?}"
         );
         assert!(messages[4].contains("unknown field speed"), "{messages:?}");
+        assert_eq!(
+            messages[2],
+            "simple LEAST_REQUEST is not honoured yet: connections are balanced by weight, at random"
+        );
+    }
+
+    #[test]
+    fn a_source_ip_hash_is_honoured_on_the_rule_or_its_port_and_reported_per_subset() {
+        let dr = rule(
+            "metadata: {name: web, namespace: prod}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {consistentHash: {useSourceIp: true}}
+    portLevelSettings:
+      - port: {number: 8080}
+        loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65521}}}
+      - port: {number: 9090}
+        loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 1000}}}
+      - port: {number: 7070}
+        loadBalancer: {simple: RANDOM}
+  subsets:
+    - name: v1
+      labels: {version: v1}
+      trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+",
+        );
+        let at = |port| client_hash(&dr.object, port).map(|h| h.table_size);
+        assert_eq!(at(80), Some(maglev::DEFAULT_SIZE));
+        assert_eq!(at(8080), Some(65521));
+        assert_eq!(at(9090), Some(maglev::DEFAULT_SIZE));
+        assert_eq!(at(7070), None);
+        let got: Vec<String> = fields(&dr).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            got,
+            [
+                "spec.trafficPolicy.portLevelSettings[1].loadBalancer.consistentHash.maglev.tableSize",
+                "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
+            ]
+        );
     }
 }

@@ -30,6 +30,9 @@ struct Args {
     /// With --hold: report the peers again once this file exists.
     #[arg(long)]
     until: Option<std::path::PathBuf>,
+    /// Bind connection i to the (i mod N)-th address from FIRST: FIRST+N.
+    #[arg(long)]
+    sources: Option<mesh_tools::probe::Sources>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         timeout: Duration::from_millis(args.timeout_ms),
         interval: args.interval_ms.map(Duration::from_millis),
+        sources: args.sources,
     };
     if plan.count.is_none() && plan.duration.is_none() {
         anyhow::bail!("give --count or --duration-ms");

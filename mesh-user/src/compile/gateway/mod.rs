@@ -405,6 +405,7 @@ pub fn service_plans(
                     destinations,
                     gateway: true,
                     affinity_timeout_s: None,
+                    hash_client: false,
                 },
             );
         }

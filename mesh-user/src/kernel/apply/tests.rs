@@ -48,6 +48,7 @@ fn plan(name: &str, backends: &[u8]) -> ServicePlan {
         destinations: Vec::new(),
         gateway: false,
         affinity_timeout_s: None,
+        hash_client: false,
     }
 }
 
