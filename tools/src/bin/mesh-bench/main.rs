@@ -9,10 +9,12 @@
 //! - [`report`]: medians and quantiles, the tables, the method
 //! - [`mod@gateway`]: the gateway for the node's own clients (kernel path,
 //!   router path) against direct, an iptables NodePort and HAProxy
+//! - [`mod@policies`]: the per-connect cost of each load-balancing policy
 //! - [`mod@agent_costs`]: the agent's own compile, apply, memory and propagation
 
 mod agent_costs;
 mod gateway;
+mod policies;
 mod report;
 mod services;
 mod variants;
@@ -29,6 +31,7 @@ use clap::Parser;
 use crate::{
     agent_costs::agent_costs,
     gateway::gateway,
+    policies::policies,
     report::{header, method, tables},
     variants::Topology,
 };
@@ -54,6 +57,8 @@ struct Args {
 enum Section {
     /// The gateway: direct, kernel path, router path, iptables NodePort, HAProxy.
     Gateway,
+    /// Load-balancing policies: the connect program's cost per call.
+    Policies,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -85,9 +90,16 @@ fn main() -> anyhow::Result<()> {
     let mut report = String::new();
     header(&mut report, &args, rounds, duration)?;
 
-    if args.only == Some(Section::Gateway) {
-        gateway(&mut report, args.quick, rounds)?;
-        return finish(&report, args.write.as_deref(), started);
+    match args.only {
+        Some(Section::Gateway) => {
+            gateway(&mut report, args.quick, rounds)?;
+            return finish(&report, args.write.as_deref(), started);
+        }
+        Some(Section::Policies) => {
+            policies(&mut report, args.quick, rounds)?;
+            return finish(&report, args.write.as_deref(), started);
+        }
+        None => {}
     }
     let bench = Topology::build(&counts)?;
     eprintln!("topology ready in {:.1} s", started.elapsed().as_secs_f64());
@@ -96,6 +108,7 @@ fn main() -> anyhow::Result<()> {
     drop(bench);
 
     gateway(&mut report, args.quick, rounds)?;
+    policies(&mut report, args.quick, rounds)?;
     agent_costs(&mut report, args.quick)?;
     method(&mut report);
     finish(&report, args.write.as_deref(), started)
