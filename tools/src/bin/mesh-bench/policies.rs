@@ -64,13 +64,7 @@ pub fn policies(r: &mut String, quick: bool, rounds: usize) -> anyhow::Result<()
     for (i, name) in PODS.iter().enumerate() {
         let pod = node.add_pod(name, 11 + i as u8)?;
         backends.push(Backend::spawn(&pod.ns, name, "v1", PORT)?);
-        pods.push(manifests::pod(
-            name,
-            "bench",
-            "v1",
-            &[pod.ipv4.into()],
-            true,
-        ));
+        pods.push(manifests::pod(name, "bench", "v1", &[pod.ipv4], true));
     }
     dir.write("pods.yaml", &pods.join("---\n"))?;
     let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
