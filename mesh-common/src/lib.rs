@@ -42,6 +42,8 @@ pub const MAX_REVNAT: u32 = 262_144;
 /// backend: 64 Ki clients x service ports; the least recently used go first
 /// (their next connect draws again).
 pub const MAX_AFFINITY: u32 = 65_536;
+/// Capacity of the backends watched by outlier detection.
+pub const MAX_OUTLIER: u32 = 65_536;
 /// Capacity of the affinity members (service port, backend) of services with
 /// session affinity.
 pub const MAX_AFFINITY_MATCH: u32 = 65_536;
@@ -101,13 +103,14 @@ pub mod map_names {
     pub const ROUTER_MARK: &str = "ROUTER_MARK_V1";
     pub const AFFINITY: &str = "AFFINITY_V1";
     pub const AFFINITY_MATCH: &str = "AFFINITY_MATCH_V1";
+    pub const OUTLIER: &str = "OUTLIER_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -129,6 +132,7 @@ pub mod map_names {
         ROUTER_MARK,
         AFFINITY,
         AFFINITY_MATCH,
+        OUTLIER,
     ];
 }
 
@@ -482,6 +486,23 @@ pub const SERVICE_FLAG_AFFINITY: u32 = 2;
 /// address if it has one, else its network namespace (a pod).
 pub const SERVICE_FLAG_HASH_CLIENT: u32 = 4;
 
+/// Per-CPU value of `OUTLIER_V1` (key: the backend's [`EndpointKey`]): the
+/// connects of meshed clients to a backend watched by a DestinationRule's
+/// `outlierDetection`. The agent creates the entry (zeroed: it marks the
+/// backend watched) and deletes it when no rule watches the backend; `sockops`
+/// counts on its CPU (no atomics: the agent sums the CPUs and derives
+/// consecutive failures from what changed between two reads).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct OutlierStats {
+    /// Connects that failed before ESTABLISHED (SYN_SENT to CLOSE: refused,
+    /// unreachable, timed out).
+    pub failures: u64,
+    /// Connects that reached ESTABLISHED.
+    pub successes: u64,
+}
+const _: () = assert!(core::mem::size_of::<OutlierStats>() == 16);
+
 /// Key of `AFFINITY_V1`: one client of one service port.
 ///
 /// The client is its network namespace's cookie, not its address: at
@@ -785,6 +806,7 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::AffinityMatch {}
+    unsafe impl aya::Pod for super::OutlierStats {}
 }
 
 #[cfg(test)]

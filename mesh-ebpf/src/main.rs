@@ -10,6 +10,7 @@ mod connect;
 mod ctx;
 mod ingress;
 mod maps;
+mod outlier;
 mod peer;
 mod redirect;
 mod scope;

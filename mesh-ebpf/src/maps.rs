@@ -8,9 +8,9 @@ use aya_ebpf::{
 use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, BackendStats, ConnKey, EndpointKey, GatewayFlow,
     GatewayNat, GatewayVip, MAX_AFFINITY, MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_GATEWAY_CT,
-    MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_REDIRECT_EXCLUDED, MAX_REVNAT,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope, OrigDst, ServiceKey, ServiceValue,
-    SlotKey, SockConn, SockKey, gateway_stat, global_stat, sock_stat,
+    MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_OUTLIER, MAX_REDIRECT_EXCLUDED,
+    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope, OrigDst, OutlierStats,
+    ServiceKey, ServiceValue, SlotKey, SockConn, SockKey, gateway_stat, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -45,6 +45,13 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
 #[map(name = "AFFINITY_MATCH_V1")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatch, u32> =
     HashMap::with_max_entries(MAX_AFFINITY_MATCH, BPF_F_NO_PREALLOC);
+
+/// A backend watched by outlier detection (its endpoint) -> per-CPU counts of
+/// its connects' outcomes. Writer: agent (creates zeroed, deletes) and sockops
+/// (counts). Not LRU: a watched backend never loses its count.
+#[map(name = "OUTLIER_V1")]
+pub static OUTLIER: PerCpuHashMap<EndpointKey, OutlierStats> =
+    PerCpuHashMap::with_max_entries(MAX_OUTLIER, BPF_F_NO_PREALLOC);
 
 /// Backend id -> per-CPU counters. The agent creates (zeroed) entries; the kernel
 /// only increments existing ones.

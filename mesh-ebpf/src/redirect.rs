@@ -40,7 +40,7 @@ use mesh_common::{EndpointKey, SockConn, SockKey, sock_path, sock_stat};
 use crate::{
     ctx::read_ip6,
     maps::{REDIRECT_EXCLUDED, ROUTER_MARK, SOCK_CONN, SOCK_STATS, SOCKETS},
-    scope,
+    outlier, scope,
     stats::add,
 };
 
@@ -61,6 +61,11 @@ pub enum Adds {
 /// its record.
 pub fn try_sockops(ctx: &SockOpsContext, adds: Adds) -> u32 {
     let op = ctx.op();
+    if adds == Adds::Meshed
+        && let Some(key) = ops_key(ctx)
+    {
+        outlier::count(ctx, op, &key);
+    }
     let established =
         op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
     let closed = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;

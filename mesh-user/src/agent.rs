@@ -180,6 +180,8 @@ pub async fn run(
             Err(e) => warn!("the gateway's tc counters are not in /metrics: {e}"),
         }
     }
+    let outlier_backends = crate::telemetry::OutlierBackends::default();
+    collectors.push(Box::new(outlier_backends.clone()));
     let telemetry = Telemetry::new(collectors, view, &object_label);
     if let Some(addr) = config.metrics_addr {
         let auth = match config.metrics_auth {
@@ -232,6 +234,15 @@ pub async fn run(
         outside,
         gateway: router,
         router_addrs: BTreeMap::new(),
+        outlier: match crate::kernel::outlier::Watched::open(&pins) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                warn!("outlier detection is off: {e}");
+                None
+            }
+        },
+        detector: crate::outlier::Detector::default(),
+        outlier_backends,
     };
     let mut tick = tokio::time::interval(TICK);
     let mut synced = false;
@@ -354,6 +365,12 @@ struct Reconciler {
     /// gateway-tc: the writer of the outside clients' tables (`None`: no
     /// gateway device).
     outside: Option<crate::kernel::ingress::Outside>,
+    /// Outlier detection: the kernel's counts (`None`: the map could not be
+    /// opened) and the decisions made from them.
+    outlier: Option<crate::kernel::outlier::Watched>,
+    detector: crate::outlier::Detector,
+    /// What `/metrics` shows of the detector.
+    outlier_backends: crate::telemetry::OutlierBackends,
 }
 
 impl Reconciler {
@@ -371,6 +388,7 @@ impl Reconciler {
         diagnostics.extend(compiled.diagnostics.iter().cloned());
         let mut compiled = compiled;
         self.serve_gateways(&mut compiled, &mut diagnostics);
+        self.watch_outliers(&compiled, &mut diagnostics);
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
         // Before the first attach: the pods meshed from the first connect on.
@@ -492,8 +510,79 @@ impl Reconciler {
         }
     }
 
+    /// Follows the services compile says outlier detection watches: their
+    /// backends get kernel counters. The counting is sockops', which runs only
+    /// with the same-node shortcut.
+    fn watch_outliers(&mut self, compiled: &Compiled, diagnostics: &mut Vec<Diagnostic>) {
+        if !self.attach_redirect() {
+            for service in compiled.outlier.keys() {
+                let me = crate::model::ObjectRef::new(crate::model::Kind::Service, service.clone());
+                diagnostics.push(Diagnostic::warning(
+                    &me,
+                    "outlierDetection (its DestinationRule)",
+                    "not honoured: connects are counted by the sockops program, which --no-redirect leaves out",
+                ));
+            }
+            return;
+        }
+        self.detector.watch(&compiled.outlier, Instant::now());
+        if let Some(map) = &mut self.outlier {
+            for (backend, e) in map.sync(&self.detector.watched()) {
+                warn!(%backend, "outlier detection cannot watch the backend: {e}");
+            }
+        }
+    }
+
+    /// Whether sockops runs (the same-node shortcut is on).
+    fn attach_redirect(&self) -> bool {
+        self.record.redirect
+    }
+
+    /// Reads the kernel's connect counts of watched backends; when an ejection
+    /// or a return changes what the tables hold, compiles and applies again.
+    fn judge_outliers(&mut self) {
+        let Some(map) = &self.outlier else {
+            return;
+        };
+        if self.detector.watched().is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let counts = map.read();
+        let changed = self.detector.judge(now, &counts);
+        let records = self.detector.records(now, &counts);
+        if let Ok(mut shown) = self.outlier_backends.0.write() {
+            *shown = records.clone();
+        }
+        if self.record.outliers != records {
+            self.record.outliers = records;
+            self.write_record();
+        }
+        if !changed {
+            return;
+        }
+        let ejected = self.detector.ejected();
+        for (service, backends) in &ejected {
+            for b in backends {
+                if !self
+                    .compile
+                    .ejected
+                    .get(service)
+                    .is_some_and(|s| s.contains(b))
+                {
+                    warn!(%service, backend = %b, "outlier detection ejected a backend: failed connects in a row");
+                }
+            }
+        }
+        self.compile.ejected = ejected;
+        if let Err(e) = self.reconcile(now) {
+            error!("{e}");
+        }
+    }
+
     /// Once a second: free replaced tables, and retry writes that failed.
     fn tick(&mut self) {
+        self.judge_outliers();
         self.applier.collect_garbage(Instant::now());
         if let Some(outside) = &mut self.outside {
             outside.collect_garbage(Instant::now());

@@ -19,6 +19,7 @@ pub mod compile;
 pub mod index;
 pub mod kernel;
 pub mod model;
+pub mod outlier;
 pub mod router;
 pub mod source;
 pub mod telemetry;

@@ -426,3 +426,107 @@ fn consistent_hash_keeps_each_client_address_and_a_backend_removed_moves_only_it
     );
     Ok(())
 }
+
+/// The canary's DestinationRule with outlier detection: 3 failed connects in
+/// a row eject, checked each second, for 2 s times the ejections.
+fn watched(max_ejection_percent: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: flaskapp, namespace: default}}
+spec:
+  host: flaskapp
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: {max_ejection_percent}}}
+  subsets:
+    - {{name: v1, labels: {{version: v1}}}}
+    - {{name: v2, labels: {{version: v2}}}}
+"
+    )
+}
+
+/// Stops the HTTP server of `pod`: its port is closed, connects to it are
+/// refused.
+fn close_port(canary: &mut Canary, pod: &str) {
+    canary.backends.retain(|b| b.pod != pod);
+}
+
+/// The agent's outlier metric `name` for `pod`'s IPv4 backend.
+fn outlier_metric(canary: &Canary, name: &str, pod: &str) -> anyhow::Result<u64> {
+    let ip = canary
+        .pods
+        .iter()
+        .find(|p| p.0 == pod)
+        .and_then(|p| p.2.iter().find(|a| a.is_ipv4()))
+        .ok_or_else(|| anyhow::anyhow!("no pod {pod}"))?;
+    canary.agent.metric_with(
+        name,
+        &[
+            &format!("backend=\"{ip}:{TARGET_PORT}\""),
+            "service=\"default/flaskapp\"",
+        ],
+    )
+}
+
+#[test]
+fn outlier_detection_ejects_a_backend_whose_port_is_closed_and_lets_it_back_after_its_time()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.write("destinationrule.yaml", &watched(100))?;
+    close_port(&mut canary, V1[0]);
+    // Until it is ejected, its share of connects is refused.
+    let before = canary.probe(&vip4(), 200)?;
+    let refused = before.errors.get("ECONNREFUSED").copied().unwrap_or(0);
+    assert!(refused >= 3, "{before:?}");
+    assert_eq!(before.failed(), refused, "{before:?}");
+    // The kernel counted each refused connect (the agent reads each second).
+    mesh_tools::node::poll(Duration::from_secs(5), "the failures counted", || {
+        let failed = outlier_metric(&canary, "mesh_outlier_failed_connects_total", V1[0])?;
+        Ok((failed == refused).then_some(()))
+    })?;
+    mesh_tools::node::poll(Duration::from_secs(5), "the ejection", || {
+        Ok((outlier_metric(&canary, "mesh_outlier_ejected", V1[0])? == 1).then_some(()))
+    })?;
+    let explained = canary.agent.cli(&["explain", &vip4()])?;
+    assert!(explained.contains("EJECTED, back in"), "{explained}");
+
+    // Ejected: no connect fails, none reaches it.
+    let during = canary.probe(&vip4(), 400)?;
+    assert_eq!(during.failed(), 0, "{during:?}");
+    assert!(!during.backends.contains_key(V1[0]), "{during:?}");
+
+    // Back after its 2 s (at the next sweep); still closed, so ejected again,
+    // for twice as long.
+    mesh_tools::node::poll(Duration::from_secs(10), "its return", || {
+        Ok((outlier_metric(&canary, "mesh_outlier_ejected", V1[0])? == 0).then_some(()))
+    })?;
+    let back = canary.probe(&vip4(), 200)?;
+    assert!(back.errors.contains_key("ECONNREFUSED"), "{back:?}");
+    mesh_tools::node::poll(Duration::from_secs(5), "the second ejection", || {
+        Ok((outlier_metric(&canary, "mesh_outlier_ejections_total", V1[0])? == 2).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn max_ejection_percent_leaves_the_second_failing_backend_in() -> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    // 25%: once one of four is out, no other goes.
+    canary.write("destinationrule.yaml", &watched(25))?;
+    close_port(&mut canary, V1[0]);
+    close_port(&mut canary, V1[1]);
+    let seen = canary.probe(&vip4(), 400)?;
+    assert!(seen.failed() > 0, "{seen:?}");
+    mesh_tools::node::poll(Duration::from_secs(5), "one ejection", || {
+        let out = outlier_metric(&canary, "mesh_outlier_ejected", V1[0])?
+            + outlier_metric(&canary, "mesh_outlier_ejected", V1[1])?;
+        Ok((out == 1).then_some(()))
+    })?;
+    // The other stays in: its share keeps failing, and it is never ejected.
+    let after = canary.probe(&vip4(), 400)?;
+    assert!(after.errors.contains_key("ECONNREFUSED"), "{after:?}");
+    let out = outlier_metric(&canary, "mesh_outlier_ejected", V1[0])?
+        + outlier_metric(&canary, "mesh_outlier_ejected", V1[1])?;
+    assert_eq!(out, 1, "maxEjectionPercent 25 of 4 backends");
+    Ok(())
+}

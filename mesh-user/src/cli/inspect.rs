@@ -241,6 +241,9 @@ pub struct ServiceDump {
     /// The slot is a hash of the client over a Maglev table (DestinationRule
     /// `consistentHash.useSourceIp`).
     pub hash_client: bool,
+    /// The service's backends outlier detection watches (as recorded).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outliers: Vec<crate::outlier::BackendRecord>,
 }
 
 /// A service port's session affinity, as the kernel holds it.
@@ -410,6 +413,12 @@ pub fn dump(
             destinations,
             gateway,
             hash_client: table.value.flags & mesh_common::SERVICE_FLAG_HASH_CLIENT != 0,
+            outliers: record
+                .outliers
+                .iter()
+                .filter(|o| label.is_some_and(|l| l.service == o.service))
+                .cloned()
+                .collect(),
             affinity: (table.value.flags & mesh_common::SERVICE_FLAG_AFFINITY != 0).then(|| {
                 Affinity {
                     timeout_s: label.and_then(|l| l.affinity_timeout_s),
@@ -433,7 +442,32 @@ pub fn print_dump(services: &[ServiceDump]) {
         );
         print_affinity(s);
         print_destinations(s);
+        print_outliers(s);
         print_gateway(s);
+    }
+}
+
+/// Outlier detection's view of the service's backends.
+fn print_outliers(s: &ServiceDump) {
+    if s.outliers.is_empty() {
+        return;
+    }
+    println!(
+        "    outlier detection (failed connects in a row; ejected backends are out of the table):"
+    );
+    for o in &s.outliers {
+        let state = match o.ejected_for_ms {
+            Some(ms) => format!("EJECTED, back in {:.1} s", ms as f64 / 1e3),
+            None => "serving".to_owned(),
+        };
+        println!(
+            "        {:<26} {state}; {} failed, {} succeeded, {} in a row, ejected {} time(s)",
+            o.backend.to_string(),
+            o.failures,
+            o.successes,
+            o.consecutive,
+            o.ejections
+        );
     }
 }
 
@@ -523,6 +557,7 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
             println!("{target}/{} is service {}.", s.proto, service_name(s));
         }
         print_affinity(s);
+        print_outliers(s);
         println!("route: {}", s.route);
         let total: u64 = s.destinations.iter().filter_map(|d| d.weight).sum();
         if s.destinations.len() > 1 {

@@ -16,7 +16,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 
-pub use plan::{BackendAddr, Compiled, DestinationPlan, Proto, RouteRef, ServiceAddr, ServicePlan};
+pub use plan::{
+    BackendAddr, Compiled, DestinationPlan, OutlierWatch, Proto, RouteRef, ServiceAddr, ServicePlan,
+};
+pub use policy::Outlier;
 
 use crate::{
     index::{
@@ -37,6 +40,10 @@ pub struct Config {
     /// The agent's node: `internalTrafficPolicy: Local` and topology hints
     /// (with the zone of the Node of this name in the index) need it.
     pub node_name: Option<String>,
+    /// Backends outlier detection ejected, per service: left out of its
+    /// tables (the detector decides; compile only leaves them out).
+    pub ejected:
+        std::collections::BTreeMap<NamespacedName, std::collections::BTreeSet<BackendAddr>>,
 }
 
 impl Default for Config {
@@ -46,6 +53,7 @@ impl Default for Config {
             max_slots: mesh_common::MAX_SLOTS_PER_SERVICE as usize,
             gateway: gateway::GatewayConfig::default(),
             node_name: None,
+            ejected: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -138,6 +146,10 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 ),
             };
             let hash = rule.and_then(|dr| policy::client_hash(&dr.object, number));
+            let mut groups = groups;
+            if let Some(policy) = rule.and_then(|dr| policy::outlier(&dr.object, number)) {
+                watch_and_eject(&mut out, name, policy, &mut groups, config);
+            }
             for vip in &vips {
                 if undecided && proto == Proto::Tcp {
                     out.undecided.insert(ServiceAddr {
@@ -209,6 +221,36 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
     out.diagnostics.sort();
     out.diagnostics.dedup();
     out
+}
+
+/// Records the backends outlier detection judges for `service`, then leaves
+/// out those it ejected.
+fn watch_and_eject(
+    out: &mut Compiled,
+    service: &NamespacedName,
+    policy: policy::Outlier,
+    groups: &mut [(String, Group)],
+    config: &Config,
+) {
+    let addr = |e: &endpoints::Endpoint| BackendAddr {
+        ip: e.ip,
+        port: e.port,
+    };
+    let watch = out
+        .outlier
+        .entry(service.clone())
+        .or_insert_with(|| OutlierWatch {
+            policy,
+            backends: Default::default(),
+        });
+    watch
+        .backends
+        .extend(groups.iter().flat_map(|(_, g)| g.members.iter().map(addr)));
+    if let Some(ejected) = config.ejected.get(service) {
+        for (_, g) in groups.iter_mut() {
+            g.members.retain(|e| !ejected.contains(&addr(e)));
+        }
+    }
 }
 
 /// The cluster IPs of a Service (both families when dual-stack).

@@ -138,5 +138,16 @@ pub struct Compiled {
     /// never accepted: their plan is even balancing, but what the user meant is
     /// not known yet (a table the kernel held at start is better kept).
     pub undecided: BTreeSet<ServiceAddr>,
+    /// Services with outlier detection: the policy and every backend it
+    /// judges (ejected ones included), for the detector.
+    pub outlier: BTreeMap<NamespacedName, OutlierWatch>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+/// One service's outlier detection: its policy (of the first of its ports
+/// that has one) and its backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierWatch {
+    pub policy: super::policy::Outlier,
+    pub backends: BTreeSet<BackendAddr>,
 }

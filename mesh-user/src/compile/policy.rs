@@ -12,6 +12,8 @@
 //! indexed by a hash of the client ([`client_hash`]). Not per subset: the
 //! port's one table mixes the route's subsets.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::gateway::maglev;
@@ -26,21 +28,24 @@ pub struct ClientHash {
     pub table_size: u32,
 }
 
-/// The consistent hash `dr` asks for on service port `port`: its
-/// `portLevelSettings` for that port first, else the rule's own policy.
-pub fn client_hash(dr: &DestinationRule, port: u16) -> Option<ClientHash> {
+/// One `trafficPolicy` field of `dr` for service port `port`: the
+/// `portLevelSettings` entry of that port's, if it sets it, else the rule's
+/// (Istio merges field by field, the port's winning).
+fn setting<'a>(dr: &'a DestinationRule, port: u16, field: &str) -> Option<&'a Value> {
     let policy = dr.spec.other.get("trafficPolicy")?;
-    let for_port = policy
+    policy
         .get("portLevelSettings")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .find(|p| p.pointer("/port/number").and_then(Value::as_u64) == Some(u64::from(port)));
-    let lb = match for_port {
-        Some(settings) => settings.get("loadBalancer")?,
-        None => policy.get("loadBalancer")?,
-    };
-    let hash = lb.get("consistentHash")?;
+        .find(|p| p.pointer("/port/number").and_then(Value::as_u64) == Some(u64::from(port)))
+        .and_then(|p| p.get(field))
+        .or_else(|| policy.get(field))
+}
+
+/// The consistent hash `dr` asks for on service port `port`.
+pub fn client_hash(dr: &DestinationRule, port: u16) -> Option<ClientHash> {
+    let hash = setting(dr, port, "loadBalancer")?.get("consistentHash")?;
     if hash.get("useSourceIp").and_then(Value::as_bool) != Some(true) {
         return None;
     }
@@ -51,6 +56,76 @@ pub fn client_hash(dr: &DestinationRule, port: u16) -> Option<ClientHash> {
         .filter(|n| maglev::PRIMES.contains(n))
         .unwrap_or(maglev::DEFAULT_SIZE);
     Some(ClientHash { table_size })
+}
+
+/// `outlierDetection` at L4: failed connects (refused, unreachable, timed
+/// out) count as the errors Istio names; a backend with `threshold` of them
+/// in a row is ejected for `base_ejection` times its ejection count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    /// The smaller of `consecutive5xxErrors` (Istio's default 5) and
+    /// `consecutiveGatewayErrors` (off by default), 0 excluded.
+    pub threshold: u64,
+    /// `interval` (default 10 s): how often backends are judged.
+    pub interval: Duration,
+    /// `baseEjectionTime` (default 30 s).
+    pub base_ejection: Duration,
+    /// `maxEjectionPercent` (default 10): no more is ejected once this share
+    /// of the backends is out (Envoy's rule: one can always go while the
+    /// share ejected is below it).
+    pub max_ejection_percent: u32,
+    /// `minHealthPercent` (default 0): below this share of healthy backends,
+    /// none is left out.
+    pub min_health_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            threshold: 5,
+            interval: Duration::from_secs(10),
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        }
+    }
+}
+
+/// The outlier detection `dr` asks for on service port `port` (`None`: none,
+/// or one whose thresholds are all 0: off).
+pub fn outlier(dr: &DestinationRule, port: u16) -> Option<Outlier> {
+    let od = setting(dr, port, "outlierDetection")?;
+    let mut o = Outlier::default();
+    let number = |key: &str| od.get(key).and_then(Value::as_u64);
+    let five = number("consecutive5xxErrors").unwrap_or(o.threshold);
+    let gateway = number("consecutiveGatewayErrors").unwrap_or(0);
+    o.threshold = [five, gateway].into_iter().filter(|n| *n > 0).min()?;
+    let duration = |key: &str| od.get(key).and_then(Value::as_str).and_then(parse_duration);
+    o.interval = duration("interval").unwrap_or(o.interval);
+    o.base_ejection = duration("baseEjectionTime").unwrap_or(o.base_ejection);
+    let percent = |key: &str, default: u32| {
+        number(key)
+            .and_then(|n| u32::try_from(n).ok())
+            .map_or(default, |n| n.min(100))
+    };
+    o.max_ejection_percent = percent("maxEjectionPercent", o.max_ejection_percent);
+    o.min_health_percent = percent("minHealthPercent", o.min_health_percent);
+    Some(o)
+}
+
+/// A duration as Istio writes them: `30s`, `1.5s`, `100ms`, `1m`, `1h`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
 /// What is not honoured, and why.
@@ -66,6 +141,10 @@ enum Unhonoured {
     TableSize,
     /// A consistent hash on a subset: the port's one table mixes subsets.
     SubsetHash,
+    /// Outlier detection per subset: backends are judged per service port.
+    SubsetOutlier,
+    /// A duration Istio would not accept.
+    Duration,
     /// Pools, outlier detection, TLS...: not in this data plane yet.
     NotYet,
     /// TLS settings: the data plane does not terminate or originate TLS.
@@ -94,6 +173,12 @@ impl Unhonoured {
             Unhonoured::SubsetHash => format!(
                 "{what} per subset is not honoured: a service port has one table for all its subsets; set it on the rule or its port"
             ),
+            Unhonoured::SubsetOutlier => format!(
+                "{what} per subset is not honoured: backends are judged per service port; set it on the rule or its port"
+            ),
+            Unhonoured::Duration => {
+                format!("{what}: not a duration (e.g. 30s, 1.5s, 100ms, 1m): the default is used")
+            }
             Unhonoured::NotYet => format!("{what} is not honoured yet: ignored"),
             Unhonoured::Tls => {
                 format!(
@@ -163,7 +248,11 @@ fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, 
                     walk_policy(&settings, &at, level, found);
                 }
             }
-            "connectionPool" | "outlierDetection" | "proxyProtocol" | "tunnel" => {
+            "outlierDetection" if level == Level::Subset => {
+                found.push((field, Unhonoured::SubsetOutlier));
+            }
+            "outlierDetection" => outlier_fields(value, &field, found),
+            "connectionPool" | "proxyProtocol" | "tunnel" => {
                 found.push((field, Unhonoured::NotYet));
             }
             "tls" => found.push((field, Unhonoured::Tls)),
@@ -193,6 +282,26 @@ fn load_balancer(lb: &Value, at: &str, level: Level, found: &mut Vec<(String, Un
                 found.push((field, Unhonoured::Simple(value)));
             }
             _ => found.push((field, Unhonoured::Balancer)),
+        }
+    }
+}
+
+/// `outlierDetection`: the fields of connect failures honoured, the others
+/// (local-origin splitting, per-error-kind tuning) reported.
+fn outlier_fields(od: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
+    for (key, value) in od.as_object().into_iter().flatten() {
+        let field = format!("{at}.{key}");
+        match key.as_str() {
+            "consecutive5xxErrors"
+            | "consecutiveGatewayErrors"
+            | "maxEjectionPercent"
+            | "minHealthPercent" => {}
+            "interval" | "baseEjectionTime" => {
+                if value.as_str().and_then(parse_duration).is_none() {
+                    found.push((field, Unhonoured::Duration));
+                }
+            }
+            _ => found.push((field, Unhonoured::NotYet)),
         }
     }
 }
@@ -264,7 +373,7 @@ spec:
     portLevelSettings:
       - port: {number: 80}
         loadBalancer: {simple: LEAST_REQUEST}
-        outlierDetection: {consecutive5xxErrors: 3}
+        outlierDetection: {consecutive5xxErrors: 3, splitExternalLocalOriginErrors: true, interval: soon}
   subsets:
     - name: v1
       labels: {version: v1}
@@ -278,7 +387,8 @@ spec:
                 "spec.trafficPolicy.connectionPool",
                 "spec.trafficPolicy.loadBalancer.consistentHash",
                 "spec.trafficPolicy.portLevelSettings[0].loadBalancer.simple",
-                "spec.trafficPolicy.portLevelSettings[0].outlierDetection",
+                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.interval",
+                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.splitExternalLocalOriginErrors",
                 "spec.subsets[0].trafficPolicy.speed",
                 "spec.subsets[0].trafficPolicy.tls",
             ]
@@ -288,7 +398,7 @@ spec:
             messages[1].contains("consistentHash: only useSourceIp is honoured"),
             "{messages:?}"
         );
-        assert!(messages[4].contains("unknown field speed"), "{messages:?}");
+        assert!(messages[5].contains("unknown field speed"), "{messages:?}");
         assert_eq!(
             messages[2],
             "simple LEAST_REQUEST is not honoured yet: connections are balanced by weight, at random"
@@ -329,5 +439,47 @@ spec:
                 "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
             ]
         );
+    }
+
+    #[test]
+    fn outlier_detection_reads_istio_fields_defaults_and_the_port_first() {
+        let dr = rule(
+            "metadata: {name: web, namespace: prod}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 1.5s, maxEjectionPercent: 50}
+    portLevelSettings:
+      - port: {number: 8080}
+        outlierDetection: {consecutiveGatewayErrors: 7, interval: 100ms}
+      - port: {number: 9090}
+        outlierDetection: {consecutive5xxErrors: 0}
+      - port: {number: 7070}
+        loadBalancer: {simple: RANDOM}
+",
+        );
+        let at = |port| outlier(&dr.object, port);
+        assert_eq!(
+            at(80),
+            Some(Outlier {
+                threshold: 2,
+                interval: Duration::from_secs(1),
+                base_ejection: Duration::from_millis(1500),
+                max_ejection_percent: 50,
+                min_health_percent: 0,
+            })
+        );
+        // The port's own settings, Istio's defaults for what it leaves out.
+        assert_eq!(
+            at(8080),
+            Some(Outlier {
+                threshold: 5,
+                interval: Duration::from_millis(100),
+                ..Outlier::default()
+            })
+        );
+        assert_eq!(at(9090), None, "every threshold 0: off");
+        assert_eq!(at(7070).map(|o| o.threshold), Some(2), "the rule's");
+        assert_eq!(fields(&dr), []);
     }
 }

@@ -15,6 +15,7 @@ pub mod ingress;
 pub mod loader;
 pub mod maps;
 pub mod netns;
+pub mod outlier;
 pub mod own_cgroup;
 pub mod pin;
 pub mod pod_cgroups;

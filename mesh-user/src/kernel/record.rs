@@ -43,6 +43,9 @@ pub struct AgentRecord {
     /// This node's gateway ports (empty with the gateway off).
     #[serde(default)]
     pub gateways: Vec<GatewayRecord>,
+    /// Backends outlier detection watches, as it last judged them.
+    #[serde(default)]
+    pub outliers: Vec<crate::outlier::BackendRecord>,
 }
 
 /// One gateway port, as `check`, `dump` and `explain` show it.

@@ -396,3 +396,74 @@ impl prometheus_client::collector::Collector for RouterRequests {
         Ok(())
     }
 }
+
+/// One counter of an outlier record.
+type OutlierValue = fn(&crate::outlier::BackendRecord) -> u64;
+
+/// Outlier detection's backends, as the detector last judged them.
+#[derive(Clone, Debug, Default)]
+pub struct OutlierBackends(pub Arc<std::sync::RwLock<Vec<crate::outlier::BackendRecord>>>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct OutlierLabels {
+    /// `ns/name` of the Service.
+    service: String,
+    /// `IP:port`.
+    backend: String,
+}
+
+impl prometheus_client::collector::Collector for OutlierBackends {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+        let Ok(records) = self.0.read() else {
+            return Ok(());
+        };
+        let labels = |r: &crate::outlier::BackendRecord| OutlierLabels {
+            service: r.service.to_string(),
+            backend: r.backend.to_string(),
+        };
+        let counters: [(&str, &str, OutlierValue); 3] = [
+            (
+                "outlier_failed_connects",
+                "Connects to a backend watched by outlier detection that failed before ESTABLISHED (kernel counter)",
+                |r| r.failures,
+            ),
+            (
+                "outlier_successful_connects",
+                "Connects to a backend watched by outlier detection that reached ESTABLISHED (kernel counter)",
+                |r| r.successes,
+            ),
+            (
+                "outlier_ejections",
+                "Times outlier detection ejected the backend from the service (lowered while it behaves)",
+                |r| u64::from(r.ejections),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut e = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for r in records.iter() {
+                ConstCounter::new(value(r)).encode(e.encode_family(&labels(r))?)?;
+            }
+        }
+        let mut e = encoder.encode_descriptor(
+            "outlier_ejected",
+            "1 while outlier detection keeps the backend out of the service's tables",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for r in records.iter() {
+            ConstGauge::new(i64::from(r.ejected_for_ms.is_some()))
+                .encode(e.encode_family(&labels(r))?)?;
+        }
+        Ok(())
+    }
+}
