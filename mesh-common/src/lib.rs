@@ -430,6 +430,17 @@ fn is_loopback6(addr: &[u32; 4]) -> bool {
     *addr == [0, 0, 0, 1u32.to_be()]
 }
 
+/// murmur3's 64-bit finalizer: every input bit moves every output bit. Shared
+/// by the kernel's client hashes and the agent's Maglev permutations.
+#[inline(always)]
+pub const fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 /// Whether an address (words in network byte order) is IPv4-mapped.
 pub fn is_v4_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD

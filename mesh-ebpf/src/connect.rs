@@ -12,7 +12,7 @@ use aya_ebpf::{
 use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst,
     SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT, ServiceKey,
-    ServiceValue, SlotKey, V4_MAPPED_WORD, global_stat, is_v4_mapped,
+    ServiceValue, SlotKey, V4_MAPPED_WORD, fmix64, global_stat, is_v4_mapped,
 };
 
 use crate::{
@@ -191,7 +191,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
         }
         let draw = match &affinity {
             Some(client) => client.draw(&svc),
-            None if svc.flags & SERVICE_FLAG_HASH_CLIENT != 0 => mix(client_id(ctx)) as u32,
+            None if svc.flags & SERVICE_FLAG_HASH_CLIENT != 0 => fmix64(client_id(ctx)) as u32,
             // SAFETY: helper without preconditions.
             None => unsafe { bpf_get_prandom_u32() },
         };
@@ -273,7 +273,7 @@ impl Client {
     #[inline(always)]
     fn draw(&self, svc: &ServiceValue) -> u32 {
         let table = (u64::from(svc.service_id) << 32) | u64::from(svc.revision);
-        mix(self.key.netns ^ table.rotate_left(17) ^ self.stale.rotate_left(41)) as u32
+        fmix64(self.key.netns ^ table.rotate_left(17) ^ self.stale.rotate_left(41)) as u32
     }
 
     /// Records the backend this client just drew (racing connects of the
@@ -287,16 +287,6 @@ impl Client {
         };
         let _ = AFFINITY.insert(self.key, value, 0);
     }
-}
-
-/// murmur3's 64-bit finalizer: every input bit moves every output bit.
-#[inline(always)]
-fn mix(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
 }
 
 /// Who the client of a consistent-hash service is: the socket's bound source

@@ -75,12 +75,7 @@ fn hash(seed: u64, bytes: &[u8]) -> u64 {
     h.write(bytes);
     // murmur3's fmix64: FNV's low bits alone are weak for keys that differ in
     // their last byte (consecutive pod addresses).
-    let mut k = h.finish();
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    k ^ (k >> 33)
+    mesh_common::fmix64(h.finish())
 }
 
 /// Weighted backends of one family from a port's destinations: each
