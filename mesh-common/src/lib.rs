@@ -104,13 +104,15 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY_V1";
     pub const AFFINITY_MATCH: &str = "AFFINITY_MATCH_V1";
     pub const OUTLIER: &str = "OUTLIER_V1";
+    pub const SOCKET_POLICY: &str = "SOCKET_POLICY_V1";
+    pub const CONNECTING: &str = "CONNECTING_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -133,6 +135,8 @@ pub mod map_names {
         AFFINITY,
         AFFINITY_MATCH,
         OUTLIER,
+        SOCKET_POLICY,
+        CONNECTING,
     ];
 }
 
@@ -514,6 +518,34 @@ pub struct OutlierStats {
 }
 const _: () = assert!(core::mem::size_of::<OutlierStats>() == 16);
 
+/// [`ServiceValue::flags`]: DestinationRule `connectionPool.tcp`
+/// `connectTimeout` / `tcpKeepalive`. connect4/6 apply the service's
+/// [`SocketPolicy`] (`SOCKET_POLICY_V1`) to the client's TCP socket.
+pub const SERVICE_FLAG_SOCKOPTS: u32 = 8;
+
+/// Value of `SOCKET_POLICY_V1` (key: service id, `u32`): socket options for
+/// the clients of a service port, each 0 for "leave the socket's own". Written
+/// by the agent. Host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketPolicy {
+    /// `connectTimeout`: `TCP_USER_TIMEOUT` while connecting (unless the
+    /// application set one), cleared by sockops at ESTABLISHED.
+    pub connect_timeout_ms: u32,
+    /// `tcpKeepalive.time`: `SO_KEEPALIVE` on and `TCP_KEEPIDLE` (unless the
+    /// application turned keepalive on itself).
+    pub keepalive_time_s: u32,
+    /// `tcpKeepalive.interval`: `TCP_KEEPINTVL` (0: the kernel's).
+    pub keepalive_interval_s: u32,
+    /// `tcpKeepalive.probes`: `TCP_KEEPCNT` (0: the kernel's).
+    pub keepalive_probes: u32,
+}
+const _: () = assert!(core::mem::size_of::<SocketPolicy>() == 16);
+
+/// Capacity of the connects waiting for ESTABLISHED with a connect timeout
+/// set by connect4/6 (`CONNECTING_V1`, LRU).
+pub const MAX_CONNECTING: u32 = 65_536;
+
 /// Key of `AFFINITY_V1`: one client of one service port.
 ///
 /// The client is its network namespace's cookie, not its address: at
@@ -818,6 +850,7 @@ mod user {
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::AffinityMatch {}
     unsafe impl aya::Pod for super::OutlierStats {}
+    unsafe impl aya::Pod for super::SocketPolicy {}
 }
 
 #[cfg(test)]

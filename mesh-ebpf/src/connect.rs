@@ -11,14 +11,15 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst,
-    SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT, ServiceKey,
-    ServiceValue, SlotKey, V4_MAPPED_WORD, fmix64, global_stat, is_v4_mapped,
+    PROTO_TCP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT,
+    SERVICE_FLAG_SOCKOPTS, ServiceKey, ServiceValue, SlotKey, V4_MAPPED_WORD, fmix64, global_stat,
+    is_v4_mapped,
 };
 
 use crate::{
     ctx::{read_ip6, write_ip6},
     maps::{AFFINITY, AFFINITY_MATCH, AGENT_CGROUP, GATEWAY_NETNS, REVNAT, SERVICES, SLOTS},
-    scope,
+    scope, sockopt,
     stats::{bump, bump_backend, bump_service},
 };
 
@@ -187,6 +188,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
         let mut affinity = (svc.flags & SERVICE_FLAG_AFFINITY != 0).then(|| Client::of(ctx, &svc));
         if let Some(backend) = affinity.as_mut().and_then(Client::backend) {
             bump_service(svc.service_id);
+            socket_policy(ctx, key, &svc);
             return Verdict::To(backend);
         }
         let draw = match &affinity {
@@ -210,12 +212,21 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             if let Some(client) = &affinity {
                 client.remember(backend);
             }
+            socket_policy(ctx, key, &svc);
             return Verdict::To(backend);
         }
         bump(global_stat::TABLE_RETRY);
     }
     // Two misses in a row: never send a mesh connect to the bare VIP.
     Verdict::NoBackend
+}
+
+/// DestinationRule `connectionPool.tcp` options on a TCP client's socket.
+#[inline(always)]
+fn socket_policy(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue) {
+    if svc.flags & SERVICE_FLAG_SOCKOPTS != 0 && key.proto == PROTO_TCP {
+        sockopt::apply(ctx, svc.service_id);
+    }
 }
 
 /// A client of a service with session affinity: its network namespace (one

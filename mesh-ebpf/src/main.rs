@@ -14,6 +14,7 @@ mod outlier;
 mod peer;
 mod redirect;
 mod scope;
+mod sockopt;
 mod stats;
 
 use aya_ebpf::{

@@ -7,10 +7,11 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, BackendStats, ConnKey, EndpointKey, GatewayFlow,
-    GatewayNat, GatewayVip, MAX_AFFINITY, MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_GATEWAY_CT,
-    MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_OUTLIER, MAX_REDIRECT_EXCLUDED,
-    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope, OrigDst, OutlierStats,
-    ServiceKey, ServiceValue, SlotKey, SockConn, SockKey, gateway_stat, global_stat, sock_stat,
+    GatewayNat, GatewayVip, MAX_AFFINITY, MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_CONNECTING,
+    MAX_GATEWAY_CT, MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_OUTLIER,
+    MAX_REDIRECT_EXCLUDED, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope,
+    OrigDst, OutlierStats, ServiceKey, ServiceValue, SlotKey, SockConn, SockKey, SocketPolicy,
+    gateway_stat, global_stat, sock_stat,
 };
 
 /// (VIP, port, protocol) -> live table of that service port.
@@ -52,6 +53,19 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatch, u32> =
 #[map(name = "OUTLIER_V1")]
 pub static OUTLIER: PerCpuHashMap<EndpointKey, OutlierStats> =
     PerCpuHashMap::with_max_entries(MAX_OUTLIER, BPF_F_NO_PREALLOC);
+
+/// Service id -> the socket options its clients' TCP sockets get at
+/// `connect()` (`connectTimeout`, `tcpKeepalive`). Writer: agent.
+#[map(name = "SOCKET_POLICY_V1")]
+pub static SOCKET_POLICY: HashMap<u32, SocketPolicy> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> 1 for a connect whose `TCP_USER_TIMEOUT` connect4/6 set
+/// (the connect timeout); sockops clears the option at ESTABLISHED, so it
+/// never applies to the established connection. Writer: connect4/6 (insert),
+/// sockops (delete). LRU: a connect that never completes ages out.
+#[map(name = "CONNECTING_V1")]
+pub static CONNECTING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNECTING, 0);
 
 /// Backend id -> per-CPU counters. The agent creates (zeroed) entries; the kernel
 /// only increments existing ones.

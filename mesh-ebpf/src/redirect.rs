@@ -40,7 +40,7 @@ use mesh_common::{EndpointKey, SockConn, SockKey, sock_path, sock_stat};
 use crate::{
     ctx::read_ip6,
     maps::{REDIRECT_EXCLUDED, ROUTER_MARK, SOCK_CONN, SOCK_STATS, SOCKETS},
-    outlier, scope,
+    outlier, scope, sockopt,
     stats::add,
 };
 
@@ -65,6 +65,9 @@ pub fn try_sockops(ctx: &SockOpsContext, adds: Adds) -> u32 {
         && let Some(key) = ops_key(ctx)
     {
         outlier::count(ctx, op, &key);
+    }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        sockopt::established(ctx);
     }
     let established =
         op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;

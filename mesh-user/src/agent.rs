@@ -389,6 +389,7 @@ impl Reconciler {
         let mut compiled = compiled;
         self.serve_gateways(&mut compiled, &mut diagnostics);
         self.watch_outliers(&compiled, &mut diagnostics);
+        self.connect_timeouts_need_sockops(&mut compiled, &mut diagnostics);
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
         // Before the first attach: the pods meshed from the first connect on.
@@ -529,6 +530,37 @@ impl Reconciler {
         if let Some(map) = &mut self.outlier {
             for (backend, e) in map.sync(&self.detector.watched()) {
                 warn!(%backend, "outlier detection cannot watch the backend: {e}");
+            }
+        }
+    }
+
+    /// `connectTimeout` is cleared at ESTABLISHED by sockops: without it the
+    /// option would stay on established connections, so it is not applied.
+    fn connect_timeouts_need_sockops(
+        &self,
+        compiled: &mut Compiled,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
+        if self.attach_redirect() {
+            return;
+        }
+        for plan in compiled.services.values_mut() {
+            let Some(options) = &mut plan.socket else {
+                continue;
+            };
+            if options.connect_timeout_ms == 0 {
+                continue;
+            }
+            options.connect_timeout_ms = 0;
+            let me =
+                crate::model::ObjectRef::new(crate::model::Kind::Service, plan.service.clone());
+            diagnostics.push(Diagnostic::warning(
+                &me,
+                "connectionPool.tcp.connectTimeout (its DestinationRule)",
+                "not honoured: the option is cleared at ESTABLISHED by the sockops program, which --no-redirect leaves out",
+            ));
+            if *options == mesh_common::SocketPolicy::default() {
+                plan.socket = None;
             }
         }
     }

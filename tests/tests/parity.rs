@@ -530,3 +530,106 @@ fn max_ejection_percent_leaves_the_second_failing_backend_in() -> anyhow::Result
     assert_eq!(out, 1, "maxEjectionPercent 25 of 4 backends");
     Ok(())
 }
+
+/// The canary's DestinationRule with `connectionPool.tcp` socket options.
+const POOLED: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: flaskapp, namespace: default}
+spec:
+  host: flaskapp
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        connectTimeout: 1s
+        tcpKeepalive: {time: 30s, interval: 5s, probes: 3}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+";
+
+#[test]
+fn connect_timeout_fails_an_unanswered_connect_in_time_and_keepalive_is_set() -> anyhow::Result<()>
+{
+    let mut canary = Canary::start(None)?;
+    canary.write("destinationrule.yaml", POOLED)?;
+    let client = &canary.node.pod("client").ns;
+
+    // Keepalive: connections held open carry the keepalive timer (30 s idle).
+    let until = canary.dir.path().join("release");
+    let held = probe::spawn(
+        client,
+        Some(&canary.cgroup),
+        &[
+            "--target".to_owned(),
+            vip4(),
+            "--hold".to_owned(),
+            "4".to_owned(),
+            "--until".to_owned(),
+            until.display().to_string(),
+        ],
+    )?;
+    let timers = mesh_tools::node::poll(Duration::from_secs(5), "4 held connections", || {
+        // Held after their answer: CLOSE-WAIT (the servers closed).
+        let ss = client.exec("ss", &["-tnoa"])?;
+        let keepalive: Vec<String> = ss
+            .lines()
+            .filter(|l| l.contains(&format!(":{TARGET_PORT} ")) && l.contains("timer:(keepalive"))
+            .map(str::to_owned)
+            .collect();
+        Ok((keepalive.len() == 4).then_some(keepalive))
+    })?;
+    assert!(
+        timers
+            .iter()
+            .all(|t| t.contains("timer:(keepalive,29sec") || t.contains("timer:(keepalive,30sec")),
+        "{timers:?}"
+    );
+    std::fs::write(&until, "")?;
+    let status = held.wait_with_output()?.status;
+    assert!(status.success(), "mesh-probe --hold: {status}");
+
+    // connectTimeout: v1-0 drops SYNs; connects drawn to it fail with the
+    // kernel's ETIMEDOUT after about 1 s, long before the client's own 10 s.
+    canary.node.pod(V1[0]).ns.exec(
+        "iptables",
+        &[
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &TARGET_PORT.to_string(),
+            "-j",
+            "DROP",
+        ],
+    )?;
+    let seen = probe::finish(probe::spawn(
+        client,
+        Some(&canary.cgroup),
+        &[
+            "--target",
+            &vip4(),
+            "--count",
+            "40",
+            "--concurrency",
+            "4",
+            "--timeout-ms",
+            "10000",
+        ]
+        .map(str::to_owned),
+    )?)?;
+    let timed_out = seen.errors.get("ETIMEDOUT").copied().unwrap_or(0);
+    assert!(timed_out > 0, "{seen:?}");
+    assert_eq!(
+        seen.failed(),
+        timed_out,
+        "only the kernel's ETIMEDOUT: {seen:?}"
+    );
+    // Each failed connect waited about 1 s, four at a time.
+    assert!(
+        seen.elapsed_ms < 1000 * (timed_out / 4 + 3),
+        "{timed_out} timed out in {} ms",
+        seen.elapsed_ms
+    );
+    Ok(())
+}

@@ -146,6 +146,9 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 ),
             };
             let hash = rule.and_then(|dr| policy::client_hash(&dr.object, number));
+            let socket = rule
+                .and_then(|dr| policy::socket_options(&dr.object, number))
+                .filter(|_| proto == Proto::Tcp);
             let mut groups = groups;
             if let Some(policy) = rule.and_then(|dr| policy::outlier(&dr.object, number)) {
                 watch_and_eject(&mut out, name, policy, &mut groups, config);
@@ -208,6 +211,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                         gateway: false,
                         affinity_timeout_s: affinity,
                         hash_client: hash.is_some(),
+                        socket,
                     },
                 );
             }

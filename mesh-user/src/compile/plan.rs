@@ -98,6 +98,9 @@ pub struct ServicePlan {
     /// DestinationRule `consistentHash.useSourceIp`: `slots` is a weighted
     /// Maglev table indexed by a hash of the client.
     pub hash_client: bool,
+    /// DestinationRule `connectionPool.tcp` `connectTimeout`/`tcpKeepalive`
+    /// for the clients' sockets.
+    pub socket: Option<mesh_common::SocketPolicy>,
 }
 
 impl ServicePlan {
@@ -112,6 +115,9 @@ impl ServicePlan {
         }
         if self.hash_client {
             flags |= mesh_common::SERVICE_FLAG_HASH_CLIENT;
+        }
+        if self.socket.is_some() {
+            flags |= mesh_common::SERVICE_FLAG_SOCKOPTS;
         }
         flags
     }

@@ -128,6 +128,38 @@ fn parse_duration(s: &str) -> Option<Duration> {
     (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
+/// `connectionPool.tcp` `connectTimeout` and `tcpKeepalive` as socket
+/// options of the clients' sockets (`None`: neither is set).
+pub fn socket_options(dr: &DestinationRule, port: u16) -> Option<mesh_common::SocketPolicy> {
+    let tcp = setting(dr, port, "connectionPool")?.get("tcp")?;
+    let seconds = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .and_then(parse_duration)
+            .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX))
+    };
+    let keepalive = tcp.get("tcpKeepalive");
+    let options = mesh_common::SocketPolicy {
+        connect_timeout_ms: tcp
+            .get("connectTimeout")
+            .and_then(Value::as_str)
+            .and_then(parse_duration)
+            .map_or(0, |d| {
+                u32::try_from(d.as_millis().max(1)).unwrap_or(u32::MAX)
+            }),
+        // Istio's default keepalive time is the kernel's (7200 s).
+        keepalive_time_s: keepalive.map_or(0, |k| match seconds(k.get("time")) {
+            0 => 7200,
+            t => t,
+        }),
+        keepalive_interval_s: seconds(keepalive.and_then(|k| k.get("interval"))),
+        keepalive_probes: keepalive
+            .and_then(|k| k.get("probes"))
+            .and_then(Value::as_u64)
+            .map_or(0, |p| u32::try_from(p).unwrap_or(u32::MAX)),
+    };
+    (options != mesh_common::SocketPolicy::default()).then_some(options)
+}
+
 /// What is not honoured, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Unhonoured {
@@ -252,7 +284,11 @@ fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, 
                 found.push((field, Unhonoured::SubsetOutlier));
             }
             "outlierDetection" => outlier_fields(value, &field, found),
-            "connectionPool" | "proxyProtocol" | "tunnel" => {
+            "connectionPool" if level == Level::Subset => {
+                found.push((field, Unhonoured::NotYet));
+            }
+            "connectionPool" => connection_pool(value, &field, found),
+            "proxyProtocol" | "tunnel" => {
                 found.push((field, Unhonoured::NotYet));
             }
             "tls" => found.push((field, Unhonoured::Tls)),
@@ -302,6 +338,44 @@ fn outlier_fields(od: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
                 }
             }
             _ => found.push((field, Unhonoured::NotYet)),
+        }
+    }
+}
+
+/// `connectionPool`: `tcp.connectTimeout` and `tcp.tcpKeepalive` honoured,
+/// the others reported.
+fn connection_pool(pool: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
+    for (key, value) in pool.as_object().into_iter().flatten() {
+        let field = format!("{at}.{key}");
+        if key != "tcp" {
+            found.push((field, Unhonoured::NotYet));
+            continue;
+        }
+        for (key, value) in value.as_object().into_iter().flatten() {
+            let field = format!("{field}.{key}");
+            match key.as_str() {
+                "connectTimeout" => {
+                    if value.as_str().and_then(parse_duration).is_none() {
+                        found.push((field, Unhonoured::Duration));
+                    }
+                }
+                "tcpKeepalive" => {
+                    for (key, value) in value.as_object().into_iter().flatten() {
+                        let field = format!("{field}.{key}");
+                        let ok = match key.as_str() {
+                            "time" | "interval" => {
+                                value.as_str().and_then(parse_duration).is_some()
+                            }
+                            "probes" => value.as_u64().is_some(),
+                            _ => false,
+                        };
+                        if !ok {
+                            found.push((field, Unhonoured::Duration));
+                        }
+                    }
+                }
+                _ => found.push((field, Unhonoured::NotYet)),
+            }
         }
     }
 }
@@ -384,7 +458,7 @@ spec:
         assert_eq!(
             got,
             [
-                "spec.trafficPolicy.connectionPool",
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
                 "spec.trafficPolicy.loadBalancer.consistentHash",
                 "spec.trafficPolicy.portLevelSettings[0].loadBalancer.simple",
                 "spec.trafficPolicy.portLevelSettings[0].outlierDetection.interval",
@@ -481,5 +555,36 @@ spec:
         assert_eq!(at(9090), None, "every threshold 0: off");
         assert_eq!(at(7070).map(|o| o.threshold), Some(2), "the rule's");
         assert_eq!(fields(&dr), []);
+    }
+
+    #[test]
+    fn connection_pool_tcp_options_become_socket_options_and_the_rest_is_reported() {
+        let dr = rule(
+            "metadata: {name: web, namespace: prod}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 250ms, tcpKeepalive: {interval: 5s}, maxConnections: 10}
+      http: {http1MaxPendingRequests: 5}
+",
+        );
+        assert_eq!(
+            socket_options(&dr.object, 80),
+            Some(mesh_common::SocketPolicy {
+                connect_timeout_ms: 250,
+                keepalive_time_s: 7200,
+                keepalive_interval_s: 5,
+                keepalive_probes: 0,
+            })
+        );
+        let got: Vec<String> = fields(&dr).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            got,
+            [
+                "spec.trafficPolicy.connectionPool.http",
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            ]
+        );
     }
 }

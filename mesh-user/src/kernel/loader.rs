@@ -356,6 +356,10 @@ pub fn load(
             &mut ebpf,
             map_names::AFFINITY_MATCH,
         )?),
+        socket_policy: Box::new(take::<HashMap<_, _, _>>(
+            &mut ebpf,
+            map_names::SOCKET_POLICY,
+        )?),
     };
     let sock_stats = SockStats::new(
         take(&mut ebpf, map_names::SOCK_STATS)?,

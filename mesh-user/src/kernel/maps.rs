@@ -6,6 +6,7 @@
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
 use mesh_common::{
     AffinityMatch, Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey,
+    SocketPolicy,
 };
 
 /// A hash map of the kernel's, as apply uses it.
@@ -35,14 +36,14 @@ pub fn sync_set<T: Ord + Copy, K>(
 
 /// The same for a map whose values matter: writes what is new or changed,
 /// removes what is no longer desired.
-pub fn sync_map<T: Ord + Copy, K>(
-    map: &mut dyn KernelMap<K, u32>,
-    current: &mut std::collections::BTreeMap<T, u32>,
-    desired: &std::collections::BTreeMap<T, u32>,
+pub fn sync_map<T: Ord + Copy, K, V: Copy + PartialEq>(
+    map: &mut dyn KernelMap<K, V>,
+    current: &mut std::collections::BTreeMap<T, V>,
+    desired: &std::collections::BTreeMap<T, V>,
     key: impl Fn(T) -> K,
 ) -> Vec<(T, MapError)> {
     let mut failed = Vec::new();
-    let write: Vec<(T, u32)> = desired
+    let write: Vec<(T, V)> = desired
         .iter()
         .filter(|(t, v)| current.get(t) != Some(v))
         .map(|(t, v)| (*t, *v))
@@ -102,6 +103,8 @@ pub struct Maps {
     pub redirect_excluded: Box<dyn KernelMap<EndpointKey, u32> + Send + Sync>,
     /// Members of services with session affinity -> their timeout.
     pub affinity_match: Box<dyn KernelMap<AffinityMatch, u32> + Send + Sync>,
+    /// Service id -> its clients' socket options.
+    pub socket_policy: Box<dyn KernelMap<u32, SocketPolicy> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -308,6 +311,7 @@ pub mod fake {
         pub backend_stats: FakeMap<u32, u64>,
         pub redirect_excluded: FakeMap<EndpointKey, u32>,
         pub affinity_match: FakeMap<AffinityMatch, u32>,
+        pub socket_policy: FakeMap<u32, SocketPolicy>,
     }
 
     impl FakeMaps {
@@ -325,6 +329,7 @@ pub mod fake {
                 backend_stats: FakeMap::with_capacity(backends),
                 redirect_excluded: FakeMap::with_capacity(64),
                 affinity_match: FakeMap::with_capacity(backends),
+                socket_policy: FakeMap::with_capacity(services),
             }
         }
 
@@ -343,6 +348,7 @@ pub mod fake {
                 backend_stats: Box::new(self.backend_stats.clone()),
                 redirect_excluded: Box::new(self.redirect_excluded.clone()),
                 affinity_match: Box::new(self.affinity_match.clone()),
+                socket_policy: Box::new(self.socket_policy.clone()),
             }
         }
     }

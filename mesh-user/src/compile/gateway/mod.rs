@@ -406,6 +406,7 @@ pub fn service_plans(
                     gateway: true,
                     affinity_timeout_s: None,
                     hash_client: false,
+                    socket: None,
                 },
             );
         }

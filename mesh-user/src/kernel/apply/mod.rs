@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::MapError;
-use mesh_common::{AffinityMatch, Backend, FAMILY_NONE, ServiceValue, SlotKey};
+use mesh_common::{AffinityMatch, Backend, FAMILY_NONE, ServiceValue, SlotKey, SocketPolicy};
 use tracing::warn;
 
 mod ids;
@@ -202,6 +202,8 @@ pub struct Applier {
     /// What `AFFINITY_MATCH_V1` holds: members of services with session
     /// affinity, and their timeouts.
     affinity: BTreeMap<AffinityMatch, u32>,
+    /// What `SOCKET_POLICY_V1` holds: service id -> its clients' options.
+    socket_policies: BTreeMap<u32, SocketPolicy>,
 }
 
 impl Applier {
@@ -217,6 +219,7 @@ impl Applier {
             backend_pool: IdPool::new(capacity.backends),
             excluded: BTreeSet::new(),
             affinity: BTreeMap::new(),
+            socket_policies: BTreeMap::new(),
         }
     }
 
@@ -267,8 +270,45 @@ impl Applier {
             }
         }
         report.errors.extend(self.sync_affinity(desired));
+        report.errors.extend(self.sync_socket_policies(desired));
         self.collect_garbage(now);
         report
+    }
+
+    /// Makes `SOCKET_POLICY_V1` hold the socket options of the live service
+    /// ports that have some (after the flips: a connect in between gets the
+    /// socket's own options).
+    fn sync_socket_policies(
+        &mut self,
+        desired: &BTreeMap<ServiceAddr, ServicePlan>,
+    ) -> Vec<ApplyError> {
+        let mut want = BTreeMap::new();
+        let mut whose = BTreeMap::new();
+        for (addr, plan) in desired {
+            if let (Some(options), Some(live)) = (plan.socket, self.live.get(addr)) {
+                want.insert(live.service_id, options);
+                whose.insert(live.service_id, (*addr, plan.service.clone()));
+            }
+        }
+        super::maps::sync_map(
+            &mut *self.maps.socket_policy,
+            &mut self.socket_policies,
+            &want,
+            |id| id,
+        )
+        .into_iter()
+        .filter_map(|(id, source)| {
+            let Some((addr, service)) = whose.remove(&id) else {
+                warn!(id, "cannot remove a service's socket options: {source}");
+                return None;
+            };
+            Some(ApplyError::Write {
+                service,
+                addr,
+                source: Box::new(source),
+            })
+        })
+        .collect()
     }
 
     /// Makes `AFFINITY_MATCH_V1` hold the backends of the live tables of the
@@ -699,7 +739,14 @@ impl Applier {
             .iter()
             .filter_map(endpoint_addr)
             .collect();
-        // The next apply keeps what still holds and removes the rest.
+        // The next applies keep what still holds and remove the rest.
+        self.socket_policies = self
+            .maps
+            .socket_policy
+            .keys()
+            .into_iter()
+            .filter_map(|k| Some((k, self.maps.socket_policy.get(&k)?)))
+            .collect();
         self.affinity = self
             .maps
             .affinity_match

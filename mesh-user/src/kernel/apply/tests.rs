@@ -49,6 +49,7 @@ fn plan(name: &str, backends: &[u8]) -> ServicePlan {
         gateway: false,
         affinity_timeout_s: None,
         hash_client: false,
+        socket: None,
     }
 }
 
