@@ -106,13 +106,15 @@ pub mod map_names {
     pub const OUTLIER: &str = "OUTLIER_V1";
     pub const SOCKET_POLICY: &str = "SOCKET_POLICY_V1";
     pub const CONNECTING: &str = "CONNECTING_V1";
+    pub const ACTIVE: &str = "ACTIVE_V1";
+    pub const COUNTED: &str = "COUNTED_V1";
 
     /// Every map of the object: the ones pinned in bpffs, so that they outlive the
     /// agent. A layout change renames a map (`_V2`), which makes the old pin a
     /// stranger the agent removes once the new programs run.
     /// Keep in step with mesh-ebpf/src/maps.rs: the loader fails on a name the
     /// object lacks.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 26] = [
         SERVICES,
         SLOTS,
         REVNAT,
@@ -137,6 +139,8 @@ pub mod map_names {
         OUTLIER,
         SOCKET_POLICY,
         CONNECTING,
+        ACTIVE,
+        COUNTED,
     ];
 }
 
@@ -545,6 +549,15 @@ const _: () = assert!(core::mem::size_of::<SocketPolicy>() == 16);
 /// Capacity of the connects waiting for ESTABLISHED with a connect timeout
 /// set by connect4/6 (`CONNECTING_V1`, LRU).
 pub const MAX_CONNECTING: u32 = 65_536;
+
+/// [`ServiceValue::flags`]: DestinationRule `loadBalancer.simple:
+/// LEAST_REQUEST`, as fewest active connections: connect4/6 draw two slots
+/// and take the backend with fewer connections open (`ACTIVE_V1`).
+pub const SERVICE_FLAG_LEAST_REQUEST: u32 = 16;
+
+/// Capacity of the connections counted in `ACTIVE_V1` (`COUNTED_V1`: socket
+/// cookie -> backend); when full, new connections are not counted.
+pub const MAX_COUNTED: u32 = 262_144;
 
 /// Key of `AFFINITY_V1`: one client of one service port.
 ///

@@ -10,13 +10,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Affinity, AffinityKey, AffinityMatch, Backend, FAMILY_NONE, FAMILY_V4, FAMILY_V6, OrigDst,
-    PROTO_TCP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT,
-    SERVICE_FLAG_SOCKOPTS, ServiceKey, ServiceValue, SlotKey, V4_MAPPED_WORD, fmix64, global_stat,
-    is_v4_mapped,
+    Affinity, AffinityKey, AffinityMatch, Backend, EndpointKey, FAMILY_NONE, FAMILY_V4, FAMILY_V6,
+    OrigDst, PROTO_TCP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT,
+    SERVICE_FLAG_LEAST_REQUEST, SERVICE_FLAG_SOCKOPTS, ServiceKey, ServiceValue, SlotKey,
+    V4_MAPPED_WORD, fmix64, global_stat, is_v4_mapped,
 };
 
 use crate::{
+    active,
     ctx::{read_ip6, write_ip6},
     maps::{AFFINITY, AFFINITY_MATCH, AGENT_CGROUP, GATEWAY_NETNS, REVNAT, SERVICES, SLOTS},
     scope, sockopt,
@@ -209,6 +210,11 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             if backend.family == FAMILY_NONE {
                 return Verdict::NoBackend;
             }
+            let backend = if affinity.is_none() && svc.flags & SERVICE_FLAG_LEAST_REQUEST != 0 {
+                least_loaded(&svc, slot, backend)
+            } else {
+                backend
+            };
             if let Some(client) = &affinity {
                 client.remember(backend);
             }
@@ -219,6 +225,45 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
     }
     // Two misses in a row: never send a mesh connect to the bare VIP.
     Verdict::NoBackend
+}
+
+/// LEAST_REQUEST: of the backend at `slot` and the one at another slot drawn
+/// at random, the one with fewer connections open (the first on a tie, or
+/// when a count is missing). Two distinct slots, so with two backends the
+/// less loaded one always wins.
+#[inline(always)]
+fn least_loaded(svc: &ServiceValue, slot: u32, first: Backend) -> Backend {
+    if svc.slot_count < 2 {
+        return first;
+    }
+    // SAFETY: helper without preconditions.
+    let other =
+        (slot + 1 + unsafe { bpf_get_prandom_u32() } % (svc.slot_count - 1)) % svc.slot_count;
+    let key = SlotKey {
+        service_id: svc.service_id,
+        revision: svc.revision,
+        slot: other,
+    };
+    // SAFETY: as for the first slot.
+    let Some(second) = (unsafe { SLOTS.get(key) }).copied() else {
+        return first;
+    };
+    let endpoint = |b: &Backend| EndpointKey {
+        addr: b.addr,
+        port: b.port,
+        family: b.family,
+        _pad: 0,
+    };
+    if second.family == FAMILY_NONE {
+        return first;
+    }
+    match (
+        active::open(&endpoint(&first)),
+        active::open(&endpoint(&second)),
+    ) {
+        (Some(a), Some(b)) if b < a => second,
+        _ => first,
+    }
 }
 
 /// DestinationRule `connectionPool.tcp` options on a TCP client's socket.

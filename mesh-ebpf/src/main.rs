@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod active;
 mod connect;
 mod ctx;
 mod ingress;

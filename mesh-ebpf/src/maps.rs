@@ -8,7 +8,7 @@ use aya_ebpf::{
 use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, BackendStats, ConnKey, EndpointKey, GatewayFlow,
     GatewayNat, GatewayVip, MAX_AFFINITY, MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_CONNECTING,
-    MAX_GATEWAY_CT, MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_OUTLIER,
+    MAX_COUNTED, MAX_GATEWAY_CT, MAX_GATEWAY_VIPS, MAX_MAGLEV_SLOTS, MAX_MESHED_PODS, MAX_OUTLIER,
     MAX_REDIRECT_EXCLUDED, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MaglevKey, MeshScope,
     OrigDst, OutlierStats, ServiceKey, ServiceValue, SlotKey, SockConn, SockKey, SocketPolicy,
     gateway_stat, global_stat, sock_stat,
@@ -66,6 +66,21 @@ pub static SOCKET_POLICY: HashMap<u32, SocketPolicy> =
 /// sockops (delete). LRU: a connect that never completes ages out.
 #[map(name = "CONNECTING_V1")]
 pub static CONNECTING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNECTING, 0);
+
+/// A backend of a service with LEAST_REQUEST (its endpoint) -> per-CPU counts
+/// of its open connections (signed: one CPU's +1 may be another's -1; the sum
+/// is the count). Writer: agent (creates zeroed, deletes) and sockops (+1 when
+/// a rewritten connect starts, -1 when it closes). connect4/6 sum the CPUs.
+#[map(name = "ACTIVE_V1")]
+pub static ACTIVE: PerCpuHashMap<EndpointKey, i64> =
+    PerCpuHashMap::with_max_entries(MAX_OUTLIER, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> the backend its connection counts for in `ACTIVE_V1`:
+/// the count is lowered once, when the socket closes and its record goes.
+/// Writer: sockops. Not LRU: a lost record would leave a count up for good.
+#[map(name = "COUNTED_V1")]
+pub static COUNTED: HashMap<u64, EndpointKey> =
+    HashMap::with_max_entries(MAX_COUNTED, BPF_F_NO_PREALLOC);
 
 /// Backend id -> per-CPU counters. The agent creates (zeroed) entries; the kernel
 /// only increments existing ones.

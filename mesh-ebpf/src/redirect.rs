@@ -38,6 +38,7 @@ use aya_ebpf::{
 use mesh_common::{EndpointKey, SockConn, SockKey, sock_path, sock_stat};
 
 use crate::{
+    active,
     ctx::read_ip6,
     maps::{REDIRECT_EXCLUDED, ROUTER_MARK, SOCK_CONN, SOCK_STATS, SOCKETS},
     outlier, scope, sockopt,
@@ -65,6 +66,7 @@ pub fn try_sockops(ctx: &SockOpsContext, adds: Adds) -> u32 {
         && let Some(key) = ops_key(ctx)
     {
         outlier::count(ctx, op, &key);
+        active::count(ctx, op, &key);
     }
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         sockopt::established(ctx);

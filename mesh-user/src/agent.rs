@@ -242,6 +242,13 @@ pub async fn run(
             }
         },
         detector: crate::outlier::Detector::default(),
+        active: match crate::kernel::outlier::Active::open(&pins) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                warn!("LEAST_REQUEST balances at random: {e}");
+                None
+            }
+        },
         outlier_backends,
     };
     let mut tick = tokio::time::interval(TICK);
@@ -369,6 +376,8 @@ struct Reconciler {
     /// opened) and the decisions made from them.
     outlier: Option<crate::kernel::outlier::Watched>,
     detector: crate::outlier::Detector,
+    /// LEAST_REQUEST: the backends whose open connections the kernel counts.
+    active: Option<crate::kernel::outlier::Active>,
     /// What `/metrics` shows of the detector.
     outlier_backends: crate::telemetry::OutlierBackends,
 }
@@ -390,6 +399,7 @@ impl Reconciler {
         self.serve_gateways(&mut compiled, &mut diagnostics);
         self.watch_outliers(&compiled, &mut diagnostics);
         self.connect_timeouts_need_sockops(&mut compiled, &mut diagnostics);
+        self.count_open_connections(&mut compiled, &mut diagnostics);
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
         // Before the first attach: the pods meshed from the first connect on.
@@ -561,6 +571,41 @@ impl Reconciler {
             ));
             if *options == mesh_common::SocketPolicy::default() {
                 plan.socket = None;
+            }
+        }
+    }
+
+    /// LEAST_REQUEST: the kernel counts the open connections of the backends
+    /// of such service ports (sockops does, so not with --no-redirect: then
+    /// the ports balance at random, and say so).
+    fn count_open_connections(
+        &mut self,
+        compiled: &mut Compiled,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
+        let counted: BTreeSet<crate::compile::BackendAddr> = if self.attach_redirect() {
+            compiled
+                .services
+                .values()
+                .filter(|p| p.least_request)
+                .flat_map(|p| p.slots.iter().flatten().copied())
+                .collect()
+        } else {
+            for plan in compiled.services.values_mut().filter(|p| p.least_request) {
+                plan.least_request = false;
+                let me =
+                    crate::model::ObjectRef::new(crate::model::Kind::Service, plan.service.clone());
+                diagnostics.push(Diagnostic::warning(
+                    &me,
+                    "loadBalancer.simple LEAST_REQUEST (its DestinationRule)",
+                    "not honoured: open connections are counted by the sockops program, which --no-redirect leaves out; balanced at random",
+                ));
+            }
+            BTreeSet::new()
+        };
+        if let Some(active) = &mut self.active {
+            for (backend, e) in active.sync(&counted) {
+                warn!(%backend, "cannot count the backend's open connections: {e}");
             }
         }
     }

@@ -633,3 +633,64 @@ fn connect_timeout_fails_an_unanswered_connect_in_time_and_keepalive_is_set() ->
     );
     Ok(())
 }
+
+/// The canary's DestinationRule with `LEAST_REQUEST`.
+const LEAST: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: flaskapp, namespace: default}
+spec:
+  host: flaskapp
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+";
+
+#[test]
+fn least_request_sends_new_connections_to_the_backend_with_fewer_open() -> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.write("destinationrule.yaml", LEAST)?;
+    let explained = canary.agent.cli(&["explain", &vip4()])?;
+    assert!(explained.contains("least request"), "{explained}");
+    // Ten connections held open on v1-0, the only ready pod then.
+    for pod in [V1[1], V1[2], V2] {
+        canary.set_ready(pod, false)?;
+    }
+    let client = &canary.node.pod("client").ns;
+    let until = canary.dir.path().join("release");
+    let held = probe::spawn(
+        client,
+        Some(&canary.cgroup),
+        &[
+            "--target",
+            &vip4(),
+            "--hold",
+            "10",
+            "--until",
+            &until.display().to_string(),
+        ]
+        .map(str::to_owned),
+    )?;
+    mesh_tools::node::poll(Duration::from_secs(5), "10 held connections", || {
+        let ss = client.exec("ss", &["-tnoa"])?;
+        let open = ss
+            .lines()
+            .filter(|l| l.contains(&format!(":{TARGET_PORT} ")))
+            .count();
+        Ok((open == 10).then_some(()))
+    })?;
+    // v1-1 joins: every new connection goes to it, the one with none open
+    // (at random, half would go to v1-0).
+    canary.set_ready(V1[1], true)?;
+    let seen = canary.probe(&vip4(), 200)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(seen.backends.get(V1[1]), Some(&200), "{seen:?}");
+    // Released: both have none open; new ones spread over both.
+    std::fs::write(&until, "")?;
+    let status = held.wait_with_output()?.status;
+    assert!(status.success(), "mesh-probe --hold: {status}");
+    let seen = canary.probe(&vip4(), 400)?;
+    assert_eq!(seen.backends.len(), 2, "{seen:?}");
+    Ok(())
+}

@@ -241,6 +241,8 @@ pub struct ServiceDump {
     /// The slot is a hash of the client over a Maglev table (DestinationRule
     /// `consistentHash.useSourceIp`).
     pub hash_client: bool,
+    /// The less loaded of two drawn slots (DestinationRule LEAST_REQUEST).
+    pub least_request: bool,
     /// The service's backends outlier detection watches (as recorded).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub outliers: Vec<crate::outlier::BackendRecord>,
@@ -413,6 +415,7 @@ pub fn dump(
             destinations,
             gateway,
             hash_client: table.value.flags & mesh_common::SERVICE_FLAG_HASH_CLIENT != 0,
+            least_request: table.value.flags & mesh_common::SERVICE_FLAG_LEAST_REQUEST != 0,
             outliers: record
                 .outliers
                 .iter()
@@ -473,6 +476,11 @@ fn print_outliers(s: &ServiceDump) {
 
 /// How a connect picks its slot, when it is not a random draw.
 fn print_affinity(s: &ServiceDump) {
+    if s.least_request {
+        println!(
+            "    least request (DestinationRule LEAST_REQUEST): of two slots drawn, the backend with fewer connections open"
+        );
+    }
     if s.hash_client {
         println!(
             "    consistent hash of the client (DestinationRule consistentHash.useSourceIp): a weighted Maglev table of {} slots; a client (its bound address, else its pod) keeps its backend",

@@ -146,6 +146,8 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 ),
             };
             let hash = rule.and_then(|dr| policy::client_hash(&dr.object, number));
+            let least_request = proto == Proto::Tcp
+                && rule.is_some_and(|dr| policy::least_request(&dr.object, number));
             let socket = rule
                 .and_then(|dr| policy::socket_options(&dr.object, number))
                 .filter(|_| proto == Proto::Tcp);
@@ -212,6 +214,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                         affinity_timeout_s: affinity,
                         hash_client: hash.is_some(),
                         socket,
+                        least_request,
                     },
                 );
             }

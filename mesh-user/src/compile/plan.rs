@@ -101,6 +101,8 @@ pub struct ServicePlan {
     /// DestinationRule `connectionPool.tcp` `connectTimeout`/`tcpKeepalive`
     /// for the clients' sockets.
     pub socket: Option<mesh_common::SocketPolicy>,
+    /// DestinationRule `LEAST_REQUEST`: the less loaded of two drawn slots.
+    pub least_request: bool,
 }
 
 impl ServicePlan {
@@ -118,6 +120,9 @@ impl ServicePlan {
         }
         if self.socket.is_some() {
             flags |= mesh_common::SERVICE_FLAG_SOCKOPTS;
+        }
+        if self.least_request {
+            flags |= mesh_common::SERVICE_FLAG_LEAST_REQUEST;
         }
         flags
     }

@@ -9,8 +9,11 @@
 //! same shares (Envoy's own round robin is weighted and per proxy, not global).
 //! And `loadBalancer.consistentHash.useSourceIp` (with `maglev.tableSize`) at
 //! the rule's or a port's level: one weighted Maglev table per service port,
-//! indexed by a hash of the client ([`client_hash`]). Not per subset: the
-//! port's one table mixes the route's subsets.
+//! indexed by a hash of the client ([`client_hash`]). And `simple:
+//! LEAST_REQUEST` (or `LEAST_CONN`) as fewest open connections: the kernel
+//! counts each backend's open connections and takes the less loaded of two
+//! drawn ([`least_request`]). Not per subset: the port's one table mixes the
+//! route's subsets.
 
 use std::time::Duration;
 
@@ -41,6 +44,15 @@ fn setting<'a>(dr: &'a DestinationRule, port: u16, field: &str) -> Option<&'a Va
         .find(|p| p.pointer("/port/number").and_then(Value::as_u64) == Some(u64::from(port)))
         .and_then(|p| p.get(field))
         .or_else(|| policy.get(field))
+}
+
+/// Whether `dr` asks for `LEAST_REQUEST` (or its old name `LEAST_CONN`) on
+/// service port `port`: fewest open connections, of two drawn.
+pub fn least_request(dr: &DestinationRule, port: u16) -> bool {
+    setting(dr, port, "loadBalancer")
+        .and_then(|lb| lb.get("simple"))
+        .and_then(Value::as_str)
+        .is_some_and(|s| matches!(s, "LEAST_REQUEST" | "LEAST_CONN"))
 }
 
 /// The consistent hash `dr` asks for on service port `port`.
@@ -312,6 +324,9 @@ fn load_balancer(lb: &Value, at: &str, level: Level, found: &mut Vec<(String, Un
             "consistentHash" if level == Level::Subset => {
                 found.push((field, Unhonoured::SubsetHash));
             }
+            "simple"
+                if level != Level::Subset
+                    && matches!(value.as_str(), Some("LEAST_REQUEST" | "LEAST_CONN")) => {}
             "consistentHash" => consistent_hash(value, &field, found),
             "simple" => {
                 let value = value.as_str().unwrap_or("?").to_owned();
@@ -446,7 +461,7 @@ spec:
     connectionPool: {tcp: {maxConnections: 10}}
     portLevelSettings:
       - port: {number: 80}
-        loadBalancer: {simple: LEAST_REQUEST}
+        loadBalancer: {simple: PASSTHROUGH}
         outlierDetection: {consecutive5xxErrors: 3, splitExternalLocalOriginErrors: true, interval: soon}
   subsets:
     - name: v1
@@ -475,7 +490,7 @@ spec:
         assert!(messages[5].contains("unknown field speed"), "{messages:?}");
         assert_eq!(
             messages[2],
-            "simple LEAST_REQUEST is not honoured yet: connections are balanced by weight, at random"
+            "simple PASSTHROUGH is not honoured yet: connections are balanced by weight, at random"
         );
     }
 

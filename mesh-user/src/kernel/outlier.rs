@@ -1,6 +1,7 @@
-//! `OUTLIER_V1`: the backends outlier detection watches, and the kernel's
-//! counts of their connects' outcomes. The agent creates an entry (zeroed) for
-//! each watched backend and deletes the others; sockops counts, per CPU.
+//! Per-backend kernel counters the agent creates and deletes and sockops
+//! writes, per CPU: `OUTLIER_V1` (outlier detection: connects' outcomes) and
+//! `ACTIVE_V1` (LEAST_REQUEST: open connections). The agent creates an entry
+//! (zeroed) for each backend it wants counted and deletes the others.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,21 +21,26 @@ pub struct Counts {
     pub successes: u64,
 }
 
-/// The agent's handle on `OUTLIER_V1`.
-pub struct Watched {
-    map: PerCpuHashMap<MapData, EndpointKey, OutlierStats>,
+/// One of the per-backend counter maps.
+pub struct BackendCounters<V: aya::Pod + Default> {
+    map: PerCpuHashMap<MapData, EndpointKey, V>,
     nr_cpus: usize,
 }
 
-impl std::fmt::Debug for Watched {
+/// `OUTLIER_V1`.
+pub type Watched = BackendCounters<OutlierStats>;
+/// `ACTIVE_V1`.
+pub type Active = BackendCounters<i64>;
+
+impl<V: aya::Pod + Default> std::fmt::Debug for BackendCounters<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watched").finish_non_exhaustive()
+        f.debug_struct("BackendCounters").finish_non_exhaustive()
     }
 }
 
-impl Watched {
-    pub fn open(pins: &PinDir) -> Result<Self, MapError> {
-        let data = MapData::from_pin(pins.map(map_names::OUTLIER))?;
+impl<V: aya::Pod + Default> BackendCounters<V> {
+    fn open_named(pins: &PinDir, name: &'static str) -> Result<Self, MapError> {
+        let data = MapData::from_pin(pins.map(name))?;
         let map = PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, io_error)| {
             MapError::SyscallError(aya::sys::SyscallError {
@@ -45,7 +51,7 @@ impl Watched {
         Ok(Self { map, nr_cpus })
     }
 
-    /// Watches exactly `backends`: a new one gets a zeroed entry (one already
+    /// Counts exactly `backends`: a new one gets a zeroed entry (one already
     /// there keeps its counts), the others are deleted. Returns the failures.
     pub fn sync(&mut self, backends: &BTreeSet<BackendAddr>) -> Vec<(BackendAddr, MapError)> {
         let mut failed = Vec::new();
@@ -56,15 +62,13 @@ impl Watched {
             .filter_map(|k| endpoint_addr(&k))
             .collect();
         for b in backends.difference(&present) {
-            let zero = match PerCpuValues::try_from(vec![OutlierStats::default(); self.nr_cpus]) {
+            let zero = match PerCpuValues::try_from(vec![V::default(); self.nr_cpus]) {
                 Ok(zero) => zero,
-                Err(e) => {
+                Err(io_error) => {
+                    let call = "per-cpu values";
                     failed.push((
                         *b,
-                        MapError::SyscallError(aya::sys::SyscallError {
-                            call: "per-cpu values",
-                            io_error: e,
-                        }),
+                        MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
                     ));
                     continue;
                 }
@@ -86,19 +90,40 @@ impl Watched {
         failed
     }
 
-    /// Every watched backend's counts.
-    pub fn read(&self) -> BTreeMap<BackendAddr, Counts> {
+    /// Every counted backend's value, folded over CPUs.
+    fn fold<T>(&self, init: T, f: impl Fn(T, &V) -> T + Copy) -> BTreeMap<BackendAddr, T>
+    where
+        T: Copy,
+    {
         self.map
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(k, per_cpu)| {
-                let addr = endpoint_addr(&k)?;
-                let counts = per_cpu.iter().fold(Counts::default(), |c, s| Counts {
-                    failures: c.failures + s.failures,
-                    successes: c.successes + s.successes,
-                });
-                Some((addr, counts))
-            })
+            .filter_map(|(k, per_cpu)| Some((endpoint_addr(&k)?, per_cpu.iter().fold(init, f))))
             .collect()
+    }
+}
+
+impl Watched {
+    pub fn open(pins: &PinDir) -> Result<Self, MapError> {
+        Self::open_named(pins, map_names::OUTLIER)
+    }
+
+    /// Every watched backend's counts.
+    pub fn read(&self) -> BTreeMap<BackendAddr, Counts> {
+        self.fold(Counts::default(), |c, s| Counts {
+            failures: c.failures + s.failures,
+            successes: c.successes + s.successes,
+        })
+    }
+}
+
+impl Active {
+    pub fn open(pins: &PinDir) -> Result<Self, MapError> {
+        Self::open_named(pins, map_names::ACTIVE)
+    }
+
+    /// Every counted backend's open connections.
+    pub fn read(&self) -> BTreeMap<BackendAddr, i64> {
+        self.fold(0, |total, n| total + n)
     }
 }

@@ -407,6 +407,7 @@ pub fn service_plans(
                     affinity_timeout_s: None,
                     hash_client: false,
                     socket: None,
+                    least_request: false,
                 },
             );
         }

@@ -50,6 +50,7 @@ fn plan(name: &str, backends: &[u8]) -> ServicePlan {
         affinity_timeout_s: None,
         hash_client: false,
         socket: None,
+        least_request: false,
     }
 }
 
