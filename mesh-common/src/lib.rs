@@ -184,7 +184,9 @@ pub mod global_stat {
     /// Connects of a client sent to the backend it drew before
     /// (`sessionAffinity: ClientIP`), without a draw.
     pub const AFFINITY_KEPT: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Connects refused because their backend had `maxConnections` open.
+    pub const POOL_OVERFLOW: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Indexes into the per-CPU `SOCK_STATS_V1` array (same-node redirection).
@@ -523,8 +525,8 @@ pub struct OutlierStats {
 const _: () = assert!(core::mem::size_of::<OutlierStats>() == 16);
 
 /// [`ServiceValue::flags`]: DestinationRule `connectionPool.tcp`
-/// `connectTimeout` / `tcpKeepalive`. connect4/6 apply the service's
-/// [`SocketPolicy`] (`SOCKET_POLICY_V1`) to the client's TCP socket.
+/// `connectTimeout` / `tcpKeepalive` / `maxConnections`. connect4/6 apply the
+/// service's [`SocketPolicy`] (`SOCKET_POLICY_V1`) to the client's TCP socket.
 pub const SERVICE_FLAG_SOCKOPTS: u32 = 8;
 
 /// Value of `SOCKET_POLICY_V1` (key: service id, `u32`): socket options for
@@ -543,8 +545,12 @@ pub struct SocketPolicy {
     pub keepalive_interval_s: u32,
     /// `tcpKeepalive.probes`: `TCP_KEEPCNT` (0: the kernel's).
     pub keepalive_probes: u32,
+    /// `maxConnections`, per backend: a connect drawn to a backend with this
+    /// many connections open (`ACTIVE_V1`) is refused with ECONNREFUSED at
+    /// once (0: no limit).
+    pub max_connections: u32,
 }
-const _: () = assert!(core::mem::size_of::<SocketPolicy>() == 16);
+const _: () = assert!(core::mem::size_of::<SocketPolicy>() == 20);
 
 /// Capacity of the connects waiting for ESTABLISHED with a connect timeout
 /// set by connect4/6 (`CONNECTING_V1`, LRU).

@@ -29,6 +29,8 @@ const ALLOW: i32 = 1;
 /// Fail the syscall; the errno is the one set with `bpf_set_retval`.
 const REJECT: i32 = 0;
 const EHOSTUNREACH: i32 = 113;
+/// `maxConnections` reached: refused as a full server's backlog would.
+const ECONNREFUSED: i32 = 111;
 
 /// Which program runs: the mesh's (service VIPs, for meshed sockets) or the
 /// gateway's (gateway ports on the node's addresses, for sockets of the node's
@@ -48,6 +50,8 @@ enum Verdict {
     NoBackend,
     /// Go to this backend.
     To(Backend),
+    /// The backend drawn has `maxConnections` open: refuse.
+    Overflow,
 }
 
 pub fn try_connect4(ctx: &SockAddrContext, hook: Hook) -> i32 {
@@ -70,6 +74,7 @@ pub fn try_connect4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     match choose(ctx, &key, hook) {
         Verdict::Untouched => ALLOW,
         Verdict::NoBackend => refuse(),
+        Verdict::Overflow => refuse_with(ECONNREFUSED),
         Verdict::To(backend) if backend.family == FAMILY_V4 => {
             remember(ctx, &key);
             // SAFETY: as above; user_ip4/user_port are writable in connect4.
@@ -116,6 +121,7 @@ pub fn try_connect6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     match choose(ctx, &key, hook) {
         Verdict::Untouched => ALLOW,
         Verdict::NoBackend => refuse(),
+        Verdict::Overflow => refuse_with(ECONNREFUSED),
         Verdict::To(backend) => {
             let new_ip = match (mapped, backend.family) {
                 (false, FAMILY_V6) => backend.addr,
@@ -215,6 +221,12 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             } else {
                 backend
             };
+            if svc.flags & SERVICE_FLAG_SOCKOPTS != 0
+                && sockopt::full(svc.service_id, &endpoint(&backend))
+            {
+                bump(global_stat::POOL_OVERFLOW);
+                return Verdict::Overflow;
+            }
             if let Some(client) = &affinity {
                 client.remember(backend);
             }
@@ -248,12 +260,6 @@ fn least_loaded(svc: &ServiceValue, slot: u32, first: Backend) -> Backend {
     let Some(second) = (unsafe { SLOTS.get(key) }).copied() else {
         return first;
     };
-    let endpoint = |b: &Backend| EndpointKey {
-        addr: b.addr,
-        port: b.port,
-        family: b.family,
-        _pad: 0,
-    };
     if second.family == FAMILY_NONE {
         return first;
     }
@@ -263,6 +269,17 @@ fn least_loaded(svc: &ServiceValue, slot: u32, first: Backend) -> Backend {
     ) {
         (Some(a), Some(b)) if b < a => second,
         _ => first,
+    }
+}
+
+/// A backend as an endpoint (the key of the per-backend maps).
+#[inline(always)]
+fn endpoint(b: &Backend) -> EndpointKey {
+    EndpointKey {
+        addr: b.addr,
+        port: b.port,
+        family: b.family,
+        _pad: 0,
     }
 }
 
@@ -398,8 +415,14 @@ fn in_scope(ctx: &SockAddrContext, hook: Hook) -> bool {
 #[inline(always)]
 fn refuse() -> i32 {
     bump(global_stat::NO_BACKEND);
+    refuse_with(EHOSTUNREACH)
+}
+
+/// Fails the connect with `errno`.
+#[inline(always)]
+fn refuse_with(errno: i32) -> i32 {
     // SAFETY: helper allowed for connect hooks; a negative errno is the contract.
-    unsafe { bpf_set_retval(-EHOSTUNREACH) };
+    unsafe { bpf_set_retval(-errno) };
     REJECT
 }
 

@@ -78,6 +78,16 @@ fn keepalive<C: EbpfContext>(ctx: &C, policy: &SocketPolicy) {
     }
 }
 
+/// Whether `backend` has the service's `maxConnections` open already.
+#[inline(always)]
+pub fn full(service_id: u32, backend: &mesh_common::EndpointKey) -> bool {
+    // SAFETY: a plain lookup; the value is copied.
+    let Some(max) = (unsafe { SOCKET_POLICY.get(service_id) }).map(|p| p.max_connections) else {
+        return false;
+    };
+    max != 0 && crate::active::open(backend).is_some_and(|open| open >= i64::from(max))
+}
+
 /// sockops at ACTIVE_ESTABLISHED: clears the connect timeout connect4/6 set.
 #[inline(always)]
 pub fn established<C: EbpfContext>(ctx: &C) {

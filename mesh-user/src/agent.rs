@@ -587,11 +587,28 @@ impl Reconciler {
             compiled
                 .services
                 .values()
-                .filter(|p| p.least_request)
+                .filter(|p| p.least_request || p.socket.is_some_and(|s| s.max_connections > 0))
                 .flat_map(|p| p.slots.iter().flatten().copied())
                 .collect()
         } else {
-            for plan in compiled.services.values_mut().filter(|p| p.least_request) {
+            for plan in compiled.services.values_mut() {
+                if let Some(options) = &mut plan.socket
+                    && options.max_connections > 0
+                {
+                    options.max_connections = 0;
+                    let me = crate::model::ObjectRef::new(
+                        crate::model::Kind::Service,
+                        plan.service.clone(),
+                    );
+                    diagnostics.push(Diagnostic::warning(
+                        &me,
+                        "connectionPool.tcp.maxConnections (its DestinationRule)",
+                        "not honoured: open connections are counted by the sockops program, which --no-redirect leaves out",
+                    ));
+                }
+                if !plan.least_request {
+                    continue;
+                }
                 plan.least_request = false;
                 let me =
                     crate::model::ObjectRef::new(crate::model::Kind::Service, plan.service.clone());
@@ -752,6 +769,7 @@ fn log_counters(connections: &Connections, redirect: &SockStats) {
         agent_bypassed = g.agent_bypassed,
         not_meshed = g.not_meshed,
         affinity_kept = g.affinity_kept,
+        pool_overflow = g.pool_overflow,
         "connect counters"
     );
     let r = redirect.read();

@@ -694,3 +694,52 @@ fn least_request_sends_new_connections_to_the_backend_with_fewer_open() -> anyho
     assert_eq!(seen.backends.len(), 2, "{seen:?}");
     Ok(())
 }
+
+#[test]
+fn max_connections_refuses_a_connect_over_the_limit_at_once() -> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.write(
+        "destinationrule.yaml",
+        &LEAST.replace(
+            "loadBalancer: {simple: LEAST_REQUEST}",
+            "connectionPool: {tcp: {maxConnections: 5}}",
+        ),
+    )?;
+    for pod in [V1[1], V1[2], V2] {
+        canary.set_ready(pod, false)?;
+    }
+    // Five open on v1-0, the only ready pod: its limit.
+    let client = &canary.node.pod("client").ns;
+    let until = canary.dir.path().join("release");
+    let held = probe::spawn(
+        client,
+        Some(&canary.cgroup),
+        &[
+            "--target",
+            &vip4(),
+            "--hold",
+            "5",
+            "--until",
+            &until.display().to_string(),
+        ]
+        .map(str::to_owned),
+    )?;
+    mesh_tools::node::poll(Duration::from_secs(5), "5 held connections", || {
+        let ss = client.exec("ss", &["-tnoa"])?;
+        let open = ss
+            .lines()
+            .filter(|l| l.contains(&format!(":{TARGET_PORT} ")))
+            .count();
+        Ok((open == 5).then_some(()))
+    })?;
+    let over = canary.probe(&vip4(), 20)?;
+    assert_eq!(over.errors.get("ECONNREFUSED"), Some(&20), "{over:?}");
+    assert!(over.elapsed_ms < 2000, "refused at once: {over:?}");
+    // Released: room again.
+    std::fs::write(&until, "")?;
+    let status = held.wait_with_output()?.status;
+    assert!(status.success(), "mesh-probe --hold: {status}");
+    let under = canary.probe(&vip4(), 20)?;
+    assert_eq!(under.ok, 20, "{under:?}");
+    Ok(())
+}

@@ -140,8 +140,8 @@ fn parse_duration(s: &str) -> Option<Duration> {
     (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
-/// `connectionPool.tcp` `connectTimeout` and `tcpKeepalive` as socket
-/// options of the clients' sockets (`None`: neither is set).
+/// `connectionPool.tcp` `connectTimeout`, `tcpKeepalive` and
+/// `maxConnections` (per backend) for the clients' sockets (`None`: none set).
 pub fn socket_options(dr: &DestinationRule, port: u16) -> Option<mesh_common::SocketPolicy> {
     let tcp = setting(dr, port, "connectionPool")?.get("tcp")?;
     let seconds = |v: Option<&Value>| {
@@ -168,6 +168,10 @@ pub fn socket_options(dr: &DestinationRule, port: u16) -> Option<mesh_common::So
             .and_then(|k| k.get("probes"))
             .and_then(Value::as_u64)
             .map_or(0, |p| u32::try_from(p).unwrap_or(u32::MAX)),
+        max_connections: tcp
+            .get("maxConnections")
+            .and_then(Value::as_u64)
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
     };
     (options != mesh_common::SocketPolicy::default()).then_some(options)
 }
@@ -357,8 +361,8 @@ fn outlier_fields(od: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
     }
 }
 
-/// `connectionPool`: `tcp.connectTimeout` and `tcp.tcpKeepalive` honoured,
-/// the others reported.
+/// `connectionPool`: `tcp.connectTimeout`, `tcp.tcpKeepalive` and
+/// `tcp.maxConnections` honoured, the others reported.
 fn connection_pool(pool: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>) {
     for (key, value) in pool.as_object().into_iter().flatten() {
         let field = format!("{at}.{key}");
@@ -369,6 +373,11 @@ fn connection_pool(pool: &Value, at: &str, found: &mut Vec<(String, Unhonoured)>
         for (key, value) in value.as_object().into_iter().flatten() {
             let field = format!("{field}.{key}");
             match key.as_str() {
+                "maxConnections" => {
+                    if value.as_u64().is_none() {
+                        found.push((field, Unhonoured::NotYet));
+                    }
+                }
                 "connectTimeout" => {
                     if value.as_str().and_then(parse_duration).is_none() {
                         found.push((field, Unhonoured::Duration));
@@ -458,7 +467,7 @@ spec:
   host: web
   trafficPolicy:
     loadBalancer: {consistentHash: {httpHeaderName: x-user}}
-    connectionPool: {tcp: {maxConnections: 10}}
+    connectionPool: {tcp: {maxConnections: 10, noDelay: true}}
     portLevelSettings:
       - port: {number: 80}
         loadBalancer: {simple: PASSTHROUGH}
@@ -473,7 +482,7 @@ spec:
         assert_eq!(
             got,
             [
-                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+                "spec.trafficPolicy.connectionPool.tcp.noDelay",
                 "spec.trafficPolicy.loadBalancer.consistentHash",
                 "spec.trafficPolicy.portLevelSettings[0].loadBalancer.simple",
                 "spec.trafficPolicy.portLevelSettings[0].outlierDetection.interval",
@@ -591,15 +600,10 @@ spec:
                 keepalive_time_s: 7200,
                 keepalive_interval_s: 5,
                 keepalive_probes: 0,
+                max_connections: 10,
             })
         );
         let got: Vec<String> = fields(&dr).into_iter().map(|(f, _)| f).collect();
-        assert_eq!(
-            got,
-            [
-                "spec.trafficPolicy.connectionPool.http",
-                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
-            ]
-        );
+        assert_eq!(got, ["spec.trafficPolicy.connectionPool.http"]);
     }
 }

@@ -218,6 +218,8 @@ pub struct ConnectCounts {
     pub not_meshed: u64,
     /// Connects sent to the backend their client drew before (session affinity).
     pub affinity_kept: u64,
+    /// Connects refused: their backend had `maxConnections` open.
+    pub pool_overflow: u64,
 }
 
 /// Reader of `SERVICE_STATS_V1`, `BACKEND_STATS_V1` and `GLOBAL_STATS_V1` (its
@@ -269,6 +271,7 @@ impl Connections {
             agent_bypassed: at(g::AGENT_BYPASSED),
             not_meshed: at(g::NOT_MESHED),
             affinity_kept: at(g::AFFINITY_KEPT),
+            pool_overflow: at(g::POOL_OVERFLOW),
         }
     }
 
