@@ -729,7 +729,9 @@ fn replacing_revnat_alone_fails_no_connect_and_keeps_the_vip_of_open_sockets() -
             "mesh_gateway_connect4",
             "mesh_gateway_connect6",
             "mesh_getpeername4",
-            "mesh_getpeername6"
+            "mesh_getpeername6",
+            "mesh_router_sockops",
+            "mesh_sockops",
         ]
     );
     Ok(())
@@ -826,6 +828,7 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
             "REVNAT_V1",
             "REVNAT_V0",
             &[],
+            // sockops reads it too (LEAST_REQUEST counts rewritten connects).
             &[
                 "mesh_connect4",
                 "mesh_connect6",
@@ -833,6 +836,8 @@ fn a_map_renamed_by_an_upgrade_is_made_anew_and_its_old_pin_removed() -> anyhow:
                 "mesh_gateway_connect6",
                 "mesh_getpeername4",
                 "mesh_getpeername6",
+                "mesh_router_sockops",
+                "mesh_sockops",
             ],
         ),
     ];
