@@ -547,6 +547,54 @@ spec:
     - {name: v2, labels: {version: v2}}
 ";
 
+/// `n` connections from the client pod (meshed) to the IPv4 VIP, held open
+/// (after their answer) until released; made once the client's namespace
+/// shows all of them.
+struct Held {
+    child: std::process::Child,
+    until: std::path::PathBuf,
+}
+
+fn hold(canary: &Canary, n: usize) -> anyhow::Result<Held> {
+    let until = canary.dir.path().join(format!("release-{n}"));
+    let child = probe::spawn(
+        &canary.node.pod("client").ns,
+        Some(&canary.cgroup),
+        &[
+            "--target".to_owned(),
+            vip4(),
+            "--hold".to_owned(),
+            n.to_string(),
+            "--until".to_owned(),
+            until.display().to_string(),
+        ],
+    )?;
+    let held = Held { child, until };
+    mesh_tools::node::poll(Duration::from_secs(5), "the held connections", || {
+        Ok((client_sockets(canary)?.len() == n).then_some(()))
+    })?;
+    Ok(held)
+}
+
+impl Held {
+    fn release(self) -> anyhow::Result<()> {
+        std::fs::write(&self.until, "")?;
+        let status = self.child.wait_with_output()?.status;
+        anyhow::ensure!(status.success(), "mesh-probe --hold: {status}");
+        Ok(())
+    }
+}
+
+/// The client pod's TCP sockets to the pods' port, as `ss -tnoa` lists them.
+fn client_sockets(canary: &Canary) -> anyhow::Result<Vec<String>> {
+    let ss = canary.node.pod("client").ns.exec("ss", &["-tnoa"])?;
+    Ok(ss
+        .lines()
+        .filter(|l| l.contains(&format!(":{TARGET_PORT} ")))
+        .map(str::to_owned)
+        .collect())
+}
+
 #[test]
 fn connect_timeout_fails_an_unanswered_connect_in_time_and_keepalive_is_set() -> anyhow::Result<()>
 {
@@ -554,39 +602,17 @@ fn connect_timeout_fails_an_unanswered_connect_in_time_and_keepalive_is_set() ->
     canary.write("destinationrule.yaml", POOLED)?;
     let client = &canary.node.pod("client").ns;
 
-    // Keepalive: connections held open carry the keepalive timer (30 s idle).
-    let until = canary.dir.path().join("release");
-    let held = probe::spawn(
-        client,
-        Some(&canary.cgroup),
-        &[
-            "--target".to_owned(),
-            vip4(),
-            "--hold".to_owned(),
-            "4".to_owned(),
-            "--until".to_owned(),
-            until.display().to_string(),
-        ],
-    )?;
-    let timers = mesh_tools::node::poll(Duration::from_secs(5), "4 held connections", || {
-        // Held after their answer: CLOSE-WAIT (the servers closed).
-        let ss = client.exec("ss", &["-tnoa"])?;
-        let keepalive: Vec<String> = ss
-            .lines()
-            .filter(|l| l.contains(&format!(":{TARGET_PORT} ")) && l.contains("timer:(keepalive"))
-            .map(str::to_owned)
-            .collect();
-        Ok((keepalive.len() == 4).then_some(keepalive))
-    })?;
+    // Keepalive: connections held open carry the keepalive timer (30 s idle;
+    // held after their answer: CLOSE-WAIT, the servers closed).
+    let held = hold(&canary, 4)?;
+    let sockets = client_sockets(&canary)?;
     assert!(
-        timers
+        sockets
             .iter()
             .all(|t| t.contains("timer:(keepalive,29sec") || t.contains("timer:(keepalive,30sec")),
-        "{timers:?}"
+        "{sockets:?}"
     );
-    std::fs::write(&until, "")?;
-    let status = held.wait_with_output()?.status;
-    assert!(status.success(), "mesh-probe --hold: {status}");
+    held.release()?;
 
     // connectTimeout: v1-0 drops SYNs; connects drawn to it fail with the
     // kernel's ETIMEDOUT after about 1 s, long before the client's own 10 s.
@@ -657,29 +683,7 @@ fn least_request_sends_new_connections_to_the_backend_with_fewer_open() -> anyho
     for pod in [V1[1], V1[2], V2] {
         canary.set_ready(pod, false)?;
     }
-    let client = &canary.node.pod("client").ns;
-    let until = canary.dir.path().join("release");
-    let held = probe::spawn(
-        client,
-        Some(&canary.cgroup),
-        &[
-            "--target",
-            &vip4(),
-            "--hold",
-            "10",
-            "--until",
-            &until.display().to_string(),
-        ]
-        .map(str::to_owned),
-    )?;
-    mesh_tools::node::poll(Duration::from_secs(5), "10 held connections", || {
-        let ss = client.exec("ss", &["-tnoa"])?;
-        let open = ss
-            .lines()
-            .filter(|l| l.contains(&format!(":{TARGET_PORT} ")))
-            .count();
-        Ok((open == 10).then_some(()))
-    })?;
+    let held = hold(&canary, 10)?;
     // v1-1 joins: every new connection goes to it, the one with none open
     // (at random, half would go to v1-0).
     canary.set_ready(V1[1], true)?;
@@ -687,9 +691,7 @@ fn least_request_sends_new_connections_to_the_backend_with_fewer_open() -> anyho
     assert_eq!(seen.failed(), 0, "{seen:?}");
     assert_eq!(seen.backends.get(V1[1]), Some(&200), "{seen:?}");
     // Released: both have none open; new ones spread over both.
-    std::fs::write(&until, "")?;
-    let status = held.wait_with_output()?.status;
-    assert!(status.success(), "mesh-probe --hold: {status}");
+    held.release()?;
     let seen = canary.probe(&vip4(), 400)?;
     assert_eq!(seen.backends.len(), 2, "{seen:?}");
     Ok(())
@@ -709,36 +711,12 @@ fn max_connections_refuses_a_connect_over_the_limit_at_once() -> anyhow::Result<
         canary.set_ready(pod, false)?;
     }
     // Five open on v1-0, the only ready pod: its limit.
-    let client = &canary.node.pod("client").ns;
-    let until = canary.dir.path().join("release");
-    let held = probe::spawn(
-        client,
-        Some(&canary.cgroup),
-        &[
-            "--target",
-            &vip4(),
-            "--hold",
-            "5",
-            "--until",
-            &until.display().to_string(),
-        ]
-        .map(str::to_owned),
-    )?;
-    mesh_tools::node::poll(Duration::from_secs(5), "5 held connections", || {
-        let ss = client.exec("ss", &["-tnoa"])?;
-        let open = ss
-            .lines()
-            .filter(|l| l.contains(&format!(":{TARGET_PORT} ")))
-            .count();
-        Ok((open == 5).then_some(()))
-    })?;
+    let held = hold(&canary, 5)?;
     let over = canary.probe(&vip4(), 20)?;
     assert_eq!(over.errors.get("ECONNREFUSED"), Some(&20), "{over:?}");
     assert!(over.elapsed_ms < 2000, "refused at once: {over:?}");
     // Released: room again.
-    std::fs::write(&until, "")?;
-    let status = held.wait_with_output()?.status;
-    assert!(status.success(), "mesh-probe --hold: {status}");
+    held.release()?;
     let under = canary.probe(&vip4(), 20)?;
     assert_eq!(under.ok, 20, "{under:?}");
     Ok(())
