@@ -721,3 +721,20 @@ fn max_connections_refuses_a_connect_over_the_limit_at_once() -> anyhow::Result<
     assert_eq!(under.ok, 20, "{under:?}");
     Ok(())
 }
+
+#[test]
+fn publish_not_ready_addresses_keeps_a_not_ready_pod_in_the_table() -> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.set_ready(V1[0], false)?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert!(!pods.contains(V1[0]), "not ready: left out: {seen:?}");
+    canary.write(
+        "service.yaml",
+        &service("  publishNotReadyAddresses: true\n"),
+    )?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0], V1[1], V1[2], V2]), "{seen:?}");
+    Ok(())
+}
