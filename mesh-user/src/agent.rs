@@ -234,7 +234,7 @@ pub async fn run(
         outside,
         gateway: router,
         router_addrs: BTreeMap::new(),
-        outlier: match crate::kernel::outlier::Watched::open(&pins) {
+        outlier: match crate::kernel::backend_counters::Watched::open(&pins) {
             Ok(map) => Some(map),
             Err(e) => {
                 warn!("outlier detection is off: {e}");
@@ -242,7 +242,7 @@ pub async fn run(
             }
         },
         detector: crate::outlier::Detector::default(),
-        active: match crate::kernel::outlier::Active::open(&pins) {
+        active: match crate::kernel::backend_counters::Active::open(&pins) {
             Ok(map) => Some(map),
             Err(e) => {
                 warn!("LEAST_REQUEST balances at random: {e}");
@@ -374,10 +374,10 @@ struct Reconciler {
     outside: Option<crate::kernel::ingress::Outside>,
     /// Outlier detection: the kernel's counts (`None`: the map could not be
     /// opened) and the decisions made from them.
-    outlier: Option<crate::kernel::outlier::Watched>,
+    outlier: Option<crate::kernel::backend_counters::Watched>,
     detector: crate::outlier::Detector,
     /// LEAST_REQUEST: the backends whose open connections the kernel counts.
-    active: Option<crate::kernel::outlier::Active>,
+    active: Option<crate::kernel::backend_counters::Active>,
     /// What `/metrics` shows of the detector.
     outlier_backends: crate::telemetry::OutlierBackends,
 }

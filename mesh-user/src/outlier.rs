@@ -1,6 +1,6 @@
 //! Outlier detection's decisions (DestinationRule `outlierDetection`, at L4):
 //! which backends of which service are ejected, from the kernel's counts of
-//! failed and successful connects (`kernel::outlier`). Pure: the agent feeds it
+//! failed and successful connects (`kernel::backend_counters`). Pure: the agent feeds it
 //! counts and the time, and hands the ejected set to compile, which leaves
 //! those backends out of the service's tables.
 //!
@@ -26,7 +26,7 @@ use std::{
 
 use crate::{
     compile::{BackendAddr, Outlier, OutlierWatch},
-    kernel::outlier::Counts,
+    kernel::backend_counters::Counts,
     model::NamespacedName,
 };
 

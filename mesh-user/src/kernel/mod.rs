@@ -4,10 +4,13 @@
 //! syscalls aya lacks ([`sys`]), the kernel-written entries an upgrade carries
 //! into a replaced map ([`carry`]), the kernel's counters ([`counters`]), the
 //! agent's record of what the tables mean ([`record`]), and the agent's own
-//! cgroup, whose connects the hooks leave alone ([`own_cgroup`]), and the
-//! pods' cgroups, which scope the mesh ([`pod_cgroups`], written by [`scope`]).
+//! cgroup, whose connects the hooks leave alone ([`own_cgroup`]), the pods'
+//! cgroups, which scope the mesh ([`pod_cgroups`], written by [`scope`]), and
+//! the per-backend counters sockops keeps for outlier detection and least
+//! request ([`backend_counters`]).
 
 pub mod apply;
+pub mod backend_counters;
 mod carry;
 pub mod codec;
 pub mod counters;
@@ -15,7 +18,6 @@ pub mod ingress;
 pub mod loader;
 pub mod maps;
 pub mod netns;
-pub mod outlier;
 pub mod own_cgroup;
 pub mod pin;
 pub mod pod_cgroups;
