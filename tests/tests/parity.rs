@@ -738,3 +738,97 @@ fn publish_not_ready_addresses_keeps_a_not_ready_pod_in_the_table() -> anyhow::R
     assert_eq!(pods, set(&[V1[0], V1[1], V1[2], V2]), "{seen:?}");
     Ok(())
 }
+
+/// Node `name` in `region` and `zone`.
+fn located(name: &str, region: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+  labels: {{topology.kubernetes.io/region: {region}, topology.kubernetes.io/zone: {zone}}}
+"
+    )
+}
+
+/// The canary's DestinationRule with this `trafficPolicy` (YAML flow).
+fn with_policy(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: flaskapp, namespace: default}}
+spec:
+  host: flaskapp
+  trafficPolicy: {policy}
+  subsets:
+    - {{name: v1, labels: {{version: v1}}}}
+    - {{name: v2, labels: {{version: v2}}}}
+"
+    )
+}
+
+/// This node (node-a) and two others: node-a r1/z1, node-b r1/z2, node-c
+/// r2/z3; v1-0 and v1-1 on node-a, v1-2 on node-b, v2 on node-c.
+fn three_localities(canary: &mut Canary, state: [(bool, bool, bool); 4]) -> anyhow::Result<()> {
+    let nodes = [
+        located("node-a", "r1", "z1"),
+        located("node-b", "r1", "z2"),
+        located("node-c", "r2", "z3"),
+    ];
+    if !canary.dir.path().join("nodes.yaml").exists() {
+        canary.write("nodes.yaml", &nodes.join("---\n"))?;
+    }
+    let eps = [
+        ep(V1[0], "node-a", state[0]),
+        ep(V1[1], "node-a", state[1]),
+        ep(V1[2], "node-b", state[2]),
+        ep(V2, "node-c", state[3]),
+    ];
+    canary.write("slice.yaml", &slice(canary, &eps))?;
+    Ok(())
+}
+
+#[test]
+fn locality_distribute_splits_by_the_localities_weights() -> anyhow::Result<()> {
+    let mut canary = Canary::start_flags(None, &["--node-name", "node-a"])?;
+    three_localities(&mut canary, [READY; 4])?;
+    canary.write(
+        "destinationrule.yaml",
+        &with_policy(
+            "{loadBalancer: {localityLbSetting: {distribute: [{from: r1/z1/*, to: {r1/z1/*: 80, r1/z2/*: 20}}]}}}",
+        ),
+    )?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert!(!pods.contains(V2), "r2 is not in `to`: {seen:?}");
+    assert_share(seen.share(V1[0]), 0.40, N, "z1's first");
+    assert_share(seen.share(V1[1]), 0.40, N, "z1's second");
+    assert_share(seen.share(V1[2]), 0.20, N, "z2's");
+    Ok(())
+}
+
+#[test]
+fn locality_failover_serves_from_the_closest_endpoints_then_the_next() -> anyhow::Result<()> {
+    let mut canary = Canary::start_flags(None, &["--node-name", "node-a"])?;
+    three_localities(&mut canary, [READY; 4])?;
+    canary.write(
+        "destinationrule.yaml",
+        &with_policy(
+            "{outlierDetection: {consecutive5xxErrors: 5}, loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r2}]}}}",
+        ),
+    )?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[0], V1[1]]), "this zone's: {seen:?}");
+    // This zone's endpoints go: the region's other zone.
+    three_localities(&mut canary, [GONE, GONE, READY, READY])?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V1[2]]), "r1's other zone: {seen:?}");
+    // The region's go too: the failover region.
+    three_localities(&mut canary, [GONE, GONE, GONE, READY])?;
+    let (seen, pods) = answered(&canary)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(pods, set(&[V2]), "r2, the failover region: {seen:?}");
+    Ok(())
+}

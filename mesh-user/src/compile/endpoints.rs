@@ -40,6 +40,10 @@ pub struct Endpoint {
     /// The pod behind it, if known: its name and labels (for subsets).
     pub pod: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Its node, and the zone its EndpointSlice gives (locality load
+    /// balancing reads the node's labels first).
+    pub node: Option<String>,
+    pub zone: Option<String>,
 }
 
 /// An endpoint's conditions, unset ones read as the API defines them (ready
@@ -416,6 +420,8 @@ fn candidates(
                             port: target,
                             pod: pod.as_ref().map(|p| p.name.clone()),
                             labels: labels.clone(),
+                            node: ep.node_name.clone(),
+                            zone: ep.zone.clone(),
                         },
                         conditions: Conditions::of(ep.conditions.as_ref()),
                         node: ep.node_name.clone(),
@@ -498,6 +504,8 @@ fn from_pods(
                     port: target,
                     pod: Some(name.to_owned()),
                     labels: labels.clone(),
+                    node: node.clone(),
+                    zone: None,
                 },
                 conditions,
                 node: node.clone(),

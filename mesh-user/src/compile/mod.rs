@@ -3,6 +3,7 @@
 
 pub mod endpoints;
 pub mod gateway;
+mod locality;
 mod plan;
 mod policy;
 pub mod redirect;
@@ -155,6 +156,9 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
             if let Some(policy) = rule.and_then(|dr| policy::outlier(&dr.object, number)) {
                 watch_and_eject(&mut out, name, policy, &mut groups, config);
             }
+            if let Some(dr) = rule {
+                groups = by_locality(index, dr, number, groups, config, &mut out.diagnostics);
+            }
             for vip in &vips {
                 if undecided && proto == Proto::Tcp {
                     out.undecided.insert(ServiceAddr {
@@ -228,6 +232,45 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
     out.diagnostics.sort();
     out.diagnostics.dedup();
     out
+}
+
+/// DestinationRule `localityLbSetting` on a route's destinations, from this
+/// node's locality (which needs `--node-name` and its Node).
+fn by_locality(
+    index: &Index,
+    dr: &Entry<crate::model::DestinationRule>,
+    port: u16,
+    groups: Vec<(String, Group)>,
+    config: &Config,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<(String, Group)> {
+    let outlier = policy::outlier(&dr.object, port).is_some();
+    let Some(setting) = locality::setting(locality::load_balancer(&dr.object, port), outlier)
+    else {
+        return groups;
+    };
+    let here = config
+        .node_name
+        .as_deref()
+        .and_then(|n| locality::Locality::of_node(index, n));
+    let Some(here) = here else {
+        let me = crate::model::ObjectRef::from_meta(
+            crate::model::Kind::DestinationRule,
+            &dr.object.metadata,
+        );
+        diags.push(
+            Diagnostic::warning(
+                &me,
+                "spec.trafficPolicy.loadBalancer.localityLbSetting",
+                "this node's locality is unknown (--node-name and its Node's labels): not honoured",
+            )
+            .with_origin(&dr.origin),
+        );
+        return groups;
+    };
+    locality::apply(groups, &setting, &here, |e| {
+        locality::Locality::of_endpoint(index, e)
+    })
 }
 
 /// Records the backends outlier detection judges for `service`, then leaves

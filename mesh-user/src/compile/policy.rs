@@ -34,7 +34,7 @@ pub struct ClientHash {
 /// One `trafficPolicy` field of `dr` for service port `port`: the
 /// `portLevelSettings` entry of that port's, if it sets it, else the rule's
 /// (Istio merges field by field, the port's winning).
-fn setting<'a>(dr: &'a DestinationRule, port: u16, field: &str) -> Option<&'a Value> {
+pub(super) fn setting<'a>(dr: &'a DestinationRule, port: u16, field: &str) -> Option<&'a Value> {
     let policy = dr.spec.other.get("trafficPolicy")?;
     policy
         .get("portLevelSettings")
@@ -193,6 +193,8 @@ enum Unhonoured {
     SubsetOutlier,
     /// A duration Istio would not accept.
     Duration,
+    /// Locality failover without outlier detection (Istio needs both).
+    FailoverWithoutOutlier,
     /// Pools, outlier detection, TLS...: not in this data plane yet.
     NotYet,
     /// TLS settings: the data plane does not terminate or originate TLS.
@@ -223,6 +225,9 @@ impl Unhonoured {
             ),
             Unhonoured::SubsetOutlier => format!(
                 "{what} per subset is not honoured: backends are judged per service port; set it on the rule or its port"
+            ),
+            Unhonoured::FailoverWithoutOutlier => format!(
+                "{what} needs outlierDetection on the same rule or port (as in Istio): not honoured"
             ),
             Unhonoured::Duration => {
                 format!("{what}: not a duration (e.g. 30s, 1.5s, 100ms, 1m): the default is used")
@@ -281,7 +286,10 @@ fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, 
     for (key, value) in fields {
         let field = format!("{at}.{key}");
         match key.as_str() {
-            "loadBalancer" => load_balancer(value, &field, level, found),
+            "loadBalancer" => {
+                let outlier = fields.contains_key("outlierDetection");
+                load_balancer(value, &field, level, outlier, found);
+            }
             "portLevelSettings" if level != Level::Port => {
                 for (j, port) in value.as_array().into_iter().flatten().enumerate() {
                     let at = format!("{field}[{j}]");
@@ -313,7 +321,13 @@ fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, 
     }
 }
 
-fn load_balancer(lb: &Value, at: &str, level: Level, found: &mut Vec<(String, Unhonoured)>) {
+fn load_balancer(
+    lb: &Value,
+    at: &str,
+    level: Level,
+    outlier: bool,
+    found: &mut Vec<(String, Unhonoured)>,
+) {
     let Some(fields) = lb.as_object() else {
         return;
     };
@@ -332,11 +346,29 @@ fn load_balancer(lb: &Value, at: &str, level: Level, found: &mut Vec<(String, Un
                 if level != Level::Subset
                     && matches!(value.as_str(), Some("LEAST_REQUEST" | "LEAST_CONN")) => {}
             "consistentHash" => consistent_hash(value, &field, found),
+            "localityLbSetting" if level == Level::Subset => {
+                found.push((field, Unhonoured::NotYet));
+            }
+            "localityLbSetting" => locality_fields(value, &field, outlier, found),
             "simple" => {
                 let value = value.as_str().unwrap_or("?").to_owned();
                 found.push((field, Unhonoured::Simple(value)));
             }
             _ => found.push((field, Unhonoured::Balancer)),
+        }
+    }
+}
+
+/// `localityLbSetting`: `enabled`, `distribute` and `failover` honoured
+/// (failover only with outlier detection, as Istio); the rest reported.
+fn locality_fields(lls: &Value, at: &str, outlier: bool, found: &mut Vec<(String, Unhonoured)>) {
+    for (key, _) in lls.as_object().into_iter().flatten() {
+        let field = format!("{at}.{key}");
+        match key.as_str() {
+            "enabled" | "distribute" => {}
+            "failover" if outlier => {}
+            "failover" => found.push((field, Unhonoured::FailoverWithoutOutlier)),
+            _ => found.push((field, Unhonoured::NotYet)),
         }
     }
 }
@@ -605,5 +637,31 @@ spec:
         );
         let got: Vec<String> = fields(&dr).into_iter().map(|(f, _)| f).collect();
         assert_eq!(got, ["spec.trafficPolicy.connectionPool.http"]);
+    }
+
+    #[test]
+    fn locality_settings_are_honoured_and_failover_needs_outlier_detection() {
+        let dr = rule(
+            "metadata: {name: web, namespace: prod}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        enabled: true
+        distribute: [{from: r1/*, to: {r1/*: 100}}]
+        failover: [{from: r1, to: r2}]
+        failoverPriority: [topology.kubernetes.io/region]
+",
+        );
+        let got: Vec<String> = fields(&dr).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            got,
+            [
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failover",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
+            ]
+        );
+        assert!(fields(&dr)[0].1.contains("needs outlierDetection"));
     }
 }

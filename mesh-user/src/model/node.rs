@@ -19,6 +19,20 @@ pub fn trim(node: Node) -> Node {
     }
 }
 
+/// The labels naming a node's region and Istio's subzone.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+/// A label of the node, if set and not empty.
+pub fn label<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
 /// The node's zone label, if set and not empty.
 pub fn zone(node: &Node) -> Option<&str> {
     node.metadata

@@ -11,6 +11,8 @@ fn ep(n: u8) -> Candidate {
             port: 8080,
             pod: None,
             labels: BTreeMap::new(),
+            node: None,
+            zone: None,
         },
         conditions: Conditions::READY,
         node: None,
