@@ -13,7 +13,7 @@ use mesh_common::{
     Affinity, AffinityKey, AffinityMatch, Backend, EndpointKey, FAMILY_NONE, FAMILY_V4, FAMILY_V6,
     OrigDst, PROTO_TCP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT,
     SERVICE_FLAG_LEAST_REQUEST, SERVICE_FLAG_SOCKOPTS, ServiceKey, ServiceValue, SlotKey,
-    V4_MAPPED_WORD, fmix64, global_stat, is_v4_mapped,
+    SocketPolicy, V4_MAPPED_WORD, fmix64, global_stat, is_v4_mapped,
 };
 
 use crate::{
@@ -192,10 +192,14 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             bump_service(svc.service_id);
             return Verdict::NoBackend;
         }
+        // The connection pool's policy, read once for this connect.
+        let pool = (svc.flags & SERVICE_FLAG_SOCKOPTS != 0)
+            .then(|| sockopt::policy(svc.service_id))
+            .flatten();
         let mut affinity = (svc.flags & SERVICE_FLAG_AFFINITY != 0).then(|| Client::of(ctx, &svc));
         if let Some(backend) = affinity.as_mut().and_then(Client::backend) {
             bump_service(svc.service_id);
-            socket_policy(ctx, key, &svc);
+            socket_options(ctx, key, pool.as_ref());
             return Verdict::To(backend);
         }
         let draw = match &affinity {
@@ -221,8 +225,9 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             } else {
                 backend
             };
-            if svc.flags & SERVICE_FLAG_SOCKOPTS != 0
-                && sockopt::full(svc.service_id, &endpoint(&backend))
+            if pool
+                .as_ref()
+                .is_some_and(|p| sockopt::full(p, &endpoint(&backend)))
             {
                 bump(global_stat::POOL_OVERFLOW);
                 return Verdict::Overflow;
@@ -230,7 +235,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             if let Some(client) = &affinity {
                 client.remember(backend);
             }
-            socket_policy(ctx, key, &svc);
+            socket_options(ctx, key, pool.as_ref());
             return Verdict::To(backend);
         }
         bump(global_stat::TABLE_RETRY);
@@ -285,9 +290,9 @@ fn endpoint(b: &Backend) -> EndpointKey {
 
 /// DestinationRule `connectionPool.tcp` options on a TCP client's socket.
 #[inline(always)]
-fn socket_policy(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue) {
-    if svc.flags & SERVICE_FLAG_SOCKOPTS != 0 && key.proto == PROTO_TCP {
-        sockopt::apply(ctx, svc.service_id);
+fn socket_options(ctx: &SockAddrContext, key: &ServiceKey, pool: Option<&SocketPolicy>) {
+    if let Some(policy) = pool.filter(|_| key.proto == PROTO_TCP) {
+        sockopt::apply(ctx, policy);
     }
 }
 

@@ -62,9 +62,10 @@ pub enum Adds {
 /// its record.
 pub fn try_sockops(ctx: &SockOpsContext, adds: Adds) -> u32 {
     let op = ctx.op();
-    if adds == Adds::Meshed
-        && let Some(key) = ops_key(ctx)
-    {
+    let Some(key) = ops_key(ctx) else {
+        return 1;
+    };
+    if adds == Adds::Meshed {
         outlier::count(ctx, op, &key);
         active::count(ctx, op, &key);
     }
@@ -77,9 +78,6 @@ pub fn try_sockops(ctx: &SockOpsContext, adds: Adds) -> u32 {
     if !established && !closed {
         return 1;
     }
-    let Some(key) = ops_key(ctx) else {
-        return 1;
-    };
     // SAFETY: the helper accepts a sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if closed {

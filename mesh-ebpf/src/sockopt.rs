@@ -27,15 +27,18 @@ const TCP_KEEPINTVL: i32 = 5;
 const TCP_KEEPCNT: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
 
+/// The connection pool's policy of service `service_id`.
+#[inline(always)]
+pub fn policy(service_id: u32) -> Option<SocketPolicy> {
+    // SAFETY: a plain lookup; the value is copied.
+    unsafe { SOCKET_POLICY.get(service_id) }.copied()
+}
+
 /// connect4/6: the service's socket options on the connecting TCP socket.
 #[inline(always)]
-pub fn apply<C: EbpfContext>(ctx: &C, service_id: u32) {
-    // SAFETY: a plain lookup; the value is copied.
-    let Some(policy) = (unsafe { SOCKET_POLICY.get(service_id) }).copied() else {
-        return;
-    };
-    connect_timeout(ctx, &policy);
-    keepalive(ctx, &policy);
+pub fn apply<C: EbpfContext>(ctx: &C, policy: &SocketPolicy) {
+    connect_timeout(ctx, policy);
+    keepalive(ctx, policy);
 }
 
 #[inline(always)]
@@ -78,13 +81,10 @@ fn keepalive<C: EbpfContext>(ctx: &C, policy: &SocketPolicy) {
     }
 }
 
-/// Whether `backend` has the service's `maxConnections` open already.
+/// Whether `backend` has the policy's `maxConnections` open already.
 #[inline(always)]
-pub fn full(service_id: u32, backend: &mesh_common::EndpointKey) -> bool {
-    // SAFETY: a plain lookup; the value is copied.
-    let Some(max) = (unsafe { SOCKET_POLICY.get(service_id) }).map(|p| p.max_connections) else {
-        return false;
-    };
+pub fn full(policy: &SocketPolicy, backend: &mesh_common::EndpointKey) -> bool {
+    let max = policy.max_connections;
     max != 0 && crate::active::open(backend).is_some_and(|open| open >= i64::from(max))
 }
 
