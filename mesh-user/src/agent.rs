@@ -397,9 +397,9 @@ impl Reconciler {
         diagnostics.extend(compiled.diagnostics.iter().cloned());
         let mut compiled = compiled;
         self.serve_gateways(&mut compiled, &mut diagnostics);
-        self.watch_outliers(&compiled, &mut diagnostics);
-        self.connect_timeouts_need_sockops(&mut compiled, &mut diagnostics);
-        self.count_open_connections(&mut compiled, &mut diagnostics);
+        self.without_sockops(&mut compiled, &mut diagnostics);
+        self.watch_outliers(&compiled);
+        self.count_open_connections(&compiled);
         let new = report(&diagnostics, &mut self.reported);
         self.desired = compiled;
         // Before the first attach: the pods meshed from the first connect on.
@@ -521,21 +521,70 @@ impl Reconciler {
         }
     }
 
-    /// Follows the services compile says outlier detection watches: their
-    /// backends get kernel counters. The counting is sockops', which runs only
-    /// with the same-node shortcut.
-    fn watch_outliers(&mut self, compiled: &Compiled, diagnostics: &mut Vec<Diagnostic>) {
-        if !self.attach_redirect() {
-            for service in compiled.outlier.keys() {
-                let me = crate::model::ObjectRef::new(crate::model::Kind::Service, service.clone());
-                diagnostics.push(Diagnostic::warning(
-                    &me,
-                    "outlierDetection (its DestinationRule)",
-                    "not honoured: connects are counted by the sockops program, which --no-redirect leaves out",
-                ));
-            }
+    /// What sockops counts or clears (outlier detection, LEAST_REQUEST,
+    /// maxConnections, the connect timeout it clears at ESTABLISHED) cannot
+    /// be honoured without it (--no-redirect): left out of the plans, and
+    /// said once per service and field.
+    fn without_sockops(&self, compiled: &mut Compiled, diagnostics: &mut Vec<Diagnostic>) {
+        if self.record.redirect {
             return;
         }
+        let mut say = |service: &crate::model::NamespacedName,
+                       field: &str,
+                       why: &str,
+                       then: &str| {
+            let me = crate::model::ObjectRef::new(crate::model::Kind::Service, service.clone());
+            diagnostics.push(Diagnostic::warning(
+                &me,
+                format!("{field} (its DestinationRule)"),
+                format!(
+                    "not honoured: {why} by the sockops program, which --no-redirect leaves out{then}"
+                ),
+            ));
+        };
+        for service in std::mem::take(&mut compiled.outlier).keys() {
+            say(service, "outlierDetection", "connects are counted", "");
+        }
+        for plan in compiled.services.values_mut() {
+            if plan.least_request {
+                plan.least_request = false;
+                say(
+                    &plan.service,
+                    "loadBalancer.simple LEAST_REQUEST",
+                    "open connections are counted",
+                    "; balanced at random",
+                );
+            }
+            let Some(options) = &mut plan.socket else {
+                continue;
+            };
+            if options.max_connections > 0 {
+                options.max_connections = 0;
+                say(
+                    &plan.service,
+                    "connectionPool.tcp.maxConnections",
+                    "open connections are counted",
+                    "",
+                );
+            }
+            if options.connect_timeout_ms > 0 {
+                options.connect_timeout_ms = 0;
+                say(
+                    &plan.service,
+                    "connectionPool.tcp.connectTimeout",
+                    "the option is cleared at ESTABLISHED",
+                    "",
+                );
+            }
+            if *options == mesh_common::SocketPolicy::default() {
+                plan.socket = None;
+            }
+        }
+    }
+
+    /// Follows the services compile says outlier detection watches: their
+    /// backends get kernel counters.
+    fn watch_outliers(&mut self, compiled: &Compiled) {
         self.detector.watch(&compiled.outlier, Instant::now());
         if let Some(map) = &mut self.outlier {
             for (backend, e) in map.sync(&self.detector.watched()) {
@@ -544,92 +593,20 @@ impl Reconciler {
         }
     }
 
-    /// `connectTimeout` is cleared at ESTABLISHED by sockops: without it the
-    /// option would stay on established connections, so it is not applied.
-    fn connect_timeouts_need_sockops(
-        &self,
-        compiled: &mut Compiled,
-        diagnostics: &mut Vec<Diagnostic>,
-    ) {
-        if self.attach_redirect() {
-            return;
-        }
-        for plan in compiled.services.values_mut() {
-            let Some(options) = &mut plan.socket else {
-                continue;
-            };
-            if options.connect_timeout_ms == 0 {
-                continue;
-            }
-            options.connect_timeout_ms = 0;
-            let me =
-                crate::model::ObjectRef::new(crate::model::Kind::Service, plan.service.clone());
-            diagnostics.push(Diagnostic::warning(
-                &me,
-                "connectionPool.tcp.connectTimeout (its DestinationRule)",
-                "not honoured: the option is cleared at ESTABLISHED by the sockops program, which --no-redirect leaves out",
-            ));
-            if *options == mesh_common::SocketPolicy::default() {
-                plan.socket = None;
-            }
-        }
-    }
-
-    /// LEAST_REQUEST: the kernel counts the open connections of the backends
-    /// of such service ports (sockops does, so not with --no-redirect: then
-    /// the ports balance at random, and say so).
-    fn count_open_connections(
-        &mut self,
-        compiled: &mut Compiled,
-        diagnostics: &mut Vec<Diagnostic>,
-    ) {
-        let counted: BTreeSet<crate::compile::BackendAddr> = if self.attach_redirect() {
-            compiled
-                .services
-                .values()
-                .filter(|p| p.least_request || p.socket.is_some_and(|s| s.max_connections > 0))
-                .flat_map(|p| p.slots.iter().flatten().copied())
-                .collect()
-        } else {
-            for plan in compiled.services.values_mut() {
-                if let Some(options) = &mut plan.socket
-                    && options.max_connections > 0
-                {
-                    options.max_connections = 0;
-                    let me = crate::model::ObjectRef::new(
-                        crate::model::Kind::Service,
-                        plan.service.clone(),
-                    );
-                    diagnostics.push(Diagnostic::warning(
-                        &me,
-                        "connectionPool.tcp.maxConnections (its DestinationRule)",
-                        "not honoured: open connections are counted by the sockops program, which --no-redirect leaves out",
-                    ));
-                }
-                if !plan.least_request {
-                    continue;
-                }
-                plan.least_request = false;
-                let me =
-                    crate::model::ObjectRef::new(crate::model::Kind::Service, plan.service.clone());
-                diagnostics.push(Diagnostic::warning(
-                    &me,
-                    "loadBalancer.simple LEAST_REQUEST (its DestinationRule)",
-                    "not honoured: open connections are counted by the sockops program, which --no-redirect leaves out; balanced at random",
-                ));
-            }
-            BTreeSet::new()
-        };
+    /// LEAST_REQUEST and maxConnections: the kernel counts the open
+    /// connections of the backends of such service ports.
+    fn count_open_connections(&mut self, compiled: &Compiled) {
+        let counted: BTreeSet<crate::compile::BackendAddr> = compiled
+            .services
+            .values()
+            .filter(|p| p.least_request || p.socket.is_some_and(|s| s.max_connections > 0))
+            .flat_map(|p| p.slots.iter().flatten().copied())
+            .collect();
         if let Some(active) = &mut self.active {
             for (backend, e) in active.sync(&counted) {
                 warn!(%backend, "cannot count the backend's open connections: {e}");
             }
         }
-    }
-
-    /// Whether sockops runs (the same-node shortcut is on).
-    fn attach_redirect(&self) -> bool {
-        self.record.redirect
     }
 
     /// Reads the kernel's connect counts of watched backends; when an ejection
@@ -638,7 +615,7 @@ impl Reconciler {
         let Some(map) = &self.outlier else {
             return;
         };
-        if self.detector.watched().is_empty() {
+        if self.detector.is_empty() {
             return;
         }
         let now = Instant::now();

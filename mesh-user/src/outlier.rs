@@ -98,6 +98,11 @@ impl Detector {
         }
     }
 
+    /// Whether no service is watched.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
     /// Every backend watched, across services.
     pub fn watched(&self) -> BTreeSet<BackendAddr> {
         self.services

@@ -288,19 +288,6 @@ fn a_client_pinned_to_a_backend_that_leaves_moves_at_once_and_stays_moved() -> a
 const FIRST_CLIENT: &str = "fd00:10:244::1:0";
 const CLIENTS: u32 = 1000;
 
-/// The canary's DestinationRule, hashing the client's address.
-const HASHED: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: flaskapp, namespace: default}
-spec:
-  host: flaskapp
-  trafficPolicy:
-    loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 16381}}}
-  subsets:
-    - {name: v1, labels: {version: v1}}
-    - {name: v2, labels: {version: v2}}
-";
-
 /// `CLIENTS` more addresses on the client pod's interface. Each backend pod
 /// knows them as neighbours for good: found by solicitation, 1 000 clients x
 /// 4 backends would overflow the kernel's neighbour table (1 024 entries for
@@ -381,7 +368,12 @@ fn consistent_hash_keeps_each_client_address_and_a_backend_removed_moves_only_it
 -> anyhow::Result<()> {
     let mut canary = Canary::start(None)?;
     add_client_addresses(&canary)?;
-    canary.write("destinationrule.yaml", HASHED)?;
+    canary.write(
+        "destinationrule.yaml",
+        &with_policy(
+            "{loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 16381}}}}",
+        ),
+    )?;
     let explained = canary.agent.cli(&["explain", &common::vip6()])?;
     assert!(
         explained.contains("consistent hash of the client") && explained.contains("16381 slots"),
@@ -430,19 +422,9 @@ fn consistent_hash_keeps_each_client_address_and_a_backend_removed_moves_only_it
 /// The canary's DestinationRule with outlier detection: 3 failed connects in
 /// a row eject, checked each second, for 2 s times the ejections.
 fn watched(max_ejection_percent: u32) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: flaskapp, namespace: default}}
-spec:
-  host: flaskapp
-  trafficPolicy:
-    outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: {max_ejection_percent}}}
-  subsets:
-    - {{name: v1, labels: {{version: v1}}}}
-    - {{name: v2, labels: {{version: v2}}}}
-"
-    )
+    with_policy(&format!(
+        "{{outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: {max_ejection_percent}}}}}"
+    ))
 }
 
 /// Stops the HTTP server of `pod`: its port is closed, connects to it are
@@ -531,22 +513,6 @@ fn max_ejection_percent_leaves_the_second_failing_backend_in() -> anyhow::Result
     Ok(())
 }
 
-/// The canary's DestinationRule with `connectionPool.tcp` socket options.
-const POOLED: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: flaskapp, namespace: default}
-spec:
-  host: flaskapp
-  trafficPolicy:
-    connectionPool:
-      tcp:
-        connectTimeout: 1s
-        tcpKeepalive: {time: 30s, interval: 5s, probes: 3}
-  subsets:
-    - {name: v1, labels: {version: v1}}
-    - {name: v2, labels: {version: v2}}
-";
-
 /// `n` connections from the client pod (meshed) to the IPv4 VIP, held open
 /// (after their answer) until released; made once the client's namespace
 /// shows all of them.
@@ -599,7 +565,12 @@ fn client_sockets(canary: &Canary) -> anyhow::Result<Vec<String>> {
 fn connect_timeout_fails_an_unanswered_connect_in_time_and_keepalive_is_set() -> anyhow::Result<()>
 {
     let mut canary = Canary::start(None)?;
-    canary.write("destinationrule.yaml", POOLED)?;
+    canary.write(
+        "destinationrule.yaml",
+        &with_policy(
+            "{connectionPool: {tcp: {connectTimeout: 1s, tcpKeepalive: {time: 30s, interval: 5s, probes: 3}}}}",
+        ),
+    )?;
     let client = &canary.node.pod("client").ns;
 
     // Keepalive: connections held open carry the keepalive timer (30 s idle;
@@ -660,23 +631,13 @@ fn connect_timeout_fails_an_unanswered_connect_in_time_and_keepalive_is_set() ->
     Ok(())
 }
 
-/// The canary's DestinationRule with `LEAST_REQUEST`.
-const LEAST: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: flaskapp, namespace: default}
-spec:
-  host: flaskapp
-  trafficPolicy:
-    loadBalancer: {simple: LEAST_REQUEST}
-  subsets:
-    - {name: v1, labels: {version: v1}}
-    - {name: v2, labels: {version: v2}}
-";
-
 #[test]
 fn least_request_sends_new_connections_to_the_backend_with_fewer_open() -> anyhow::Result<()> {
     let mut canary = Canary::start(None)?;
-    canary.write("destinationrule.yaml", LEAST)?;
+    canary.write(
+        "destinationrule.yaml",
+        &with_policy("{loadBalancer: {simple: LEAST_REQUEST}}"),
+    )?;
     let explained = canary.agent.cli(&["explain", &vip4()])?;
     assert!(explained.contains("least request"), "{explained}");
     // Ten connections held open on v1-0, the only ready pod then.
@@ -702,10 +663,7 @@ fn max_connections_refuses_a_connect_over_the_limit_at_once() -> anyhow::Result<
     let mut canary = Canary::start(None)?;
     canary.write(
         "destinationrule.yaml",
-        &LEAST.replace(
-            "loadBalancer: {simple: LEAST_REQUEST}",
-            "connectionPool: {tcp: {maxConnections: 5}}",
-        ),
+        &with_policy("{connectionPool: {tcp: {maxConnections: 5}}}"),
     )?;
     for pod in [V1[1], V1[2], V2] {
         canary.set_ready(pod, false)?;

@@ -283,32 +283,22 @@ impl Applier {
         desired: &BTreeMap<ServiceAddr, ServicePlan>,
     ) -> Vec<ApplyError> {
         let mut want = BTreeMap::new();
-        let mut whose = BTreeMap::new();
         for (addr, plan) in desired {
             if let (Some(options), Some(live)) = (plan.socket, self.live.get(addr)) {
-                want.insert(live.service_id, options);
-                whose.insert(live.service_id, (*addr, plan.service.clone()));
+                want.insert(live.service_id, (options, (*addr, plan.service.clone())));
             }
         }
-        super::maps::sync_map(
+        sync_owned(
             &mut *self.maps.socket_policy,
             &mut self.socket_policies,
-            &want,
+            want,
             |id| id,
-        )
-        .into_iter()
-        .filter_map(|(id, source)| {
-            let Some((addr, service)) = whose.remove(&id) else {
-                warn!(id, "cannot remove a service's socket options: {source}");
-                return None;
-            };
-            Some(ApplyError::Write {
+            |(addr, service), source| ApplyError::Write {
                 service,
                 addr,
                 source: Box::new(source),
-            })
-        })
-        .collect()
+            },
+        )
     }
 
     /// Makes `AFFINITY_MATCH_V1` hold the backends of the live tables of the
@@ -316,40 +306,28 @@ impl Applier {
     /// removed once no live table holds it, so a client pinned to it draws
     /// again; a new one counts from its first connect.
     fn sync_affinity(&mut self, desired: &BTreeMap<ServiceAddr, ServicePlan>) -> Vec<ApplyError> {
-        let mut want: BTreeMap<AffinityMatch, u32> = BTreeMap::new();
-        let mut whose: BTreeMap<AffinityMatch, (ServiceAddr, NamespacedName, BackendAddr)> =
-            BTreeMap::new();
+        let mut want = BTreeMap::new();
         for (addr, plan) in desired {
             let (Some(timeout), Some(live)) = (plan.affinity_timeout_s, self.live.get(addr)) else {
                 continue;
             };
             for backend in live.slots.iter().flatten() {
                 let member = AffinityMatch::of(live.service_id, &backend_value(*backend, 0));
-                want.insert(member, timeout);
-                whose.insert(member, (*addr, plan.service.clone(), *backend));
+                want.insert(member, (timeout, (*addr, plan.service.clone(), *backend)));
             }
         }
-        super::maps::sync_map(
+        sync_owned(
             &mut *self.maps.affinity_match,
             &mut self.affinity,
-            &want,
+            want,
             |m| m,
-        )
-        .into_iter()
-        .filter_map(|(member, source)| {
-            // A removal that failed names no live service; logged only.
-            let Some((addr, service, backend)) = whose.remove(&member) else {
-                warn!(?member, "cannot remove a session-affinity member: {source}");
-                return None;
-            };
-            Some(ApplyError::Affinity {
+            |(addr, service, backend), source| ApplyError::Affinity {
                 service,
                 addr,
                 backend,
                 source: Box::new(source),
-            })
-        })
-        .collect()
+            },
+        )
     }
 
     fn write_service(
@@ -873,4 +851,31 @@ fn remove_counter(map: &mut dyn CounterMap, id: u32) {
         Ok(()) | Err(MapError::KeyNotFound) => {}
         Err(e) => warn!(id, "cannot remove a connection counter: {e}"),
     }
+}
+
+/// Syncs one of the maps derived from the live tables: `want` holds each
+/// entry's value and whom it serves; a failed write is that owner's error, a
+/// failed removal (an entry nothing wants any more) is only logged.
+fn sync_owned<T: Ord + Copy + std::fmt::Debug, K, V: Copy + PartialEq, O>(
+    map: &mut dyn super::maps::KernelMap<K, V>,
+    current: &mut BTreeMap<T, V>,
+    want: BTreeMap<T, (V, O)>,
+    key: impl Fn(T) -> K,
+    error: impl Fn(O, MapError) -> ApplyError,
+) -> Vec<ApplyError> {
+    let values: BTreeMap<T, V> = want.iter().map(|(t, (v, _))| (*t, *v)).collect();
+    let mut owners: BTreeMap<T, O> = want.into_iter().map(|(t, (_, o))| (t, o)).collect();
+    super::maps::sync_map(map, current, &values, key)
+        .into_iter()
+        .filter_map(|(entry, source)| match owners.remove(&entry) {
+            Some(owner) => Some(error(owner, source)),
+            None => {
+                warn!(
+                    ?entry,
+                    "cannot remove an entry no table needs any more: {source}"
+                );
+                None
+            }
+        })
+        .collect()
 }
