@@ -254,6 +254,13 @@ fn by_locality(
         .as_deref()
         .and_then(|n| locality::Locality::of_node(index, n));
     let Some(here) = here else {
+        // Failover is Istio's default with outlier detection: only a setting
+        // the rule writes is reported.
+        let written = locality::load_balancer(&dr.object, port)
+            .is_some_and(|lb| lb.get("localityLbSetting").is_some());
+        if !written {
+            return groups;
+        }
         let me = crate::model::ObjectRef::from_meta(
             crate::model::Kind::DestinationRule,
             &dr.object.metadata,

@@ -878,3 +878,26 @@ fn a_subset_whose_pods_all_terminate_drains_to_them_while_the_other_is_ready() {
         ["10.244.1.1"]
     );
 }
+
+#[test]
+fn locality_is_reported_only_where_a_rule_writes_it() {
+    let api = svc("api", VIP, "8080", "");
+    let rule = |policy: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: prod}}\nspec:\n  host: api\n  trafficPolicy: {policy}\n"
+        )
+    };
+    let about_locality = |c: &Compiled| {
+        c.diagnostics
+            .iter()
+            .filter(|d| d.field.contains("localityLbSetting"))
+            .count()
+    };
+    // Failover is Istio's default with outlier detection: nothing to say
+    // when this node's locality is unknown.
+    let implied = rule("{outlierDetection: {consecutive5xxErrors: 3}}");
+    assert_eq!(about_locality(&build(&[&api, &implied])), 0);
+    let written =
+        rule("{loadBalancer: {localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100}}]}}}");
+    assert_eq!(about_locality(&build(&[&api, &written])), 1);
+}
