@@ -121,9 +121,4 @@ impl Active {
     pub fn open(pins: &PinDir) -> Result<Self, MapError> {
         Self::open_named(pins, map_names::ACTIVE)
     }
-
-    /// Every counted backend's open connections.
-    pub fn read(&self) -> BTreeMap<BackendAddr, i64> {
-        self.fold(0, |total, n| total + n)
-    }
 }
