@@ -561,6 +561,50 @@ pub const MAX_CONNECTING: u32 = 65_536;
 /// and take the backend with fewer connections open (`ACTIVE_V1`).
 pub const SERVICE_FLAG_LEAST_REQUEST: u32 = 16;
 
+/// [`ServiceValue::flags`]: the table picks one of the route's destinations,
+/// not a backend (a route whose destinations have traffic policies of their
+/// own: a DestinationRule subset's `trafficPolicy`, or `LEAST_REQUEST`, whose
+/// second draw must stay within the destination the first one chose). Each
+/// slot is a [`Backend`] of family [`FAMILY_DESTINATION`] with the
+/// destination's index in `addr[0]`; its table, with its own flags, is the
+/// `SERVICES_V1` entry at [`destination_key`].
+pub const SERVICE_FLAG_DESTINATIONS: u32 = 32;
+
+/// [`Backend::family`] of a slot of a [`SERVICE_FLAG_DESTINATIONS`] table.
+pub const FAMILY_DESTINATION: u8 = 0x7f;
+
+/// Most destinations of one route with a table each (indices `0..64`).
+pub const MAX_DESTINATIONS: u32 = 64;
+
+/// The `SERVICES_V1` key of destination `index`'s table of the service port
+/// `key`: the same address, port and protocol, and a family no connect can
+/// have (`0x80`, `0x40` for IPv6, the index in the low six bits), so it is
+/// only ever reached through the port's own table.
+#[inline(always)]
+pub fn destination_key(key: &ServiceKey, index: u32) -> ServiceKey {
+    let v6 = if key.family == FAMILY_V6 { 0x40 } else { 0 };
+    ServiceKey {
+        addr: key.addr,
+        port: key.port,
+        proto: key.proto,
+        family: 0x80 | v6 | (index as u8 & 0x3f),
+    }
+}
+
+/// The inverse of [`destination_key`]: the family of the port's own key and
+/// the destination's index; `None` for a key a connect can have.
+pub fn destination_of(family: u8) -> Option<(u8, u32)> {
+    if family & 0x80 == 0 {
+        return None;
+    }
+    let own = if family & 0x40 != 0 {
+        FAMILY_V6
+    } else {
+        FAMILY_V4
+    };
+    Some((own, u32::from(family & 0x3f)))
+}
+
 /// Capacity of the connections counted in `ACTIVE_V1` (`COUNTED_V1`: socket
 /// cookie -> backend); when full, new connections are not counted.
 pub const MAX_COUNTED: u32 = 262_144;
@@ -964,5 +1008,28 @@ mod tests {
         let conn = SockConn::new(7, 9, sock_path::TCP, 42);
         let key = conn.key(sock);
         assert_eq!((key.sock, key.local_seq, key.remote_seq), (sock, 7, 9));
+    }
+
+    #[test]
+    fn a_destination_key_is_never_a_dialled_one_and_decodes_back() {
+        for family in [FAMILY_V4, FAMILY_V6] {
+            let port = ServiceKey {
+                addr: [1, 2, 3, 4],
+                port: 80u16.to_be(),
+                proto: PROTO_TCP,
+                family,
+            };
+            assert_eq!(destination_of(port.family), None);
+            for index in [0, 1, MAX_DESTINATIONS - 1] {
+                let key = destination_key(&port, index);
+                assert_ne!(key.family, FAMILY_V4);
+                assert_ne!(key.family, FAMILY_V6);
+                assert_eq!(destination_of(key.family), Some((family, index)));
+                assert_eq!(
+                    (key.addr, key.port, key.proto),
+                    (port.addr, port.port, port.proto)
+                );
+            }
+        }
     }
 }

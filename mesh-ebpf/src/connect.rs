@@ -10,10 +10,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Affinity, AffinityKey, AffinityMatch, Backend, EndpointKey, FAMILY_NONE, FAMILY_V4, FAMILY_V6,
-    OrigDst, PROTO_TCP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT,
-    SERVICE_FLAG_LEAST_REQUEST, SERVICE_FLAG_SOCKOPTS, ServiceKey, ServiceValue, SlotKey,
-    SocketPolicy, V4_MAPPED_WORD, fmix64, global_stat, is_v4_mapped,
+    Affinity, AffinityKey, AffinityMatch, Backend, EndpointKey, FAMILY_DESTINATION, FAMILY_NONE,
+    FAMILY_V4, FAMILY_V6, OrigDst, PROTO_TCP, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_DESTINATIONS,
+    SERVICE_FLAG_GATEWAY, SERVICE_FLAG_HASH_CLIENT, SERVICE_FLAG_LEAST_REQUEST,
+    SERVICE_FLAG_SOCKOPTS, ServiceKey, ServiceValue, SlotKey, SocketPolicy, V4_MAPPED_WORD,
+    destination_key, fmix64, global_stat, is_v4_mapped,
 };
 
 use crate::{
@@ -163,7 +164,8 @@ fn from_agent() -> bool {
 }
 
 /// Looks the service up and draws a slot: `random % slot_count`, O(1) whatever the
-/// number of services or backends.
+/// number of services or backends. A port whose route's destinations have
+/// tables of their own draws the destination first, then a slot of its table.
 #[inline(always)]
 fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
     // Two tries: if the agent flipped the service to a new table between our two
@@ -171,7 +173,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
     for attempt in 0..2u32 {
         // SAFETY: SERVICES is BPF_F_NO_PREALLOC, so the value is RCU-protected and
         // cannot be recycled under us; we copy it at once.
-        let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        let Some(port) = (unsafe { SERVICES.get(key) }).copied() else {
             if attempt == 0 {
                 bump(global_stat::NOT_SERVICE);
                 return Verdict::Untouched;
@@ -179,7 +181,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
             // The service was deleted while we looked: it is gone, let it be.
             return Verdict::Untouched;
         };
-        let gateway = svc.flags & SERVICE_FLAG_GATEWAY != 0;
+        let gateway = port.flags & SERVICE_FLAG_GATEWAY != 0;
         if gateway != (hook == Hook::Gateway) {
             return Verdict::Untouched;
         }
@@ -188,60 +190,125 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
         if attempt == 0 && (from_agent() || !in_scope(ctx, hook)) {
             return Verdict::Untouched;
         }
-        if svc.slot_count == 0 {
-            bump_service(svc.service_id);
+        if port.slot_count == 0 {
+            bump_service(port.service_id);
             return Verdict::NoBackend;
         }
-        // The connection pool's policy, read once for this connect.
-        let pool = (svc.flags & SERVICE_FLAG_SOCKOPTS != 0)
-            .then(|| sockopt::policy(svc.service_id))
-            .flatten();
-        let mut affinity = (svc.flags & SERVICE_FLAG_AFFINITY != 0).then(|| Client::of(ctx, &svc));
-        if let Some(backend) = affinity.as_mut().and_then(Client::backend) {
-            bump_service(svc.service_id);
-            socket_options(ctx, key, pool.as_ref());
-            return Verdict::To(backend);
-        }
-        let draw = match &affinity {
-            Some(client) => client.draw(&svc),
-            None if svc.flags & SERVICE_FLAG_HASH_CLIENT != 0 => fmix64(client_id(ctx)) as u32,
-            // SAFETY: helper without preconditions.
-            None => unsafe { bpf_get_prandom_u32() },
+        let table = if port.flags & SERVICE_FLAG_DESTINATIONS != 0 {
+            match destination(ctx, key, &port) {
+                Pick::Table(table) => table,
+                Pick::Refuse => {
+                    bump_service(port.service_id);
+                    return Verdict::NoBackend;
+                }
+                Pick::Retry => {
+                    bump(global_stat::TABLE_RETRY);
+                    continue;
+                }
+            }
+        } else {
+            port
         };
-        let slot = draw % svc.slot_count;
-        let slot_key = SlotKey {
-            service_id: svc.service_id,
-            revision: svc.revision,
-            slot,
-        };
-        // SAFETY: as for SERVICES.
-        if let Some(backend) = (unsafe { SLOTS.get(slot_key) }).copied() {
-            bump_service(svc.service_id);
-            if backend.family == FAMILY_NONE {
-                return Verdict::NoBackend;
-            }
-            let backend = if affinity.is_none() && svc.flags & SERVICE_FLAG_LEAST_REQUEST != 0 {
-                least_loaded(&svc, slot, backend)
-            } else {
-                backend
-            };
-            if pool
-                .as_ref()
-                .is_some_and(|p| sockopt::full(p, &endpoint(&backend)))
-            {
-                bump(global_stat::POOL_OVERFLOW);
-                return Verdict::Overflow;
-            }
-            if let Some(client) = &affinity {
-                client.remember(backend);
-            }
-            socket_options(ctx, key, pool.as_ref());
-            return Verdict::To(backend);
+        if let Some(verdict) = from_table(ctx, key, &table) {
+            // Counted for the port, whichever table chose.
+            bump_service(port.service_id);
+            return verdict;
         }
         bump(global_stat::TABLE_RETRY);
     }
     // Two misses in a row: never send a mesh connect to the bare VIP.
     Verdict::NoBackend
+}
+
+/// What the draw of a destination gave.
+enum Pick {
+    /// The destination's own table.
+    Table(ServiceValue),
+    /// A destination that leads nowhere: its share is refused.
+    Refuse,
+    /// A table replaced under us: read the port again.
+    Retry,
+}
+
+/// Draws one of the route's destinations from the port's table (by weight;
+/// by a hash of the client when the port asks for it, so a client keeps its
+/// destination while the route's weights stay) and reads its table.
+#[inline(always)]
+fn destination(ctx: &SockAddrContext, key: &ServiceKey, port: &ServiceValue) -> Pick {
+    let draw = if port.flags & SERVICE_FLAG_HASH_CLIENT != 0 {
+        // Another mix than the destination's own draw from the same client.
+        (fmix64(client_id(ctx)) >> 32) as u32
+    } else {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_get_prandom_u32() }
+    };
+    let slot_key = SlotKey {
+        service_id: port.service_id,
+        revision: port.revision,
+        slot: draw % port.slot_count,
+    };
+    // SAFETY: as for SERVICES.
+    let Some(slot) = (unsafe { SLOTS.get(slot_key) }).copied() else {
+        return Pick::Retry;
+    };
+    if slot.family != FAMILY_DESTINATION {
+        return Pick::Refuse;
+    }
+    // SAFETY: as for SERVICES.
+    match (unsafe { SERVICES.get(destination_key(key, slot.addr[0])) }).copied() {
+        Some(table) if table.slot_count == 0 => Pick::Refuse,
+        Some(table) => Pick::Table(table),
+        None => Pick::Retry,
+    }
+}
+
+/// Draws a backend from `svc`'s table under its policies; `None` when the
+/// table was replaced under us (read the port again).
+#[inline(always)]
+fn from_table(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue) -> Option<Verdict> {
+    // The connection pool's policy, read once for this connect.
+    let pool = (svc.flags & SERVICE_FLAG_SOCKOPTS != 0)
+        .then(|| sockopt::policy(svc.service_id))
+        .flatten();
+    let mut affinity = (svc.flags & SERVICE_FLAG_AFFINITY != 0).then(|| Client::of(ctx, svc));
+    if let Some(backend) = affinity.as_mut().and_then(Client::backend) {
+        socket_options(ctx, key, pool.as_ref());
+        return Some(Verdict::To(backend));
+    }
+    let draw = match &affinity {
+        Some(client) => client.draw(svc),
+        None if svc.flags & SERVICE_FLAG_HASH_CLIENT != 0 => fmix64(client_id(ctx)) as u32,
+        // SAFETY: helper without preconditions.
+        None => unsafe { bpf_get_prandom_u32() },
+    };
+    let slot = draw % svc.slot_count;
+    let slot_key = SlotKey {
+        service_id: svc.service_id,
+        revision: svc.revision,
+        slot,
+    };
+    // SAFETY: as for SERVICES.
+    let backend = (unsafe { SLOTS.get(slot_key) }).copied()?;
+    if backend.family == FAMILY_NONE {
+        return Some(Verdict::NoBackend);
+    }
+    let backend = if affinity.is_none() && svc.flags & SERVICE_FLAG_LEAST_REQUEST != 0 {
+        least_loaded(svc, slot, backend)
+    } else {
+        backend
+    };
+    if pool
+        .as_ref()
+        .is_some_and(|p| sockopt::full(p, &endpoint(&backend)))
+    {
+        bump(global_stat::POOL_OVERFLOW);
+        return Some(Verdict::Overflow);
+    }
+    if let Some(client) = &affinity {
+        client.remember(backend);
+    }
+    socket_options(ctx, key, pool.as_ref());
+    Some(Verdict::To(backend))
 }
 
 /// LEAST_REQUEST: of the backend at `slot` and the one at another slot drawn

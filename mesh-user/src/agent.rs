@@ -542,8 +542,13 @@ impl Reconciler {
                 ),
             ));
         };
-        for service in std::mem::take(&mut compiled.outlier).keys() {
-            say(service, "outlierDetection", "connects are counted", "");
+        for pool in std::mem::take(&mut compiled.outlier).keys() {
+            say(
+                &pool.service,
+                "outlierDetection",
+                "connects are counted",
+                "",
+            );
         }
         for plan in compiled.services.values_mut() {
             if plan.least_request {
@@ -633,15 +638,15 @@ impl Reconciler {
             return;
         }
         let ejected = self.detector.ejected();
-        for (service, backends) in &ejected {
+        for (pool, backends) in &ejected {
             for b in backends {
                 if !self
                     .compile
                     .ejected
-                    .get(service)
+                    .get(pool)
                     .is_some_and(|s| s.contains(b))
                 {
-                    warn!(%service, backend = %b, "outlier detection ejected a backend: failed connects in a row");
+                    warn!(%pool, backend = %b, "outlier detection ejected a backend: failed connects in a row");
                 }
             }
         }

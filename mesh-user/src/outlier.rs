@@ -25,7 +25,7 @@ use std::{
 };
 
 use crate::{
-    compile::{BackendAddr, Outlier, OutlierWatch},
+    compile::{BackendAddr, Outlier, OutlierPool, OutlierWatch},
     kernel::backend_counters::Counts,
     model::NamespacedName,
 };
@@ -35,7 +35,7 @@ const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
 pub struct Detector {
-    services: BTreeMap<NamespacedName, Service>,
+    services: BTreeMap<OutlierPool, Service>,
 }
 
 #[derive(Debug)]
@@ -62,6 +62,10 @@ struct Backend {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BackendRecord {
     pub service: NamespacedName,
+    /// The subset judged on its own (a DestinationRule subset with its own
+    /// outlier detection), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
     pub backend: BackendAddr,
     pub failures: u64,
     pub successes: u64,
@@ -74,7 +78,7 @@ pub struct BackendRecord {
 impl Detector {
     /// Follows what compile says is watched: new services and backends start
     /// clean, those gone are forgotten, a changed policy applies from now.
-    pub fn watch(&mut self, watches: &BTreeMap<NamespacedName, OutlierWatch>, now: Instant) {
+    pub fn watch(&mut self, watches: &BTreeMap<OutlierPool, OutlierWatch>, now: Instant) {
         self.services.retain(|name, _| watches.contains_key(name));
         for (name, watch) in watches {
             let service = self
@@ -124,7 +128,7 @@ impl Detector {
 
     /// The backends to leave out, per service (none for a service whose
     /// healthy share fell below `minHealthPercent`).
-    pub fn ejected(&self) -> BTreeMap<NamespacedName, BTreeSet<BackendAddr>> {
+    pub fn ejected(&self) -> BTreeMap<OutlierPool, BTreeSet<BackendAddr>> {
         self.services
             .iter()
             .filter_map(|(name, s)| {
@@ -162,7 +166,8 @@ impl Detector {
                 s.backends.iter().map(move |(addr, b)| {
                     let c = counts.get(addr).copied().unwrap_or_default();
                     BackendRecord {
-                        service: name.clone(),
+                        service: name.service.clone(),
+                        subset: name.subset.clone(),
                         backend: *addr,
                         failures: c.failures,
                         successes: c.successes,
@@ -260,8 +265,11 @@ mod tests {
         }
     }
 
-    fn web() -> NamespacedName {
-        NamespacedName::new("prod", "web")
+    fn web() -> OutlierPool {
+        OutlierPool {
+            service: NamespacedName::new("prod", "web"),
+            subset: None,
+        }
     }
 
     fn policy(max_ejection_percent: u32) -> Outlier {

@@ -658,6 +658,59 @@ fn least_request_sends_new_connections_to_the_backend_with_fewer_open() -> anyho
     Ok(())
 }
 
+/// The canary's DestinationRule with a policy of its own on subset v1.
+fn v1_policy(policy: &str) -> String {
+    with_policy("{}").replace(
+        "    - {name: v1, labels: {version: v1}}\n",
+        &format!("    - {{name: v1, labels: {{version: v1}}, trafficPolicy: {policy}}}\n"),
+    )
+}
+
+#[test]
+fn a_subsets_own_balancer_holds_within_it_while_the_route_keeps_its_weights() -> anyhow::Result<()>
+{
+    let mut canary = Canary::start(Some((80, 20)))?;
+    // v1 hashes its clients; v2 (and the route) draw at random.
+    canary.write(
+        "destinationrule.yaml",
+        &v1_policy("{loadBalancer: {consistentHash: {useSourceIp: true}}}"),
+    )?;
+    let explained = canary.agent.cli(&["explain", &vip4()])?;
+    assert!(
+        explained.contains("its own table (destination 0)"),
+        "{explained}"
+    );
+    let seen = canary.probe(&vip4(), N)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    // One client (its pod): all its v1 connects on one v1 pod.
+    let v1: Vec<&u64> = V1.iter().filter_map(|p| seen.backends.get(*p)).collect();
+    assert_eq!(v1.len(), 1, "v1 hashes the client to one pod: {seen:?}");
+    let v2 = seen.backends.get(V2).copied().unwrap_or(0);
+    assert_share(v2 as f64 / N as f64, 0.20, N, "v2 at 80/20");
+    Ok(())
+}
+
+#[test]
+fn least_request_across_subsets_keeps_the_routes_weights() -> anyhow::Result<()> {
+    let mut canary = Canary::start(Some((100, 0)))?;
+    canary.write(
+        "destinationrule.yaml",
+        &with_policy("{loadBalancer: {simple: LEAST_REQUEST}}"),
+    )?;
+    // Ten open on v1's pods, none on v2's.
+    let held = hold(&canary, 10)?;
+    canary.set_weights(50, 50)?;
+    // Within each subset the less loaded pod; between them the route's
+    // 50/50. One table for both would send v2 (idle) three in four: the
+    // second draw would pull toward it.
+    let seen = canary.probe(&vip4(), 400)?;
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    let v2 = seen.backends.get(V2).copied().unwrap_or(0);
+    assert_share(v2 as f64 / 400.0, 0.50, 400, "v2 at 50/50");
+    held.release()?;
+    Ok(())
+}
+
 #[test]
 fn max_connections_refuses_a_connect_over_the_limit_at_once() -> anyhow::Result<()> {
     let mut canary = Canary::start(None)?;

@@ -43,6 +43,18 @@ pub fn check(dir: &Path, config: &compile::Config) -> Checked {
 fn tables(compiled: &Compiled, out: &mut Vec<String>) {
     for (addr, plan) in &compiled.services {
         out.push(format!("{addr}  {}  [{}]", plan.service, plan.route));
+        if !plan.to_destinations.is_empty() {
+            let total = plan.to_destinations.len();
+            for (i, d) in (0u8..).zip(&plan.destinations) {
+                let n = plan.to_destinations.iter().filter(|&&p| p == i).count();
+                let pct = 100.0 * n as f64 / total as f64;
+                out.push(format!(
+                    "    {:<24} {pct:6.2}%  ({n}/{total} slots; its own table: destination {i})",
+                    d.name
+                ));
+            }
+            continue;
+        }
         let mut shares: BTreeMap<Option<BackendAddr>, usize> = BTreeMap::new();
         for slot in &plan.slots {
             *shares.entry(*slot).or_default() += 1;

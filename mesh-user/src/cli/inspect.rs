@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     compile::{BackendAddr, Proto, ServiceAddr},
     kernel::{
-        codec::{backend_addr, service_addr},
+        codec::{backend_addr, service_addr, slot_destination},
         count_keys,
         pin::PinDir,
         record::{self, AgentRecord, ServiceRecord},
@@ -227,6 +227,10 @@ pub struct ServiceDump {
     pub vip: std::net::IpAddr,
     pub port: u16,
     pub proto: Proto,
+    /// The table of this destination of the port's route (reached through
+    /// the port's own table, which picks it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<u8>,
     /// `None`: the agent's record does not know this table.
     pub service: Option<NamespacedName>,
     pub route: String,
@@ -260,6 +264,18 @@ pub struct DestinationDump {
     pub name: String,
     pub weight: Option<u64>,
     pub backends: Vec<BackendDump>,
+    /// The destination has a table of its own (the route's destinations
+    /// differ in policy): the port's slots that pick it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<PickDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PickDump {
+    /// Its table: [`ServiceDump::destination`].
+    pub destination: u8,
+    pub slots: u32,
+    pub share: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -273,6 +289,8 @@ pub struct BackendDump {
 struct Table {
     value: ServiceValue,
     slots: Vec<Option<BackendAddr>>,
+    /// A table that picks a destination: the destination of each slot.
+    to_destinations: Vec<u8>,
 }
 
 fn open_hash<K: aya::Pod, V: aya::Pod>(
@@ -294,7 +312,7 @@ fn read_tables(pins: &PinDir) -> Result<BTreeMap<ServiceAddr, Table>, InspectErr
         let Some(addr) = service_addr(&key) else {
             continue;
         };
-        let table = (0..value.slot_count)
+        let read: Vec<Option<Backend>> = (0..value.slot_count)
             .map(|slot| {
                 slots
                     .get(
@@ -306,16 +324,25 @@ fn read_tables(pins: &PinDir) -> Result<BTreeMap<ServiceAddr, Table>, InspectErr
                         0,
                     )
                     .ok()
-                    .and_then(|b| backend_addr(&b))
             })
             .collect();
-        out.insert(
-            addr,
-            Table {
-                value,
-                slots: table,
+        let picks = value.flags & mesh_common::SERVICE_FLAG_DESTINATIONS != 0;
+        let table = Table {
+            value,
+            slots: if picks {
+                Vec::new()
+            } else {
+                read.iter()
+                    .map(|b| b.as_ref().and_then(backend_addr))
+                    .collect()
             },
-        );
+            to_destinations: if picks {
+                read.iter().flatten().filter_map(slot_destination).collect()
+            } else {
+                Vec::new()
+            },
+        };
+        out.insert(addr, table);
     }
     Ok(out)
 }
@@ -351,7 +378,21 @@ pub fn dump(
         let total = table.slots.len().max(1) as f64;
         let label = labels.get(&addr);
         let mut destinations: Vec<DestinationDump> = Vec::new();
-        for d in label.map(|l| l.destinations.as_slice()).unwrap_or_default() {
+        for (i, d) in (0u8..).zip(label.map(|l| l.destinations.as_slice()).unwrap_or_default()) {
+            if !table.to_destinations.is_empty() {
+                let n = table.to_destinations.iter().filter(|&&p| p == i).count() as u32;
+                destinations.push(DestinationDump {
+                    name: d.name.clone(),
+                    weight: Some(d.weight),
+                    backends: Vec::new(),
+                    table: Some(PickDump {
+                        destination: i,
+                        slots: n,
+                        share: f64::from(n) / table.to_destinations.len() as f64,
+                    }),
+                });
+                continue;
+            }
             let backends = d
                 .backends
                 .iter()
@@ -379,12 +420,14 @@ pub fn dump(
                 name: d.name.clone(),
                 weight: Some(d.weight),
                 backends,
+                table: None,
             });
         }
         if !counts.is_empty() {
             destinations.push(DestinationDump {
                 name: "(not in the agent's record)".to_owned(),
                 weight: None,
+                table: None,
                 backends: counts
                     .into_iter()
                     .map(|(addr, n)| BackendDump {
@@ -408,6 +451,7 @@ pub fn dump(
             vip: addr.vip,
             port: addr.port,
             proto: addr.proto,
+            destination: addr.destination,
             service: label.map(|l| l.service.clone()),
             route: label.map_or_else(String::new, |l| l.route.clone()),
             revision: table.value.revision,
@@ -435,9 +479,11 @@ pub fn dump(
 pub fn print_dump(services: &[ServiceDump]) {
     for s in services {
         println!(
-            "{}/{}  {}  [{}]  {} slots, revision {}",
+            "{}/{}{}  {}  [{}]  {} slots, revision {}",
             SocketAddr::new(s.vip, s.port),
             s.proto,
+            s.destination
+                .map_or_else(String::new, |i| format!(" destination {i}")),
             service_name(s),
             s.route,
             s.slot_count,
@@ -481,7 +527,11 @@ fn print_affinity(s: &ServiceDump) {
             "    least request (DestinationRule LEAST_REQUEST): of two slots drawn, the backend with fewer connections open"
         );
     }
-    if s.hash_client {
+    if s.hash_client && s.destinations.iter().any(|d| d.table.is_some()) {
+        println!(
+            "    the destination is a hash of the client: a client (its bound address, else its pod) keeps its destination while the weights stay"
+        );
+    } else if s.hash_client {
         println!(
             "    consistent hash of the client (DestinationRule consistentHash.useSourceIp): a weighted Maglev table of {} slots; a client (its bound address, else its pod) keeps its backend",
             s.slot_count
@@ -528,6 +578,16 @@ fn print_destinations(s: &ServiceDump) {
     for d in &s.destinations {
         let weight = d.weight.map_or_else(|| "-".to_owned(), |w| w.to_string());
         println!("    {:<52} weight {weight}", d.name);
+        if let Some(t) = &d.table {
+            println!(
+                "        its own table (destination {}) {:>4}/{} slots  {:6.2}%",
+                t.destination,
+                t.slots,
+                s.slot_count,
+                100.0 * t.share
+            );
+            continue;
+        }
         if d.backends.is_empty() {
             println!("        (no ready endpoint of this family)");
         }
@@ -561,6 +621,12 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
                 service_name(s)
             );
             print_gateway(s);
+        } else if let Some(i) = s.destination {
+            println!(
+                "{target}/{} destination {i} of service {}: a table of its own, with its own policy.",
+                s.proto,
+                service_name(s)
+            );
         } else {
             println!("{target}/{} is service {}.", s.proto, service_name(s));
         }
@@ -573,10 +639,17 @@ pub fn print_explain(target: SocketAddr, services: &[ServiceDump]) {
                 "weights are proportions of their sum ({total}); each destination's share is split evenly over its ready endpoints."
             );
         }
-        println!(
-            "the kernel draws one of {} slots uniformly at each connect (revision {}):",
-            s.slot_count, s.revision
-        );
+        if s.destinations.iter().any(|d| d.table.is_some()) {
+            println!(
+                "the route's destinations differ in policy: the kernel draws a destination (one of {} slots, revision {}), then a backend from that destination's own table (below):",
+                s.slot_count, s.revision
+            );
+        } else {
+            println!(
+                "the kernel draws one of {} slots uniformly at each connect (revision {}):",
+                s.slot_count, s.revision
+            );
+        }
         print_destinations(s);
     }
 }

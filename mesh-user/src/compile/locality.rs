@@ -21,10 +21,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::{Group, endpoints::Endpoint};
-use crate::{
-    index::Index,
-    model::{DestinationRule, node},
-};
+use crate::{index::Index, model::node};
 
 /// A locality; an unknown part is empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -119,11 +116,6 @@ pub fn setting(lb: Option<&Value>, outlier: bool) -> Option<Setting> {
         })
         .collect();
     Some(Setting::Failover(failover))
-}
-
-/// The load balancer settings of `dr` for a port (for [`setting`]).
-pub fn load_balancer(dr: &DestinationRule, port: u16) -> Option<&Value> {
-    super::policy::setting(dr, port, "loadBalancer")
 }
 
 /// Applies `setting` to a route's destinations, from locality `here`.

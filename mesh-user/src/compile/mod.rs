@@ -10,6 +10,7 @@ pub mod redirect;
 pub mod routes;
 pub mod scope;
 pub mod slots;
+mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -18,7 +19,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Service;
 
 pub use plan::{
-    BackendAddr, Compiled, DestinationPlan, OutlierWatch, Proto, RouteRef, ServiceAddr, ServicePlan,
+    BackendAddr, Compiled, DestinationPlan, OutlierPool, OutlierWatch, Proto, RouteRef,
+    ServiceAddr, ServicePlan,
 };
 pub use policy::Outlier;
 
@@ -43,8 +45,7 @@ pub struct Config {
     pub node_name: Option<String>,
     /// Backends outlier detection ejected, per service: left out of its
     /// tables (the detector decides; compile only leaves them out).
-    pub ejected:
-        std::collections::BTreeMap<NamespacedName, std::collections::BTreeSet<BackendAddr>>,
+    pub ejected: std::collections::BTreeMap<OutlierPool, std::collections::BTreeSet<BackendAddr>>,
 }
 
 impl Default for Config {
@@ -107,13 +108,13 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 let chosen = routes::choose_route(vs, port, &mut out.diagnostics)?;
                 Some((vs, chosen))
             });
-            let (route, groups) = match chosen {
+            let (route, routed) = match chosen {
                 Some((vs, chosen)) => (
                     RouteRef::VirtualService {
                         name: NamespacedName::from_meta(&vs.object.metadata),
                         field: chosen.field.clone(),
                     },
-                    weighted_groups(
+                    route_destinations(
                         &lookup,
                         vs,
                         &chosen,
@@ -129,9 +130,9 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 // refused at once, never passed to the bare VIP.
                 None => (
                     RouteRef::Even,
-                    vec![(
-                        "every ready endpoint".to_owned(),
-                        Group {
+                    vec![Routed {
+                        name: "every ready endpoint".to_owned(),
+                        group: Group {
                             weight: 1,
                             members: endpoints::reachable(
                                 &lookup,
@@ -143,84 +144,43 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                                 &mut out.diagnostics,
                             ),
                         },
-                    )],
+                        pool: OutlierPool {
+                            service: name.clone(),
+                            subset: None,
+                        },
+                        port: number,
+                        rule,
+                    }],
                 ),
             };
-            let hash = rule.and_then(|dr| policy::client_hash(&dr.object, number));
-            let least_request = proto == Proto::Tcp
-                && rule.is_some_and(|dr| policy::least_request(&dr.object, number));
-            let socket = rule
-                .and_then(|dr| policy::socket_options(&dr.object, number))
-                .filter(|_| proto == Proto::Tcp);
-            let mut groups = groups;
-            if let Some(policy) = rule.and_then(|dr| policy::outlier(&dr.object, number)) {
-                watch_and_eject(&mut out, name, policy, &mut groups, config);
+            let destinations: Vec<tables::Destination> = routed
+                .into_iter()
+                .map(|r| with_policy(index, r, proto, config, &mut out))
+                .collect();
+            if destinations.len() > mesh_common::MAX_DESTINATIONS as usize {
+                let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
+                out.diagnostics.push(Diagnostic::warning(
+                    &me,
+                    format!("spec.ports[{number}]"),
+                    format!(
+                        "its route has more than {} destinations: one table for all, under the first destination's policy",
+                        mesh_common::MAX_DESTINATIONS
+                    ),
+                ));
             }
-            if let Some(dr) = rule {
-                groups = by_locality(index, dr, number, groups, config, &mut out.diagnostics);
-            }
+            let table_port = tables::Port {
+                service: name.clone(),
+                route,
+                affinity_timeout_s: affinity,
+                max_slots: config.max_slots,
+            };
             for vip in &vips {
+                let addr = ServiceAddr::port(*vip, number, proto);
                 if undecided && proto == Proto::Tcp {
-                    out.undecided.insert(ServiceAddr {
-                        vip: *vip,
-                        port: number,
-                        proto,
-                    });
+                    out.undecided.insert(addr);
                 }
-                let family_groups: Vec<slots::Group<BackendAddr>> = groups
-                    .iter()
-                    .map(|(_, g)| slots::Group {
-                        weight: g.weight,
-                        members: g
-                            .members
-                            .iter()
-                            .filter(|e| e.ip.is_ipv4() == vip.is_ipv4())
-                            .map(|e| BackendAddr {
-                                ip: e.ip,
-                                port: e.port,
-                            })
-                            .collect(),
-                    })
-                    .collect();
-                let destinations: Vec<DestinationPlan> = groups
-                    .iter()
-                    .zip(&family_groups)
-                    .map(|((name, _), g)| DestinationPlan {
-                        name: name.clone(),
-                        weight: g.weight,
-                        backends: g.members.clone(),
-                    })
-                    .collect();
-                let slots = match hash {
-                    // A destination with no endpoint has no slot here: its
-                    // share goes to the others (a hash cannot refuse a share).
-                    Some(h) => {
-                        let weighted = gateway::maglev::weighted(&destinations, vip.is_ipv4());
-                        gateway::maglev::build(&weighted, h.table_size)
-                            .into_iter()
-                            .map(Some)
-                            .collect()
-                    }
-                    None => slots::build(&family_groups, config.max_slots),
-                };
-                out.services.insert(
-                    ServiceAddr {
-                        vip: *vip,
-                        port: number,
-                        proto,
-                    },
-                    ServicePlan {
-                        service: name.clone(),
-                        route: route.clone(),
-                        slots,
-                        destinations,
-                        gateway: false,
-                        affinity_timeout_s: affinity,
-                        hash_client: hash.is_some(),
-                        socket,
-                        least_request,
-                    },
-                );
+                out.services
+                    .extend(tables::plans(&table_port, addr, &destinations));
             }
         }
     }
@@ -234,20 +194,86 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
     out
 }
 
-/// DestinationRule `localityLbSetting` on a route's destinations, from this
-/// node's locality (which needs `--node-name` and its Node).
+/// A route's destination before its policy: its endpoints, and what says
+/// which DestinationRule policy applies to it.
+pub(crate) struct Routed<'a> {
+    /// `host subset NAME`, `host`, or `every ready endpoint`.
+    pub name: String,
+    pub group: Group,
+    /// The destination's Service and subset (outlier detection judges them
+    /// as one).
+    pool: OutlierPool,
+    /// The destination Service's port (the key of `portLevelSettings`).
+    port: u16,
+    /// The DestinationRule of the destination's host.
+    rule: Option<&'a Entry<crate::model::DestinationRule>>,
+}
+
+/// Applies the destination's DestinationRule policy (Istio's precedence:
+/// [`policy::effective`]): outlier detection leaves out what it ejected,
+/// locality picks or splits the endpoints, and the rest is what its table
+/// does.
+fn with_policy(
+    index: &Index,
+    routed: Routed<'_>,
+    proto: Proto,
+    config: &Config,
+    out: &mut Compiled,
+) -> tables::Destination {
+    let Routed {
+        name,
+        mut group,
+        pool,
+        port,
+        rule,
+    } = routed;
+    let Some(dr) = rule else {
+        return tables::Destination {
+            groups: vec![(name.clone(), group)],
+            name,
+            policy: tables::TablePolicy::default(),
+        };
+    };
+    let effective = policy::effective(&dr.object, pool.subset.as_deref(), port);
+    let outlier = policy::outlier(&effective);
+    if let Some(outlier) = outlier {
+        watch_and_eject(out, pool, outlier, &mut group, config);
+    }
+    let tcp = proto == Proto::Tcp;
+    let table = tables::TablePolicy {
+        hash: policy::client_hash(&effective),
+        least_request: tcp && policy::least_request(&effective),
+        socket: policy::socket_options(&effective).filter(|_| tcp),
+    };
+    let groups = by_locality(
+        index,
+        dr,
+        &effective,
+        outlier.is_some(),
+        (name.clone(), group),
+        config,
+        &mut out.diagnostics,
+    );
+    tables::Destination {
+        name,
+        groups,
+        policy: table,
+    }
+}
+
+/// DestinationRule `localityLbSetting` on one destination, from this node's
+/// locality (which needs `--node-name` and its Node).
 fn by_locality(
     index: &Index,
     dr: &Entry<crate::model::DestinationRule>,
-    port: u16,
-    groups: Vec<(String, Group)>,
+    effective: &policy::Effective<'_>,
+    outlier: bool,
+    group: (String, Group),
     config: &Config,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<(String, Group)> {
-    let outlier = policy::outlier(&dr.object, port).is_some();
-    let Some(setting) = locality::setting(locality::load_balancer(&dr.object, port), outlier)
-    else {
-        return groups;
+    let Some(setting) = locality::setting(effective.load_balancer, outlier) else {
+        return vec![group];
     };
     let here = config
         .node_name
@@ -256,57 +282,52 @@ fn by_locality(
     let Some(here) = here else {
         // Failover is Istio's default with outlier detection: only a setting
         // the rule writes is reported.
-        let written = locality::load_balancer(&dr.object, port)
+        let written = effective
+            .load_balancer
             .is_some_and(|lb| lb.get("localityLbSetting").is_some());
-        if !written {
-            return groups;
+        if let (true, Some(at)) = (written, &effective.load_balancer_at) {
+            let me = crate::model::ObjectRef::from_meta(
+                crate::model::Kind::DestinationRule,
+                &dr.object.metadata,
+            );
+            diags.push(
+                Diagnostic::warning(
+                    &me,
+                    format!("{at}.localityLbSetting"),
+                    "this node's locality is unknown (--node-name and its Node's labels): not honoured",
+                )
+                .with_origin(&dr.origin),
+            );
         }
-        let me = crate::model::ObjectRef::from_meta(
-            crate::model::Kind::DestinationRule,
-            &dr.object.metadata,
-        );
-        diags.push(
-            Diagnostic::warning(
-                &me,
-                "spec.trafficPolicy.loadBalancer.localityLbSetting",
-                "this node's locality is unknown (--node-name and its Node's labels): not honoured",
-            )
-            .with_origin(&dr.origin),
-        );
-        return groups;
+        return vec![group];
     };
-    locality::apply(groups, &setting, &here, |e| {
+    locality::apply(vec![group], &setting, &here, |e| {
         locality::Locality::of_endpoint(index, e)
     })
 }
 
-/// Records the backends outlier detection judges for `service`, then leaves
+/// Records the backends outlier detection judges for `pool`, then leaves
 /// out those it ejected.
 fn watch_and_eject(
     out: &mut Compiled,
-    service: &NamespacedName,
+    pool: OutlierPool,
     policy: policy::Outlier,
-    groups: &mut [(String, Group)],
+    group: &mut Group,
     config: &Config,
 ) {
     let addr = |e: &endpoints::Endpoint| BackendAddr {
         ip: e.ip,
         port: e.port,
     };
-    let watch = out
-        .outlier
-        .entry(service.clone())
-        .or_insert_with(|| OutlierWatch {
-            policy,
-            backends: Default::default(),
-        });
-    watch
-        .backends
-        .extend(groups.iter().flat_map(|(_, g)| g.members.iter().map(addr)));
-    if let Some(ejected) = config.ejected.get(service) {
-        for (_, g) in groups.iter_mut() {
-            g.members.retain(|e| !ejected.contains(&addr(e)));
-        }
+    let ejected = config.ejected.get(&pool);
+    let watch = out.outlier.entry(pool).or_insert_with(|| OutlierWatch {
+        policy,
+        backends: Default::default(),
+    });
+    // Every backend it judges, the ejected ones included.
+    watch.backends.extend(group.members.iter().map(addr));
+    if let Some(ejected) = ejected {
+        group.members.retain(|e| !ejected.contains(&addr(e)));
     }
 }
 
@@ -321,21 +342,22 @@ fn service_vips(service: &Service) -> Vec<IpAddr> {
     )
 }
 
-/// The route's destinations as weighted groups of ready endpoints. A destination
-/// that leads nowhere keeps its weight with no endpoint: its share is refused.
-fn weighted_groups(
-    lookup: &endpoints::Lookup<'_>,
+/// The route's destinations: their weights, ready endpoints and
+/// DestinationRules. A destination that leads nowhere keeps its weight with
+/// no endpoint: its share is refused.
+pub(crate) fn route_destinations<'a>(
+    lookup: &endpoints::Lookup<'a>,
     vs: &Entry<VirtualService>,
     chosen: &routes::Chosen<'_>,
     connecting: Connecting<'_>,
     config: &Config,
     diags: &mut Vec<Diagnostic>,
-) -> Vec<(String, Group)> {
+) -> Vec<Routed<'a>> {
     let domain = config.cluster_domain.as_str();
     let here = endpoints::Here::of(lookup.index, config.node_name.as_deref());
     let me = routes::vs_ref(&vs.object);
     let single = chosen.destinations.len() == 1;
-    let mut groups = Vec::new();
+    let mut out = Vec::new();
     for (j, dest) in chosen.destinations.iter().enumerate() {
         // One destination takes all the traffic whatever its weight (Istio).
         let weight = if single {
@@ -348,7 +370,21 @@ fn weighted_groups(
             Some(subset) => format!("{host} subset {subset}"),
             None => host.to_string(),
         };
-        let members = match resolve(
+        let subset = dest.destination.subset.clone();
+        let mut routed = Routed {
+            name,
+            group: Group {
+                weight,
+                members: Vec::new(),
+            },
+            pool: OutlierPool {
+                service: NamespacedName::default(),
+                subset: subset.clone(),
+            },
+            port: 0,
+            rule: None,
+        };
+        routed.group.members = match resolve(
             lookup.index,
             &dest.destination,
             &me.namespace,
@@ -357,25 +393,32 @@ fn weighted_groups(
         ) {
             // The subset first, then kube-proxy's rules within it: a subset
             // whose endpoints are all terminating still drains to them.
-            Ok(resolved) => match resolved.port {
-                Some(port) => endpoints::reachable(
-                    lookup,
-                    &resolved.name,
-                    &resolved.service.object,
-                    port,
-                    here,
-                    |e| {
-                        resolved.subset.is_none_or(|subset| {
-                            subset
-                                .labels
-                                .iter()
-                                .all(|(k, v)| e.labels.get(k) == Some(v))
-                        })
-                    },
-                    diags,
-                ),
-                None => Vec::new(),
-            },
+            Ok(resolved) => {
+                routed.pool.service = resolved.name.clone();
+                routed.rule = lookup.index.destination_rule_for(&resolved.fqdn, domain);
+                match resolved.port {
+                    Some(port) => {
+                        routed.port = u16::try_from(port.port).unwrap_or(0);
+                        endpoints::reachable(
+                            lookup,
+                            &resolved.name,
+                            &resolved.service.object,
+                            port,
+                            here,
+                            |e| {
+                                resolved.subset.is_none_or(|subset| {
+                                    subset
+                                        .labels
+                                        .iter()
+                                        .all(|(k, v)| e.labels.get(k) == Some(v))
+                                })
+                            },
+                            diags,
+                        )
+                    }
+                    None => Vec::new(),
+                }
+            }
             Err(e) => {
                 diags.push(
                     Diagnostic::error(
@@ -388,7 +431,7 @@ fn weighted_groups(
                 Vec::new()
             }
         };
-        groups.push((name, Group { weight, members }));
+        out.push(routed);
     }
-    groups
+    out
 }

@@ -32,11 +32,40 @@ pub struct ServiceAddr {
     pub vip: IpAddr,
     pub port: u16,
     pub proto: Proto,
+    /// `Some(i)`: the table of the port's route's `i`-th destination, which
+    /// connects reach only through the port's own table (one that picks a
+    /// destination: [`ServicePlan::to_destinations`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<u8>,
+}
+
+impl ServiceAddr {
+    /// The port's own table (the one connects look up).
+    pub fn port(vip: IpAddr, port: u16, proto: Proto) -> Self {
+        Self {
+            vip,
+            port,
+            proto,
+            destination: None,
+        }
+    }
+
+    /// The table of destination `index` of this port's route.
+    pub fn destination(self, index: u8) -> Self {
+        Self {
+            destination: Some(index),
+            ..self
+        }
+    }
 }
 
 impl fmt::Display for ServiceAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", SocketAddr::new(self.vip, self.port), self.proto)
+        write!(f, "{}/{}", SocketAddr::new(self.vip, self.port), self.proto)?;
+        match self.destination {
+            Some(i) => write!(f, " destination {i}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -84,8 +113,13 @@ impl fmt::Display for RouteRef {
 pub struct ServicePlan {
     pub service: NamespacedName,
     pub route: RouteRef,
-    /// The slot table; `None` slots refuse the connect. Empty: no backend at all.
+    /// The slot table; `None` slots refuse the connect. Empty: no backend at
+    /// all (or a table that picks a destination).
     pub slots: Vec<Option<BackendAddr>>,
+    /// A table that picks one of the route's destinations, each with a table
+    /// of its own (destinations whose policies differ): each slot the index
+    /// of a destination ([`ServiceAddr::destination`]); `slots` is empty.
+    pub to_destinations: Vec<u8>,
     /// What the table was built from: each destination of the route (a subset,
     /// or every endpoint), its weight, and its ready endpoints of this family.
     pub destinations: Vec<DestinationPlan>,
@@ -124,7 +158,15 @@ impl ServicePlan {
         if self.least_request {
             flags |= mesh_common::SERVICE_FLAG_LEAST_REQUEST;
         }
+        if !self.to_destinations.is_empty() {
+            flags |= mesh_common::SERVICE_FLAG_DESTINATIONS;
+        }
         flags
+    }
+
+    /// Slots the table takes in the kernel.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len().max(self.to_destinations.len())
     }
 }
 
@@ -151,11 +193,30 @@ pub struct Compiled {
     pub undecided: BTreeSet<ServiceAddr>,
     /// Services with outlier detection: the policy and every backend it
     /// judges (ejected ones included), for the detector.
-    pub outlier: BTreeMap<NamespacedName, OutlierWatch>,
+    pub outlier: BTreeMap<OutlierPool, OutlierWatch>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// One service's outlier detection: its policy (of the first of its ports
+/// What outlier detection judges as one: a Service's endpoints, or one
+/// subset of them (Envoy judges per cluster, and a subset is a cluster of its
+/// own).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OutlierPool {
+    pub service: NamespacedName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+}
+
+impl fmt::Display for OutlierPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.subset {
+            Some(subset) => write!(f, "{} subset {subset}", self.service),
+            None => self.service.fmt(f),
+        }
+    }
+}
+
+/// One pool's outlier detection: its policy (of the first of its ports
 /// that has one) and its backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutlierWatch {

@@ -12,8 +12,10 @@
 //! indexed by a hash of the client ([`client_hash`]). And `simple:
 //! LEAST_REQUEST` (or `LEAST_CONN`) as fewest open connections: the kernel
 //! counts each backend's open connections and takes the less loaded of two
-//! drawn ([`least_request`]). Not per subset: the port's one table mixes the
-//! route's subsets.
+//! drawn ([`least_request`]). All of these, outlier detection and the
+//! connection pool, per subset too: the policy of each destination is merged
+//! in Istio's order ([`effective`]), and a route whose destinations differ in
+//! policy gets one table per destination (see `compile`).
 
 use std::time::Duration;
 
@@ -31,33 +33,117 @@ pub struct ClientHash {
     pub table_size: u32,
 }
 
-/// One `trafficPolicy` field of `dr` for service port `port`: the
-/// `portLevelSettings` entry of that port's, if it sets it, else the rule's
-/// (Istio merges field by field, the port's winning).
-pub(super) fn setting<'a>(dr: &'a DestinationRule, port: u16, field: &str) -> Option<&'a Value> {
-    let policy = dr.spec.other.get("trafficPolicy")?;
-    policy
-        .get("portLevelSettings")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .find(|p| p.pointer("/port/number").and_then(Value::as_u64) == Some(u64::from(port)))
-        .and_then(|p| p.get(field))
-        .or_else(|| policy.get(field))
+/// The policy that applies to one destination (a subset, or the whole host)
+/// on one service port, merged in Istio's order of precedence:
+///
+/// - a `portLevelSettings` entry for the port replaces the policy it is
+///   written in, field for field, absent fields included (Istio: "port
+///   level settings do not inherit"; what the entry leaves out is the
+///   default, not the rule's);
+/// - a subset's policy (after its own port entry) overrides the rule's (after
+///   its port entry) for each field it sets, and for all of them when it
+///   has an entry for the port.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Effective<'a> {
+    pub load_balancer: Option<&'a Value>,
+    pub connection_pool: Option<&'a Value>,
+    pub outlier_detection: Option<&'a Value>,
+    /// Where `load_balancer` is written (for the diagnostics that name it).
+    pub load_balancer_at: Option<String>,
 }
 
-/// Whether `dr` asks for `LEAST_REQUEST` (or its old name `LEAST_CONN`) on
-/// service port `port`: fewest open connections, of two drawn.
-pub fn least_request(dr: &DestinationRule, port: u16) -> bool {
-    setting(dr, port, "loadBalancer")
+impl<'a> Effective<'a> {
+    /// `policy` (written at `at`) for `port`: its entry for the port if it
+    /// has one (and whether it had).
+    fn of(policy: &'a Value, at: &str, port: u16) -> (Self, bool) {
+        let entry = policy
+            .get("portLevelSettings")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, p)| {
+                p.pointer("/port/number").and_then(Value::as_u64) == Some(u64::from(port))
+            });
+        let (source, at, by_port) = match entry {
+            Some((j, p)) => (p, format!("{at}.portLevelSettings[{j}]"), true),
+            None => (policy, at.to_owned(), false),
+        };
+        let load_balancer = source.get("loadBalancer");
+        let effective = Effective {
+            load_balancer,
+            connection_pool: source.get("connectionPool"),
+            outlier_detection: source.get("outlierDetection"),
+            load_balancer_at: load_balancer.map(|_| format!("{at}.loadBalancer")),
+        };
+        (effective, by_port)
+    }
+
+    /// `self` overridden by `subset`'s fields (all of them when `whole`).
+    fn overridden(self, subset: Self, whole: bool) -> Self {
+        let pick = |mine, theirs: Option<&'a Value>| {
+            if whole || theirs.is_some() {
+                theirs
+            } else {
+                mine
+            }
+        };
+        let load_balancer_at = if whole || subset.load_balancer.is_some() {
+            subset.load_balancer_at.clone()
+        } else {
+            self.load_balancer_at.clone()
+        };
+        Effective {
+            load_balancer: pick(self.load_balancer, subset.load_balancer),
+            connection_pool: pick(self.connection_pool, subset.connection_pool),
+            outlier_detection: pick(self.outlier_detection, subset.outlier_detection),
+            load_balancer_at,
+        }
+    }
+}
+
+/// The policy of `dr` for destination subset `subset` (`None`: the whole
+/// host) on service port `port`.
+pub fn effective<'a>(dr: &'a DestinationRule, subset: Option<&str>, port: u16) -> Effective<'a> {
+    let rule = dr
+        .spec
+        .other
+        .get("trafficPolicy")
+        .map(|p| Effective::of(p, "spec.trafficPolicy", port).0)
+        .unwrap_or_default();
+    let own = subset.and_then(|name| {
+        let (i, s) = dr
+            .spec
+            .subsets
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == name)?;
+        let policy = s.other.get("trafficPolicy")?;
+        Some(Effective::of(
+            policy,
+            &format!("spec.subsets[{i}].trafficPolicy"),
+            port,
+        ))
+    });
+    match own {
+        Some((own, by_port)) => rule.overridden(own, by_port),
+        None => rule,
+    }
+}
+
+/// Whether `policy` asks for `LEAST_REQUEST` (or its old name `LEAST_CONN`):
+/// fewest open connections, of two drawn.
+pub fn least_request(policy: &Effective<'_>) -> bool {
+    policy
+        .load_balancer
         .and_then(|lb| lb.get("simple"))
         .and_then(Value::as_str)
         .is_some_and(|s| matches!(s, "LEAST_REQUEST" | "LEAST_CONN"))
 }
 
-/// The consistent hash `dr` asks for on service port `port`.
-pub fn client_hash(dr: &DestinationRule, port: u16) -> Option<ClientHash> {
-    let hash = setting(dr, port, "loadBalancer")?.get("consistentHash")?;
+/// The consistent hash `policy` asks for.
+pub fn client_hash(policy: &Effective<'_>) -> Option<ClientHash> {
+    let hash = policy.load_balancer?.get("consistentHash")?;
     if hash.get("useSourceIp").and_then(Value::as_bool) != Some(true) {
         return None;
     }
@@ -103,10 +189,10 @@ impl Default for Outlier {
     }
 }
 
-/// The outlier detection `dr` asks for on service port `port` (`None`: none,
+/// The outlier detection `policy` asks for (`None`: none,
 /// or one whose thresholds are all 0: off).
-pub fn outlier(dr: &DestinationRule, port: u16) -> Option<Outlier> {
-    let od = setting(dr, port, "outlierDetection")?;
+pub fn outlier(policy: &Effective<'_>) -> Option<Outlier> {
+    let od = policy.outlier_detection?;
     let mut o = Outlier::default();
     let number = |key: &str| od.get(key).and_then(Value::as_u64);
     let five = number("consecutive5xxErrors").unwrap_or(o.threshold);
@@ -142,8 +228,8 @@ fn parse_duration(s: &str) -> Option<Duration> {
 
 /// `connectionPool.tcp` `connectTimeout`, `tcpKeepalive` and
 /// `maxConnections` (per backend) for the clients' sockets (`None`: none set).
-pub fn socket_options(dr: &DestinationRule, port: u16) -> Option<mesh_common::SocketPolicy> {
-    let tcp = setting(dr, port, "connectionPool")?.get("tcp")?;
+pub fn socket_options(policy: &Effective<'_>) -> Option<mesh_common::SocketPolicy> {
+    let tcp = policy.connection_pool?.get("tcp")?;
     let seconds = |v: Option<&Value>| {
         v.and_then(Value::as_str)
             .and_then(parse_duration)
@@ -187,10 +273,6 @@ enum Unhonoured {
     HashKey,
     /// A Maglev table size we do not build.
     TableSize,
-    /// A consistent hash on a subset: the port's one table mixes subsets.
-    SubsetHash,
-    /// Outlier detection per subset: backends are judged per service port.
-    SubsetOutlier,
     /// A duration Istio would not accept.
     Duration,
     /// Locality failover without outlier detection (Istio needs both).
@@ -220,12 +302,6 @@ impl Unhonoured {
                 sizes = maglev::PRIMES,
                 default = maglev::DEFAULT_SIZE
             ),
-            Unhonoured::SubsetHash => format!(
-                "{what} per subset is not honoured: a service port has one table for all its subsets; set it on the rule or its port"
-            ),
-            Unhonoured::SubsetOutlier => format!(
-                "{what} per subset is not honoured: backends are judged per service port; set it on the rule or its port"
-            ),
             Unhonoured::FailoverWithoutOutlier => format!(
                 "{what} needs outlierDetection on the same rule or port (as in Istio): not honoured"
             ),
@@ -249,14 +325,14 @@ pub fn unhonoured(dr: &Entry<DestinationRule>) -> Vec<Diagnostic> {
     let me = ObjectRef::from_meta(Kind::DestinationRule, &dr.object.metadata);
     let mut found = Vec::new();
     if let Some(policy) = dr.object.spec.other.get("trafficPolicy") {
-        walk_policy(policy, "spec.trafficPolicy", Level::Rule, &mut found);
+        walk_policy(policy, "spec.trafficPolicy", false, &mut found);
     }
     for (i, subset) in dr.object.spec.subsets.iter().enumerate() {
         if let Some(policy) = subset.other.get("trafficPolicy") {
             walk_policy(
                 policy,
                 &format!("spec.subsets[{i}].trafficPolicy"),
-                Level::Subset,
+                false,
                 &mut found,
             );
         }
@@ -270,16 +346,9 @@ pub fn unhonoured(dr: &Entry<DestinationRule>) -> Vec<Diagnostic> {
         .collect()
 }
 
-/// Where a policy object is written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Level {
-    Rule,
-    Port,
-    Subset,
-}
-
-/// One policy object at `at`.
-fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, Unhonoured)>) {
+/// One policy object at `at` (`in_port`: a `portLevelSettings` entry, which
+/// has no ports of its own).
+fn walk_policy(policy: &Value, at: &str, in_port: bool, found: &mut Vec<(String, Unhonoured)>) {
     let Some(fields) = policy.as_object() else {
         return;
     };
@@ -288,29 +357,19 @@ fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, 
         match key.as_str() {
             "loadBalancer" => {
                 let outlier = fields.contains_key("outlierDetection");
-                load_balancer(value, &field, level, outlier, found);
+                load_balancer(value, &field, outlier, found);
             }
-            "portLevelSettings" if level != Level::Port => {
+            "portLevelSettings" if !in_port => {
                 for (j, port) in value.as_array().into_iter().flatten().enumerate() {
                     let at = format!("{field}[{j}]");
                     let mut settings = port.clone();
                     if let Some(o) = settings.as_object_mut() {
                         o.remove("port");
                     }
-                    let level = match level {
-                        Level::Subset => Level::Subset,
-                        _ => Level::Port,
-                    };
-                    walk_policy(&settings, &at, level, found);
+                    walk_policy(&settings, &at, true, found);
                 }
             }
-            "outlierDetection" if level == Level::Subset => {
-                found.push((field, Unhonoured::SubsetOutlier));
-            }
             "outlierDetection" => outlier_fields(value, &field, found),
-            "connectionPool" if level == Level::Subset => {
-                found.push((field, Unhonoured::NotYet));
-            }
             "connectionPool" => connection_pool(value, &field, found),
             "proxyProtocol" | "tunnel" => {
                 found.push((field, Unhonoured::NotYet));
@@ -321,13 +380,7 @@ fn walk_policy(policy: &Value, at: &str, level: Level, found: &mut Vec<(String, 
     }
 }
 
-fn load_balancer(
-    lb: &Value,
-    at: &str,
-    level: Level,
-    outlier: bool,
-    found: &mut Vec<(String, Unhonoured)>,
-) {
+fn load_balancer(lb: &Value, at: &str, outlier: bool, found: &mut Vec<(String, Unhonoured)>) {
     let Some(fields) = lb.as_object() else {
         return;
     };
@@ -339,16 +392,8 @@ fn load_balancer(
                     value.as_str(),
                     Some("RANDOM" | "ROUND_ROBIN" | "UNSPECIFIED")
                 ) => {}
-            "consistentHash" if level == Level::Subset => {
-                found.push((field, Unhonoured::SubsetHash));
-            }
-            "simple"
-                if level != Level::Subset
-                    && matches!(value.as_str(), Some("LEAST_REQUEST" | "LEAST_CONN")) => {}
+            "simple" if matches!(value.as_str(), Some("LEAST_REQUEST" | "LEAST_CONN")) => {}
             "consistentHash" => consistent_hash(value, &field, found),
-            "localityLbSetting" if level == Level::Subset => {
-                found.push((field, Unhonoured::NotYet));
-            }
             "localityLbSetting" => locality_fields(value, &field, outlier, found),
             "simple" => {
                 let value = value.as_str().unwrap_or("?").to_owned();
@@ -536,7 +581,7 @@ spec:
     }
 
     #[test]
-    fn a_source_ip_hash_is_honoured_on_the_rule_or_its_port_and_reported_per_subset() {
+    fn a_source_ip_hash_is_honoured_on_the_rule_its_port_and_its_subsets() {
         let dr = rule(
             "metadata: {name: web, namespace: prod}
 spec:
@@ -556,17 +601,19 @@ spec:
       trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
 ",
         );
-        let at = |port| client_hash(&dr.object, port).map(|h| h.table_size);
+        let at = |port| client_hash(&effective(&dr.object, None, port)).map(|h| h.table_size);
         assert_eq!(at(80), Some(maglev::DEFAULT_SIZE));
         assert_eq!(at(8080), Some(65521));
         assert_eq!(at(9090), Some(maglev::DEFAULT_SIZE));
         assert_eq!(at(7070), None);
+        // The subset's own hash on a port whose rule entry says RANDOM.
+        let v1 = client_hash(&effective(&dr.object, Some("v1"), 7070));
+        assert_eq!(v1.map(|h| h.table_size), Some(maglev::DEFAULT_SIZE));
         let got: Vec<String> = fields(&dr).into_iter().map(|(f, _)| f).collect();
         assert_eq!(
             got,
             [
-                "spec.trafficPolicy.portLevelSettings[1].loadBalancer.consistentHash.maglev.tableSize",
-                "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
+                "spec.trafficPolicy.portLevelSettings[1].loadBalancer.consistentHash.maglev.tableSize"
             ]
         );
     }
@@ -588,7 +635,7 @@ spec:
         loadBalancer: {simple: RANDOM}
 ",
         );
-        let at = |port| outlier(&dr.object, port);
+        let at = |port| outlier(&effective(&dr.object, None, port));
         assert_eq!(
             at(80),
             Some(Outlier {
@@ -609,7 +656,8 @@ spec:
             })
         );
         assert_eq!(at(9090), None, "every threshold 0: off");
-        assert_eq!(at(7070).map(|o| o.threshold), Some(2), "the rule's");
+        // Istio: a port's entry does not inherit what it leaves out.
+        assert_eq!(at(7070), None, "the port's entry has none");
         assert_eq!(fields(&dr), []);
     }
 
@@ -626,7 +674,7 @@ spec:
 ",
         );
         assert_eq!(
-            socket_options(&dr.object, 80),
+            socket_options(&effective(&dr.object, None, 80)),
             Some(mesh_common::SocketPolicy {
                 connect_timeout_ms: 250,
                 keepalive_time_s: 7200,
@@ -663,5 +711,63 @@ spec:
             ]
         );
         assert!(fields(&dr)[0].1.contains("needs outlierDetection"));
+    }
+
+    /// Istio's `MergeSubsetTrafficPolicy`: ports replace whole policies,
+    /// subsets override by field (by all fields when they have the port).
+    #[test]
+    fn subset_and_port_policies_merge_in_istios_order() {
+        let dr = rule(
+            "metadata: {name: web, namespace: prod}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    outlierDetection: {consecutive5xxErrors: 3}
+    connectionPool: {tcp: {maxConnections: 100}}
+    portLevelSettings:
+      - port: {number: 8080}
+        connectionPool: {tcp: {maxConnections: 8}}
+  subsets:
+    - name: v1
+      labels: {version: v1}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy:
+        loadBalancer: {consistentHash: {useSourceIp: true}}
+        portLevelSettings:
+          - port: {number: 9090}
+            outlierDetection: {consecutive5xxErrors: 7}
+",
+        );
+        let max = |p: &Effective<'_>| socket_options(p).map(|s| s.max_connections);
+        let threshold = |p: &Effective<'_>| outlier(p).map(|o| o.threshold);
+        // The rule's policy, and v1 (no policy of its own) follows it.
+        for subset in [None, Some("v1"), Some("unknown")] {
+            let p = effective(&dr.object, subset, 80);
+            assert!(least_request(&p), "{subset:?}");
+            assert_eq!((max(&p), threshold(&p)), (Some(100), Some(3)), "{subset:?}");
+        }
+        // The rule's port entry replaces all of the rule's policy there.
+        let p = effective(&dr.object, None, 8080);
+        assert!(!least_request(&p));
+        assert_eq!((max(&p), threshold(&p)), (Some(8), None));
+        // v2 overrides the load balancer only; the rest is the rule's.
+        let p = effective(&dr.object, Some("v2"), 80);
+        assert!(!least_request(&p) && client_hash(&p).is_some());
+        assert_eq!((max(&p), threshold(&p)), (Some(100), Some(3)));
+        assert_eq!(
+            p.load_balancer_at.as_deref(),
+            Some("spec.subsets[1].trafficPolicy.loadBalancer")
+        );
+        // v2 on the rule's port 8080: the rule's entry, then v2's balancer.
+        let p = effective(&dr.object, Some("v2"), 8080);
+        assert!(client_hash(&p).is_some());
+        assert_eq!((max(&p), threshold(&p)), (Some(8), None));
+        // v2's own port entry replaces every field, even those it leaves out.
+        let p = effective(&dr.object, Some("v2"), 9090);
+        assert!(!least_request(&p) && client_hash(&p).is_none());
+        assert_eq!((max(&p), threshold(&p)), (None, Some(7)));
+        assert_eq!(fields(&dr), []);
     }
 }

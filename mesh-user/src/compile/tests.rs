@@ -80,6 +80,7 @@ fn build(docs: &[&str]) -> Compiled {
 /// Share of each backend IP in the table of `vip:port`.
 fn shares(c: &Compiled, vip: &str, port: u16) -> BTreeMap<String, f64> {
     let addr = ServiceAddr {
+        destination: None,
         vip: vip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
         port,
         proto: Proto::Tcp,
@@ -131,6 +132,7 @@ fn no_virtualservice_balances_evenly_over_ready_endpoints_at_the_target_port() {
     assert_eq!(s.len(), 3);
     assert_eq!(approx(&s, "10.244.1.1"), 0.333);
     let plan = &c.services[&ServiceAddr {
+        destination: None,
         vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0; 4])),
         port: 80,
         proto: Proto::Tcp,
@@ -422,6 +424,7 @@ fn udp_ports_balance_evenly_as_sidecars_do_not_route_udp() {
         BASE.split("---\n").nth(2).unwrap_or(""),
     ]);
     let addr = ServiceAddr {
+        destination: None,
         vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0; 4])),
         port: 53,
         proto: Proto::Udp,
@@ -484,6 +487,7 @@ fn a_service_whose_only_virtualservice_was_never_accepted_is_undecided() {
     );
     let c = build(&[BASE, &pods(), &bad]);
     let web = ServiceAddr {
+        destination: None,
         vip: "10.96.1.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
         port: 80,
         proto: Proto::Tcp,
@@ -664,6 +668,7 @@ fn local_with_no_endpoint_on_this_node_compiles_to_a_table_that_refuses() {
     let local = svc("api", VIP, "8080", "  internalTrafficPolicy: Local\n");
     let c = build_on(Some("node-c"), &[&local, &local_pods()]);
     let addr = ServiceAddr {
+        destination: None,
         vip: VIP.parse().unwrap_or(IpAddr::from([0; 4])),
         port: 80,
         proto: Proto::Tcp,
@@ -834,6 +839,7 @@ fn slices_resolving_a_named_port_differently_keep_each_its_port() {
 /// The distinct targets of the table of `VIP:80/TCP`, sorted.
 fn targets_at_80(c: &Compiled) -> Vec<String> {
     let addr = ServiceAddr {
+        destination: None,
         vip: VIP.parse().unwrap_or(IpAddr::from([0; 4])),
         port: 80,
         proto: Proto::Tcp,
@@ -900,4 +906,164 @@ fn locality_is_reported_only_where_a_rule_writes_it() {
     let written =
         rule("{loadBalancer: {localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100}}]}}}");
     assert_eq!(about_locality(&build(&[&api, &written])), 1);
+}
+
+/// BASE's `web` DestinationRule with `extra` under `spec:` (policies), in
+/// place of the one BASE defines.
+fn web_rule(extra: &str) -> String {
+    BASE.replace(
+        "  subsets:\n    - {name: v1, labels: {version: v1}}\n    - {name: v2, labels: {version: v2}}\n",
+        extra,
+    )
+}
+
+fn port_addr(vip: &str, port: u16) -> ServiceAddr {
+    ServiceAddr::port(
+        vip.parse().unwrap_or(IpAddr::from([0; 4])),
+        port,
+        Proto::Tcp,
+    )
+}
+
+#[test]
+fn destinations_that_differ_in_policy_get_tables_of_their_own_behind_the_routes_weights() {
+    let rule = web_rule(
+        "  trafficPolicy: {connectionPool: {tcp: {maxConnections: 50}}}
+  subsets:
+    - name: v1
+      labels: {version: v1}
+      trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+",
+    );
+    let c = build(&[&rule, &pods(), &vs(SPLIT_80_20)]);
+    assert_eq!(warnings(&c), Vec::<String>::new());
+    let own = port_addr("10.96.1.1", 80);
+    let plan = &c.services[&own];
+    assert!(plan.slots.is_empty());
+    let picks = |i: u8| plan.to_destinations.iter().filter(|&&p| p == i).count();
+    assert_eq!(picks(0) * 20, picks(1) * 80, "{:?}", plan.to_destinations);
+    assert!(
+        !plan.hash_client,
+        "v1 does not hash: the destination is drawn"
+    );
+    assert_eq!(
+        plan.flags() & mesh_common::SERVICE_FLAG_DESTINATIONS,
+        mesh_common::SERVICE_FLAG_DESTINATIONS
+    );
+    let v1 = &c.services[&own.destination(0)];
+    assert!(v1.least_request && !v1.hash_client);
+    let v1_ips: std::collections::BTreeSet<String> = v1
+        .slots
+        .iter()
+        .flatten()
+        .map(|b| b.ip.to_string())
+        .collect();
+    assert_eq!(
+        v1_ips,
+        ["10.244.1.1", "10.244.1.2"].map(String::from).into()
+    );
+    // The rule's pool, merged into each subset's policy.
+    assert_eq!(v1.socket.map(|s| s.max_connections), Some(50));
+    let v2 = &c.services[&own.destination(1)];
+    assert!(v2.hash_client && !v2.least_request);
+    assert_eq!(v2.socket.map(|s| s.max_connections), Some(50));
+    assert!(
+        v2.slots
+            .iter()
+            .flatten()
+            .all(|b| b.ip.to_string() == "10.244.1.3")
+    );
+    // A service without a route of several destinations: one table.
+    let db = &c.services[&port_addr("10.96.1.2", 5432)];
+    assert!(db.to_destinations.is_empty() && !db.slots.is_empty());
+    assert!(
+        !c.services
+            .contains_key(&port_addr("10.96.1.2", 5432).destination(0))
+    );
+}
+
+#[test]
+fn least_request_over_several_destinations_keeps_each_draw_within_its_destination() {
+    // The same policy everywhere, but a second draw across destinations
+    // would bend the route's 80/20 toward the idler one.
+    let rule = web_rule(
+        "  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+",
+    );
+    let c = build(&[&rule, &pods(), &vs(SPLIT_80_20)]);
+    let own = port_addr("10.96.1.1", 80);
+    assert!(!c.services[&own].to_destinations.is_empty());
+    assert!(c.services[&own.destination(0)].least_request);
+    assert!(c.services[&own.destination(1)].least_request);
+}
+
+#[test]
+fn destinations_with_one_policy_share_one_table() {
+    let rule = web_rule(
+        "  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+",
+    );
+    let c = build(&[&rule, &pods(), &vs(SPLIT_80_20)]);
+    let own = port_addr("10.96.1.1", 80);
+    let plan = &c.services[&own];
+    assert!(plan.to_destinations.is_empty() && plan.hash_client);
+    assert!(!c.services.contains_key(&own.destination(0)));
+    let s = shares(&c, "10.96.1.1", 80);
+    assert!((approx(&s, "10.244.1.3") - 0.2).abs() < 0.01, "{s:?}");
+}
+
+#[test]
+fn a_subsets_outlier_detection_judges_that_subset_alone() {
+    let rule = web_rule(
+        "  subsets:
+    - {name: v1, labels: {version: v1}}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy: {outlierDetection: {consecutive5xxErrors: 2}}
+",
+    );
+    let (index, _) = index_of(&[&rule, &pods(), &vs(SPLIT_80_20)]);
+    let c = compile(&index, &Config::default());
+    let pools: Vec<String> = c.outlier.keys().map(ToString::to_string).collect();
+    assert_eq!(pools, ["prod/web subset v2"]);
+    let watch = &c.outlier.values().next().map(|w| w.backends.clone());
+    let ips: std::collections::BTreeSet<String> =
+        watch.iter().flatten().map(|b| b.ip.to_string()).collect();
+    assert_eq!(ips, ["10.244.1.3".to_owned()].into());
+    // Outlier detection changes no table's policy: one table. Ejected
+    // from v2 (its only pod), v2's share is refused; v1 is untouched.
+    let mut config = Config::default();
+    config.ejected.insert(
+        c.outlier
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| unreachable!()),
+        watch.iter().flatten().copied().collect(),
+    );
+    let c = compile(&index, &config);
+    assert!(
+        !c.services
+            .contains_key(&port_addr("10.96.1.1", 80).destination(0))
+    );
+    let s = shares(&c, "10.96.1.1", 80);
+    assert_eq!(
+        (
+            approx(&s, "none"),
+            approx(&s, "10.244.1.1"),
+            approx(&s, "10.244.1.3")
+        ),
+        (0.2, 0.4, 0.0)
+    );
 }

@@ -3,13 +3,16 @@
 
 use std::net::IpAddr;
 
-use mesh_common::{Backend, EndpointKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey};
+use mesh_common::{
+    Backend, EndpointKey, FAMILY_DESTINATION, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
+    ServiceKey, destination_key, destination_of,
+};
 
 use crate::compile::{BackendAddr, Proto, ServiceAddr};
 
 pub fn service_key(addr: ServiceAddr) -> ServiceKey {
     let (words, family) = ip_words(addr.vip);
-    ServiceKey {
+    let port = ServiceKey {
         addr: words,
         port: addr.port.to_be(),
         proto: match addr.proto {
@@ -17,20 +20,47 @@ pub fn service_key(addr: ServiceAddr) -> ServiceKey {
             Proto::Udp => PROTO_UDP,
         },
         family,
+    };
+    match addr.destination {
+        Some(i) => destination_key(&port, u32::from(i)),
+        None => port,
     }
 }
 
 /// The inverse of [`service_key`]; `None` for a key we would never write.
 pub fn service_addr(key: &ServiceKey) -> Option<ServiceAddr> {
+    let (family, destination) = match destination_of(key.family) {
+        Some((family, i)) => (family, Some(u8::try_from(i).ok()?)),
+        None => (key.family, None),
+    };
     Some(ServiceAddr {
-        vip: ip_from_words(key.addr, key.family)?,
+        vip: ip_from_words(key.addr, family)?,
         port: u16::from_be(key.port),
         proto: match key.proto {
             PROTO_TCP => Proto::Tcp,
             PROTO_UDP => Proto::Udp,
             _ => return None,
         },
+        destination,
     })
+}
+
+/// A slot of a table that picks a destination.
+pub fn destination_slot(index: u8) -> Backend {
+    Backend {
+        addr: [u32::from(index), 0, 0, 0],
+        port: 0,
+        family: FAMILY_DESTINATION,
+        _pad: 0,
+        backend_id: 0,
+    }
+}
+
+/// The inverse of [`destination_slot`].
+pub fn slot_destination(b: &Backend) -> Option<u8> {
+    (b.family == FAMILY_DESTINATION)
+        .then(|| u8::try_from(b.addr[0]).ok())
+        .flatten()
 }
 
 pub fn endpoint_key(endpoint: BackendAddr) -> EndpointKey {
@@ -97,6 +127,7 @@ mod tests {
     #[test]
     fn keys_are_in_network_byte_order() {
         let key = service_key(ServiceAddr {
+            destination: None,
             vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
             port: 80,
             proto: Proto::Tcp,
@@ -106,6 +137,7 @@ mod tests {
         assert_eq!((key.proto, key.family), (PROTO_TCP, FAMILY_V4));
         let v6: Ipv6Addr = "fd00::1:2".parse().unwrap_or(Ipv6Addr::LOCALHOST);
         let key = service_key(ServiceAddr {
+            destination: None,
             vip: IpAddr::V6(v6),
             port: 443,
             proto: Proto::Udp,
@@ -119,6 +151,7 @@ mod tests {
         for (vip, proto) in [("10.96.0.1", Proto::Tcp), ("fd00::1:2", Proto::Udp)] {
             let ip = vip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             let addr = ServiceAddr {
+                destination: None,
                 vip: ip,
                 port: 8080,
                 proto,

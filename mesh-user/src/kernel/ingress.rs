@@ -127,11 +127,7 @@ impl Outside {
                     .iter()
                     .filter(|ip| ip.is_ipv4() == v4 && !ip.is_loopback())
                 {
-                    let key = codec::service_key(ServiceAddr {
-                        vip: *ip,
-                        port: p.port,
-                        proto: Proto::Tcp,
-                    });
+                    let key = codec::service_key(ServiceAddr::port(*ip, p.port, Proto::Tcp));
                     desired.insert(
                         key,
                         GatewayVip {

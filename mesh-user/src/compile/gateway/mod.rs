@@ -393,11 +393,7 @@ pub fn service_plans(
                 })
                 .collect();
             out.insert(
-                ServiceAddr {
-                    vip,
-                    port: p.port,
-                    proto: Proto::Tcp,
-                },
+                ServiceAddr::port(vip, p.port, Proto::Tcp),
                 ServicePlan {
                     service: owner.clone(),
                     route,
@@ -408,6 +404,7 @@ pub fn service_plans(
                     hash_client: false,
                     socket: None,
                     least_request: false,
+                    to_destinations: Vec::new(),
                 },
             );
         }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     compile::{
-        BackendAddr, Config, DestinationPlan, endpoints::Lookup, routes::Chosen, weighted_groups,
+        BackendAddr, Config, DestinationPlan, endpoints::Lookup, route_destinations, routes::Chosen,
     },
     index::{Index, resolve::Connecting},
     model::{
@@ -322,7 +322,7 @@ fn destinations(
         field: field.to_owned(),
         destinations: route,
     };
-    weighted_groups(
+    route_destinations(
         lookup,
         b.entry,
         &chosen,
@@ -331,10 +331,11 @@ fn destinations(
         diags,
     )
     .into_iter()
-    .map(|(name, g)| DestinationPlan {
-        name,
-        weight: g.weight,
-        backends: g
+    .map(|r| DestinationPlan {
+        name: r.name,
+        weight: r.group.weight,
+        backends: r
+            .group
             .members
             .iter()
             .map(|e| BackendAddr {

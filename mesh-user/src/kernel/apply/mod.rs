@@ -20,7 +20,10 @@ mod tests;
 use ids::IdPool;
 
 use super::{
-    codec::{backend_addr, backend_value, endpoint_addr, endpoint_key, service_addr, service_key},
+    codec::{
+        backend_addr, backend_value, destination_slot, endpoint_addr, endpoint_key, service_addr,
+        service_key, slot_destination,
+    },
     counters::{BackendLabel, Occupancy, ServiceLabel, View},
     maps::{CounterMap, Maps},
 };
@@ -171,8 +174,26 @@ struct Live {
     /// `None` for a table adopted from a previous agent, until it is applied again.
     service: Option<NamespacedName>,
     slots: Vec<Option<BackendAddr>>,
+    /// A table that picks a destination: its slots ([`ServicePlan::to_destinations`]).
+    to_destinations: Vec<u8>,
     /// `ServiceValue::flags` as written.
     flags: u32,
+}
+
+impl Live {
+    /// Slots the table takes.
+    fn len(&self) -> usize {
+        self.slots.len().max(self.to_destinations.len())
+    }
+
+    /// Its slots as a retired table frees them (a destination-picking table
+    /// names no backend).
+    fn into_retired_slots(self) -> Vec<Option<BackendAddr>> {
+        let len = self.len();
+        let mut slots = self.slots;
+        slots.resize(len, None);
+        slots
+    }
 }
 
 #[derive(Debug)]
@@ -233,9 +254,16 @@ impl Applier {
         now: Instant,
     ) -> Report {
         let mut report = Report::default();
-        for (addr, plan) in desired {
+        // Destinations' tables first: a port's table that picks them is
+        // flipped only once they are in place.
+        let (destinations, ports): (Vec<_>, Vec<_>) =
+            desired.iter().partition(|(a, _)| a.destination.is_some());
+        for (addr, plan) in destinations.into_iter().chain(ports) {
             if let Some(live) = self.live.get_mut(addr) {
-                if live.slots == plan.slots && live.flags == plan.flags() {
+                if live.slots == plan.slots
+                    && live.to_destinations == plan.to_destinations
+                    && live.flags == plan.flags()
+                {
                     live.service = Some(plan.service.clone());
                     live.adopted = false;
                     report.unchanged += 1;
@@ -369,6 +397,18 @@ impl Applier {
         }
         let mut written = 0u32;
         let result = (|| {
+            for (slot, &index) in plan.to_destinations.iter().enumerate() {
+                let key = SlotKey {
+                    service_id,
+                    revision,
+                    slot: slot as u32,
+                };
+                self.maps
+                    .slots
+                    .insert(key, destination_slot(index))
+                    .map_err(err)?;
+                written += 1;
+            }
             for (slot, target) in plan.slots.iter().enumerate() {
                 let backend = match target {
                     Some(b) => {
@@ -392,7 +432,7 @@ impl Applier {
             let value = ServiceValue {
                 service_id,
                 revision,
-                slot_count: plan.slots.len() as u32,
+                slot_count: plan.slot_count() as u32,
                 flags: plan.flags(),
             };
             self.maps
@@ -405,14 +445,13 @@ impl Applier {
             // Free the partial table at the next collection (nothing reads it: the
             // entry was not flipped); the live one, if any, is untouched. A new
             // service's id goes back to the pool then.
+            let mut slots = plan.slots.clone();
+            slots.resize(plan.slot_count(), None);
+            slots.truncate(written as usize);
             self.retired.push(Retired {
                 service_id,
                 revision,
-                slots: plan
-                    .slots
-                    .get(..written as usize)
-                    .unwrap_or_default()
-                    .to_vec(),
+                slots,
                 proto: addr.proto,
                 since: now.checked_sub(GRACE).unwrap_or(now),
             });
@@ -426,6 +465,7 @@ impl Applier {
                 adopted: false,
                 service: Some(plan.service.clone()),
                 slots: plan.slots.clone(),
+                to_destinations: plan.to_destinations.clone(),
                 flags: plan.flags(),
             },
         );
@@ -433,7 +473,7 @@ impl Applier {
             self.retired.push(Retired {
                 service_id,
                 revision: old.revision,
-                slots: old.slots,
+                slots: old.into_retired_slots(),
                 proto: addr.proto,
                 since: now,
             });
@@ -452,11 +492,11 @@ impl Applier {
         };
         let capacity = self.maps.capacity.slots as usize;
         let free = capacity.saturating_sub(self.slots_used);
-        if plan.slots.len() > free {
+        if plan.slot_count() > free {
             return Err(ApplyError::SlotsFull {
                 service: plan.service.clone(),
                 addr,
-                need: plan.slots.len(),
+                need: plan.slot_count(),
                 free,
                 capacity,
                 map: mesh_common::map_names::SLOTS,
@@ -514,6 +554,7 @@ impl Applier {
                 adopted: false,
                 service: Some(plan.service.clone()),
                 slots: Vec::new(),
+                to_destinations: Vec::new(),
                 flags: plan.flags(),
             },
         );
@@ -553,7 +594,7 @@ impl Applier {
             self.retired.push(Retired {
                 service_id: live.service_id,
                 revision: live.revision,
-                slots: live.slots,
+                slots: live.into_retired_slots(),
                 proto: addr.proto,
                 since: now,
             });
@@ -642,13 +683,19 @@ impl Applier {
                 continue;
             };
             let mut slots = Vec::with_capacity(value.slot_count as usize);
+            let mut to_destinations = Vec::new();
             for slot in 0..value.slot_count {
                 let key = SlotKey {
                     service_id: value.service_id,
                     revision: value.revision,
                     slot,
                 };
-                let target = self.maps.slots.get(&key).and_then(|b| {
+                let found = self.maps.slots.get(&key);
+                if value.flags & mesh_common::SERVICE_FLAG_DESTINATIONS != 0 {
+                    to_destinations.extend(found.as_ref().and_then(slot_destination));
+                    continue;
+                }
+                let target = found.and_then(|b| {
                     let target = backend_addr(&b)?;
                     self.backend_ids.insert((target, addr.proto), b.backend_id);
                     self.backend_pool.reserve(b.backend_id);
@@ -665,6 +712,7 @@ impl Applier {
                     adopted: true,
                     service: None,
                     slots,
+                    to_destinations,
                     flags: value.flags,
                 },
             );
@@ -688,7 +736,7 @@ impl Applier {
                 adopted.stray_slots += 1;
             }
         }
-        self.slots_used = self.live.values().map(|l| l.slots.len()).sum::<usize>()
+        self.slots_used = self.live.values().map(Live::len).sum::<usize>()
             + stray.values().map(|&len| len as usize).sum::<usize>();
         for ((service_id, revision), len) in stray {
             self.service_ids.reserve(service_id);

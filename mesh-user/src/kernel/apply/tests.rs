@@ -25,6 +25,7 @@ fn ip(s: &str) -> IpAddr {
 
 fn addr(vip: &str) -> ServiceAddr {
     ServiceAddr {
+        destination: None,
         vip: ip(vip),
         port: 80,
         proto: Proto::Tcp,
@@ -51,6 +52,7 @@ fn plan(name: &str, backends: &[u8]) -> ServicePlan {
         hash_client: false,
         socket: None,
         least_request: false,
+        to_destinations: Vec::new(),
     }
 }
 
@@ -634,4 +636,72 @@ fn a_restarted_applier_adopts_affinity_members_and_drops_the_stale_ones() {
     let report = next.apply(&desired(&[("10.96.0.1", sticky(&[1]))]), Hold::NONE, t0);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.affinity_match.state().entries.len(), 1);
+}
+
+/// A port whose two destinations have tables of their own: the port's table
+/// picks destination 0 three times in four.
+fn picking(vip: &str) -> BTreeMap<ServiceAddr, ServicePlan> {
+    let own = ServicePlan {
+        slots: Vec::new(),
+        to_destinations: vec![0, 0, 0, 1],
+        ..plan("web", &[])
+    };
+    BTreeMap::from([
+        (addr(vip), own),
+        (addr(vip).destination(0), plan("web", &[1, 2])),
+        (addr(vip).destination(1), plan("web", &[3])),
+    ])
+}
+
+#[test]
+fn a_port_that_picks_destinations_names_their_tables_and_a_restart_adopts_all_three() {
+    let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
+    let t0 = Instant::now();
+    let report = applier.apply(&picking("10.96.0.1"), Hold::NONE, t0);
+    assert_eq!((report.written, report.errors.len()), (3, 0));
+    let services = maps.services.state().entries.clone();
+    let port = services[&service_key(addr("10.96.0.1"))];
+    assert_eq!(port.slot_count, 4);
+    assert_ne!(port.flags & mesh_common::SERVICE_FLAG_DESTINATIONS, 0);
+    let slots = maps.slots.state().entries.clone();
+    let picks: Vec<Option<u8>> = (0..4)
+        .map(|slot| {
+            let key = SlotKey {
+                service_id: port.service_id,
+                revision: port.revision,
+                slot,
+            };
+            slots
+                .get(&key)
+                .and_then(crate::kernel::codec::slot_destination)
+        })
+        .collect();
+    assert_eq!(picks, [Some(0), Some(0), Some(0), Some(1)]);
+    // What the kernel reads for destination 1: its own table, by the key
+    // the port's own key and the index make.
+    let port_key = service_key(addr("10.96.0.1"));
+    let second = services[&mesh_common::destination_key(&port_key, 1)];
+    assert_eq!(second.slot_count, 1);
+    assert_ne!(second.service_id, port.service_id);
+
+    // A restarted agent adopts the three tables and rewrites none.
+    let mut restarted = Applier::new(maps.maps());
+    assert_eq!(restarted.adopt(t0 + ms(5)).services, 3);
+    let report = restarted.apply(&picking("10.96.0.1"), Hold::NONE, t0 + ms(6));
+    assert_eq!((report.written, report.unchanged), (0, 3));
+
+    // Back to one table: the destinations' tables go, their slots after the
+    // grace period.
+    let one = desired(&[("10.96.0.1", plan("web", &[1, 2, 3]))]);
+    let report = restarted.apply(&one, Hold::NONE, t0 + ms(7));
+    assert_eq!((report.written, report.removed), (1, 2));
+    assert_eq!(maps.services.state().entries.len(), 1);
+    restarted.collect_garbage(t0 + ms(7) + GRACE);
+    let (value, table) = live(&maps, "10.96.0.1");
+    assert_eq!(
+        revisions(&maps),
+        BTreeSet::from([(value.service_id, value.revision)])
+    );
+    assert_eq!(table.iter().flatten().count(), 3);
 }
