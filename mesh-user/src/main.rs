@@ -144,6 +144,11 @@ enum Command {
     Check {
         #[arg(long)]
         source: SourceSpec,
+        /// Compile as the agent of this node would (its Node in the folder
+        /// gives the zone: `internalTrafficPolicy: Local`, topology hints,
+        /// locality load balancing).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         #[command(flatten)]
         compile: CompileArgs,
     },
@@ -307,11 +312,17 @@ fn main() -> anyhow::Result<()> {
                     .context("mesh-agent run")
             })
         }
-        Command::Check { source, compile } => {
+        Command::Check {
+            source,
+            node_name,
+            compile,
+        } => {
             let SourceSpec::File(dir) = source else {
                 anyhow::bail!("check reads a folder: --source file:DIR");
             };
-            let checked = cli::check::check(&dir, &compile.config()?);
+            let mut config = compile.config()?;
+            config.node_name = node_name;
+            let checked = cli::check::check(&dir, &config);
             print!("{}", checked.report);
             if checked.errors {
                 anyhow::bail!("{} contains errors", dir.display());

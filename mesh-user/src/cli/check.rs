@@ -43,6 +43,9 @@ pub fn check(dir: &Path, config: &compile::Config) -> Checked {
 fn tables(compiled: &Compiled, out: &mut Vec<String>) {
     for (addr, plan) in &compiled.services {
         out.push(format!("{addr}  {}  [{}]", plan.service, plan.route));
+        if let Some(policy) = policy(plan) {
+            out.push(format!("    {policy}"));
+        }
         if !plan.to_destinations.is_empty() {
             let total = plan.to_destinations.len();
             for (i, d) in (0u8..).zip(&plan.destinations) {
@@ -91,6 +94,32 @@ fn tables(compiled: &Compiled, out: &mut Vec<String>) {
             "{endpoint}  same-node redirect off (excludeInboundPorts)"
         ));
     }
+}
+
+/// What a table does beyond a weighted random draw, if anything.
+fn policy(plan: &crate::compile::ServicePlan) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(t) = plan.affinity_timeout_s {
+        parts.push(format!("session affinity ClientIP ({t} s)"));
+    }
+    if plan.hash_client {
+        parts.push("consistent hash of the client".to_owned());
+    }
+    if plan.least_request {
+        parts.push("LEAST_REQUEST".to_owned());
+    }
+    if let Some(s) = plan.socket {
+        if s.max_connections > 0 {
+            parts.push(format!("maxConnections {} per backend", s.max_connections));
+        }
+        if s.connect_timeout_ms > 0 {
+            parts.push(format!("connectTimeout {} ms", s.connect_timeout_ms));
+        }
+        if s.keepalive_time_s > 0 {
+            parts.push(format!("tcpKeepalive after {} s", s.keepalive_time_s));
+        }
+    }
+    (!parts.is_empty()).then(|| format!("policy: {}", parts.join("; ")))
 }
 
 #[cfg(test)]
