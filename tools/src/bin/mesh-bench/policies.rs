@@ -28,40 +28,61 @@ const VIP: &str = "10.96.0.80";
 const PORT: u16 = 5000;
 const PODS: [&str; 4] = ["pod-0", "pod-1", "pod-2", "pod-3"];
 
-/// One policy: the Service's extra `spec` lines and the DestinationRule's
-/// `trafficPolicy` (YAML flow), or none.
+/// One policy: the Service's extra `spec` lines, the DestinationRule's
+/// `trafficPolicy` (YAML flow), or none, and its subsets' lines with a
+/// VirtualService splitting 50/50 between subsets v1 and v2, or none.
 struct Policy {
     name: &'static str,
     service: &'static str,
     traffic_policy: Option<&'static str>,
+    subsets: Option<&'static str>,
 }
 
-const POLICIES: [Policy; 5] = [
+const POLICIES: [Policy; 7] = [
     Policy {
         name: "weighted random (no policy)",
         service: "",
         traffic_policy: None,
+        subsets: None,
     },
     Policy {
         name: "sessionAffinity: ClientIP",
         service: "  sessionAffinity: ClientIP\n",
         traffic_policy: None,
+        subsets: None,
     },
     Policy {
         name: "consistentHash.useSourceIp (Maglev, 16381 slots)",
         service: "",
         traffic_policy: Some("{loadBalancer: {consistentHash: {useSourceIp: true}}}"),
+        subsets: None,
     },
     Policy {
         name: "LEAST_REQUEST (open connections, two drawn)",
         service: "",
         traffic_policy: Some("{loadBalancer: {simple: LEAST_REQUEST}}"),
+        subsets: None,
     },
     Policy {
         name: "connectionPool.tcp (connectTimeout, keepalive, maxConnections)",
         service: "",
         traffic_policy: Some(
             "{connectionPool: {tcp: {connectTimeout: 5s, maxConnections: 100000, tcpKeepalive: {time: 60s}}}}",
+        ),
+        subsets: None,
+    },
+    Policy {
+        name: "a 50/50 route over subsets v1/v2 (one table)",
+        service: "",
+        traffic_policy: None,
+        subsets: Some("    - {name: v1, labels: {version: v1}}\n    - {name: v2, labels: {version: v2}}\n"),
+    },
+    Policy {
+        name: "the same route, v1 hashing its clients (a table per destination)",
+        service: "",
+        traffic_policy: None,
+        subsets: Some(
+            "    - {name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}}\n    - {name: v2, labels: {version: v2}}\n",
         ),
     },
 ];
@@ -76,7 +97,8 @@ pub fn policies(r: &mut String, quick: bool, rounds: usize) -> anyhow::Result<()
     for (i, name) in PODS.iter().enumerate() {
         let pod = node.add_pod(name, 11 + i as u8)?;
         backends.push(Backend::spawn(&pod.ns, name, "v1", PORT)?);
-        pods.push(manifests::pod(name, "bench", "v1", &[pod.ipv4], true));
+        let version = if i < 2 { "v1" } else { "v2" };
+        pods.push(manifests::pod(name, "bench", version, &[pod.ipv4], true));
     }
     dir.write("pods.yaml", &pods.join("---\n"))?;
     let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
@@ -143,10 +165,16 @@ fn write_policy(dir: &ManifestDir, policy: &Policy) -> anyhow::Result<()> {
     let traffic = policy
         .traffic_policy
         .map_or_else(String::new, |p| format!("  trafficPolicy: {p}\n"));
+    let split = policy.subsets.map_or_else(String::new, |subsets| {
+        format!(
+            "  subsets:\n{subsets}---\n{}",
+            manifests::virtual_service("bench", &[("v1", 50), ("v2", 50)])
+        )
+    });
     dir.write(
         "policy.yaml",
         &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: bench}}\n  ports: [{{name: http, port: 80, targetPort: {PORT}}}]\n{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: bench, namespace: default}}\nspec:\n  host: bench\n{traffic}",
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: bench}}\n  ports: [{{name: http, port: 80, targetPort: {PORT}}}]\n{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: bench, namespace: default}}\nspec:\n  host: bench\n{traffic}{split}",
             policy.service
         ),
     )
