@@ -15,6 +15,14 @@
 //!   `failover` names for this one; else any. Envoy spills to the next tier
 //!   when a tier is unhealthy; here outlier detection removes unhealthy
 //!   endpoints, and a tier with none left gives way to the next.
+//! - `failoverPriority` (with outlier detection too): tiers by how many of
+//!   the listed labels, in order, an endpoint shares with the client. The
+//!   client is this node: its locality for the topology labels (region,
+//!   zone, subzone), one network and one cluster for Istio's
+//!   `topology.istio.io/network`/`cluster`; `key=value` items compare the
+//!   endpoint with the value given. A label of the client's pod cannot be
+//!   known for a whole node: the list is honoured up to the first such item
+//!   (reported).
 
 use std::collections::BTreeMap;
 
@@ -72,6 +80,64 @@ pub enum Setting {
     Distribute(Vec<(String, Vec<(String, u64)>)>),
     /// Closest endpoints first; `failover` pairs (from region, to region).
     Failover(Vec<(String, String)>),
+    /// `failoverPriority`: the endpoints sharing the longest prefix of these
+    /// labels with the client first.
+    Priority(Vec<Priority>),
+}
+
+/// One item of `failoverPriority`, as far as a node can honour it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A part of the locality: the endpoint's equals this node's, or the
+    /// value written (`topology.kubernetes.io/zone=z1`).
+    Region(Option<String>),
+    Zone(Option<String>),
+    Subzone(Option<String>),
+    /// `topology.istio.io/network` or `cluster` without a value: one network
+    /// and one cluster here, every endpoint matches.
+    Everywhere,
+    /// `key=value`: the endpoint's pod has this label value.
+    Label {
+        key: String,
+        value: String,
+    },
+}
+
+/// The labels of Istio's that name the client's network and cluster.
+const NETWORK_LABELS: [&str; 2] = ["topology.istio.io/network", "topology.istio.io/cluster"];
+
+impl Priority {
+    /// An item of the list; `None`: a label of the client's pod (no value),
+    /// which a node cannot know.
+    pub fn parse(item: &str) -> Option<Self> {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().to_owned())),
+            None => (item.trim(), None),
+        };
+        Some(match key {
+            node::REGION_LABEL => Self::Region(value),
+            node::ZONE_LABEL => Self::Zone(value),
+            node::SUBZONE_LABEL => Self::Subzone(value),
+            _ if NETWORK_LABELS.contains(&key) && value.is_none() => Self::Everywhere,
+            _ => Self::Label {
+                key: key.to_owned(),
+                value: value?,
+            },
+        })
+    }
+
+    fn matches(&self, here: &Locality, there: &Locality, e: &Endpoint) -> bool {
+        let part = |want: &Option<String>, mine: &str, theirs: &str| {
+            want.as_deref().unwrap_or(mine) == theirs
+        };
+        match self {
+            Self::Region(v) => part(v, &here.region, &there.region),
+            Self::Zone(v) => part(v, &here.zone, &there.zone),
+            Self::Subzone(v) => part(v, &here.subzone, &there.subzone),
+            Self::Everywhere => true,
+            Self::Label { key, value } => e.labels.get(key) == Some(value),
+        }
+    }
 }
 
 /// The setting `dr` asks for on service port `port`, given whether it has
@@ -102,6 +168,17 @@ pub fn setting(lb: Option<&Value>, outlier: bool) -> Option<Setting> {
     }
     if !outlier {
         return None;
+    }
+    // Honoured up to the first item a node cannot know (reported).
+    let priority: Vec<Priority> = lls
+        .and_then(|l| l.get("failoverPriority"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map_while(|item| Priority::parse(item.as_str()?))
+        .collect();
+    if !priority.is_empty() {
+        return Some(Setting::Priority(priority));
     }
     let failover = lls
         .and_then(|l| l.get("failover"))
@@ -135,17 +212,29 @@ pub fn apply(
                 .flat_map(|(name, group)| distribute(name, group, to, &locality))
                 .collect()
         }
-        Setting::Failover(failover) => groups
-            .into_iter()
-            .map(|(name, mut group)| {
-                let tier = |e: &Endpoint| tier(here, &locality(e), failover);
-                if let Some(best) = group.members.iter().map(&tier).min() {
-                    group.members.retain(|e| tier(e) == best);
-                }
-                (name, group)
-            })
-            .collect(),
+        Setting::Failover(failover) => closest(groups, |e| tier(here, &locality(e), failover)),
+        Setting::Priority(labels) => closest(groups, |e| {
+            let there = locality(e);
+            let shared = labels
+                .iter()
+                .take_while(|l| l.matches(here, &there, e))
+                .count();
+            u8::try_from(labels.len() - shared).unwrap_or(u8::MAX)
+        }),
     }
+}
+
+/// Keeps each group's endpoints of the lowest tier.
+fn closest(groups: Vec<(String, Group)>, tier: impl Fn(&Endpoint) -> u8) -> Vec<(String, Group)> {
+    groups
+        .into_iter()
+        .map(|(name, mut group)| {
+            if let Some(best) = group.members.iter().map(&tier).min() {
+                group.members.retain(|e| tier(e) == best);
+            }
+            (name, group)
+        })
+        .collect()
 }
 
 /// One destination's weight over the localities of `to` that have endpoints.

@@ -277,6 +277,11 @@ enum Unhonoured {
     Duration,
     /// Locality failover without outlier detection (Istio needs both).
     FailoverWithoutOutlier,
+    /// A `failoverPriority` label of the client's pod: a node's tables serve
+    /// all its pods.
+    ClientLabel,
+    /// `failover` beside `failoverPriority` (Istio allows one of them).
+    FailoverBesidePriority,
     /// Pools, outlier detection, TLS...: not in this data plane yet.
     NotYet,
     /// TLS settings: the data plane does not terminate or originate TLS.
@@ -304,6 +309,12 @@ impl Unhonoured {
             ),
             Unhonoured::FailoverWithoutOutlier => format!(
                 "{what} needs outlierDetection on the same rule or port (as in Istio): not honoured"
+            ),
+            Unhonoured::ClientLabel => format!(
+                "{what}: a label of the client's pod, which a node's tables (shared by its pods) cannot match; the list is honoured up to the item before it (write key=value to compare endpoints with a value)"
+            ),
+            Unhonoured::FailoverBesidePriority => format!(
+                "{what}: failoverPriority is set too (Istio allows one of them): failoverPriority is honoured"
             ),
             Unhonoured::Duration => {
                 format!("{what}: not a duration (e.g. 30s, 1.5s, 100ms, 1m): the default is used")
@@ -407,12 +418,32 @@ fn load_balancer(lb: &Value, at: &str, outlier: bool, found: &mut Vec<(String, U
 /// `localityLbSetting`: `enabled`, `distribute` and `failover` honoured
 /// (failover only with outlier detection, as Istio); the rest reported.
 fn locality_fields(lls: &Value, at: &str, outlier: bool, found: &mut Vec<(String, Unhonoured)>) {
-    for (key, _) in lls.as_object().into_iter().flatten() {
+    let priority = lls.get("failoverPriority");
+    for (key, value) in lls.as_object().into_iter().flatten() {
         let field = format!("{at}.{key}");
         match key.as_str() {
             "enabled" | "distribute" => {}
-            "failover" if outlier => {}
-            "failover" => found.push((field, Unhonoured::FailoverWithoutOutlier)),
+            "failover" | "failoverPriority" if !outlier => {
+                found.push((field, Unhonoured::FailoverWithoutOutlier));
+            }
+            "failover" if priority.is_some() => {
+                found.push((field, Unhonoured::FailoverBesidePriority));
+            }
+            "failover" => {}
+            "failoverPriority" => {
+                let items = value.as_array().into_iter().flatten().enumerate();
+                let first_unknown = items
+                    .filter(|(_, item)| {
+                        item.as_str()
+                            .and_then(super::locality::Priority::parse)
+                            .is_none()
+                    })
+                    .map(|(i, _)| i)
+                    .next();
+                if let Some(i) = first_unknown {
+                    found.push((format!("{field}[{i}]"), Unhonoured::ClientLabel));
+                }
+            }
             _ => found.push((field, Unhonoured::NotYet)),
         }
     }
@@ -711,6 +742,51 @@ spec:
             ]
         );
         assert!(fields(&dr)[0].1.contains("needs outlierDetection"));
+        assert!(fields(&dr)[1].1.contains("needs outlierDetection"));
+    }
+
+    #[test]
+    fn failover_priority_is_honoured_up_to_a_label_of_the_clients_pod() {
+        let dr = rule(
+            "metadata: {name: web, namespace: prod}
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+    loadBalancer:
+      localityLbSetting:
+        failover: [{from: r1, to: r2}]
+        failoverPriority:
+          - topology.istio.io/network
+          - topology.kubernetes.io/region
+          - version=v2
+          - app
+          - topology.kubernetes.io/zone
+",
+        );
+        let got = fields(&dr);
+        let at: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failover",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[3]",
+            ]
+        );
+        assert!(got[0].1.contains("failoverPriority is honoured"), "{got:?}");
+        assert!(got[1].1.contains("label of the client's pod"), "{got:?}");
+        let p = effective(&dr.object, None, 80);
+        assert_eq!(
+            super::super::locality::setting(p.load_balancer, true),
+            Some(super::super::locality::Setting::Priority(vec![
+                super::super::locality::Priority::Everywhere,
+                super::super::locality::Priority::Region(None),
+                super::super::locality::Priority::Label {
+                    key: "version".to_owned(),
+                    value: "v2".to_owned()
+                },
+            ]))
+        );
     }
 
     /// Istio's `MergeSubsetTrafficPolicy`: ports replace whole policies,

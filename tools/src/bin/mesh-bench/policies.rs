@@ -75,7 +75,9 @@ const POLICIES: [Policy; 7] = [
         name: "a 50/50 route over subsets v1/v2 (one table)",
         service: "",
         traffic_policy: None,
-        subsets: Some("    - {name: v1, labels: {version: v1}}\n    - {name: v2, labels: {version: v2}}\n"),
+        subsets: Some(
+            "    - {name: v1, labels: {version: v1}}\n    - {name: v2, labels: {version: v2}}\n",
+        ),
     },
     Policy {
         name: "the same route, v1 hashing its clients (a table per destination)",
