@@ -511,15 +511,25 @@ pub const SERVICE_FLAG_HASH_CLIENT: u32 = 4;
 /// connects of meshed clients to a backend watched by a DestinationRule's
 /// `outlierDetection`. The agent creates the entry (zeroed: it marks the
 /// backend watched) and deletes it when no rule watches the backend; `sockops`
-/// counts on its CPU (no atomics: the agent sums the CPUs and derives
-/// consecutive failures from what changed between two reads).
+/// counts on its CPU (no atomics: the agent sums the CPUs with wrapping
+/// arithmetic and derives consecutive failures from what changed between two
+/// reads, the change of `successes` taken as signed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct OutlierStats {
-    /// Connects that failed before ESTABLISHED (SYN_SENT to CLOSE: refused,
-    /// unreachable, timed out).
+    /// Connects that failed: before ESTABLISHED (SYN_SENT to CLOSE: refused,
+    /// unreachable, timed out), or established and then reset before a byte
+    /// was received (ESTABLISHED to CLOSE with `bytes_received` 0: an
+    /// accept-then-RST backend).
     pub failures: u64,
-    /// Connects that reached ESTABLISHED.
+    /// Connects that reached ESTABLISHED, less those of them then reset
+    /// before a byte was received. A reset is counted on its own CPU, maybe
+    /// not the one that counted the connect's success: one CPU's value may
+    /// wrap below zero; the wrapping sum over CPUs does not (unless the
+    /// connect was established before its backend was watched). An agent
+    /// that read the success before the reset sees it taken back at its next
+    /// read: the success ended a run of failures in the first (the one
+    /// approximation).
     pub successes: u64,
 }
 const _: () = assert!(core::mem::size_of::<OutlierStats>() == 16);

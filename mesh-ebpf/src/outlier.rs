@@ -1,13 +1,28 @@
 //! Outlier detection's counting: for each connect of a meshed client to a
-//! watched backend (`OUTLIER_V1`), whether it failed before ESTABLISHED
-//! (refused, unreachable, timed out: SYN_SENT to CLOSE) or succeeded, counted
+//! watched backend (`OUTLIER_V1`), whether it failed or succeeded, counted
 //! per CPU. The agent reads the counts every `interval` and ejects by
 //! rewriting the service's tables; the kernel only counts.
+//!
+//! A connect fails when it ends before ESTABLISHED (SYN_SENT to CLOSE:
+//! refused, unreachable, timed out), or when it ends straight from
+//! ESTABLISHED (to CLOSE: a reset; a graceful close goes through FIN_WAIT or
+//! CLOSE_WAIT) before the backend sent a byte: an accept-then-RST server (a
+//! crashed worker, an `SO_LINGER` 0 close). It succeeds when it reaches
+//! ESTABLISHED; a reset before data takes that success back (on its own CPU,
+//! which may differ from the one that counted it: a CPU's `successes` may
+//! wrap; the agent sums with wrapping arithmetic).
+//!
+//! Also counted as such a reset, as the kernel cannot tell them apart here:
+//! the client's own abort (`SO_LINGER` 0) and an established connection that
+//! timed out, each before receiving a byte; and, for a connection the
+//! same-node shortcut joined (`redirect`), bytes the backend sent through
+//! `sk_msg` are not TCP's `bytes_received`, so a reset after such bytes
+//! counts too.
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT,
     },
     programs::SockOpsContext,
 };
@@ -15,30 +30,69 @@ use mesh_common::SockKey;
 
 use crate::maps::OUTLIER;
 
+/// What a sockops callback tells of a connect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// Before the SYN.
+    Connect,
+    /// The handshake completed.
+    Established,
+    /// SYN_SENT to CLOSE.
+    Failed,
+    /// ESTABLISHED to CLOSE with no byte received.
+    ResetBeforeData,
+}
+
 /// Counts the outcome of a client's connect to a watched backend; `key` is
 /// the socket's own (its remote end is the backend the connect went to).
+///
+/// The state changes come from `BPF_SOCK_OPS_STATE_CB_FLAG`, asked for at
+/// TCP_CONNECT_CB; every program that sets the socket's flags later
+/// (`redirect`, `active`) adds to them, so it stays set past ESTABLISHED.
 #[inline(always)]
 pub fn count(ctx: &SockOpsContext, op: u32, key: &SockKey) {
-    let is_close = op == BPF_SOCK_OPS_STATE_CB
-        && ctx.arg(0) == BPF_TCP_SYN_SENT
-        && ctx.arg(1) == BPF_TCP_CLOSE;
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && !is_close {
+    let Some(event) = event(ctx, op) else {
         return;
-    }
+    };
     let Some(stats) = OUTLIER.get_ptr_mut(key.remote_endpoint()) else {
         return;
     };
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Before the SYN: ask to hear how this connect ends.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        return;
-    }
     // SAFETY: this CPU's value of a live element, valid for the program's run.
-    unsafe {
-        if is_close {
-            (*stats).failures += 1;
-        } else {
-            (*stats).successes += 1;
+    let stats = unsafe { &mut *stats };
+    match event {
+        Event::Connect => {
+            // Ask to hear how this connect ends.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        Event::Established => stats.successes += 1,
+        Event::Failed => stats.failures += 1,
+        Event::ResetBeforeData => {
+            stats.failures += 1;
+            // Taken back from the count at ESTABLISHED, maybe on another CPU.
+            stats.successes = stats.successes.wrapping_sub(1);
         }
     }
+}
+
+/// The callback's event, if it is one outlier detection counts.
+#[inline(always)]
+fn event(ctx: &SockOpsContext, op: u32) -> Option<Event> {
+    match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => Some(Event::Connect),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => Some(Event::Established),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => match ctx.arg(0) {
+            BPF_TCP_SYN_SENT => Some(Event::Failed),
+            BPF_TCP_ESTABLISHED if bytes_received(ctx) == 0 => Some(Event::ResetBeforeData),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The payload bytes TCP received on the socket so far.
+#[inline(always)]
+fn bytes_received(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the kernel hands a valid bpf_sock_ops; one 8-byte context load
+    // of a field sockops may read.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).bytes_received) }
 }

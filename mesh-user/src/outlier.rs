@@ -13,11 +13,23 @@
 //! a returned backend without new failures lowers its ejection count by one.
 //! With fewer healthy backends than `minHealthPercent`, none is left out.
 //!
+//! What the kernel counts (`mesh-ebpf`'s `outlier`), per connect of a meshed
+//! client to a watched backend: a failure when it ends before ESTABLISHED
+//! (refused, unreachable, timed out), or when it is established and then
+//! reset before the backend sent a byte (an accept-then-RST server: a crashed
+//! worker, an `SO_LINGER` 0 close); a success when it reaches ESTABLISHED,
+//! taken back if it is then reset before data (what else looks like such a
+//! reset to the kernel: its module's doc). So between two reads the
+//! successes may go down: their change is signed.
+//!
 //! "In a row" from per-CPU counts: between two reads, a backend with new
-//! failures and no new success adds them to its run; any new success ends
-//! the run. Interleaved failures and successes within one read (a second)
-//! count as successes: a flapping backend is not ejected, as Envoy would
-//! rarely see it fail N times in a row either.
+//! failures and no net new success adds them to its run; a net new success
+//! ends the run. Interleaved failures and successes within one read (a
+//! second) count as successes: a flapping backend is not ejected, as Envoy
+//! would rarely see it fail N times in a row either. The one approximation
+//! of the resets: a connect established before a read and reset before data
+//! after it was a success in that read (it ended the run there) and is a
+//! failure in the next.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -194,7 +206,9 @@ impl Service {
             // watched: failures before the first read count.
             let last = b.last.replace(now_counts).unwrap_or_default();
             let failed = now_counts.failures.saturating_sub(last.failures);
-            let succeeded = now_counts.successes.saturating_sub(last.successes);
+            // Signed: a connect reset before any byte takes back its success,
+            // which an earlier read may have seen.
+            let succeeded = now_counts.successes.wrapping_sub(last.successes) as i64;
             if succeeded > 0 {
                 b.consecutive = 0;
             } else {
@@ -255,6 +269,8 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
+
+    use mesh_common::OutlierStats;
 
     use super::*;
 
@@ -337,6 +353,62 @@ mod tests {
         let record = d.records(s(2), &counts(&[(1, 8, 1)]));
         assert_eq!(record[0].ejections, 2);
         assert_eq!(record[0].ejected_for_ms, Some(4000));
+    }
+
+    #[test]
+    fn a_connect_reset_before_data_fails_and_takes_its_success_back() {
+        let t0 = Instant::now();
+        let mut d = detector(2, policy(100), t0);
+        d.judge(t0, &counts(&[(1, 0, 0)]));
+        // Established: a success, seen by this read.
+        d.judge(t0, &counts(&[(1, 0, 1)]));
+        // Then reset before data: +1 failure, -1 success. In the run.
+        d.judge(t0, &counts(&[(1, 1, 0)]));
+        assert_eq!(d.records(t0, &counts(&[(1, 1, 0)]))[0].consecutive, 1);
+        // Two more connects established and reset within one read: +2, no
+        // net success.
+        assert!(d.judge(t0, &counts(&[(1, 3, 0)])));
+        assert_eq!(ejected(&d), [backend(1)]);
+        // A reset and a real success in one window: the run ends.
+        let mut d = detector(2, policy(100), t0);
+        d.judge(t0, &counts(&[(1, 2, 0)]));
+        d.judge(t0, &counts(&[(1, 3, 1)]));
+        assert_eq!(d.records(t0, &counts(&[(1, 3, 1)]))[0].consecutive, 0);
+    }
+
+    #[test]
+    fn per_cpu_counts_sum_and_differ_with_wrapping() {
+        // A success counted on CPU 0, taken back (reset before data) on CPU 1,
+        // whose own count wraps below zero.
+        let cpus = [
+            OutlierStats {
+                failures: 0,
+                successes: 5,
+            },
+            OutlierStats {
+                failures: 2,
+                successes: 0u64.wrapping_sub(2),
+            },
+        ];
+        let sum = cpus.iter().fold(Counts::default(), Counts::plus_cpu);
+        assert_eq!(
+            sum,
+            Counts {
+                failures: 2,
+                successes: 3
+            }
+        );
+        let t0 = Instant::now();
+        let mut d = detector(2, policy(100), t0);
+        d.judge(t0, &counts(&[(1, 0, 5), (2, 0, 0)]));
+        d.judge(t0, &BTreeMap::from([(backend(1), sum)]));
+        assert_eq!(d.records(t0, &counts(&[]))[0].consecutive, 2);
+        // The sum itself below zero (a connect established before its backend
+        // was watched, reset after): one success later is a net +1.
+        d.judge(t0, &counts(&[(2, 1, u64::MAX)]));
+        assert_eq!(d.records(t0, &counts(&[]))[1].consecutive, 1);
+        d.judge(t0, &counts(&[(2, 1, 0)]));
+        assert_eq!(d.records(t0, &counts(&[]))[1].consecutive, 0);
     }
 
     #[test]

@@ -21,6 +21,18 @@ pub struct Counts {
     pub successes: u64,
 }
 
+impl Counts {
+    /// These counts plus one CPU's. Wrapping: a CPU's `successes` may have
+    /// wrapped below zero (a connect's success counted on one CPU, taken back
+    /// on another when the connect was reset before data); the sum is right.
+    pub fn plus_cpu(self, cpu: &OutlierStats) -> Self {
+        Self {
+            failures: self.failures.wrapping_add(cpu.failures),
+            successes: self.successes.wrapping_add(cpu.successes),
+        }
+    }
+}
+
 /// One of the per-backend counter maps.
 pub struct BackendCounters<V: aya::Pod + Default> {
     map: PerCpuHashMap<MapData, EndpointKey, V>,
@@ -110,10 +122,7 @@ impl Watched {
 
     /// Every watched backend's counts.
     pub fn read(&self) -> BTreeMap<BackendAddr, Counts> {
-        self.fold(Counts::default(), |c, s| Counts {
-            failures: c.failures + s.failures,
-            successes: c.successes + s.successes,
-        })
+        self.fold(Counts::default(), Counts::plus_cpu)
     }
 }
 

@@ -429,12 +429,12 @@ impl prometheus_client::collector::Collector for OutlierBackends {
         let counters: [(&str, &str, OutlierValue); 3] = [
             (
                 "outlier_failed_connects",
-                "Connects to a backend watched by outlier detection that failed before ESTABLISHED (kernel counter)",
+                "Connects to a backend watched by outlier detection that failed before ESTABLISHED or were reset before any byte (kernel counter)",
                 |r| r.failures,
             ),
             (
                 "outlier_successful_connects",
-                "Connects to a backend watched by outlier detection that reached ESTABLISHED (kernel counter)",
+                "Connects to a backend watched by outlier detection that reached ESTABLISHED and were not reset before any byte (kernel counter)",
                 |r| r.successes,
             ),
             (
