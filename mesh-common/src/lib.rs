@@ -217,8 +217,11 @@ pub mod sock_stat {
 /// [`SockConn::path`] values: a socket whose first message went through TCP stays
 /// there, so that bytes never overtake each other on two paths.
 pub mod sock_path {
-    /// No message sent yet, or every message so far was redirected.
+    /// No message sent yet.
     pub const UNDECIDED: u32 = 0;
+    /// Every message so far was redirected (the first was: later ones redirect
+    /// again, or fall back once the peer has closed).
+    pub const JOINED: u32 = 1;
     pub const TCP: u32 = 2;
 }
 
@@ -299,7 +302,8 @@ impl ConnKey {
 /// and deleted by `sockops` when that very socket (`cookie`) closes: every socket
 /// in `SOCKETS_V2` owns the record of its tuple for as long as it is there, so
 /// the record `sk_msg` finds under its own tuple is its own. `path` is written by
-/// `sk_msg` (under the socket's lock), and by `sockops` for Fast Open clients.
+/// `sk_msg` (under the socket's lock), and by `sockops` for Fast Open clients;
+/// `received` by the peer's `sk_msg`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockConn {
@@ -307,9 +311,12 @@ pub struct SockConn {
     pub local_seq: u32,
     /// [`ConnKey::remote_seq`] of the socket.
     pub remote_seq: u32,
-    /// [`sock_path::UNDECIDED`] or [`sock_path::TCP`].
+    /// [`sock_path::UNDECIDED`], [`sock_path::JOINED`] or [`sock_path::TCP`].
     pub path: u32,
-    pub _pad: u32,
+    /// 1 once the peer's `sk_msg` redirected a message into this socket (its
+    /// first one): bytes TCP's counters of this socket do not see (outlier
+    /// detection reads it). Was padding (0) before: same layout.
+    pub received: u32,
     /// `bpf_get_socket_cookie` of the socket that owns the record (written by
     /// `sockops`; only the owner's close deletes it).
     pub cookie: u64,
@@ -323,7 +330,7 @@ impl SockConn {
             local_seq,
             remote_seq,
             path,
-            _pad: 0,
+            received: 0,
             cookie,
         }
     }

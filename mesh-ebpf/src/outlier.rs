@@ -14,10 +14,11 @@
 //!
 //! Also counted as such a reset, as the kernel cannot tell them apart here:
 //! the client's own abort (`SO_LINGER` 0) and an established connection that
-//! timed out, each before receiving a byte; and, for a connection the
-//! same-node shortcut joined (`redirect`), bytes the backend sent through
-//! `sk_msg` are not TCP's `bytes_received`, so a reset after such bytes
-//! counts too.
+//! timed out, each before receiving a byte. Not counted: a reset of a
+//! connection into which the same-node shortcut delivered bytes (its record's
+//! `received`, set by the backend's `sk_msg`): those bytes are not TCP's
+//! `bytes_received`, and a healthy backend that answered and then reset must
+//! not be judged failed.
 
 use aya_ebpf::{
     bindings::{
@@ -28,7 +29,7 @@ use aya_ebpf::{
 };
 use mesh_common::SockKey;
 
-use crate::maps::OUTLIER;
+use crate::maps::{OUTLIER, SOCK_CONN};
 
 /// What a sockops callback tells of a connect.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,7 +52,7 @@ enum Event {
 /// (`redirect`, `active`) adds to them, so it stays set past ESTABLISHED.
 #[inline(always)]
 pub fn count(ctx: &SockOpsContext, op: u32, key: &SockKey) {
-    let Some(event) = event(ctx, op) else {
+    let Some(event) = event(ctx, op, key) else {
         return;
     };
     let Some(stats) = OUTLIER.get_ptr_mut(key.remote_endpoint()) else {
@@ -76,17 +77,27 @@ pub fn count(ctx: &SockOpsContext, op: u32, key: &SockKey) {
 
 /// The callback's event, if it is one outlier detection counts.
 #[inline(always)]
-fn event(ctx: &SockOpsContext, op: u32) -> Option<Event> {
+fn event(ctx: &SockOpsContext, op: u32, key: &SockKey) -> Option<Event> {
     match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB => Some(Event::Connect),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => Some(Event::Established),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => match ctx.arg(0) {
             BPF_TCP_SYN_SENT => Some(Event::Failed),
-            BPF_TCP_ESTABLISHED if bytes_received(ctx) == 0 => Some(Event::ResetBeforeData),
+            BPF_TCP_ESTABLISHED if bytes_received(ctx) == 0 && on_tcp(key) => {
+                Some(Event::ResetBeforeData)
+            }
             _ => None,
         },
         _ => None,
     }
+}
+
+/// Whether every byte the socket received came through TCP: the same-node
+/// shortcut delivered none into it.
+#[inline(always)]
+fn on_tcp(key: &SockKey) -> bool {
+    // SAFETY: a plain lookup; the value is read at once.
+    unsafe { SOCK_CONN.get(key) }.is_none_or(|c| c.received == 0)
 }
 
 /// The payload bytes TCP received on the socket so far.

@@ -256,6 +256,14 @@ fn redirect(ctx: &SkMsgContext, key: SockKey) -> bool {
         SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
     if !redirected {
         conn.path = sock_path::TCP;
+    } else if conn.path == sock_path::UNDECIDED {
+        // The first message joined: tell the peer's record once (outlier
+        // detection must not read its TCP byte counts as all it received).
+        conn.path = sock_path::JOINED;
+        if let Some(theirs) = SOCK_CONN.get_ptr_mut(peer.sock) {
+            // SAFETY: a live entry; only this word is written, by this socket.
+            unsafe { core::ptr::write_volatile(&raw mut (*theirs).received, 1) };
+        }
     }
     redirected
 }

@@ -844,92 +844,24 @@ fn locality_failover_serves_from_the_closest_endpoints_then_the_next() -> anyhow
     Ok(())
 }
 
-/// A server on `port` of a pod that accepts each connection and resets it at
-/// once, before sending a byte (`SO_LINGER` 0, then close): a crashed worker
-/// behind a listener that still accepts. Stops on drop.
-struct Resetter {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    reset: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Resetter {
-    fn spawn(ns: &mesh_tools::netns::Netns, port: u16) -> anyhow::Result<Self> {
-        use std::{os::fd::AsFd as _, sync::atomic::Ordering};
-        let file = ns.open()?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reset = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
-        let thread = std::thread::spawn({
-            let (stop, reset) = (stop.clone(), reset.clone());
-            move || {
-                let listener = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| {
-                        Ok(std::net::TcpListener::bind(std::net::SocketAddr::from((
-                            [0u16; 8], port,
-                        )))?)
-                    });
-                let listener = match listener {
-                    Ok(l) => {
-                        let _ = tx.send(Ok(()));
-                        l
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                let abort = nix::libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    let mut fds = [nix::poll::PollFd::new(
-                        listener.as_fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    if !matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u8)), Ok(n) if n > 0)
-                    {
-                        continue;
-                    }
-                    let Ok((stream, _)) = listener.accept() else {
-                        continue;
-                    };
-                    // Dropped with SO_LINGER 0: an RST, not a FIN.
-                    if nix::sys::socket::setsockopt(
-                        &stream,
-                        nix::sys::socket::sockopt::Linger,
-                        &abort,
-                    )
-                    .is_ok()
-                    {
-                        reset.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        });
-        rx.recv()??;
-        Ok(Self {
-            stop,
-            reset,
-            thread: Some(thread),
-        })
-    }
-
-    /// Connections accepted and reset so far.
-    fn resets(&self) -> u64 {
-        self.reset.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl Drop for Resetter {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// A `mesh-xfer serve` in `pod` on the pods' port, in `mode`; meshed (its
+/// sockets under the mesh's cgroup) or not.
+fn xfer_server(
+    canary: &Canary,
+    pod: &str,
+    mode: &str,
+    meshed: bool,
+) -> anyhow::Result<mesh_tools::xfer::Server> {
+    let listen = format!("[::]:{TARGET_PORT}");
+    // The port of the backend just stopped may take a moment to be free.
+    mesh_tools::node::poll(Duration::from_secs(3), "mesh-xfer listening", || {
+        Ok(mesh_tools::xfer::Server::start(
+            &canary.node.pod(pod).ns,
+            meshed.then_some(&canary.cgroup),
+            &["--listen", &listen, "--mode", mode],
+        )
+        .ok())
+    })
 }
 
 #[test]
@@ -939,13 +871,13 @@ fn outlier_detection_counts_a_connect_reset_before_any_byte_as_failed_and_ejects
     canary.write("destinationrule.yaml", &watched(100))?;
     // v1-0 accepts and resets: every connect to it is established, then reset.
     close_port(&mut canary, V1[0]);
-    let resetter = Resetter::spawn(&canary.node.pod(V1[0]).ns, TARGET_PORT)?;
+    let _resetter = xfer_server(&canary, V1[0], "reset", false)?;
     let before = canary.probe(&vip4(), 200)?;
-    let reset = resetter.resets();
+    // Each connect to it failed in the client (its error depends on where
+    // the reset met it), and none was refused.
+    let reset = before.failed();
     assert!(reset >= 3, "{before:?}");
-    // Each of those failed in the client (its error depends on where the
-    // reset met it), and no connect was refused.
-    assert_eq!(before.failed(), reset, "{reset} reset: {before:?}");
+    assert!(!before.backends.contains_key(V1[0]), "{before:?}");
     assert!(!before.errors.contains_key("ECONNREFUSED"), "{before:?}");
     // The kernel counted each reset as a failed connect, and took back the
     // success it had counted at ESTABLISHED.
@@ -966,10 +898,43 @@ fn outlier_detection_counts_a_connect_reset_before_any_byte_as_failed_and_ejects
     let during = canary.probe(&vip4(), 400)?;
     assert_eq!(during.failed(), 0, "{during:?}");
     assert!(!during.backends.contains_key(V1[0]), "{during:?}");
-    assert_eq!(resetter.resets(), reset, "no connect reached v1-0");
     assert_eq!(
         outlier_metric(&canary, "mesh_outlier_failed_connects_total", V1[0])?,
         reset
     );
+    Ok(())
+}
+
+#[test]
+fn a_backend_that_answers_through_the_shortcut_and_then_resets_is_not_judged_failed()
+-> anyhow::Result<()> {
+    let mut canary = Canary::start(None)?;
+    canary.write("destinationrule.yaml", &watched(100))?;
+    // v1-0 is a meshed pod on this node: its answers reach the client through
+    // the same-node shortcut (not TCP), then it resets instead of closing.
+    close_port(&mut canary, V1[0]);
+    let _server = xfer_server(&canary, V1[0], "http-reset", true)?;
+    let redirected = canary.agent.metric("mesh_redirect_bytes_total")?;
+    let seen = canary.probe(&vip4(), 200)?;
+    // Its connects: answered, or failed on the RST overtaking the client's
+    // read (as over TCP); no other backend fails.
+    let to_it = seen.failed() + seen.backends.get("mesh-xfer").copied().unwrap_or(0);
+    assert!(to_it >= 3, "{seen:?}");
+    assert!(!seen.errors.contains_key("ECONNREFUSED"), "{seen:?}");
+    assert!(
+        canary.agent.metric("mesh_redirect_bytes_total")? > redirected,
+        "its answers went through the shortcut"
+    );
+    // The client's TCP received no byte of them, yet none is a reset before
+    // data: none counted failed, none ejected.
+    mesh_tools::node::poll(Duration::from_secs(5), "its connects counted", || {
+        let ok = outlier_metric(&canary, "mesh_outlier_successful_connects_total", V1[0])?;
+        Ok((ok >= to_it).then_some(()))
+    })?;
+    assert_eq!(
+        outlier_metric(&canary, "mesh_outlier_failed_connects_total", V1[0])?,
+        0
+    );
+    assert_eq!(outlier_metric(&canary, "mesh_outlier_ejected", V1[0])?, 0);
     Ok(())
 }

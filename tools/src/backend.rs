@@ -66,7 +66,7 @@ impl Backend {
                         }
                         if let Ok((stream, _)) = listener.accept() {
                             served.fetch_add(1, Ordering::Relaxed);
-                            let _ = answer(stream, &body);
+                            let _ = answer(stream, &body, End::HalfClose);
                         }
                     }
                 }
@@ -86,8 +86,18 @@ impl Backend {
     }
 }
 
-/// Reads one request and answers it (see the module's doc), then half-closes.
-pub(crate) fn answer(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
+/// How an answer ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// A FIN after the answer, as servers do.
+    HalfClose,
+    /// An RST right after the answer (`SO_LINGER` 0), no FIN: a server that
+    /// answered, then aborted.
+    Reset,
+}
+
+/// Reads one request and answers it (see the module's doc), then ends it.
+pub(crate) fn answer(mut stream: TcpStream, body: &str, end: End) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
@@ -120,7 +130,10 @@ pub(crate) fn answer(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
         }
         None => stream.write_all(body.as_bytes())?,
     }
-    stream.shutdown(std::net::Shutdown::Write)
+    match end {
+        End::HalfClose => stream.shutdown(std::net::Shutdown::Write),
+        End::Reset => socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)),
+    }
 }
 
 impl Drop for Backend {

@@ -22,7 +22,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::{cgroup::Cgroup, netns::Netns};
+use crate::{backend::End, cgroup::Cgroup, netns::Netns};
 
 /// The payload of connection `index` of a run seeded with `seed`.
 pub fn payload(seed: u64, index: usize, len: usize) -> Vec<u8> {
@@ -42,6 +42,12 @@ pub enum ServeMode {
     /// Answer one HTTP request as the test backends do (`GET /bytes/N`: N
     /// bytes), from a process that can be meshed (the gateway router's tests).
     Http,
+    /// The same answer, then an RST instead of a FIN (a server that answers
+    /// and aborts: outlier detection must not count it as a failed connect).
+    HttpReset,
+    /// Accept, then reset at once, before a byte (`SO_LINGER` 0): a crashed
+    /// worker behind a listener that still accepts.
+    Reset,
 }
 
 #[derive(Clone, Debug)]
@@ -78,7 +84,20 @@ fn serve_one(mut stream: TcpStream, options: &ServeOptions) -> anyhow::Result<()
     std::thread::sleep(options.delay);
     let limit = options.close_after.unwrap_or(u64::MAX);
     match options.mode {
-        ServeMode::Http => return Ok(crate::backend::answer(stream, "mesh-xfer\n")?),
+        ServeMode::Http => {
+            return Ok(crate::backend::answer(
+                stream,
+                "mesh-xfer\n",
+                End::HalfClose,
+            )?);
+        }
+        ServeMode::HttpReset => {
+            return Ok(crate::backend::answer(stream, "mesh-xfer\n", End::Reset)?);
+        }
+        ServeMode::Reset => {
+            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+            return Ok(());
+        }
         ServeMode::Collect => {
             let mut all = Vec::new();
             stream.read_to_end(&mut all)?;

@@ -157,7 +157,8 @@ pub fn client_hash(policy: &Effective<'_>) -> Option<ClientHash> {
 }
 
 /// `outlierDetection` at L4: failed connects (refused, unreachable, timed
-/// out) count as the errors Istio names; a backend with `threshold` of them
+/// out, or reset before the backend sent a byte) count as the errors Istio
+/// names; a backend with `threshold` of them
 /// in a row is ejected for `base_ejection` times its ejection count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outlier {
