@@ -370,21 +370,56 @@ mod tests {
         assert_eq!(out[0].1.weight, 10_000);
     }
 
+    /// The last octets of the first group's endpoints.
+    fn members(out: Vec<(String, Group)>) -> Vec<u8> {
+        out[0]
+            .1
+            .members
+            .iter()
+            .map(|e| match e.ip {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn failover_priority_keeps_the_endpoints_sharing_the_longest_prefix_of_labels() {
+        // Region, then a pod label value, then zone.
+        let setting = Setting::Priority(vec![
+            Priority::Region(None),
+            Priority::Label {
+                key: "version".to_owned(),
+                value: "v2".to_owned(),
+            },
+            Priority::Zone(None),
+        ]);
+        let here = at("a", "a1");
+        let v2 = |mut e: Endpoint| {
+            e.labels.insert("version".to_owned(), "v2".to_owned());
+            e
+        };
+        let all = vec![
+            ep(1, "a1"),
+            v2(ep(2, "a2")),
+            v2(ep(3, "a1")),
+            v2(ep(4, "b1")),
+        ];
+        let apply_to = |v| members(apply(one_group(v), &setting, &here, locality));
+        assert_eq!(apply_to(all), [3], "all three shared");
+        let no_zone = vec![ep(1, "a1"), v2(ep(2, "a2")), v2(ep(4, "b1"))];
+        assert_eq!(apply_to(no_zone), [2], "region and label");
+        // The zone counts only after the label: a1 without v2 is as far as
+        // a2 without it.
+        let no_label = vec![ep(1, "a1"), ep(5, "a2"), v2(ep(4, "b1"))];
+        assert_eq!(apply_to(no_label), [1, 5], "region only");
+        assert_eq!(apply_to(vec![v2(ep(4, "b1")), ep(6, "c1")]), [4, 6]);
+    }
+
     #[test]
     fn failover_keeps_the_closest_tier_and_follows_the_failover_region() {
         let setting = Setting::Failover(vec![("a".to_owned(), "c".to_owned())]);
         let here = at("a", "a1");
-        let members = |out: Vec<(String, Group)>| -> Vec<u8> {
-            out[0]
-                .1
-                .members
-                .iter()
-                .map(|e| match e.ip {
-                    IpAddr::V4(v4) => v4.octets()[3],
-                    IpAddr::V6(_) => 0,
-                })
-                .collect()
-        };
         let all = vec![ep(1, "a1"), ep(2, "a2"), ep(3, "b1"), ep(4, "c1")];
         assert_eq!(
             members(apply(one_group(all), &setting, &here, locality)),
