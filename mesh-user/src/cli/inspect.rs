@@ -161,7 +161,8 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
         agent,
         programs,
         maps,
-        services: tables.len(),
+        // Service ports: a destination's own table is part of its port's.
+        services: tables.keys().filter(|a| a.destination.is_none()).count(),
         backends: backends.len(),
     })
 }

@@ -840,9 +840,11 @@ impl Applier {
         };
         let capacity = self.maps.capacity;
         View {
+            // Connects count for the port (a destination's table is part of it).
             services: self
                 .live
                 .iter()
+                .filter(|(addr, _)| addr.destination.is_none())
                 .filter_map(|(addr, l)| {
                     Some(ServiceLabel {
                         id: l.service_id,
