@@ -3,6 +3,8 @@
 //! against in-memory maps ([`fake`]) and runs on the kernel's pinned maps
 //! unchanged.
 
+use std::os::fd::AsFd as _;
+
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
 use mesh_common::{
     AffinityMatch, Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey,
@@ -16,6 +18,18 @@ pub trait KernelMap<K, V> {
     /// `MapError::KeyNotFound` when absent.
     fn remove(&mut self, key: &K) -> Result<(), MapError>;
     fn keys(&self) -> Vec<K>;
+    /// Writes every entry, in order (one call where the kernel can); on a
+    /// failure, how many were written before it, and the error.
+    fn insert_all(&mut self, entries: &[(K, V)]) -> Result<(), (usize, MapError)>
+    where
+        K: Copy,
+        V: Copy,
+    {
+        for (i, (k, v)) in entries.iter().enumerate() {
+            self.insert(*k, *v).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Makes a set-like map (key -> 0) hold exactly `desired`, given `current`,
@@ -76,6 +90,14 @@ pub fn sync_map<T: Ord + Copy, K, V: Copy + PartialEq>(
 pub trait CounterMap {
     /// Sets the id's counters to zero on every CPU (a new or reused id).
     fn reset(&mut self, id: u32) -> Result<(), MapError>;
+    /// [`CounterMap::reset`] for each id, in order (one call where the kernel
+    /// can); on a failure, how many were reset before it, and the error.
+    fn reset_all(&mut self, ids: &[u32]) -> Result<(), (usize, MapError)> {
+        for (i, id) in ids.iter().enumerate() {
+            self.reset(*id).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
     fn remove(&mut self, id: u32) -> Result<(), MapError>;
     fn ids(&self) -> Vec<u32>;
     /// The id's count, summed over CPUs.
@@ -129,6 +151,38 @@ impl<K: aya::Pod, V: aya::Pod> KernelMap<K, V> for HashMap<MapData, K, V> {
     fn keys(&self) -> Vec<K> {
         HashMap::keys(self).filter_map(Result::ok).collect()
     }
+
+    fn insert_all(&mut self, entries: &[(K, V)]) -> Result<(), (usize, MapError)> {
+        let keys: Vec<K> = entries.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = entries.iter().map(|(_, v)| *v).collect();
+        let fd = aya::maps::IterableMap::map(self).fd().as_fd();
+        super::sys::map_update_batch(
+            fd,
+            pod_bytes(&keys),
+            std::mem::size_of::<K>(),
+            pod_bytes(&values),
+            std::mem::size_of::<V>(),
+        )
+        .map_err(|(done, io_error)| {
+            (
+                done,
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                }),
+            )
+        })
+    }
+}
+
+/// The bytes of plain-old-data values, as the kernel reads them.
+fn pod_bytes<T: aya::Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: `aya::Pod` types are `Copy`, `repr(C)` and have no padding the
+    // kernel could misread (every map type has explicit padding fields); the
+    // slice covers exactly `values`.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
 }
 
 /// A per-CPU counter value: what it counts.
@@ -179,6 +233,25 @@ impl<T: Counter> CounterMap for PerCpuCounters<T> {
                 })
             })?;
         self.map.insert(id, zero, 0)
+    }
+
+    fn reset_all(&mut self, ids: &[u32]) -> Result<(), (usize, MapError)> {
+        // A per-CPU value as the kernel reads it: one per possible CPU, each
+        // rounded up to 8 bytes.
+        let value_bytes = std::mem::size_of::<T>().next_multiple_of(8) * self.nr_cpus;
+        let zeros = vec![0u8; value_bytes * ids.len()];
+        let fd = aya::maps::IterableMap::map(&self.map).fd().as_fd();
+        super::sys::map_update_batch(fd, pod_bytes(ids), 4, &zeros, value_bytes).map_err(
+            |(done, io_error)| {
+                (
+                    done,
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error,
+                    }),
+                )
+            },
+        )
     }
 
     fn remove(&mut self, id: u32) -> Result<(), MapError> {

@@ -1,7 +1,8 @@
 //! The bpf(2) commands aya 0.14 keeps to itself: open a pinned object, replace the
 //! program of a link in place (`BPF_LINK_UPDATE`, atomic: every hook invocation
-//! runs the old program or the new one), and walk a map's keys without reading
-//! its values (a socket map's values are sockets).
+//! runs the old program or the new one), walk a map's keys without reading
+//! its values (a socket map's values are sockets), and write many entries in
+//! one call (`BPF_MAP_UPDATE_BATCH`, kernel 5.6+).
 //!
 //! As aya's `sys/bpf.rs`: one attribute type per command, tied to it by the
 //! [`Attr`] trait, and the raw call an `unsafe fn`; each safe wrapper builds its
@@ -78,6 +79,65 @@ struct NextKeyAttr {
 // SAFETY: the layout of `bpf_attr` for BPF_MAP_GET_NEXT_KEY (4).
 unsafe impl Attr for NextKeyAttr {
     const CMD: libc::c_long = 4;
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (the `batch` member of `bpf_attr`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    /// In: the number of entries; out: how many were written.
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+// SAFETY: the layout of `bpf_attr` for BPF_MAP_UPDATE_BATCH (26).
+unsafe impl Attr for BatchAttr {
+    const CMD: libc::c_long = 26;
+}
+
+/// Writes `keys[i] -> values[i]` into the hash map `map` in one call, in
+/// order. `value_bytes` is the byte length of one value as the kernel reads
+/// it (a per-CPU map's value is one rounded-up value per possible CPU).
+/// On failure: how many were written before it, and the error.
+///
+/// # Panics
+/// Never for consistent input: the lengths are checked first.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    key_bytes: usize,
+    values: &[u8],
+    value_bytes: usize,
+) -> Result<(), (usize, io::Error)> {
+    let count = keys.len().checked_div(key_bytes).unwrap_or(0);
+    let consistent =
+        key_bytes > 0 && keys.len() == count * key_bytes && values.len() == count * value_bytes;
+    if !consistent {
+        return Err((0, io::Error::from(io::ErrorKind::InvalidInput)));
+    }
+    if count == 0 {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(count)
+            .map_err(|_| (0, io::Error::from(io::ErrorKind::InvalidInput)))?,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `keys` and `values` hold exactly `count` keys and values of the
+    // sizes the caller says the map has (checked above), alive for the call.
+    match unsafe { sys_bpf(&mut attr) } {
+        Ok(_) => Ok(()),
+        Err(e) => Err((attr.count as usize, e)),
+    }
 }
 
 /// The raw call.

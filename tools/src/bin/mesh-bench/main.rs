@@ -59,6 +59,8 @@ enum Section {
     Gateway,
     /// Load-balancing policies: the connect program's cost per call.
     Policies,
+    /// The agent at scale: first apply, memory, edit propagation.
+    Agent,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -97,6 +99,10 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Section::Policies) => {
             policies(&mut report, args.quick, rounds)?;
+            return finish(&report, args.write.as_deref(), started);
+        }
+        Some(Section::Agent) => {
+            agent_costs(&mut report, args.quick)?;
             return finish(&report, args.write.as_deref(), started);
         }
         None => {}

@@ -43,6 +43,7 @@ pub(crate) fn header(
         match args.only {
             Some(crate::Section::Gateway) => "target/release/mesh-bench --only gateway",
             Some(crate::Section::Policies) => "target/release/mesh-bench --only policies",
+            Some(crate::Section::Agent) => "target/release/mesh-bench --only agent",
             None => "cargo xtask bench",
         },
         if args.quick { " --quick" } else { "" },
