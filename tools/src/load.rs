@@ -1,6 +1,7 @@
 //! The benchmark's load: `mesh-load serve` answers, `mesh-load run` measures one
 //! workload for a while and prints a JSON [`Measurement`]. Both run as processes
-//! inside pods (and cgroups) like any application, pinned to a CPU each.
+//! inside pods (and cgroups) like any application, pinned to a CPU each. Both
+//! speak TCP or, for the floor, an AF_UNIX stream socket (`unix:/path`).
 //!
 //! Protocol: a connection starts with a 5-byte header, the workload (`c`, `r`,
 //! `b`) and a little-endian u32 size; then for `c` one request of `size` bytes and
@@ -93,24 +94,57 @@ fn serve_one<S: std::io::Read + std::io::Write>(mut s: S) -> std::io::Result<()>
     }
 }
 
-/// TCP server on `listen`, a thread per connection; prints `ready`.
-pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)?;
-    println!("ready");
-    std::io::stdout().flush()?;
-    for stream in listener.incoming().flatten() {
-        let _ = stream.set_nodelay(true);
-        std::thread::spawn(move || serve_one(stream));
+/// Where `serve` listens and `run` dials: `IP:PORT`, or `unix:/path` for an
+/// AF_UNIX stream socket at that path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a path (unix:/path)".into()),
+            Some(path) => Ok(Target::Unix(path.into())),
+            None => s
+                .parse()
+                .map(Target::Tcp)
+                .map_err(|e| format!("{s}: neither IP:PORT nor unix:/path ({e})")),
+        }
+    }
+}
+
+/// Serves `listen`, a thread per connection; prints `ready` once listening. A
+/// Unix socket's file is replaced if it exists; whoever stops the server
+/// removes it (the bench does, after killing it).
+pub fn serve(listen: &Target) -> anyhow::Result<()> {
+    match listen {
+        Target::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)?;
+            ready()?;
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_nodelay(true);
+                std::thread::spawn(move || serve_one(stream));
+            }
+        }
+        Target::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path)?;
+            ready()?;
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || serve_one(stream));
+            }
+        }
     }
     Ok(())
 }
 
-/// What `run` talks to.
-#[derive(Clone, Debug)]
-pub enum Target {
-    Tcp(SocketAddr),
-    /// An AF_UNIX stream socket served by a thread of this process: the floor.
-    Unix,
+fn ready() -> std::io::Result<()> {
+    println!("ready");
+    std::io::stdout().flush()
 }
 
 trait Conn: std::io::Read + std::io::Write + Sized {}
@@ -134,26 +168,9 @@ pub fn run(
                 Ok(s)
             })
         }
-        Target::Unix => {
-            let path = PathBuf::from(format!("/tmp/mesh-load-{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&path);
-            let Ok(listener) = UnixListener::bind(&path) else {
-                return Measurement {
-                    errors: 1,
-                    ..Default::default()
-                };
-            };
-            std::thread::spawn(move || {
-                for s in listener.incoming().flatten() {
-                    std::thread::spawn(move || serve_one(s));
-                }
-            });
-            let m = measure(workload, size, warmup, duration, || {
-                UnixStream::connect(&path)
-            });
-            let _ = std::fs::remove_file(&path);
-            m
-        }
+        Target::Unix(path) => measure(workload, size, warmup, duration, || {
+            UnixStream::connect(path)
+        }),
     }
 }
 
@@ -255,5 +272,33 @@ fn record(m: &mut Measurement, latencies: &mut Vec<u32>, t: Instant, from: Insta
         latencies.push(u32::try_from(t.elapsed().as_nanos()).unwrap_or(u32::MAX));
     } else {
         m.errors += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use super::Target;
+
+    #[test]
+    fn targets_are_ip_port_or_a_unix_path() {
+        assert_eq!(
+            "unix:/tmp/mesh-bench-1x0.sock".parse(),
+            Ok(Target::Unix("/tmp/mesh-bench-1x0.sock".into()))
+        );
+        assert_eq!(
+            "10.244.0.10:7001".parse(),
+            Ok(Target::Tcp(SocketAddr::from((
+                Ipv4Addr::new(10, 244, 0, 10),
+                7001
+            ))))
+        );
+        assert_eq!(
+            "[::]:7001".parse(),
+            Ok(Target::Tcp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 7001))))
+        );
+        assert!("unix:".parse::<Target>().is_err());
+        assert!("unix".parse::<Target>().is_err());
     }
 }

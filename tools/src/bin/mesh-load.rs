@@ -1,6 +1,6 @@
 //! `mesh-load`: the benchmark's server and client (see `mesh_tools::load`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mesh_tools::load::{Target, Workload, pin_cpu, run, serve};
@@ -17,13 +17,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Serve {
+        /// IP:PORT, or `unix:/path` for an AF_UNIX stream socket (a file there
+        /// is replaced).
         #[arg(long)]
-        listen: SocketAddr,
+        listen: Target,
     },
     Run {
-        /// IP:PORT, or `unix` for an AF_UNIX socket served by this process.
+        /// IP:PORT, or `unix:/path` for an AF_UNIX stream socket.
         #[arg(long)]
-        target: String,
+        target: Target,
         #[arg(long, value_enum)]
         workload: Workload,
         /// Request and answer size, bytes.
@@ -40,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     pin_cpu(cli.cpu);
     match cli.command {
-        Command::Serve { listen } => serve(listen),
+        Command::Serve { listen } => serve(&listen),
         Command::Run {
             target,
             workload,
@@ -48,11 +50,6 @@ fn main() -> anyhow::Result<()> {
             warmup_ms,
             duration_ms,
         } => {
-            let target = if target == "unix" {
-                Target::Unix
-            } else {
-                Target::Tcp(target.parse()?)
-            };
             let m = run(
                 &target,
                 workload,

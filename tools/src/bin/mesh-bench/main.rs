@@ -6,7 +6,8 @@
 //! - [`variants`]: what is compared, all set up at once ([`variants::Topology`])
 //! - [`services`]: the N services a variant holds (agent, iptables, nftables)
 //! - [`workloads`]: the kinds of load, and the rounds that measure them
-//! - [`report`]: medians and quantiles, the tables, the method
+//! - [`report`]: medians and quantiles, the tables, the same-node rows against
+//!   the floor, the method
 //! - [`mod@gateway`]: the gateway for the node's own clients (kernel path,
 //!   router path) against direct, an iptables NodePort and HAProxy
 //! - [`mod@policies`]: the per-connect cost of each load-balancing policy
@@ -32,7 +33,7 @@ use crate::{
     agent_costs::agent_costs,
     gateway::gateway,
     policies::policies,
-    report::{header, method, tables},
+    report::{floor, header, method, tables},
     variants::Topology,
 };
 
@@ -61,6 +62,9 @@ enum Section {
     Policies,
     /// The agent at scale: first apply, memory, edit propagation.
     Agent,
+    /// The same-node rows (direct, the shortcut on and off, AF_UNIX), apart
+    /// and on one CPU, against the floor.
+    SameNode,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -105,12 +109,21 @@ fn main() -> anyhow::Result<()> {
             agent_costs(&mut report, args.quick)?;
             return finish(&report, args.write.as_deref(), started);
         }
+        Some(Section::SameNode) => {
+            let bench = Topology::build(&[], false)?;
+            let results = bench.run(rounds, warmup, duration)?;
+            floor(&mut report, &bench.variants, &results);
+            tables(&mut report, "###", &bench.variants, &results);
+            drop(bench);
+            return finish(&report, args.write.as_deref(), started);
+        }
         None => {}
     }
-    let bench = Topology::build(&counts)?;
+    let bench = Topology::build(&counts, true)?;
     eprintln!("topology ready in {:.1} s", started.elapsed().as_secs_f64());
     let results = bench.run(rounds, warmup, duration)?;
-    tables(&mut report, &bench.variants, &results);
+    tables(&mut report, "##", &bench.variants, &results);
+    floor(&mut report, &bench.variants, &results);
     drop(bench);
 
     gateway(&mut report, args.quick, rounds)?;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use mesh_tools::load::{Measurement, Workload};
 use rand::{SeedableRng as _, seq::SliceRandom as _};
 
-use crate::variants::{CLIENT_CPU, Topology, Variant, load_bin};
+use crate::variants::{Topology, Variant, load_bin};
 
 /// One table of the report: a `mesh-load` workload and its message size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,6 +29,16 @@ impl Load {
             Load::Rr64 => (Workload::Rr, 64),
             Load::Rr1k => (Workload::Rr, 1024),
             Load::Bulk => (Workload::Bulk, 0),
+        }
+    }
+
+    /// The workload in a few words (a table cell).
+    pub(crate) fn short(self) -> &'static str {
+        match self {
+            Load::Crr64 => "new connection, 64 B",
+            Load::Rr64 => "request/response, 64 B",
+            Load::Rr1k => "request/response, 1 KiB",
+            Load::Bulk => "bulk",
         }
     }
 
@@ -80,7 +90,7 @@ impl Topology {
             variant.cgroup.map(|i| &self.cgroups[i]),
             &[
                 "--cpu",
-                CLIENT_CPU,
+                variant.placement.client_cpu(),
                 "run",
                 "--target",
                 &variant.target,
