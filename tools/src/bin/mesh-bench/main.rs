@@ -39,7 +39,7 @@ use crate::{
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// A smoke run: fewer service counts, short runs (under two minutes).
+    /// A smoke run: fewer service counts, short runs (about two minutes).
     #[arg(long)]
     quick: bool,
     #[arg(long)]
