@@ -220,6 +220,19 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey, hook: Hook) -> Verdict {
     Verdict::NoBackend
 }
 
+/// Slot `n` of `table`'s revision (`None`: the table was freed under us).
+#[inline(always)]
+fn slot_of(table: &ServiceValue, n: u32) -> Option<Backend> {
+    let key = SlotKey {
+        service_id: table.service_id,
+        revision: table.revision,
+        slot: n,
+    };
+    // SAFETY: SLOTS is BPF_F_NO_PREALLOC, so the value is RCU-protected and
+    // cannot be recycled under us; we copy it at once.
+    unsafe { SLOTS.get(key) }.copied()
+}
+
 /// What the draw of a destination gave.
 enum Pick {
     /// The destination's own table.
@@ -242,13 +255,7 @@ fn destination(ctx: &SockAddrContext, key: &ServiceKey, port: &ServiceValue) -> 
         // SAFETY: helper without preconditions.
         unsafe { bpf_get_prandom_u32() }
     };
-    let slot_key = SlotKey {
-        service_id: port.service_id,
-        revision: port.revision,
-        slot: draw % port.slot_count,
-    };
-    // SAFETY: as for SERVICES.
-    let Some(slot) = (unsafe { SLOTS.get(slot_key) }).copied() else {
+    let Some(slot) = slot_of(port, draw % port.slot_count) else {
         return Pick::Retry;
     };
     if slot.family != FAMILY_DESTINATION {
@@ -282,13 +289,7 @@ fn from_table(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue) -> Op
         None => unsafe { bpf_get_prandom_u32() },
     };
     let slot = draw % svc.slot_count;
-    let slot_key = SlotKey {
-        service_id: svc.service_id,
-        revision: svc.revision,
-        slot,
-    };
-    // SAFETY: as for SERVICES.
-    let backend = (unsafe { SLOTS.get(slot_key) }).copied()?;
+    let backend = slot_of(svc, slot)?;
     if backend.family == FAMILY_NONE {
         return Some(Verdict::NoBackend);
     }
@@ -323,13 +324,7 @@ fn least_loaded(svc: &ServiceValue, slot: u32, first: Backend) -> Backend {
     // SAFETY: helper without preconditions.
     let other =
         (slot + 1 + unsafe { bpf_get_prandom_u32() } % (svc.slot_count - 1)) % svc.slot_count;
-    let key = SlotKey {
-        service_id: svc.service_id,
-        revision: svc.revision,
-        slot: other,
-    };
-    // SAFETY: as for the first slot.
-    let Some(second) = (unsafe { SLOTS.get(key) }).copied() else {
+    let Some(second) = slot_of(svc, other) else {
         return first;
     };
     if second.family == FAMILY_NONE {

@@ -93,7 +93,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
         let rule = index.destination_rule_for(&fqdn, domain);
         let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
         let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
-        for port in spec.ports.iter().flatten() {
+        for (i, port) in spec.ports.iter().flatten().enumerate() {
             let proto = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => Proto::Tcp,
                 "UDP" => Proto::Udp,
@@ -161,7 +161,7 @@ pub fn compile(index: &Index, config: &Config) -> Compiled {
                 let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
                 out.diagnostics.push(Diagnostic::warning(
                     &me,
-                    format!("spec.ports[{number}]"),
+                    format!("spec.ports[{i}]"),
                     format!(
                         "its route has more than {} destinations: one table for all, under the first destination's policy",
                         mesh_common::MAX_DESTINATIONS

@@ -155,15 +155,26 @@ impl<K: aya::Pod, V: aya::Pod> KernelMap<K, V> for HashMap<MapData, K, V> {
     fn insert_all(&mut self, entries: &[(K, V)]) -> Result<(), (usize, MapError)> {
         let keys: Vec<K> = entries.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = entries.iter().map(|(_, v)| *v).collect();
-        let fd = aya::maps::IterableMap::map(self).fd().as_fd();
-        super::sys::map_update_batch(
-            fd,
+        update_batch(
+            aya::maps::IterableMap::map(self),
             pod_bytes(&keys),
             std::mem::size_of::<K>(),
             pod_bytes(&values),
             std::mem::size_of::<V>(),
         )
-        .map_err(|(done, io_error)| {
+    }
+}
+
+/// [`super::sys::map_update_batch`] on `map`, its error as aya's.
+fn update_batch(
+    map: &MapData,
+    keys: &[u8],
+    key_bytes: usize,
+    values: &[u8],
+    value_bytes: usize,
+) -> Result<(), (usize, MapError)> {
+    super::sys::map_update_batch(map.fd().as_fd(), keys, key_bytes, values, value_bytes).map_err(
+        |(done, io_error)| {
             (
                 done,
                 MapError::SyscallError(aya::sys::SyscallError {
@@ -171,8 +182,8 @@ impl<K: aya::Pod, V: aya::Pod> KernelMap<K, V> for HashMap<MapData, K, V> {
                     io_error,
                 }),
             )
-        })
-    }
+        },
+    )
 }
 
 /// The bytes of plain-old-data values, as the kernel reads them.
@@ -240,17 +251,12 @@ impl<T: Counter> CounterMap for PerCpuCounters<T> {
         // rounded up to 8 bytes.
         let value_bytes = std::mem::size_of::<T>().next_multiple_of(8) * self.nr_cpus;
         let zeros = vec![0u8; value_bytes * ids.len()];
-        let fd = aya::maps::IterableMap::map(&self.map).fd().as_fd();
-        super::sys::map_update_batch(fd, pod_bytes(ids), 4, &zeros, value_bytes).map_err(
-            |(done, io_error)| {
-                (
-                    done,
-                    MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_update_batch",
-                        io_error,
-                    }),
-                )
-            },
+        update_batch(
+            aya::maps::IterableMap::map(&self.map),
+            pod_bytes(ids),
+            std::mem::size_of::<u32>(),
+            &zeros,
+            value_bytes,
         )
     }
 

@@ -104,10 +104,8 @@ unsafe impl Attr for BatchAttr {
 /// Writes `keys[i] -> values[i]` into the hash map `map` in one call, in
 /// order. `value_bytes` is the byte length of one value as the kernel reads
 /// it (a per-CPU map's value is one rounded-up value per possible CPU).
-/// On failure: how many were written before it, and the error.
-///
-/// # Panics
-/// Never for consistent input: the lengths are checked first.
+/// On failure: how many were written before it, and the error
+/// (`InvalidInput` for lengths that are not whole keys and values).
 pub fn map_update_batch(
     map: BorrowedFd<'_>,
     keys: &[u8],
