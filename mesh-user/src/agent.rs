@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     compile::{
-        self, Compiled,
+        self, Compiler, ServiceAddr,
         gateway::{self, RouterAddrs, Serve},
     },
     index::Index,
@@ -215,8 +215,14 @@ pub async fn run(
         applier,
         reported: BTreeSet::new(),
         generation: 0,
-        compile: config.compile.clone(),
-        desired: Compiled::default(),
+        compile: compile::Config {
+            sockops: config.redirect,
+            ..config.compile.clone()
+        },
+        compiler: Compiler::default(),
+        recompile_all: false,
+        deferred: Deferred::default(),
+        counted_addrs: BTreeSet::new(),
         failures: BTreeSet::new(),
         holding: false,
         pods,
@@ -283,6 +289,7 @@ pub async fn run(
             }
         }
     };
+    reconciler.flush(true);
     log_counters(&connections, &sock_stats);
     // gateway-tc: the outside clients' counters.
     if reconciler.outside.is_some() {
@@ -349,8 +356,17 @@ struct Reconciler {
     reported: BTreeSet<Diagnostic>,
     generation: u64,
     compile: compile::Config,
-    /// The last compiled state (kept to retry failed writes).
-    desired: Compiled,
+    /// The compiled state, kept up to date with the index (and kept to
+    /// retry failed writes).
+    compiler: Compiler,
+    /// Something compile reads beside the index changed (the ejected
+    /// backends): the next compile redoes every Service.
+    recompile_all: bool,
+    /// The record and the metrics' view, when writing them after each
+    /// apply costs more than the apply ([`Deferred`]).
+    deferred: Deferred,
+    /// The tables whose backends' open connections the kernel counts.
+    counted_addrs: BTreeSet<ServiceAddr>,
     /// What the last apply could not write (each logged once, retried each tick).
     failures: BTreeSet<String>,
     /// Whether the last apply kept tables from the start ([`Hold`]).
@@ -391,45 +407,67 @@ impl Reconciler {
         self.generation += 1;
         let mut diagnostics: Vec<Diagnostic> = self.index.source_diagnostics().cloned().collect();
         diagnostics.extend(self.index.revalidate(&self.compile.cluster_domain));
+        let mut changes = self.index.take_changes();
+        changes.all |= std::mem::take(&mut self.recompile_all);
         let compile_started = Instant::now();
-        let compiled = compile::compile(&self.index, &self.compile);
+        let mut delta = self.compiler.update(&self.index, &self.compile, changes);
         let compile_us = compile_started.elapsed().as_micros() as u64;
-        diagnostics.extend(compiled.diagnostics.iter().cloned());
-        let mut compiled = compiled;
-        self.serve_gateways(&mut compiled, &mut diagnostics);
-        self.without_sockops(&mut compiled, &mut diagnostics);
-        self.watch_outliers(&compiled);
-        self.count_open_connections(&compiled);
+        diagnostics.extend(self.compiler.compiled().diagnostics.iter().cloned());
+        delta.addrs.extend(self.serve_gateways(&mut diagnostics));
+        self.watch_outliers();
+        self.count_open_connections(&delta);
         let new = report(&diagnostics, &mut self.reported);
-        self.desired = compiled;
         // Before the first attach: the pods meshed from the first connect on.
-        if let Some((node, pods)) = &mut self.pods {
+        if let (Some((node, pods)), true) = (&mut self.pods, delta.pods) {
             pods.set(compile::scope::meshed_pods(&self.index, node));
             self.record.scope = Some(pods.record());
         }
-        self.apply(seen, compile_us)?;
+        self.apply(seen, compile_us, &delta)?;
         self.telemetry.set_rejected(&diagnostics);
-        if let Ok(mut view) = self.telemetry.view.write() {
-            *view = self.applier.view();
-        }
         self.record.generation = self.generation;
         self.record.applied_at_ms = crate::kernel::record::now_ms();
-        self.record.services = AgentRecord::services_from(&self.desired.services);
-        self.write_record();
+        self.deferred.record = true;
+        self.deferred.view = true;
+        self.flush(false);
         self.telemetry
             .applied(seen.elapsed().as_secs_f64(), self.generation);
         Ok(new)
     }
 
+    /// Writes the record and refreshes the metrics' view if they are due:
+    /// at once while that is cheap, else (`force` aside) at most once per
+    /// [`Deferred::PERIOD`] (at 10 000 Services each takes milliseconds, the
+    /// apply of one change a fraction of one).
+    fn flush(&mut self, force: bool) {
+        let now = Instant::now();
+        if self.deferred.view && (force || self.deferred.view_due(now)) {
+            let started = Instant::now();
+            if let Ok(mut view) = self.telemetry.view.write() {
+                *view = self.applier.view();
+            }
+            self.deferred.view = false;
+            self.deferred.view_took = started.elapsed();
+            self.deferred.view_at = now;
+        }
+        if self.deferred.record && (force || self.deferred.record_due(now)) {
+            let started = Instant::now();
+            self.record.services = AgentRecord::services_from(&self.compiler.compiled().services);
+            self.write_record();
+            self.deferred.record = false;
+            self.deferred.record_took = started.elapsed();
+            self.deferred.record_at = now;
+        }
+    }
+
     /// The gateway ports: the router serves the tables that need it, then
     /// each port's kernel tables (its routes, or the router's listener) join
     /// the services. Without a gateway, Gateways are reported as not served.
-    fn serve_gateways(&mut self, compiled: &mut Compiled, diagnostics: &mut Vec<Diagnostic>) {
+    fn serve_gateways(&mut self, diagnostics: &mut Vec<Diagnostic>) -> Vec<ServiceAddr> {
         let Some(router) = &mut self.gateway else {
-            compiled.gateways.clear();
             self.record.gateways.clear();
-            return;
+            return Vec::new();
         };
+        let compiled = self.compiler.compiled();
         let tables: Vec<_> = compiled
             .gateways
             .iter()
@@ -488,19 +526,6 @@ impl Reconciler {
             &self.router_addrs,
             self.compile.max_slots,
         );
-        for (addr, plan) in plans {
-            if compiled.services.contains_key(&addr) {
-                let gateway =
-                    crate::model::ObjectRef::new(crate::model::Kind::Gateway, plan.service.clone());
-                diagnostics.push(Diagnostic::error(
-                    &gateway,
-                    "spec.servers",
-                    format!("{addr} is also a Service's address; the Service keeps it"),
-                ));
-                continue;
-            }
-            compiled.services.insert(addr, plan);
-        }
         self.record.gateways = compiled
             .gateways
             .iter()
@@ -512,6 +537,16 @@ impl Reconciler {
                 record
             })
             .collect();
+        for (addr, plan) in self.compiler.add_others(plans) {
+            let gateway =
+                crate::model::ObjectRef::new(crate::model::Kind::Gateway, plan.service.clone());
+            diagnostics.push(Diagnostic::error(
+                &gateway,
+                "spec.servers",
+                format!("{addr} is also a Service's address; the Service keeps it"),
+            ));
+        }
+        self.compiler.others().iter().copied().collect()
     }
 
     /// What `status`, `dump` and `explain` read.
@@ -521,76 +556,11 @@ impl Reconciler {
         }
     }
 
-    /// What sockops counts or clears (outlier detection, LEAST_REQUEST,
-    /// maxConnections, the connect timeout it clears at ESTABLISHED) cannot
-    /// be honoured without it (--no-redirect): left out of the plans, and
-    /// said once per service and field.
-    fn without_sockops(&self, compiled: &mut Compiled, diagnostics: &mut Vec<Diagnostic>) {
-        if self.record.redirect {
-            return;
-        }
-        let mut say = |service: &crate::model::NamespacedName,
-                       field: &str,
-                       why: &str,
-                       then: &str| {
-            let me = crate::model::ObjectRef::new(crate::model::Kind::Service, service.clone());
-            diagnostics.push(Diagnostic::warning(
-                &me,
-                format!("{field} (its DestinationRule)"),
-                format!(
-                    "not honoured: {why} by the sockops program, which --no-redirect leaves out{then}"
-                ),
-            ));
-        };
-        for pool in std::mem::take(&mut compiled.outlier).keys() {
-            say(
-                &pool.service,
-                "outlierDetection",
-                "connects are counted",
-                "",
-            );
-        }
-        for plan in compiled.services.values_mut() {
-            if plan.least_request {
-                plan.least_request = false;
-                say(
-                    &plan.service,
-                    "loadBalancer.simple LEAST_REQUEST",
-                    "open connections are counted",
-                    "; balanced at random",
-                );
-            }
-            let Some(options) = &mut plan.socket else {
-                continue;
-            };
-            if options.max_connections > 0 {
-                options.max_connections = 0;
-                say(
-                    &plan.service,
-                    "connectionPool.tcp.maxConnections",
-                    "open connections are counted",
-                    "",
-                );
-            }
-            if options.connect_timeout_ms > 0 {
-                options.connect_timeout_ms = 0;
-                say(
-                    &plan.service,
-                    "connectionPool.tcp.connectTimeout",
-                    "the option is cleared at ESTABLISHED",
-                    "",
-                );
-            }
-            if *options == mesh_common::SocketPolicy::default() {
-                plan.socket = None;
-            }
-        }
-    }
-
     /// Follows the services compile says outlier detection watches: their
     /// backends get kernel counters.
-    fn watch_outliers(&mut self, compiled: &Compiled) {
-        self.detector.watch(&compiled.outlier, Instant::now());
+    fn watch_outliers(&mut self) {
+        self.detector
+            .watch(&self.compiler.compiled().outlier, Instant::now());
         if let Some(map) = &mut self.outlier {
             for (backend, e) in map.sync(&self.detector.watched()) {
                 warn!(%backend, "outlier detection cannot watch the backend: {e}");
@@ -600,7 +570,26 @@ impl Reconciler {
 
     /// LEAST_REQUEST and maxConnections: the kernel counts the open
     /// connections of the backends of such service ports.
-    fn count_open_connections(&mut self, compiled: &Compiled) {
+    fn count_open_connections(&mut self, delta: &compile::Delta) {
+        let compiled = self.compiler.compiled();
+        let counts = |p: &compile::ServicePlan| {
+            p.least_request || p.socket.is_some_and(|s| s.max_connections > 0)
+        };
+        // Only a table that counts (or counted: it is in the live set) can
+        // change what is counted.
+        let touched = delta.all
+            || delta.addrs.iter().any(|a| {
+                compiled.services.get(a).is_some_and(counts) || self.counted_addrs.contains(a)
+            });
+        if !touched {
+            return;
+        }
+        self.counted_addrs = compiled
+            .services
+            .iter()
+            .filter(|(_, p)| counts(p))
+            .map(|(a, _)| *a)
+            .collect();
         let counted: BTreeSet<crate::compile::BackendAddr> = compiled
             .services
             .values()
@@ -651,6 +640,7 @@ impl Reconciler {
             }
         }
         self.compile.ejected = ejected;
+        self.recompile_all = true;
         if let Err(e) = self.reconcile(now) {
             error!("{e}");
         }
@@ -673,29 +663,41 @@ impl Reconciler {
         }
         if !self.failures.is_empty() {
             // Attaching is done by now: this cannot fail.
-            if let Err(e) = self.apply(Instant::now(), 0) {
+            let every = compile::Delta {
+                all: true,
+                ..Default::default()
+            };
+            if let Err(e) = self.apply(Instant::now(), 0, &every) {
                 error!("{e}");
             }
-            if let Ok(mut view) = self.telemetry.view.write() {
-                *view = self.applier.view();
-            }
+            self.deferred.view = true;
         }
+        self.flush(true);
     }
 
     /// Writes `desired` to the kernel, attaches the programs after the first
     /// write (so that from "config applied" on the kernel routes by this
     /// configuration), and reports what could not be written.
-    fn apply(&mut self, seen: Instant, compile_us: u64) -> Result<(), AgentError> {
+    fn apply(
+        &mut self,
+        seen: Instant,
+        compile_us: u64,
+        delta: &compile::Delta,
+    ) -> Result<(), AgentError> {
         let apply_started = Instant::now();
+        let desired = self.compiler.compiled();
         // An unavailable or broken source is not an empty one: tables the kernel
         // held at start stay until the source can say what replaces them.
         let hold = Hold {
-            undecided: &self.desired.undecided,
+            undecided: &desired.undecided,
             absent: self.index.source_has_errors() || self.index.is_empty(),
         };
-        let result = self
-            .applier
-            .apply(&self.desired.services, hold, apply_started);
+        let result = self.applier.apply(
+            &desired.services,
+            (!delta.all).then_some(&delta.addrs),
+            hold,
+            apply_started,
+        );
         if result.held > 0 && !self.holding {
             warn!(
                 held = result.held,
@@ -703,7 +705,7 @@ impl Reconciler {
             );
         }
         self.holding = result.held > 0;
-        let exclusion_errors = self.applier.apply_excluded(&self.desired.redirect_excluded);
+        let exclusion_errors = self.applier.apply_excluded(&desired.redirect_excluded);
         let apply_us = apply_started.elapsed().as_micros() as u64;
         attach_pending(&mut self.attach)?;
         let errors: Vec<&ApplyError> = result.errors.iter().chain(&exclusion_errors).collect();
@@ -724,7 +726,12 @@ impl Reconciler {
             written = result.written,
             removed = result.removed,
             held = result.held,
-            redirect_excluded = self.desired.redirect_excluded.len(),
+            redirect_excluded = desired.redirect_excluded.len(),
+            changed = if delta.all {
+                desired.services.len()
+            } else {
+                delta.addrs.len()
+            },
             failed = errors.len(),
             compile_us,
             apply_us,
@@ -732,6 +739,47 @@ impl Reconciler {
             "config applied"
         );
         Ok(())
+    }
+}
+
+/// The record (`status`, `dump`, `explain`) and the metrics' view are
+/// rebuilt whole: after each apply while that takes under [`Deferred::CHEAP`],
+/// else at most once per [`Deferred::PERIOD`] (and on the agent's tick), so
+/// that a stream of small changes is not slowed by rewriting all of them.
+#[derive(Debug)]
+struct Deferred {
+    record: bool,
+    record_took: Duration,
+    record_at: Instant,
+    view: bool,
+    view_took: Duration,
+    view_at: Instant,
+}
+
+impl Default for Deferred {
+    fn default() -> Self {
+        let now = Instant::now();
+        Self {
+            record: false,
+            record_took: Duration::ZERO,
+            record_at: now,
+            view: false,
+            view_took: Duration::ZERO,
+            view_at: now,
+        }
+    }
+}
+
+impl Deferred {
+    const CHEAP: Duration = Duration::from_millis(1);
+    const PERIOD: Duration = Duration::from_millis(250);
+
+    fn record_due(&self, now: Instant) -> bool {
+        self.record_took < Self::CHEAP || now.duration_since(self.record_at) >= Self::PERIOD
+    }
+
+    fn view_due(&self, now: Instant) -> bool {
+        self.view_took < Self::CHEAP || now.duration_since(self.view_at) >= Self::PERIOD
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{Pod, Service, ServicePort},
-        discovery::v1::{self as discovery, EndpointSlice},
+        discovery::v1::{self as discovery},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -267,14 +267,13 @@ fn protocol(p: Option<&String>) -> &str {
     p.map_or("TCP", String::as_str)
 }
 
-/// The index with the two lookups every Service needs, built once per compile:
-/// EndpointSlices by Service, Pods by label. (Scanning every slice and pod for
-/// each Service is quadratic: 10 s at 10 000 Services.)
+/// The index with the lookup Services without slices need: Pods by label,
+/// built on first use in a compile (scanning every pod for each Service is
+/// quadratic: 10 s at 10 000 Services). A Service's slices the index keeps.
 #[derive(Debug)]
 pub struct Lookup<'a> {
     pub index: &'a Index,
-    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
-    pods_by_label: HashMap<LabelKey<'a>, Vec<(&'a str, &'a Pod)>>,
+    pods_by_label: std::cell::OnceCell<HashMap<LabelKey<'a>, Vec<(&'a str, &'a Pod)>>>,
 }
 
 /// (namespace, label key, label value).
@@ -282,35 +281,25 @@ type LabelKey<'a> = (&'a str, &'a str, &'a str);
 
 impl<'a> Lookup<'a> {
     pub fn new(index: &'a Index) -> Self {
-        let mut slices: HashMap<_, Vec<_>> = HashMap::new();
-        for (key, e) in &index.endpoint_slices {
-            if let Some(service) = e
-                .object
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            {
-                slices
-                    .entry((key.namespace.as_str(), service.as_str()))
-                    .or_default()
-                    .push(&e.object);
-            }
-        }
-        let mut pods_by_label: HashMap<_, Vec<_>> = HashMap::new();
-        for (key, e) in &index.pods {
-            for (k, v) in e.object.metadata.labels.iter().flatten() {
-                pods_by_label
-                    .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
-                    .or_default()
-                    .push((key.name.as_str(), &e.object));
-            }
-        }
         Self {
             index,
-            slices,
-            pods_by_label,
+            pods_by_label: std::cell::OnceCell::new(),
         }
+    }
+
+    fn pods_by_label(&self) -> &HashMap<LabelKey<'a>, Vec<(&'a str, &'a Pod)>> {
+        self.pods_by_label.get_or_init(|| {
+            let mut pods_by_label: HashMap<_, Vec<_>> = HashMap::new();
+            for (key, e) in &self.index.pods {
+                for (k, v) in e.object.metadata.labels.iter().flatten() {
+                    pods_by_label
+                        .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
+                        .or_default()
+                        .push((key.name.as_str(), &e.object));
+                }
+            }
+            pods_by_label
+        })
     }
 }
 
@@ -363,12 +352,8 @@ fn candidates(
 ) -> Vec<Candidate> {
     let index = lookup.index;
     let namespace = name.namespace.as_str();
-    let slices = lookup
-        .slices
-        .get(&(namespace, name.name.as_str()))
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    if slices.is_empty() {
+    let mut slices = index.slices_of(name).map(|e| &e.object).peekable();
+    if slices.peek().is_none() {
         return from_pods(lookup, namespace, service, port, policy, unhonoured);
     }
     let mut out = Vec::new();
@@ -462,7 +447,7 @@ fn from_pods(
         return out;
     };
     let candidates = lookup
-        .pods_by_label
+        .pods_by_label()
         .get(&(namespace, k.as_str(), v.as_str()))
         .map(Vec::as_slice)
         .unwrap_or_default();

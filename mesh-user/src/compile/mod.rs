@@ -3,6 +3,7 @@
 
 pub mod endpoints;
 pub mod gateway;
+mod incremental;
 mod locality;
 mod plan;
 mod policy;
@@ -10,14 +11,16 @@ pub mod redirect;
 pub mod routes;
 pub mod scope;
 pub mod slots;
+mod sockops;
 mod tables;
 #[cfg(test)]
 mod tests;
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Service;
 
+pub use incremental::{Compiler, Delta};
 pub use plan::{
     BackendAddr, Compiled, DestinationPlan, OutlierPool, OutlierWatch, Proto, RouteRef,
     ServiceAddr, ServicePlan,
@@ -26,7 +29,7 @@ pub use policy::Outlier;
 
 use crate::{
     index::{
-        Entry, Index,
+        Changes, Entry, Index,
         resolve::{Connecting, resolve},
     },
     model::{Diagnostic, Fqdn, NamespacedName, VirtualService},
@@ -46,6 +49,9 @@ pub struct Config {
     /// Backends outlier detection ejected, per service: left out of its
     /// tables (the detector decides; compile only leaves them out).
     pub ejected: std::collections::BTreeMap<OutlierPool, std::collections::BTreeSet<BackendAddr>>,
+    /// Whether sockops runs (not `--no-redirect`): without it what it counts
+    /// or clears is left out of the tables, and said ([`sockops`]).
+    pub sockops: bool,
 }
 
 impl Default for Config {
@@ -56,6 +62,7 @@ impl Default for Config {
             gateway: gateway::GatewayConfig::default(),
             node_name: None,
             ejected: std::collections::BTreeMap::new(),
+            sockops: true,
         }
     }
 }
@@ -64,134 +71,150 @@ impl Default for Config {
 type Group = slots::Group<endpoints::Endpoint>;
 
 pub fn compile(index: &Index, config: &Config) -> Compiled {
-    let mut out = Compiled::default();
-    let lookup = endpoints::Lookup::new(index);
+    let mut compiler = Compiler::default();
+    compiler.update(index, config, Changes::everything());
+    compiler.into_compiled()
+}
+
+/// One Service's tables (each VIP, port and protocol) and what compile says
+/// of it, into `out`. Returns the other Services whose endpoints its routes
+/// read (a change to them changes these tables).
+fn compile_service(
+    lookup: &endpoints::Lookup<'_>,
+    name: &NamespacedName,
+    entry: &Entry<Service>,
+    config: &Config,
+    out: &mut Compiled,
+) -> BTreeSet<NamespacedName> {
+    let index = lookup.index;
     let here = endpoints::Here::of(index, config.node_name.as_deref());
     let domain = config.cluster_domain.as_str();
-    for (name, entry) in &index.services {
-        if !index.is_meshed(&name.namespace) {
-            continue;
+    let mut reads = BTreeSet::new();
+    if !index.is_meshed(&name.namespace) {
+        return reads;
+    }
+    let Some(spec) = &entry.object.spec else {
+        return reads;
+    };
+    let vips = service_vips(&entry.object);
+    if vips.is_empty() {
+        return reads; // headless or ExternalName: nothing to translate
+    }
+    let affinity = match crate::model::service::session_affinity(&entry.object) {
+        Ok(affinity) => affinity,
+        Err(e) => {
+            let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
+            out.diagnostics.push(
+                Diagnostic::warning(&me, e.field(), e.to_string()).with_origin(&entry.origin),
+            );
+            None
         }
-        let Some(spec) = &entry.object.spec else {
+    };
+    let fqdn = Fqdn::of_service(name, domain);
+    let rule = index.destination_rule_for(&fqdn, domain);
+    let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
+    let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            _ => continue, // SCTP: not handled by the sock_addr hooks we attach
+        };
+        let Ok(number) = u16::try_from(port.port) else {
             continue;
         };
-        let vips = service_vips(&entry.object);
-        if vips.is_empty() {
-            continue; // headless or ExternalName: nothing to translate
+        // Istio's sidecars route TCP only; UDP service ports balance evenly.
+        let vs = vs.filter(|_| proto == Proto::Tcp);
+        let chosen = vs.and_then(|vs| {
+            let chosen = routes::choose_route(vs, port, &mut out.diagnostics)?;
+            Some((vs, chosen))
+        });
+        if let Some((vs, chosen)) = &chosen {
+            let namespace = NamespacedName::from_meta(&vs.object.metadata).namespace;
+            reads.extend(chosen.destinations.iter().filter_map(|d| {
+                Fqdn::qualify(&d.destination.host, &namespace, domain).service(domain)
+            }));
         }
-        let affinity = match crate::model::service::session_affinity(&entry.object) {
-            Ok(affinity) => affinity,
-            Err(e) => {
-                let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
-                out.diagnostics.push(
-                    Diagnostic::warning(&me, e.field(), e.to_string()).with_origin(&entry.origin),
-                );
-                None
-            }
-        };
-        let fqdn = Fqdn::of_service(name, domain);
-        let rule = index.destination_rule_for(&fqdn, domain);
-        let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
-        let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
-        for (i, port) in spec.ports.iter().flatten().enumerate() {
-            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Proto::Tcp,
-                "UDP" => Proto::Udp,
-                _ => continue, // SCTP: not handled by the sock_addr hooks we attach
-            };
-            let Ok(number) = u16::try_from(port.port) else {
-                continue;
-            };
-            // Istio's sidecars route TCP only; UDP service ports balance evenly.
-            let vs = vs.filter(|_| proto == Proto::Tcp);
-            let chosen = vs.and_then(|vs| {
-                let chosen = routes::choose_route(vs, port, &mut out.diagnostics)?;
-                Some((vs, chosen))
-            });
-            let (route, routed) = match chosen {
-                Some((vs, chosen)) => (
-                    RouteRef::VirtualService {
-                        name: NamespacedName::from_meta(&vs.object.metadata),
-                        field: chosen.field.clone(),
+        let (route, routed) = match chosen {
+            Some((vs, chosen)) => (
+                RouteRef::VirtualService {
+                    name: NamespacedName::from_meta(&vs.object.metadata),
+                    field: chosen.field.clone(),
+                },
+                route_destinations(
+                    &lookup,
+                    vs,
+                    &chosen,
+                    Connecting::To {
+                        service: name,
+                        port,
                     },
-                    route_destinations(
-                        &lookup,
-                        vs,
-                        &chosen,
-                        Connecting::To {
-                            service: name,
+                    config,
+                    &mut out.diagnostics,
+                ),
+            ),
+            // No endpoint: one "no backend" slot, so the connect is
+            // refused at once, never passed to the bare VIP.
+            None => (
+                RouteRef::Even,
+                vec![Routed {
+                    name: "every ready endpoint".to_owned(),
+                    group: Group {
+                        weight: 1,
+                        members: endpoints::reachable(
+                            &lookup,
+                            name,
+                            &entry.object,
                             port,
-                        },
-                        config,
-                        &mut out.diagnostics,
-                    ),
+                            here,
+                            |_| true,
+                            &mut out.diagnostics,
+                        ),
+                    },
+                    pool: OutlierPool {
+                        service: name.clone(),
+                        subset: None,
+                    },
+                    port: number,
+                    rule,
+                }],
+            ),
+        };
+        let destinations: Vec<tables::Destination> = routed
+            .into_iter()
+            .map(|r| with_policy(index, r, proto, config, out))
+            .collect();
+        if destinations.len() > mesh_common::MAX_DESTINATIONS as usize {
+            let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
+            out.diagnostics.push(Diagnostic::warning(
+                &me,
+                format!("spec.ports[{i}]"),
+                format!(
+                    "its route has more than {} destinations: one table for all, under the first destination's policy",
+                    mesh_common::MAX_DESTINATIONS
                 ),
-                // No endpoint: one "no backend" slot, so the connect is
-                // refused at once, never passed to the bare VIP.
-                None => (
-                    RouteRef::Even,
-                    vec![Routed {
-                        name: "every ready endpoint".to_owned(),
-                        group: Group {
-                            weight: 1,
-                            members: endpoints::reachable(
-                                &lookup,
-                                name,
-                                &entry.object,
-                                port,
-                                here,
-                                |_| true,
-                                &mut out.diagnostics,
-                            ),
-                        },
-                        pool: OutlierPool {
-                            service: name.clone(),
-                            subset: None,
-                        },
-                        port: number,
-                        rule,
-                    }],
-                ),
-            };
-            let destinations: Vec<tables::Destination> = routed
-                .into_iter()
-                .map(|r| with_policy(index, r, proto, config, &mut out))
-                .collect();
-            if destinations.len() > mesh_common::MAX_DESTINATIONS as usize {
-                let me = crate::model::ObjectRef::new(crate::model::Kind::Service, name.clone());
-                out.diagnostics.push(Diagnostic::warning(
-                    &me,
-                    format!("spec.ports[{i}]"),
-                    format!(
-                        "its route has more than {} destinations: one table for all, under the first destination's policy",
-                        mesh_common::MAX_DESTINATIONS
-                    ),
-                ));
+            ));
+        }
+        let table_port = tables::Port {
+            service: name.clone(),
+            route,
+            affinity_timeout_s: affinity,
+            max_slots: config.max_slots,
+        };
+        for vip in &vips {
+            let addr = ServiceAddr::port(*vip, number, proto);
+            if undecided && proto == Proto::Tcp {
+                out.undecided.insert(addr);
             }
-            let table_port = tables::Port {
-                service: name.clone(),
-                route,
-                affinity_timeout_s: affinity,
-                max_slots: config.max_slots,
-            };
-            for vip in &vips {
-                let addr = ServiceAddr::port(*vip, number, proto);
-                if undecided && proto == Proto::Tcp {
-                    out.undecided.insert(addr);
-                }
-                out.services
-                    .extend(tables::plans(&table_port, addr, &destinations));
-            }
+            out.services
+                .extend(tables::plans(&table_port, addr, &destinations));
         }
     }
-    for dr in index.destination_rules() {
-        out.diagnostics.extend(policy::unhonoured(dr));
+    if !config.sockops {
+        sockops::leave_out(out);
     }
-    out.gateways = gateway::compile(index, config, &mut out.diagnostics);
-    out.redirect_excluded = redirect::excluded_endpoints(index, &mut out.diagnostics);
-    out.diagnostics.sort();
-    out.diagnostics.dedup();
-    out
+    reads.remove(name);
+    reads
 }
 
 /// A route's destination before its policy: its endpoints, and what says

@@ -8,12 +8,15 @@
 //! the last version that was accepted. A bad new version is rejected and the last
 //! good one keeps routing, as an admission webhook would have left the cluster.
 
+mod changes;
 pub mod resolve;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
+
+pub use changes::Changes;
 
 use k8s_openapi::api::{
     core::v1::{Node, Pod, Service},
@@ -62,6 +65,13 @@ pub struct Index {
     invalid: BTreeMap<ObjectRef, Diagnostic>,
     /// The source's own diagnostics from its last snapshot.
     source_diagnostics: Vec<Diagnostic>,
+    /// Each Service's EndpointSlices (by the slice's service-name label), kept
+    /// with the slices: compile reads a Service's endpoints without a scan.
+    slices_by_service: BTreeMap<NamespacedName, BTreeSet<NamespacedName>>,
+    /// Slices no controller manages that name pods (see [`Changes`]).
+    unmanaged_pod_refs: usize,
+    /// What changed since [`Index::take_changes`].
+    changes: Changes,
 }
 
 fn put<T: PartialEq>(
@@ -106,37 +116,187 @@ impl Index {
         let key = resource.object_ref().namespaced_name();
         let origin = origin.to_owned();
         match resource {
-            Resource::Service(o) => put(&mut self.services, key, Entry { origin, object: *o }),
-            Resource::Pod(o) => put(&mut self.pods, key, Entry { origin, object: *o }),
-            Resource::EndpointSlice(o) => {
-                put(&mut self.endpoint_slices, key, Entry { origin, object: *o })
+            Resource::Service(o) => {
+                let entry = Entry { origin, object: *o };
+                if self.services.get(&key) == Some(&entry) {
+                    return false;
+                }
+                match self.services.insert(key.clone(), entry) {
+                    Some(_) => {
+                        self.changes.services.insert(key);
+                    }
+                    // A new name changes what hosts resolve to.
+                    None => self.changes.all = true,
+                }
+                true
             }
-            Resource::VirtualService(o) => put_validated(
-                &mut self.virtual_services,
-                key,
-                Entry { origin, object: *o },
-            ),
-            Resource::DestinationRule(o) => put_validated(
-                &mut self.destination_rules,
-                key,
-                Entry { origin, object: *o },
-            ),
-            Resource::Gateway(o) => put(&mut self.gateways, key, Entry { origin, object: *o }),
-            Resource::Node(o) => put(&mut self.nodes, key, Entry { origin, object: *o }),
+            Resource::Pod(o) => {
+                let entry = Entry { origin, object: *o };
+                let Some(old) = self.pods.get(&key) else {
+                    self.pod_changed(&key, None, Some(&entry.object));
+                    self.pods.insert(key, entry);
+                    return true;
+                };
+                if old == &entry {
+                    return false;
+                }
+                let old = old.object.clone();
+                self.pod_changed(&key, Some(&old), Some(&entry.object));
+                self.pods.insert(key, entry);
+                true
+            }
+            Resource::EndpointSlice(o) => {
+                let entry = Entry { origin, object: *o };
+                if self.endpoint_slices.get(&key) == Some(&entry) {
+                    return false;
+                }
+                if let Some(old) = self.endpoint_slices.remove(&key) {
+                    self.slice_removed(&key, &old.object);
+                }
+                self.slice_added(&key, &entry.object);
+                self.endpoint_slices.insert(key, entry);
+                true
+            }
+            Resource::VirtualService(o) => {
+                let changed = put_validated(
+                    &mut self.virtual_services,
+                    key,
+                    Entry { origin, object: *o },
+                );
+                self.everything_if(changed)
+            }
+            Resource::DestinationRule(o) => {
+                let changed = put_validated(
+                    &mut self.destination_rules,
+                    key,
+                    Entry { origin, object: *o },
+                );
+                self.everything_if(changed)
+            }
+            Resource::Gateway(o) => {
+                let changed = put(&mut self.gateways, key, Entry { origin, object: *o });
+                self.everything_if(changed)
+            }
+            Resource::Node(o) => {
+                let changed = put(&mut self.nodes, key, Entry { origin, object: *o });
+                self.everything_if(changed)
+            }
         }
+    }
+
+    fn everything_if(&mut self, changed: bool) -> bool {
+        self.changes.all |= changed;
+        changed
+    }
+
+    /// What changed since the last call (see [`Changes`]).
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Each Service's slices, by name.
+    pub fn slices_of(
+        &self,
+        service: &NamespacedName,
+    ) -> impl Iterator<Item = &Entry<EndpointSlice>> {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.endpoint_slices.get(k))
+    }
+
+    fn slice_added(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
+        if let Some(service) = slice_service(key, slice) {
+            self.slices_by_service
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            self.changes.services.insert(service);
+        }
+        self.unmanaged_pod_refs += usize::from(unmanaged_pod_refs(slice));
+    }
+
+    fn slice_removed(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
+        if let Some(service) = slice_service(key, slice) {
+            if let Some(set) = self.slices_by_service.get_mut(&service) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&service);
+                }
+            }
+            self.changes.services.insert(service);
+        }
+        self.unmanaged_pod_refs -= usize::from(unmanaged_pod_refs(slice));
+    }
+
+    /// Records what a Pod's change touches (see [`Changes`]).
+    fn pod_changed(&mut self, key: &NamespacedName, old: Option<&Pod>, new: Option<&Pod>) {
+        self.changes.pods = true;
+        let labels = |p: Option<&Pod>| p.and_then(|p| p.metadata.labels.clone());
+        let node = |p: Option<&Pod>| p.and_then(|p| p.spec.as_ref()?.node_name.clone());
+        let moved =
+            old.is_none() || new.is_none() || labels(old) != labels(new) || node(old) != node(new);
+        if moved && self.unmanaged_pod_refs > 0 {
+            self.changes.all = true;
+            return;
+        }
+        let namespace = key.namespace.as_str();
+        let from = NamespacedName::new(namespace, "");
+        let selecting: Vec<NamespacedName> = self
+            .services
+            .range(from..)
+            .take_while(|(k, _)| k.namespace == namespace)
+            .filter(|(k, _)| moved || !self.slices_by_service.contains_key(k))
+            .filter(|(_, e)| {
+                [old, new]
+                    .into_iter()
+                    .flatten()
+                    .any(|p| selects(&e.object, p))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.changes.services.extend(selecting);
     }
 
     /// Removes one object. Returns whether it was there.
     pub fn delete(&mut self, object: &ObjectRef) -> bool {
         let key = object.namespaced_name();
         match object.kind {
-            Kind::Service => self.services.remove(&key).is_some(),
-            Kind::Pod => self.pods.remove(&key).is_some(),
-            Kind::EndpointSlice => self.endpoint_slices.remove(&key).is_some(),
-            Kind::VirtualService => self.virtual_services.remove(&key).is_some(),
-            Kind::DestinationRule => self.destination_rules.remove(&key).is_some(),
-            Kind::Gateway => self.gateways.remove(&key).is_some(),
-            Kind::Node => self.nodes.remove(&key).is_some(),
+            Kind::Service => {
+                let gone = self.services.remove(&key).is_some();
+                self.everything_if(gone)
+            }
+            Kind::Pod => {
+                let Some(old) = self.pods.remove(&key) else {
+                    return false;
+                };
+                self.pod_changed(&key, Some(&old.object), None);
+                true
+            }
+            Kind::EndpointSlice => {
+                let Some(old) = self.endpoint_slices.remove(&key) else {
+                    return false;
+                };
+                self.slice_removed(&key, &old.object);
+                true
+            }
+            Kind::VirtualService => {
+                let gone = self.virtual_services.remove(&key).is_some();
+                self.everything_if(gone)
+            }
+            Kind::DestinationRule => {
+                let gone = self.destination_rules.remove(&key).is_some();
+                self.everything_if(gone)
+            }
+            Kind::Gateway => {
+                let gone = self.gateways.remove(&key).is_some();
+                self.everything_if(gone)
+            }
+            Kind::Node => {
+                let gone = self.nodes.remove(&key).is_some();
+                self.everything_if(gone)
+            }
         }
     }
 
@@ -178,7 +338,7 @@ impl Index {
             Event::Namespaces(set) => {
                 let changed = self.mesh_namespaces.as_ref() != Some(&set);
                 self.mesh_namespaces = Some(set);
-                changed
+                self.everything_if(changed)
             }
             Event::Synced => false,
         }
@@ -243,7 +403,7 @@ impl Index {
         for v in self.destination_rules.values_mut() {
             if v.accepted.as_ref() != Some(&v.latest) {
                 let problems = validate::destination_rule(&v.latest.object);
-                settle(v, problems, &mut rejections);
+                self.changes.all |= settle(v, problems, &mut rejections);
             }
         }
         let keys: Vec<NamespacedName> = self.virtual_services.keys().cloned().collect();
@@ -256,7 +416,7 @@ impl Index {
             }
             let problems = validate::virtual_service(&v.latest.object, self, cluster_domain);
             if let Some(v) = self.virtual_services.get_mut(&k) {
-                settle(v, problems, &mut rejections);
+                self.changes.all |= settle(v, problems, &mut rejections);
             }
         }
         rejections
@@ -350,13 +510,16 @@ impl Index {
     }
 }
 
+/// Accepts the latest version if it has no problem (returns true), else
+/// records why not.
 fn settle<T: Clone>(
     v: &mut Validated<T>,
     problems: Vec<Diagnostic>,
     rejections: &mut Vec<Diagnostic>,
-) {
+) -> bool {
     if problems.is_empty() {
         v.accepted = Some(v.latest.clone());
+        true
     } else {
         let keeping = if v.accepted.is_some() {
             "the last accepted version stays in effect"
@@ -367,5 +530,52 @@ fn settle<T: Clone>(
             let message = format!("{} (rejected; {keeping})", d.message);
             Diagnostic { message, ..d }.with_origin(&v.latest.origin)
         }));
+        false
     }
+}
+
+/// The Service a slice belongs to (its `kubernetes.io/service-name` label).
+fn slice_service(key: &NamespacedName, slice: &EndpointSlice) -> Option<NamespacedName> {
+    let name = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(crate::compile::endpoints::SERVICE_NAME_LABEL)?;
+    Some(NamespacedName::new(key.namespace.clone(), name.clone()))
+}
+
+/// The label the EndpointSlice controller marks its slices with.
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+
+/// Whether a slice names pods without the EndpointSlice controller having
+/// made it from its Service's selector.
+fn unmanaged_pod_refs(slice: &EndpointSlice) -> bool {
+    let managed = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY))
+        .is_some_and(|m| m == "endpointslice-controller.k8s.io");
+    !managed
+        && slice.endpoints.iter().flatten().any(|e| {
+            e.target_ref
+                .as_ref()
+                .is_some_and(|r| r.kind.as_deref() == Some("Pod"))
+        })
+}
+
+/// Whether a Service's selector selects the pod.
+fn selects(service: &Service, pod: &Pod) -> bool {
+    let Some(selector) = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+    else {
+        return false;
+    };
+    let labels = pod.metadata.labels.as_ref();
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }

@@ -244,20 +244,52 @@ impl Applier {
         }
     }
 
-    /// Makes the kernel hold exactly `desired`. A service whose write fails keeps its
-    /// previous table and is reported; the others are applied regardless. `now`
-    /// starts the grace period of the tables replaced.
+    /// Makes the kernel hold exactly `desired`, looking only at the tables
+    /// `only` names when it names some (what changed since the last call;
+    /// the others are as they were). A service whose write fails keeps its
+    /// previous table and is reported; the others are applied regardless.
+    /// `now` starts the grace period of the tables replaced.
     pub fn apply(
         &mut self,
         desired: &BTreeMap<ServiceAddr, ServicePlan>,
+        only: Option<&BTreeSet<ServiceAddr>>,
         hold: Hold<'_>,
         now: Instant,
     ) -> Report {
         let mut report = Report::default();
+        let looked_at: Vec<(&ServiceAddr, &ServicePlan)> = match only {
+            Some(only) => only
+                .iter()
+                .filter_map(|a| desired.get_key_value(a))
+                .collect(),
+            None => desired.iter().collect(),
+        };
+        // Affinity members and socket policies are synced whole: only when a
+        // table that has (or had) them is looked at.
+        let had =
+            |a: &ServiceAddr, flag: u32| self.live.get(a).is_some_and(|l| l.flags & flag != 0);
+        let (affinity, socket) = match only {
+            None => (true, true),
+            Some(only) => (
+                only.iter().any(|a| {
+                    had(a, mesh_common::SERVICE_FLAG_AFFINITY)
+                        || desired
+                            .get(a)
+                            .is_some_and(|p| p.affinity_timeout_s.is_some())
+                }),
+                only.iter().any(|a| {
+                    self.live
+                        .get(a)
+                        .is_some_and(|l| self.socket_policies.contains_key(&l.service_id))
+                        || desired.get(a).is_some_and(|p| p.socket.is_some())
+                }),
+            ),
+        };
         // Destinations' tables first: a port's table that picks them is
         // flipped only once they are in place.
-        let (destinations, ports): (Vec<_>, Vec<_>) =
-            desired.iter().partition(|(a, _)| a.destination.is_some());
+        let (destinations, ports): (Vec<_>, Vec<_>) = looked_at
+            .into_iter()
+            .partition(|(a, _)| a.destination.is_some());
         for (addr, plan) in destinations.into_iter().chain(ports) {
             if let Some(live) = self.live.get_mut(addr) {
                 if live.slots == plan.slots
@@ -280,16 +312,22 @@ impl Applier {
                 Err(e) => report.errors.push(e),
             }
         }
-        let gone: Vec<ServiceAddr> = self
-            .live
-            .iter()
-            .filter(|(a, _)| !desired.contains_key(a))
-            .filter(|(_, l)| {
-                let keep = hold.absent && l.adopted;
+        let candidates: Vec<ServiceAddr> = match only {
+            Some(only) => only
+                .iter()
+                .filter(|a| self.live.contains_key(a))
+                .copied()
+                .collect(),
+            None => self.live.keys().copied().collect(),
+        };
+        let gone: Vec<ServiceAddr> = candidates
+            .into_iter()
+            .filter(|a| !desired.contains_key(a))
+            .filter(|a| {
+                let keep = hold.absent && self.live.get(a).is_some_and(|l| l.adopted);
                 report.held += usize::from(keep);
                 !keep
             })
-            .map(|(a, _)| *a)
             .collect();
         for addr in gone {
             match self.remove_service(addr, now) {
@@ -297,9 +335,18 @@ impl Applier {
                 Err(e) => report.errors.push(e),
             }
         }
-        report.errors.extend(self.sync_affinity(desired));
-        report.errors.extend(self.sync_socket_policies(desired));
-        self.collect_garbage(now);
+        if affinity {
+            report.errors.extend(self.sync_affinity(desired));
+        }
+        if socket {
+            report.errors.extend(self.sync_socket_policies(desired));
+        }
+        // Tables replaced now are freed after the grace period, by the
+        // agent's tick: a full sweep here would make each small change cost
+        // as much as the whole configuration.
+        if only.is_none() {
+            self.collect_garbage(now);
+        }
         report
     }
 

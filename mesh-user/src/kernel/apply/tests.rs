@@ -106,6 +106,7 @@ fn a_change_is_a_new_revision_flipped_in_one_write_and_the_old_one_freed_after_t
     let t0 = Instant::now();
     let report = applier.apply(
         &desired(&[("10.96.0.1", plan("web", &[1, 2]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -115,7 +116,7 @@ fn a_change_is_a_new_revision_flipped_in_one_write_and_the_old_one_freed_after_t
 
     let entry_writes = maps.services.state().inserts;
     let changed = desired(&[("10.96.0.1", plan("web", &[1, 2, 3]))]);
-    applier.apply(&changed, Hold::NONE, t0 + ms(1));
+    applier.apply(&changed, None, Hold::NONE, t0 + ms(1));
     assert_eq!(maps.services.state().inserts, entry_writes + 1, "one flip");
     let (v2, slots) = live(&maps, "10.96.0.1");
     assert_eq!((v2.service_id, v2.revision), (v1.service_id, 2));
@@ -132,7 +133,7 @@ fn a_change_is_a_new_revision_flipped_in_one_write_and_the_old_one_freed_after_t
 
     // The same table again writes nothing.
     let (slot_writes, entry_writes) = (maps.slots.state().inserts, maps.services.state().inserts);
-    let report = applier.apply(&changed, Hold::NONE, t0 + ms(2) + GRACE);
+    let report = applier.apply(&changed, None, Hold::NONE, t0 + ms(2) + GRACE);
     assert_eq!((report.written, report.unchanged), (0, 1));
     assert_eq!(
         (maps.slots.state().inserts, maps.services.state().inserts),
@@ -147,6 +148,7 @@ fn a_failed_write_leaves_the_live_table_and_its_partial_revision_is_freed() {
     let t0 = Instant::now();
     applier.apply(
         &desired(&[("10.96.0.1", plan("web", &[1, 2]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -155,6 +157,7 @@ fn a_failed_write_leaves_the_live_table_and_its_partial_revision_is_freed() {
     maps.slots.state().fail_after = Some(1); // the second slot of the new table fails
     let report = applier.apply(
         &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -175,6 +178,7 @@ fn a_failed_write_leaves_the_live_table_and_its_partial_revision_is_freed() {
     maps.slots.state().fail_after = None;
     let report = applier.apply(
         &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -191,6 +195,7 @@ fn a_new_service_that_fails_gives_its_id_back() {
     maps.slots.state().fail_after = Some(0);
     let report = applier.apply(
         &desired(&[("10.96.0.1", plan("web", &[1]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -199,6 +204,7 @@ fn a_new_service_that_fails_gives_its_id_back() {
     maps.slots.state().fail_after = None;
     applier.apply(
         &desired(&[("10.96.0.2", plan("db", &[1]))]),
+        None,
         Hold::NONE,
         t0 + ms(1),
     );
@@ -216,6 +222,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
             ("10.96.0.1", plan("a", &[1])),
             ("10.96.0.2", plan("b", &[2])),
         ]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -225,6 +232,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
 
     let report = applier.apply(
         &desired(&[("10.96.0.2", plan("b", &[2]))]),
+        None,
         Hold::NONE,
         t0 + ms(1),
     );
@@ -235,6 +243,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
             ("10.96.0.2", plan("b", &[2])),
             ("10.96.0.3", plan("c", &[3])),
         ]),
+        None,
         Hold::NONE,
         t0 + ms(2),
     );
@@ -251,6 +260,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
             ("10.96.0.3", plan("c", &[3])),
             ("10.96.0.4", plan("d", &[4])),
         ]),
+        None,
         Hold::NONE,
         t0 + ms(3) + GRACE,
     );
@@ -273,7 +283,7 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
         ("10.96.0.1", plan("a", &[1, 2])),
         ("10.96.0.2", plan("b", &[2, 3])),
     ]);
-    Applier::new(maps.maps()).apply(&config, Hold::NONE, t0);
+    Applier::new(maps.maps()).apply(&config, None, Hold::NONE, t0);
     let before: Vec<_> = ["10.96.0.1", "10.96.0.2"]
         .iter()
         .map(|vip| table(&maps, vip))
@@ -286,7 +296,7 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
         (2, 3, 0)
     );
     let writes = (maps.slots.state().inserts, maps.services.state().inserts);
-    let report = restarted.apply(&config, Hold::NONE, t0 + ms(5));
+    let report = restarted.apply(&config, None, Hold::NONE, t0 + ms(5));
     assert_eq!((report.written, report.unchanged), (0, 2));
     assert_eq!(
         (maps.slots.state().inserts, maps.services.state().inserts),
@@ -309,7 +319,7 @@ fn adopt_creates_the_counters_a_counter_map_made_anew_lacks() {
     let maps = FakeMaps::new(16, 64);
     let t0 = Instant::now();
     let config = desired(&[("10.96.0.1", plan("a", &[1, 2]))]);
-    Applier::new(maps.maps()).apply(&config, Hold::NONE, t0);
+    Applier::new(maps.maps()).apply(&config, None, Hold::NONE, t0);
     let counted = |maps: &FakeMaps| {
         (
             maps.service_stats.state().entries.len(),
@@ -332,6 +342,7 @@ fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision()
     let mut first = Applier::new(maps.maps());
     first.apply(
         &desired(&[("10.96.0.1", plan("web", &[1, 2]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -339,6 +350,7 @@ fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision()
     maps.services.state().fail_after = Some(0);
     first.apply(
         &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -367,6 +379,7 @@ fn adopt_frees_a_table_written_but_never_flipped_and_never_reuses_its_revision()
     // which is freed a grace period later.
     restarted.apply(
         &desired(&[("10.96.0.1", plan("web", &[3, 4, 5]))]),
+        None,
         Hold::NONE,
         t1,
     );
@@ -395,6 +408,7 @@ fn a_table_that_does_not_fit_is_not_written_at_all_and_the_previous_one_routes_o
             ("10.96.0.1", plan("a", &[1, 2])),
             ("10.96.0.2", plan("b", &[3, 4])),
         ]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -405,6 +419,7 @@ fn a_table_that_does_not_fit_is_not_written_at_all_and_the_previous_one_routes_o
             ("10.96.0.1", plan("a", &[1, 2, 5, 6])),
             ("10.96.0.2", plan("b", &[3, 4])),
         ]),
+        None,
         Hold::NONE,
         t0 + ms(1),
     );
@@ -444,6 +459,7 @@ fn a_service_that_does_not_fit_never_starves_those_after_it() {
             ("10.96.0.1", plan("big", &[1, 2, 3, 4, 5])),
             ("10.96.0.2", plan("small", &[6, 7])),
         ]),
+        None,
         Hold::NONE,
         Instant::now(),
     );
@@ -467,6 +483,7 @@ fn a_refused_service_gets_its_table_once_there_is_room() {
     let t0 = Instant::now();
     applier.apply(
         &desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -474,17 +491,20 @@ fn a_refused_service_gets_its_table_once_there_is_room() {
         ("10.96.0.1", plan("a", &[1, 2, 3])),
         ("10.96.0.2", plan("c", &[4, 5, 6])),
     ]);
-    assert_eq!(applier.apply(&both, Hold::NONE, t0).errors.len(), 1);
+    assert_eq!(applier.apply(&both, None, Hold::NONE, t0).errors.len(), 1);
     assert_eq!(live(&maps, "10.96.0.2").0.slot_count, 0);
     // a goes away; its table is freed after the grace period, then c fits.
     let only_c = desired(&[("10.96.0.2", plan("c", &[4, 5, 6]))]);
     assert_eq!(
-        applier.apply(&only_c, Hold::NONE, t0 + ms(1)).errors.len(),
+        applier
+            .apply(&only_c, None, Hold::NONE, t0 + ms(1))
+            .errors
+            .len(),
         1,
         "a's table is still held"
     );
     applier.collect_garbage(t0 + ms(1) + GRACE);
-    let report = applier.apply(&only_c, Hold::NONE, t0 + ms(2) + GRACE);
+    let report = applier.apply(&only_c, None, Hold::NONE, t0 + ms(2) + GRACE);
     assert_eq!((report.written, report.errors.len()), (1, 0));
     let (value, slots) = live(&maps, "10.96.0.2");
     assert_eq!((value.revision, slots.iter().flatten().count()), (1, 3));
@@ -496,6 +516,7 @@ fn new_backends_beyond_the_counters_capacity_are_not_admitted() {
     let mut applier = Applier::new(maps.maps());
     let report = applier.apply(
         &desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]),
+        None,
         Hold::NONE,
         Instant::now(),
     );
@@ -518,6 +539,7 @@ fn a_full_service_map_is_reported_by_name() {
             ("10.96.0.1", plan("a", &[1])),
             ("10.96.0.2", plan("b", &[2])),
         ]),
+        None,
         Hold::NONE,
         Instant::now(),
     );
@@ -535,6 +557,7 @@ fn tables_held_from_the_start_stay_until_the_source_can_say_what_replaces_them()
             ("10.96.0.1", plan("a", &[1, 2])),
             ("10.96.0.2", plan("b", &[3])),
         ]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -549,7 +572,7 @@ fn tables_held_from_the_start_stay_until_the_source_can_say_what_replaces_them()
         absent: true,
     };
     let even_a = desired(&[("10.96.0.1", plan("a", &[1, 2, 3]))]);
-    let report = restarted.apply(&even_a, hold, t0);
+    let report = restarted.apply(&even_a, None, hold, t0);
     assert_eq!((report.held, report.written, report.removed), (2, 0, 0));
     assert_eq!(
         (table(&maps, "10.96.0.1"), table(&maps, "10.96.0.2")),
@@ -557,10 +580,10 @@ fn tables_held_from_the_start_stay_until_the_source_can_say_what_replaces_them()
     );
 
     // Once the source is whole, the desired state applies.
-    let report = restarted.apply(&even_a, Hold::NONE, t0);
+    let report = restarted.apply(&even_a, None, Hold::NONE, t0);
     assert_eq!((report.held, report.written, report.removed), (0, 1, 1));
     // A table this agent wrote itself is never held.
-    let report = restarted.apply(&desired(&[("10.96.0.1", plan("a", &[1]))]), hold, t0);
+    let report = restarted.apply(&desired(&[("10.96.0.1", plan("a", &[1]))]), None, hold, t0);
     assert_eq!((report.held, report.written), (0, 1));
 }
 
@@ -584,6 +607,7 @@ fn session_affinity_members_follow_the_live_table_and_the_timeout_needs_no_rewri
     };
     let report = applier.apply(
         &desired(&[("10.96.0.1", sticky(&[1, 2], 60))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -599,6 +623,7 @@ fn session_affinity_members_follow_the_live_table_and_the_timeout_needs_no_rewri
     // Another timeout: the members' values change, the table is not rewritten.
     let report = applier.apply(
         &desired(&[("10.96.0.1", sticky(&[1, 2], 5))]),
+        None,
         Hold::NONE,
         t0,
     );
@@ -606,19 +631,30 @@ fn session_affinity_members_follow_the_live_table_and_the_timeout_needs_no_rewri
     assert_eq!(members(), BTreeMap::from([((id, 1), 5), ((id, 2), 5)]));
 
     // A backend leaves: it is no member any more (its clients draw again).
-    applier.apply(&desired(&[("10.96.0.1", sticky(&[2], 5))]), Hold::NONE, t0);
+    applier.apply(
+        &desired(&[("10.96.0.1", sticky(&[2], 5))]),
+        None,
+        Hold::NONE,
+        t0,
+    );
     assert_eq!(members(), BTreeMap::from([((id, 2), 5)]));
 
     // Affinity off, then the service gone: nothing left.
     applier.apply(
         &desired(&[("10.96.0.1", plan("web", &[2]))]),
+        None,
         Hold::NONE,
         t0,
     );
     assert_eq!(members(), BTreeMap::new());
     assert_eq!(live(&maps, "10.96.0.1").0.flags, 0);
-    applier.apply(&desired(&[("10.96.0.1", sticky(&[2], 5))]), Hold::NONE, t0);
-    applier.apply(&BTreeMap::new(), Hold::NONE, t0);
+    applier.apply(
+        &desired(&[("10.96.0.1", sticky(&[2], 5))]),
+        None,
+        Hold::NONE,
+        t0,
+    );
+    applier.apply(&BTreeMap::new(), None, Hold::NONE, t0);
     assert_eq!(members(), BTreeMap::new());
 }
 
@@ -630,10 +666,20 @@ fn a_restarted_applier_adopts_affinity_members_and_drops_the_stale_ones() {
         affinity_timeout_s: Some(30),
         ..plan("web", backends)
     };
-    Applier::new(maps.maps()).apply(&desired(&[("10.96.0.1", sticky(&[1, 2]))]), Hold::NONE, t0);
+    Applier::new(maps.maps()).apply(
+        &desired(&[("10.96.0.1", sticky(&[1, 2]))]),
+        None,
+        Hold::NONE,
+        t0,
+    );
     let mut next = Applier::new(maps.maps());
     next.adopt(t0);
-    let report = next.apply(&desired(&[("10.96.0.1", sticky(&[1]))]), Hold::NONE, t0);
+    let report = next.apply(
+        &desired(&[("10.96.0.1", sticky(&[1]))]),
+        None,
+        Hold::NONE,
+        t0,
+    );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.affinity_match.state().entries.len(), 1);
 }
@@ -658,7 +704,7 @@ fn a_port_that_picks_destinations_names_their_tables_and_a_restart_adopts_all_th
     let maps = FakeMaps::new(16, 64);
     let mut applier = Applier::new(maps.maps());
     let t0 = Instant::now();
-    let report = applier.apply(&picking("10.96.0.1"), Hold::NONE, t0);
+    let report = applier.apply(&picking("10.96.0.1"), None, Hold::NONE, t0);
     assert_eq!((report.written, report.errors.len()), (3, 0));
     let services = maps.services.state().entries.clone();
     let port = services[&service_key(addr("10.96.0.1"))];
@@ -688,13 +734,13 @@ fn a_port_that_picks_destinations_names_their_tables_and_a_restart_adopts_all_th
     // A restarted agent adopts the three tables and rewrites none.
     let mut restarted = Applier::new(maps.maps());
     assert_eq!(restarted.adopt(t0 + ms(5)).services, 3);
-    let report = restarted.apply(&picking("10.96.0.1"), Hold::NONE, t0 + ms(6));
+    let report = restarted.apply(&picking("10.96.0.1"), None, Hold::NONE, t0 + ms(6));
     assert_eq!((report.written, report.unchanged), (0, 3));
 
     // Back to one table: the destinations' tables go, their slots after the
     // grace period.
     let one = desired(&[("10.96.0.1", plan("web", &[1, 2, 3]))]);
-    let report = restarted.apply(&one, Hold::NONE, t0 + ms(7));
+    let report = restarted.apply(&one, None, Hold::NONE, t0 + ms(7));
     assert_eq!((report.written, report.removed), (1, 2));
     assert_eq!(maps.services.state().entries.len(), 1);
     restarted.collect_garbage(t0 + ms(7) + GRACE);
