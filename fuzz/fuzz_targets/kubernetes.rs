@@ -5,6 +5,12 @@
 //! `TryFrom<Document> for Resource` as each kind.
 #![no_main]
 
+use std::sync::Arc;
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::api::DynamicObject;
 use libfuzzer_sys::fuzz_target;
 use mesh_user::{
@@ -15,13 +21,15 @@ use mesh_user::{
 };
 use serde_json::Value;
 
-fn typed<T: serde::de::DeserializeOwned>(
+/// Deserialised as kube does (`T`), projected as the source projects it
+/// (`U`: the agent's own Pod and EndpointSlice).
+fn typed<T: serde::de::DeserializeOwned, U: From<T>>(
     value: &Value,
-    wrap: fn(Box<T>) -> Resource,
+    wrap: fn(Arc<U>) -> Resource,
 ) -> Option<Resource> {
     serde_json::from_value::<T>(value.clone())
         .ok()
-        .map(|o| wrap(Box::new(o)))
+        .map(|o| wrap(Arc::new(U::from(o))))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -43,10 +51,10 @@ fuzz_target!(|data: &[u8]| {
         let api_version = item.get("apiVersion").and_then(Value::as_str).unwrap_or("");
         let kind = item.get("kind").and_then(Value::as_str).unwrap_or("");
         let resource = match Kind::from_manifest(api_version, kind) {
-            Some(Kind::Service) => typed(item, Resource::Service),
-            Some(Kind::Pod) => typed(item, Resource::Pod),
-            Some(Kind::EndpointSlice) => typed(item, Resource::EndpointSlice),
-            Some(Kind::Node) => typed(item, Resource::Node),
+            Some(Kind::Service) => typed::<Service, _>(item, Resource::Service),
+            Some(Kind::Pod) => typed::<Pod, _>(item, Resource::Pod),
+            Some(Kind::EndpointSlice) => typed::<EndpointSlice, _>(item, Resource::EndpointSlice),
+            Some(Kind::Node) => typed::<Node, _>(item, Resource::Node),
             Some(kind @ (Kind::VirtualService | Kind::DestinationRule | Kind::Gateway)) => {
                 serde_json::from_value::<DynamicObject>(item.clone())
                     .ok()

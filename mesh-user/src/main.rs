@@ -221,6 +221,18 @@ impl CompileArgs {
     }
 }
 
+/// glibc gives each thread that allocates its own arena (up to 8 per CPU),
+/// and memory freed in one is kept for it: the file source's parse on a
+/// blocking thread left ~30 MiB resident at 10 000 Services (docs/design.md,
+/// "Memory"). The agent's work is one event loop; two arenas serve it.
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets a tunable; called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -280,6 +292,7 @@ fn main() -> anyhow::Result<()> {
                 options.namespace_selector = namespace_selector;
                 options.node_name = node_name;
             }
+            limit_malloc_arenas();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .worker_threads(2)

@@ -8,16 +8,10 @@
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Pod, Service, ServicePort},
-        discovery::v1::{self as discovery},
-    },
+    api::core::v1::{Service, ServicePort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -25,12 +19,12 @@ use crate::{
     index::Index,
     model::{
         Diagnostic, Kind, NamespacedName, ObjectRef, node,
+        pod::Pod,
         service::{InternalTrafficPolicy, TrafficDistribution, TrafficPolicy},
     },
 };
 
-/// The label an EndpointSlice names its Service with.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub use crate::model::slice::{Conditions, SERVICE_NAME_LABEL};
 
 /// One endpoint of a Service port a client may be sent to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,42 +33,11 @@ pub struct Endpoint {
     pub port: u16,
     /// The pod behind it, if known: its name and labels (for subsets).
     pub pod: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::model::pod::Labels,
     /// Its node, and the zone its EndpointSlice gives (locality load
     /// balancing reads the node's labels first).
     pub node: Option<String>,
     pub zone: Option<String>,
-}
-
-/// An endpoint's conditions, unset ones read as the API defines them (ready
-/// and serving true, terminating false), as kube-proxy reads them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conditions {
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-}
-
-impl Conditions {
-    pub const READY: Self = Self {
-        ready: true,
-        serving: true,
-        terminating: false,
-    };
-
-    fn of(c: Option<&discovery::EndpointConditions>) -> Self {
-        Self {
-            ready: c.and_then(|c| c.ready).unwrap_or(true),
-            serving: c.and_then(|c| c.serving).unwrap_or(true),
-            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-        }
-    }
-
-    /// kube-proxy's fallback when nothing is ready: still serving while it
-    /// terminates (graceful termination).
-    fn draining(self) -> bool {
-        self.serving && self.terminating
-    }
 }
 
 /// One endpoint before selection: what kube-proxy's rules read of it.
@@ -291,11 +254,11 @@ impl<'a> Lookup<'a> {
         self.pods_by_label.get_or_init(|| {
             let mut pods_by_label: HashMap<_, Vec<_>> = HashMap::new();
             for (key, e) in &self.index.pods {
-                for (k, v) in e.object.metadata.labels.iter().flatten() {
+                for (k, v) in e.object.labels.iter() {
                     pods_by_label
                         .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
                         .or_default()
-                        .push((key.name.as_str(), &e.object));
+                        .push((key.name.as_str(), &*e.object));
                 }
             }
             pods_by_label
@@ -325,11 +288,7 @@ pub fn reachable(
         return selection.endpoints;
     }
     let me = ObjectRef::new(Kind::Service, name.clone());
-    let origin = lookup
-        .index
-        .services
-        .get(name)
-        .map_or("", |e| e.origin.as_str());
+    let origin = lookup.index.services.get(name).map_or("", |e| &*e.origin);
     let said = errors
         .iter()
         .map(|e| (e.field(), e.to_string()))
@@ -361,59 +320,41 @@ fn candidates(
         let want_name = port.name.as_deref().unwrap_or("");
         // The controller resolves a named targetPort per pod and puts pods
         // that resolve it alike in one slice: each slice has its own port.
-        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == want_name
-                && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref())
-        }) else {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| &*p.name == want_name && &*p.protocol == protocol(port.protocol.as_ref()))
+        else {
             continue;
         };
-        let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+        let Some(target) = slice_port.port else {
             continue;
         };
-        for ep in slice.endpoints.iter().flatten() {
-            let pod = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    let ns = r.namespace.as_deref().unwrap_or(namespace);
-                    Some(NamespacedName::new(ns, r.name.as_deref()?))
-                });
+        for ep in &slice.endpoints {
+            let pod = ep.pod_name(namespace);
             let labels = pod
                 .as_ref()
                 .and_then(|k| index.pods.get(k))
-                .and_then(|p| p.object.metadata.labels.clone())
+                .map(|p| p.object.labels.clone())
                 .unwrap_or_default();
-            let hints = ep.hints.as_ref();
-            let zone_hints: Vec<String> = hints
-                .and_then(|h| h.for_zones.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|z| z.name.clone())
-                .collect();
-            let node_hints: Vec<String> = hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|n| n.name.clone())
-                .collect();
-            for address in &ep.addresses {
-                if let Ok(ip) = address.parse::<IpAddr>() {
-                    out.push(Candidate {
-                        endpoint: Endpoint {
-                            ip,
-                            port: target,
-                            pod: pod.as_ref().map(|p| p.name.clone()),
-                            labels: labels.clone(),
-                            node: ep.node_name.clone(),
-                            zone: ep.zone.clone(),
-                        },
-                        conditions: Conditions::of(ep.conditions.as_ref()),
-                        node: ep.node_name.clone(),
-                        zone_hints: zone_hints.clone(),
-                        node_hints: node_hints.clone(),
-                    });
-                }
+            let node = ep.node.as_deref().map(str::to_owned);
+            let zone_hints: Vec<String> = ep.zone_hints().iter().map(|z| z.to_string()).collect();
+            let node_hints: Vec<String> = ep.node_hints().iter().map(|n| n.to_string()).collect();
+            for ip in ep.addresses() {
+                out.push(Candidate {
+                    endpoint: Endpoint {
+                        ip,
+                        port: target,
+                        pod: pod.as_ref().map(|p| p.name.clone()),
+                        labels: labels.clone(),
+                        node: node.clone(),
+                        zone: ep.zone().map(str::to_owned),
+                    },
+                    conditions: ep.conditions,
+                    node: node.clone(),
+                    zone_hints: zone_hints.clone(),
+                    node_hints: node_hints.clone(),
+                });
             }
         }
     }
@@ -452,21 +393,21 @@ fn from_pods(
         .map(Vec::as_slice)
         .unwrap_or_default();
     for &(name, pod) in candidates {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || has_finished(pod) {
+        let labels = pod.labels.clone();
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || pod.finished {
             continue;
         }
         let Some(target) = target_port(pod, port) else {
             continue;
         };
-        let serving = has_ready_condition(pod);
-        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let serving = pod.ready;
+        let terminating = pod.terminating;
         let conditions = Conditions {
             ready: policy.publish_not_ready || (serving && !terminating),
             serving,
             terminating,
         };
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let node = pod.node.as_deref().map(str::to_owned);
         let (mut zone_hints, mut node_hints) = (Vec::new(), Vec::new());
         // The controller hints ready endpoints only.
         if let Some(distribution) = policy.distribution.filter(|_| conditions.ready) {
@@ -482,7 +423,7 @@ fn from_pods(
                 node_hints.extend(node.clone());
             }
         }
-        for ip in pod_ips(pod) {
+        for &ip in &pod.ips {
             out.push(Candidate {
                 endpoint: Endpoint {
                     ip,
@@ -500,32 +441,6 @@ fn from_pods(
         }
     }
     out
-}
-
-/// Succeeded or Failed: its containers will not run again, so it is no
-/// endpoint at all.
-fn has_finished(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed")
-}
-
-fn has_ready_condition(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = &pod.status else {
-        return Vec::new();
-    };
-    parse_ips(
-        status.pod_ips.iter().flatten().map(|p| p.ip.as_str()),
-        status.pod_ip.as_deref(),
-    )
 }
 
 /// Parses a list of addresses and the primary one (Kubernetes keeps both: the
@@ -548,15 +463,9 @@ fn target_port(pod: &Pod, port: &ServicePort) -> Option<u16> {
         None => u16::try_from(port.port).ok(),
         Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
         Some(IntOrString::String(name)) => pod
-            .spec
-            .as_ref()?
-            .containers
+            .ports
             .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| {
-                p.name.as_deref() == Some(name.as_str())
-                    && protocol(p.protocol.as_ref()) == protocol(port.protocol.as_ref())
-            })
-            .and_then(|p| u16::try_from(p.container_port).ok()),
+            .find(|p| &*p.name == name.as_str() && &*p.protocol == protocol(port.protocol.as_ref()))
+            .map(|p| p.port),
     }
 }

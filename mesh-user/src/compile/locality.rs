@@ -310,7 +310,7 @@ mod tests {
             ip: IpAddr::from([10, 244, 0, n]),
             port: 80,
             pod: None,
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             node: None,
             zone: Some(zone.to_owned()),
         }
@@ -396,7 +396,7 @@ mod tests {
         ]);
         let here = at("a", "a1");
         let v2 = |mut e: Endpoint| {
-            e.labels.insert("version".to_owned(), "v2".to_owned());
+            std::sync::Arc::make_mut(&mut e.labels).insert("version".to_owned(), "v2".to_owned());
             e
         };
         let all = vec![

@@ -542,8 +542,8 @@ mod tests {
 
     fn rule(yaml: &str) -> Entry<DestinationRule> {
         Entry {
-            origin: "dr.yaml".to_owned(),
-            object: serde_yaml_ng::from_str(yaml).expect("a DestinationRule"),
+            origin: "dr.yaml".into(),
+            object: std::sync::Arc::new(serde_yaml_ng::from_str(yaml).expect("a DestinationRule")),
         }
     }
 

@@ -9,14 +9,13 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use super::{BackendAddr, endpoints::pod_ips};
+use super::BackendAddr;
 use crate::{
     index::Index,
     model::{Diagnostic, Kind, ObjectRef},
 };
 
-/// The annotation, as Istio spells it.
-pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub use crate::model::pod::EXCLUDE_INBOUND_PORTS;
 
 /// Every (pod IP, port) of a mesh pod that excludes that port. Entries that are not
 /// port numbers are reported and skipped; the rest of the list still applies.
@@ -30,15 +29,10 @@ pub fn excluded_endpoints(
             continue;
         }
         let pod = &entry.object;
-        let Some(list) = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(EXCLUDE_INBOUND_PORTS))
-        else {
+        let Some(list) = pod.annotation(EXCLUDE_INBOUND_PORTS) else {
             continue;
         };
-        let ips = pod_ips(pod);
+        let ips = &pod.ips;
         for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             match item.parse::<u16>() {
                 Ok(port) if port > 0 => {
@@ -51,7 +45,7 @@ pub fn excluded_endpoints(
                 }
                 _ => diagnostics.push(
                     Diagnostic::warning(
-                        &ObjectRef::from_meta(Kind::Pod, &pod.metadata),
+                        &ObjectRef::new(Kind::Pod, name.clone()),
                         format!("metadata.annotations[{EXCLUDE_INBOUND_PORTS}]"),
                         format!("{item:?} is not a port number (1-65535); ignored"),
                     )

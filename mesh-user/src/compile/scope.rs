@@ -5,9 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
-
-use crate::{index::Index, model::NamespacedName};
+use crate::{
+    index::Index,
+    model::{
+        NamespacedName,
+        pod::{INJECT, Pod},
+    },
+};
 
 /// A pod's `metadata.uid`, which names its cgroup (`pod<uid>`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -18,9 +22,6 @@ impl std::fmt::Display for PodUid {
         f.write_str(&self.0)
     }
 }
-
-/// Istio's per-pod opt-out, as a label (current) or an annotation (older).
-const INJECT: &str = "sidecar.istio.io/inject";
 
 /// The meshed pods of node `node`, by uid.
 pub fn meshed_pods(index: &Index, node: &str) -> BTreeMap<PodUid, NamespacedName> {
@@ -33,23 +34,15 @@ pub fn meshed_pods(index: &Index, node: &str) -> BTreeMap<PodUid, NamespacedName
 }
 
 fn meshed_uid(pod: &Pod, node: &str) -> Option<PodUid> {
-    let spec = pod.spec.as_ref()?;
-    if spec.node_name.as_deref() != Some(node) || spec.host_network == Some(true) {
+    if pod.node.as_deref() != Some(node) || pod.host_network {
         return None;
     }
-    let opted_out = [&pod.metadata.labels, &pod.metadata.annotations]
-        .into_iter()
-        .flatten()
-        .any(|m| m.get(INJECT).is_some_and(|v| v == "false"));
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if opted_out || matches!(phase, Some("Succeeded" | "Failed")) {
+    let opted_out = pod.labels.get(INJECT).map(String::as_str) == Some("false")
+        || pod.annotation(INJECT) == Some("false");
+    if opted_out || pod.finished {
         return None;
     }
-    pod.metadata
-        .uid
-        .clone()
-        .filter(|u| !u.is_empty())
-        .map(PodUid)
+    pod.uid.as_deref().map(|u| PodUid(u.to_owned()))
 }
 
 #[cfg(test)]

@@ -18,24 +18,34 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub use changes::Changes;
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use std::{collections::HashSet, sync::Arc};
+
+use k8s_openapi::api::core::v1::{Node, Service};
 
 use crate::{
     model::{
         DestinationRule, Diagnostic, Fqdn, Gateway, Kind, NamespacedName, ObjectRef, Resource,
         VirtualService,
+        pod::{Labels, Pod},
+        slice::EndpointSlice,
     },
     source::{Event, Invalid, Sourced},
 };
 
-/// An object and where it came from.
-#[derive(Clone, Debug, PartialEq)]
+/// An object and where it came from (both shared: a source that keeps what
+/// it read shares it, and every object of a file or an API server shares
+/// its origin).
+#[derive(Clone, Debug)]
 pub struct Entry<T> {
-    pub origin: String,
-    pub object: T,
+    pub origin: Arc<str>,
+    pub object: Arc<T>,
+}
+
+impl<T: PartialEq> PartialEq for Entry<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.origin == other.origin
+            && (Arc::ptr_eq(&self.object, &other.object) || self.object == other.object)
+    }
 }
 
 /// A validated kind: the latest version, and the one in use.
@@ -72,6 +82,10 @@ pub struct Index {
     unmanaged_pod_refs: usize,
     /// What changed since [`Index::take_changes`].
     changes: Changes,
+    /// Every origin, once.
+    origins: HashSet<Arc<str>>,
+    /// Every pod label set, once: a ReplicaSet's pods share theirs.
+    label_sets: HashSet<Labels>,
 }
 
 fn put<T: PartialEq>(
@@ -114,10 +128,10 @@ impl Index {
     /// Adds or replaces one object. Returns whether anything changed.
     pub fn apply(&mut self, origin: &str, resource: Resource) -> bool {
         let key = resource.object_ref().namespaced_name();
-        let origin = origin.to_owned();
+        let origin = self.origin(origin);
         match resource {
             Resource::Service(o) => {
-                let entry = Entry { origin, object: *o };
+                let entry = Entry { origin, object: o };
                 if self.services.get(&key) == Some(&entry) {
                     return false;
                 }
@@ -131,7 +145,10 @@ impl Index {
                 true
             }
             Resource::Pod(o) => {
-                let entry = Entry { origin, object: *o };
+                let entry = Entry {
+                    origin,
+                    object: self.shared_labels(o),
+                };
                 let Some(old) = self.pods.get(&key) else {
                     self.pod_changed(&key, None, Some(&entry.object));
                     self.pods.insert(key, entry);
@@ -143,10 +160,11 @@ impl Index {
                 let old = old.object.clone();
                 self.pod_changed(&key, Some(&old), Some(&entry.object));
                 self.pods.insert(key, entry);
+                self.forget_labels(&old.labels);
                 true
             }
             Resource::EndpointSlice(o) => {
-                let entry = Entry { origin, object: *o };
+                let entry = Entry { origin, object: o };
                 if self.endpoint_slices.get(&key) == Some(&entry) {
                     return false;
                 }
@@ -158,29 +176,57 @@ impl Index {
                 true
             }
             Resource::VirtualService(o) => {
-                let changed = put_validated(
-                    &mut self.virtual_services,
-                    key,
-                    Entry { origin, object: *o },
-                );
+                let changed =
+                    put_validated(&mut self.virtual_services, key, Entry { origin, object: o });
                 self.everything_if(changed)
             }
             Resource::DestinationRule(o) => {
                 let changed = put_validated(
                     &mut self.destination_rules,
                     key,
-                    Entry { origin, object: *o },
+                    Entry { origin, object: o },
                 );
                 self.everything_if(changed)
             }
             Resource::Gateway(o) => {
-                let changed = put(&mut self.gateways, key, Entry { origin, object: *o });
+                let changed = put(&mut self.gateways, key, Entry { origin, object: o });
                 self.everything_if(changed)
             }
             Resource::Node(o) => {
-                let changed = put(&mut self.nodes, key, Entry { origin, object: *o });
+                let changed = put(&mut self.nodes, key, Entry { origin, object: o });
                 self.everything_if(changed)
             }
+        }
+    }
+
+    fn origin(&mut self, origin: &str) -> Arc<str> {
+        if let Some(o) = self.origins.get(origin) {
+            return o.clone();
+        }
+        let o: Arc<str> = Arc::from(origin);
+        self.origins.insert(o.clone());
+        o
+    }
+
+    /// `pod` with the label set other pods share, if one has the same.
+    fn shared_labels(&mut self, mut pod: Arc<Pod>) -> Arc<Pod> {
+        match self.label_sets.get(&pod.labels) {
+            Some(shared) if !Arc::ptr_eq(shared, &pod.labels) => {
+                Arc::make_mut(&mut pod).labels = shared.clone();
+            }
+            Some(_) => {}
+            None => {
+                self.label_sets.insert(pod.labels.clone());
+            }
+        }
+        pod
+    }
+
+    /// Drops a label set no pod has any more.
+    fn forget_labels(&mut self, labels: &Labels) {
+        // Ours, and the caller's: nobody else's.
+        if Arc::strong_count(labels) <= 2 {
+            self.label_sets.remove(labels);
         }
     }
 
@@ -233,8 +279,8 @@ impl Index {
     /// Records what a Pod's change touches (see [`Changes`]).
     fn pod_changed(&mut self, key: &NamespacedName, old: Option<&Pod>, new: Option<&Pod>) {
         self.changes.pods = true;
-        let labels = |p: Option<&Pod>| p.and_then(|p| p.metadata.labels.clone());
-        let node = |p: Option<&Pod>| p.and_then(|p| p.spec.as_ref()?.node_name.clone());
+        let labels = |p: Option<&Pod>| p.map(|p| p.labels.clone());
+        let node = |p: Option<&Pod>| p.and_then(|p| p.node.clone());
         let moved =
             old.is_none() || new.is_none() || labels(old) != labels(new) || node(old) != node(new);
         if moved && self.unmanaged_pod_refs > 0 {
@@ -272,6 +318,7 @@ impl Index {
                     return false;
                 };
                 self.pod_changed(&key, Some(&old.object), None);
+                self.forget_labels(&old.object.labels);
                 true
             }
             Kind::EndpointSlice => {
@@ -535,33 +582,14 @@ fn settle<T: Clone>(
 }
 
 /// The Service a slice belongs to (its `kubernetes.io/service-name` label).
-fn slice_service(key: &NamespacedName, slice: &EndpointSlice) -> Option<NamespacedName> {
-    let name = slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(crate::compile::endpoints::SERVICE_NAME_LABEL)?;
-    Some(NamespacedName::new(key.namespace.clone(), name.clone()))
+fn slice_service(_key: &NamespacedName, slice: &EndpointSlice) -> Option<NamespacedName> {
+    slice.service_name()
 }
-
-/// The label the EndpointSlice controller marks its slices with.
-const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 
 /// Whether a slice names pods without the EndpointSlice controller having
 /// made it from its Service's selector.
 fn unmanaged_pod_refs(slice: &EndpointSlice) -> bool {
-    let managed = slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY))
-        .is_some_and(|m| m == "endpointslice-controller.k8s.io");
-    !managed
-        && slice.endpoints.iter().flatten().any(|e| {
-            e.target_ref
-                .as_ref()
-                .is_some_and(|r| r.kind.as_deref() == Some("Pod"))
-        })
+    !slice.managed && slice.endpoints.iter().any(|e| e.pod.is_some())
 }
 
 /// Whether a Service's selector selects the pod.
@@ -574,8 +602,5 @@ fn selects(service: &Service, pod: &Pod) -> bool {
     else {
         return false;
     };
-    let labels = pod.metadata.labels.as_ref();
-    selector
-        .iter()
-        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
 }

@@ -17,7 +17,7 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
 }
 
 fn service(namespace: &str, name: &str) -> Resource {
-    Resource::Service(Box::new(Service {
+    Resource::Service(std::sync::Arc::new(Service {
         metadata: meta(namespace, name),
         ..Default::default()
     }))
@@ -25,7 +25,7 @@ fn service(namespace: &str, name: &str) -> Resource {
 
 /// A VirtualService sending everything to `host`.
 fn vs(name: &str, host: &str) -> Resource {
-    Resource::VirtualService(Box::new(VirtualService {
+    Resource::VirtualService(std::sync::Arc::new(VirtualService {
         metadata: meta("prod", name),
         spec: VirtualServiceSpec {
             hosts: vec![host.to_owned()],
@@ -197,7 +197,7 @@ fn node(name: &str, zone: &str, beat: &str) -> Resource {
         "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": beat}]}
     }))
     .unwrap_or_default();
-    Resource::Node(Box::new(crate::model::node::trim(node)))
+    Resource::Node(std::sync::Arc::new(crate::model::node::trim(node)))
 }
 
 #[test]
@@ -230,4 +230,35 @@ fn nodes_are_kept_by_name_and_a_heartbeat_changes_nothing() {
     assert!(index.is_empty(), "a Node alone configures nothing");
     assert!(index.apply_event(listed(Vec::new())));
     assert_eq!(zone(&index), None);
+}
+
+#[test]
+fn pods_with_the_same_labels_share_them_until_the_last_goes() {
+    let pod = |name: &str, version: &str| {
+        let (mut objects, _) = crate::source::file::parse(
+            std::path::Path::new("p.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: web, version: {version}}}}}\n"
+            ),
+        );
+        objects.remove(0)
+    };
+    let mut index = Index::default();
+    index.apply("p.yaml", pod("a", "v1"));
+    index.apply("p.yaml", pod("b", "v1"));
+    index.apply("p.yaml", pod("c", "v2"));
+    let labels = |name: &str| {
+        index.pods[&NamespacedName::new("prod", name)]
+            .object
+            .labels
+            .clone()
+    };
+    assert!(std::sync::Arc::ptr_eq(&labels("a"), &labels("b")));
+    assert!(!std::sync::Arc::ptr_eq(&labels("a"), &labels("c")));
+    assert_eq!(index.label_sets.len(), 2);
+    index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "c")));
+    assert_eq!(index.label_sets.len(), 1);
+    index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "a")));
+    index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "b")));
+    assert!(index.label_sets.is_empty());
 }

@@ -108,7 +108,12 @@ impl AgentRecord {
     pub fn write(&self, run_dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(run_dir)?;
         let tmp = run_dir.join(format!(".{FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        // Streamed: at 10 000 services the record is megabytes, and a copy of
+        // it in memory would be the agent's largest allocation.
+        let mut file = io::BufWriter::new(std::fs::File::create(&tmp)?);
+        serde_json::to_writer(&mut file, self)?;
+        io::Write::flush(&mut file)?;
+        drop(file);
         std::fs::rename(&tmp, run_dir.join(FILE))
     }
 

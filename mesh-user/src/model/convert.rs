@@ -36,25 +36,28 @@ impl TryFrom<Document> for Resource {
             meta.entry("namespace")
                 .or_insert_with(|| Value::String(DEFAULT_NAMESPACE.to_owned()));
         }
-        fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<Box<T>, ConvertError> {
-            serde_path_to_error::deserialize::<_, T>(value)
-                .map(Box::new)
-                .map_err(|e| ConvertError {
-                    field: e.path().to_string(),
-                    message: e.into_inner().to_string(),
-                })
+        fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ConvertError> {
+            serde_path_to_error::deserialize::<_, T>(value).map_err(|e| ConvertError {
+                field: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            })
         }
+        use std::sync::Arc;
         Ok(match kind {
-            Kind::Service => Resource::Service(typed(value)?),
-            Kind::Pod => Resource::Pod(typed(value)?),
+            Kind::Service => Resource::Service(Arc::new(super::service::trim(typed(value)?))),
+            Kind::Pod => Resource::Pod(Arc::new(
+                typed::<k8s_openapi::api::core::v1::Pod>(value)?.into(),
+            )),
             Kind::EndpointSlice => {
                 v1beta1_as_v1(&mut value);
-                Resource::EndpointSlice(typed(value)?)
+                Resource::EndpointSlice(Arc::new(
+                    typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(value)?.into(),
+                ))
             }
-            Kind::VirtualService => Resource::VirtualService(typed(value)?),
-            Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
-            Kind::Gateway => Resource::Gateway(typed(value)?),
-            Kind::Node => Resource::Node(Box::new(super::node::trim(*typed(value)?))),
+            Kind::VirtualService => Resource::VirtualService(Arc::new(typed(value)?)),
+            Kind::DestinationRule => Resource::DestinationRule(Arc::new(typed(value)?)),
+            Kind::Gateway => Resource::Gateway(Arc::new(typed(value)?)),
+            Kind::Node => Resource::Node(Arc::new(super::node::trim(typed(value)?))),
         })
     }
 }
@@ -146,19 +149,16 @@ mod tests {
         }) else {
             panic!("does not convert");
         };
-        let endpoints = slice.endpoints.unwrap_or_default();
+        let endpoints = &slice.endpoints;
         let nodes: Vec<_> = endpoints
             .iter()
-            .map(|e| (e.node_name.as_deref(), e.zone.as_deref()))
+            .map(|e| (e.node.as_deref(), e.zone()))
             .collect();
         assert_eq!(
             nodes,
             [(Some("node-a"), Some("z1")), (Some("node-b"), None)]
         );
-        assert_eq!(slice.ports.as_ref().map(Vec::len), Some(1));
-        assert_eq!(
-            endpoints[1].conditions.as_ref().and_then(|c| c.ready),
-            Some(false)
-        );
+        assert_eq!(slice.ports.len(), 1);
+        assert!(!endpoints[1].conditions.ready);
     }
 }

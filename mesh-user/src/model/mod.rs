@@ -9,15 +9,14 @@ pub mod endpoints;
 pub mod host;
 pub mod istio;
 pub mod node;
+pub mod pod;
 pub mod service;
+pub mod slice;
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -25,17 +24,21 @@ pub use diag::{Diagnostic, Severity};
 pub use host::Fqdn;
 pub use istio::{DestinationRule, Gateway, VirtualService};
 
-/// One object of a kind we watch.
+/// One object of a kind we watch, shared (a source that keeps what it read,
+/// as the file source does, shares it with the index).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
-    Service(Box<Service>),
-    Pod(Box<Pod>),
-    EndpointSlice(Box<EndpointSlice>),
-    VirtualService(Box<VirtualService>),
-    DestinationRule(Box<DestinationRule>),
-    Gateway(Box<Gateway>),
+    /// Without `managedFields` ([`service::trim`]).
+    Service(Arc<Service>),
+    /// What the agent reads of it ([`pod::Pod`]).
+    Pod(Arc<pod::Pod>),
+    /// What the agent reads of it ([`slice::EndpointSlice`]).
+    EndpointSlice(Arc<slice::EndpointSlice>),
+    VirtualService(Arc<VirtualService>),
+    DestinationRule(Arc<DestinationRule>),
+    Gateway(Arc<Gateway>),
     /// Trimmed to name and labels ([`node::trim`]): heartbeats change nothing.
-    Node(Box<Node>),
+    Node(Arc<Node>),
 }
 
 /// The kinds we watch.
@@ -233,20 +236,19 @@ impl Resource {
         }
     }
 
-    fn metadata(&self) -> &ObjectMeta {
-        match self {
+    pub fn object_ref(&self) -> ObjectRef {
+        let meta = match self {
             Resource::Service(o) => &o.metadata,
-            Resource::Pod(o) => &o.metadata,
-            Resource::EndpointSlice(o) => &o.metadata,
+            Resource::Pod(o) => return ObjectRef::new(Kind::Pod, o.name.clone()),
+            Resource::EndpointSlice(o) => {
+                return ObjectRef::new(Kind::EndpointSlice, o.name.clone());
+            }
             Resource::VirtualService(o) => &o.metadata,
             Resource::DestinationRule(o) => &o.metadata,
             Resource::Gateway(o) => &o.metadata,
             Resource::Node(o) => &o.metadata,
-        }
-    }
-
-    pub fn object_ref(&self) -> ObjectRef {
-        ObjectRef::from_meta(self.kind(), self.metadata())
+        };
+        ObjectRef::from_meta(self.kind(), meta)
     }
 }
 

@@ -197,3 +197,14 @@ mod tests {
         assert_eq!(err.field(), "spec.sessionAffinity");
     }
 }
+
+/// `service` without what the agent never reads and the API server adds to
+/// every object: `managedFields` and kubectl's last applied copy of it.
+pub fn trim(mut service: Service) -> Service {
+    service.metadata.managed_fields = None;
+    if let Some(annotations) = &mut service.metadata.annotations {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    service.status = None;
+    service
+}

@@ -320,7 +320,7 @@ pub struct FileSource {
     dir: PathBuf,
     limits: Limits,
     /// Objects last read successfully, per file.
-    last_good: BTreeMap<PathBuf, Vec<Resource>>,
+    last_good: BTreeMap<PathBuf, FileRead>,
     /// The directories the last walk read: what [`watch`] watches.
     dirs: Vec<(PathBuf, walk::FileId)>,
 }
@@ -354,12 +354,14 @@ impl FileSource {
                     format!("{e}; keeping every object last read"),
                 ));
                 // Keep everything we had: an unreadable folder is not an empty one.
-                for (file, objects) in &self.last_good {
+                for (file, read) in &self.last_good {
                     let origin = file.display().to_string();
-                    snapshot.objects.extend(objects.iter().map(|o| Sourced {
-                        origin: origin.clone(),
-                        object: o.clone(),
-                    }));
+                    snapshot
+                        .objects
+                        .extend(read.objects.iter().map(|o| Sourced {
+                            origin: origin.clone(),
+                            object: o.clone(),
+                        }));
                 }
                 return snapshot;
             }
@@ -370,35 +372,73 @@ impl FileSource {
         for file in walk.files {
             let origin = file.display().to_string();
             let previous = self.last_good.remove(&file).unwrap_or_default();
-            let objects = match read_file(&file, self.limits.file_bytes) {
-                Err(e) => {
-                    snapshot.diagnostics.push(file_error(
+            let read = match read_file(&file, self.limits.file_bytes) {
+                Err(e) => FileRead {
+                    diagnostics: vec![file_error(
                         &file,
                         format!(
                             "{e}; keeping the {} objects last read from it",
-                            previous.len()
+                            previous.objects.len()
                         ),
-                    ));
-                    previous
+                    )],
+                    digest: None,
+                    objects: previous.objects,
+                },
+                Ok(text) => {
+                    let digest = digest(&text);
+                    // Unchanged since the last read: the same objects (a
+                    // change to one file of many parses that file alone).
+                    if previous.digest == Some(digest) {
+                        previous
+                    } else {
+                        let mut diagnostics = Vec::new();
+                        let objects = parse_file(
+                            &file,
+                            &text,
+                            &self.limits,
+                            &previous.objects,
+                            &mut diagnostics,
+                        );
+                        FileRead {
+                            digest: Some(digest),
+                            objects,
+                            diagnostics,
+                        }
+                    }
                 }
-                Ok(text) => parse_file(
-                    &file,
-                    &text,
-                    &self.limits,
-                    &previous,
-                    &mut snapshot.diagnostics,
-                ),
             };
-            snapshot.objects.extend(objects.iter().map(|o| Sourced {
-                origin: origin.clone(),
-                object: o.clone(),
-            }));
-            next_good.insert(file, objects);
+            snapshot
+                .diagnostics
+                .extend(read.diagnostics.iter().cloned());
+            // Shared with the index (objects are reference-counted).
+            snapshot
+                .objects
+                .extend(read.objects.iter().map(|o| Sourced {
+                    origin: origin.clone(),
+                    object: o.clone(),
+                }));
+            next_good.insert(file, read);
         }
         self.last_good = next_good;
         dedup(&mut snapshot);
         snapshot
     }
+}
+
+/// What one file gave at its last read.
+#[derive(Debug, Default)]
+struct FileRead {
+    /// Of its text; `None`: it could not be read (its objects are older).
+    digest: Option<u64>,
+    objects: Vec<Resource>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn file_error(path: &Path, message: String) -> Diagnostic {
@@ -1082,7 +1122,7 @@ mod tests {
         let labels: Vec<_> = objects
             .iter()
             .filter_map(|o| match o {
-                Resource::Pod(p) => p.metadata.labels.clone(),
+                Resource::Pod(p) => Some((*p.labels).clone()),
                 _ => None,
             })
             .collect();

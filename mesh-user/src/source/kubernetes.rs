@@ -156,13 +156,13 @@ pub async fn start(
         client.clone(),
         watch_tx.clone(),
         Kind::Service,
-        |o| Resource::Service(Box::new(o)),
+        |o| Resource::Service(Arc::new(crate::model::service::trim(o))),
     ));
     tasks.spawn(watch_typed::<Pod>(
         client.clone(),
         watch_tx.clone(),
         Kind::Pod,
-        |o| Resource::Pod(Box::new(o)),
+        |o| Resource::Pod(Arc::new(o.into())),
     ));
     tasks.spawn(watch_endpoint_slices(client.clone(), watch_tx.clone()));
     tasks.spawn(watch_namespaces(
@@ -626,7 +626,7 @@ where
 async fn watch_node(client: Client, tx: UpdateSender, name: String) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let convert = |o| {
-        Ok(sourced(Resource::Node(Box::new(crate::model::node::trim(
+        Ok(sourced(Resource::Node(Arc::new(crate::model::node::trim(
             o,
         )))))
     };
@@ -664,7 +664,8 @@ async fn watch_endpoint_slices(client: Client, tx: UpdateSender) {
             match served {
                 Some(resource) if resource.version == "v1" => {
                     let api = Api::<EndpointSlice>::all(client);
-                    let convert = |o| Ok(sourced(Resource::EndpointSlice(Box::new(o))));
+                    let convert =
+                        |o: EndpointSlice| Ok(sourced(Resource::EndpointSlice(Arc::new(o.into()))));
                     watch_events(api, config, &tx, kind, convert, None).await
                 }
                 Some(resource) => {
@@ -689,7 +690,7 @@ async fn watch_endpoint_slices(client: Client, tx: UpdateSender) {
 fn convert_endpoints(endpoints: Endpoints) -> Result<Sourced, Box<Invalid>> {
     let r = ObjectRef::from_meta(Kind::EndpointSlice, &endpoints.metadata);
     crate::model::endpoints::as_slice(endpoints)
-        .map(|slice| sourced(Resource::EndpointSlice(Box::new(slice))))
+        .map(|slice| sourced(Resource::EndpointSlice(Arc::new(slice.into()))))
         .map_err(|e| rejected(&r, e))
 }
 

@@ -10,7 +10,7 @@ fn ep(n: u8) -> Candidate {
             ip: IpAddr::from([10, 244, 0, n]),
             port: 8080,
             pod: None,
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             node: None,
             zone: None,
         },

@@ -198,12 +198,12 @@ proptest! {
             // The index's slices by Service, against a scan.
             for name in ["a", "b", "c"] {
                 let service = crate::model::NamespacedName::new("prod", name);
-                let kept: Vec<_> = index.slices_of(&service).map(|e| e.object.metadata.name.clone()).collect();
+                let kept: Vec<_> = index.slices_of(&service).map(|e| e.object.name.clone()).collect();
                 let scanned: Vec<_> = index
                     .endpoint_slices
                     .values()
-                    .filter(|e| e.object.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&name.to_owned()))
-                    .map(|e| e.object.metadata.name.clone())
+                    .filter(|e| e.object.service.as_deref() == Some(name))
+                    .map(|e| e.object.name.clone())
                     .collect();
                 prop_assert_eq!(kept, scanned);
             }
