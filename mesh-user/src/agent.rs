@@ -451,7 +451,6 @@ impl Reconciler {
         }
         if self.deferred.record && (force || self.deferred.record_due(now)) {
             let started = Instant::now();
-            self.record.services = AgentRecord::services_from(&self.compiler.compiled().services);
             self.write_record();
             self.deferred.record = false;
             self.deferred.record_took = started.elapsed();
@@ -550,10 +549,14 @@ impl Reconciler {
     }
 
     /// What `status`, `dump` and `explain` read.
-    fn write_record(&self) {
+    /// Its services are made from the compiled tables for the write only: at
+    /// 10 000 services they are megabytes.
+    fn write_record(&mut self) {
+        self.record.services = AgentRecord::services_from(&self.compiler.compiled().services);
         if let Err(e) = self.record.write(&self.run_dir) {
             warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
         }
+        self.record.services = Vec::new();
     }
 
     /// Follows the services compile says outlier detection watches: their

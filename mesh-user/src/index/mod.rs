@@ -77,7 +77,7 @@ pub struct Index {
     source_diagnostics: Vec<Diagnostic>,
     /// Each Service's EndpointSlices (by the slice's service-name label), kept
     /// with the slices: compile reads a Service's endpoints without a scan.
-    slices_by_service: BTreeMap<NamespacedName, BTreeSet<NamespacedName>>,
+    slices_by_service: BTreeMap<NamespacedName, Vec<NamespacedName>>,
     /// Slices no controller manages that name pods (see [`Changes`]).
     unmanaged_pod_refs: usize,
     /// What changed since [`Index::take_changes`].
@@ -86,6 +86,8 @@ pub struct Index {
     origins: HashSet<Arc<str>>,
     /// Every pod label set, once: a ReplicaSet's pods share theirs.
     label_sets: HashSet<Labels>,
+    /// Kinds being relisted, and the objects the relist has given so far.
+    relisting: BTreeMap<Kind, BTreeSet<NamespacedName>>,
 }
 
 fn put<T: PartialEq>(
@@ -254,10 +256,11 @@ impl Index {
 
     fn slice_added(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
         if let Some(service) = slice_service(key, slice) {
-            self.slices_by_service
-                .entry(service.clone())
-                .or_default()
-                .insert(key.clone());
+            // Sorted, as a set; a Vec, since a Service has a slice or a few.
+            let slices = self.slices_by_service.entry(service.clone()).or_default();
+            if let Err(at) = slices.binary_search(key) {
+                slices.insert(at, key.clone());
+            }
             self.changes.services.insert(service);
         }
         self.unmanaged_pod_refs += usize::from(unmanaged_pod_refs(slice));
@@ -266,7 +269,7 @@ impl Index {
     fn slice_removed(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
         if let Some(service) = slice_service(key, slice) {
             if let Some(set) = self.slices_by_service.get_mut(&service) {
-                set.remove(key);
+                set.retain(|k| k != key);
                 if set.is_empty() {
                     self.slices_by_service.remove(&service);
                 }
@@ -366,13 +369,17 @@ impl Index {
                 }
                 changed
             }
-            Event::Listed {
-                kind,
-                objects,
-                invalid,
-            } => self.relist(kind, objects, invalid),
+            Event::Relisting(kind) => {
+                self.relisting.insert(kind, BTreeSet::new());
+                false
+            }
+            Event::Relisted(kind) => self.relisted(kind),
             Event::Applied(Sourced { origin, object }) => {
-                let was_invalid = self.invalid.remove(&object.object_ref()).is_some();
+                let r = object.object_ref();
+                if let Some(seen) = self.relisting.get_mut(&r.kind) {
+                    seen.insert(r.namespaced_name());
+                }
+                let was_invalid = self.invalid.remove(&r).is_some();
                 self.apply(&origin, object) | was_invalid
             }
             Event::Deleted(object) => {
@@ -380,6 +387,9 @@ impl Index {
                 self.delete(&object) | was_invalid
             }
             Event::Invalid(Invalid { object, diagnostic }) => {
+                if let Some(seen) = self.relisting.get_mut(&object.kind) {
+                    seen.insert(object.namespaced_name());
+                }
                 self.invalid.insert(object, diagnostic.clone()) != Some(diagnostic)
             }
             Event::Namespaces(set) => {
@@ -391,29 +401,24 @@ impl Index {
         }
     }
 
-    /// Makes the index hold exactly `objects` of `kind`, and the last good version
-    /// of each object in `invalid` (whose newest version does not convert).
-    fn relist(&mut self, kind: Kind, objects: Vec<Sourced>, invalid: Vec<Invalid>) -> bool {
-        let mut keep: BTreeSet<ObjectRef> = objects.iter().map(|s| s.object.object_ref()).collect();
-        keep.extend(invalid.iter().map(|i| i.object.clone()));
+    /// Ends a relist of `kind`: what it did not give is gone (objects, and
+    /// reports of objects that did not convert).
+    fn relisted(&mut self, kind: Kind) -> bool {
+        let Some(seen) = self.relisting.remove(&kind) else {
+            return false;
+        };
         let mut changed = false;
         for gone in self
             .object_refs()
             .into_iter()
-            .filter(|r| r.kind == kind && !keep.contains(r))
+            .filter(|r| r.kind == kind && !seen.contains(&r.namespaced_name()))
         {
             changed |= self.delete(&gone);
         }
         let before = self.invalid.len();
-        self.invalid.retain(|r, _| r.kind != kind);
-        changed |= before != self.invalid.len();
-        for Sourced { origin, object } in objects {
-            changed |= self.apply(&origin, object);
-        }
-        for Invalid { object, diagnostic } in invalid {
-            changed |= self.invalid.insert(object, diagnostic.clone()) != Some(diagnostic);
-        }
-        changed
+        self.invalid
+            .retain(|r, _| r.kind != kind || seen.contains(&r.namespaced_name()));
+        changed | (before != self.invalid.len())
     }
 
     /// Every object the index holds, by reference.

@@ -68,16 +68,26 @@ fn routed_hosts(index: &mut Index) -> Vec<String> {
         .collect()
 }
 
+/// A relist as the Kubernetes source streams it; whether anything changed.
+fn relist(index: &mut Index, kind: Kind, objects: Vec<Sourced>, invalid: Vec<Invalid>) -> bool {
+    let events = std::iter::once(Event::Relisting(kind))
+        .chain(objects.into_iter().map(Event::Applied))
+        .chain(invalid.into_iter().map(Event::Invalid))
+        .chain([Event::Relisted(kind)]);
+    events.fold(false, |changed, e| index.apply_event(e) | changed)
+}
+
 fn with_web() -> Index {
     let mut index = Index::default();
-    index.apply_event(Event::Listed {
-        kind: Kind::Service,
-        objects: vec![
+    relist(
+        &mut index,
+        Kind::Service,
+        vec![
             sourced(service("prod", "web")),
             sourced(service("prod", "db")),
         ],
-        invalid: Vec::new(),
-    });
+        Vec::new(),
+    );
     index
 }
 
@@ -89,11 +99,12 @@ fn a_relist_keeps_the_last_good_version_of_an_object_that_no_longer_converts() {
     assert_eq!(routed_hosts(&mut index), ["web"]);
     // The watch is gone for a while (410 Gone); meanwhile the object was edited
     // into something that does not convert. The relist says so.
-    assert!(index.apply_event(Event::Listed {
-        kind: Kind::VirtualService,
-        objects: Vec::new(),
-        invalid: vec![invalid(&good)],
-    }));
+    assert!(relist(
+        &mut index,
+        Kind::VirtualService,
+        Vec::new(),
+        vec![invalid(&good)]
+    ));
     assert_eq!(
         routed_hosts(&mut index),
         ["web"],
@@ -119,22 +130,24 @@ fn a_relist_removes_what_is_gone_and_clears_what_it_lists_valid() {
     index.apply_event(Event::Invalid(invalid(&b)));
     assert_eq!(index.source_diagnostics().count(), 1);
     // Relisted: `a` was deleted while the watch was away, `b` is valid now.
-    assert!(index.apply_event(Event::Listed {
-        kind: Kind::VirtualService,
-        objects: vec![sourced(b)],
-        invalid: Vec::new(),
-    }));
+    assert!(relist(
+        &mut index,
+        Kind::VirtualService,
+        vec![sourced(b)],
+        Vec::new()
+    ));
     assert_eq!(routed_hosts(&mut index), ["db"]);
     assert_eq!(index.source_diagnostics().count(), 0);
     // Another kind's relist leaves these alone.
-    assert!(!index.apply_event(Event::Listed {
-        kind: Kind::Service,
-        objects: vec![
+    assert!(!relist(
+        &mut index,
+        Kind::Service,
+        vec![
             sourced(service("prod", "web")),
             sourced(service("prod", "db"))
         ],
-        invalid: Vec::new(),
-    }));
+        Vec::new()
+    ));
     assert_eq!(routed_hosts(&mut index), ["db"]);
 }
 
@@ -203,12 +216,12 @@ fn node(name: &str, zone: &str, beat: &str) -> Resource {
 #[test]
 fn nodes_are_kept_by_name_and_a_heartbeat_changes_nothing() {
     let mut index = Index::default();
-    let listed = |objects: Vec<Resource>| Event::Listed {
-        kind: Kind::Node,
-        objects: objects.into_iter().map(sourced).collect(),
-        invalid: Vec::new(),
-    };
-    assert!(index.apply_event(listed(vec![node("node-a", "z1", "2026-11-30T00:00:00Z")])));
+    assert!(relist(
+        &mut index,
+        Kind::Node,
+        vec![sourced(node("node-a", "z1", "2026-11-30T00:00:00Z"))],
+        Vec::new()
+    ));
     assert!(!index.apply_event(Event::Applied(sourced(node(
         "node-a",
         "z1",
@@ -228,7 +241,7 @@ fn nodes_are_kept_by_name_and_a_heartbeat_changes_nothing() {
     )))));
     assert_eq!(zone(&index).as_deref(), Some("z2"));
     assert!(index.is_empty(), "a Node alone configures nothing");
-    assert!(index.apply_event(listed(Vec::new())));
+    assert!(relist(&mut index, Kind::Node, Vec::new(), Vec::new()));
     assert_eq!(zone(&index), None);
 }
 

@@ -232,7 +232,7 @@ impl SyncGate {
     fn pass(&mut self, event: &Event) -> bool {
         let was_waiting = !self.waiting.is_empty();
         let listed = match event {
-            Event::Listed { kind, .. } => self.waiting.remove(&Watched::Kind(*kind)),
+            Event::Relisted(kind) => self.waiting.remove(&Watched::Kind(*kind)),
             Event::Namespaces(_) => self.waiting.remove(&Watched::Namespaces),
             _ => false,
         };
@@ -494,8 +494,9 @@ fn not_served(e: &watcher::Error) -> bool {
 }
 
 /// Runs a watcher with backoff until the resource is not served, turning its
-/// events into updates: a relist is buffered from `Init` to `InitDone` and sent
-/// whole. `track`: the Istio kinds' versions, for their Events.
+/// events into updates: a relist is streamed from `Init` ([`Event::Relisting`])
+/// to `InitDone` ([`Event::Relisted`]), never buffered. `track`: the Istio
+/// kinds' versions, for their Events.
 async fn watch_events<K, F>(
     api: Api<K>,
     config: watcher::Config,
@@ -509,7 +510,7 @@ where
     F: Fn(K) -> Result<Sourced, Box<Invalid>>,
 {
     let mut stream = watcher(api, config).backoff(Backoff::default()).boxed();
-    let mut listing: Option<(Vec<Sourced>, Vec<Invalid>)> = None;
+    let mut listed = (0usize, 0usize);
     let mut listed_versions = Vec::new();
     let version = |object: &K| {
         let meta = object.meta();
@@ -528,32 +529,31 @@ where
                 continue;
             }
             Ok(watcher::Event::Init) => {
-                listing = Some(Default::default());
+                listed = (0, 0);
                 listed_versions.clear();
-                continue;
+                Event::Relisting(kind)
             }
             Ok(watcher::Event::InitApply(object)) => {
                 listed_versions.extend(version(&object));
-                let (objects, invalid) = listing.get_or_insert_with(Default::default);
                 match convert(object) {
-                    Ok(sourced) => objects.push(sourced),
-                    Err(bad) => invalid.push(*bad),
+                    Ok(sourced) => {
+                        listed.0 += 1;
+                        Event::Applied(sourced)
+                    }
+                    Err(bad) => {
+                        listed.1 += 1;
+                        Event::Invalid(*bad)
+                    }
                 }
-                continue;
             }
             Ok(watcher::Event::InitDone) => {
                 if let Some((seen, _)) = track {
                     seen.relist(kind, std::mem::take(&mut listed_versions));
                 }
-                let (objects, invalid) = listing.take().unwrap_or_default();
                 // A relist (after 410 Gone, or a restart of the API server) is
                 // worth a line: it replaces the kind whole.
-                info!(kind = %kind, objects = objects.len(), invalid = invalid.len(), "listed");
-                Event::Listed {
-                    kind,
-                    objects,
-                    invalid,
-                }
+                info!(kind = %kind, objects = listed.0, invalid = listed.1, "listed");
+                Event::Relisted(kind)
             }
             Ok(watcher::Event::Apply(object)) => {
                 if let (Some((seen, _)), Some((r, v))) = (track, version(&object)) {
@@ -784,13 +784,15 @@ pub fn convert_dynamic(kind: Kind, object: &DynamicObject) -> Result<Sourced, Bo
 /// The mesh namespaces, sent whole on every change.
 async fn watch_namespaces(client: Client, tx: UpdateSender, selector: String) {
     let config = watcher::Config::default().labels(&selector);
-    let mut stream = watcher(Api::<Namespace>::all(client), config)
-        .backoff(Backoff::default())
-        .boxed();
+    // Their names are all we read: metadata only.
+    let api = Api::<kube::core::PartialObjectMeta<Namespace>>::all(client);
+    let mut stream = watcher(api, config).backoff(Backoff::default()).boxed();
     let mut current: BTreeSet<String> = BTreeSet::new();
     let mut listing: Option<BTreeSet<String>> = None;
     while let Some(event) = stream.next().await {
-        let name = |ns: &Namespace| ns.metadata.name.clone().unwrap_or_default();
+        let name = |ns: &kube::core::PartialObjectMeta<Namespace>| {
+            ns.metadata.name.clone().unwrap_or_default()
+        };
         match event {
             Err(e) => {
                 warn!("watching namespaces failed, retrying with backoff: {e}");
@@ -840,11 +842,7 @@ mod tests {
     use crate::model::NamespacedName;
 
     fn listed(kind: Kind) -> Event {
-        Event::Listed {
-            kind,
-            objects: Vec::new(),
-            invalid: Vec::new(),
-        }
+        Event::Relisted(kind)
     }
 
     #[test]

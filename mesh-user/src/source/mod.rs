@@ -70,13 +70,15 @@ pub enum Event {
         objects: Vec<Sourced>,
         diagnostics: Vec<Diagnostic>,
     },
-    /// A (re)list of one kind is complete: afterwards the index holds exactly
-    /// `objects` of it, and the last good versions of those in `invalid`.
-    Listed {
-        kind: Kind,
-        objects: Vec<Sourced>,
-        invalid: Vec<Invalid>,
-    },
+    /// A (re)list of one kind begins: the [`Event::Applied`] and
+    /// [`Event::Invalid`] of that kind until [`Event::Relisted`] are its whole
+    /// content. Streamed, so a relist never holds a kind twice (a buffer and
+    /// the index).
+    Relisting(Kind),
+    /// The (re)list of the kind is complete: afterwards the index holds
+    /// exactly the objects it gave, and the last good versions of those it
+    /// gave as invalid.
+    Relisted(Kind),
     Applied(Sourced),
     Deleted(ObjectRef),
     Invalid(Invalid),
