@@ -435,8 +435,9 @@ struct Churned {
 const QUIET: Duration = Duration::from_secs(2);
 
 /// Endpoint changes at `size.rate` for `size.churn`, each a merge patch of one
-/// slice's endpoints (one endpoint's readiness flipped, or its address moved
-/// and back, round robin over the slices); then until the agent is quiet.
+/// slice's endpoints (one endpoint's readiness flipped, or, every other change,
+/// its address moved and back; round robin over the slices); then until the
+/// agent is quiet.
 async fn churn(
     clients: &Clients,
     built: &Built,
@@ -471,7 +472,10 @@ async fn churn(
             let (s, round) = (sent % n, sent / n);
             let e = round % PER_SERVICE;
             let ep = &mut state[s][e];
-            if round % 2 == 0 {
+            // Every other change a readiness flip, the others an address moved
+            // (and back the next time): both kinds even when the window sends
+            // fewer changes than there are slices.
+            if sent.is_multiple_of(2) {
                 ep.ready = !ep.ready;
             } else {
                 ep.moved = !ep.moved;
@@ -690,7 +694,7 @@ fn report(r: &mut String, x: &Results) {
     let ms = |v: &Value, f: &str| v[f].as_f64().map_or(f64::NAN, |us| us / 1e3);
     let _ = writeln!(
         r,
-        "The bench creates, through a `kube` client of its own ({} Services being created at once, each its {PER_SERVICE} Pods in parallel), in namespace `{NAMESPACE}` (labelled `istio-injection=enabled`): Pods (one container; created, then their status written as a kubelet would: Running, `podIP`, Ready), then each Service (a selector, one port, a ClusterIP allocated by the server) and its EndpointSlice ({PER_SERVICE} endpoints, ready, `targetRef` to their Pods). Target {} Services; none is started after {} s. Then `mesh-agent run --source kubernetes` (`NODE_NAME={NODE}`) starts, lists everything and writes the maps; then, with it running, a churn of endpoint changes (each a merge patch of one slice: one endpoint's readiness flipped or its address moved, round robin over the slices) at a target rate, {} requests in flight at most. kube-apiserver 1.20, etcd, the controller manager, the bench's client and the agent share this machine's CPUs (load average before the section: {}).\n",
+        "The bench creates, through a `kube` client of its own ({} Services being created at once, each its {PER_SERVICE} Pods in parallel), in namespace `{NAMESPACE}` (labelled `istio-injection=enabled`): Pods (one container; created, then their status written as a kubelet would: Running, `podIP`, Ready), then each Service (a selector, one port, a ClusterIP allocated by the server) and its EndpointSlice ({PER_SERVICE} endpoints, ready, `targetRef` to their Pods). Target {} Services; none is started after {} s. Then `mesh-agent run --source kubernetes` (`NODE_NAME={NODE}`) starts, lists everything and writes the maps; then, with it running, a churn of endpoint changes (each a merge patch of one slice: one endpoint's readiness flipped or, every other change, its address moved; round robin over the slices) at a target rate, {} requests in flight at most. kube-apiserver 1.20, etcd, the controller manager, the bench's client and the agent share this machine's CPUs (load average before the section: {}).\n",
         size.units_in_flight,
         size.services,
         size.budget.as_secs(),
