@@ -43,7 +43,8 @@ use crate::{
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// A smoke run: fewer service counts, short runs (about two minutes).
+    /// A smoke run: fewer service counts, short runs, a small cluster for
+    /// agent-kube (about two and a half minutes).
     #[arg(long)]
     quick: bool,
     #[arg(long)]
