@@ -197,6 +197,17 @@ impl ApiServer {
         Ok(())
     }
 
+    /// The pid of one of its processes (`etcd`, `kube-apiserver`,
+    /// `kube-controller-manager`), from the script's pid file, while it runs.
+    pub fn pid(&self, process: &str) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.dir.join(format!("run/{process}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
     /// An outage: kube-apiserver alone stops (`up: false`) or comes back as it was.
     pub fn set_up(&self, up: bool) -> anyhow::Result<()> {
         let verb = if up {

@@ -12,8 +12,11 @@
 //!   router path) against direct, an iptables NodePort and HAProxy
 //! - [`mod@policies`]: the per-connect cost of each load-balancing policy
 //! - [`mod@agent_costs`]: the agent's own compile, apply, memory and propagation
+//! - [`mod@agent_kube`]: the agent's Kubernetes source at scale against a real
+//!   kube-apiserver, and under endpoint churn
 
 mod agent_costs;
+mod agent_kube;
 mod gateway;
 mod policies;
 mod report;
@@ -31,6 +34,7 @@ use clap::Parser;
 
 use crate::{
     agent_costs::agent_costs,
+    agent_kube::agent_kube,
     gateway::gateway,
     policies::policies,
     report::{floor, header, method, tables},
@@ -39,7 +43,8 @@ use crate::{
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// A smoke run: fewer service counts, short runs (about two minutes).
+    /// A smoke run: fewer service counts, short runs, a small cluster for
+    /// agent-kube (about two and a half minutes).
     #[arg(long)]
     quick: bool,
     #[arg(long)]
@@ -62,6 +67,9 @@ enum Section {
     Policies,
     /// The agent at scale: first apply, memory, edit propagation.
     Agent,
+    /// The agent's Kubernetes source at scale (a real kube-apiserver): first
+    /// apply, memory, and CPU and latency under endpoint churn.
+    AgentKube,
     /// The same-node rows (direct, the shortcut on and off, AF_UNIX), apart
     /// and on one CPU, against the floor.
     SameNode,
@@ -109,6 +117,10 @@ fn main() -> anyhow::Result<()> {
             agent_costs(&mut report, args.quick)?;
             return finish(&report, args.write.as_deref(), started);
         }
+        Some(Section::AgentKube) => {
+            agent_kube(&mut report, args.quick)?;
+            return finish(&report, args.write.as_deref(), started);
+        }
         Some(Section::SameNode) => {
             let bench = Topology::build(&[], false)?;
             let results = bench.run(rounds, warmup, duration)?;
@@ -129,6 +141,7 @@ fn main() -> anyhow::Result<()> {
     gateway(&mut report, args.quick, rounds)?;
     policies(&mut report, args.quick, rounds)?;
     agent_costs(&mut report, args.quick)?;
+    agent_kube(&mut report, args.quick)?;
     method(&mut report);
     finish(&report, args.write.as_deref(), started)
 }

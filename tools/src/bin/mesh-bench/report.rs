@@ -48,6 +48,7 @@ pub(crate) fn header(
             Some(crate::Section::Gateway) => "target/release/mesh-bench --only gateway",
             Some(crate::Section::Policies) => "target/release/mesh-bench --only policies",
             Some(crate::Section::Agent) => "target/release/mesh-bench --only agent",
+            Some(crate::Section::AgentKube) => "target/release/mesh-bench --only agent-kube",
             Some(crate::Section::SameNode) => "target/release/mesh-bench --only same-node",
             None => "cargo xtask bench",
         },
