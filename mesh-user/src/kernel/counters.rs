@@ -229,6 +229,8 @@ pub struct Connections {
     backends: PerCpuHashMap<MapData, u32, mesh_common::BackendStats>,
     global: PerCpuArray<MapData, u64>,
     view: Arc<RwLock<View>>,
+    /// To read each pinned map's kernel memory on a scrape.
+    pins: PinDir,
 }
 
 impl std::fmt::Debug for Connections {
@@ -255,6 +257,7 @@ impl Connections {
             backends: open(pins, m::BACKEND_STATS, Map::PerCpuHashMap)?,
             global: open(pins, m::GLOBAL_STATS, Map::PerCpuArray)?,
             view,
+            pins: pins.clone(),
         })
     }
 
@@ -346,6 +349,16 @@ impl Collector for Connections {
         for o in &view.occupancy {
             ConstGauge::new(i64::try_from(o.capacity).unwrap_or(i64::MAX))
                 .encode(e.encode_family(&MapLabels { map: o.map })?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "map_memory_bytes",
+            "Kernel memory of a pinned BPF map (its fdinfo memlock: buckets for the whole capacity, elements present or preallocated, per-CPU values per possible CPU)",
+            None,
+            gauge,
+        )?;
+        for map in super::memory::pinned(&self.pins).into_iter().flatten() {
+            ConstGauge::new(i64::try_from(map.bytes).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&MapLabels { map: map.map })?)?;
         }
         Ok(())
     }
