@@ -170,7 +170,8 @@ pub struct BackendLabel {
     pub proto: Proto,
 }
 
-/// Entries in one map we write, and its capacity.
+/// Entries in one map we write (a counter map: the ids given out), and its
+/// capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Occupancy {
     pub map: &'static str,
@@ -332,7 +333,7 @@ impl Collector for Connections {
         let gauge = ConstGauge::new(0i64).metric_type();
         let mut e = encoder.encode_descriptor(
             "map_entries",
-            "Entries in a BPF map, as the agent wrote them",
+            "Entries in a BPF map, as the agent wrote them (the counter maps: ids given out; the kernel creates an id's entry at its first connect)",
             None,
             gauge,
         )?;
