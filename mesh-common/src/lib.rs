@@ -725,8 +725,10 @@ pub struct OrigDst {
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 20);
 
-/// Value of the per-CPU `BACKEND_STATS_V1` (key: `backend_id`). The kernel increments
-/// existing entries only; the agent creates an entry (zeroed) when it assigns an id.
+/// Value of the per-CPU `BACKEND_STATS_V1` (key: `backend_id`, host byte order).
+/// Written by connect4/6, which create the entry on the id's first connect
+/// (this CPU's value 1, the others zeroed by the kernel); the agent only reads
+/// and deletes entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BackendStats {

@@ -82,15 +82,16 @@ pub static ACTIVE: PerCpuHashMap<EndpointKey, i64> =
 pub static COUNTED: HashMap<u64, EndpointKey> =
     HashMap::with_max_entries(MAX_COUNTED, BPF_F_NO_PREALLOC);
 
-/// Backend id -> per-CPU counters. The agent creates (zeroed) entries; the kernel
-/// only increments existing ones.
+/// Backend id -> per-CPU counters. Writer: connect4/6, which create an id's
+/// entry on its first connect (`stats::count`); the agent deletes the entry
+/// when it frees the id and again when it hands the id out anew.
 #[map(name = "BACKEND_STATS_V1")]
 pub static BACKEND_STATS: PerCpuHashMap<u32, BackendStats> =
     PerCpuHashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Service id -> per-CPU count of connects to that service port (rewritten or
-/// refused). The agent creates (zeroed) entries when it assigns an id; the kernel
-/// only increments existing ones.
+/// refused). Writer: connect4/6, which create an id's entry on its first
+/// connect; the agent deletes the entry when it hands a freed id out anew.
 #[map(name = "SERVICE_STATS_V1")]
 pub static SERVICE_STATS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);

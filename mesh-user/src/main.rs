@@ -78,7 +78,14 @@ enum Command {
         ebpf_object: Option<PathBuf>,
         /// Capacities of some maps instead of the built-in ones, as
         /// NAME=ENTRIES[,NAME=ENTRIES...] (e.g. SLOTS_V1=4194304). A pinned map of
-        /// another capacity is replaced and refilled.
+        /// another capacity is replaced and refilled. Kernel memory: every map
+        /// 16 B per entry of capacity (rounded up to a power of two) from load;
+        /// then per entry present 96 B (SERVICES_V1, SLOTS_V1) and 88 B + 8 B
+        /// per possible CPU (BACKEND_STATS_V1, SERVICE_STATS_V1: only backends
+        /// and services dialled from this node); the LRUs are preallocated:
+        /// REVNAT_V1 80 B, AFFINITY_V1 96 B per entry of capacity. Defaults
+        /// hold 10k services / 100k endpoints; `mesh-agent status` shows what
+        /// each map takes (docs/design.md, "Kernel memory of the maps").
         #[arg(long, env = "MESH_MAP_CAPACITY", default_value = "")]
         map_capacity: mesh_user::kernel::loader::MapCapacities,
         /// The cgroup v2 directory whose processes' connects to gateway ports on

@@ -475,6 +475,47 @@ fn status_dump_and_explain_read_the_pinned_state_with_or_without_an_agent() -> a
             .find(|m| m["name"] == "SLOTS_V1")
             .and_then(|m| m["entries"].as_u64());
         assert_eq!(slots, Some(30), "{status}");
+        // Kernel memory, from the maps' fdinfo: a hash map pays 16 B per bucket
+        // for its whole capacity, then each slot its key and value (16 + 24 B)
+        // and the kernel's element header on top.
+        let map = |name: &str| {
+            status["maps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let slot_map = map("SLOTS_V1");
+        let buckets = slot_map["capacity"]
+            .as_u64()
+            .map_or(0, u64::next_power_of_two);
+        let slot_bytes = slot_map["bytes"].as_u64().unwrap_or(0);
+        assert!(slot_bytes >= 16 * buckets + 30 * 40, "{status}");
+        let total: u64 = status["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["bytes"].as_u64())
+            .sum();
+        assert_eq!(status["memory"]["total_bytes"].as_u64(), Some(total));
+        let services_bytes: u64 = ["SERVICES_V1", "SERVICE_STATS_V1", "SOCKET_POLICY_V1"]
+            .iter()
+            .filter_map(|m| map(m)["bytes"].as_u64())
+            .sum();
+        assert_eq!(
+            status["memory"]["per_service"].as_u64(),
+            Some(services_bytes / 2),
+            "{status}"
+        );
+        if running {
+            assert_eq!(
+                agent.metric_with("mesh_map_memory_bytes", &[r#"map="SLOTS_V1""#])?,
+                slot_bytes,
+                "/metrics and status read the same kernel account"
+            );
+        }
 
         let dump: serde_json::Value =
             serde_json::from_str(&agent.cli(&["dump", "--output", "json"])?)?;

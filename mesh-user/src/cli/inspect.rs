@@ -20,7 +20,7 @@ use crate::{
     compile::{BackendAddr, Proto, ServiceAddr},
     kernel::{
         codec::{backend_addr, service_addr, slot_destination},
-        count_keys,
+        count_keys, memory,
         pin::PinDir,
         record::{self, AgentRecord, ServiceRecord},
     },
@@ -51,6 +51,8 @@ pub struct Status {
     pub maps: Vec<MapStatus>,
     pub services: usize,
     pub backends: usize,
+    /// The maps' kernel memory, and its share per service port and backend.
+    pub memory: memory::Summary,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +88,8 @@ pub struct MapStatus {
     /// `None` for arrays (always full).
     pub entries: Option<usize>,
     pub capacity: u32,
+    /// Kernel memory (fdinfo `memlock`); `None` when it could not be read.
+    pub bytes: Option<u64>,
 }
 
 pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
@@ -130,6 +134,7 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
         }
     }
     let mut maps = Vec::new();
+    let mut measured = Vec::new();
     for name in map_names::ALL {
         let path = pins.map(name);
         let Ok(info) = MapInfo::from_pin(&path) else {
@@ -149,20 +154,26 @@ pub fn status(pins: &PinDir, run_dir: &Path) -> Result<Status, InspectError> {
             id: info.id(),
             entries,
             capacity: info.max_entries(),
+            bytes: memory::info_bytes(name, &info).ok(),
         });
+        if let Some(bytes) = maps.last().and_then(|m| m.bytes) {
+            measured.push(memory::MapMemory { map: name, bytes });
+        }
     }
     let tables = read_tables(pins)?;
     let backends: std::collections::BTreeSet<BackendAddr> = tables
         .values()
         .flat_map(|t| t.slots.iter().flatten().copied())
         .collect();
+    // Service ports: a destination's own table is part of its port's.
+    let services = tables.keys().filter(|a| a.destination.is_none()).count();
     Ok(Status {
         pin_dir: pins.root().to_owned(),
         agent,
         programs,
+        memory: memory::summarize(&measured, services, backends.len()),
         maps,
-        // Service ports: a destination's own table is part of its port's.
-        services: tables.keys().filter(|a| a.destination.is_none()).count(),
+        services,
         backends: backends.len(),
     })
 }
@@ -214,12 +225,32 @@ pub fn print_status(s: &Status) {
         let entries = m
             .entries
             .map_or_else(|| "array".to_owned(), |e| e.to_string());
-        println!("  {:<22} {:>9} / {}", m.name, entries, m.capacity);
+        let bytes = m.bytes.map_or_else(|| "?".to_owned(), mib);
+        println!(
+            "  {:<22} {:>9} / {:<9} {:>11}",
+            m.name, entries, m.capacity, bytes
+        );
     }
     println!(
         "services: {} service ports, {} distinct backends",
         s.services, s.backends
     );
+    let per = |bytes: Option<u64>| bytes.map_or_else(|| "-".to_owned(), |b| format!("{b} B"));
+    let mem = &s.memory;
+    println!(
+        "kernel memory of the maps: {} ({} follow service ports: {} per port; {} follow backends: {} per backend; {} other: capacity, LRUs, sockets, gateway)",
+        mib(mem.total_bytes),
+        mib(mem.services_bytes),
+        per(mem.per_service),
+        mib(mem.endpoints_bytes),
+        per(mem.per_endpoint),
+        mib(mem.other_bytes),
+    );
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// One service port as the kernel holds it, labelled from the record.

@@ -256,8 +256,10 @@ fn copy_counters(old: &Counters, new: &mut Counters, bound: usize) -> Result<Sna
     Ok(snapshot)
 }
 
-/// Adds to `new` what each counter of `old` gained since `snapshot`, for the
-/// counters `new` still has (the agent prunes those nothing refers to).
+/// Adds to `new` what each counter of `old` gained since `snapshot`. A
+/// counter `new` lacks is created with those counts (the kernel creates
+/// counters on their first connect, so one the old programs made since the
+/// copy has no entry in `new` yet); the agent prunes those nothing refers to.
 fn add_increments(
     old: &Counters,
     new: &mut Counters,
@@ -276,8 +278,18 @@ fn add_increments(
         if gained.iter().all(|g| *g == 0) {
             continue;
         }
-        let Ok(current) = new.get(&id, 0) else {
-            continue;
+        let current = match new.get(&id, 0) {
+            Ok(current) => current,
+            Err(MapError::KeyNotFound) => match new.insert(id, per_cpu(gained.clone())?, NOEXIST) {
+                Ok(()) => {
+                    added += 1;
+                    continue;
+                }
+                // The new programs created it meanwhile: add to theirs.
+                Err(e) if errno(&e) == Some(libc::EEXIST) => new.get(&id, 0)?,
+                Err(e) => return Err(e),
+            },
+            Err(e) => return Err(e),
         };
         let sum = current
             .iter()

@@ -170,7 +170,8 @@ pub struct BackendLabel {
     pub proto: Proto,
 }
 
-/// Entries in one map we write, and its capacity.
+/// Entries in one map we write (a counter map: the ids given out), and its
+/// capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Occupancy {
     pub map: &'static str,
@@ -229,6 +230,8 @@ pub struct Connections {
     backends: PerCpuHashMap<MapData, u32, mesh_common::BackendStats>,
     global: PerCpuArray<MapData, u64>,
     view: Arc<RwLock<View>>,
+    /// To read each pinned map's kernel memory on a scrape.
+    pins: PinDir,
 }
 
 impl std::fmt::Debug for Connections {
@@ -255,6 +258,7 @@ impl Connections {
             backends: open(pins, m::BACKEND_STATS, Map::PerCpuHashMap)?,
             global: open(pins, m::GLOBAL_STATS, Map::PerCpuArray)?,
             view,
+            pins: pins.clone(),
         })
     }
 
@@ -329,7 +333,7 @@ impl Collector for Connections {
         let gauge = ConstGauge::new(0i64).metric_type();
         let mut e = encoder.encode_descriptor(
             "map_entries",
-            "Entries in a BPF map, as the agent wrote them",
+            "Entries in a BPF map, as the agent wrote them (the counter maps: ids given out; the kernel creates an id's entry at its first connect)",
             None,
             gauge,
         )?;
@@ -346,6 +350,16 @@ impl Collector for Connections {
         for o in &view.occupancy {
             ConstGauge::new(i64::try_from(o.capacity).unwrap_or(i64::MAX))
                 .encode(e.encode_family(&MapLabels { map: o.map })?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "map_memory_bytes",
+            "Kernel memory of a pinned BPF map (its fdinfo memlock: buckets for the whole capacity, elements present or preallocated, per-CPU values per possible CPU)",
+            None,
+            gauge,
+        )?;
+        for map in super::memory::pinned(&self.pins).into_iter().flatten() {
+            ConstGauge::new(i64::try_from(map.bytes).unwrap_or(i64::MAX))
+                .encode(e.encode_family(&MapLabels { map: map.map })?)?;
         }
         Ok(())
     }

@@ -786,15 +786,9 @@ fn counters<T: Counter>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<PerCpuCounters<T>, LoadError> {
-    PerCpuCounters::new(take::<PerCpuHashMap<MapData, u32, T>>(ebpf, name)?).map_err(|e| {
-        LoadError::Map {
-            name,
-            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "possible CPUs",
-                io_error: e,
-            }),
-        }
-    })
+    Ok(PerCpuCounters::new(take::<PerCpuHashMap<MapData, u32, T>>(
+        ebpf, name,
+    )?))
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>

@@ -5,7 +5,7 @@
 
 use std::os::fd::AsFd as _;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
 use mesh_common::{
     AffinityMatch, Backend, BackendStats, EndpointKey, ServiceKey, ServiceValue, SlotKey,
     SocketPolicy,
@@ -86,21 +86,14 @@ pub fn sync_map<T: Ord + Copy, K, V: Copy + PartialEq>(
     failed
 }
 
-/// Per-CPU counters by id (connections per service, per backend).
+/// Per-CPU counters by id (connections per service, per backend). The
+/// kernel creates an id's entry on its first count; the agent only reads and
+/// deletes them.
 pub trait CounterMap {
-    /// Sets the id's counters to zero on every CPU (a new or reused id).
-    fn reset(&mut self, id: u32) -> Result<(), MapError>;
-    /// [`CounterMap::reset`] for each id, in order (one call where the kernel
-    /// can); on a failure, how many were reset before it, and the error.
-    fn reset_all(&mut self, ids: &[u32]) -> Result<(), (usize, MapError)> {
-        for (i, id) in ids.iter().enumerate() {
-            self.reset(*id).map_err(|e| (i, e))?;
-        }
-        Ok(())
-    }
+    /// `MapError::KeyNotFound` when absent (the id never counted anything).
     fn remove(&mut self, id: u32) -> Result<(), MapError>;
     fn ids(&self) -> Vec<u32>;
-    /// The id's count, summed over CPUs.
+    /// The id's count, summed over CPUs; `None` until it counts something.
     fn total(&self, id: u32) -> Option<u64>;
 }
 
@@ -216,50 +209,21 @@ impl Counter for BackendStats {
 /// A pinned per-CPU hash of counters.
 pub struct PerCpuCounters<T: Counter> {
     map: PerCpuHashMap<MapData, u32, T>,
-    nr_cpus: usize,
 }
 
 impl<T: Counter> std::fmt::Debug for PerCpuCounters<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PerCpuCounters")
-            .field("nr_cpus", &self.nr_cpus)
-            .finish_non_exhaustive()
+        f.debug_struct("PerCpuCounters").finish_non_exhaustive()
     }
 }
 
 impl<T: Counter> PerCpuCounters<T> {
-    pub fn new(map: PerCpuHashMap<MapData, u32, T>) -> Result<Self, std::io::Error> {
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        Ok(Self { map, nr_cpus })
+    pub fn new(map: PerCpuHashMap<MapData, u32, T>) -> Self {
+        Self { map }
     }
 }
 
 impl<T: Counter> CounterMap for PerCpuCounters<T> {
-    fn reset(&mut self, id: u32) -> Result<(), MapError> {
-        let zero =
-            PerCpuValues::try_from(vec![T::default(); self.nr_cpus]).map_err(|io_error| {
-                MapError::SyscallError(aya::sys::SyscallError {
-                    call: "per-CPU values",
-                    io_error,
-                })
-            })?;
-        self.map.insert(id, zero, 0)
-    }
-
-    fn reset_all(&mut self, ids: &[u32]) -> Result<(), (usize, MapError)> {
-        // A per-CPU value as the kernel reads it: one per possible CPU, each
-        // rounded up to 8 bytes.
-        let value_bytes = std::mem::size_of::<T>().next_multiple_of(8) * self.nr_cpus;
-        let zeros = vec![0u8; value_bytes * ids.len()];
-        update_batch(
-            aya::maps::IterableMap::map(&self.map),
-            pod_bytes(ids),
-            std::mem::size_of::<u32>(),
-            &zeros,
-            value_bytes,
-        )
-    }
-
     fn remove(&mut self, id: u32) -> Result<(), MapError> {
         self.map.remove(&id)
     }
@@ -364,10 +328,6 @@ pub mod fake {
     }
 
     impl CounterMap for FakeMap<u32, u64> {
-        fn reset(&mut self, id: u32) -> Result<(), MapError> {
-            KernelMap::insert(self, id, 0)
-        }
-
         fn remove(&mut self, id: u32) -> Result<(), MapError> {
             KernelMap::remove(self, &id)
         }

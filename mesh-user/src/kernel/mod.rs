@@ -7,7 +7,8 @@
 //! cgroup, whose connects the hooks leave alone ([`own_cgroup`]), the pods'
 //! cgroups, which scope the mesh ([`pod_cgroups`], written by [`scope`]), and
 //! the per-backend counters sockops keeps for outlier detection and least
-//! request ([`backend_counters`]).
+//! request ([`backend_counters`]), and what the maps cost the kernel
+//! ([`memory`]).
 
 pub mod apply;
 pub mod backend_counters;
@@ -17,6 +18,7 @@ pub mod counters;
 pub mod ingress;
 pub mod loader;
 pub mod maps;
+pub mod memory;
 pub mod netns;
 pub mod own_cgroup;
 pub mod pin;

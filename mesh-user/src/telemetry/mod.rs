@@ -3,7 +3,7 @@
 //! latency (change seen -> maps written), the applied generation, rejected
 //! objects by kind and reason, build info, and on each scrape the kernel's own
 //! counters (connections per service and backend, redirection) and map
-//! occupancy (see `counters`).
+//! occupancy and kernel memory (see `counters`).
 
 pub mod auth;
 

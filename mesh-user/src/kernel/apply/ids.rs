@@ -2,6 +2,14 @@
 
 use std::collections::BTreeSet;
 
+/// An id [`IdPool::take`] handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Taken {
+    pub(super) id: u32,
+    /// Out before: given back, or a gap below an adopted id.
+    pub(super) reused: bool,
+}
+
 /// Small ids, reused after release.
 #[derive(Debug)]
 pub(super) struct IdPool {
@@ -19,13 +27,18 @@ impl IdPool {
         }
     }
 
-    pub(super) fn take(&mut self) -> Option<u32> {
+    /// An id, and whether it was out before (given back, or a gap below an
+    /// adopted id): the kernel's counters may hold counts of its last holder.
+    pub(super) fn take(&mut self) -> Option<Taken> {
         if let Some(id) = self.free.pop_first() {
-            return Some(id);
+            return Some(Taken { id, reused: true });
         }
         (self.next < self.max).then(|| {
             self.next += 1;
-            self.next - 1
+            Taken {
+                id: self.next - 1,
+                reused: false,
+            }
         })
     }
 
@@ -63,21 +76,37 @@ mod tests {
         let mut pool = IdPool::new(10);
         pool.reserve(3);
         pool.reserve(1);
-        let taken: Vec<u32> = std::iter::from_fn(|| pool.take()).collect();
-        assert_eq!(taken, [0, 2, 4, 5, 6, 7, 8, 9]);
+        let taken: Vec<(u32, bool)> = std::iter::from_fn(|| pool.take())
+            .map(|t| (t.id, t.reused))
+            .collect();
+        // The gaps below an adopted id may have counted for a previous agent.
+        assert_eq!(
+            taken,
+            [
+                (0, true),
+                (2, true),
+                (4, false),
+                (5, false),
+                (6, false),
+                (7, false),
+                (8, false),
+                (9, false)
+            ]
+        );
     }
 
     #[test]
     fn ids_are_reused() {
         let mut pool = IdPool::new(2);
+        let id = |t: Option<Taken>| t.map(|t| (t.id, t.reused));
         assert_eq!(
-            (pool.take(), pool.take(), pool.take()),
-            (Some(0), Some(1), None)
+            (id(pool.take()), id(pool.take()), id(pool.take())),
+            (Some((0, false)), Some((1, false)), None)
         );
         assert_eq!(pool.available(), 0);
         pool.give(0);
         pool.give(0);
         assert_eq!(pool.available(), 1);
-        assert_eq!((pool.take(), pool.take()), (Some(0), None));
+        assert_eq!((id(pool.take()), id(pool.take())), (Some((0, true)), None));
     }
 }

@@ -17,7 +17,7 @@ mod ids;
 #[cfg(test)]
 mod tests;
 
-use ids::IdPool;
+use ids::{IdPool, Taken};
 
 use super::{
     codec::{
@@ -419,7 +419,7 @@ impl Applier {
         let (service_id, revision) = match self.live.get(&addr) {
             Some(live) => (live.service_id, self.next_revision(live)),
             None => {
-                let Some(id) = self.service_ids.take() else {
+                let Some(taken) = self.service_ids.take() else {
                     return Err(ApplyError::ServicesFull {
                         service: plan.service.clone(),
                         addr,
@@ -427,11 +427,12 @@ impl Applier {
                         map: mesh_common::map_names::SERVICES,
                     });
                 };
-                // A reused id starts counting from zero.
-                if let Err(e) = self.maps.service_stats.reset(id) {
-                    warn!(%addr, "cannot zero the service's connection counter: {e}");
+                // A reused id starts counting from zero (the kernel creates
+                // the entry at the next connect).
+                if taken.reused {
+                    remove_counter(&mut *self.maps.service_stats, taken.id);
                 }
-                (id, 1)
+                (taken.id, 1)
             }
         };
         // Admission: the whole table or nothing, so that a table that does not
@@ -444,9 +445,9 @@ impl Applier {
         }
         let mut written = 0u32;
         let result = (|| {
-            // The new backends' counters, then the whole table, each in one
-            // call (BPF_MAP_UPDATE_BATCH): a first apply of 10k services is
-            // 20k calls, not one per slot.
+            // The new backends' ids, then the whole table in one call
+            // (BPF_MAP_UPDATE_BATCH): a first apply of 10k services is 10k
+            // calls, not one per slot.
             self.count_new_backends(plan, addr.proto).map_err(err)?;
             let key = |slot: usize| SlotKey {
                 service_id,
@@ -690,6 +691,7 @@ impl Applier {
             let in_use = self.live.values().any(|l| l.service_id == id)
                 || self.retired.iter().any(|r| r.service_id == id);
             if !in_use {
+                remove_counter(&mut *self.maps.service_stats, id);
                 self.service_ids.give(id);
             }
         }
@@ -807,10 +809,6 @@ impl Applier {
         prune_counters(&mut *self.maps.backend_stats, &backend_ids);
         let service_ids: BTreeSet<u32> = self.live.values().map(|l| l.service_id).collect();
         prune_counters(&mut *self.maps.service_stats, &service_ids);
-        // A counter map created anew (renamed with a new layout) lacks the
-        // entries of adopted ids, and the kernel only counts existing ones.
-        ensure_counters(&mut *self.maps.backend_stats, &backend_ids);
-        ensure_counters(&mut *self.maps.service_stats, &service_ids);
         adopted.backends = self.backend_ids.len();
         self.excluded = self
             .maps
@@ -837,8 +835,12 @@ impl Applier {
         adopted
     }
 
-    /// Gives each backend of `plan` not counted yet an id and a zeroed
-    /// counter ([`Applier::admit`] checked there is room), all in one call.
+    /// Gives each backend of `plan` not counted yet an id ([`Applier::admit`]
+    /// checked there is room). Its counter is the kernel's to create, at its
+    /// first connect: creating 100 000 per-CPU entries here took the kernel
+    /// ~1.2 s of a first apply. A reused id's entry is deleted: a connect
+    /// through a table freed with its last holder may have counted after
+    /// the agent deleted it.
     fn count_new_backends(&mut self, plan: &ServicePlan, proto: Proto) -> Result<(), MapError> {
         let new: BTreeSet<BackendAddr> = plan
             .slots
@@ -847,32 +849,26 @@ impl Applier {
             .filter(|b| !self.backend_ids.contains_key(&(**b, proto)))
             .copied()
             .collect();
-        let mut ids = Vec::with_capacity(new.len());
+        let mut taken: Vec<Taken> = Vec::with_capacity(new.len());
         for _ in &new {
-            let Some(id) = self.backend_pool.take() else {
-                for id in ids {
-                    self.backend_pool.give(id);
+            let Some(t) = self.backend_pool.take() else {
+                for t in taken {
+                    self.backend_pool.give(t.id);
                 }
                 return Err(MapError::SyscallError(aya::sys::SyscallError {
                     call: "backend id",
                     io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
                 }));
             };
-            ids.push(id);
+            taken.push(t);
         }
-        let (done, result) = match self.maps.backend_stats.reset_all(&ids) {
-            Ok(()) => (ids.len(), Ok(())),
-            Err((done, e)) => (done, Err(e)),
-        };
-        // Those reset are counted from now on; the others' ids go back.
-        for (i, (backend, id)) in new.into_iter().zip(ids).enumerate() {
-            if i < done {
-                self.backend_ids.insert((backend, proto), id);
-            } else {
-                self.backend_pool.give(id);
+        for (backend, t) in new.into_iter().zip(taken) {
+            if t.reused {
+                remove_counter(&mut *self.maps.backend_stats, t.id);
             }
+            self.backend_ids.insert((backend, proto), t.id);
         }
-        result
+        Ok(())
     }
 
     /// Makes the kernel's redirect exclusions exactly `desired`; a failed write is
@@ -951,15 +947,6 @@ fn prune_counters(map: &mut dyn CounterMap, keep: &BTreeSet<u32>) {
     for id in map.ids() {
         if !keep.contains(&id) {
             remove_counter(map, id);
-        }
-    }
-}
-
-fn ensure_counters(map: &mut dyn CounterMap, ids: &BTreeSet<u32>) {
-    let present: BTreeSet<u32> = map.ids().into_iter().collect();
-    for &id in ids.difference(&present) {
-        if let Err(e) = map.reset(id) {
-            warn!(id, "cannot create a connection counter: {e}");
         }
     }
 }

@@ -254,6 +254,14 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
     );
 
     applier.collect_garbage(t0 + ms(1) + GRACE);
+    assert_eq!(
+        maps.service_stats.state().entries.get(&0),
+        None,
+        "a's counter goes with its id"
+    );
+    // A connect that read a's table just before it was freed counts after that
+    // (the kernel creates the entry anew).
+    maps.service_stats.state().entries.insert(0, 1);
     applier.apply(
         &desired(&[
             ("10.96.0.2", plan("b", &[2])),
@@ -270,7 +278,7 @@ fn a_removed_services_id_is_reused_only_after_its_table_is_freed_and_counts_from
     );
     assert_eq!(
         maps.service_stats.state().entries.get(&0),
-        Some(&0),
+        None,
         "d does not inherit a's connection count"
     );
 }
@@ -315,24 +323,61 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
 }
 
 #[test]
-fn adopt_creates_the_counters_a_counter_map_made_anew_lacks() {
+fn apply_writes_no_counter_and_a_reused_backend_id_does_not_inherit_a_count() {
     let maps = FakeMaps::new(16, 64);
+    let mut applier = Applier::new(maps.maps());
     let t0 = Instant::now();
-    let config = desired(&[("10.96.0.1", plan("a", &[1, 2]))]);
-    Applier::new(maps.maps()).apply(&config, None, Hold::NONE, t0);
-    let counted = |maps: &FakeMaps| {
-        (
-            maps.service_stats.state().entries.len(),
-            maps.backend_stats.state().entries.len(),
-        )
+    applier.apply(
+        &desired(&[("10.96.0.1", plan("a", &[1, 2]))]),
+        None,
+        Hold::NONE,
+        t0,
+    );
+    // The kernel creates counters at their first connect, not the agent.
+    assert!(maps.backend_stats.state().entries.is_empty());
+    assert!(maps.service_stats.state().entries.is_empty());
+    let id_of = |applier: &Applier, host: u8| {
+        applier
+            .view()
+            .backends
+            .iter()
+            .find(|b| b.addr.ip == IpAddr::from([10, 244, 0, host]))
+            .map(|b| b.id)
     };
-    assert_eq!(counted(&maps), (1, 2));
-    // The counter maps replaced (renamed with another layout): empty, while the
-    // tables that name the ids are adopted. The kernel counts existing entries only.
-    maps.service_stats.state().entries.clear();
-    maps.backend_stats.state().entries.clear();
-    Applier::new(maps.maps()).adopt(t0 + ms(5));
-    assert_eq!(counted(&maps), (1, 2));
+    let (Some(one), Some(two)) = (id_of(&applier, 1), id_of(&applier, 2)) else {
+        panic!("both backends have ids: {:?}", applier.view().backends);
+    };
+    maps.backend_stats
+        .state()
+        .entries
+        .extend([(one, 5), (two, 7)]);
+
+    applier.apply(
+        &desired(&[("10.96.0.1", plan("a", &[1]))]),
+        None,
+        Hold::NONE,
+        t0 + ms(1),
+    );
+    applier.collect_garbage(t0 + ms(1) + GRACE);
+    assert_eq!(
+        maps.backend_stats.state().entries,
+        BTreeMap::from([(one, 5)]),
+        "2's counter goes with its id"
+    );
+    // A connect that drew 2 from the freed table counts after that.
+    maps.backend_stats.state().entries.insert(two, 1);
+    applier.apply(
+        &desired(&[("10.96.0.1", plan("a", &[1, 3]))]),
+        None,
+        Hold::NONE,
+        t0 + ms(2) + GRACE,
+    );
+    assert_eq!(id_of(&applier, 3), Some(two), "2's id is reused");
+    assert_eq!(
+        maps.backend_stats.state().entries,
+        BTreeMap::from([(one, 5)]),
+        "3 does not inherit 2's count; 1 keeps its own"
+    );
 }
 
 #[test]
