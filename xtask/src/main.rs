@@ -56,7 +56,7 @@ enum Cmd {
     /// Benchmarks side by side (docs/benchmarks.md): ours vs direct, iptables,
     /// nftables, a proxy hop, AF_UNIX; plus the agent's own costs.
     Bench {
-        /// A smoke run (under two minutes); does not rewrite docs/benchmarks.md.
+        /// A smoke run (about two and a half minutes); does not rewrite docs/benchmarks.md.
         #[arg(long)]
         quick: bool,
         /// Rounds (default 5).

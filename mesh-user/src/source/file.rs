@@ -369,44 +369,21 @@ impl FileSource {
         self.dirs = walk.dirs;
         snapshot.diagnostics.extend(walk.diagnostics);
         let mut next_good = BTreeMap::new();
-        for file in walk.files {
+        let jobs: Vec<(PathBuf, FileRead)> = walk
+            .files
+            .into_iter()
+            .map(|file| {
+                let previous = self.last_good.remove(&file).unwrap_or_default();
+                (file, previous)
+            })
+            .collect();
+        let limits = &self.limits;
+        let reads = in_parallel(jobs, |(file, previous)| {
+            let read = read_one(&file, previous, limits);
+            (file, read)
+        });
+        for (file, read) in reads {
             let origin = file.display().to_string();
-            let previous = self.last_good.remove(&file).unwrap_or_default();
-            let read = match read_file(&file, self.limits.file_bytes) {
-                Err(e) => FileRead {
-                    diagnostics: vec![file_error(
-                        &file,
-                        format!(
-                            "{e}; keeping the {} objects last read from it",
-                            previous.objects.len()
-                        ),
-                    )],
-                    digest: None,
-                    objects: previous.objects,
-                },
-                Ok(text) => {
-                    let digest = digest(&text);
-                    // Unchanged since the last read: the same objects (a
-                    // change to one file of many parses that file alone).
-                    if previous.digest == Some(digest) {
-                        previous
-                    } else {
-                        let mut diagnostics = Vec::new();
-                        let objects = parse_file(
-                            &file,
-                            &text,
-                            &self.limits,
-                            &previous.objects,
-                            &mut diagnostics,
-                        );
-                        FileRead {
-                            digest: Some(digest),
-                            objects,
-                            diagnostics,
-                        }
-                    }
-                }
-            };
             snapshot
                 .diagnostics
                 .extend(read.diagnostics.iter().cloned());
@@ -423,6 +400,75 @@ impl FileSource {
         dedup(&mut snapshot);
         snapshot
     }
+}
+
+/// Reads and parses one file, unless its content is what `previous` was
+/// read from.
+fn read_one(file: &Path, previous: FileRead, limits: &Limits) -> FileRead {
+    match read_file(file, limits.file_bytes) {
+        Err(e) => FileRead {
+            diagnostics: vec![file_error(
+                file,
+                format!(
+                    "{e}; keeping the {} objects last read from it",
+                    previous.objects.len()
+                ),
+            )],
+            digest: None,
+            objects: previous.objects,
+        },
+        Ok(text) => {
+            let digest = digest(&text);
+            // Unchanged since the last read: the same objects (a change to
+            // one file of many parses that file alone).
+            if previous.digest == Some(digest) {
+                return previous;
+            }
+            let mut diagnostics = Vec::new();
+            let objects = parse_file(file, &text, limits, &previous.objects, &mut diagnostics);
+            FileRead {
+                digest: Some(digest),
+                objects,
+                diagnostics,
+            }
+        }
+    }
+}
+
+/// `f` over `jobs` on as many threads as there are CPUs (at 10 000 Services
+/// parsing is most of the first read), results in the jobs' order.
+fn in_parallel<T: Send, U: Send>(jobs: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(jobs.len());
+    if threads <= 1 {
+        return jobs.into_iter().map(f).collect();
+    }
+    // Round robin, so that files of similar sizes spread evenly.
+    let mut shares: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, job) in jobs.into_iter().enumerate() {
+        shares[i % threads].push((i, job));
+    }
+    let f = &f;
+    let mut done: Vec<(usize, U)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                scope.spawn(move || {
+                    share
+                        .into_iter()
+                        .map(|(i, job)| (i, f(job)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, u)| u).collect()
 }
 
 /// What one file gave at its last read.
