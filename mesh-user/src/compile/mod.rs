@@ -142,7 +142,7 @@ fn compile_service(
                     field: chosen.field.clone(),
                 },
                 route_destinations(
-                    &lookup,
+                    lookup,
                     vs,
                     &chosen,
                     Connecting::To {
@@ -162,7 +162,7 @@ fn compile_service(
                     group: Group {
                         weight: 1,
                         members: endpoints::reachable(
-                            &lookup,
+                            lookup,
                             name,
                             &entry.object,
                             port,

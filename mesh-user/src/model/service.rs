@@ -122,6 +122,17 @@ pub fn session_affinity(service: &Service) -> Result<Option<u32>, PolicyError> {
     }
 }
 
+/// `service` without what the agent never reads and the API server adds to
+/// every object: `managedFields` and kubectl's last applied copy of it.
+pub fn trim(mut service: Service) -> Service {
+    service.metadata.managed_fields = None;
+    if let Some(annotations) = &mut service.metadata.annotations {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    service.status = None;
+    service
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,15 +207,4 @@ mod tests {
         let err = affinity(serde_json::json!({"sessionAffinity": "Cookie"})).expect_err("unknown");
         assert_eq!(err.field(), "spec.sessionAffinity");
     }
-}
-
-/// `service` without what the agent never reads and the API server adds to
-/// every object: `managedFields` and kubectl's last applied copy of it.
-pub fn trim(mut service: Service) -> Service {
-    service.metadata.managed_fields = None;
-    if let Some(annotations) = &mut service.metadata.annotations {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-    service.status = None;
-    service
 }
