@@ -374,12 +374,7 @@ fn from_pods(
     policy: TrafficPolicy,
     unhonoured: &mut Vec<Unhonoured>,
 ) -> Vec<Candidate> {
-    let Some(selector) = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .filter(|s| !s.is_empty())
-    else {
+    let Some(selector) = crate::model::service::selector(service) else {
         return Vec::new();
     };
     let mut out = Vec::new();

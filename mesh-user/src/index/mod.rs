@@ -599,13 +599,6 @@ fn unmanaged_pod_refs(slice: &EndpointSlice) -> bool {
 
 /// Whether a Service's selector selects the pod.
 fn selects(service: &Service, pod: &Pod) -> bool {
-    let Some(selector) = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .filter(|s| !s.is_empty())
-    else {
-        return false;
-    };
-    selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+    crate::model::service::selector(service)
+        .is_some_and(|selector| selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
 }

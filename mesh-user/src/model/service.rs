@@ -122,6 +122,16 @@ pub fn session_affinity(service: &Service) -> Result<Option<u32>, PolicyError> {
     }
 }
 
+/// A Service's pod selector; `None` when it has none (or an empty one): its
+/// endpoints are whatever its slices say.
+pub fn selector(service: &Service) -> Option<&std::collections::BTreeMap<String, String>> {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+}
+
 /// `service` without what the agent never reads and the API server adds to
 /// every object: `managedFields` and kubectl's last applied copy of it.
 pub fn trim(mut service: Service) -> Service {
