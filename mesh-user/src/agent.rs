@@ -695,9 +695,12 @@ impl Reconciler {
             undecided: &desired.undecided,
             absent: self.index.source_has_errors() || self.index.is_empty(),
         };
+        // While tables from the start are held, every apply looks at all of
+        // them: the change that makes the source whole may touch none.
+        let whole = delta.all || self.holding;
         let result = self.applier.apply(
             &desired.services,
-            (!delta.all).then_some(&delta.addrs),
+            (!whole).then_some(&delta.addrs),
             hold,
             apply_started,
         );
