@@ -221,7 +221,8 @@ pub async fn run(
         },
         compiler: Compiler::default(),
         recompile_all: false,
-        deferred: Deferred::default(),
+        record_rebuild: Rebuild::default(),
+        view_rebuild: Rebuild::default(),
         counted_addrs: BTreeSet::new(),
         failures: BTreeSet::new(),
         holding: false,
@@ -362,9 +363,10 @@ struct Reconciler {
     /// Something compile reads beside the index changed (the ejected
     /// backends): the next compile redoes every Service.
     recompile_all: bool,
-    /// The record and the metrics' view, when writing them after each
-    /// apply costs more than the apply ([`Deferred`]).
-    deferred: Deferred,
+    /// The record and the metrics' view: rebuilt whole, deferred when
+    /// that costs more than an apply ([`Rebuild`]).
+    record_rebuild: Rebuild,
+    view_rebuild: Rebuild,
     /// The tables whose backends' open connections the kernel counts.
     counted_addrs: BTreeSet<ServiceAddr>,
     /// What the last apply could not write (each logged once, retried each tick).
@@ -426,35 +428,28 @@ impl Reconciler {
         self.telemetry.set_rejected(&diagnostics);
         self.record.generation = self.generation;
         self.record.applied_at_ms = crate::kernel::record::now_ms();
-        self.deferred.record = true;
-        self.deferred.view = true;
+        self.record_rebuild.pending = true;
+        self.view_rebuild.pending = true;
         self.flush(false);
         self.telemetry
             .applied(seen.elapsed().as_secs_f64(), self.generation);
         Ok(new)
     }
 
-    /// Writes the record and refreshes the metrics' view if they are due:
-    /// at once while that is cheap, else (`force` aside) at most once per
-    /// [`Deferred::PERIOD`] (at 10 000 Services each takes milliseconds, the
-    /// apply of one change a fraction of one).
+    /// Refreshes the metrics' view and writes the record if they are due
+    /// ([`Rebuild::due`]; `force`: if pending at all).
     fn flush(&mut self, force: bool) {
-        let now = Instant::now();
-        if self.deferred.view && (force || self.deferred.view_due(now)) {
+        if self.view_rebuild.due(force) {
             let started = Instant::now();
             if let Ok(mut view) = self.telemetry.view.write() {
                 *view = self.applier.view();
             }
-            self.deferred.view = false;
-            self.deferred.view_took = started.elapsed();
-            self.deferred.view_at = now;
+            self.view_rebuild.done(started);
         }
-        if self.deferred.record && (force || self.deferred.record_due(now)) {
+        if self.record_rebuild.due(force) {
             let started = Instant::now();
             self.write_record();
-            self.deferred.record = false;
-            self.deferred.record_took = started.elapsed();
-            self.deferred.record_at = now;
+            self.record_rebuild.done(started);
         }
     }
 
@@ -673,7 +668,7 @@ impl Reconciler {
             if let Err(e) = self.apply(Instant::now(), 0, &every) {
                 error!("{e}");
             }
-            self.deferred.view = true;
+            self.view_rebuild.pending = true;
         }
         self.flush(false);
     }
@@ -748,51 +743,48 @@ impl Reconciler {
     }
 }
 
-/// The record (`status`, `dump`, `explain`) and the metrics' view are
-/// rebuilt whole: after each apply while that takes under [`Deferred::CHEAP`],
-/// else at most once per [`Deferred::PERIOD`] or 50 times what the last
-/// rebuild took, whichever is longer (and on the agent's tick), so that a
-/// stream of small changes spends at most ~2% of its time rewriting all of
-/// them: at 10 000 Services the record takes tens of milliseconds, during
-/// which changes wait.
+/// Something rebuilt whole after an apply (the record for `status`, `dump`
+/// and `explain`; the metrics' view): at once while that takes under
+/// [`Rebuild::CHEAP`], else at most once per [`Rebuild::PERIOD`] or 50 times
+/// what the last rebuild took, whichever is longer (and on the agent's tick),
+/// so that a stream of small changes spends at most ~2% of its time
+/// rewriting all of them: at 10 000 Services the record takes tens of
+/// milliseconds, during which changes wait.
 #[derive(Debug)]
-struct Deferred {
-    record: bool,
-    record_took: Duration,
-    record_at: Instant,
-    view: bool,
-    view_took: Duration,
-    view_at: Instant,
+struct Rebuild {
+    /// Something changed since the last rebuild.
+    pending: bool,
+    /// How long the last rebuild took, and when it started.
+    took: Duration,
+    at: Instant,
 }
 
-impl Default for Deferred {
+impl Default for Rebuild {
     fn default() -> Self {
-        let now = Instant::now();
         Self {
-            record: false,
-            record_took: Duration::ZERO,
-            record_at: now,
-            view: false,
-            view_took: Duration::ZERO,
-            view_at: now,
+            pending: false,
+            took: Duration::ZERO,
+            at: Instant::now(),
         }
     }
 }
 
-impl Deferred {
+impl Rebuild {
     const CHEAP: Duration = Duration::from_millis(1);
     const PERIOD: Duration = Duration::from_millis(250);
 
-    fn due(took: Duration, at: Instant, now: Instant) -> bool {
-        took < Self::CHEAP || now.duration_since(at) >= Self::PERIOD.max(took * 50)
+    /// Whether to rebuild now (`force`: whenever something is pending).
+    fn due(&self, force: bool) -> bool {
+        self.pending
+            && (force
+                || self.took < Self::CHEAP
+                || self.at.elapsed() >= Self::PERIOD.max(self.took * 50))
     }
 
-    fn record_due(&self, now: Instant) -> bool {
-        Self::due(self.record_took, self.record_at, now)
-    }
-
-    fn view_due(&self, now: Instant) -> bool {
-        Self::due(self.view_took, self.view_at, now)
+    fn done(&mut self, started: Instant) {
+        self.pending = false;
+        self.took = started.elapsed();
+        self.at = started;
     }
 }
 

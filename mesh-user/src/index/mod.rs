@@ -14,13 +14,14 @@ pub mod resolve;
 mod tests;
 mod validate;
 
-use std::collections::{BTreeMap, BTreeSet};
-
-pub use changes::Changes;
-
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::{Node, Service};
+
+pub use changes::Changes;
 
 use crate::{
     model::{
@@ -255,7 +256,7 @@ impl Index {
     }
 
     fn slice_added(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
-        if let Some(service) = slice_service(key, slice) {
+        if let Some(service) = slice.service_name() {
             // Sorted, as a set; a Vec, since a Service has a slice or a few.
             let slices = self.slices_by_service.entry(service.clone()).or_default();
             if let Err(at) = slices.binary_search(key) {
@@ -267,7 +268,7 @@ impl Index {
     }
 
     fn slice_removed(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
-        if let Some(service) = slice_service(key, slice) {
+        if let Some(service) = slice.service_name() {
             if let Some(set) = self.slices_by_service.get_mut(&service) {
                 set.retain(|k| k != key);
                 if set.is_empty() {
@@ -584,11 +585,6 @@ fn settle<T: Clone>(
         }));
         false
     }
-}
-
-/// The Service a slice belongs to (its `kubernetes.io/service-name` label).
-fn slice_service(_key: &NamespacedName, slice: &EndpointSlice) -> Option<NamespacedName> {
-    slice.service_name()
 }
 
 /// Whether a slice names pods without the EndpointSlice controller having
