@@ -21,7 +21,7 @@ use crate::{
         counters::{Connections, SockStats},
         loader, own_cgroup,
         pin::PinDir,
-        record::{AgentRecord, GatewayRecord},
+        record::{self, AgentRecord, GatewayRecord},
         scope::{PodScope, Scope},
     },
     model::{Diagnostic, Severity},
@@ -68,6 +68,8 @@ pub enum AgentError {
     Load(#[from] loader::LoadError),
     #[error("serving metrics: {0}")]
     Metrics(#[from] std::io::Error),
+    #[error("starting the record's writer: {0}")]
+    Record(#[source] std::io::Error),
     #[error(transparent)]
     Source(#[from] source::SourceError),
 }
@@ -211,7 +213,7 @@ pub async fn run(
             pin_dir: config.pin_dir.clone(),
             ..Default::default()
         },
-        run_dir: config.run_dir.clone(),
+        record_writer: record::Writer::start(config.run_dir.clone()).map_err(AgentError::Record)?,
         applier,
         reported: BTreeSet::new(),
         generation: 0,
@@ -222,7 +224,6 @@ pub async fn run(
         compiler: Compiler::default(),
         recompile_all: false,
         record_rebuild: Rebuild::default(),
-        view_rebuild: Rebuild::default(),
         counted_addrs: BTreeSet::new(),
         failures: BTreeSet::new(),
         holding: false,
@@ -291,6 +292,7 @@ pub async fn run(
         }
     };
     reconciler.flush(true);
+    reconciler.record_writer.finish();
     log_counters(&connections, &sock_stats);
     // gateway-tc: the outside clients' counters.
     if reconciler.outside.is_some() {
@@ -363,10 +365,10 @@ struct Reconciler {
     /// Something compile reads beside the index changed (the ejected
     /// backends): the next compile redoes every Service.
     recompile_all: bool,
-    /// The record and the metrics' view: rebuilt whole, deferred when
-    /// that costs more than an apply ([`Rebuild`]).
+    /// The record: made whole, deferred when that costs more than an
+    /// apply ([`Rebuild`]), written by a thread of its own.
     record_rebuild: Rebuild,
-    view_rebuild: Rebuild,
+    record_writer: record::Writer,
     /// The tables whose backends' open connections the kernel counts.
     counted_addrs: BTreeSet<ServiceAddr>,
     /// What the last apply could not write (each logged once, retried each tick).
@@ -378,9 +380,9 @@ struct Reconciler {
     telemetry: Arc<Telemetry>,
     /// Until the first apply: the programs to attach once the maps are full.
     attach: Option<PendingAttach>,
-    /// What `status`, `dump` and `explain` read, and where.
+    /// What `status`, `dump` and `explain` read (its services are made
+    /// from the compiled state when it is written).
     record: AgentRecord,
-    run_dir: PathBuf,
     /// The gateway's HTTP router (`None`: no gateway).
     gateway: Option<Router>,
     /// Where the router listens, per gateway port.
@@ -429,22 +431,18 @@ impl Reconciler {
         self.record.generation = self.generation;
         self.record.applied_at_ms = crate::kernel::record::now_ms();
         self.record_rebuild.pending = true;
-        self.view_rebuild.pending = true;
         self.flush(false);
         self.telemetry
             .applied(seen.elapsed().as_secs_f64(), self.generation);
         Ok(new)
     }
 
-    /// Refreshes the metrics' view and writes the record if they are due
-    /// ([`Rebuild::due`]; `force`: if pending at all).
+    /// Brings the metrics' view up to date (what changed only), and
+    /// writes the record if it is due ([`Rebuild::due`]; `force`: if
+    /// pending at all).
     fn flush(&mut self, force: bool) {
-        if self.view_rebuild.due(force) {
-            let started = Instant::now();
-            if let Ok(mut view) = self.telemetry.view.write() {
-                *view = self.applier.view();
-            }
-            self.view_rebuild.done(started);
+        if let Ok(mut view) = self.telemetry.view.write() {
+            self.applier.refresh_view(&mut view);
         }
         if self.record_rebuild.due(force) {
             let started = Instant::now();
@@ -543,15 +541,14 @@ impl Reconciler {
         self.compiler.others().iter().copied().collect()
     }
 
-    /// What `status`, `dump` and `explain` read.
+    /// What `status`, `dump` and `explain` read, to the writer's thread.
     /// Its services are made from the compiled tables for the write only: at
     /// 10 000 services they are megabytes.
     fn write_record(&mut self) {
-        self.record.services = AgentRecord::services_from(&self.compiler.compiled().services);
-        if let Err(e) = self.record.write(&self.run_dir) {
-            warn!(run_dir = %self.run_dir.display(), "cannot record the applied state: {e}");
-        }
-        self.record.services = Vec::new();
+        self.record_writer.submit(AgentRecord {
+            services: AgentRecord::services_from(&self.compiler.compiled().services),
+            ..self.record.clone()
+        });
     }
 
     /// Follows the services compile says outlier detection watches: their
@@ -668,7 +665,6 @@ impl Reconciler {
             if let Err(e) = self.apply(Instant::now(), 0, &every) {
                 error!("{e}");
             }
-            self.view_rebuild.pending = true;
         }
         self.flush(false);
     }
@@ -744,7 +740,7 @@ impl Reconciler {
 }
 
 /// Something rebuilt whole after an apply (the record for `status`, `dump`
-/// and `explain`; the metrics' view): at once while that takes under
+/// and `explain`): at once while that takes under
 /// [`Rebuild::CHEAP`], else at most once per [`Rebuild::PERIOD`] or 50 times
 /// what the last rebuild took, whichever is longer (and on the agent's tick),
 /// so that a stream of small changes spends at most ~2% of its time

@@ -1,7 +1,10 @@
 //! The kernel's own counters, read (never written) by the agent: for its logs and
 //! for `/metrics`, on each scrape.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
 
 use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash};
 use mesh_common::{ConnKey, sock_stat};
@@ -182,10 +185,11 @@ pub struct Occupancy {
 /// Labels for the kernel's per-service and per-backend counters, and map
 /// occupancy as the agent's bookkeeping knows it. Published by the agent after
 /// each apply; read on each scrape.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
-    pub services: Vec<ServiceLabel>,
-    pub backends: Vec<BackendLabel>,
+    /// Per service port (destinations' tables count for their port).
+    pub services: BTreeMap<ServiceAddr, ServiceLabel>,
+    pub backends: BTreeMap<(BackendAddr, Proto), BackendLabel>,
     pub occupancy: Vec<Occupancy>,
 }
 
@@ -285,7 +289,7 @@ impl Connections {
             return Vec::new();
         };
         view.backends
-            .iter()
+            .values()
             .map(|b| (*b, self.backend_total(b.id)))
             .collect()
     }
@@ -309,7 +313,7 @@ impl Collector for Connections {
             None,
             family,
         )?;
-        for s in &view.services {
+        for s in view.services.values() {
             let n: u64 = self.services.get(&s.id, 0).map_or(0, |v| v.iter().sum());
             ConstCounter::new(n).encode(e.encode_family(&ServiceLabels {
                 service: s.service.to_string(),
@@ -322,7 +326,7 @@ impl Collector for Connections {
             None,
             family,
         )?;
-        for b in &view.backends {
+        for b in view.backends.values() {
             ConstCounter::new(self.backend_total(b.id)).encode(e.encode_family(
                 &BackendLabels {
                     backend: b.addr.to_string(),

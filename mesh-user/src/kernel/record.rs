@@ -8,9 +8,11 @@ use std::{
     collections::BTreeMap,
     io,
     path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex, PoisonError},
 };
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::{
     compile::{
@@ -213,4 +215,83 @@ fn describe(destinations: &[DestinationPlan]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Writes records on a thread of its own: at 10 000 services one takes tens
+/// of milliseconds, which the agent's loop must not spend while changes
+/// wait. Only the latest record submitted is written (one written later never
+/// predates it); [`Writer::finish`] writes what is pending, then stops.
+pub struct Writer {
+    shared: Arc<(Mutex<Pending>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    next: Option<AgentRecord>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub fn start(run_dir: PathBuf) -> io::Result<Self> {
+        let shared = Arc::new((Mutex::new(Pending::default()), Condvar::new()));
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("mesh-record".into())
+            .spawn(move || {
+                let (lock, ready) = &*theirs;
+                loop {
+                    let record = {
+                        let mut pending = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                        loop {
+                            if let Some(record) = pending.next.take() {
+                                break record;
+                            }
+                            if pending.closed {
+                                return;
+                            }
+                            pending = ready.wait(pending).unwrap_or_else(PoisonError::into_inner);
+                        }
+                    };
+                    if let Err(e) = record.write(&run_dir) {
+                        warn!(run_dir = %run_dir.display(), "cannot record the applied state: {e}");
+                    }
+                }
+            })?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Replaces what is waiting to be written, if anything, by `record`.
+    pub fn submit(&self, record: AgentRecord) {
+        let (lock, ready) = &*self.shared;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).next = Some(record);
+        ready.notify_one();
+    }
+
+    /// Writes what was submitted and not written yet, then stops the thread.
+    pub fn finish(&mut self) {
+        let (lock, ready) = &*self.shared;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        ready.notify_one();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            warn!("the record's writer panicked");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }

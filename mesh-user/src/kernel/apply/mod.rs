@@ -208,6 +208,13 @@ struct Retired {
 
 type BackendKey = (BackendAddr, Proto);
 
+/// The view's entries that may differ from the applier's state.
+#[derive(Debug, Default)]
+struct ViewDirty {
+    services: BTreeSet<ServiceAddr>,
+    backends: BTreeSet<BackendKey>,
+}
+
 #[derive(Debug)]
 pub struct Applier {
     maps: Maps,
@@ -218,6 +225,18 @@ pub struct Applier {
     service_ids: IdPool,
     backend_ids: BTreeMap<BackendKey, u32>,
     backend_pool: IdPool,
+    /// How many slots of live and waiting tables name each backend: its id
+    /// goes back when the last table naming it is freed, so a collection
+    /// costs what it frees, not what lives.
+    backend_refs: BTreeMap<BackendKey, u32>,
+    /// Backends no table may name any more (their last table freed, or a
+    /// write that failed before their slots): their ids go back at the next
+    /// collection if nothing names them by then.
+    unnamed: Vec<BackendKey>,
+    /// The service ids of the live tables.
+    live_ids: BTreeSet<u32>,
+    /// What changed since the last [`Applier::refresh_view`].
+    view_dirty: ViewDirty,
     /// What `REDIRECT_EXCLUDED_V1` holds.
     excluded: BTreeSet<BackendAddr>,
     /// What `AFFINITY_MATCH_V1` holds: members of services with session
@@ -238,6 +257,10 @@ impl Applier {
             service_ids: IdPool::new(capacity.services),
             backend_ids: BTreeMap::new(),
             backend_pool: IdPool::new(capacity.backends),
+            backend_refs: BTreeMap::new(),
+            unnamed: Vec::new(),
+            live_ids: BTreeSet::new(),
+            view_dirty: ViewDirty::default(),
             excluded: BTreeSet::new(),
             affinity: BTreeMap::new(),
             socket_policies: BTreeMap::new(),
@@ -292,6 +315,9 @@ impl Applier {
             .partition(|(a, _)| a.destination.is_some());
         for (addr, plan) in destinations.into_iter().chain(ports) {
             if let Some(live) = self.live.get_mut(addr) {
+                if live.service.as_ref() != Some(&plan.service) {
+                    self.view_dirty.services.insert(*addr);
+                }
                 if live.slots == plan.slots
                     && live.to_destinations == plan.to_destinations
                     && live.flags == plan.flags()
@@ -503,6 +529,10 @@ impl Applier {
             let mut slots = plan.slots.clone();
             slots.resize(plan.slot_count(), None);
             slots.truncate(written as usize);
+            self.name_backends(&slots, addr.proto);
+            // Backends given an id for this table and named by no other.
+            self.unnamed
+                .extend(plan.slots.iter().flatten().map(|b| (*b, addr.proto)));
             self.retired.push(Retired {
                 service_id,
                 revision,
@@ -512,6 +542,9 @@ impl Applier {
             });
             return Err(e);
         }
+        self.name_backends(&plan.slots, addr.proto);
+        self.live_ids.insert(service_id);
+        self.view_dirty.services.insert(addr);
         let previous = self.live.insert(
             addr,
             Live {
@@ -601,6 +634,8 @@ impl Applier {
                 source: Box::new(source),
             });
         }
+        self.live_ids.insert(service_id);
+        self.view_dirty.services.insert(addr);
         self.live.insert(
             addr,
             Live {
@@ -646,6 +681,8 @@ impl Applier {
             }
         }
         if let Some(live) = self.live.remove(&addr) {
+            self.live_ids.remove(&live.service_id);
+            self.view_dirty.services.insert(addr);
             self.retired.push(Retired {
                 service_id: live.service_id,
                 revision: live.revision,
@@ -666,9 +703,6 @@ impl Applier {
             .into_iter()
             .partition(|r| now.duration_since(r.since) >= GRACE);
         self.retired = keep;
-        if due.is_empty() {
-            return;
-        }
         for r in &due {
             self.slots_used = self.slots_used.saturating_sub(r.slots.len());
             for slot in 0..r.slots.len() as u32 {
@@ -683,38 +717,49 @@ impl Applier {
                     Err(e) => warn!(?key, "cannot free a replaced table's slot: {e}"),
                 }
             }
+            self.unname_backends(&r.slots, r.proto);
         }
         // Ids go back only after every due table is freed, once each, and only if
         // nothing live or still waiting uses them.
         let due_ids: BTreeSet<u32> = due.iter().map(|r| r.service_id).collect();
         for id in due_ids {
-            let in_use = self.live.values().any(|l| l.service_id == id)
-                || self.retired.iter().any(|r| r.service_id == id);
+            let in_use =
+                self.live_ids.contains(&id) || self.retired.iter().any(|r| r.service_id == id);
             if !in_use {
                 remove_counter(&mut *self.maps.service_stats, id);
                 self.service_ids.give(id);
             }
         }
-        let used: BTreeSet<BackendKey> = self
-            .live
-            .iter()
-            .flat_map(|(addr, l)| l.slots.iter().flatten().map(move |b| (*b, addr.proto)))
-            .chain(
-                self.retired
-                    .iter()
-                    .flat_map(|r| r.slots.iter().flatten().map(move |b| (*b, r.proto))),
-            )
-            .collect();
-        let stale: Vec<BackendKey> = self
-            .backend_ids
-            .keys()
-            .filter(|k| !used.contains(k))
-            .copied()
-            .collect();
-        for k in stale {
+        for k in std::mem::take(&mut self.unnamed) {
+            if self.backend_refs.contains_key(&k) {
+                continue;
+            }
             if let Some(id) = self.backend_ids.remove(&k) {
                 remove_counter(&mut *self.maps.backend_stats, id);
                 self.backend_pool.give(id);
+                self.view_dirty.backends.insert(k);
+            }
+        }
+    }
+
+    /// Counts the backends `slots` name as named once more (a table made
+    /// live, or a partial one waiting to be freed).
+    fn name_backends(&mut self, slots: &[Option<BackendAddr>], proto: Proto) {
+        for b in slots.iter().flatten() {
+            *self.backend_refs.entry((*b, proto)).or_default() += 1;
+        }
+    }
+
+    /// The reverse of [`Applier::name_backends`], when a table is freed.
+    fn unname_backends(&mut self, slots: &[Option<BackendAddr>], proto: Proto) {
+        for b in slots.iter().flatten() {
+            let key = (*b, proto);
+            if let Some(n) = self.backend_refs.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.backend_refs.remove(&key);
+                    self.unnamed.push(key);
+                }
             }
         }
     }
@@ -754,12 +799,16 @@ impl Applier {
                 let target = found.and_then(|b| {
                     let target = backend_addr(&b)?;
                     self.backend_ids.insert((target, addr.proto), b.backend_id);
+                    self.view_dirty.backends.insert((target, addr.proto));
                     self.backend_pool.reserve(b.backend_id);
                     Some(target)
                 });
                 slots.push(target);
             }
             self.service_ids.reserve(value.service_id);
+            self.name_backends(&slots, addr.proto);
+            self.live_ids.insert(value.service_id);
+            self.view_dirty.services.insert(addr);
             self.live.insert(
                 addr,
                 Live {
@@ -867,6 +916,7 @@ impl Applier {
                 remove_counter(&mut *self.maps.backend_stats, t.id);
             }
             self.backend_ids.insert((backend, proto), t.id);
+            self.view_dirty.backends.insert((backend, proto));
         }
         Ok(())
     }
@@ -888,52 +938,88 @@ impl Applier {
         .collect()
     }
 
-    /// Labels of the kernel's counters and the occupancy of the maps we write.
+    /// Labels of the kernel's counters and the occupancy of the maps we
+    /// write, made whole (at start; [`Applier::refresh_view`] keeps it).
     pub fn view(&self) -> View {
+        View {
+            services: self
+                .live
+                .keys()
+                .filter_map(|a| Some((*a, self.service_label(*a)?)))
+                .collect(),
+            backends: self
+                .backend_ids
+                .iter()
+                .map(|(&(addr, proto), &id)| ((addr, proto), BackendLabel { id, addr, proto }))
+                .collect(),
+            occupancy: self.occupancy(),
+        }
+    }
+
+    /// Brings `view` (made by [`Applier::view`]) up to date: what changed
+    /// since the last call, not the whole state (at 100 000 backends a
+    /// whole view took milliseconds of the agent's loop).
+    pub fn refresh_view(&mut self, view: &mut View) {
+        let dirty = std::mem::take(&mut self.view_dirty);
+        for addr in dirty.services {
+            match self.service_label(addr) {
+                Some(label) => view.services.insert(addr, label),
+                None => view.services.remove(&addr),
+            };
+        }
+        for key @ (addr, proto) in dirty.backends {
+            match self.backend_ids.get(&key) {
+                Some(&id) => view.backends.insert(key, BackendLabel { id, addr, proto }),
+                None => view.backends.remove(&key),
+            };
+        }
+        view.occupancy = self.occupancy();
+    }
+
+    /// The label of a live service port's counter; connects count for the
+    /// port (a destination's table is part of it).
+    fn service_label(&self, addr: ServiceAddr) -> Option<ServiceLabel> {
+        if addr.destination.is_some() {
+            return None;
+        }
+        let live = self.live.get(&addr)?;
+        Some(ServiceLabel {
+            id: live.service_id,
+            service: live.service.clone()?,
+            addr,
+        })
+    }
+
+    fn occupancy(&self) -> Vec<Occupancy> {
         use mesh_common::map_names as m;
-        let service_ids: BTreeSet<u32> = self
-            .live
-            .values()
-            .map(|l| l.service_id)
-            .chain(self.retired.iter().map(|r| r.service_id))
-            .collect();
         let occupancy = |map, entries: usize, capacity: u32| Occupancy {
             map,
             entries: entries as u64,
             capacity: u64::from(capacity),
         };
+        // Service counters: live ids and those of tables waiting to be freed.
+        let waiting: BTreeSet<u32> = self
+            .retired
+            .iter()
+            .map(|r| r.service_id)
+            .filter(|id| !self.live_ids.contains(id))
+            .collect();
         let capacity = self.maps.capacity;
-        View {
-            // Connects count for the port (a destination's table is part of it).
-            services: self
-                .live
-                .iter()
-                .filter(|(addr, _)| addr.destination.is_none())
-                .filter_map(|(addr, l)| {
-                    Some(ServiceLabel {
-                        id: l.service_id,
-                        service: l.service.clone()?,
-                        addr: *addr,
-                    })
-                })
-                .collect(),
-            backends: self
-                .backend_ids
-                .iter()
-                .map(|(&(addr, proto), &id)| BackendLabel { id, addr, proto })
-                .collect(),
-            occupancy: vec![
-                occupancy(m::SERVICES, self.live.len(), capacity.services),
-                occupancy(m::SLOTS, self.slots_used, capacity.slots),
-                occupancy(m::BACKEND_STATS, self.backend_ids.len(), capacity.backends),
-                occupancy(m::SERVICE_STATS, service_ids.len(), capacity.services),
-                occupancy(
-                    m::REDIRECT_EXCLUDED,
-                    self.excluded.len(),
-                    capacity.redirect_excluded,
-                ),
-            ],
-        }
+        vec![
+            occupancy(m::SERVICES, self.live.len(), capacity.services),
+            occupancy(m::SLOTS, self.slots_used, capacity.slots),
+            occupancy(m::BACKEND_STATS, self.backend_ids.len(), capacity.backends),
+            occupancy(
+                m::SERVICE_STATS,
+                self.live_ids.len() + waiting.len(),
+                capacity.services,
+            ),
+            occupancy(
+                m::REDIRECT_EXCLUDED,
+                self.excluded.len(),
+                capacity.redirect_excluded,
+            ),
+        ]
     }
 
     /// Service ports the kernel holds now.

@@ -319,7 +319,10 @@ fn a_restarted_applier_adopts_the_kernels_tables_without_rewriting_them() {
     // Labels come back with the first apply.
     let view = restarted.view();
     assert_eq!(view.services.len(), 2);
-    assert_eq!(view.services[0].service.to_string(), "prod/a");
+    assert_eq!(
+        view.services.values().next().map(|s| s.service.to_string()),
+        Some("prod/a".to_owned())
+    );
 }
 
 #[test]
@@ -340,7 +343,7 @@ fn apply_writes_no_counter_and_a_reused_backend_id_does_not_inherit_a_count() {
         applier
             .view()
             .backends
-            .iter()
+            .values()
             .find(|b| b.addr.ip == IpAddr::from([10, 244, 0, host]))
             .map(|b| b.id)
     };
@@ -795,4 +798,68 @@ fn a_port_that_picks_destinations_names_their_tables_and_a_restart_adopts_all_th
         BTreeSet::from([(value.service_id, value.revision)])
     );
     assert_eq!(table.iter().flatten().count(), 3);
+}
+
+/// One step of [`bookkeeping_kept_by_change_is_the_whole_sweeps`]: the
+/// desired tables (vip host part, backends' host parts), a slot write that
+/// fails after so many, and the time until the next collection.
+type Step = (Vec<(u8, Vec<u8>)>, Option<usize>, u64);
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::{collection::vec, option};
+    (
+        vec((1u8..5, vec(1u8..7, 0..4)), 0..4),
+        option::weighted(0.2, 0usize..3),
+        0u64..1500,
+    )
+}
+
+proptest::proptest! {
+    /// What the applier keeps by change (which backends a table names, the
+    /// live service ids, the metrics' view) is what a sweep over the whole
+    /// state makes, through writes that fail, tables that do not fit
+    /// (three service ports, 12 slots) and collections at any time.
+    #[test]
+    fn bookkeeping_kept_by_change_is_the_whole_sweeps(
+        steps in proptest::collection::vec(step(), 1..25),
+    ) {
+        let maps = FakeMaps::new(3, 12);
+        let mut applier = Applier::new(maps.maps());
+        let mut view = applier.view();
+        let mut now = Instant::now();
+        for (tables, fail_after, wait) in steps {
+            let wanted: BTreeMap<ServiceAddr, ServicePlan> = tables
+                .iter()
+                .map(|(vip, backends)| {
+                    (addr(&format!("10.96.0.{vip}")), plan(&format!("s{vip}"), backends))
+                })
+                .collect();
+            maps.slots.state().fail_after = fail_after;
+            applier.apply(&wanted, None, Hold::NONE, now);
+            maps.slots.state().fail_after = None;
+            now += ms(wait);
+            applier.collect_garbage(now);
+
+            applier.refresh_view(&mut view);
+            proptest::prop_assert_eq!(&view, &applier.view());
+            let live_ids: BTreeSet<u32> = applier.live.values().map(|l| l.service_id).collect();
+            proptest::prop_assert_eq!(&applier.live_ids, &live_ids);
+            // Every backend some table names has its id; after a collection
+            // no other does.
+            let named: BTreeSet<(BackendAddr, Proto)> = applier
+                .live
+                .iter()
+                .flat_map(|(a, l)| l.slots.iter().flatten().map(move |b| (*b, a.proto)))
+                .chain(
+                    applier
+                        .retired
+                        .iter()
+                        .flat_map(|r| r.slots.iter().flatten().map(move |b| (*b, r.proto))),
+                )
+                .collect();
+            let with_ids: BTreeSet<(BackendAddr, Proto)> =
+                applier.backend_ids.keys().copied().collect();
+            proptest::prop_assert_eq!(with_ids, named);
+        }
+    }
 }
