@@ -229,14 +229,16 @@ impl CompileArgs {
 }
 
 /// glibc gives each thread that allocates its own arena (up to 8 per CPU),
-/// and memory freed in one is kept for it: the file source's parse on a
-/// blocking thread left ~30 MiB resident at 10 000 Services (docs/design.md,
-/// "Memory"). The agent's work is one event loop; two arenas serve it.
+/// and memory freed in one is reused only by the threads of that arena: the
+/// file source's parse threads left their transient memory resident beside
+/// the objects they made (10 000 Services: 119 MiB resident with two arenas,
+/// 97 MiB with one; docs/design.md, "Memory"). The agent's work is one event
+/// loop; one arena serves it.
 fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets a tunable; called before any other thread
     // exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -24,7 +24,7 @@ use super::{
         backend_addr, backend_value, destination_slot, endpoint_addr, endpoint_key, service_addr,
         service_key, slot_destination,
     },
-    counters::{BackendLabel, Occupancy, ServiceLabel, View},
+    counters::{BackendIds, Occupancy, ServiceLabel, View},
     maps::{CounterMap, Maps},
 };
 use crate::{
@@ -208,11 +208,20 @@ struct Retired {
 
 type BackendKey = (BackendAddr, Proto);
 
+/// A backend's counter id, and how many slots name it ([`Applier::backends`]).
+#[derive(Clone, Copy, Debug)]
+struct BackendUse {
+    id: u32,
+    refs: u32,
+}
+
 /// The view's entries that may differ from the applier's state.
 #[derive(Debug, Default)]
 struct ViewDirty {
     services: BTreeSet<ServiceAddr>,
-    backends: BTreeSet<BackendKey>,
+    /// Backend counter ids given out (`Some`) or back (`None`), the last word
+    /// for each.
+    backends: BTreeMap<u32, Option<BackendKey>>,
 }
 
 #[derive(Debug)]
@@ -223,12 +232,11 @@ pub struct Applier {
     live: BTreeMap<ServiceAddr, Live>,
     retired: Vec<Retired>,
     service_ids: IdPool,
-    backend_ids: BTreeMap<BackendKey, u32>,
+    /// Each backend's counter id, and how many slots of live and waiting
+    /// tables name it: the id goes back when the last table naming it is
+    /// freed, so a collection costs what it frees, not what lives.
+    backends: BTreeMap<BackendKey, BackendUse>,
     backend_pool: IdPool,
-    /// How many slots of live and waiting tables name each backend: its id
-    /// goes back when the last table naming it is freed, so a collection
-    /// costs what it frees, not what lives.
-    backend_refs: BTreeMap<BackendKey, u32>,
     /// Backends no table may name any more (their last table freed, or a
     /// write that failed before their slots): their ids go back at the next
     /// collection if nothing names them by then.
@@ -255,9 +263,8 @@ impl Applier {
             live: BTreeMap::new(),
             retired: Vec::new(),
             service_ids: IdPool::new(capacity.services),
-            backend_ids: BTreeMap::new(),
+            backends: BTreeMap::new(),
             backend_pool: IdPool::new(capacity.backends),
-            backend_refs: BTreeMap::new(),
             unnamed: Vec::new(),
             live_ids: BTreeSet::new(),
             view_dirty: ViewDirty::default(),
@@ -486,7 +493,7 @@ impl Applier {
                     .enumerate()
                     .map(|(slot, target)| {
                         let backend = match target {
-                            Some(b) => backend_value(*b, self.backend_ids[&(*b, addr.proto)]),
+                            Some(b) => backend_value(*b, self.backends[&(*b, addr.proto)].id),
                             None => Backend {
                                 family: FAMILY_NONE,
                                 ..bytemuck::Zeroable::zeroed()
@@ -595,7 +602,7 @@ impl Applier {
             .slots
             .iter()
             .flatten()
-            .filter(|b| !self.backend_ids.contains_key(&(**b, addr.proto)))
+            .filter(|b| !self.backends.contains_key(&(**b, addr.proto)))
             .collect();
         let free = self.backend_pool.available();
         if new.len() > free {
@@ -731,22 +738,23 @@ impl Applier {
             }
         }
         for k in std::mem::take(&mut self.unnamed) {
-            if self.backend_refs.contains_key(&k) {
-                continue;
-            }
-            if let Some(id) = self.backend_ids.remove(&k) {
+            if let Some(&BackendUse { id, refs: 0 }) = self.backends.get(&k) {
+                self.backends.remove(&k);
                 remove_counter(&mut *self.maps.backend_stats, id);
                 self.backend_pool.give(id);
-                self.view_dirty.backends.insert(k);
+                self.view_dirty.backends.insert(id, None);
             }
         }
     }
 
     /// Counts the backends `slots` name as named once more (a table made
-    /// live, or a partial one waiting to be freed).
+    /// live, or a partial one waiting to be freed); they have their ids
+    /// ([`Applier::count_new_backends`]).
     fn name_backends(&mut self, slots: &[Option<BackendAddr>], proto: Proto) {
         for b in slots.iter().flatten() {
-            *self.backend_refs.entry((*b, proto)).or_default() += 1;
+            if let Some(backend) = self.backends.get_mut(&(*b, proto)) {
+                backend.refs += 1;
+            }
         }
     }
 
@@ -754,10 +762,11 @@ impl Applier {
     fn unname_backends(&mut self, slots: &[Option<BackendAddr>], proto: Proto) {
         for b in slots.iter().flatten() {
             let key = (*b, proto);
-            if let Some(n) = self.backend_refs.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.backend_refs.remove(&key);
+            if let Some(backend) = self.backends.get_mut(&key)
+                && backend.refs > 0
+            {
+                backend.refs -= 1;
+                if backend.refs == 0 {
                     self.unnamed.push(key);
                 }
             }
@@ -798,8 +807,16 @@ impl Applier {
                 }
                 let target = found.and_then(|b| {
                     let target = backend_addr(&b)?;
-                    self.backend_ids.insert((target, addr.proto), b.backend_id);
-                    self.view_dirty.backends.insert((target, addr.proto));
+                    // An id we would never give out: the slot is rewritten.
+                    if b.backend_id >= self.maps.capacity.backends {
+                        return None;
+                    }
+                    let key = (target, addr.proto);
+                    self.backends
+                        .entry(key)
+                        .or_insert(BackendUse { id: 0, refs: 0 })
+                        .id = b.backend_id;
+                    self.view_dirty.backends.insert(b.backend_id, Some(key));
                     self.backend_pool.reserve(b.backend_id);
                     Some(target)
                 });
@@ -854,11 +871,11 @@ impl Applier {
             });
         }
         // Counters nothing refers to any more.
-        let backend_ids: BTreeSet<u32> = self.backend_ids.values().copied().collect();
+        let backend_ids: BTreeSet<u32> = self.backends.values().map(|b| b.id).collect();
         prune_counters(&mut *self.maps.backend_stats, &backend_ids);
         let service_ids: BTreeSet<u32> = self.live.values().map(|l| l.service_id).collect();
         prune_counters(&mut *self.maps.service_stats, &service_ids);
-        adopted.backends = self.backend_ids.len();
+        adopted.backends = self.backends.len();
         self.excluded = self
             .maps
             .redirect_excluded
@@ -895,7 +912,7 @@ impl Applier {
             .slots
             .iter()
             .flatten()
-            .filter(|b| !self.backend_ids.contains_key(&(**b, proto)))
+            .filter(|b| !self.backends.contains_key(&(**b, proto)))
             .copied()
             .collect();
         let mut taken: Vec<Taken> = Vec::with_capacity(new.len());
@@ -915,8 +932,11 @@ impl Applier {
             if t.reused {
                 remove_counter(&mut *self.maps.backend_stats, t.id);
             }
-            self.backend_ids.insert((backend, proto), t.id);
-            self.view_dirty.backends.insert((backend, proto));
+            self.backends
+                .insert((backend, proto), BackendUse { id: t.id, refs: 0 });
+            self.view_dirty
+                .backends
+                .insert(t.id, Some((backend, proto)));
         }
         Ok(())
     }
@@ -947,11 +967,7 @@ impl Applier {
                 .keys()
                 .filter_map(|a| Some((*a, self.service_label(*a)?)))
                 .collect(),
-            backends: self
-                .backend_ids
-                .iter()
-                .map(|(&(addr, proto), &id)| ((addr, proto), BackendLabel { id, addr, proto }))
-                .collect(),
+            backends: BackendIds::from_ids(self.backends.iter().map(|(&key, b)| (b.id, key))),
             occupancy: self.occupancy(),
         }
     }
@@ -967,11 +983,8 @@ impl Applier {
                 None => view.services.remove(&addr),
             };
         }
-        for key @ (addr, proto) in dirty.backends {
-            match self.backend_ids.get(&key) {
-                Some(&id) => view.backends.insert(key, BackendLabel { id, addr, proto }),
-                None => view.backends.remove(&key),
-            };
+        for (id, key) in dirty.backends {
+            view.backends.set(id, key);
         }
         view.occupancy = self.occupancy();
     }
@@ -1008,7 +1021,7 @@ impl Applier {
         vec![
             occupancy(m::SERVICES, self.live.len(), capacity.services),
             occupancy(m::SLOTS, self.slots_used, capacity.slots),
-            occupancy(m::BACKEND_STATS, self.backend_ids.len(), capacity.backends),
+            occupancy(m::BACKEND_STATS, self.backends.len(), capacity.backends),
             occupancy(
                 m::SERVICE_STATS,
                 self.live_ids.len() + waiting.len(),

@@ -343,7 +343,7 @@ fn apply_writes_no_counter_and_a_reused_backend_id_does_not_inherit_a_count() {
         applier
             .view()
             .backends
-            .values()
+            .iter()
             .find(|b| b.addr.ip == IpAddr::from([10, 244, 0, host]))
             .map(|b| b.id)
     };
@@ -844,9 +844,10 @@ proptest::proptest! {
             proptest::prop_assert_eq!(&view, &applier.view());
             let live_ids: BTreeSet<u32> = applier.live.values().map(|l| l.service_id).collect();
             proptest::prop_assert_eq!(&applier.live_ids, &live_ids);
-            // Every backend some table names has its id; after a collection
-            // no other does.
-            let named: BTreeSet<(BackendAddr, Proto)> = applier
+            // Every backend some table names has its id, counted once per
+            // slot naming it; after a collection no other does.
+            let mut named: BTreeMap<(BackendAddr, Proto), u32> = BTreeMap::new();
+            for (b, proto) in applier
                 .live
                 .iter()
                 .flat_map(|(a, l)| l.slots.iter().flatten().map(move |b| (*b, a.proto)))
@@ -856,9 +857,11 @@ proptest::proptest! {
                         .iter()
                         .flat_map(|r| r.slots.iter().flatten().map(move |b| (*b, r.proto))),
                 )
-                .collect();
-            let with_ids: BTreeSet<(BackendAddr, Proto)> =
-                applier.backend_ids.keys().copied().collect();
+            {
+                *named.entry((b, proto)).or_default() += 1;
+            }
+            let with_ids: BTreeMap<(BackendAddr, Proto), u32> =
+                applier.backends.iter().map(|(k, b)| (*k, b.refs)).collect();
             proptest::prop_assert_eq!(with_ids, named);
         }
     }
