@@ -10,17 +10,14 @@ mod tests;
 
 use std::{collections::HashMap, net::IpAddr};
 
-use k8s_openapi::{
-    api::core::v1::{Service, ServicePort},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::{api::core::v1::ServicePort, apimachinery::pkg::util::intstr::IntOrString};
 
 use crate::{
     index::Index,
     model::{
         Diagnostic, Kind, NamespacedName, ObjectRef, node,
         pod::Pod,
-        service::{InternalTrafficPolicy, TrafficDistribution, TrafficPolicy},
+        service::{InternalTrafficPolicy, Service, TrafficDistribution, TrafficPolicy},
     },
 };
 
@@ -100,13 +97,7 @@ impl Unhonoured {
     fn field(&self, service: &Service) -> &'static str {
         match self {
             Unhonoured::LocalWithoutNode => "spec.internalTrafficPolicy",
-            _ if service
-                .spec
-                .as_ref()
-                .is_some_and(|s| s.traffic_distribution.is_some()) =>
-            {
-                "spec.trafficDistribution"
-            }
+            _ if service.traffic_distribution_set => "spec.trafficDistribution",
             // Hints asked for the older way, or left by the controller.
             _ => "metadata.annotations[service.kubernetes.io/topology-mode]",
         }

@@ -18,7 +18,7 @@ mod tests;
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use k8s_openapi::api::core::v1::Service;
+use crate::model::service::Service;
 
 pub use incremental::{Compiler, Delta};
 pub use plan::{
@@ -93,9 +93,6 @@ fn compile_service(
     if !index.is_meshed(&name.namespace) {
         return reads;
     }
-    let Some(spec) = &entry.object.spec else {
-        return reads;
-    };
     let vips = service_vips(&entry.object);
     if vips.is_empty() {
         return reads; // headless or ExternalName: nothing to translate
@@ -114,7 +111,7 @@ fn compile_service(
     let rule = index.destination_rule_for(&fqdn, domain);
     let vs = routes::governing_vs(index, &fqdn, domain, &mut out.diagnostics);
     let undecided = vs.is_none() && routes::pending_vs(index, &fqdn, domain);
-    for (i, port) in spec.ports.iter().flatten().enumerate() {
+    for (i, port) in entry.object.ports.iter().enumerate() {
         let proto = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Proto::Tcp,
             "UDP" => Proto::Udp,
@@ -356,12 +353,9 @@ fn watch_and_eject(
 
 /// The cluster IPs of a Service (both families when dual-stack).
 fn service_vips(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
     endpoints::parse_ips(
-        spec.cluster_ips.iter().flatten().map(String::as_str),
-        spec.cluster_ip.as_deref(),
+        service.cluster_ips.iter().map(String::as_str),
+        service.cluster_ip.as_deref(),
     )
 }
 

@@ -19,7 +19,9 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
+
+use crate::model::service::Service;
 
 pub use changes::Changes;
 

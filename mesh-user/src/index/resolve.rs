@@ -2,7 +2,9 @@
 //! function for validation (which rejects a VirtualService whose destination
 //! leads nowhere) and for compile (which builds the destination's endpoints).
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::ServicePort;
+
+use crate::model::service::Service;
 
 use super::{Entry, Index};
 use crate::model::{Fqdn, NamespacedName, istio};
@@ -88,12 +90,7 @@ pub fn resolve<'a>(
             fqdn,
         });
     };
-    let ports: Vec<&ServicePort> = service
-        .object
-        .spec
-        .iter()
-        .flat_map(|s| s.ports.iter().flatten())
-        .collect();
+    let ports: Vec<&ServicePort> = service.object.ports.iter().collect();
     let named = destination.port.as_ref().and_then(|p| p.number);
     let port = match (named, connecting) {
         (Some(n), _) => Some(

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::*;
 use crate::model::istio::{Destination, HttpRoute, RouteDestination, VirtualServiceSpec};
@@ -18,7 +18,7 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
 
 fn service(namespace: &str, name: &str) -> Resource {
     Resource::Service(std::sync::Arc::new(Service {
-        metadata: meta(namespace, name),
+        name: NamespacedName::new(namespace, name),
         ..Default::default()
     }))
 }

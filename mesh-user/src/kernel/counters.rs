@@ -325,7 +325,8 @@ impl Connections {
         }
     }
 
-    /// Connects the kernel sent to each backend since it got its id.
+    /// The backends the kernel sent connects to since they got their ids,
+    /// and how many (the others, most of 100 000 at scale, are left out).
     pub fn per_backend(&self) -> Vec<(BackendLabel, u64)> {
         let Ok(view) = self.view.read() else {
             return Vec::new();
@@ -333,6 +334,7 @@ impl Connections {
         view.backends
             .iter()
             .map(|b| (b, self.backend_total(b.id)))
+            .filter(|&(_, connects)| connects > 0)
             .collect()
     }
 

@@ -44,7 +44,11 @@ impl TryFrom<Document> for Resource {
         }
         use std::sync::Arc;
         Ok(match kind {
-            Kind::Service => Resource::Service(Arc::new(super::service::trim(typed(value)?))),
+            Kind::Service => Resource::Service(Arc::new(super::service::Service::from(typed::<
+                k8s_openapi::api::core::v1::Service,
+            >(
+                value
+            )?))),
             Kind::Pod => Resource::Pod(Arc::new(
                 typed::<k8s_openapi::api::core::v1::Pod>(value)?.into(),
             )),

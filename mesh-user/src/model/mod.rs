@@ -15,10 +15,7 @@ pub mod slice;
 
 use std::{fmt, str::FromStr, sync::Arc};
 
-use k8s_openapi::{
-    api::core::v1::{Node, Service},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 pub use diag::{Diagnostic, Severity};
 pub use host::Fqdn;
@@ -28,8 +25,8 @@ pub use istio::{DestinationRule, Gateway, VirtualService};
 /// as the file source does, shares it with the index).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
-    /// Without `managedFields` ([`service::trim`]).
-    Service(Arc<Service>),
+    /// What the agent reads of it ([`service::Service`]).
+    Service(Arc<service::Service>),
     /// What the agent reads of it ([`pod::Pod`]).
     Pod(Arc<pod::Pod>),
     /// What the agent reads of it ([`slice::EndpointSlice`]).
@@ -238,7 +235,7 @@ impl Resource {
 
     pub fn object_ref(&self) -> ObjectRef {
         let meta = match self {
-            Resource::Service(o) => &o.metadata,
+            Resource::Service(o) => return ObjectRef::new(Kind::Service, o.name.clone()),
             Resource::Pod(o) => return ObjectRef::new(Kind::Pod, o.name.clone()),
             Resource::EndpointSlice(o) => {
                 return ObjectRef::new(Kind::EndpointSlice, o.name.clone());

@@ -1,7 +1,60 @@
-//! The Service fields that decide which endpoints a client on this node
-//! reaches (kube-proxy's rules, in `compile::endpoints`), typed once here.
+//! What the agent reads of a Service: its addresses and ports, and the
+//! fields that decide which endpoints a client on this node reaches
+//! (kube-proxy's rules, in `compile::endpoints`), typed once here.
 
-use k8s_openapi::api::core::v1::Service;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Service as ApiService, ServicePort, ServiceSpec};
+
+use super::NamespacedName;
+
+/// A Service as the agent keeps it ([`From`] the API's object at the
+/// boundary): ~300 bytes where the object was ~1.5 KB with its strings
+/// (10 000 Services: 15 MiB -> 3), and nothing an update of fields we do not
+/// read would change but the object's identity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: NamespacedName,
+    /// `spec.clusterIPs`, as written (compile parses them and reports
+    /// what does not parse).
+    pub cluster_ips: Box<[String]>,
+    /// `spec.clusterIP`, read when `clusterIPs` is empty.
+    pub cluster_ip: Option<String>,
+    pub ports: Box<[ServicePort]>,
+    /// `spec.selector`; `None` when absent or empty.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.trafficDistribution` is set (to any value).
+    pub traffic_distribution_set: bool,
+    pub policy: TrafficPolicy,
+    /// What [`TrafficPolicy`] could not read, to be reported.
+    pub policy_errors: Vec<PolicyError>,
+    pub session_affinity: Result<Option<u32>, PolicyError>,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service::from(ApiService::default())
+    }
+}
+
+impl From<ApiService> for Service {
+    fn from(service: ApiService) -> Self {
+        let name = NamespacedName::from_meta(&service.metadata);
+        let spec = service.spec.unwrap_or_default();
+        let (policy, policy_errors) = TrafficPolicy::parse(&spec);
+        Service {
+            name,
+            session_affinity: parse_session_affinity(&spec),
+            traffic_distribution_set: spec.traffic_distribution.is_some(),
+            cluster_ips: spec.cluster_ips.unwrap_or_default().into(),
+            cluster_ip: spec.cluster_ip,
+            ports: spec.ports.unwrap_or_default().into(),
+            selector: spec.selector.filter(|s| !s.is_empty()),
+            policy,
+            policy_errors,
+        }
+    }
+}
 
 /// `spec.internalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,10 +114,11 @@ impl TrafficPolicy {
     /// The policy of `service`; an unknown value falls back to what Kubernetes
     /// does without the field, and is returned to be reported.
     pub fn of(service: &Service) -> (Self, Vec<PolicyError>) {
+        (service.policy, service.policy_errors.clone())
+    }
+
+    fn parse(spec: &ServiceSpec) -> (Self, Vec<PolicyError>) {
         let mut errors = Vec::new();
-        let Some(spec) = &service.spec else {
-            return (Self::default(), errors);
-        };
         let internal = match spec.internal_traffic_policy.as_deref() {
             None | Some("Cluster") => InternalTrafficPolicy::Cluster,
             Some("Local") => InternalTrafficPolicy::Local,
@@ -99,9 +153,10 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 /// `spec.sessionAffinity`: `Some(timeout in seconds)` for `ClientIP`. A value
 /// the API server would refuse means no affinity, returned to be reported.
 pub fn session_affinity(service: &Service) -> Result<Option<u32>, PolicyError> {
-    let Some(spec) = &service.spec else {
-        return Ok(None);
-    };
+    service.session_affinity.clone()
+}
+
+fn parse_session_affinity(spec: &ServiceSpec) -> Result<Option<u32>, PolicyError> {
     match spec.session_affinity.as_deref() {
         None | Some("None") => return Ok(None),
         Some("ClientIP") => {}
@@ -124,23 +179,8 @@ pub fn session_affinity(service: &Service) -> Result<Option<u32>, PolicyError> {
 
 /// A Service's pod selector; `None` when it has none (or an empty one): its
 /// endpoints are whatever its slices say.
-pub fn selector(service: &Service) -> Option<&std::collections::BTreeMap<String, String>> {
-    service
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .filter(|s| !s.is_empty())
-}
-
-/// `service` without what the agent never reads and the API server adds to
-/// every object: `managedFields` and kubectl's last applied copy of it.
-pub fn trim(mut service: Service) -> Service {
-    service.metadata.managed_fields = None;
-    if let Some(annotations) = &mut service.metadata.annotations {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-    service.status = None;
-    service
+pub fn selector(service: &Service) -> Option<&BTreeMap<String, String>> {
+    service.selector.as_ref()
 }
 
 #[cfg(test)]
@@ -148,8 +188,10 @@ mod tests {
     use super::*;
 
     fn service(spec: serde_json::Value) -> Service {
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "web"}, "spec": spec}))
-            .expect("valid Service")
+        let api: ApiService =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "web"}, "spec": spec}))
+                .expect("valid Service");
+        Service::from(api)
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub async fn start(
         client.clone(),
         watch_tx.clone(),
         Kind::Service,
-        |o| Resource::Service(Arc::new(crate::model::service::trim(o))),
+        |o| Resource::Service(Arc::new(crate::model::service::Service::from(o))),
     ));
     tasks.spawn(watch_typed::<Pod>(
         client.clone(),

@@ -257,7 +257,9 @@ fn node_hints_win_over_zone_hints_when_one_names_this_node() {
 #[test]
 fn unhonoured_rules_name_the_field_that_asked_for_them() {
     let service = |spec: serde_json::Value| -> Service {
-        serde_json::from_value(serde_json::json!({"spec": spec})).unwrap_or_default()
+        let api: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(serde_json::json!({"spec": spec})).unwrap_or_default();
+        Service::from(api)
     };
     let td = service(serde_json::json!({"trafficDistribution": "PreferClose"}));
     let plain = service(serde_json::json!({}));

@@ -209,7 +209,7 @@ impl Compiler {
         &mut self,
         lookup: &endpoints::Lookup<'_>,
         name: &NamespacedName,
-        entry: &crate::index::Entry<k8s_openapi::api::core::v1::Service>,
+        entry: &crate::index::Entry<crate::model::service::Service>,
         config: &Config,
     ) -> (Part, Compiled) {
         let mut out = Compiled::default();

@@ -37,8 +37,10 @@ pub(crate) fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
             let _ = writeln!(
                 yaml,
                 "  - addresses: [\"10.{}.{}.{}\"]\n    conditions: {{ready: true}}",
-                100 + n / 65_000,
-                (n / 250) % 260,
+                // 250 hosts a third octet, 256 of those a second: unique
+                // and valid (a third octet of 256-259 was refused).
+                100 + n / 64_000,
+                (n / 250) % 256,
                 1 + n % 250
             );
         }
