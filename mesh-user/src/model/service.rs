@@ -2,8 +2,6 @@
 //! fields that decide which endpoints a client on this node reaches
 //! (kube-proxy's rules, in `compile::endpoints`), typed once here.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::{Service as ApiService, ServicePort, ServiceSpec};
 
 use super::NamespacedName;
@@ -21,8 +19,9 @@ pub struct Service {
     /// `spec.clusterIP`, read when `clusterIPs` is empty.
     pub cluster_ip: Option<String>,
     pub ports: Box<[ServicePort]>,
-    /// `spec.selector`; `None` when absent or empty.
-    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.selector`, by key; `None` when absent or empty. (A pair list:
+    /// a map's node of one entry is ~550 bytes.)
+    pub selector: Option<Box<[(String, String)]>>,
     /// `spec.trafficDistribution` is set (to any value).
     pub traffic_distribution_set: bool,
     pub policy: TrafficPolicy,
@@ -49,7 +48,10 @@ impl From<ApiService> for Service {
             cluster_ips: spec.cluster_ips.unwrap_or_default().into(),
             cluster_ip: spec.cluster_ip,
             ports: spec.ports.unwrap_or_default().into(),
-            selector: spec.selector.filter(|s| !s.is_empty()),
+            selector: spec
+                .selector
+                .filter(|s| !s.is_empty())
+                .map(|s| s.into_iter().collect()),
             policy,
             policy_errors,
         }
@@ -179,8 +181,8 @@ fn parse_session_affinity(spec: &ServiceSpec) -> Result<Option<u32>, PolicyError
 
 /// A Service's pod selector; `None` when it has none (or an empty one): its
 /// endpoints are whatever its slices say.
-pub fn selector(service: &Service) -> Option<&BTreeMap<String, String>> {
-    service.selector.as_ref()
+pub fn selector(service: &Service) -> Option<&[(String, String)]> {
+    service.selector.as_deref()
 }
 
 #[cfg(test)]
