@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     compile::{
@@ -21,7 +21,7 @@ use crate::{
         counters::{Connections, SockStats},
         loader, own_cgroup,
         pin::PinDir,
-        record::{self, AgentRecord, GatewayRecord},
+        record::{self, AgentRecord, GatewayRecord, ServiceRecords},
         scope::{PodScope, Scope},
     },
     model::{Diagnostic, Severity},
@@ -224,6 +224,7 @@ pub async fn run(
         compiler: Compiler::default(),
         recompile_all: false,
         record_rebuild: Rebuild::default(),
+        record_services: ServiceRecords::default(),
         counted_addrs: BTreeSet::new(),
         failures: BTreeSet::new(),
         holding: false,
@@ -369,6 +370,8 @@ struct Reconciler {
     /// apply ([`Rebuild`]), written by a thread of its own.
     record_rebuild: Rebuild,
     record_writer: record::Writer,
+    /// The record's services, following the compiled tables by change.
+    record_services: ServiceRecords,
     /// The tables whose backends' open connections the kernel counts.
     counted_addrs: BTreeSet<ServiceAddr>,
     /// What the last apply could not write (each logged once, retried each tick).
@@ -418,6 +421,10 @@ impl Reconciler {
         let compile_us = compile_started.elapsed().as_micros() as u64;
         diagnostics.extend(self.compiler.compiled().diagnostics.iter().cloned());
         delta.addrs.extend(self.serve_gateways(&mut diagnostics));
+        self.record_services.sync(
+            &self.compiler.compiled().services,
+            (!delta.all).then_some(&delta.addrs),
+        );
         self.watch_outliers();
         self.count_open_connections(&delta);
         let new = report(&diagnostics, &mut self.reported);
@@ -448,6 +455,7 @@ impl Reconciler {
             let started = Instant::now();
             self.write_record();
             self.record_rebuild.done(started);
+            debug!(took_us = started.elapsed().as_micros(), "record made");
         }
     }
 
@@ -546,7 +554,7 @@ impl Reconciler {
     /// 10 000 services they are megabytes.
     fn write_record(&mut self) {
         self.record_writer.submit(AgentRecord {
-            services: AgentRecord::services_from(&self.compiler.compiled().services),
+            services: self.record_services.snapshot(),
             ..self.record.clone()
         });
     }

@@ -397,7 +397,7 @@ pub fn dump(
     }
     let record = read_record(run_dir)?.unwrap_or_default();
     let labels: BTreeMap<ServiceAddr, &ServiceRecord> =
-        record.services.iter().map(|s| (s.addr, s)).collect();
+        record.services.iter().map(|s| (s.addr, &**s)).collect();
     let mut out = Vec::new();
     for (addr, table) in read_tables(pins)? {
         if only.is_some_and(|o| o.ip() != addr.vip || o.port() != addr.port) {

@@ -5,7 +5,7 @@
 //! labels them. Written atomically (temporary file, then rename).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, PoisonError},
@@ -41,7 +41,8 @@ pub struct AgentRecord {
     pub generation: u64,
     /// Unix time of the last apply, in milliseconds.
     pub applied_at_ms: u64,
-    pub services: Vec<ServiceRecord>,
+    /// Shared with [`ServiceRecords`] (serialised as the records).
+    pub services: Vec<Arc<ServiceRecord>>,
     /// This node's gateway ports (empty with the gateway off).
     #[serde(default)]
     pub gateways: Vec<GatewayRecord>,
@@ -93,20 +94,57 @@ pub struct ServiceRecord {
     pub affinity_timeout_s: Option<u32>,
 }
 
-impl AgentRecord {
-    pub fn services_from(plans: &BTreeMap<ServiceAddr, ServicePlan>) -> Vec<ServiceRecord> {
-        plans
-            .iter()
-            .map(|(addr, plan)| ServiceRecord {
-                addr: *addr,
-                service: plan.service.clone(),
-                route: plan.route.to_string(),
-                destinations: plan.destinations.clone(),
-                affinity_timeout_s: plan.affinity_timeout_s,
-            })
-            .collect()
+impl ServiceRecord {
+    fn of(addr: ServiceAddr, plan: &ServicePlan) -> Self {
+        ServiceRecord {
+            addr,
+            service: plan.service.clone(),
+            route: plan.route.to_string(),
+            destinations: plan.destinations.clone(),
+            affinity_timeout_s: plan.affinity_timeout_s,
+        }
+    }
+}
+
+/// The record's services, kept by change: made whole on each write they
+/// took the agent's loop 12-32 ms at 10 000 Services (measured), where a
+/// copy of these pointers takes a fraction of one.
+#[derive(Debug, Default, PartialEq)]
+pub struct ServiceRecords(BTreeMap<ServiceAddr, Arc<ServiceRecord>>);
+
+impl ServiceRecords {
+    /// Follows `plans` at the addresses `changed` names (`None`: at all).
+    pub fn sync(
+        &mut self,
+        plans: &BTreeMap<ServiceAddr, ServicePlan>,
+        changed: Option<&BTreeSet<ServiceAddr>>,
+    ) {
+        let Some(changed) = changed else {
+            self.0 = plans
+                .iter()
+                .map(|(addr, plan)| (*addr, Arc::new(ServiceRecord::of(*addr, plan))))
+                .collect();
+            return;
+        };
+        for addr in changed {
+            match plans.get(addr) {
+                Some(plan) => {
+                    self.0
+                        .insert(*addr, Arc::new(ServiceRecord::of(*addr, plan)));
+                }
+                None => {
+                    self.0.remove(addr);
+                }
+            }
+        }
     }
 
+    pub fn snapshot(&self) -> Vec<Arc<ServiceRecord>> {
+        self.0.values().cloned().collect()
+    }
+}
+
+impl AgentRecord {
     pub fn write(&self, run_dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(run_dir)?;
         let tmp = run_dir.join(format!(".{FILE}.tmp"));
@@ -293,5 +331,77 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::compile::{BackendAddr, Proto, RouteRef};
+
+    fn addr(host: u8) -> ServiceAddr {
+        ServiceAddr {
+            destination: None,
+            vip: IpAddr::from([10, 96, 0, host]),
+            port: 80,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn plan(name: &str, backends: &[u8]) -> ServicePlan {
+        let backends: Vec<BackendAddr> = backends
+            .iter()
+            .map(|&b| BackendAddr {
+                ip: IpAddr::from([10, 244, 0, b]),
+                port: 5000,
+            })
+            .collect();
+        ServicePlan {
+            service: NamespacedName::new("prod", name),
+            route: RouteRef::Even,
+            slots: backends.iter().copied().map(Some).collect(),
+            destinations: vec![DestinationPlan {
+                name: "every ready endpoint".to_owned(),
+                weight: 1,
+                backends,
+            }],
+            gateway: false,
+            affinity_timeout_s: None,
+            hash_client: false,
+            socket: None,
+            least_request: false,
+            to_destinations: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn records_kept_by_change_are_the_whole_records() {
+        let mut plans = BTreeMap::from([
+            (addr(1), plan("a", &[1, 2])),
+            (addr(2), plan("b", &[3])),
+            (addr(3), plan("c", &[4])),
+        ]);
+        let mut kept = ServiceRecords::default();
+        kept.sync(&plans, None);
+        // Changed, removed, added; and one changed that the delta does not
+        // name, which must stay as it was.
+        plans.insert(addr(1), plan("a", &[2]));
+        plans.remove(&addr(2));
+        plans.insert(addr(4), plan("d", &[5]));
+        plans.insert(addr(3), plan("c", &[6]));
+        kept.sync(&plans, Some(&BTreeSet::from([addr(1), addr(2), addr(4)])));
+        let mut expected = plans.clone();
+        expected.insert(addr(3), plan("c", &[4]));
+        let mut whole = ServiceRecords::default();
+        whole.sync(&expected, None);
+        assert_eq!(kept, whole);
+        let names: Vec<String> = kept
+            .snapshot()
+            .iter()
+            .map(|s| s.service.name.clone())
+            .collect();
+        assert_eq!(names, ["a", "c", "d"]);
     }
 }
