@@ -9,6 +9,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, PoisonError},
+    time::Instant,
 };
 
 use serde::{Deserialize, Serialize};
@@ -255,6 +256,12 @@ fn describe(destinations: &[DestinationPlan]) -> String {
         .join(", ")
 }
 
+/// After a write that took `t`, the next waits `t` times this (what waits
+/// meanwhile is replaced by what comes later): at 10 000 Services a write is
+/// tens of milliseconds of CPU, and written every 250 ms under churn the
+/// agent's CPU went from 11% to 27% of a core; this keeps writes near 2%.
+const PAUSE_PER_WRITE: u32 = 49;
+
 /// Writes records on a thread of its own: at 10 000 services one takes tens
 /// of milliseconds, which the agent's loop must not spend while changes
 /// wait. Only the latest record submitted is written (one written later never
@@ -284,22 +291,37 @@ impl Writer {
             .name("mesh-record".into())
             .spawn(move || {
                 let (lock, ready) = &*theirs;
+                let mut next_at = Instant::now();
                 loop {
                     let record = {
                         let mut pending = lock.lock().unwrap_or_else(PoisonError::into_inner);
                         loop {
-                            if let Some(record) = pending.next.take() {
+                            // Until `next_at`, only closing takes what waits.
+                            let due = pending.closed || Instant::now() >= next_at;
+                            if due && let Some(record) = pending.next.take() {
                                 break record;
                             }
                             if pending.closed {
                                 return;
                             }
-                            pending = ready.wait(pending).unwrap_or_else(PoisonError::into_inner);
+                            if pending.next.is_none() {
+                                pending =
+                                    ready.wait(pending).unwrap_or_else(PoisonError::into_inner);
+                                continue;
+                            }
+                            // A record waits for `next_at` (zero: due by now).
+                            let wait = next_at.saturating_duration_since(Instant::now());
+                            pending = match ready.wait_timeout(pending, wait) {
+                                Ok((p, _)) => p,
+                                Err(e) => e.into_inner().0,
+                            };
                         }
                     };
+                    let started = Instant::now();
                     if let Err(e) = record.write(&run_dir) {
                         warn!(run_dir = %run_dir.display(), "cannot record the applied state: {e}");
                     }
+                    next_at = Instant::now() + started.elapsed() * PAUSE_PER_WRITE;
                 }
             })?;
         Ok(Self {
