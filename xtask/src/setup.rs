@@ -11,7 +11,15 @@ use crate::run;
 
 const LLVM: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const APT_PACKAGES: [&str; 4] = ["llvm-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2"];
+// bpftool: the gateway tests read and flush the kernel's conntrack map with
+// it (a fresh machine of this kind lacks it: gateway_outside failed in CI).
+const APT_PACKAGES: [&str; 5] = [
+    "llvm-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "bpftool",
+];
 
 pub fn ensure_all() -> anyhow::Result<()> {
     apt_packages()?;
