@@ -223,3 +223,34 @@ pub struct OutlierWatch {
     pub policy: super::policy::Outlier,
     pub backends: BTreeSet<BackendAddr>,
 }
+
+#[cfg(test)]
+impl ServicePlan {
+    /// A test's table of Service `prod/name`: even balancing over `backends`
+    /// (host parts of 10.244.0.x, port 5000), one slot each.
+    pub(crate) fn even_over(name: &str, backends: &[u8]) -> Self {
+        let backends: Vec<BackendAddr> = backends
+            .iter()
+            .map(|&b| BackendAddr {
+                ip: IpAddr::from([10, 244, 0, b]),
+                port: 5000,
+            })
+            .collect();
+        ServicePlan {
+            service: NamespacedName::new("prod", name),
+            route: RouteRef::Even,
+            slots: backends.iter().copied().map(Some).collect(),
+            destinations: vec![DestinationPlan {
+                name: "every ready endpoint".to_owned(),
+                weight: 1,
+                backends,
+            }],
+            gateway: false,
+            affinity_timeout_s: None,
+            hash_client: false,
+            socket: None,
+            least_request: false,
+            to_destinations: Vec::new(),
+        }
+    }
+}

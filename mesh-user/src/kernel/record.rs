@@ -361,7 +361,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::compile::{BackendAddr, Proto, RouteRef};
+    use crate::compile::Proto;
 
     fn addr(host: u8) -> ServiceAddr {
         ServiceAddr {
@@ -373,29 +373,7 @@ mod tests {
     }
 
     fn plan(name: &str, backends: &[u8]) -> ServicePlan {
-        let backends: Vec<BackendAddr> = backends
-            .iter()
-            .map(|&b| BackendAddr {
-                ip: IpAddr::from([10, 244, 0, b]),
-                port: 5000,
-            })
-            .collect();
-        ServicePlan {
-            service: NamespacedName::new("prod", name),
-            route: RouteRef::Even,
-            slots: backends.iter().copied().map(Some).collect(),
-            destinations: vec![DestinationPlan {
-                name: "every ready endpoint".to_owned(),
-                weight: 1,
-                backends,
-            }],
-            gateway: false,
-            affinity_timeout_s: None,
-            hash_client: false,
-            socket: None,
-            least_request: false,
-            to_destinations: Vec::new(),
-        }
+        ServicePlan::even_over(name, backends)
     }
 
     #[test]

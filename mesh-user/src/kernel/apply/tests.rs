@@ -11,12 +11,11 @@ use mesh_common::{ServiceValue, SlotKey};
 
 use super::{Applier, GRACE, Hold};
 use crate::{
-    compile::{BackendAddr, Proto, RouteRef, ServiceAddr, ServicePlan},
+    compile::{BackendAddr, Proto, ServiceAddr, ServicePlan},
     kernel::{
         codec::{backend_addr, service_key},
         maps::fake::FakeMaps,
     },
-    model::NamespacedName,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -32,28 +31,8 @@ fn addr(vip: &str) -> ServiceAddr {
     }
 }
 
-/// A table over `backends` (host parts of 10.244.0.x, port 5000), one slot each.
 fn plan(name: &str, backends: &[u8]) -> ServicePlan {
-    ServicePlan {
-        service: NamespacedName::new("prod", name),
-        route: RouteRef::Even,
-        slots: backends
-            .iter()
-            .map(|&b| {
-                Some(BackendAddr {
-                    ip: IpAddr::from([10, 244, 0, b]),
-                    port: 5000,
-                })
-            })
-            .collect(),
-        destinations: Vec::new(),
-        gateway: false,
-        affinity_timeout_s: None,
-        hash_client: false,
-        socket: None,
-        least_request: false,
-        to_destinations: Vec::new(),
-    }
+    ServicePlan::even_over(name, backends)
 }
 
 fn desired(plans: &[(&str, ServicePlan)]) -> BTreeMap<ServiceAddr, ServicePlan> {
