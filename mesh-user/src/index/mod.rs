@@ -29,7 +29,7 @@ use crate::{
     model::{
         DestinationRule, Diagnostic, Fqdn, Gateway, Kind, NamespacedName, ObjectRef, Resource,
         VirtualService,
-        pod::{Labels, Pod},
+        pod::{LabelSets, Labels, Pod},
         slice::EndpointSlice,
     },
     source::{Event, Invalid, Sourced},
@@ -88,7 +88,7 @@ pub struct Index {
     /// Every origin, once.
     origins: HashSet<Arc<str>>,
     /// Every pod label set, once: a ReplicaSet's pods share theirs.
-    label_sets: HashSet<Labels>,
+    label_sets: LabelSets,
     /// Kinds being relisted, and the objects the relist has given so far.
     relisting: BTreeMap<Kind, BTreeSet<NamespacedName>>,
 }
@@ -214,25 +214,14 @@ impl Index {
     }
 
     /// `pod` with the label set other pods share, if one has the same.
-    fn shared_labels(&mut self, mut pod: Arc<Pod>) -> Arc<Pod> {
-        match self.label_sets.get(&pod.labels) {
-            Some(shared) if !Arc::ptr_eq(shared, &pod.labels) => {
-                Arc::make_mut(&mut pod).labels = shared.clone();
-            }
-            Some(_) => {}
-            None => {
-                self.label_sets.insert(pod.labels.clone());
-            }
-        }
-        pod
+    fn shared_labels(&mut self, pod: Arc<Pod>) -> Arc<Pod> {
+        self.label_sets.share(pod)
     }
 
     /// Drops a label set no pod has any more.
     fn forget_labels(&mut self, labels: &Labels) {
         // Ours, and the caller's: nobody else's.
-        if Arc::strong_count(labels) <= 2 {
-            self.label_sets.remove(labels);
-        }
+        self.label_sets.forget(labels);
     }
 
     fn everything_if(&mut self, changed: bool) -> bool {

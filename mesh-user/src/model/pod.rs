@@ -5,7 +5,11 @@
 //! annotations. At 100 000 pods that is the difference between hundreds of
 //! MiB and a few tens.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1;
 
@@ -42,6 +46,43 @@ pub struct Pod {
     pub ips: Box<[IpAddr]>,
     /// Its containers' named ports, for a Service's named `targetPort`.
     pub ports: Box<[NamedPort]>,
+}
+
+/// Label sets, each once: a ReplicaSet's pods have the same, and one
+/// `BTreeMap` of a few labels costs more than the rest of a pod.
+#[derive(Clone, Debug, Default)]
+pub struct LabelSets(HashSet<Labels>);
+
+impl LabelSets {
+    /// `pod` with the label set an earlier pod had, if one had the same (a
+    /// pod no one else holds is changed in place).
+    pub fn share(&mut self, mut pod: Arc<Pod>) -> Arc<Pod> {
+        match self.0.get(&pod.labels) {
+            Some(shared) if !Arc::ptr_eq(shared, &pod.labels) => {
+                Arc::make_mut(&mut pod).labels = shared.clone();
+            }
+            Some(_) => {}
+            None => {
+                self.0.insert(pod.labels.clone());
+            }
+        }
+        pod
+    }
+
+    /// Drops `labels` if no one but the caller and this set holds it.
+    pub fn forget(&mut self, labels: &Labels) {
+        if Arc::strong_count(labels) <= 2 {
+            self.0.remove(labels);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A named container port.

@@ -29,6 +29,7 @@ use super::{Event, SourceError, Sourced, Update, UpdateSender};
 use crate::model::{
     DEFAULT_NAMESPACE, Diagnostic, Kind, ObjectRef, Resource, Severity,
     convert::{ConvertError, Document},
+    pod::LabelSets,
 };
 
 /// Everything the folder holds now.
@@ -535,33 +536,50 @@ fn parse_file(
         });
         return previous.to_vec();
     }
+    // Each document is converted before the next is expanded; an error in a
+    // later one drops what the earlier ones made: the file stands or falls whole.
+    let error = |e: yaml::YamlError, diags: &mut Vec<Diagnostic>| {
+        diags.push(file_error(
+            file,
+            format!(
+                "{e}; keeping the {} objects last read from this file",
+                previous.len()
+            ),
+        ));
+        previous.to_vec()
+    };
     let documents = match yaml::documents(text, limits, is_read) {
         Ok(documents) => documents,
-        Err(e) => {
-            diags.push(file_error(
-                file,
-                format!(
-                    "{e}; keeping the {} objects last read from this file",
-                    previous.len()
-                ),
-            ));
-            return previous.to_vec();
-        }
+        Err(e) => return error(e, diags),
     };
     let mut out = Vec::new();
-    for (i, document) in documents.into_iter().enumerate() {
+    let mut converted = Vec::new();
+    for (i, document) in documents.enumerate() {
         match document {
-            yaml::Doc::Empty => {}
-            yaml::Doc::NotMapping => diags.push(not_an_object(file, i)),
-            yaml::Doc::Skipped { api_version, kind } => {
-                report_unread(file, i, &api_version, &kind, diags);
+            Err(e) => {
+                // Diagnostics of documents dropped with the file go too.
+                return error(e, diags);
             }
-            yaml::Doc::Expanded(value) => {
-                convert_document(file, i, value, previous, &mut out, diags);
+            Ok(yaml::Doc::Empty) => {}
+            Ok(yaml::Doc::NotMapping) => converted.push(not_an_object(file, i)),
+            Ok(yaml::Doc::Skipped { api_version, kind }) => {
+                report_unread(file, i, &api_version, &kind, &mut converted);
+            }
+            Ok(yaml::Doc::Expanded(value)) => {
+                convert_document(file, i, value, previous, &mut out, &mut converted);
             }
         }
     }
-    out
+    diags.append(&mut converted);
+    // Pods of one file that have the same labels share them, so the index
+    // (which shares them the same way) need not copy a pod the source keeps.
+    let mut label_sets = LabelSets::default();
+    out.into_iter()
+        .map(|object| match object {
+            Resource::Pod(pod) => Resource::Pod(label_sets.share(pod)),
+            other => other,
+        })
+        .collect()
 }
 
 fn not_an_object(file: &Path, i: usize) -> Diagnostic {
@@ -1130,11 +1148,21 @@ mod tests {
             ),
             // serde_yaml_ng's own limit on following aliases stops this shape first.
             (laughs(), "repetition limit exceeded"),
+            // Documents are converted one by one: a good one (with a warning
+            // of its own) before the bomb goes with the file, warning included.
+            (
+                format!(
+                    "{SVC}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n---\n{}",
+                    wide_bomb("VirtualService", 2500, 3300)
+                ),
+                "document 2: more than 1048576 YAML nodes",
+            ),
         ];
         for (bomb, reason) in bombs {
             std::fs::write(&file, &bomb).expect("write");
             let snapshot = source.load();
             assert_eq!(snapshot.objects, good, "{} bytes", bomb.len());
+            assert_eq!(snapshot.diagnostics.len(), 1, "{:?}", snapshot.diagnostics);
             let message = snapshot.diagnostics[0].to_string();
             assert!(
                 message.starts_with(&file.display().to_string()) && message.contains(reason),
@@ -1168,12 +1196,31 @@ mod tests {
         let labels: Vec<_> = objects
             .iter()
             .filter_map(|o| match o {
-                Resource::Pod(p) => Some((*p.labels).clone()),
+                Resource::Pod(p) => Some(p.labels.clone()),
                 _ => None,
             })
             .collect();
         assert_eq!(labels.len(), 2);
         assert_eq!(labels[0], labels[1]);
+    }
+
+    #[test]
+    fn pods_of_a_file_with_the_same_labels_share_them() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: web}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, labels: {app: web}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: c, labels: {app: db}}\n";
+        let (objects, diags) = parse(Path::new("pods.yaml"), text);
+        assert!(diags.is_empty(), "{diags:?}");
+        let labels: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Resource::Pod(p) => Some(p.labels.clone()),
+                _ => None,
+            })
+            .collect();
+        // One copy of `app: web` for a and b (the index then keeps these very
+        // pods instead of copies of its own); c's is another.
+        assert!(std::sync::Arc::ptr_eq(&labels[0], &labels[1]));
+        assert!(!std::sync::Arc::ptr_eq(&labels[0], &labels[2]));
+        assert_eq!(labels[2].get("app").map(String::as_str), Some("db"));
     }
 
     mod watching {

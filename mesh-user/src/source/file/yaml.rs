@@ -64,54 +64,90 @@ pub enum Doc {
     Expanded(Value),
 }
 
-/// The documents of `text`, in order. Those whose `apiVersion` and `kind`
-/// `expand` accepts are expanded (within `limits`, for all of them together);
-/// the others are only named. Any error fails the whole text.
-pub fn documents(
-    text: &str,
+/// The documents of `text`, in order, each expanded only when the iterator
+/// reaches it: a caller that converts a document before taking the next holds
+/// one document's tree at a time, not the file's (at 100 000 Pods in a folder,
+/// the trees of whole files were most of the agent's peak memory). Those whose
+/// `apiVersion` and `kind` `expand` accepts are expanded (within `limits`, for
+/// all of them together); the others are only named. A syntax error anywhere
+/// fails here, before anything is expanded; a document over the budget ends
+/// the iteration with its error (the caller drops what it made of the others).
+pub fn documents<'t, F: Fn(&str, &str) -> bool>(
+    text: &'t str,
     limits: &Limits,
-    expand: impl Fn(&str, &str) -> bool,
-) -> Result<Vec<Doc>, YamlError> {
+    expand: F,
+) -> Result<Documents<'t, F>, YamlError> {
     // First pass: every document's head. It also finds syntax errors anywhere in
     // the file before anything is expanded.
     let heads = serde_yaml_ng::Deserializer::from_str(text)
         .map(|document| document.deserialize_any(HeadVisitor))
         .collect::<Result<Vec<Head>, _>>()
         .map_err(YamlError::Syntax)?;
-    // Second pass: expand what was asked for. The parser's events for a document
-    // are collected either way (linear); skipping one costs nothing more.
-    let mut budget = Budget::new(limits);
-    let mut out = Vec::with_capacity(heads.len());
-    for (i, (head, document)) in heads
-        .into_iter()
-        .zip(serde_yaml_ng::Deserializer::from_str(text))
-        .enumerate()
-    {
-        out.push(match head {
+    Ok(Documents {
+        heads: heads.into_iter(),
+        parsed: serde_yaml_ng::Deserializer::from_str(text),
+        budget: Budget::new(limits),
+        limits: (limits.nodes, limits.text_bytes),
+        index: 0,
+        expand,
+        failed: false,
+    })
+}
+
+/// See [`documents`].
+#[allow(missing_debug_implementations)] // the parser has no Debug
+pub struct Documents<'t, F> {
+    heads: std::vec::IntoIter<Head>,
+    /// Second pass: the parser's events for a document are collected either
+    /// way (linear); skipping one costs nothing more.
+    parsed: serde_yaml_ng::Deserializer<'t>,
+    budget: Budget,
+    /// The budget's limits (nodes, text bytes), for the errors.
+    limits: (usize, usize),
+    index: usize,
+    expand: F,
+    /// After an error, nothing more.
+    failed: bool,
+}
+
+impl<F: Fn(&str, &str) -> bool> Iterator for Documents<'_, F> {
+    type Item = Result<Doc, YamlError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let head = self.heads.next()?;
+        let document = self.parsed.next()?;
+        let i = self.index;
+        self.index += 1;
+        let doc = match head {
             Head::Empty => Doc::Empty,
             Head::NotMapping => Doc::NotMapping,
-            Head::Object { api_version, kind } if !expand(&api_version, &kind) => {
+            Head::Object { api_version, kind } if !(self.expand)(&api_version, &kind) => {
                 Doc::Skipped { api_version, kind }
             }
-            Head::Object { .. } => match Node(&mut budget).deserialize(document) {
+            Head::Object { .. } => match Node(&mut self.budget).deserialize(document) {
                 Ok(value) => Doc::Expanded(value),
                 Err(e) => {
-                    return Err(match budget.exceeded {
+                    self.failed = true;
+                    let (nodes, text_bytes) = self.limits;
+                    return Some(Err(match self.budget.exceeded {
                         Some(Exceeded::Nodes) => YamlError::TooManyNodes {
                             document: i,
-                            limit: limits.nodes,
+                            limit: nodes,
                         },
                         Some(Exceeded::Text) => YamlError::TooMuchText {
                             document: i,
-                            limit: limits.text_bytes,
+                            limit: text_bytes,
                         },
                         None => YamlError::Syntax(e),
-                    });
+                    }));
                 }
             },
-        });
+        };
+        Some(Ok(doc))
     }
-    Ok(out)
 }
 
 /// Reads a document's head: only `apiVersion` and `kind` are looked at.
@@ -407,6 +443,15 @@ mod tests {
 
     fn all(_: &str, _: &str) -> bool {
         true
+    }
+
+    /// Every document at once.
+    fn documents(
+        text: &str,
+        limits: &Limits,
+        expand: impl Fn(&str, &str) -> bool,
+    ) -> Result<Vec<Doc>, YamlError> {
+        super::documents(text, limits, expand)?.collect()
     }
 
     fn expanded(text: &str) -> Vec<Value> {
