@@ -10,6 +10,7 @@
 
 mod changes;
 pub mod resolve;
+mod selectors;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -81,6 +82,8 @@ pub struct Index {
     /// Each Service's EndpointSlices (by the slice's service-name label), kept
     /// with the slices: compile reads a Service's endpoints without a scan.
     slices_by_service: BTreeMap<NamespacedName, Vec<NamespacedName>>,
+    /// Services by their selectors, for the Services a pod's change touches.
+    selectors: selectors::Selectors,
     /// Slices no controller manages that name pods (see [`Changes`]).
     unmanaged_pod_refs: usize,
     /// What changed since [`Index::take_changes`].
@@ -140,7 +143,17 @@ impl Index {
                 if self.services.get(&key) == Some(&entry) {
                     return false;
                 }
-                match self.services.insert(key.clone(), entry) {
+                let new = entry.object.clone();
+                let old = self.services.insert(key.clone(), entry);
+                match &old {
+                    Some(old) if old.object.selector == new.selector => {}
+                    Some(old) => {
+                        self.selectors.remove(&key, &old.object);
+                        self.selectors.add(&key, &new);
+                    }
+                    None => self.selectors.add(&key, &new),
+                }
+                match old {
                     Some(_) => {
                         self.changes.services.insert(key);
                     }
@@ -280,22 +293,26 @@ impl Index {
             old.is_none() || new.is_none() || labels(old) != labels(new) || node(old) != node(new);
         if moved && self.unmanaged_pod_refs > 0 {
             self.changes.all = true;
+        }
+        if self.changes.all {
+            // Every Service is compiled anyway (at a start, after the first
+            // new Service): no need to find which.
             return;
         }
         let namespace = key.namespace.as_str();
-        let from = NamespacedName::new(namespace, "");
-        let selecting: Vec<NamespacedName> = self
-            .services
-            .range(from..)
-            .take_while(|(k, _)| k.namespace == namespace)
-            .filter(|(k, _)| moved || !self.slices_by_service.contains_key(k))
-            .filter(|(_, e)| {
-                [old, new]
-                    .into_iter()
-                    .flatten()
-                    .any(|p| selects(&e.object, p))
+        let selecting: Vec<NamespacedName> = [old, new]
+            .into_iter()
+            .flatten()
+            .flat_map(|p| self.selectors.candidates(namespace, &p.labels))
+            .filter(|k| moved || !self.slices_by_service.contains_key(k))
+            .filter(|k| {
+                self.services.get(k).is_some_and(|e| {
+                    [old, new]
+                        .into_iter()
+                        .flatten()
+                        .any(|p| selects(&e.object, p))
+                })
             })
-            .map(|(k, _)| k.clone())
             .collect();
         self.changes.services.extend(selecting);
     }
@@ -305,8 +322,11 @@ impl Index {
         let key = object.namespaced_name();
         match object.kind {
             Kind::Service => {
-                let gone = self.services.remove(&key).is_some();
-                self.everything_if(gone)
+                let gone = self.services.remove(&key);
+                if let Some(old) = &gone {
+                    self.selectors.remove(&key, &old.object);
+                }
+                self.everything_if(gone.is_some())
             }
             Kind::Pod => {
                 let Some(old) = self.pods.remove(&key) else {

@@ -275,3 +275,58 @@ fn pods_with_the_same_labels_share_them_until_the_last_goes() {
     index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "b")));
     assert!(index.label_sets.is_empty());
 }
+
+#[test]
+fn a_pod_change_marks_the_services_that_select_it_and_no_other() {
+    let parse = |yaml: String| {
+        let (mut objects, diags) =
+            crate::source::file::parse(std::path::Path::new("t.yaml"), &yaml);
+        assert!(diags.is_empty(), "{diags:?}");
+        objects.remove(0)
+    };
+    let service = |name: &str, selector: &str| {
+        parse(format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: prod}}\nspec: {{clusterIP: 10.96.0.{}, selector: {{{selector}}}, ports: [{{port: 80}}]}}\n",
+            name.len()
+        ))
+    };
+    let pod = |labels: &str| {
+        parse(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: prod, labels: {{{labels}}}}}\n"
+        ))
+    };
+    let mut index = Index::default();
+    index.apply("t.yaml", service("web", "app: web"));
+    index.apply("t.yaml", service("canary", "app: web, version: v2"));
+    // First pair `tier`, sorted before `version`.
+    index.apply("t.yaml", service("front", "tier: front, version: v2"));
+    index.apply("t.yaml", service("db", "app: db"));
+    let _ = index.take_changes();
+    let marked = |index: &mut Index, labels: &str| -> Vec<String> {
+        index.apply("t.yaml", pod(labels));
+        let changes = index.take_changes();
+        assert!(!changes.all && changes.pods);
+        changes.services.into_iter().map(|s| s.name).collect()
+    };
+    assert_eq!(marked(&mut index, "app: web, version: v1"), ["web"]);
+    // The pod's old labels and its new ones: both Services it leaves and joins.
+    assert_eq!(
+        marked(&mut index, "app: web, version: v2, tier: front"),
+        ["canary", "front", "web"]
+    );
+    assert_eq!(
+        marked(&mut index, "app: db"),
+        ["canary", "db", "front", "web"]
+    );
+    // A Service's selector changed: the pod is found by the new one only.
+    index.apply("t.yaml", service("db", "app: cache"));
+    let _ = index.take_changes();
+    assert_eq!(marked(&mut index, "app: db, x: y"), Vec::<String>::new());
+    for name in ["web", "canary", "front", "db"] {
+        index.delete(&ObjectRef::new(
+            Kind::Service,
+            NamespacedName::new("prod", name),
+        ));
+    }
+    assert!(index.selectors.is_empty());
+}

@@ -22,7 +22,7 @@ fn one(yaml: &str) -> Resource {
 }
 
 fn service(name: &str, ns: &str, ip: &str, selector: Option<&str>, variant: u8) -> String {
-    let selector = selector.map_or(String::new(), |app| format!("  selector: {{app: {app}}}\n"));
+    let selector = selector.map_or(String::new(), |pairs| format!("  selector: {{{pairs}}}\n"));
     let ports = match variant {
         0 => "[{name: http, port: 80, targetPort: 8080}]",
         1 => "[{name: http, port: 80, targetPort: 9090}]",
@@ -104,11 +104,32 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     let eps = proptest::collection::vec((0u8..6, any::<bool>()), 0..4);
     prop_oneof![
-        (0u8..3).prop_map(|v| Step::Apply(service("a", "prod", "10.96.0.1", Some("a"), v))),
-        (0u8..3).prop_map(|v| Step::Apply(service("b", "prod", "10.96.0.2", Some("b"), v))),
-        (0u8..2).prop_map(|v| Step::Apply(service("c", "prod", "10.96.0.3", None, v))),
+        (0u8..3).prop_map(|v| Step::Apply(service("a", "prod", "10.96.0.1", Some("app: a"), v))),
+        (0u8..3).prop_map(|v| Step::Apply(service("b", "prod", "10.96.0.2", Some("app: b"), v))),
+        // A selector that comes, goes and changes (its first pair too).
+        (
+            0u8..2,
+            prop_oneof![
+                Just(None),
+                Just(Some("version: v1")),
+                Just(Some("app: b, version: v2"))
+            ]
+        )
+            .prop_map(|(v, selector)| Step::Apply(service(
+                "c",
+                "prod",
+                "10.96.0.3",
+                selector,
+                v
+            ))),
         // One address claimed twice: the whole compile decides.
-        Just(Step::Apply(service("d", "prod", "10.96.0.1", Some("a"), 0))),
+        Just(Step::Apply(service(
+            "d",
+            "prod",
+            "10.96.0.1",
+            Some("app: a"),
+            0
+        ))),
         (eps.clone(), any::<bool>())
             .prop_map(|(e, m)| Step::Apply(slice("a-1", "prod", "a", &e, m))),
         (eps.clone(), any::<bool>())
@@ -224,7 +245,7 @@ fn an_endpoint_change_recompiles_only_its_service() {
                 &name,
                 "prod",
                 &format!("10.96.1.{i}"),
-                Some(&name),
+                Some(&format!("app: {name}")),
                 0,
             )),
         );
