@@ -75,9 +75,19 @@ impl Agent {
 
     /// The same, with more `mesh-agent run` flags (e.g. `--no-redirect`).
     pub fn start_flags(dir: &Path, cgroup: &Path, flags: &[&str]) -> anyhow::Result<Self> {
+        Self::start_flags_within(dir, cgroup, flags, Duration::from_secs(20))
+    }
+
+    /// The same, waiting up to `timeout` for the first apply (a folder at scale).
+    pub fn start_flags_within(
+        dir: &Path,
+        cgroup: &Path,
+        flags: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let mut args = vec![format!("file:{}", dir.display())];
         args.extend(flags.iter().map(|f| (*f).to_owned()));
-        Self::start_with(&args, cgroup)
+        Self::start_within(&args, cgroup, timeout)
     }
 
     /// `mesh-agent run --source kubernetes --kubeconfig <path> ...`.
@@ -149,8 +159,12 @@ impl Agent {
     }
 
     fn start_with(source: &[String], cgroup: &Path) -> anyhow::Result<Self> {
+        Self::start_within(source, cgroup, Duration::from_secs(20))
+    }
+
+    fn start_within(source: &[String], cgroup: &Path, timeout: Duration) -> anyhow::Result<Self> {
         let mut agent = Self::launch(source, cgroup, Vec::new(), None, None)?;
-        agent.wait_applied(1, Duration::from_secs(20))?;
+        agent.wait_applied(1, timeout)?;
         Ok(agent)
     }
 

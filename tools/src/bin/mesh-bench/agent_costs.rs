@@ -24,62 +24,27 @@ use crate::{
 pub(crate) fn agent_costs(r: &mut String, quick: bool) -> anyhow::Result<()> {
     let (services, per) = if quick { (1000, 10) } else { (10_000, 10) };
     let _ = writeln!(r, "## The agent\n");
-    let dir = ManifestDir::new()?;
-    let mut yaml = String::new();
-    for i in 0..services {
-        let vip = format!("10.99.{}.{}", i / 250, 1 + i % 250);
-        let _ = writeln!(
-            yaml,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: s{i}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:"
-        );
-        for e in 0..per {
-            let n = i * per + e;
-            let _ = writeln!(
-                yaml,
-                "  - addresses: [\"10.{}.{}.{}\"]\n    conditions: {{ready: true}}",
-                // 250 hosts a third octet, 256 of those a second: unique
-                // and valid (a third octet of 256-259 was refused).
-                100 + n / 64_000,
-                (n / 250) % 256,
-                1 + n % 250
-            );
-        }
-        // A file per SERVICES_PER_FILE Services: all 10k are ~10 MB, over the
-        // file source's 4 MiB per file.
-        if (i + 1) % SERVICES_PER_FILE == 0 || i + 1 == services {
-            let file = format!("scale-{:03}.yaml", i / SERVICES_PER_FILE);
-            dir.write(&file, &std::mem::take(&mut yaml))?;
-        }
-    }
-    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
-    let t = Instant::now();
-    let agent = Agent::start_flags(dir.path(), cgroup.path(), &["--no-redirect"])?;
-    let ready = t.elapsed();
-    let applied = agent.records("config applied");
-    let first = applied.first().cloned().unwrap_or_default();
-    let pid = agent.pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> String {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or_else(|| "?".to_owned(), |kb| format!("{:.0} MiB", kb / 1024.0))
-    };
     let _ = writeln!(
         r,
-        "{services} Services and {} endpoints (EndpointSlices), file source, one process:\n\n| measure | value |\n|---|---|\n| start to first apply (read, parse, compile, write the maps, attach) | {:.2} s |\n| compile (index to slot tables) | {:.1} ms |\n| apply (write {services} tables into the maps) | {:.1} ms |\n| resident memory after the first apply (VmRSS) | {} |\n| peak resident memory (VmHWM) | {} |\n",
+        "{services} Services and {} endpoints (EndpointSlices), file source, one process; the second column with the endpoints' {} Pods in the folder too (labels `app: s<i>`, a named port, running, ready: what the Kubernetes source holds of the cluster below):\n\n| measure | Services and slices | with their Pods |\n|---|---|---|",
         services * per,
-        ready.as_secs_f64(),
-        first["compile_us"].as_f64().unwrap_or(f64::NAN) / 1e3,
-        first["apply_us"].as_f64().unwrap_or(f64::NAN) / 1e3,
-        field("VmRSS:"),
-        field("VmHWM:"),
+        services * per,
     );
-    drop(agent);
-    drop(cgroup);
-    drop(dir);
+    let without = start_at_scale(services, per, false)?;
+    let with = start_at_scale(services, per, true)?;
+    for (i, measure) in [
+        "start to first apply (read, parse, compile, write the maps, attach)",
+        "compile (index to slot tables)",
+        "apply (write the tables into the maps)",
+        "resident memory after the first apply (VmRSS)",
+        "peak resident memory (VmHWM)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let _ = writeln!(r, "| {measure} | {} | {} |", without[i], with[i]);
+    }
+    let _ = writeln!(r);
 
     // Weight edits through the file source: write the file, wait for the kernel.
     let dir = ManifestDir::new()?;
@@ -231,4 +196,80 @@ fn kube_propagation(r: &mut String, edits: usize) -> anyhow::Result<()> {
         median(&mut agent_ms),
     );
     Ok(())
+}
+
+/// A folder of `services` Services with `per` endpoints each (and their Pods),
+/// an agent started on it: the measures of [`agent_costs`]'s table, as text.
+fn start_at_scale(services: usize, per: usize, pods: bool) -> anyhow::Result<[String; 5]> {
+    let dir = ManifestDir::new()?;
+    // With its Pods a Service is ~5 KB of YAML: fewer per file, under the file
+    // source's 4 MiB per file.
+    let per_file = if pods {
+        SERVICES_PER_FILE / 4
+    } else {
+        SERVICES_PER_FILE
+    };
+    let mut yaml = String::new();
+    for i in 0..services {
+        let vip = format!("10.99.{}.{}", i / 250, 1 + i % 250);
+        let _ = writeln!(
+            yaml,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: s{i}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:"
+        );
+        let mut pod_yaml = String::new();
+        for e in 0..per {
+            let n = i * per + e;
+            // 250 hosts a third octet, 256 of those a second: unique and valid
+            // (a third octet of 256-259 was refused).
+            let ip = format!(
+                "10.{}.{}.{}",
+                100 + n / 64_000,
+                (n / 250) % 256,
+                1 + n % 250
+            );
+            let _ = writeln!(
+                yaml,
+                "  - addresses: [\"{ip}\"]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, name: s{i}-{e}, namespace: default}}"
+            );
+            if pods {
+                let _ = writeln!(
+                    pod_yaml,
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: s{i}-{e}, namespace: default, uid: 0d8a7f3c-1b2e-4c5d-9e6f-{n:012}, labels: {{app: s{i}}}}}\nspec:\n  containers: [{{name: app, image: registry.example/app:1, ports: [{{name: http, containerPort: 8080}}]}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}]\n  conditions: [{{type: Ready, status: 'True'}}]"
+                );
+            }
+        }
+        yaml.push_str(&pod_yaml);
+        if (i + 1) % per_file == 0 || i + 1 == services {
+            let file = format!("scale-{:03}.yaml", i / per_file);
+            dir.write(&file, &std::mem::take(&mut yaml))?;
+        }
+    }
+    let cgroup = Cgroup::create(&mesh_tools::unique("mesh-bench-"))?;
+    let t = Instant::now();
+    let agent = Agent::start_flags_within(
+        dir.path(),
+        cgroup.path(),
+        &["--no-redirect"],
+        Duration::from_secs(120),
+    )?;
+    let ready = t.elapsed();
+    let applied = agent.records("config applied");
+    let first = applied.first().cloned().unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let field = |name: &str| -> String {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or_else(|| "?".to_owned(), |kb| format!("{:.0} MiB", kb / 1024.0))
+    };
+    let ms = |key: &str| format!("{:.1} ms", first[key].as_f64().unwrap_or(f64::NAN) / 1e3);
+    Ok([
+        format!("{:.2} s", ready.as_secs_f64()),
+        ms("compile_us"),
+        ms("apply_us"),
+        field("VmRSS:"),
+        field("VmHWM:"),
+    ])
 }
