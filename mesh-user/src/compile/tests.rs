@@ -808,15 +808,20 @@ fn a_named_target_port_resolves_per_pod() {
         .replace("containerPort: 8080", "containerPort: 9090");
     let unnamed =
         pod_on("api-2", "api", "10.244.2.3", "node-a", true, false).replace("name: http, ", "");
+    // Its `http` is a UDP port; the Service's is TCP.
+    let udp = pod_on("api-3", "api", "10.244.2.4", "node-a", true, false)
+        .replace("containerPort: 8080", "containerPort: 8080, protocol: UDP");
     let pods = [
         pod_on("api-0", "api", "10.244.2.1", "node-a", true, false),
         other_port,
         unnamed,
+        udp,
     ]
     .join("---\n");
     let c = build(&[&named, &pods]);
     let got = targets_at_80(&c);
-    // api-2 names no port `http`: no endpoint, as the controller leaves it out.
+    // api-2 names no port `http`, api-3 no TCP one: no endpoint, as the
+    // controller leaves them out.
     assert_eq!(got, ["10.244.2.1:8080", "10.244.2.2:9090"]);
 }
 
