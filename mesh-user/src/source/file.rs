@@ -1188,34 +1188,33 @@ mod tests {
         assert_eq!(names(&snapshot), vec!["VirtualService default/web"]);
     }
 
-    #[test]
-    fn anchors_and_aliases_within_the_budget_are_read() {
-        let text = "apiVersion: v1\nkind: List\nitems:\n  - {apiVersion: v1, kind: Pod, metadata: {name: a, labels: &l {app: web}}}\n  - {apiVersion: v1, kind: Pod, metadata: {name: b, labels: *l}}\n";
+    /// The label sets of the pods `text` holds, in order.
+    fn pod_labels(text: &str) -> Vec<crate::model::pod::Labels> {
         let (objects, diags) = parse(Path::new("pods.yaml"), text);
         assert!(diags.is_empty(), "{diags:?}");
-        let labels: Vec<_> = objects
+        objects
             .iter()
             .filter_map(|o| match o {
                 Resource::Pod(p) => Some(p.labels.clone()),
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn anchors_and_aliases_within_the_budget_are_read() {
+        let labels = pod_labels(
+            "apiVersion: v1\nkind: List\nitems:\n  - {apiVersion: v1, kind: Pod, metadata: {name: a, labels: &l {app: web}}}\n  - {apiVersion: v1, kind: Pod, metadata: {name: b, labels: *l}}\n",
+        );
         assert_eq!(labels.len(), 2);
         assert_eq!(labels[0], labels[1]);
     }
 
     #[test]
     fn pods_of_a_file_with_the_same_labels_share_them() {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: web}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, labels: {app: web}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: c, labels: {app: db}}\n";
-        let (objects, diags) = parse(Path::new("pods.yaml"), text);
-        assert!(diags.is_empty(), "{diags:?}");
-        let labels: Vec<_> = objects
-            .iter()
-            .filter_map(|o| match o {
-                Resource::Pod(p) => Some(p.labels.clone()),
-                _ => None,
-            })
-            .collect();
+        let labels = pod_labels(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: web}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, labels: {app: web}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: c, labels: {app: db}}\n",
+        );
         // One copy of `app: web` for a and b (the index then keeps these very
         // pods instead of copies of its own); c's is another.
         assert!(std::sync::Arc::ptr_eq(&labels[0], &labels[1]));
