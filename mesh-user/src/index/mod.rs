@@ -30,7 +30,7 @@ use crate::{
     model::{
         DestinationRule, Diagnostic, Fqdn, Gateway, Kind, NamespacedName, ObjectRef, Resource,
         VirtualService,
-        pod::{LabelSets, Labels, Pod},
+        pod::{Pod, PodShapes},
         slice::EndpointSlice,
     },
     source::{Event, Invalid, Sourced},
@@ -90,8 +90,9 @@ pub struct Index {
     changes: Changes,
     /// Every origin, once.
     origins: HashSet<Arc<str>>,
-    /// Every pod label set, once: a ReplicaSet's pods share theirs.
-    label_sets: LabelSets,
+    /// Every pod label set and list of ports, once: a ReplicaSet's pods
+    /// share theirs.
+    shapes: PodShapes,
     /// Kinds being relisted, and the objects the relist has given so far.
     relisting: BTreeMap<Kind, BTreeSet<NamespacedName>>,
 }
@@ -165,7 +166,7 @@ impl Index {
             Resource::Pod(o) => {
                 let entry = Entry {
                     origin,
-                    object: self.shared_labels(o),
+                    object: self.shapes.share(o),
                 };
                 let Some(old) = self.pods.get(&key) else {
                     self.pod_changed(&key, None, Some(&entry.object));
@@ -178,7 +179,7 @@ impl Index {
                 let old = old.object.clone();
                 self.pod_changed(&key, Some(&old), Some(&entry.object));
                 self.pods.insert(key, entry);
-                self.forget_labels(&old.labels);
+                self.shapes.forget(&old);
                 true
             }
             Resource::EndpointSlice(o) => {
@@ -224,17 +225,6 @@ impl Index {
         let o: Arc<str> = Arc::from(origin);
         self.origins.insert(o.clone());
         o
-    }
-
-    /// `pod` with the label set other pods share, if one has the same.
-    fn shared_labels(&mut self, pod: Arc<Pod>) -> Arc<Pod> {
-        self.label_sets.share(pod)
-    }
-
-    /// Drops a label set no pod has any more.
-    fn forget_labels(&mut self, labels: &Labels) {
-        // Ours, and the caller's: nobody else's.
-        self.label_sets.forget(labels);
     }
 
     fn everything_if(&mut self, changed: bool) -> bool {
@@ -333,7 +323,7 @@ impl Index {
                     return false;
                 };
                 self.pod_changed(&key, Some(&old.object), None);
-                self.forget_labels(&old.object.labels);
+                self.shapes.forget(&old.object);
                 true
             }
             Kind::EndpointSlice => {

@@ -246,34 +246,61 @@ fn nodes_are_kept_by_name_and_a_heartbeat_changes_nothing() {
 }
 
 #[test]
-fn pods_with_the_same_labels_share_them_until_the_last_goes() {
-    let pod = |name: &str, version: &str| {
+fn pods_of_one_template_share_labels_and_ports_until_the_last_goes() {
+    let template = |name: &str, version: &str, port: u16| {
         let (mut objects, _) = crate::source::file::parse(
             std::path::Path::new("p.yaml"),
             &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: web, version: {version}}}}}\n"
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: prod, labels: {{app: web, version: {version}}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: {port}}}]}}]}}\n"
             ),
         );
         objects.remove(0)
     };
     let mut index = Index::default();
-    index.apply("p.yaml", pod("a", "v1"));
-    index.apply("p.yaml", pod("b", "v1"));
-    index.apply("p.yaml", pod("c", "v2"));
-    let labels = |name: &str| {
+    index.apply("p.yaml", template("a", "v1", 8080));
+    index.apply("p.yaml", template("b", "v1", 8080));
+    index.apply("p.yaml", template("c", "v2", 9090));
+    let pod = |name: &str| {
         index.pods[&NamespacedName::new("prod", name)]
             .object
-            .labels
             .clone()
     };
-    assert!(std::sync::Arc::ptr_eq(&labels("a"), &labels("b")));
-    assert!(!std::sync::Arc::ptr_eq(&labels("a"), &labels("c")));
-    assert_eq!(index.label_sets.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(&pod("a").labels, &pod("b").labels));
+    assert!(std::sync::Arc::ptr_eq(&pod("a").ports, &pod("b").ports));
+    assert!(!std::sync::Arc::ptr_eq(&pod("a").labels, &pod("c").labels));
+    assert_eq!(pod("c").ports[0].port, 9090);
+    assert_eq!(index.shapes.len(), (2, 2));
     index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "c")));
-    assert_eq!(index.label_sets.len(), 1);
+    assert_eq!(index.shapes.len(), (1, 1));
     index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "a")));
+    assert_eq!(index.shapes.len(), (1, 1));
     index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "b")));
-    assert!(index.label_sets.is_empty());
+    assert_eq!(index.shapes.len(), (0, 0));
+
+    // A pod its source holds too (the file source keeps what it read, and
+    // shares within a file only) is kept as it is, not copied to share; and
+    // deleting it keeps the set the other pods share.
+    index.apply("p.yaml", template("a", "v1", 8080));
+    let b = template("b", "v1", 8080);
+    let Resource::Pod(held) = &b else {
+        panic!("a pod");
+    };
+    let held = held.clone();
+    index.apply("p.yaml", b);
+    let kept = |index: &Index, name: &str| {
+        index.pods[&NamespacedName::new("prod", name)]
+            .object
+            .clone()
+    };
+    assert!(std::sync::Arc::ptr_eq(&kept(&index, "b"), &held));
+    assert_eq!(index.shapes.len(), (1, 1));
+    drop(held);
+    index.delete(&ObjectRef::new(Kind::Pod, NamespacedName::new("prod", "b")));
+    assert_eq!(index.shapes.len(), (1, 1));
+    let a = kept(&index, "a");
+    index.apply("p.yaml", template("c", "v1", 8080));
+    assert!(std::sync::Arc::ptr_eq(&kept(&index, "c").labels, &a.labels));
+    assert!(std::sync::Arc::ptr_eq(&kept(&index, "c").ports, &a.ports));
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    hash::Hash,
     net::IpAddr,
     sync::Arc,
 };
@@ -21,8 +22,11 @@ pub const INJECT: &str = "sidecar.istio.io/inject";
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 
 /// A pod's labels: shared by the pods that have the same (a ReplicaSet's
-/// pods do), see [`crate::index::Index`].
+/// pods do), see [`PodShapes`].
 pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// A pod's named container ports: shared like its labels.
+pub type Ports = Arc<[NamedPort]>;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
@@ -45,48 +49,73 @@ pub struct Pod {
     /// compatibility), without repeats; unparsable ones skipped.
     pub ips: Box<[IpAddr]>,
     /// Its containers' named ports, for a Service's named `targetPort`.
-    pub ports: Box<[NamedPort]>,
+    pub ports: Ports,
 }
 
-/// Label sets, each once: a ReplicaSet's pods have the same, and one
-/// `BTreeMap` of a few labels costs more than the rest of a pod.
+/// What the pods of one template have alike, each once: their label sets and
+/// their named ports. A ReplicaSet's pods have the same; one `BTreeMap` of a
+/// few labels costs more than the rest of a pod, a list of ports with its
+/// strings ~110 bytes.
 #[derive(Clone, Debug, Default)]
-pub struct LabelSets(HashSet<Labels>);
+pub struct PodShapes {
+    labels: HashSet<Labels>,
+    ports: HashSet<Ports>,
+}
 
-impl LabelSets {
-    /// `pod` with the label set an earlier pod had, if one had the same (a
-    /// pod no one else holds is changed in place).
+impl PodShapes {
+    /// `pod` with the labels and ports an earlier pod had, where one had the
+    /// same. A pod someone else holds too (the file source keeps what it
+    /// read) stays as it is: sharing would copy it whole.
     pub fn share(&mut self, mut pod: Arc<Pod>) -> Arc<Pod> {
-        match self.0.get(&pod.labels) {
-            Some(shared) if !Arc::ptr_eq(shared, &pod.labels) => {
-                Arc::make_mut(&mut pod).labels = shared.clone();
+        let labels = shared(&mut self.labels, &pod.labels);
+        let ports = shared(&mut self.ports, &pod.ports);
+        if let Some(pod) = Arc::get_mut(&mut pod) {
+            if let Some(labels) = labels {
+                pod.labels = labels;
             }
-            Some(_) => {}
-            None => {
-                self.0.insert(pod.labels.clone());
+            if let Some(ports) = ports {
+                pod.ports = ports;
             }
         }
         pod
     }
 
-    /// Drops `labels` if no one but the caller and this set holds it.
-    pub fn forget(&mut self, labels: &Labels) {
-        if Arc::strong_count(labels) <= 2 {
-            self.0.remove(labels);
+    /// Drops what `pod` shares if no one but the caller (holding `pod`) and
+    /// this set holds it.
+    pub fn forget(&mut self, pod: &Pod) {
+        forget(&mut self.labels, &pod.labels);
+        forget(&mut self.ports, &pod.ports);
+    }
+
+    /// How many label sets and lists of ports are kept.
+    pub fn len(&self) -> (usize, usize) {
+        (self.labels.len(), self.ports.len())
+    }
+}
+
+/// Drops `value` from `set` if it is the very one kept (an equal one that
+/// was not shared is not) and only the caller holds it besides.
+fn forget<T: Hash + Eq + ?Sized>(set: &mut HashSet<Arc<T>>, value: &Arc<T>) {
+    if Arc::strong_count(value) <= 2 && set.get(value).is_some_and(|k| Arc::ptr_eq(k, value)) {
+        set.remove(value);
+    }
+}
+
+/// The one of `set` equal to `value`, if that is not `value` itself; else
+/// `None`, `value` joining the set if it was not there.
+fn shared<T: Hash + Eq + ?Sized>(set: &mut HashSet<Arc<T>>, value: &Arc<T>) -> Option<Arc<T>> {
+    match set.get(value) {
+        Some(kept) if !Arc::ptr_eq(kept, value) => Some(kept.clone()),
+        Some(_) => None,
+        None => {
+            set.insert(value.clone());
+            None
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
 /// A named container port.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NamedPort {
     pub name: Box<str>,
     /// `TCP` unless set.

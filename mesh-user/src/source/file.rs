@@ -29,7 +29,7 @@ use super::{Event, SourceError, Sourced, Update, UpdateSender};
 use crate::model::{
     DEFAULT_NAMESPACE, Diagnostic, Kind, ObjectRef, Resource, Severity,
     convert::{ConvertError, Document},
-    pod::LabelSets,
+    pod::PodShapes,
 };
 
 /// Everything the folder holds now.
@@ -571,12 +571,13 @@ fn parse_file(
         }
     }
     diags.append(&mut converted);
-    // Pods of one file that have the same labels share them, so the index
-    // (which shares them the same way) need not copy a pod the source keeps.
-    let mut label_sets = LabelSets::default();
+    // Pods of one file that have the same labels (ports) share them, so the
+    // index (which shares them the same way) need not copy a pod the source
+    // keeps.
+    let mut shapes = PodShapes::default();
     out.into_iter()
         .map(|object| match object {
-            Resource::Pod(pod) => Resource::Pod(label_sets.share(pod)),
+            Resource::Pod(pod) => Resource::Pod(shapes.share(pod)),
             other => other,
         })
         .collect()
