@@ -144,16 +144,11 @@ impl Index {
                 if self.services.get(&key) == Some(&entry) {
                     return false;
                 }
-                let new = entry.object.clone();
                 let old = self.services.insert(key.clone(), entry);
-                match &old {
-                    Some(old) if old.object.selector == new.selector => {}
-                    Some(old) => {
-                        self.selectors.remove(&key, &old.object);
-                        self.selectors.add(&key, &new);
-                    }
-                    None => self.selectors.add(&key, &new),
+                if let Some(old) = &old {
+                    self.selectors.remove(&key, &old.object);
                 }
+                self.selectors.add(&key, &self.services[&key].object);
                 match old {
                     Some(_) => {
                         self.changes.services.insert(key);
