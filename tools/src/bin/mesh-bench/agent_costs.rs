@@ -15,6 +15,7 @@ use mesh_tools::{
 };
 
 use crate::{
+    agent_kube::{kib, mib},
     report::{median, quantile},
     services::SERVICES_PER_FILE,
 };
@@ -255,21 +256,12 @@ fn start_at_scale(services: usize, per: usize, pods: bool) -> anyhow::Result<[St
     let ready = t.elapsed();
     let applied = agent.records("config applied");
     let first = applied.first().cloned().unwrap_or_default();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-    let field = |name: &str| -> String {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or_else(|| "?".to_owned(), |kb| format!("{:.0} MiB", kb / 1024.0))
-    };
     let ms = |key: &str| format!("{:.1} ms", first[key].as_f64().unwrap_or(f64::NAN) / 1e3);
     Ok([
         format!("{:.2} s", ready.as_secs_f64()),
         ms("compile_us"),
         ms("apply_us"),
-        field("VmRSS:"),
-        field("VmHWM:"),
+        mib(kib(agent.pid(), "VmRSS:")),
+        mib(kib(agent.pid(), "VmHWM:")),
     ])
 }

@@ -678,7 +678,7 @@ impl Processes {
 }
 
 /// A `/proc/PID/status` field in KiB.
-fn kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn kib(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
@@ -689,7 +689,7 @@ fn kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-fn mib(kib: Option<u64>) -> String {
+pub(crate) fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(
         || "?".to_owned(),
         |k| format!("{:.0} MiB", k as f64 / 1024.0),
