@@ -553,7 +553,8 @@ fn parse_file(
         Err(e) => return error(e, diags),
     };
     let mut out = Vec::new();
-    let mut converted = Vec::new();
+    // The documents' diagnostics, kept until the file stands.
+    let mut pending = Vec::new();
     for (i, document) in documents.enumerate() {
         match document {
             Err(e) => {
@@ -561,16 +562,16 @@ fn parse_file(
                 return error(e, diags);
             }
             Ok(yaml::Doc::Empty) => {}
-            Ok(yaml::Doc::NotMapping) => converted.push(not_an_object(file, i)),
+            Ok(yaml::Doc::NotMapping) => pending.push(not_an_object(file, i)),
             Ok(yaml::Doc::Skipped { api_version, kind }) => {
-                report_unread(file, i, &api_version, &kind, &mut converted);
+                report_unread(file, i, &api_version, &kind, &mut pending);
             }
             Ok(yaml::Doc::Expanded(value)) => {
-                convert_document(file, i, value, previous, &mut out, &mut converted);
+                convert_document(file, i, value, previous, &mut out, &mut pending);
             }
         }
     }
-    diags.append(&mut converted);
+    diags.append(&mut pending);
     // Pods of one file that have the same labels (ports) share them, so the
     // index (which shares them the same way) need not copy a pod the source
     // keeps.
