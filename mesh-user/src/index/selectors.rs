@@ -3,27 +3,31 @@
 //! namespace (10 000 Services in one namespace made every pod added, at a
 //! start or in churn, test 10 000 selectors).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::model::{NamespacedName, pod::Labels, service::Service};
 
 /// namespace -> label key -> label value -> Service names, by the first pair
 /// of each Service's selector (sorted by key); a Service without a selector
-/// selects no pod and is not here.
+/// selects no pod and is not here. The names of one value are a vector: most
+/// values are one Service's (a `BTreeSet` of one name took ~300 bytes).
 #[derive(Clone, Debug, Default)]
-pub(super) struct Selectors(BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeSet<String>>>>);
+pub(super) struct Selectors(BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<Box<str>>>>>);
 
 impl Selectors {
     pub(super) fn add(&mut self, key: &NamespacedName, service: &Service) {
         if let Some((k, v)) = first_pair(service) {
-            self.0
+            let names = self
+                .0
                 .entry(key.namespace.clone())
                 .or_default()
                 .entry(k.clone())
                 .or_default()
                 .entry(v.clone())
-                .or_default()
-                .insert(key.name.clone());
+                .or_default();
+            if !names.iter().any(|n| **n == *key.name) {
+                names.push(key.name.as_str().into());
+            }
         }
     }
 
@@ -36,7 +40,7 @@ impl Selectors {
         };
         if let Some(values) = keys.get_mut(k) {
             if let Some(names) = values.get_mut(v) {
-                names.remove(&key.name);
+                names.retain(|n| **n != *key.name);
                 if names.is_empty() {
                     values.remove(v);
                 }
@@ -62,7 +66,7 @@ impl Selectors {
             .iter()
             .filter_map(move |(k, v)| keys?.get(k)?.get(v))
             .flatten()
-            .map(move |name| NamespacedName::new(namespace, name.as_str()))
+            .map(move |name| NamespacedName::new(namespace, &**name))
     }
 
     #[cfg(test)]

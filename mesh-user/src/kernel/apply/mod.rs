@@ -5,7 +5,7 @@
 //! sees the old table or the new one, never a mix.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::{Duration, Instant},
 };
 
@@ -219,9 +219,10 @@ struct BackendUse {
 #[derive(Debug, Default)]
 struct ViewDirty {
     services: BTreeSet<ServiceAddr>,
-    /// Backend counter ids given out (`Some`) or back (`None`), the last word
-    /// for each.
-    backends: BTreeMap<u32, Option<BackendKey>>,
+    /// Backend counter ids given out (`Some`) or back (`None`), in order: the
+    /// last word for an id is the one that holds. A list, not a map: at a
+    /// start every backend is here (a map by id took ~60 bytes per backend).
+    backends: Vec<(u32, Option<BackendKey>)>,
 }
 
 #[derive(Debug)]
@@ -235,7 +236,7 @@ pub struct Applier {
     /// Each backend's counter id, and how many slots of live and waiting
     /// tables name it: the id goes back when the last table naming it is
     /// freed, so a collection costs what it frees, not what lives.
-    backends: BTreeMap<BackendKey, BackendUse>,
+    backends: HashMap<BackendKey, BackendUse>,
     backend_pool: IdPool,
     /// Backends no table may name any more (their last table freed, or a
     /// write that failed before their slots): their ids go back at the next
@@ -263,7 +264,7 @@ impl Applier {
             live: BTreeMap::new(),
             retired: Vec::new(),
             service_ids: IdPool::new(capacity.services),
-            backends: BTreeMap::new(),
+            backends: HashMap::new(),
             backend_pool: IdPool::new(capacity.backends),
             unnamed: Vec::new(),
             live_ids: BTreeSet::new(),
@@ -742,7 +743,7 @@ impl Applier {
                 self.backends.remove(&k);
                 remove_counter(&mut *self.maps.backend_stats, id);
                 self.backend_pool.give(id);
-                self.view_dirty.backends.insert(id, None);
+                self.view_dirty.backends.push((id, None));
             }
         }
     }
@@ -816,7 +817,7 @@ impl Applier {
                         .entry(key)
                         .or_insert(BackendUse { id: 0, refs: 0 })
                         .id = b.backend_id;
-                    self.view_dirty.backends.insert(b.backend_id, Some(key));
+                    self.view_dirty.backends.push((b.backend_id, Some(key)));
                     self.backend_pool.reserve(b.backend_id);
                     Some(target)
                 });
@@ -936,7 +937,7 @@ impl Applier {
                 .insert((backend, proto), BackendUse { id: t.id, refs: 0 });
             self.view_dirty
                 .backends
-                .insert(t.id, Some((backend, proto)));
+                .push((t.id, Some((backend, proto))));
         }
         Ok(())
     }
