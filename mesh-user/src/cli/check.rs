@@ -48,7 +48,7 @@ fn tables(compiled: &Compiled, out: &mut Vec<String>) {
         }
         if !plan.to_destinations.is_empty() {
             let total = plan.to_destinations.len();
-            for (i, d) in (0u8..).zip(&plan.destinations) {
+            for (i, d) in (0u8..).zip(plan.destinations.iter()) {
                 let n = plan.to_destinations.iter().filter(|&&p| p == i).count();
                 let pct = 100.0 * n as f64 / total as f64;
                 out.push(format!(
@@ -59,7 +59,7 @@ fn tables(compiled: &Compiled, out: &mut Vec<String>) {
             continue;
         }
         let mut shares: BTreeMap<Option<BackendAddr>, usize> = BTreeMap::new();
-        for slot in &plan.slots {
+        for slot in plan.slots.iter() {
             *shares.entry(*slot).or_default() += 1;
         }
         if shares.is_empty() {

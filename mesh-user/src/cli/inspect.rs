@@ -410,7 +410,7 @@ pub fn dump(
         let total = table.slots.len().max(1) as f64;
         let label = labels.get(&addr);
         let mut destinations: Vec<DestinationDump> = Vec::new();
-        for (i, d) in (0u8..).zip(label.map(|l| l.destinations.as_slice()).unwrap_or_default()) {
+        for (i, d) in (0u8..).zip(label.map(|l| &*l.destinations).unwrap_or_default()) {
             if !table.to_destinations.is_empty() {
                 let n = table.to_destinations.iter().filter(|&&p| p == i).count() as u32;
                 destinations.push(DestinationDump {

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -114,15 +115,17 @@ pub struct ServicePlan {
     pub service: NamespacedName,
     pub route: RouteRef,
     /// The slot table; `None` slots refuse the connect. Empty: no backend at
-    /// all (or a table that picks a destination).
-    pub slots: Vec<Option<BackendAddr>>,
+    /// all (or a table that picks a destination). Shared with the applier's
+    /// live table.
+    pub slots: Arc<[Option<BackendAddr>]>,
     /// A table that picks one of the route's destinations, each with a table
     /// of its own (destinations whose policies differ): each slot the index
     /// of a destination ([`ServiceAddr::destination`]); `slots` is empty.
     pub to_destinations: Vec<u8>,
     /// What the table was built from: each destination of the route (a subset,
     /// or every endpoint), its weight, and its ready endpoints of this family.
-    pub destinations: Vec<DestinationPlan>,
+    /// Shared with the record (`state.json`).
+    pub destinations: Arc<[DestinationPlan]>,
     /// A gateway port on a node address: translated only for sockets of the
     /// node's own network namespace, by the gateway's programs.
     pub gateway: bool,
@@ -244,7 +247,8 @@ impl ServicePlan {
                 name: "every ready endpoint".to_owned(),
                 weight: 1,
                 backends,
-            }],
+            }]
+            .into(),
             gateway: false,
             affinity_timeout_s: None,
             hash_client: false,

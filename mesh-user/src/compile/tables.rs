@@ -166,9 +166,9 @@ fn table(port: &Port, vip: IpAddr, groups: &[(String, Group)], policy: TablePoli
     ServicePlan {
         service: port.service.clone(),
         route: port.route.clone(),
-        slots,
+        slots: slots.into(),
         to_destinations: Vec::new(),
-        destinations,
+        destinations: destinations.into(),
         gateway: false,
         affinity_timeout_s: port.affinity_timeout_s,
         hash_client: policy.hash.is_some(),

@@ -90,7 +90,7 @@ fn shares(c: &Compiled, vip: &str, port: u16) -> BTreeMap<String, f64> {
         .get(&addr)
         .unwrap_or_else(|| panic!("no table for {addr}: {:?}", c.services.keys()));
     let mut out = BTreeMap::new();
-    for slot in &plan.slots {
+    for slot in plan.slots.iter() {
         let key = slot.map_or("none".to_owned(), |b: BackendAddr| b.ip.to_string());
         *out.entry(key).or_default() += 1.0 / plan.slots.len() as f64;
     }

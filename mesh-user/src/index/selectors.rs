@@ -12,7 +12,10 @@ use crate::model::{NamespacedName, pod::Labels, service::Service};
 /// selects no pod and is not here. The names of one value are a vector: most
 /// values are one Service's (a `BTreeSet` of one name took ~300 bytes).
 #[derive(Clone, Debug, Default)]
-pub(super) struct Selectors(BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<Box<str>>>>>);
+pub(super) struct Selectors(BTreeMap<String, BTreeMap<String, ByValue>>);
+
+/// label value -> the names of the Services whose selector's first pair it is.
+type ByValue = BTreeMap<String, Vec<Box<str>>>;
 
 impl Selectors {
     pub(super) fn add(&mut self, key: &NamespacedName, service: &Service) {

@@ -89,7 +89,7 @@ pub struct ServiceRecord {
     pub service: NamespacedName,
     /// What decided the table, as `explain` prints it.
     pub route: String,
-    pub destinations: Vec<DestinationPlan>,
+    pub destinations: Arc<[DestinationPlan]>,
     /// `sessionAffinity: ClientIP`'s timeout, in seconds.
     #[serde(default)]
     pub affinity_timeout_s: Option<u32>,

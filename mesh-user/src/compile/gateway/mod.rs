@@ -397,8 +397,8 @@ pub fn service_plans(
                 ServicePlan {
                     service: owner.clone(),
                     route,
-                    slots: slots::build(&groups, max_slots),
-                    destinations,
+                    slots: slots::build(&groups, max_slots).into(),
+                    destinations: destinations.into(),
                     gateway: true,
                     affinity_timeout_s: None,
                     hash_client: false,

@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -173,7 +174,8 @@ struct Live {
     adopted: bool,
     /// `None` for a table adopted from a previous agent, until it is applied again.
     service: Option<NamespacedName>,
-    slots: Vec<Option<BackendAddr>>,
+    /// The plan's, shared.
+    slots: Arc<[Option<BackendAddr>]>,
     /// A table that picks a destination: its slots ([`ServicePlan::to_destinations`]).
     to_destinations: Vec<u8>,
     /// `ServiceValue::flags` as written.
@@ -188,11 +190,14 @@ impl Live {
 
     /// Its slots as a retired table frees them (a destination-picking table
     /// names no backend).
-    fn into_retired_slots(self) -> Vec<Option<BackendAddr>> {
+    fn into_retired_slots(self) -> Arc<[Option<BackendAddr>]> {
         let len = self.len();
-        let mut slots = self.slots;
+        if self.slots.len() == len {
+            return self.slots;
+        }
+        let mut slots = self.slots.to_vec();
         slots.resize(len, None);
-        slots
+        slots.into()
     }
 }
 
@@ -201,7 +206,7 @@ struct Retired {
     service_id: u32,
     revision: u32,
     /// Slots written under this revision (all of them, or as far as a failed write got).
-    slots: Vec<Option<BackendAddr>>,
+    slots: Arc<[Option<BackendAddr>]>,
     proto: Proto,
     since: Instant,
 }
@@ -534,7 +539,7 @@ impl Applier {
             // Free the partial table at the next collection (nothing reads it: the
             // entry was not flipped); the live one, if any, is untouched. A new
             // service's id goes back to the pool then.
-            let mut slots = plan.slots.clone();
+            let mut slots = plan.slots.to_vec();
             slots.resize(plan.slot_count(), None);
             slots.truncate(written as usize);
             self.name_backends(&slots, addr.proto);
@@ -544,7 +549,7 @@ impl Applier {
             self.retired.push(Retired {
                 service_id,
                 revision,
-                slots,
+                slots: slots.into(),
                 proto: addr.proto,
                 since: now.checked_sub(GRACE).unwrap_or(now),
             });
@@ -651,7 +656,7 @@ impl Applier {
                 revision: 0,
                 adopted: false,
                 service: Some(plan.service.clone()),
-                slots: Vec::new(),
+                slots: Arc::new([]),
                 to_destinations: Vec::new(),
                 flags: plan.flags(),
             },
@@ -834,7 +839,7 @@ impl Applier {
                     revision: value.revision,
                     adopted: true,
                     service: None,
-                    slots,
+                    slots: slots.into(),
                     to_destinations,
                     flags: value.flags,
                 },
@@ -866,7 +871,7 @@ impl Applier {
             self.retired.push(Retired {
                 service_id,
                 revision,
-                slots: vec![None; len as usize],
+                slots: vec![None; len as usize].into(),
                 proto: Proto::Tcp,
                 since: now,
             });

@@ -715,7 +715,7 @@ fn a_restarted_applier_adopts_affinity_members_and_drops_the_stale_ones() {
 /// picks destination 0 three times in four.
 fn picking(vip: &str) -> BTreeMap<ServiceAddr, ServicePlan> {
     let own = ServicePlan {
-        slots: Vec::new(),
+        slots: std::sync::Arc::new([]),
         to_destinations: vec![0, 0, 0, 1],
         ..plan("web", &[])
     };
