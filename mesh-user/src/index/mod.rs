@@ -246,9 +246,11 @@ impl Index {
 
     fn slice_added(&mut self, key: &NamespacedName, slice: &EndpointSlice) {
         if let Some(service) = slice.service_name() {
-            // Sorted, as a set; a Vec, since a Service has a slice or a few.
+            // Sorted, as a set; a Vec, since a Service has a slice or a few
+            // (grown by one: a first push reserves four, 144 bytes unused).
             let slices = self.slices_by_service.entry(service.clone()).or_default();
             if let Err(at) = slices.binary_search(key) {
+                slices.reserve_exact(1);
                 slices.insert(at, key.clone());
             }
             self.changes.services.insert(service);

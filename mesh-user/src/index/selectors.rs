@@ -29,6 +29,7 @@ impl Selectors {
                 .entry(v.clone())
                 .or_default();
             if !names.iter().any(|n| **n == *key.name) {
+                names.reserve_exact(1);
                 names.push(key.name.as_str().into());
             }
         }
