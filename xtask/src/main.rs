@@ -62,6 +62,10 @@ enum Cmd {
         /// Rounds (default 5).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Run the dev profile's binaries (the ones `cargo xtask test` builds):
+        /// for a smoke run whose numbers are not read, so that CI builds once.
+        #[arg(long)]
+        dev: bool,
     },
     /// Fuzz what the agent reads (a folder's YAML, an API server's objects) with
     /// cargo-fuzz, each target for a bounded time; fails if an input crashes.
@@ -79,6 +83,10 @@ enum Cmd {
         minutes: Option<u64>,
         #[arg(long)]
         seconds: Option<u64>,
+        /// Run the dev profile's binaries (the ones `cargo xtask test` builds),
+        /// as CI does: the soak checks connects and state, not speed.
+        #[arg(long)]
+        dev: bool,
         /// More `mesh-soak` flags (after `--`; `--help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
@@ -129,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 .args(["--seconds", &seconds.to_string()])
                 .current_dir(workspace()))
         }
-        Cmd::Bench { quick, rounds } => {
+        Cmd::Bench { quick, rounds, dev } => {
             setup::ensure_all()?;
             setup::ensure_bench_tools()?;
             require_root(
@@ -139,8 +147,7 @@ fn main() -> anyhow::Result<()> {
             run(Command::new("bash")
                 .arg(workspace().join("scripts/test-apiserver.sh"))
                 .arg("build"))?;
-            cargo(&["build", "--release", "--bins"])?;
-            let mut cmd = Command::new(workspace().join("target/release/mesh-bench"));
+            let mut cmd = Command::new(build_bins(dev)?.join("mesh-bench"));
             if quick {
                 cmd.arg("--quick");
             } else {
@@ -159,8 +166,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Soak {
             minutes,
             seconds,
+            dev,
             args,
-        } => soak::soak(seconds.unwrap_or(minutes.unwrap_or(10) * 60), &args),
+        } => soak::soak(seconds.unwrap_or(minutes.unwrap_or(10) * 60), dev, &args),
         Cmd::Test { args } => {
             setup::ensure_all()?;
             require_root(
@@ -214,6 +222,18 @@ fn cluster(args: &[&str]) -> anyhow::Result<()> {
             .args(args)
             .current_dir(workspace()),
     )
+}
+
+/// Builds the workspace's binaries, release or (`dev`) the dev profile the
+/// tests use, and returns the folder they are in.
+pub fn build_bins(dev: bool) -> anyhow::Result<PathBuf> {
+    if dev {
+        cargo(&["build", "--bins"])?;
+        Ok(workspace().join("target/debug"))
+    } else {
+        cargo(&["build", "--release", "--bins"])?;
+        Ok(workspace().join("target/release"))
+    }
 }
 
 /// The kernel object on its own, built exactly as mesh-user's build script does.

@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
-use crate::{cargo, require_root, run, setup, workspace};
+use crate::{build_bins, require_root, run, setup, workspace};
 
-pub fn soak(seconds: u64, args: &[String]) -> anyhow::Result<()> {
+pub fn soak(seconds: u64, dev: bool, args: &[String]) -> anyhow::Result<()> {
     setup::ensure_all()?;
     require_root(
         "the soak creates network namespaces and cgroups, loads BPF programs and runs an API server",
@@ -15,8 +15,7 @@ pub fn soak(seconds: u64, args: &[String]) -> anyhow::Result<()> {
     run(Command::new("bash")
         .arg(workspace().join("scripts/test-apiserver.sh"))
         .arg("build"))?;
-    cargo(&["build", "--release", "--bins"])?;
-    run(Command::new(workspace().join("target/release/mesh-soak"))
+    run(Command::new(build_bins(dev)?.join("mesh-soak"))
         .args(["--seconds", &seconds.to_string()])
         .args(args)
         .current_dir(workspace()))
