@@ -29,7 +29,7 @@ pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
     /// The pod behind it, if known: its name and labels (for subsets).
-    pub pod: Option<String>,
+    pub pod: Option<std::sync::Arc<str>>,
     pub labels: crate::model::pod::Labels,
     /// Its node, and the zone its EndpointSlice gives (locality load
     /// balancing reads the node's labels first).
@@ -227,7 +227,7 @@ fn protocol(p: Option<&String>) -> &str {
 #[derive(Debug)]
 pub struct Lookup<'a> {
     pub index: &'a Index,
-    pods_by_label: std::cell::OnceCell<HashMap<LabelKey<'a>, Vec<(&'a str, &'a Pod)>>>,
+    pods_by_label: std::cell::OnceCell<HashMap<LabelKey<'a>, Vec<&'a Pod>>>,
 }
 
 /// (namespace, label key, label value).
@@ -241,15 +241,15 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    fn pods_by_label(&self) -> &HashMap<LabelKey<'a>, Vec<(&'a str, &'a Pod)>> {
+    fn pods_by_label(&self) -> &HashMap<LabelKey<'a>, Vec<&'a Pod>> {
         self.pods_by_label.get_or_init(|| {
             let mut pods_by_label: HashMap<_, Vec<_>> = HashMap::new();
             for (key, e) in &self.index.pods {
                 for (k, v) in e.object.labels.iter() {
                     pods_by_label
-                        .entry((key.namespace.as_str(), k.as_str(), v.as_str()))
+                        .entry((&*key.namespace, k.as_str(), v.as_str()))
                         .or_default()
-                        .push((key.name.as_str(), &*e.object));
+                        .push(&*e.object);
                 }
             }
             pods_by_label
@@ -301,7 +301,7 @@ fn candidates(
     unhonoured: &mut Vec<Unhonoured>,
 ) -> Vec<Candidate> {
     let index = lookup.index;
-    let namespace = name.namespace.as_str();
+    let namespace = &*name.namespace;
     let mut slices = index.slices_of(name).map(|e| &e.object).peekable();
     if slices.peek().is_none() {
         return from_pods(lookup, namespace, service, port, policy, unhonoured);
@@ -378,7 +378,7 @@ fn from_pods(
         .get(&(namespace, k.as_str(), v.as_str()))
         .map(Vec::as_slice)
         .unwrap_or_default();
-    for &(name, pod) in candidates {
+    for &pod in candidates {
         let labels = pod.labels.clone();
         if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) || pod.finished {
             continue;
@@ -414,7 +414,7 @@ fn from_pods(
                 endpoint: Endpoint {
                     ip,
                     port: target,
-                    pod: Some(name.to_owned()),
+                    pod: Some(pod.name.name.clone()),
                     labels: labels.clone(),
                     node: node.clone(),
                     zone: None,

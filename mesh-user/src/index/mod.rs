@@ -286,7 +286,7 @@ impl Index {
             // new Service): no need to find which.
             return;
         }
-        let namespace = key.namespace.as_str();
+        let namespace = &*key.namespace;
         let selecting: Vec<NamespacedName> = [old, new]
             .into_iter()
             .flatten()

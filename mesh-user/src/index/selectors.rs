@@ -3,7 +3,7 @@
 //! namespace (10 000 Services in one namespace made every pod added, at a
 //! start or in churn, test 10 000 selectors).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::model::{NamespacedName, pod::Labels, service::Service};
 
@@ -12,10 +12,11 @@ use crate::model::{NamespacedName, pod::Labels, service::Service};
 /// selects no pod and is not here. The names of one value are a vector: most
 /// values are one Service's (a `BTreeSet` of one name took ~300 bytes).
 #[derive(Clone, Debug, Default)]
-pub(super) struct Selectors(BTreeMap<String, BTreeMap<String, ByValue>>);
+pub(super) struct Selectors(BTreeMap<Arc<str>, BTreeMap<String, ByValue>>);
 
 /// label value -> the names of the Services whose selector's first pair it is.
-type ByValue = BTreeMap<String, Vec<Box<str>>>;
+/// (The names share their strings with the index's keys.)
+type ByValue = BTreeMap<String, Vec<Arc<str>>>;
 
 impl Selectors {
     pub(super) fn add(&mut self, key: &NamespacedName, service: &Service) {
@@ -30,7 +31,7 @@ impl Selectors {
                 .or_default();
             if !names.iter().any(|n| **n == *key.name) {
                 names.reserve_exact(1);
-                names.push(key.name.as_str().into());
+                names.push(key.name.clone());
             }
         }
     }

@@ -333,7 +333,11 @@ fn a_pod_change_marks_the_services_that_select_it_and_no_other() {
         index.apply("t.yaml", pod(labels));
         let changes = index.take_changes();
         assert!(!changes.all && changes.pods);
-        changes.services.into_iter().map(|s| s.name).collect()
+        changes
+            .services
+            .into_iter()
+            .map(|s| s.name.to_string())
+            .collect()
     };
     assert_eq!(marked(&mut index, "app: web, version: v1"), ["web"]);
     // The pod's old labels and its new ones: both Services it leaves and joins.

@@ -400,7 +400,7 @@ mod tests {
         let names: Vec<String> = kept
             .snapshot()
             .iter()
-            .map(|s| s.service.name.clone())
+            .map(|s| s.service.name.to_string())
             .collect();
         assert_eq!(names, ["a", "c", "d"]);
     }

@@ -67,7 +67,7 @@ mod tests {
         assert!(node.status.is_none() && node.metadata.resource_version.is_none());
         let r = Resource::Node(node).object_ref();
         assert_eq!(
-            (r.namespace.as_str(), r.to_string()),
+            (&*r.namespace, r.to_string()),
             ("", "Node node-a".to_owned())
         );
     }

@@ -136,6 +136,7 @@ impl Pod {
 impl From<v1::Pod> for Pod {
     fn from(pod: v1::Pod) -> Self {
         let meta = pod.metadata;
+        let name = NamespacedName::from_meta(&meta);
         let spec = pod.spec.unwrap_or_default();
         let status = pod.status.unwrap_or_default();
         let annotations = meta
@@ -158,12 +159,7 @@ impl From<v1::Pod> for Pod {
             })
             .collect();
         Pod {
-            name: NamespacedName::new(
-                meta.namespace
-                    .as_deref()
-                    .unwrap_or(super::DEFAULT_NAMESPACE),
-                meta.name.as_deref().unwrap_or_default(),
-            ),
+            name,
             uid: meta
                 .uid
                 .filter(|u| !u.is_empty())

@@ -90,7 +90,7 @@ impl EndpointSlice {
     /// The Service it belongs to.
     pub fn service_name(&self) -> Option<NamespacedName> {
         let service = self.service.as_deref()?;
-        Some(NamespacedName::new(self.name.namespace.as_str(), service))
+        Some(NamespacedName::new(self.name.namespace.clone(), service))
     }
 }
 
@@ -130,12 +130,7 @@ fn boxed(v: Option<Vec<String>>) -> Box<[Box<str>]> {
 impl From<v1::EndpointSlice> for EndpointSlice {
     fn from(slice: v1::EndpointSlice) -> Self {
         let meta = slice.metadata;
-        let name = NamespacedName::new(
-            meta.namespace
-                .as_deref()
-                .unwrap_or(super::DEFAULT_NAMESPACE),
-            meta.name.as_deref().unwrap_or_default(),
-        );
+        let name = NamespacedName::from_meta(&meta);
         let labels = meta.labels.unwrap_or_default();
         let endpoints = slice
             .endpoints
@@ -148,7 +143,7 @@ impl From<v1::EndpointSlice> for EndpointSlice {
                     match e.target_ref.filter(|r| r.kind.as_deref() == Some("Pod")) {
                         Some(r) => (
                             r.namespace
-                                .filter(|ns| *ns != name.namespace)
+                                .filter(|ns| **ns != *name.namespace)
                                 .map(String::into_boxed_str),
                             r.name.map(String::into_boxed_str),
                         ),

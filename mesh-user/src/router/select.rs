@@ -460,7 +460,7 @@ mod tests {
         }];
         let err = Table::compile(&HttpTable { port: 80, hosts }).expect_err("bad regex rejected");
         assert!(
-            matches!(&err, RouterError::BadRegex { vs, field, .. } if vs.name == "vs" && field == "spec.http[3]"),
+            matches!(&err, RouterError::BadRegex { vs, field, .. } if &*vs.name == "vs" && field == "spec.http[3]"),
             "{err}"
         );
     }

@@ -30,6 +30,7 @@ use crate::model::{
     DEFAULT_NAMESPACE, Diagnostic, Kind, ObjectRef, Resource, Severity,
     convert::{ConvertError, Document},
     pod::PodShapes,
+    shared_namespace,
 };
 
 /// Everything the folder holds now.
@@ -658,16 +659,16 @@ fn convert_document(
     let meta = map.get("metadata");
     let object = ObjectRef {
         kind,
-        namespace: meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(Value::as_str)
-            .unwrap_or(DEFAULT_NAMESPACE)
-            .to_owned(),
+        namespace: shared_namespace(
+            meta.and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or(DEFAULT_NAMESPACE),
+        ),
         name: meta
             .and_then(|m| m.get("name"))
             .and_then(Value::as_str)
             .unwrap_or("")
-            .to_owned(),
+            .into(),
     };
     if object.name.is_empty() {
         diags.push(Diagnostic::error(&object, "metadata.name", "required").with_origin(&origin));

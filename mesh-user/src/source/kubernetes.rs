@@ -367,7 +367,7 @@ fn rejected_event(
     KubeEvent {
         metadata: ObjectMeta {
             name: Some(event_name(&object.name, version, field)),
-            namespace: Some(object.namespace.clone()),
+            namespace: Some(object.namespace.to_string()),
             ..Default::default()
         },
         event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
@@ -379,8 +379,8 @@ fn rejected_event(
         regarding: Some(ObjectReference {
             api_version: Some(version.api_version.clone()),
             kind: Some(object.kind.to_string()),
-            name: Some(object.name.clone()),
-            namespace: Some(object.namespace.clone()),
+            name: Some(object.name.to_string()),
+            namespace: Some(object.namespace.to_string()),
             uid: Some(version.uid.clone()).filter(|u| !u.is_empty()),
             resource_version: Some(version.resource_version.clone()).filter(|v| !v.is_empty()),
             ..Default::default()

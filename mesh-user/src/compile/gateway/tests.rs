@@ -271,25 +271,18 @@ fn http_gateways_on_one_port_merge_and_catch_alls_go_last_across_virtual_service
     ];
     let c = compile_with(&["destinationrule.yaml"], &docs);
     let port = only_port(&c);
-    let servers: Vec<String> = port
-        .servers
-        .iter()
-        .map(|s| s.gateway.name.clone())
-        .collect();
+    let servers: Vec<&str> = port.servers.iter().map(|s| &*s.gateway.name).collect();
     assert_eq!(servers, ["gw-old", "gw-new"], "merged, oldest first");
     let routes = &router_table(port).hosts[0].routes;
-    let order: Vec<(String, &str)> = routes
+    let order: Vec<(&str, &str)> = routes
         .iter()
-        .map(|r| (r.vs.name.clone(), r.field.as_str()))
+        .map(|r| (&*r.vs.name, r.field.as_str()))
         .collect();
     // b-newer's match comes first: a-older's catch-all moved to the end, and
     // its routes after that catch-all were dropped, as Istio does.
     assert_eq!(
         order,
-        [
-            ("b-newer".to_owned(), "spec.http[0]"),
-            ("a-older".to_owned(), "spec.http[0]")
-        ]
+        [("b-newer", "spec.http[0]"), ("a-older", "spec.http[0]")]
     );
 }
 
@@ -320,11 +313,7 @@ fn a_host_specific_server_needs_the_router_and_export_to_is_honoured() {
         "a request for another host gets 404"
     );
     // `private` is exported to its own namespace only, not the gateway's.
-    let from: Vec<&str> = table.hosts[0]
-        .routes
-        .iter()
-        .map(|r| r.vs.name.as_str())
-        .collect();
+    let from: Vec<&str> = table.hosts[0].routes.iter().map(|r| &*r.vs.name).collect();
     assert_eq!(from, ["shop"]);
 }
 
