@@ -33,7 +33,7 @@ pub struct Endpoint {
     pub labels: crate::model::pod::Labels,
     /// Its node, and the zone its EndpointSlice gives (locality load
     /// balancing reads the node's labels first).
-    pub node: Option<String>,
+    pub node: Option<std::sync::Arc<str>>,
     pub zone: Option<String>,
 }
 
@@ -43,7 +43,7 @@ pub struct Candidate {
     pub endpoint: Endpoint,
     pub conditions: Conditions,
     /// `nodeName`.
-    pub node: Option<String>,
+    pub node: Option<std::sync::Arc<str>>,
     /// `hints.forZones[].name`; empty: no zone hint.
     pub zone_hints: Vec<String>,
     /// `hints.forNodes[].name`; empty: no node hint.
@@ -328,7 +328,7 @@ fn candidates(
                 .and_then(|k| index.pods.get(k))
                 .map(|p| p.object.labels.clone())
                 .unwrap_or_default();
-            let node = ep.node.as_deref().map(str::to_owned);
+            let node = ep.node.clone();
             let zone_hints: Vec<String> = ep.zone_hints().iter().map(|z| z.to_string()).collect();
             let node_hints: Vec<String> = ep.node_hints().iter().map(|n| n.to_string()).collect();
             for ip in ep.addresses() {
@@ -393,7 +393,7 @@ fn from_pods(
             serving,
             terminating,
         };
-        let node = pod.node.as_deref().map(str::to_owned);
+        let node = pod.node.clone();
         let (mut zone_hints, mut node_hints) = (Vec::new(), Vec::new());
         // The controller hints ready endpoints only.
         if let Some(distribution) = policy.distribution.filter(|_| conditions.ready) {
@@ -403,10 +403,12 @@ fn from_pods(
                 .and_then(|e| node::zone(&e.object));
             match zone {
                 Some(zone) => zone_hints.push(zone.to_owned()),
-                None => unhonoured.push(Unhonoured::PodZoneUnknown { node: node.clone() }),
+                None => unhonoured.push(Unhonoured::PodZoneUnknown {
+                    node: node.as_deref().map(str::to_owned),
+                }),
             }
             if distribution == TrafficDistribution::PreferSameNode {
-                node_hints.extend(node.clone());
+                node_hints.extend(node.as_deref().map(str::to_owned));
             }
         }
         for &ip in &pod.ips {

@@ -116,6 +116,40 @@ mod tests {
     }
 
     #[test]
+    fn pods_trimmed_for_this_node_keep_the_uid_its_own_need() {
+        let docs = [
+            pod("web", "prod", "", "nodeName: node-a"),
+            pod("elsewhere", "prod", "", "nodeName: node-b"),
+            pod("pending", "prod", "", "containers: []"),
+        ];
+        let mut uids = BTreeMap::new();
+        let mut index = Index::default();
+        for doc in &docs {
+            for o in parse(Path::new("pods.yaml"), doc).0 {
+                let crate::model::Resource::Pod(pod) = o else {
+                    panic!("a pod: {o:?}");
+                };
+                let pod = std::sync::Arc::unwrap_or_clone(pod).trimmed_for("node-a");
+                uids.insert(pod.name.to_string(), pod.uid.clone());
+                index.apply("pods.yaml", crate::model::Resource::Pod(pod.into()));
+            }
+        }
+        assert_eq!(
+            uids,
+            BTreeMap::from([
+                ("prod/elsewhere".to_owned(), None),
+                ("prod/pending".to_owned(), None),
+                ("prod/web".to_owned(), Some("uid-web".into())),
+            ])
+        );
+        index.mesh_namespaces = Some(BTreeSet::from(["prod".to_owned()]));
+        assert_eq!(
+            names(&index),
+            BTreeSet::from(["prod/web uid-web".to_owned()])
+        );
+    }
+
+    #[test]
     fn a_finished_pod_leaves_the_mesh_and_a_labelled_namespace_joins_it() {
         let done = format!(
             "{}status: {{phase: Succeeded}}\n",

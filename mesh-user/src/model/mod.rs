@@ -141,20 +141,20 @@ impl NamespacedName {
     }
 
     /// The object `meta` describes; no namespace means `default`, as kubectl does.
-    /// The namespace is [`shared_namespace`]'s: the sources convert every object
+    /// The namespace is [`shared_name`]'s: the sources convert every object
     /// through here.
     pub fn from_meta(meta: &ObjectMeta) -> Self {
         Self::new(
-            shared_namespace(meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)),
+            shared_name(meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)),
             meta.name.as_deref().unwrap_or_default(),
         )
     }
 }
 
-/// One string per namespace for every object converted: a cluster has a few
-/// namespaces and 100 000 Pods, each of which would otherwise keep its own
-/// copy (32 bytes with the allocator's).
-pub fn shared_namespace(namespace: &str) -> Arc<str> {
+/// One string per namespace or node name for every object converted: a cluster
+/// has a few namespaces and nodes and 100 000 Pods and endpoints, each of which
+/// would otherwise keep its own copy (32 bytes with the allocator's).
+pub fn shared_name(namespace: &str) -> Arc<str> {
     static NAMESPACES: LazyLock<Mutex<Interner>> = LazyLock::new(Mutex::default);
     // A panic elsewhere while holding it leaves the set whole: take it anyway.
     NAMESPACES

@@ -3,7 +3,7 @@
 //! before its strings; here it is its addresses, conditions, pod, node, zone
 //! and hints. The API's defaults are applied once, here.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::discovery::v1;
 
@@ -45,7 +45,8 @@ pub struct Endpoint {
     /// `targetRef` when it names a Pod.
     pub pod: Option<Box<str>>,
     /// `nodeName`.
-    pub node: Option<Box<str>>,
+    /// Shared by every endpoint and pod of the node ([`super::shared_name`]).
+    pub node: Option<Arc<str>>,
     /// What few endpoints have.
     pub more: Option<Box<More>>,
 }
@@ -174,7 +175,7 @@ impl From<v1::EndpointSlice> for EndpointSlice {
                         terminating: c.terminating.unwrap_or(false),
                     },
                     pod,
-                    node: e.node_name.map(String::into_boxed_str),
+                    node: e.node_name.as_deref().map(super::shared_name),
                     more: (more != More::default()).then(|| Box::new(more)),
                 })
             })

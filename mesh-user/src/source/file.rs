@@ -30,7 +30,7 @@ use crate::model::{
     DEFAULT_NAMESPACE, Diagnostic, Kind, ObjectRef, Resource, Severity,
     convert::{ConvertError, Document},
     pod::PodShapes,
-    shared_namespace,
+    shared_name,
 };
 
 /// Everything the folder holds now.
@@ -659,7 +659,7 @@ fn convert_document(
     let meta = map.get("metadata");
     let object = ObjectRef {
         kind,
-        namespace: shared_namespace(
+        namespace: shared_name(
             meta.and_then(|m| m.get("namespace"))
                 .and_then(Value::as_str)
                 .unwrap_or(DEFAULT_NAMESPACE),

@@ -158,11 +158,18 @@ pub async fn start(
         Kind::Service,
         |o| Resource::Service(Arc::new(crate::model::service::Service::from(o))),
     ));
+    let node = options.node_name.clone();
     tasks.spawn(watch_typed::<Pod>(
         client.clone(),
         watch_tx.clone(),
         Kind::Pod,
-        |o| Resource::Pod(Arc::new(o.into())),
+        move |o| {
+            let pod = crate::model::pod::Pod::from(o);
+            Resource::Pod(Arc::new(match &node {
+                Some(node) => pod.trimmed_for(node),
+                None => pod,
+            }))
+        },
     ));
     tasks.spawn(watch_endpoint_slices(client.clone(), watch_tx.clone()));
     tasks.spawn(watch_namespaces(
@@ -587,8 +594,12 @@ fn sourced(object: Resource) -> Sourced {
     }
 }
 
-async fn watch_typed<K>(client: Client, tx: UpdateSender, kind: Kind, wrap: fn(K) -> Resource)
-where
+async fn watch_typed<K>(
+    client: Client,
+    tx: UpdateSender,
+    kind: Kind,
+    wrap: impl Fn(K) -> Resource + Send + 'static,
+) where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned

@@ -23,7 +23,7 @@ fn ep(n: u8) -> Candidate {
 
 impl Candidate {
     fn on(mut self, node: &str) -> Self {
-        self.node = Some(node.to_owned());
+        self.node = Some(node.into());
         self
     }
 
