@@ -132,9 +132,7 @@ impl Pod {
             .find(|(k, _)| &**k == key)
             .map(|(_, v)| &**v)
     }
-}
 
-impl Pod {
     /// What the agent of node `node` needs of it: the uid names a cgroup on
     /// the pod's own node only (~50 bytes a pod of every other node).
     #[must_use]
