@@ -154,13 +154,13 @@ impl NamespacedName {
 /// One string per namespace or node name for every object converted: a cluster
 /// has a few namespaces and nodes and 100 000 Pods and endpoints, each of which
 /// would otherwise keep its own copy (32 bytes with the allocator's).
-pub fn shared_name(namespace: &str) -> Arc<str> {
-    static NAMESPACES: LazyLock<Mutex<Interner>> = LazyLock::new(Mutex::default);
+pub fn shared_name(name: &str) -> Arc<str> {
+    static NAMES: LazyLock<Mutex<Interner>> = LazyLock::new(Mutex::default);
     // A panic elsewhere while holding it leaves the set whole: take it anyway.
-    NAMESPACES
+    NAMES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .get(namespace)
+        .get(name)
 }
 
 /// Strings handed out once each. Those nobody else holds any more are dropped
