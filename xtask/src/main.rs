@@ -132,8 +132,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             setup::ensure_all()?;
             require_root("the demo creates network namespaces and cgroups and loads BPF programs")?;
-            cargo(&["build", "--release", "--bins"])?;
-            run(Command::new(workspace().join("target/release/mesh-demo"))
+            run(Command::new(build_bins(false)?.join("mesh-demo"))
                 .args(["--seconds", &seconds.to_string()])
                 .current_dir(workspace()))
         }
@@ -216,12 +215,9 @@ fn cluster(args: &[&str]) -> anyhow::Result<()> {
                 .arg("build"))?;
         }
     }
-    cargo(&["build", "--release", "--bins"])?;
-    run(
-        Command::new(workspace().join("target/release/mesh-cluster"))
-            .args(args)
-            .current_dir(workspace()),
-    )
+    run(Command::new(build_bins(false)?.join("mesh-cluster"))
+        .args(args)
+        .current_dir(workspace()))
 }
 
 /// Builds the workspace's binaries, release or (`dev`) the dev profile the
